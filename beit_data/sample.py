@@ -1,0 +1,22 @@
+"""The embedded sample: real photographs shipped with the package (see sample_images/LICENSES.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["SAMPLE_DIR", "sample_images"]
+
+SAMPLE_DIR = Path(__file__).parent / "sample_images"
+
+
+def sample_images() -> list[Path]:
+    """The embedded photographs, sorted by name."""
+    return sorted(p for p in SAMPLE_DIR.glob("*.jpg"))
+
+
+def write_sample_list(path: str | os.PathLike) -> Path:
+    """Write a text file listing the embedded photographs, for ``run_shards``."""
+    path = Path(path)
+    path.write_text("".join(f"{p}\n" for p in sample_images()))
+    return path

@@ -1,0 +1,180 @@
+"""WebDataset shards: resolving shard specs, reading samples, writing shards and DALI indexes.
+
+A sample is the run of tar members that share a key, the part of the member's base name
+before its first dot (the WebDataset and DALI rule). The image member is one of
+``IMAGE_EXTS``; ``cls``, ``json`` and ``txt`` members are optional. img2dataset output
+(``KEY.jpg``/``KEY.txt``/``KEY.json`` with ``.parquet`` and ``_stats.json`` beside the tars)
+reads as it is.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from braceexpand import braceexpand
+
+from beit_data import BeitDataError
+
+__all__ = [
+    "IMAGE_EXTS",
+    "Sample",
+    "Reject",
+    "expand_shards",
+    "split_key",
+    "iter_samples",
+    "write_index",
+    "index_path",
+]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+INDEX_VERSION = "v1.2"
+
+
+@dataclass
+class Sample:
+    """One WebDataset sample: its key and its members' bytes by extension."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def image_ext(self) -> str | None:
+        return next((e for e in IMAGE_EXTS if e in self.members), None)
+
+    @property
+    def image(self) -> bytes | None:
+        ext = self.image_ext
+        return None if ext is None else self.members[ext]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A sample, file or shard that was left out, and why."""
+
+    key: str
+    reason: str
+    shard: str = ""
+
+    def as_dict(self) -> dict:
+        return {"shard": self.shard, "key": self.key, "reason": self.reason}
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[Path]:
+    """Resolve a shard spec into an ordered list of existing ``.tar`` paths.
+
+    Args:
+        spec: A brace pattern (``data/train-{000000..000099}.tar``), a directory (every
+            ``.tar`` in it), a glob, a plain path, or a sequence of these.
+
+    Raises:
+        BeitDataError: If a named shard does not exist or the spec matches nothing.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    paths: list[Path] = []
+    for item in map(str, specs):
+        if os.path.isdir(item):
+            paths += sorted(Path(item).glob("*.tar"))
+            continue
+        for expanded in braceexpand(item):
+            if glob.has_magic(expanded):
+                paths += sorted(Path(p) for p in glob.glob(expanded))
+            elif os.path.isfile(expanded):
+                paths.append(Path(expanded))
+            else:
+                raise BeitDataError(f"shard not found: {expanded}")
+    if not paths:
+        raise BeitDataError(f"shard spec matches no .tar files: {' '.join(map(str, specs))}")
+    seen: set[Path] = set()
+    return [p for p in paths if not (p in seen or seen.add(p))]
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """Split a member name into (key, extension) at the first dot of its base name."""
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def iter_samples(shard: str | Path, rejects: list[Reject] | None = None) -> Iterator[Sample]:
+    """Yield the samples of one shard, in tar order.
+
+    A sample without an image member, or a tar cut off mid-member, does not raise: it is
+    appended to ``rejects`` (when given) with its key and reason, and every complete sample
+    before it is still yielded.
+    """
+    shard = str(shard)
+    current: Sample | None = None
+
+    def reject(key: str, reason: str) -> None:
+        if rejects is not None:
+            rejects.append(Reject(key=key, reason=reason, shard=shard))
+
+    def finish(sample: Sample) -> Iterator[Sample]:
+        if sample.image_ext is None:
+            found = ", ".join(sorted(sample.members)) or "nothing"
+            reject(sample.key, f"no image member ({'/'.join(IMAGE_EXTS)}); found {found}")
+        else:
+            yield sample
+
+    try:
+        with tarfile.open(shard, mode="r|*") as stream:
+            for info in stream:
+                if not info.isreg():
+                    continue
+                key, ext = split_key(info.name)
+                if not key or key.endswith("/") or "/__" in f"/{key}":
+                    continue  # hidden files and WebDataset __meta__ members
+                if current is not None and current.key != key:
+                    yield from finish(current)
+                    current = None
+                if current is None:
+                    current = Sample(key=key)
+                current.members[ext] = stream.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        cut = current.key if current is not None else "<start>"
+        reject(cut, f"tar cut off or unreadable at this sample: {exc}")
+        return
+    if current is not None:
+        yield from finish(current)
+
+
+def index_path(shard: str | Path) -> Path:
+    """The DALI index path that belongs beside a shard: ``x.tar`` -> ``x.idx``."""
+    return Path(shard).with_suffix(".idx")
+
+
+def write_index(shard: str | Path) -> Path:
+    """Write the DALI ``wds2idx`` (format v1.2) index beside ``shard``.
+
+    Each line after the header lists, for one sample, ``ext offset size name`` per member,
+    where ``offset`` is the byte offset of the member's data.
+    """
+    bundles: list[list[tuple[str, int, int, str]]] = []
+    last = None
+    with tarfile.open(shard, mode="r:") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = split_key(info.name)
+            if not key or key.endswith("/"):
+                continue
+            if key != last:
+                bundles.append([])
+                last = key
+            bundles[-1].append((ext, info.offset_data, info.size, info.name))
+    if not bundles:
+        raise BeitDataError(f"shard has no members to index: {shard}")
+    out = index_path(shard)
+    buf = io.StringIO()
+    buf.write(f"{INDEX_VERSION} {len(bundles)}\n")
+    for bundle in bundles:
+        buf.write(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in bundle) + "\n")
+    out.write_text(buf.getvalue())
+    return out

@@ -1,0 +1,66 @@
+"""Fixtures that build tiny shards, tokenizers and token files in temporary folders."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beit_data.sample import write_sample_list
+from pipelines.shards import ShardsConfig, run_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``beit-data ARGS`` in a fresh interpreter, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=cwd or REPO, env=full_env,
+        capture_output=True, text=True, timeout=900,
+    )
+
+
+def jpeg_bytes(size=(64, 48), seed=0, **save_kw) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", **save_kw)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    """The embedded photographs as two shards (8 + 6 samples) with .idx files."""
+    out = tmp_path_factory.mktemp("sample_shards")
+    listing = write_sample_list(out / "list.txt")
+    run_shards(ShardsConfig(sources=[listing], out=out / "shards", maxcount=8, prefix="sample",
+                            progress=False))
+    return out / "shards"

@@ -1,0 +1,170 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from beit_data import BeitDataError
+from beit_data.sample import sample_images
+from beit_data.shards import expand_shards, iter_samples, split_key
+from pipelines.shards import ShardsConfig, run_shards
+from tests.conftest import jpeg_bytes, run_cli, write_tar
+
+
+def test_round_trip_bytes_unchanged(sample_shards):
+    shards = expand_shards(str(sample_shards))
+    assert [p.name for p in shards] == ["sample-000000.tar", "sample-000001.tar"]
+    samples = [s for shard in shards for s in iter_samples(shard)]
+    originals = [p.read_bytes() for p in sample_images()]
+    assert [s.key for s in samples] == [f"{i:09d}" for i in range(len(originals))]
+    assert [s.image for s in samples] == originals
+    assert all(s.image_ext == "jpg" for s in samples)
+
+
+def test_dali_cpu_reader_reads_shards_with_idx(sample_shards):
+    from nvidia.dali import fn, pipeline_def
+
+    shards = expand_shards(str(sample_shards))
+    expected = [(s.key, s.image) for shard in shards for s in iter_samples(shard)]
+
+    @pipeline_def(batch_size=len(expected), num_threads=1, device_id=None)
+    def reader():
+        image = fn.readers.webdataset(
+            paths=[str(p) for p in shards], index_paths=[str(p.with_suffix(".idx")) for p in shards],
+            ext=["jpg;jpeg;png;webp"], missing_component_behavior="error",
+        )
+        return image, fn.get_property(image, key="source_info")
+
+    pipe = reader()
+    pipe.build()
+    images, infos = pipe.run()
+    got = []
+    for i in range(len(expected)):
+        member = bytes(infos.at(i)).decode().rsplit(":", 1)[1]
+        got.append((split_key(member)[0], bytes(images.at(i))))
+    assert got == expected
+
+
+def test_brace_glob_and_directory_specs(sample_shards):
+    by_brace = expand_shards(f"{sample_shards}/sample-{{000000..000001}}.tar")
+    by_glob = expand_shards(f"{sample_shards}/sample-*.tar")
+    by_dir = expand_shards(str(sample_shards))
+    assert by_brace == by_glob == by_dir
+    assert len(by_brace) == 2
+    with pytest.raises(BeitDataError, match="shard not found"):
+        expand_shards(f"{sample_shards}/sample-{{000000..000002}}.tar")
+    with pytest.raises(BeitDataError, match="matches no .tar"):
+        expand_shards(f"{sample_shards}/nothing-*.tar")
+
+
+def test_bad_files_become_rejects_and_the_rest_is_written(tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    good = jpeg_bytes(seed=1)
+    (src / "a_good.jpg").write_bytes(good)
+    (src / "b_empty.jpg").write_bytes(b"")
+    (src / "c_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (src / "d_good.png").write_bytes(jpeg_bytes(seed=2))  # a JPEG named .png keeps its JPEG type
+    (src / "e_notes.txt").write_text("not an image")
+    result = run_shards(ShardsConfig(sources=[src], out=tmp_path / "out", progress=False))
+    assert result.images == 2
+    reasons = {Path(r.key).name: r.reason for r in result.rejects}
+    assert set(reasons) == {"b_empty.jpg", "c_truncated.jpg", "e_notes.txt"}
+    assert "empty" in reasons["b_empty.jpg"]
+    assert "truncated" in reasons["c_truncated.jpg"]
+    assert "not a decodable image" in reasons["e_notes.txt"]
+    samples = list(iter_samples(result.shards[0]))
+    assert [s.image for s in samples] == [good, jpeg_bytes(seed=2)]
+    assert [s.image_ext for s in samples] == ["jpg", "jpg"]
+    on_disk = json.loads((tmp_path / "out" / "rejects.json").read_text())
+    assert {Path(r["path"]).name for r in on_disk} == set(reasons)
+
+
+def test_image_folder_tree_writes_cls_and_classes_json(tmp_path):
+    for cls, seeds in {"dog": [1, 2], "cat": [3]}.items():
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        for s in seeds:
+            (tmp_path / "tree" / cls / f"{s}.jpg").write_bytes(jpeg_bytes(seed=s))
+    result = run_shards(ShardsConfig(sources=[tmp_path / "tree"], out=tmp_path / "out", maxcount=2,
+                                     progress=False))
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["cat", "dog"]
+    samples = [s for shard in result.shards for s in iter_samples(shard)]
+    assert [s.members["cls"] for s in samples] == [b"0", b"1", b"1"]
+    assert len(result.shards) == 2
+    assert all(p.with_suffix(".idx").exists() for p in result.shards)
+
+
+def test_img2dataset_layout_reads_unchanged(tmp_path):
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    members = []
+    for i in range(3):
+        key = f"00000{i:04d}"
+        members += [(f"{key}.jpg", jpeg_bytes(seed=i)), (f"{key}.txt", b"a caption"),
+                    (f"{key}.json", json.dumps({"key": key}).encode())]
+    write_tar(folder / "00000.tar", members)
+    (folder / "00000.parquet").write_bytes(b"PAR1")
+    (folder / "00000_stats.json").write_text("{}")
+    shards = expand_shards(str(folder))
+    assert shards == [folder / "00000.tar"]
+    samples = list(iter_samples(shards[0]))
+    assert [s.key for s in samples] == ["000000000", "000000001", "000000002"]
+    assert all(set(s.members) == {"jpg", "txt", "json"} for s in samples)
+
+
+def test_missing_image_member_and_cut_tar_are_rejects(tmp_path):
+    good = jpeg_bytes(seed=5)
+    path = write_tar(tmp_path / "x.tar", [("a.jpg", good), ("b.txt", b"caption only"),
+                                          ("c.jpg", good), ("d.jpg", good * 3)])
+    data = path.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: data.index(good * 3) + 100])
+    rejects = []
+    assert [s.key for s in iter_samples(path, rejects)] == ["a", "c", "d"]
+    assert [(r.key, "no image member" in r.reason) for r in rejects] == [("b", True)]
+    rejects = []
+    assert [s.key for s in iter_samples(cut, rejects)] == ["a", "c"]
+    assert [r.key for r in rejects] == ["b", "d"]
+    assert "cut off" in rejects[-1].reason
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    missing = run_cli("shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert missing.returncode != 0
+    assert "image source not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes())
+    unwritable = run_cli("shards", str(tmp_path / "imgs"), "--out", str(blocker / "sub"))
+    assert unwritable.returncode != 0
+    assert "cannot write to output folder" in unwritable.stderr
+    assert "Traceback" not in unwritable.stderr
+    assert len(unwritable.stderr.strip().splitlines()) == 1
+
+
+def test_cli_help_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "shards" in result.stdout and "sample" in result.stdout
+    assert run_cli("-h").stdout == result.stdout
+    version = run_cli("--version")
+    assert version.returncode == 0 and "beit-data, version 0.1.0" in version.stdout
+
+
+def test_cli_does_not_import_torch_or_dali_for_help():
+    import subprocess
+    import sys
+
+    code = "import sys, cli; cli.main(['--help'], standalone_mode=False); " \
+           "print('torch' in sys.modules, 'nvidia.dali' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_cli_sample_writes_shards(tmp_path):
+    result = run_cli("sample", "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    assert "images 14, shards 2, rejects 0" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.idx")) == ["sample-000000.idx", "sample-000001.idx"]
