@@ -1,0 +1,1 @@
+"""Models: the dVAE tokenizers and the BEiT masked-image-modeling model."""

@@ -1,0 +1,245 @@
+"""dVAE tokenizers: loading OpenAI's DALL-E files and the project's own checkpoints.
+
+Any tokenizer maps a [0,1] image batch (B,3,H,W) to logits (B,vocab,H/8,W/8); ``encode``
+returns the argmax ids. OpenAI's ``encoder.pkl``/``decoder.pkl`` are whole pickled modules of
+the ``dall_e`` package; they load here without that package, by mapping its classes onto
+plain modules while unpickling and copying the weights into ``beit_model.dall_e``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from beit_data import BeitDataError
+from beit_model.dall_e import Decoder, Encoder, map_pixels
+
+__all__ = ["DVAEConfig", "CONFIGS", "Tokenizer", "load_tokenizer", "fingerprint", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "beit-data-dvae/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DVAEConfig:
+    """Architecture of a dVAE; OpenAI's DALL-E values are the defaults."""
+
+    n_hid: int = 256
+    n_blk_per_group: int = 2
+    vocab_size: int = 8192
+    n_init: int = 128
+    input_size: int = 112
+
+    def __post_init__(self):
+        if self.input_size % 8:
+            raise BeitDataError(f"tokenizer input size must be divisible by 8, got {self.input_size}")
+
+
+CONFIGS = {
+    "dalle": DVAEConfig(),
+    "tiny": DVAEConfig(n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64),
+}
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over the parameter names and float32 values, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Tokenizer(nn.Module):
+    """A dVAE encoder (and optional decoder) behind the tokenizer contract.
+
+    Attributes:
+        name: ``dall-e`` for OpenAI's weights, ``dvae`` for the project's own.
+        fingerprint: sha256 of the encoder weights.
+        vocab_size, input_size, grid: codebook size, square input side, token grid side.
+    """
+
+    def __init__(self, encoder: Encoder, decoder: Decoder | None = None, *, name: str, input_size: int):
+        super().__init__()
+        if input_size % 8:
+            raise BeitDataError(f"tokenizer input size must be divisible by 8, got {input_size}")
+        self.encoder, self.decoder = encoder, decoder
+        self.name, self.input_size = name, input_size
+        self.vocab_size = encoder.vocab_size
+        self.grid = input_size // 8
+        self.fingerprint = fingerprint(encoder)
+
+    @property
+    def config(self) -> DVAEConfig:
+        e = self.encoder
+        n_init = self.decoder.n_init if self.decoder is not None else 128
+        return DVAEConfig(n_hid=e.n_hid, n_blk_per_group=e.n_blk_per_group, vocab_size=e.vocab_size,
+                          n_init=n_init, input_size=self.input_size)
+
+    @staticmethod
+    def check_images(x: torch.Tensor) -> None:
+        """Refuse batches that would give silent garbage."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise BeitDataError(f"expected an image batch of shape (B,3,H,W), got {tuple(x.shape)}")
+        if x.shape[2] % 8 or x.shape[3] % 8:
+            raise BeitDataError(f"image height and width must be divisible by 8, got {tuple(x.shape[2:])}")
+        if not x.is_floating_point():
+            raise BeitDataError(f"expected float images in [0,1], got dtype {x.dtype}")
+        lo, hi = torch.aminmax(x.detach())
+        if lo < 0 or hi > 1 or torch.isnan(lo):
+            raise BeitDataError(f"expected images in [0,1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B,vocab,H/8,W/8) for images in [0,1]."""
+        self.check_images(x)
+        return self.encoder(map_pixels(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (B,H/8,W/8)."""
+        return self.logits(x).argmax(1)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Images (B,3,8h,8w) in [0,1] from ids (B,h,w)."""
+        if self.decoder is None:
+            raise BeitDataError(f"tokenizer {self.name} has no decoder; give a file with decoder weights")
+        z = F.one_hot(ids.long(), self.vocab_size).permute(0, 3, 1, 2).float()  # (B, vocab, h, w)
+        return self.decoder.reconstruct(z)
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+class _PickledModule(nn.Module):
+    """Stands in for any ``dall_e`` class while unpickling; only its weights are used."""
+
+    def __setstate__(self, state):
+        nn.Module.__setstate__(self, state)
+
+
+class _DallEUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == "dall_e" or module.startswith("dall_e."):
+            return _PickledModule
+        return super().find_class(module, name)
+
+
+_dall_e_pickle = types.SimpleNamespace(Unpickler=_DallEUnpickler, load=pickle.load, __name__="dall_e_pickle")
+
+
+def _read(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # a pickled module, not plain tensors: OpenAI's encoder.pkl / decoder.pkl
+    except Exception as exc:
+        raise BeitDataError(f"{path} is not a PyTorch file: {exc}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_dall_e_pickle)
+    except Exception as exc:
+        raise BeitDataError(f"{path} could not be unpickled: {exc}") from None
+    if not isinstance(obj, nn.Module):
+        raise BeitDataError(f"{path} holds a {type(obj).__name__}, not a module or state dict")
+    return {"__dall_e__": True, "state": obj.state_dict()}
+
+
+def _count_blocks(state: dict) -> int:
+    return len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
+
+
+def _build(kind: str, state: dict, path: Path, n_init: int | None = None) -> nn.Module:
+    """An Encoder or Decoder whose sizes are read off the weights, with the weights loaded."""
+    try:
+        if kind == "encoder":
+            n_hid, vocab = state["blocks.input.w"].shape[0], state["blocks.output.conv.w"].shape[0]
+            module = Encoder(n_hid=n_hid, n_blk_per_group=_count_blocks(state), vocab_size=vocab)
+        else:
+            n_init, vocab = state["blocks.input.w"].shape[:2]
+            n_hid = state["blocks.output.conv.w"].shape[1]
+            module = Decoder(n_hid=n_hid, n_blk_per_group=_count_blocks(state), vocab_size=vocab, n_init=n_init)
+        module.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError, IndexError, ValueError) as exc:
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3] if len(lines) > 1 else lines)[:400]
+        raise BeitDataError(
+            f"{path}: not a DALL-E-architecture {kind} (expected parameters such as blocks.input.w, "
+            f"blocks.group_1.block_1.res_path.conv_1.w, blocks.output.conv.w): {detail}") from None
+    return module
+
+
+def _is_decoder(state: dict) -> bool:
+    w = state.get("blocks.input.w")
+    return w is not None and w.shape[2] == 1 and w.shape[1] != 3
+
+
+def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: str | Path | None = None
+                   ) -> Tokenizer:
+    """Load a tokenizer from OpenAI's ``encoder.pkl``, a state dict or a project checkpoint.
+
+    Args:
+        path: The encoder file (a ``decoder.pkl`` beside an ``encoder.pkl`` is found by itself),
+            an encoder/decoder state dict (keys ``blocks.*``, or ``encoder.*``/``decoder.*``), or a
+            checkpoint written by ``beit-data train-dvae``.
+        input_size: Square input side; default 112 (BEiT's), or the checkpoint's own.
+        decoder: An explicit decoder file.
+
+    Raises:
+        BeitDataError: For a missing file, or a file of the wrong kind or shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BeitDataError(f"tokenizer file not found: {path}")
+    obj = _read(path)
+    dec = None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        cfg = DVAEConfig(**obj["config"])
+        enc = _build("encoder", obj["encoder"], path)
+        dec = _build("decoder", obj["decoder"], path) if obj.get("decoder") else None
+        return Tokenizer(enc, dec, name="dvae", input_size=input_size or cfg.input_size).eval()
+    if not isinstance(obj, dict):
+        raise BeitDataError(f"{path} holds a {type(obj).__name__}, not a tokenizer")
+    name = "dall-e" if obj.pop("__dall_e__", False) else "dvae"
+    state = obj.get("state", obj)
+    if any(k.startswith("encoder.") for k in state):
+        enc_state = {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}
+        dec_state = {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}
+        enc = _build("encoder", enc_state, path)
+        dec = _build("decoder", dec_state, path) if dec_state else None
+    else:
+        if _is_decoder(state):
+            raise BeitDataError(f"{path} holds DALL-E decoder weights; give the encoder file as the tokenizer")
+        enc = _build("encoder", state, path)
+    decoder_path = Path(decoder) if decoder else path.with_name("decoder.pkl")
+    if dec is None and decoder_path.is_file() and decoder_path != path:
+        dec_obj = _read(decoder_path)
+        dec_state = dec_obj.get("state", dec_obj) if isinstance(dec_obj, dict) else None
+        if dec_state is None or not _is_decoder(dec_state):
+            raise BeitDataError(f"{decoder_path} does not hold DALL-E decoder weights")
+        dec = _build("decoder", dec_state, decoder_path)
+    elif decoder and not decoder_path.is_file():
+        raise BeitDataError(f"decoder file not found: {decoder_path}")
+    return Tokenizer(enc, dec, name=name, input_size=input_size or 112).eval()
+
+
+def save_checkpoint(path: str | Path, tokenizer_config: DVAEConfig, encoder: Encoder, decoder: Decoder,
+                    **extra) -> None:
+    """Write a project dVAE checkpoint atomically; ``load_tokenizer`` needs nothing else."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    payload = {"format": CHECKPOINT_FORMAT, "config": asdict(tokenizer_config),
+               "encoder": encoder.state_dict(), "decoder": decoder.state_dict(), **extra}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)

@@ -1,0 +1,109 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from beit_data import BeitDataError
+from beit_model.dall_e import Decoder, Encoder
+from beit_model.dvae import CONFIGS, DVAEConfig, load_tokenizer, save_checkpoint
+
+FAKE = Path(__file__).parent / "fake_dall_e"
+
+MAKE_PICKLES = """
+import sys, torch
+from dall_e.encoder import Encoder
+from dall_e.decoder import Decoder
+from dall_e.utils import map_pixels
+torch.manual_seed(0)
+enc = Encoder(n_hid=16, n_blk_per_group=2, vocab_size=64)
+dec = Decoder(n_init=8, n_hid=16, n_blk_per_group=2, vocab_size=64)
+with torch.no_grad():
+    for p in list(enc.parameters()) + list(dec.parameters()):
+        p.add_(torch.randn_like(p) * 0.05)
+out = sys.argv[1]
+torch.save(enc, out + '/encoder.pkl')
+torch.save(dec, out + '/decoder.pkl')
+x = torch.rand(2, 3, 32, 40)
+ids = torch.randint(0, 64, (2, 4, 5))
+z = torch.nn.functional.one_hot(ids, 64).permute(0, 3, 1, 2).float()
+with torch.no_grad():
+    torch.save({'x': x, 'logits': enc(map_pixels(x)), 'ids': ids, 'stats': dec(z)}, out + '/expected.pt')
+"""
+
+
+@pytest.fixture(scope="module")
+def openai_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("openai")
+    subprocess.run([sys.executable, "-c", MAKE_PICKLES, str(out)], check=True, env={"PYTHONPATH": str(FAKE)})
+    return out
+
+
+def test_openai_pickles_load_without_dall_e_and_give_same_logits(openai_files):
+    with pytest.raises(ImportError):
+        import dall_e  # noqa: F401
+    expected = torch.load(openai_files / "expected.pt")
+    tok = load_tokenizer(openai_files / "encoder.pkl")
+    assert tok.name == "dall-e" and tok.vocab_size == 64 and tok.input_size == 112 and tok.grid == 14
+    assert len(tok.fingerprint) == 64
+    assert torch.equal(tok.logits(expected["x"]), expected["logits"])
+    assert torch.equal(tok.encode(expected["x"]), expected["logits"].argmax(1))
+    recon = tok.decode(expected["ids"])
+    want = torch.clamp((torch.sigmoid(expected["stats"][:, :3]) - 0.1) / 0.8, 0, 1)
+    assert recon.shape == (2, 3, 32, 40)
+    assert torch.allclose(recon, want, atol=1e-6)
+
+
+def test_state_dicts_and_checkpoints_load(tmp_path, openai_files):
+    tok = load_tokenizer(openai_files / "encoder.pkl")
+    torch.save(tok.encoder.state_dict(), tmp_path / "enc.pt")
+    plain = load_tokenizer(tmp_path / "enc.pt")
+    assert plain.fingerprint == tok.fingerprint and plain.decoder is None
+    both = {**{f"encoder.{k}": v for k, v in tok.encoder.state_dict().items()},
+            **{f"decoder.{k}": v for k, v in tok.decoder.state_dict().items()}}
+    torch.save(both, tmp_path / "both.pt")
+    assert load_tokenizer(tmp_path / "both.pt").decoder is not None
+    cfg = CONFIGS["tiny"]
+    enc = Encoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size)
+    dec = Decoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size, n_init=cfg.n_init)
+    save_checkpoint(tmp_path / "tiny.pt", cfg, enc, dec, step=3)
+    own = load_tokenizer(tmp_path / "tiny.pt")
+    assert (own.name, own.vocab_size, own.input_size, own.config) == ("dvae", 512, 112, cfg)
+    x = torch.rand(1, 3, 112, 112)
+    assert own.encode(x).shape == (1, 14, 14)
+    assert own.decode(own.encode(x)).shape == (1, 3, 112, 112)
+
+
+def test_wrong_files_get_clear_errors(tmp_path, openai_files):
+    with pytest.raises(BeitDataError, match="tokenizer file not found"):
+        load_tokenizer(tmp_path / "missing.pkl")
+    (tmp_path / "junk.pkl").write_bytes(b"this is not a torch file")
+    with pytest.raises(BeitDataError, match="not a PyTorch file|could not be unpickled"):
+        load_tokenizer(tmp_path / "junk.pkl")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(BeitDataError, match="expected parameters such as blocks.input.w"):
+        load_tokenizer(tmp_path / "other.pt")
+    state = load_tokenizer(openai_files / "encoder.pkl").encoder.state_dict()
+    state["blocks.output.conv.b"] = torch.zeros(7)
+    torch.save(state, tmp_path / "bad_shape.pt")
+    with pytest.raises(BeitDataError, match="blocks.output.conv.b"):
+        load_tokenizer(tmp_path / "bad_shape.pt")
+    with pytest.raises(BeitDataError, match="decoder weights; give the encoder"):
+        load_tokenizer(openai_files / "decoder.pkl")
+
+
+def test_bad_image_batches_are_refused(openai_files):
+    tok = load_tokenizer(openai_files / "encoder.pkl")
+    with pytest.raises(BeitDataError, match=r"in \[0,1\]"):
+        tok.logits(torch.rand(1, 3, 16, 16) * 255)
+    with pytest.raises(BeitDataError, match=r"\(B,3,H,W\)"):
+        tok.logits(torch.rand(1, 1, 16, 16))
+    with pytest.raises(BeitDataError, match="divisible by 8"):
+        tok.logits(torch.rand(1, 3, 20, 16))
+    with pytest.raises(BeitDataError, match="float"):
+        tok.logits(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(BeitDataError, match="divisible by 8"):
+        DVAEConfig(input_size=100)
+    with pytest.raises(BeitDataError, match="divisible by 8"):
+        load_tokenizer(openai_files / "encoder.pkl", input_size=100)
