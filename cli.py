@@ -87,5 +87,130 @@ def sample(out, maxcount):
     click.echo(f"wrote {out}")
 
 
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
+                             help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
+
+
+@main.command("train-dvae", context_settings=CONTEXT)
+@SHARDS_OPTION
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
+@click.option("--config", "config_name", type=click.Choice(["tiny", "dalle"]), default="tiny", show_default=True,
+              help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
+@click.option("--steps", type=click.IntRange(min=1), default=600, show_default=True, help="Training steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per step.")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (cosine decay).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Save a checkpoint every N steps.")
+@click.option("--resume", is_flag=True, help="Continue training the checkpoint at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at --out.")
+@SEED_OPTION
+@DEVICE_OPTION
+@QUIET_OPTION
+def train_dvae(shards, out, config_name, steps, batch_size, lr, checkpoint_every, resume, overwrite, seed,
+               device, quiet):
+    """Train a discrete VAE tokenizer on your own shards (DALL-E recipe, Gumbel-softmax)."""
+    from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
+
+    report = run_train_dvae(TrainDVAEConfig(
+        shards=shards, out=out, config=config_name, steps=steps, batch_size=batch_size, lr=lr,
+        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, seed=seed, device=device,
+        progress=not quiet))
+    echo_summary("held-out report", {k: report[k] for k in
+                                     ("psnr", "psnr_mean_colour", "perplexity", "codes_used", "steps", "seconds")})
+    click.echo(f"wrote {out}")
+
+
+@main.command(context_settings=CONTEXT)
+@SHARDS_OPTION
+@click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
+              help="dVAE file: OpenAI's encoder.pkl, a state dict or a train-dvae checkpoint.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the token Parquet files.")
+@click.option("--views", type=click.IntRange(min=1), default=10, show_default=True, help="Views per image.")
+@SEED_OPTION
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per batch (each gives --views tokenizer inputs).")
+@click.option("--no-target-jitter", is_flag=True,
+              help="Tokenize views without colour jitter; pretrain then draws fresh jitter each epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace token files made with another tokenizer or recipe.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any sample was rejected.")
+@click.option("--num-threads", type=click.IntRange(min=1), default=4, show_default=True, help="DALI CPU threads.")
+@DEVICE_OPTION
+@QUIET_OPTION
+def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, overwrite, strict, num_threads,
+             device, quiet):
+    """Tokenize every image's views once and write one Parquet file per shard."""
+    from pipelines.tokenize import TokenizeConfig, run_tokenize
+
+    summary = run_tokenize(TokenizeConfig(
+        shards=shards, tokenizer=tokenizer, out=out, views=views, seed=seed, batch_size=batch_size,
+        target_jitter=not no_target_jitter, overwrite=overwrite, device=device, num_threads=num_threads,
+        progress=not quiet))
+    rejects = summary.pop("reject_list")
+    echo_summary("tokenize", summary)
+    for r in rejects[:20]:
+        click.echo(f"  rejected {r['shard']}:{r['key']}: {r['reason']}", err=True)
+    if len(rejects) > 20:
+        click.echo(f"  ... {len(rejects) - 20} more in {out}/summary.json", err=True)
+    click.echo(f"wrote {out}")
+    if strict and rejects:
+        raise click.ClickException(f"{len(rejects)} samples were rejected (--strict)")
+
+
+@main.command(context_settings=CONTEXT)
+@SHARDS_OPTION
+@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of token Parquet files written by beit-data tokenize.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints and logs.")
+@click.option("--model", default="beit_mim_base_patch16_224", show_default=True,
+              help="beit_mim_tiny_patch16_224, beit_mim_base_patch16_224 or beit_mim_large_patch16_224.")
+@click.option("--epochs", type=click.IntRange(min=1), default=800, show_default=True, help="Epochs to train.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps to train (overrides --epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per rank per step.")
+@click.option("--lr", type=float, default=1.5e-3, show_default=True, help="Peak learning rate (not rescaled).")
+@click.option("--min-lr", type=float, default=1e-5, show_default=True, help="Learning rate at the end of the cosine.")
+@click.option("--warmup-epochs", type=float, default=10, show_default=True, help="Linear warmup, per step.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Warmup steps (overrides --warmup-epochs).")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay.")
+@click.option("--drop-path", type=float, default=0.1, show_default=True, help="Stochastic depth rate.")
+@click.option("--clip-grad", type=float, default=3.0, show_default=True, help="Gradient-norm clipping.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Save a checkpoint every N steps (and at the end).")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True, help="Log every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint, exactly.")
+@click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, instead of failing.")
+@click.option("--compile", "compile_", is_flag=True, help="Compile the model with torch.compile.")
+@click.option("--num-threads", type=click.IntRange(min=1), default=4, show_default=True, help="DALI CPU threads.")
+@SEED_OPTION
+@DEVICE_OPTION
+@QUIET_OPTION
+def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
+             weight_decay, drop_path, clip_grad, checkpoint_every, log_every, resume, skip_missing, compile_,
+             num_threads, seed, device, quiet):
+    """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+
+    summary = run_pretrain(PretrainConfig(
+        shards=shards, tokens=tokens, out=out, model=model, epochs=epochs, steps=steps, batch_size=batch_size,
+        lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        drop_path=drop_path, clip_grad=clip_grad, checkpoint_every=checkpoint_every, log_every=log_every,
+        resume=resume, skip_missing=skip_missing, compile=compile_, num_threads=num_threads, seed=seed,
+        device=device, progress=not quiet))
+    if summary is not None:
+        echo_summary("pretrain", summary)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Encoder state dict to write.")
+def export(run, out):
+    """Write a pretrain run's encoder as weights that timm's Beit loads."""
+    from pipelines.export import run_export
+
+    info = run_export(run, out)
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in info["timm_kwargs"].items())
+    click.echo(f"wrote {out}")
+    click.echo(f"load it with: timm.create_model({info['timm_model']!r}, {kwargs}, checkpoint_path={out!r})")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog_name="beit-data"))

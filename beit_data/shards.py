@@ -30,6 +30,7 @@ __all__ = [
     "iter_samples",
     "write_index",
     "index_path",
+    "iter_images",
 ]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -178,3 +179,26 @@ def write_index(shard: str | Path) -> Path:
         buf.write(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in bundle) + "\n")
     out.write_text(buf.getvalue())
     return out
+
+
+def iter_images(shard: str | Path, rejects: list[Reject] | None = None, *, min_size: int = 1):
+    """Yield ``(sample, ImageInfo)`` for each sample of ``shard`` whose image passes the probe.
+
+    Samples with no image, a damaged image, or a side shorter than ``min_size`` pixels go to
+    ``rejects`` with their reason.
+    """
+    from beit_data.images import ImageError, probe_image
+
+    for sample in iter_samples(shard, rejects):
+        try:
+            info = probe_image(sample.image)
+        except ImageError as exc:
+            if rejects is not None:
+                rejects.append(Reject(key=sample.key, reason=str(exc), shard=str(shard)))
+            continue
+        if min(info.width, info.height) < min_size:
+            if rejects is not None:
+                rejects.append(Reject(key=sample.key, shard=str(shard), reason=(
+                    f"image too small: {info.width}x{info.height}, shorter side under {min_size}")))
+            continue
+        yield sample, info

@@ -44,7 +44,7 @@ class DVAEConfig:
 
 CONFIGS = {
     "dalle": DVAEConfig(),
-    "tiny": DVAEConfig(n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64),
+    "tiny": DVAEConfig(n_hid=16, n_blk_per_group=1, vocab_size=512, n_init=64),
 }
 
 

@@ -64,3 +64,32 @@ def sample_shards(tmp_path_factory) -> Path:
     run_shards(ShardsConfig(sources=[listing], out=out / "shards", maxcount=8, prefix="sample",
                             progress=False))
     return out / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """An untrained tiny dVAE checkpoint: deterministic tokens that depend on the pixels."""
+    import torch
+
+    from beit_model.dall_e import Decoder, Encoder
+    from beit_model.dvae import CONFIGS, save_checkpoint
+
+    cfg = CONFIGS["tiny"]
+    torch.manual_seed(0)
+    enc = Encoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size)
+    dec = Decoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size,
+                  n_init=cfg.n_init)
+    path = tmp_path_factory.mktemp("tokenizer") / "tiny.pt"
+    save_checkpoint(path, cfg, enc, dec)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_tokens(sample_shards, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The sample shards tokenized with the tiny tokenizer, 4 views per image."""
+    from pipelines.tokenize import TokenizeConfig, run_tokenize
+
+    out = tmp_path_factory.mktemp("tokens")
+    run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(out), views=4,
+                                batch_size=8, device="cpu", progress=False))
+    return out

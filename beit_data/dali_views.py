@@ -1,0 +1,193 @@
+"""The DALI graph that turns encoded images and stored views into model-ready tensors.
+
+One graph definition serves the CPU and the GPU: only the decoder's device changes
+(``"cpu"`` or ``"mixed"``); every later operator follows its input's device. Per view, the
+graph resizes the crop window to ``size`` (Lanczos for the tokenizer, bicubic for the ViT),
+applies the colour jitter in the fixed order brightness, contrast, saturation, then flips and
+normalises to CHW.
+
+Inputs come from an external source rather than DALI's webdataset reader: each view's window
+depends on the key and the decoded size, which are known in Python before the batch is fed,
+and a damaged sample must become a reject rather than fail the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from nvidia.dali import fn, math as dmath, pipeline_def, types
+
+from beit_data.views import View
+
+__all__ = ["ViewGraph", "DaliViews", "JITTER_ORDER", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
+
+JITTER_ORDER = "brightness, contrast, saturation; float, clamped to [0,255] after each; after resize, before flip"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UNIT_RANGE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std giving [0,1] pixels
+INTERP = {"lanczos": types.INTERP_LANCZOS3, "bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewGraph:
+    """What the graph produces.
+
+    Attributes:
+        views: Views per image; the image is decoded once for all of them.
+        size: Output side in pixels.
+        interp: ``lanczos``, ``bicubic`` or ``bilinear``.
+        jitter: Apply the stored jitter factors.
+        mean, std: Per-channel normalisation, in [0,1] pixel units.
+        half: Output float16 instead of float32.
+        roi_decode: Decode only the window (one view per image), as the training replay does.
+    """
+
+    views: int = 1
+    size: int = 112
+    interp: str = "lanczos"
+    jitter: bool = True
+    mean: Sequence[float] = UNIT_RANGE[0]
+    std: Sequence[float] = UNIT_RANGE[1]
+    half: bool = False
+    roi_decode: bool = False
+
+    def __post_init__(self):
+        if self.roi_decode and self.views != 1:
+            raise ValueError("roi_decode decodes one window per image, so views must be 1")
+        if self.interp not in INTERP:
+            raise ValueError(f"interp must be one of {sorted(INTERP)}")
+
+
+def _gray(img):
+    return img[:, :, 0] * _LUMA[0] + img[:, :, 1] * _LUMA[1] + img[:, :, 2] * _LUMA[2]
+
+
+def apply_jitter(img, brightness, contrast, saturation):
+    """torchvision's adjust_brightness, adjust_contrast, adjust_saturation, in that order."""
+    img = dmath.clamp(img * brightness, 0.0, 255.0)
+    mean = fn.reductions.mean(_gray(img))
+    img = dmath.clamp(img * contrast + mean * (1.0 - contrast), 0.0, 255.0)
+    gray = fn.expand_dims(_gray(img), axes=[2], new_axis_names="C")
+    return dmath.clamp(img * saturation + gray * (1.0 - saturation), 0.0, 255.0)
+
+
+def _crop_resize(graph: ViewGraph, encoded, decoder_device: str, roi):
+    """Decode and resize each view's window; ``roi`` is (V,4) rows of x0, y0, x1, y1."""
+    interp = INTERP[graph.interp]
+    if graph.roi_decode:
+        window = roi[0]
+        image = fn.decoders.image_slice(encoded, window[0:2], window[2:4] - window[0:2], device=decoder_device,
+                                        output_type=types.RGB, axis_names="WH", normalized_anchor=False,
+                                        normalized_shape=False)
+        return [fn.resize(image, size=[graph.size, graph.size], interp_type=interp, antialias=True,
+                          dtype=types.FLOAT)]
+    image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+    return [
+        fn.resize(image, size=[graph.size, graph.size], roi_start=roi[v][1::-1], roi_end=roi[v][3:1:-1],
+                  roi_relative=False, interp_type=interp, antialias=True, dtype=types.FLOAT)
+        for v in range(graph.views)
+    ]
+
+
+@pipeline_def
+def view_pipeline(graph: ViewGraph, decoder_device: str):
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    roi = fn.external_source(name="roi", dtype=types.FLOAT, ndim=2)  # (V, 4)
+    flips = fn.external_source(name="flips", dtype=types.INT32, ndim=1)  # (V,)
+    jitter = fn.external_source(name="jitter", dtype=types.FLOAT, ndim=2)  # (V, 3)
+    outputs = []
+    for v, view in enumerate(_crop_resize(graph, encoded, decoder_device, roi)):
+        if graph.jitter:
+            view = apply_jitter(view, jitter[v][0], jitter[v][1], jitter[v][2])
+        outputs.append(fn.crop_mirror_normalize(
+            view, mirror=flips[v], mean=[255 * m for m in graph.mean], std=[255 * s for s in graph.std],
+            output_layout="CHW", dtype=types.FLOAT16 if graph.half else types.FLOAT))
+    return tuple(outputs)
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    dense = tensor_list.as_tensor()
+    if device.type == "cuda":
+        return torch.from_dlpack(dense).clone()
+    return torch.from_numpy(np.array(dense))
+
+
+def _dali_reason(exc: Exception) -> str:
+    """The useful line of a DALI pipeline error (the rest is the graph's traceback)."""
+    lines = [ln.strip(" :") for ln in str(exc).splitlines() if ln.strip(" :")]
+    useful = [ln for ln in lines if ln.startswith(("Failed", "Error", "Unsupported", "Unrecognized"))]
+    return (useful[-1] if useful else lines[-1] if lines else type(exc).__name__)[:200]
+
+
+class DaliViews:
+    """Runs the view graph on batches of encoded images and their views.
+
+    Args:
+        graph: What to produce.
+        batch_size: Largest batch.
+        device: ``cpu`` decodes on the CPU; ``cuda`` decodes with nvJPEG (``mixed``).
+        num_threads: CPU threads of the pipeline.
+    """
+
+    def __init__(self, graph: ViewGraph, *, batch_size: int, device: torch.device | str = "cpu",
+                 num_threads: int = 2):
+        self.graph, self.batch_size = graph, batch_size
+        self.device = torch.device(device)
+        self.num_threads = num_threads
+        self._pipe = None
+
+    def _build(self):
+        gpu = self.device.type == "cuda"
+        pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", batch_size=self.batch_size,
+                             num_threads=self.num_threads, device_id=self.device.index or 0 if gpu else None,
+                             prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        pipe.build()
+        return pipe
+
+    def __call__(self, encoded: Sequence[bytes], views: Sequence[Sequence[View]]) -> torch.Tensor:
+        """Tensors (B, V, 3, size, size) for B images and their V views each.
+
+        Raises:
+            RuntimeError: DALI's error when an image in the batch cannot be decoded.
+        """
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe = self._pipe
+        pipe.feed_input("encoded", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
+        pipe.feed_input("roi", [np.array([[v.x, v.y, v.x + v.w, v.y + v.h] for v in vs], np.float32)
+                                for vs in views])
+        pipe.feed_input("flips", [np.array([v.flip for v in vs], np.int32) for vs in views])
+        if self.graph.jitter:  # otherwise DALI prunes the unused input
+            pipe.feed_input("jitter", [np.array([[v.brightness, v.contrast, v.saturation] for v in vs], np.float32)
+                                       for vs in views])
+        try:
+            outputs = pipe.run()
+        except Exception:
+            self._pipe = None  # a failed pipeline is not reused
+            raise
+        return torch.stack([_to_torch(o, self.device) for o in outputs], dim=1)  # (B, V, 3, S, S)
+
+    def robust(self, encoded: Sequence[bytes], views: Sequence[Sequence[View]]
+               ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+        """Like ``__call__``, but a failing image becomes a reject instead of failing the batch.
+
+        Returns:
+            The tensors of the good images, their indices in the batch, and (index, reason)
+            for each image DALI could not decode.
+        """
+        try:
+            return self(encoded, views), list(range(len(encoded))), []
+        except RuntimeError:
+            pass
+        good, bad, tensors = [], [], []
+        for i, (e, vs) in enumerate(zip(encoded, views)):
+            try:
+                tensors.append(self([e], [vs]))
+                good.append(i)
+            except RuntimeError as exc:
+                bad.append((i, f"decoder failed: {_dali_reason(exc)}"))
+        return (torch.cat(tensors) if tensors else None), good, bad

@@ -1,0 +1,213 @@
+"""``beit-data tokenize``: V views per image, decoded by DALI, tokenized once, one Parquet per shard.
+
+Under torchrun (RANK/WORLD_SIZE set) shard ``i`` goes to rank ``i % world_size``; views are
+pure functions of (seed, key, view, image size), so any number of ranks writes the same rows.
+Each shard's file is written atomically, so a killed run resumes by skipping finished shards.
+
+Images whose shorter side is under the tokenizer's input size are rejected rather than
+upscaled: such an image cannot give a 224-pixel ViT view without inventing detail.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from beit_data import BeitDataError
+from beit_data.dali_views import JITTER_ORDER, DaliViews, ViewGraph
+from beit_data.images import EXIF_RULE
+from beit_data.prefetch import batched, prefetch
+from beit_data.runtime import autocast, init_distributed, resolve_device
+from beit_data.shards import Reject, expand_shards, index_path, iter_images
+from beit_data.tokens import FORMAT_VERSION, build_table, describe_mismatch, read_meta, recipe_signature, token_path, write_tokens
+from beit_data.views import ViewRecipe, sample_views
+from beit_model.dvae import Tokenizer, load_tokenizer
+
+__all__ = ["TokenizeConfig", "run_tokenize", "decoder_meta"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    shards: str
+    tokenizer: str
+    out: str
+    views: int = 10
+    seed: int = 0
+    batch_size: int = 64
+    target_jitter: bool = True
+    overwrite: bool = False
+    device: str = "auto"
+    num_threads: int = 4
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise BeitDataError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    @property
+    def recipe(self) -> ViewRecipe:
+        return ViewRecipe(views=self.views, seed=self.seed, target_jitter=self.target_jitter)
+
+
+@dataclass
+class TokenizeSummary:
+    shards: int = 0
+    skipped: int = 0
+    images: int = 0
+    views: int = 0
+    rejects: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        ips = self.images / self.seconds if self.seconds else 0.0
+        return {"shards": self.shards, "skipped": self.skipped, "images": self.images, "views": self.views,
+                "rejects": len(self.rejects), "seconds": round(self.seconds, 2), "img_per_s": round(ips, 1)}
+
+
+def decoder_meta() -> dict:
+    return {"decoder": "DALI decoders.image (nvImageCodec), RGB", "exif": EXIF_RULE,
+            "resize": "DALI resize, ROI = view window, lanczos3, antialiased", "jitter_order": JITTER_ORDER}
+
+
+def file_meta(tokenizer: Tokenizer, recipe: ViewRecipe) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint, "vocab": tokenizer.vocab_size,
+                      "input_size": tokenizer.input_size, "grid": tokenizer.grid},
+        "views": recipe.as_dict(),
+        "decoder": decoder_meta(),
+    }
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{id(out)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BeitDataError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+
+
+def _plan(shards: list[Path], out: Path, meta: dict, overwrite: bool) -> tuple[list[Path], int]:
+    """The shards still to tokenize; finished ones with matching metadata are skipped."""
+    todo, skipped = [], 0
+    want = recipe_signature(meta)
+    for shard in shards:
+        target = token_path(out, shard)
+        if not target.exists() or overwrite:
+            todo.append(shard)
+            continue
+        have = recipe_signature(read_meta(target))
+        if have == want:
+            skipped += 1
+            continue
+        raise BeitDataError(f"{target} was made with a different tokenizer or view recipe "
+                            f"({describe_mismatch(have, want)}); pass --overwrite to replace it")
+    return todo, skipped
+
+
+def _expected_images(shards: list[Path]) -> int | None:
+    """Sample count from the shards' .idx headers, for the progress bar, where all exist."""
+    total = 0
+    for shard in shards:
+        idx = index_path(shard)
+        if not idx.exists():
+            return None
+        total += int(idx.read_text().split("\n", 1)[0].split()[1])
+    return total
+
+
+def _decoded_batches(shard: Path, cfg: TokenizeConfig, views: DaliViews, min_size: int, rejects: list[Reject]):
+    """(rows, tensors (N*V, 3, S, S)) per batch of images, decoded and augmented by DALI."""
+    recipe = cfg.recipe
+    for batch in batched(iter_images(shard, rejects, min_size=min_size), cfg.batch_size):
+        batch_views = [sample_views(recipe, s.key, info.width, info.height) for s, info in batch]
+        pixels, good, bad = views.robust([s.image for s, _ in batch], batch_views)
+        rejects.extend(Reject(key=batch[i][0].key, reason=reason, shard=str(shard)) for i, reason in bad)
+        rows = [{"key": batch[i][0].key, "view": v, "x": view.x, "y": view.y, "w": view.w, "h": view.h,
+                 "flip": view.flip, "brightness": view.brightness, "contrast": view.contrast,
+                 "saturation": view.saturation, "width": batch[i][1].width, "height": batch[i][1].height}
+                for i in good for v, view in enumerate(batch_views[i])]
+        if rows:
+            yield rows, pixels.flatten(0, 1)
+
+
+def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views: DaliViews, device,
+                   bar) -> tuple[int, int, list[Reject]]:
+    """Tokenize one shard and write its Parquet file. Returns (images, views, rejects)."""
+    rejects: list[Reject] = []
+    all_rows, all_tokens = [], []
+    for rows, pixels in prefetch(_decoded_batches(shard, cfg, views, tokenizer.input_size, rejects)):
+        with torch.inference_mode(), autocast(device):
+            ids = tokenizer.encode(pixels.to(device, non_blocking=True).float())  # (N*V, grid, grid)
+        all_rows += rows
+        all_tokens.append(ids.to("cpu", torch.int16).numpy())
+        bar.update(len(rows) // cfg.views)
+    grid = tokenizer.grid
+    tokens = np.concatenate(all_tokens) if all_tokens else np.zeros((0, grid, grid), np.int16)
+    meta = {**file_meta(tokenizer, cfg.recipe), "source": Path(shard).name,
+            "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
+    write_tokens(token_path(cfg.out, shard), build_table(all_rows, tokens, grid), meta)
+    return len(all_rows) // cfg.views, len(all_rows), rejects
+
+
+def run_tokenize(cfg: TokenizeConfig) -> dict:
+    """Tokenize this rank's shards; returns the summary, written to ``OUT/summary.json`` by rank 0."""
+    start = time.perf_counter()
+    shards = expand_shards(cfg.shards)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    out = Path(cfg.out)
+    _check_out(out)
+    device = resolve_device(cfg.device, local_rank=_local_rank())
+    dist = init_distributed(device)
+    mine = shards[dist.rank :: dist.world_size]
+    todo, skipped = _plan(mine, out, file_meta(tokenizer, cfg.recipe), cfg.overwrite)
+    tokenizer = tokenizer.to(device)
+    views = DaliViews(ViewGraph(views=cfg.views, size=tokenizer.input_size, interp="lanczos",
+                                jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
+                      num_threads=cfg.num_threads)
+    summary = TokenizeSummary(shards=len(mine), skipped=skipped)
+    bar = tqdm(total=_expected_images(todo), desc=f"tokenize[{dist.rank}]" if dist.world_size > 1 else "tokenize",
+               unit="img", disable=not cfg.progress, position=dist.rank)
+    for shard in todo:
+        images, n_views, rejects = tokenize_shard(shard, cfg, tokenizer, views, device, bar)
+        summary.images += images
+        summary.views += n_views
+        summary.rejects += [r.as_dict() for r in rejects]
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return _gather_and_write(summary, out, dist)
+
+
+def _local_rank() -> int:
+    from beit_data.runtime import dist_info
+
+    return dist_info().local_rank
+
+
+def _gather_and_write(summary: TokenizeSummary, out: Path, dist) -> dict:
+    parts = [summary]
+    if dist.world_size > 1:
+        parts = [None] * dist.world_size
+        torch.distributed.all_gather_object(parts, summary)
+    total = TokenizeSummary(seconds=max(p.seconds for p in parts))
+    for p in parts:
+        total.shards += p.shards
+        total.skipped += p.skipped
+        total.images += p.images
+        total.views += p.views
+        total.rejects += p.rejects
+    result = {**total.as_dict(), "reject_list": total.rejects}
+    if dist.rank == 0:
+        (out / "summary.json").write_text(json.dumps(result, indent=1))
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result

@@ -1,0 +1,215 @@
+"""``beit-data train-dvae``: train a DALL-E-style discrete VAE on your own shards.
+
+The recipe is the DALL-E paper's (appendix A), scaled to the run length:
+- the encoder's logits are relaxed with Gumbel-softmax, with the temperature annealed from
+  1 to 1/16 on a cosine schedule over the run;
+- the KL term against the uniform prior over the codebook ramps linearly from 0 to
+  ``kl_weight`` over the first ``kl_warmup`` fraction of the steps;
+- the reconstruction loss is the mean squared error in [0,1] pixel space (DALL-E used a
+  logit-Laplace likelihood; L2 trains reliably at small scale and is what PSNR measures).
+Images come through the project's DALI graph as random resized crops at the input size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from beit_data import BeitDataError
+from beit_data.dali_views import DaliViews, ViewGraph
+from beit_data.prefetch import batched, prefetch
+from beit_data.shards import expand_shards, iter_images
+from beit_data.views import ViewRecipe, sample_view
+from beit_data.runtime import resolve_device
+from beit_model.dall_e import Decoder, Encoder, map_pixels
+from beit_model.dvae import CONFIGS, CHECKPOINT_FORMAT, DVAEConfig, save_checkpoint
+
+__all__ = ["TrainDVAEConfig", "run_train_dvae", "evaluate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainDVAEConfig:
+    shards: str
+    out: str
+    config: str = "tiny"
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    kl_weight: float = 0.02
+    kl_warmup: float = 0.25
+    tau_start: float = 1.0
+    tau_end: float = 1 / 16
+    holdout: int = 2
+    checkpoint_every: int = 200
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.config not in CONFIGS:
+            raise BeitDataError(f"--config must be one of {sorted(CONFIGS)}, got {self.config}")
+        if self.steps < 1 or self.batch_size < 1 or self.holdout < 1:
+            raise BeitDataError("--steps, --batch-size and the hold-out count must be at least 1")
+        if self.resume and self.overwrite:
+            raise BeitDataError("--resume and --overwrite exclude each other")
+
+
+# Crops for dVAE training: BEiT's scale range, no jitter (the tokenizer should see real colours).
+TRAIN_VIEWS = ViewRecipe(views=1, flip=0.5, jitter=0.0, target_jitter=False)
+EVAL_VIEWS = 8
+
+
+def _stream(shards, holdout_keys: set[str], skip: int):
+    """Training images forever, epoch after epoch; view ``epoch`` of each image is a fresh crop."""
+    for epoch in itertools.count():
+        for shard in shards:
+            for sample, info in iter_images(shard):
+                if sample.key in holdout_keys:
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                recipe = ViewRecipe(**{**TRAIN_VIEWS.as_dict(), "scale": (0.25, 1.0), "seed": epoch})
+                yield sample.image, [sample_view(recipe, sample.key, 0, info.width, info.height)]
+
+
+def _holdout(shards, count: int, input_size: int):
+    """The first ``count`` images of the shards, with fixed evaluation views."""
+    items = []
+    for shard in shards:
+        for sample, info in iter_images(shard):
+            recipe = ViewRecipe(views=EVAL_VIEWS, seed=12345, jitter=0.0, target_jitter=False, scale=(0.25, 1.0))
+            items.append((sample.key, sample.image,
+                          [sample_view(recipe, sample.key, v, info.width, info.height) for v in range(EVAL_VIEWS)]))
+            if len(items) == count:
+                return items
+    raise BeitDataError(f"need at least {count + 1} decodable images to hold {count} out, found {len(items)}")
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)  # per image
+
+
+@torch.no_grad()
+def evaluate(encoder: Encoder, decoder: Decoder, images: torch.Tensor) -> dict:
+    """Reconstruction PSNR with hard codes, the mean-colour baseline, perplexity and usage."""
+    encoder.eval(), decoder.eval()
+    logits = encoder(map_pixels(images))
+    ids = logits.argmax(1)
+    z = F.one_hot(ids, encoder.vocab_size).permute(0, 3, 1, 2).float()  # (B, vocab, h, w)
+    recon = decoder.reconstruct(z)
+    baseline = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    counts = torch.bincount(ids.flatten(), minlength=encoder.vocab_size).float()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    encoder.train(), decoder.train()
+    return {"psnr": round(_psnr(recon, images).mean().item(), 3),
+            "psnr_mean_colour": round(_psnr(baseline, images).mean().item(), 3),
+            "perplexity": round(entropy.exp().item(), 2),
+            "codes_used": round((counts > 0).float().mean().item(), 4),
+            "images": images.shape[0]}
+
+
+def _schedules(cfg: TrainDVAEConfig, step: int) -> tuple[float, float, float]:
+    t = step / max(1, cfg.steps - 1)
+    tau = cfg.tau_end + 0.5 * (cfg.tau_start - cfg.tau_end) * (1 + math.cos(math.pi * t))
+    beta = cfg.kl_weight * min(1.0, t / cfg.kl_warmup) if cfg.kl_warmup > 0 else cfg.kl_weight
+    lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    return tau, beta, lr
+
+
+def _loss(encoder, decoder, x: torch.Tensor, tau: float, beta: float, hard: bool = True):
+    logits = encoder(map_pixels(x))  # (B, vocab, h, w)
+    z = F.gumbel_softmax(logits, tau=tau, hard=hard, dim=1)
+    mean = torch.sigmoid(decoder(z)[:, :3])
+    rec = F.mse_loss(mean, map_pixels(x)) / (1 - 2 * 0.1) ** 2  # = MSE in [0,1] pixels
+    log_q = F.log_softmax(logits, dim=1)
+    kl = (log_q.exp() * (log_q + math.log(encoder.vocab_size))).sum(1).mean() / math.log(encoder.vocab_size)
+    return rec + beta * kl, rec, kl
+
+
+def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
+    """Train (or resume) a dVAE and write a checkpoint that ``load_tokenizer`` reads.
+
+    Returns:
+        The final report: PSNR and its mean-colour baseline on held-out images, codebook
+        perplexity and the fraction of codes used, steps and seconds.
+    """
+    out = Path(cfg.out)
+    if out.exists() and not (cfg.resume or cfg.overwrite):
+        raise BeitDataError(f"{out} exists; pass --resume to continue training it or --overwrite to replace it")
+    if cfg.resume and not out.is_file():
+        raise BeitDataError(f"--resume: no checkpoint at {out}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BeitDataError(f"cannot write {out}: {exc.strerror or exc}") from None
+    shards = expand_shards(cfg.shards)
+    device = resolve_device(cfg.device)
+    arch: DVAEConfig = CONFIGS[cfg.config]
+    torch.manual_seed(cfg.seed)
+    encoder = Encoder(n_hid=arch.n_hid, n_blk_per_group=arch.n_blk_per_group, vocab_size=arch.vocab_size).to(device)
+    decoder = Decoder(n_hid=arch.n_hid, n_blk_per_group=arch.n_blk_per_group, vocab_size=arch.vocab_size,
+                      n_init=arch.n_init).to(device)
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    step = 0
+    if cfg.resume:
+        state = torch.load(out, map_location=device, weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("train", {}).get("config") != cfg.config:
+            raise BeitDataError(f"{out} is not a {cfg.config} dVAE training checkpoint")
+        encoder.load_state_dict(state["encoder"]), decoder.load_state_dict(state["decoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+
+    views = DaliViews(ViewGraph(views=1, size=arch.input_size, interp="lanczos", jitter=False),
+                      batch_size=max(cfg.batch_size, EVAL_VIEWS * cfg.holdout), device=device)
+    held = _holdout(shards, cfg.holdout, arch.input_size)
+    held_images = views([h[1] for h in held for _ in h[2]], [[v] for h in held for v in h[2]])[:, 0]
+    held_images = held_images.to(device)  # (holdout * EVAL_VIEWS, 3, S, S)
+    holdout_keys = {h[0] for h in held}
+
+    def save(**extra):
+        save_checkpoint(out, arch, encoder, decoder, step=step, optimizer=optimizer.state_dict(),
+                        rng=torch.get_rng_state(), train={"config": cfg.config, **asdict(cfg)}, **extra)
+
+    start = time.perf_counter()
+    batches = prefetch(batched(_stream(shards, holdout_keys, skip=step * cfg.batch_size), cfg.batch_size))
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-dvae", unit="step", disable=not cfg.progress)
+    encoder.train(), decoder.train()
+    for batch in batches:
+        if step >= cfg.steps:
+            break
+        x = views([b[0] for b in batch], [b[1] for b in batch])[:, 0].to(device)  # (B, 3, S, S)
+        tau, beta, lr = _schedules(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, rec, kl = _loss(encoder, decoder, x, tau, beta)
+        if not torch.isfinite(loss):
+            raise BeitDataError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}", tau=f"{tau:.3f}")
+        bar.update()
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save()
+    bar.close()
+    report = {**evaluate(encoder, decoder, held_images), "steps": step,
+              "seconds": round(time.perf_counter() - start, 1), "config": cfg.config, "out": str(out)}
+    save(report=report)
+    Path(str(out) + ".report.json").write_text(json.dumps(report, indent=1))
+    return report
