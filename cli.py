@@ -177,6 +177,8 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, 
               help="Save a checkpoint every N steps (and at the end).")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True, help="Log every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint, exactly.")
+@click.option("--stop-after", type=click.IntRange(min=1), default=None,
+              help="Stop after N steps of this invocation, with a checkpoint (for time-limited jobs).")
 @click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, instead of failing.")
 @click.option("--compile", "compile_", is_flag=True, help="Compile the model with torch.compile.")
 @click.option("--num-threads", type=click.IntRange(min=1), default=4, show_default=True, help="DALI CPU threads.")
@@ -184,7 +186,7 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, 
 @DEVICE_OPTION
 @QUIET_OPTION
 def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
-             weight_decay, drop_path, clip_grad, checkpoint_every, log_every, resume, skip_missing, compile_,
+             weight_decay, drop_path, clip_grad, checkpoint_every, log_every, resume, stop_after, skip_missing, compile_,
              num_threads, seed, device, quiet):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import PretrainConfig, run_pretrain
@@ -193,7 +195,7 @@ def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, 
         shards=shards, tokens=tokens, out=out, model=model, epochs=epochs, steps=steps, batch_size=batch_size,
         lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, weight_decay=weight_decay,
         drop_path=drop_path, clip_grad=clip_grad, checkpoint_every=checkpoint_every, log_every=log_every,
-        resume=resume, skip_missing=skip_missing, compile=compile_, num_threads=num_threads, seed=seed,
+        resume=resume, stop_after=stop_after, skip_missing=skip_missing, compile=compile_, num_threads=num_threads, seed=seed,
         device=device, progress=not quiet))
     if summary is not None:
         echo_summary("pretrain", summary)

@@ -36,6 +36,7 @@ class PretrainConfig:
     model: str = "beit_mim_base_patch16_224"
     epochs: int = 800
     steps: int | None = None  # overrides epochs
+    stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
     batch_size: int = 256  # per rank
     lr: float = 1.5e-3
     min_lr: float = 1e-5
@@ -210,6 +211,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                 "model_args": {"embed_dim": model.embed_dim, "depth": model.depth, "num_heads": model.num_heads}})
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    stop_at = step + cfg.stop_after if cfg.stop_after else None
     bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (cfg.progress and is_main))
     first_loss = last_loss = None
     tick, seen = time.perf_counter(), 0
@@ -246,8 +248,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             bar.set_postfix(loss=f"{last_loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
             tick, seen = time.perf_counter(), 0
         bar.update()
-        if step % cfg.checkpoint_every == 0 or step == total:
+        if step % cfg.checkpoint_every == 0 or step == total or step == stop_at:
             save()
+        if step == stop_at:
+            break
     bar.close()
     logger.close()
     if dist.world_size > 1:

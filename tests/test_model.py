@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import timm
+import torch
+
+import beit_model.beit_mim  # noqa: F401
+from beit_model.beit_mim import encoder_state_dict
+from pipelines.pretrain import lr_factor, param_groups
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
+
+
+def test_variants_are_registered_in_timm():
+    names = timm.list_models("beit_mim_*")
+    assert {"beit_mim_tiny_patch16_224", "beit_mim_base_patch16_224", "beit_mim_large_patch16_224"} <= set(names)
+    base = timm.create_model("beit_mim_base_patch16_224", vocab_size=8192)
+    encoder = sum(p.numel() for n, p in base.named_parameters() if not n.startswith(("lm_head", "mask_token")))
+    assert 85e6 < encoder < 87e6  # ViT-B/16
+    assert base.grid == (14, 14) and base.lm_head.out_features == 8192
+
+
+def test_lm_head_only_on_masked_positions(model):
+    x = torch.rand(2, 3, 224, 224)
+    mask = torch.zeros(2, 196, dtype=torch.bool)
+    mask[0, :10] = True
+    mask[1, 50:55] = True
+    logits = model(x, mask)
+    assert logits.shape == (15, 64)
+    # A masked patch's pixels do not reach the model: changing them changes nothing.
+    x2 = x.clone()
+    x2[0, :, :16, :16] = 0  # patch 0 of image 0, which is masked
+    assert torch.allclose(model(x2, mask), logits, atol=1e-5)
+    feats = model.forward_features(x, mask)
+    assert feats.shape == (2, 197, 96)
+    assert torch.allclose(model.lm_head(feats[:, 1:][mask]), logits, atol=1e-5)
+
+
+def test_initialisation_follows_the_reference(model):
+    torch.manual_seed(1)
+    fresh = timm.create_model("beit_mim_base_patch16_224", vocab_size=8192)
+    for layer_id, block in enumerate(fresh.blocks, start=1):
+        expected = 0.02 / math.sqrt(2 * layer_id)
+        assert block.attn.proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+        assert block.mlp.fc2.weight.std().item() == pytest.approx(expected, rel=0.05)
+        assert torch.all(block.gamma_1 == 0.1) and torch.all(block.gamma_2 == 0.1)
+    assert fresh.blocks[0].attn.relative_position_bias_table is None  # one shared bias
+    assert fresh.rel_pos_bias.relative_position_bias_table.shape == (27 * 27 + 3, 12)
+
+
+def test_weight_decay_groups(model):
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "rel_pos_bias.relative_position_bias_table", "blocks.0.gamma_1",
+            "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight"} - skipped == {"blocks.0.attn.qkv.weight"}
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 10, 100, 1.5e-3, 1e-5) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(100, 10, 100, 1.5e-3, 1e-5) * 1.5e-3 == pytest.approx(1e-5)
+    assert f[99] * 1.5e-3 < 1.1e-5
+
+
+def test_export_loads_in_timm_and_gives_the_same_features(model, tmp_path):
+    torch.save(encoder_state_dict(model), tmp_path / "enc.pth")
+    ref = timm.create_model("beit_base_patch16_224", embed_dim=96, depth=4, num_heads=3, num_classes=0,
+                            checkpoint_path=str(tmp_path / "enc.pth")).eval()
+    with_head = timm.create_model("beit_base_patch16_224", embed_dim=96, depth=4, num_heads=3)
+    missing, unexpected = with_head.load_state_dict(torch.load(tmp_path / "enc.pth"), strict=False)
+    assert set(missing) == {"head.weight", "head.bias"} and not unexpected
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ref.forward_features(x), model.forward_blocks(x), atol=1e-5)
+        pooled = ref.forward_head(ref.forward_features(x), pre_logits=True)
+        assert torch.allclose(pooled, model.norm(model.forward_blocks(x)[:, 1:].mean(1)), atol=1e-5)
