@@ -96,7 +96,7 @@ DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
 @click.option("--config", "config_name", type=click.Choice(["tiny", "dalle"]), default="tiny", show_default=True,
               help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
-@click.option("--steps", type=click.IntRange(min=1), default=600, show_default=True, help="Training steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Training steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per step.")
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (cosine decay).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=200, show_default=True,
@@ -212,6 +212,36 @@ def export(run, out):
     kwargs = ", ".join(f"{k}={v!r}" for k, v in info["timm_kwargs"].items())
     click.echo(f"wrote {out}")
     click.echo(f"load it with: timm.create_model({info['timm_model']!r}, {kwargs}, checkpoint_path={out!r})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("tokens", type=click.Path())
+@click.option("--shards", default=None, help="Shards to check coverage against (and to find images for --render).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+@click.option("--render", "render_key", default=None, metavar="KEY", help="Draw the view of this key as a PNG.")
+@click.option("--view", type=click.IntRange(min=0), default=0, show_default=True, help="View to draw with --render.")
+@click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
+              help="Tokenizer with a decoder, to add the reconstruction panel to --render.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="PNG file for --render.")
+@click.option("--histogram", default=None, type=click.Path(dir_okay=False), help="Also draw token frequencies to this PNG.")
+def inspect(tokens, shards, as_json, render_key, view, tokenizer, out, histogram):
+    """Summarise, validate and draw token Parquet files (exit 1 when validation finds errors)."""
+    from pipelines.inspect import InspectConfig, format_summary, run_inspect
+
+    result = run_inspect(InspectConfig(tokens=tokens, shards=shards, render=render_key, view=view,
+                                       tokenizer=tokenizer, out=out, histogram=histogram))
+    if render_key is not None:
+        click.echo(f"wrote {out}")
+        return
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        result["codebook"].pop("counts")
+        click.echo(format_summary(result))
+        if histogram:
+            click.echo(f"wrote {histogram}")
+    if result["errors"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,16 @@ def view_pipeline(graph: ViewGraph, decoder_device: str):
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    dense = tensor_list.as_tensor()
+    """Copy one output batch into a new torch tensor on ``device``."""
     if device.type == "cuda":
-        return torch.from_dlpack(dense).clone()
-    return torch.from_numpy(np.array(dense))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        dtype = torch.float16 if dense.dtype == types.FLOAT16 else torch.float32
+        out = torch.empty(dense.shape(), dtype=dtype, device=device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(tensor_list.as_tensor()))
 
 
 def _dali_reason(exc: Exception) -> str:
@@ -142,8 +148,9 @@ class DaliViews:
 
     def _build(self):
         gpu = self.device.type == "cuda"
+        device_id = (self.device.index or 0) if gpu else None
         pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", batch_size=self.batch_size,
-                             num_threads=self.num_threads, device_id=self.device.index or 0 if gpu else None,
+                             num_threads=self.num_threads, device_id=device_id,
                              prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
         pipe.build()
         return pipe

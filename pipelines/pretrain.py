@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,11 +119,15 @@ class Logger:
 
     def __init__(self, out: Path, enabled: bool):
         self.enabled = enabled
+        self.tb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.jsonl = (out / "log.jsonl").open("a")
-            self.tb = SummaryWriter(str(out / "tb"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it
+                warnings.warn("tensorboard is not installed; logging to log.jsonl only", stacklevel=2)
+            else:
+                self.tb = SummaryWriter(str(out / "tb"))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -130,12 +135,14 @@ class Logger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for k, v in record.items():
-            if k not in ("step", "epoch"):
+            if self.tb is not None and k not in ("step", "epoch"):
                 self.tb.add_scalar(f"train/{k}", v, record["step"])
 
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close(), self.tb.close()
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:

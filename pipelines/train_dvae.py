@@ -1,12 +1,18 @@
 """``beit-data train-dvae``: train a DALL-E-style discrete VAE on your own shards.
 
-The recipe is the DALL-E paper's (appendix A), scaled to the run length:
+The recipe follows the DALL-E paper (appendix A), scaled to the run length:
 - the encoder's logits are relaxed with Gumbel-softmax, with the temperature annealed from
-  1 to 1/16 on a cosine schedule over the run;
+  1 to 1/16 on a cosine schedule over the run. Samples are straight-through one-hot codes, so
+  the decoder trains on the same hard codes that tokenization produces;
 - the KL term against the uniform prior over the codebook ramps linearly from 0 to
   ``kl_weight`` over the first ``kl_warmup`` fraction of the steps;
 - the reconstruction loss is the mean squared error in [0,1] pixel space (DALL-E used a
   logit-Laplace likelihood; L2 trains reliably at small scale and is what PSNR measures).
+Two additions keep short runs out of codebook collapse: a usage term (``usage_weight``) that
+raises the entropy of the batch-averaged code distribution, and ``gumbel_noise``, the scale of
+the Gumbel noise. It is 1 (the paper's relaxation) for ``--config dalle``; for ``tiny`` it is 0,
+a deterministic straight-through softmax: on 2 CPU cores, a 300-step run with full noise stayed
+below the mean-colour PSNR baseline, while the noiseless run cleared it (see the README).
 Images come through the project's DALI graph as random resized crops at the input size.
 """
 
@@ -40,10 +46,12 @@ class TrainDVAEConfig:
     shards: str
     out: str
     config: str = "tiny"
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
     kl_weight: float = 0.02
+    usage_weight: float = 1.0
+    gumbel_noise: float | None = None  # None: 1.0 for dalle, 0.0 for tiny
     kl_warmup: float = 0.25
     tau_start: float = 1.0
     tau_end: float = 1 / 16
@@ -60,6 +68,8 @@ class TrainDVAEConfig:
             raise BeitDataError(f"--config must be one of {sorted(CONFIGS)}, got {self.config}")
         if self.steps < 1 or self.batch_size < 1 or self.holdout < 1:
             raise BeitDataError("--steps, --batch-size and the hold-out count must be at least 1")
+        if self.gumbel_noise is None:
+            object.__setattr__(self, "gumbel_noise", 1.0 if self.config == "dalle" else 0.0)
         if self.resume and self.overwrite:
             raise BeitDataError("--resume and --overwrite exclude each other")
 
@@ -129,14 +139,21 @@ def _schedules(cfg: TrainDVAEConfig, step: int) -> tuple[float, float, float]:
     return tau, beta, lr
 
 
-def _loss(encoder, decoder, x: torch.Tensor, tau: float, beta: float, hard: bool = True):
+def _loss(encoder, decoder, x: torch.Tensor, tau: float, beta: float, cfg: TrainDVAEConfig):
+    """Reconstruction + beta * KL(q || uniform) + usage term, each normalised to about [0, 1]."""
     logits = encoder(map_pixels(x))  # (B, vocab, h, w)
-    z = F.gumbel_softmax(logits, tau=tau, hard=hard, dim=1)
+    noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))  # Gumbel(0, 1)
+    soft = F.softmax((logits + cfg.gumbel_noise * noise) / tau, dim=1)
+    hard = torch.zeros_like(soft).scatter_(1, soft.argmax(1, keepdim=True), 1.0)
+    z = hard - soft.detach() + soft  # straight-through: one-hot forward, relaxed gradient
     mean = torch.sigmoid(decoder(z)[:, :3])
     rec = F.mse_loss(mean, map_pixels(x)) / (1 - 2 * 0.1) ** 2  # = MSE in [0,1] pixels
     log_q = F.log_softmax(logits, dim=1)
-    kl = (log_q.exp() * (log_q + math.log(encoder.vocab_size))).sum(1).mean() / math.log(encoder.vocab_size)
-    return rec + beta * kl, rec, kl
+    log_v = math.log(encoder.vocab_size)
+    kl = (log_q.exp() * (log_q + log_v)).sum(1).mean() / log_v
+    usage = log_q.exp().mean((0, 2, 3))  # (vocab,) batch-averaged code distribution
+    low_usage = (log_v + (usage * (usage + 1e-9).log()).sum()) / log_v  # 0 when all codes are equally used
+    return rec + beta * kl + cfg.usage_weight * low_usage, rec, kl
 
 
 def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
@@ -196,7 +213,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
         tau, beta, lr = _schedules(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, rec, kl = _loss(encoder, decoder, x, tau, beta)
+        loss, rec, kl = _loss(encoder, decoder, x, tau, beta, cfg)
         if not torch.isfinite(loss):
             raise BeitDataError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept")
         optimizer.zero_grad(set_to_none=True)

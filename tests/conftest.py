@@ -93,3 +93,14 @@ def sample_tokens(sample_shards, tiny_tokenizer, tmp_path_factory) -> Path:
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(out), views=4,
                                 batch_size=8, device="cpu", progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(sample_shards, tmp_path_factory) -> Path:
+    """A tiny dVAE trained briefly on the sample: its decoder draws real pictures."""
+    from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
+
+    out = tmp_path_factory.mktemp("trained") / "dvae.pt"
+    run_train_dvae(TrainDVAEConfig(shards=str(sample_shards), out=str(out), steps=60, batch_size=8, device="cpu",
+                                   progress=False))
+    return out

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,26 @@ def test_bad_image_batches_are_refused(openai_files):
         DVAEConfig(input_size=100)
     with pytest.raises(BeitDataError, match="divisible by 8"):
         load_tokenizer(openai_files / "encoder.pkl", input_size=100)
+
+
+def test_train_dvae_checkpoints_resumes_and_reports(sample_shards, tmp_path):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "dvae.pt"
+    args = ["train-dvae", "--shards", str(sample_shards), "--out", str(out), "--config", "tiny", "--batch-size", "4",
+            "--device", "cpu"]
+    first = run_cli(*args, "--steps", "6", "--checkpoint-every", "3")
+    assert first.returncode == 0, first.stderr
+    assert "train-dvae" in first.stderr  # the progress bar
+    report = json.loads(Path(str(out) + ".report.json").read_text())
+    assert report["steps"] == 6 and report["images"] == 16
+    assert set(report) >= {"psnr", "psnr_mean_colour", "perplexity", "codes_used"}
+    assert 0 < report["codes_used"] <= 1 and report["perplexity"] >= 1
+    tok = load_tokenizer(out)
+    assert (tok.name, tok.vocab_size, tok.input_size, tok.decoder is not None) == ("dvae", 512, 112, True)
+    again = run_cli(*args, "--steps", "6")
+    assert again.returncode != 0 and "pass --resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = run_cli(*args, "--steps", "9", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(Path(str(out) + ".report.json").read_text())["steps"] == 9
+    assert torch.load(out, weights_only=True)["step"] == 9

@@ -1,0 +1,142 @@
+"""Reading token Parquet files for people: summaries, codebook usage, coverage and validation.
+
+Everything streams by row group, so memory stays bounded by the number of distinct keys and
+the codebook size, not by the number of rows.
+"""
+
+from __future__ import annotations
+
+import math
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from beit_data import BeitDataError
+from beit_data.shards import IMAGE_EXTS, expand_shards, index_path, split_key
+from beit_data.tokens import describe_mismatch, read_meta, recipe_signature, schema, token_path
+
+__all__ = ["token_files", "summarise", "shard_keys"]
+
+
+def token_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BeitDataError(f"token folder not found: {folder}")
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise BeitDataError(f"no .parquet files in {folder}")
+    return files
+
+
+def shard_keys(shard: Path) -> set[str]:
+    """Keys of the samples with an image member, from the .idx file where there is one."""
+    idx = index_path(shard)
+    keys: set[str] = set()
+    if idx.exists():
+        for line in idx.read_text().splitlines()[1:]:
+            parts = line.split()
+            names = parts[3::4]
+            if any(split_key(n)[1] in IMAGE_EXTS for n in names):
+                keys.add(split_key(names[0])[0])
+        return keys
+    with tarfile.open(shard, "r:") as tar:
+        for info in tar:
+            key, ext = split_key(info.name)
+            if info.isreg() and ext in IMAGE_EXTS:
+                keys.add(key)
+    return keys
+
+
+def _codebook(counts: np.ndarray, top: int = 10) -> dict:
+    total = counts.sum()
+    p = counts[counts > 0] / max(total, 1)
+    order = np.argsort(-counts, kind="stable")[:top]
+    dead = np.flatnonzero(counts == 0)
+    return {"codes_used": int((counts > 0).sum()), "vocab": int(len(counts)),
+            "perplexity": round(float(math.exp(-(p * np.log(p)).sum())) if total else 0.0, 2),
+            "top_codes": [{"code": int(c), "count": int(counts[c]), "share": round(float(counts[c] / total), 5)}
+                          for c in order if counts[c] > 0],
+            "dead_codes": int(len(dead)), "dead_code_examples": [int(c) for c in dead[:20]],
+            "counts": [int(c) for c in counts]}
+
+
+def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 65536) -> dict:
+    """The whole summary as one JSON-ready dict; ``errors`` lists what failed validation."""
+    files = token_files(folder)
+    errors: list[str] = []
+    reference, ref_file = None, None
+    keys: set[str] = set()
+    rows = 0
+    counts = None
+    rejects: list[dict] = []
+    readable: list[Path] = []
+    for path in files:
+        try:
+            meta = read_meta(path)
+            file = pq.ParquetFile(path)
+        except BeitDataError as exc:
+            errors.append(str(exc))
+            continue
+        grid = meta.get("tokenizer", {}).get("grid")
+        if grid is None or not file.schema_arrow.equals(schema(grid), check_metadata=False):
+            errors.append(f"{path.name}: schema does not match the token format: {file.schema_arrow}")
+            continue
+        sig = recipe_signature(meta)
+        if reference is None:
+            reference, ref_file = meta, path
+        elif sig != recipe_signature(reference):
+            errors.append(f"{path.name} and {ref_file.name} come from different tokenizers or recipes: "
+                          f"{describe_mismatch(sig, recipe_signature(reference))}")
+            continue
+        if counts is None:
+            counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)
+        try:
+            for batch in file.iter_batches(batch_size=batch_rows, columns=["key", "tokens"]):
+                keys.update(batch.column("key").to_pylist())
+                flat = batch.column("tokens").flatten().to_numpy()
+                counts += np.bincount(flat.astype(np.int64), minlength=len(counts))[: len(counts)]
+                rows += batch.num_rows
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            errors.append(f"{path.name}: unreadable: {exc}")
+            continue
+        rejects += [{**r, "file": path.name} for r in meta.get("rejects", [])]
+        readable.append(path)
+    if reference is None:
+        raise BeitDataError(f"no readable token files in {folder}: " + "; ".join(errors))
+    views = reference["views"]["views"]
+    summary = {
+        "folder": str(folder), "files": len(files), "readable_files": len(readable), "rows": rows,
+        "images": len(keys), "views_per_image": round(rows / max(len(keys), 1), 3), "recipe_views": views,
+        "tokenizer": reference["tokenizer"], "views": reference["views"], "decoder": reference.get("decoder"),
+        "codebook": _codebook(counts if counts is not None else np.zeros(1, np.int64)),
+        "rejects": {"total": len(rejects), "by_reason": _by_reason(rejects)},
+        "errors": errors,
+    }
+    if shards is not None:
+        summary["coverage"] = _coverage(Path(folder), shards, keys, rejects)
+    return summary
+
+
+def _by_reason(rejects: list[dict]) -> dict[str, int]:
+    # Reasons carry details after a colon (a DALI message, a size); group on the part before it.
+    return dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects).most_common())
+
+
+def _coverage(folder: Path, spec: str, parquet_keys: set[str], rejects: list[dict]) -> dict:
+    tar_keys: set[str] = set()
+    no_file = []
+    for shard in expand_shards(spec):
+        if not token_path(folder, shard).exists():
+            no_file.append(shard.name)
+        tar_keys |= shard_keys(shard)
+    rejected = {r["key"] for r in rejects}
+    missing = sorted(tar_keys - parquet_keys - rejected)
+    extra = sorted(parquet_keys - tar_keys)
+    return {"shard_keys": len(tar_keys), "shards_without_token_file": no_file,
+            "keys_missing_from_parquet": len(missing), "missing_examples": missing[:20],
+            "rejected_keys": len(rejected & tar_keys),
+            "keys_not_in_shards": len(extra), "not_in_shards_examples": extra[:20]}

@@ -1,0 +1,172 @@
+"""Pretraining throughput, three ways, on the same machine and model, in one run.
+
+- end to end: the beit-data stream (DALI replay of stored views + stored tokens) + the step;
+- model only: the same step on synthetic tensors already on the device;
+- reference recipe: a PIL/torchvision two-view loader in DataLoader workers, with the dVAE
+  run online on the 112-pixel view every step, + the same step.
+GPU targets with ViT-B/16, batch 256, bf16: end to end >= 97% of model only and >= 2.0x the
+reference. Prints one JSON object.
+
+    python benchmarks/pretrain.py                                        # CPU, tiny model
+    python benchmarks/pretrain.py --device cuda --model beit_mim_base_patch16_224 --batch-size 256 \\
+        --tokenizer-config dalle --workers 15 --images 4096 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from beit_data.masking import BlockMaskGenerator
+from beit_data.runtime import autocast
+from beit_data.shards import expand_shards, iter_samples
+from beit_data.stream import StreamConfig, TrainStream
+from beit_model.dall_e import map_pixels
+from beit_model.dvae import load_tokenizer
+from benchmarks.common import device_name, emit, make_shards, make_tokenizer
+from pipelines.pretrain import PretrainConfig, build_model, param_groups
+from pipelines.tokenize import TokenizeConfig, run_tokenize
+
+
+def make_step(model, device, compile_: bool):
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    fwd = torch.compile(model) if compile_ else model
+
+    def step(images, tokens, mask):
+        with autocast(device):
+            logits = fwd(images, mask)
+        loss = F.cross_entropy(logits.float(), tokens[mask])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def timed(batches, step, warmup: int, steps: int, device) -> float:
+    n = 0
+    for i, (images, tokens, mask) in enumerate(batches):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, n = time.perf_counter(), 0
+        loss = step(images, tokens, mask)
+        n += images.shape[0]
+        if i + 1 == warmup + steps:
+            loss.item()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return n / (time.perf_counter() - start)
+    raise RuntimeError("ran out of batches")
+
+
+class TwoViewDataset(torch.utils.data.IterableDataset):
+    """BEiT's reference augmentation with PIL: jitter, flip, one RandomResizedCrop at 224 and 112."""
+
+    def __init__(self, shards, grid: int):
+        self.shards, self.grid = shards, grid
+
+    def __iter__(self):
+        import io
+
+        from PIL import Image
+        from torchvision import transforms as T
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng(wid)
+        jitter, masker = T.ColorJitter(0.4, 0.4, 0.4), BlockMaskGenerator((self.grid, self.grid))
+        norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        while True:
+            for shard in self.shards[wid::nw] or self.shards:
+                for sample in iter_samples(shard):
+                    img = jitter(Image.open(io.BytesIO(sample.image)).convert("RGB"))
+                    if rng.random() < 0.5:
+                        img = TF.hflip(img)
+                    i, j, h, w = T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+                    big = TF.resized_crop(img, i, j, h, w, [224, 224], InterpolationMode.BICUBIC)
+                    small = TF.resized_crop(img, i, j, h, w, [112, 112], InterpolationMode.LANCZOS)
+                    yield norm(TF.to_tensor(big)), TF.to_tensor(small), torch.from_numpy(masker(rng).reshape(-1))
+
+
+def reference_batches(shards, tokenizer, batch_size, workers, device, dtype):
+    loader = torch.utils.data.DataLoader(TwoViewDataset(shards, tokenizer.grid), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    for big, small, mask in loader:
+        small = small.to(device, non_blocking=True)
+        with torch.inference_mode(), autocast(device):
+            tokens = tokenizer.encode(small).flatten(1)  # the online tokenizer, every step
+        yield big.to(device, dtype, non_blocking=True), tokens.clone(), mask.to(device, non_blocking=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="beit_mim_tiny_patch16_224")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--tokenizer-config", default="tiny", choices=["tiny", "dalle"])
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loader")
+    p.add_argument("--num-threads", type=int, default=4, help="DALI CPU threads")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--skip-reference", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shards = make_shards(tmp, args.images)
+        tok_path = make_tokenizer(tmp / "tok.pt", args.tokenizer_config)
+        run_tokenize(TokenizeConfig(shards=str(shards), tokenizer=str(tok_path), out=str(tmp / "tokens"),
+                                    views=args.views, batch_size=32, device=args.device, progress=False))
+        tokenizer = load_tokenizer(tok_path).to(device)
+        cfg = PretrainConfig(shards=str(shards), tokens=str(tmp / "tokens"), out=str(tmp / "run"), model=args.model)
+        model = build_model(cfg, tokenizer.vocab_size).to(device).train()
+        step = make_step(model, device, args.compile)
+        B, N = args.batch_size, tokenizer.grid ** 2
+
+        def synthetic():
+            images = torch.randn(B, 3, 224, 224, device=device, dtype=dtype)
+            tokens = torch.randint(0, tokenizer.vocab_size, (B, N), device=device)
+            masks = np.stack([BlockMaskGenerator((tokenizer.grid,) * 2)(np.random.default_rng(i)).reshape(-1)
+                              for i in range(B)])
+            mask = torch.from_numpy(masks).to(device)
+            while True:
+                yield images, tokens, mask
+
+        model_only = timed(synthetic(), step, args.warmup, args.steps, device)
+        stream = TrainStream(StreamConfig(shards=str(shards), tokens=str(tmp / "tokens"), batch_size=B,
+                                          num_threads=args.num_threads), device=device)
+        e2e = timed(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)), step, args.warmup,
+                    args.steps, device)
+        record = {"benchmark": "pretrain", "device": device_name(device), "model": args.model, "batch_size": B,
+                  "dtype": str(dtype).replace("torch.", ""), "compiled": args.compile,
+                  "model_only_img_per_s": round(model_only, 1), "end_to_end_img_per_s": round(e2e, 1),
+                  "end_to_end_over_model_only": round(e2e / model_only, 3)}
+        if not args.skip_reference:
+            ref = timed(reference_batches(expand_shards(str(shards)), tokenizer, B, args.workers, device, dtype),
+                        step, args.warmup, args.steps, device)
+            record.update({"reference_img_per_s": round(ref, 1), "reference_workers": args.workers,
+                           "end_to_end_over_reference": round(e2e / ref, 3)})
+        emit({**record, "torch": torch.__version__})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""``beit-data inspect``: summaries, validation, and pictures of token files."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from beit_data import BeitDataError
+from beit_data.inspect import summarise, token_files
+from beit_data.shards import expand_shards, iter_samples
+from beit_data.tokens import read_meta
+
+__all__ = ["InspectConfig", "run_inspect", "format_summary", "render_view", "render_histogram"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectConfig:
+    tokens: str
+    shards: str | None = None
+    render: str | None = None
+    view: int = 0
+    tokenizer: str | None = None
+    out: str | None = None
+    histogram: str | None = None
+
+    def __post_init__(self):
+        if self.render is not None and self.out is None:
+            raise BeitDataError("--render needs --out FILE.png")
+
+
+def format_summary(s: dict) -> str:
+    t, v, cb = s["tokenizer"], s["views"], s["codebook"]
+    lines = [
+        f"token files   {s['files']} in {s['folder']} ({s['readable_files']} readable)",
+        f"rows          {s['rows']:,}  images {s['images']:,}  views/image {s['views_per_image']} "
+        f"(recipe {s['recipe_views']})",
+        f"tokenizer     {t['name']}  fingerprint {t['fingerprint'][:16]}  vocab {t['vocab']}  "
+        f"input {t['input_size']}  grid {t['grid']}x{t['grid']}",
+        f"views         seed {v['seed']}  scale {v['scale']}  ratio [{v['ratio'][0]:.3f}, {v['ratio'][1]:.3f}]  "
+        f"flip {v['flip']}  jitter {v['jitter']}  target jitter {'yes' if v['target_jitter'] else 'no'}",
+        f"codebook      {cb['codes_used']}/{cb['vocab']} codes used  perplexity {cb['perplexity']}  "
+        f"dead {cb['dead_codes']}",
+        "top codes     " + "  ".join(f"{c['code']}:{100 * c['share']:.1f}%" for c in cb["top_codes"][:8]),
+        f"rejects       {s['rejects']['total']}"
+        + "".join(f"\n  {n:6d}  {reason}" for reason, n in s["rejects"]["by_reason"].items()),
+    ]
+    if "coverage" in s:
+        c = s["coverage"]
+        lines.append(f"coverage      {c['shard_keys']:,} keys in shards  {c['keys_missing_from_parquet']} missing "
+                     f"from Parquet  {c['rejected_keys']} rejected  {c['keys_not_in_shards']} not in shards  "
+                     f"{len(c['shards_without_token_file'])} shards without a token file")
+        for name, examples in (("missing", c["missing_examples"]), ("not in shards", c["not_in_shards_examples"])):
+            if examples:
+                lines.append(f"  {name}: {', '.join(examples[:10])}")
+    for err in s["errors"]:
+        lines.append(f"ERROR         {err}")
+    return "\n".join(lines)
+
+
+def _find_row(files: list[Path], key: str, view: int) -> tuple[dict, dict]:
+    for path in files:
+        table = pq.read_table(path, filters=[("key", "=", key)])
+        if table.num_rows:
+            rows = {r["view"]: r for r in table.to_pylist()}
+            if view not in rows:
+                raise BeitDataError(f"key {key} has views {sorted(rows)}, not {view}")
+            return rows[view], read_meta(path)
+    raise BeitDataError(f"key {key} is not in any token file")
+
+
+def _image_bytes(shards: str | None, source: str, tokens_dir: Path, key: str) -> bytes:
+    spec = shards if shards is not None else None
+    candidates = expand_shards(spec) if spec else []
+    named = [s for s in candidates if s.name == source] or candidates
+    if not named:
+        raise BeitDataError(f"--render needs --shards to find the image of key {key} (source shard {source})")
+    for shard in named:
+        for sample in iter_samples(shard):
+            if sample.key == key:
+                return sample.image
+    raise BeitDataError(f"key {key} was not found in the shards")
+
+
+def render_view(cfg: InspectConfig) -> Path:
+    """A four-panel PNG: the image with the crop box, the tokenizer's view, the tokens, the reconstruction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from beit_data.dali_views import DaliViews, ViewGraph
+    from beit_data.views import View
+
+    files = token_files(cfg.tokens)
+    row, meta = _find_row(files, cfg.render, cfg.view)
+    data = _image_bytes(cfg.shards, meta["source"], Path(cfg.tokens), cfg.render)
+    size, grid = meta["tokenizer"]["input_size"], meta["tokenizer"]["grid"]
+    view = View(row["x"], row["y"], row["w"], row["h"], row["flip"], row["brightness"], row["contrast"],
+                row["saturation"])
+    seen = DaliViews(ViewGraph(views=1, size=size, interp="lanczos", jitter=meta["views"]["target_jitter"]),
+                     batch_size=1)([data], [[view]])[0, 0].permute(1, 2, 0).numpy()  # (S, S, 3) in [0,1]
+    tokens = np.array(row["tokens"]).reshape(grid, grid)
+    panels = 4 if cfg.tokenizer else 3
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4), dpi=100)
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    axes[0].imshow(image)
+    axes[0].add_patch(plt.Rectangle((row["x"], row["y"]), row["w"], row["h"], fill=False, color="red", lw=2))
+    axes[0].set_title(f"{cfg.render} view {cfg.view}" + (" (flipped)" if row["flip"] else ""), fontsize=9)
+    axes[1].imshow(seen)
+    axes[1].set_title(f"tokenizer input {size}px", fontsize=9)
+    axes[2].imshow(tokens, cmap="tab20", interpolation="nearest")
+    axes[2].set_title(f"token ids {grid}x{grid}", fontsize=9)
+    if cfg.tokenizer:
+        import torch
+
+        from beit_model.dvae import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer)
+        if tok.fingerprint != meta["tokenizer"]["fingerprint"]:
+            raise BeitDataError(f"{cfg.tokenizer} is not the tokenizer these tokens came from "
+                                f"(fingerprint {tok.fingerprint[:12]} != {meta['tokenizer']['fingerprint'][:12]})")
+        recon = tok.decode(torch.from_numpy(tokens)[None])[0].permute(1, 2, 0).numpy()
+        axes[3].imshow(recon)
+        axes[3].set_title("dVAE reconstruction", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    out = Path(cfg.out)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def render_histogram(summary: dict, path: str | Path) -> Path:
+    """Token frequencies from ``summary``, sorted by rank, on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cb = summary["codebook"]
+    ranked = np.sort(np.array(cb["counts"]))[::-1]
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
+    ax.bar(np.arange(len(ranked)), np.maximum(ranked, 0.8), width=1.0, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("code rank")
+    ax.set_ylabel("count")
+    ax.set_title(f"{cb['codes_used']}/{cb['vocab']} codes used, perplexity {cb['perplexity']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def run_inspect(cfg: InspectConfig) -> dict:
+    """The summary (with ``errors``); renders the pictures that were asked for."""
+    if cfg.render is not None:
+        render_view(cfg)
+        return {"rendered": cfg.out}
+    summary = summarise(cfg.tokens, cfg.shards)
+    if cfg.histogram:
+        render_histogram(summary, cfg.histogram)
+    return summary
