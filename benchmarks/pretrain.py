@@ -7,8 +7,8 @@
 GPU targets with ViT-B/16, batch 256, bf16: end to end >= 97% of model only and >= 2.0x the
 reference. Prints one JSON object.
 
-    python benchmarks/pretrain.py                                        # CPU, tiny model
-    python benchmarks/pretrain.py --device cuda --model beit_mim_base_patch16_224 --batch-size 256 \\
+    python -m benchmarks.pretrain                                        # CPU, tiny model
+    python -m benchmarks.pretrain --device cuda --model beit_mim_base_patch16_224 --batch-size 256 \\
         --tokenizer-config dalle --workers 15 --images 4096 [--compile]
 """
 

@@ -4,8 +4,8 @@ End to end: tar reading, probing, view sampling, DALI decode + V crops, the dVAE
 Parquet writes. Tokenizer only: the same number of views as ready tensors on the device.
 The target on a GPU is end to end >= 90% of tokenizer only. Prints one JSON object.
 
-    python benchmarks/tokenize.py                                  # CPU, tiny tokenizer
-    python benchmarks/tokenize.py --device cuda --images 4096 --tokenizer-config dalle --batch-size 32
+    python -m benchmarks.tokenize                                  # CPU, tiny tokenizer
+    python -m benchmarks.tokenize --device cuda --images 4096 --tokenizer-config dalle --batch-size 32
 """
 
 from __future__ import annotations

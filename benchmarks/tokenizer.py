@@ -3,8 +3,8 @@
 CPU: fp32, batch 64. GPU: bf16 autocast and channels_last; ``--compile`` adds torch.compile
 and ``--cudnn-benchmark`` cuDNN autotuning. Prints one JSON object per configuration.
 
-    python benchmarks/tokenizer.py                     # CPU
-    python benchmarks/tokenizer.py --device cuda --batch-size 256 --compile --cudnn-benchmark
+    python -m benchmarks.tokenizer                     # CPU
+    python -m benchmarks.tokenizer --device cuda --batch-size 256 --compile --cudnn-benchmark
 """
 
 from __future__ import annotations

@@ -1,0 +1,60 @@
+"""Checks that need CUDA: the mixed-device DALI graph against the CPU graph, and GPU runs."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewGraph
+from beit_data.shards import expand_shards, iter_images
+from beit_data.views import ViewRecipe, sample_views
+
+pytestmark = pytest.mark.gpu
+
+
+def _batch(sample_shards, views=3):
+    items = [x for shard in expand_shards(str(sample_shards)) for x in iter_images(shard)]
+    recipe = ViewRecipe(views=views, seed=1)
+    return [s.image for s, _ in items], [sample_views(recipe, s.key, i.width, i.height) for s, i in items]
+
+
+@pytest.mark.parametrize("graph", [
+    ViewGraph(views=3, size=112, interp="lanczos"),
+    ViewGraph(views=1, size=224, interp="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, half=True, roi_decode=True),
+])
+def test_gpu_graph_matches_cpu_graph(sample_shards, graph):
+    encoded, views = _batch(sample_shards, graph.views)
+    cpu = DaliViews(graph, batch_size=16, device="cpu")(encoded, views).float()
+    gpu = DaliViews(graph, batch_size=16, device="cuda")(encoded, views)
+    assert gpu.is_cuda and gpu.shape == cpu.shape
+    diff = (gpu.float().cpu() - cpu).abs()
+    scale = 1.0 if not graph.half else 1 / 0.225  # normalised output spans ~4.4 units per 1.0 of pixel
+    # nvJPEG and libjpeg-turbo differ by rounding, and resampling kernels by a little more.
+    assert diff.mean() < 0.01 * scale and diff.max() < 0.35 * scale
+
+
+def test_tokenize_on_gpu_matches_cpu_rows(sample_shards, tiny_tokenizer, tmp_path):
+    from pipelines.tokenize import TokenizeConfig, run_tokenize
+
+    common = dict(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), views=3, progress=False)
+    run_tokenize(TokenizeConfig(out=str(tmp_path / "cpu"), device="cpu", **common))
+    run_tokenize(TokenizeConfig(out=str(tmp_path / "gpu"), device="cuda", **common))
+    for name in ("sample-000000.parquet", "sample-000001.parquet"):
+        a, b = pq.read_table(tmp_path / "cpu" / name), pq.read_table(tmp_path / "gpu" / name)
+        assert a.drop(["tokens"]).equals(b.drop(["tokens"]))
+        ta = np.stack(a.column("tokens").to_numpy(zero_copy_only=False))
+        tb = np.stack(b.column("tokens").to_numpy(zero_copy_only=False))
+        assert (ta == tb).mean() > 0.9  # bf16 and nvJPEG move a few argmaxes
+
+
+def test_pretrain_on_gpu_resumes_and_learns(sample_shards, sample_tokens, tmp_path):
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+
+    cfg = dict(shards=str(sample_shards), tokens=str(sample_tokens), model="beit_mim_tiny_patch16_224",
+               batch_size=4, steps=12, warmup_steps=2, lr=1e-3, log_every=1, device="cuda", progress=False)
+    first = run_pretrain(PretrainConfig(out=str(tmp_path / "r"), stop_after=6, **cfg))
+    second = run_pretrain(PretrainConfig(out=str(tmp_path / "r"), resume=True, **cfg))
+    assert first["steps"] == 6 and second["steps"] == 12
+    assert np.isfinite(second["last_loss"]) and second["last_loss"] < first["first_loss"]
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert ckpt["rng"]["cuda"]
