@@ -43,6 +43,10 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             q.put((_DONE, None))
         except BaseException as exc:  # handed to the consumer
             q.put((_DONE, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # stops an upstream prefetch too
 
     thread = threading.Thread(target=produce, daemon=True, name="beit-data-prefetch")
     thread.start()
@@ -56,3 +60,5 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        # Join, so that no loader thread (and no DALI pipeline in it) outlives the consumer.
+        thread.join(timeout=60)

@@ -132,17 +132,16 @@ class TrainStream:
         return first, cols
 
     def _item(self, epoch: int, key: str, start: int, cols: dict):
-        v = int(stable_rng(self.cfg.seed, epoch, key, "view").integers(self.views))
-        r = start + v
+        """The view, tokens and mask of ``key`` in ``epoch``: one generator from (seed, epoch, key)."""
+        rng = stable_rng(self.cfg.seed, epoch, key)
+        r = start + int(rng.integers(self.views))
         if self.target_jitter:
             jitter = (float(cols["brightness"][r]), float(cols["contrast"][r]), float(cols["saturation"][r]))
         else:
-            jrng = stable_rng(self.cfg.seed, epoch, key, "jitter")
-            jitter = tuple(float(jrng.uniform(1 - self.jitter, 1 + self.jitter)) for _ in range(3))
+            jitter = tuple(float(x) for x in rng.uniform(1 - self.jitter, 1 + self.jitter, size=3))
         view = View(int(cols["x"][r]), int(cols["y"][r]), int(cols["w"][r]), int(cols["h"][r]),
                     bool(cols["flip"][r]), *jitter)
-        mask = self.masker(stable_rng(self.cfg.seed, epoch, key, "mask")).reshape(-1)
-        return view, cols["tokens"][r], mask
+        return view, cols["tokens"][r], self.masker(rng).reshape(-1)
 
     def _epoch_items(self, epoch: int, skip: int):
         """(key, image bytes, view, tokens, mask) for this rank's samples, after ``skip`` of them."""
@@ -157,12 +156,16 @@ class TrainStream:
                     continue
                 yield (sample.key, sample.image, *self._item(epoch, sample.key, first[sample.key], cols))
 
-    def _epoch_batches(self, epoch: int, step: int):
+    def _epoch_chunks(self, epoch: int, step: int):
+        """(step, items) per batch of ``epoch`` from ``step`` on: the Python half of the loading."""
         B = self.cfg.batch_size
-        steps = self.steps_per_epoch(epoch)
         items = self._epoch_items(epoch, skip=step * B)
-        for s in range(step, steps):
-            chunk = [next(items) for _ in range(B)]
+        for s in range(step, self.steps_per_epoch(epoch)):
+            yield epoch, s, [next(items) for _ in range(B)]
+
+    def _replay(self, chunks):
+        """Batches decoded and augmented by DALI from prepared chunks."""
+        for epoch, s, chunk in chunks:
             images = self.replay([c[1] for c in chunk], [[c[2]] for c in chunk])[:, 0]  # (B, 3, S, S)
             yield Batch(images=images, tokens=torch.from_numpy(np.stack([c[3] for c in chunk]).astype(np.int64)),
                         mask=torch.from_numpy(np.stack([c[4] for c in chunk])), epoch=epoch, step=s,
@@ -170,16 +173,17 @@ class TrainStream:
 
     def batches(self, epoch: int = 0, step: int = 0, *, dtype: torch.dtype | None = None):
         """Batches on the device from ``(epoch, step)`` on, forever, prefetched in a thread."""
-        def produce():
+        def chunks():
             e, s = epoch, step
             while True:
                 if self.steps_per_epoch(e) == 0:
                     raise BeitDataError(f"epoch {e} has fewer images per rank than one batch of "
                                         f"{self.cfg.batch_size}; lower --batch-size")
-                yield from self._epoch_batches(e, s)
+                yield from self._epoch_chunks(e, s)
                 e, s = e + 1, 0
 
-        for batch in prefetch(produce(), depth=3):
+        # Two loader threads overlap: Python prepares the next chunk while DALI decodes this one.
+        for batch in prefetch(self._replay(prefetch(chunks(), depth=2)), depth=3):
             batch.images = batch.images.to(self.device, dtype or batch.images.dtype, non_blocking=True)
             batch.tokens = batch.tokens.to(self.device, non_blocking=True)
             batch.mask = batch.mask.to(self.device, non_blocking=True)

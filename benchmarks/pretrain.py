@@ -156,9 +156,12 @@ def main():
                                           num_threads=args.num_threads), device=device)
         e2e = timed(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)), step, args.warmup,
                     args.steps, device)
+        loader = timed(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)),
+                       lambda images, tokens, mask: images.sum(), args.warmup, args.steps, device)
         record = {"benchmark": "pretrain", "device": device_name(device), "model": args.model, "batch_size": B,
                   "dtype": str(dtype).replace("torch.", ""), "compiled": args.compile,
                   "model_only_img_per_s": round(model_only, 1), "end_to_end_img_per_s": round(e2e, 1),
+                  "loader_only_img_per_s": round(loader, 1),
                   "end_to_end_over_model_only": round(e2e / model_only, 3)}
         if not args.skip_reference:
             ref = timed(reference_batches(expand_shards(str(shards)), tokenizer, B, args.workers, device, dtype),

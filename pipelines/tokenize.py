@@ -124,11 +124,16 @@ def _expected_images(shards: list[Path]) -> int | None:
     return total
 
 
-def _decoded_batches(shard: Path, cfg: TokenizeConfig, views: DaliViews, min_size: int, rejects: list[Reject]):
-    """(rows, tensors (N*V, 3, S, S)) per batch of images, decoded and augmented by DALI."""
+def _prepared_batches(shard: Path, cfg: TokenizeConfig, min_size: int, rejects: list[Reject]):
+    """Batches of (sample, info) with their views: the Python half of the loading."""
     recipe = cfg.recipe
     for batch in batched(iter_images(shard, rejects, min_size=min_size), cfg.batch_size):
-        batch_views = [sample_views(recipe, s.key, info.width, info.height) for s, info in batch]
+        yield batch, [sample_views(recipe, s.key, info.width, info.height) for s, info in batch]
+
+
+def _decoded_batches(prepared, shard: Path, views: DaliViews, rejects: list[Reject]):
+    """(rows, tensors (N*V, 3, S, S)) per batch, decoded and augmented by DALI."""
+    for batch, batch_views in prepared:
         pixels, good, bad = views.robust([s.image for s, _ in batch], batch_views)
         rejects.extend(Reject(key=batch[i][0].key, reason=reason, shard=str(shard)) for i, reason in bad)
         rows = [{"key": batch[i][0].key, "view": v, "x": view.x, "y": view.y, "w": view.w, "h": view.h,
@@ -144,7 +149,9 @@ def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views
     """Tokenize one shard and write its Parquet file. Returns (images, views, rejects)."""
     rejects: list[Reject] = []
     all_rows, all_tokens = [], []
-    for rows, pixels in prefetch(_decoded_batches(shard, cfg, views, tokenizer.input_size, rejects)):
+    # Three threads overlap: Python reads and prepares batches, DALI decodes, the dVAE encodes.
+    prepared = prefetch(_prepared_batches(shard, cfg, tokenizer.input_size, rejects))
+    for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
         with torch.inference_mode(), autocast(device):
             ids = tokenizer.encode(pixels.to(device, non_blocking=True).float())  # (N*V, grid, grid)
         all_rows += rows

@@ -1,10 +1,45 @@
 #!/usr/bin/env bash
-# The main job on the embedded sample, as far as the stages go: shards -> (later stages).
+# The whole job on the embedded sample, on the CPU (or this machine's GPU):
+# shards -> train a tiny dVAE -> tokenize -> pretrain a tiny BEiT -> export -> inspect.
 set -euo pipefail
 out=${1:-demo_out}
 rm -rf "$out"
 mkdir -p "$out"
+
+echo "== 1/6 shards of the embedded photographs"
 beit-data sample --out "$out/shards"
+
+echo "== 2/6 train the tiny dVAE tokenizer (about two minutes on two cores)"
+beit-data train-dvae --shards "$out/shards" --out "$out/dvae_tiny.pt" --config tiny --steps 300
+
+echo "== 3/6 tokenize: 10 views per image, the dVAE run once"
+beit-data tokenize --shards "$out/shards" --tokenizer "$out/dvae_tiny.pt" --out "$out/tokens" --views 10
+
+echo "== 4/6 pretrain the tiny BEiT on the stored tokens"
+beit-data pretrain --shards "$out/shards" --tokens "$out/tokens" --out "$out/run" \
+    --model beit_mim_tiny_patch16_224 --steps 200 --batch-size 8 --warmup-steps 20 --lr 2e-3 --drop-path 0 \
+    --log-every 10 --checkpoint-every 100
+python - "$out/run/log.jsonl" <<'PY'
+import json, sys
+log = [json.loads(line) for line in open(sys.argv[1])]
+print("loss curve: " + "  ".join(f"step {r['step']}: {r['loss']:.3f}" for r in log[:: max(1, len(log) // 6)] + log[-1:]))
+print(f"masked-token accuracy: {log[0]['acc']:.3f} at step {log[0]['step']}, {log[-1]['acc']:.3f} at step {log[-1]['step']}")
+PY
+
+echo "== 5/6 export the encoder for timm"
+beit-data export "$out/run" --out "$out/encoder.pth"
+
+echo "== 6/6 inspect the token files"
+beit-data inspect "$out/tokens" --shards "$out/shards" --histogram "$out/token_histogram.png"
+beit-data inspect "$out/tokens" --shards "$out/shards" --render 000000000 --view 0 \
+    --tokenizer "$out/dvae_tiny.pt" --out "$out/view_000000000.png"
+
 echo
-echo "demo outputs:"
-echo "  shards: $out/shards"
+echo "demo outputs in $out/:"
+echo "  shards/            WebDataset shards + .idx of the 14 sample photographs"
+echo "  dvae_tiny.pt       the trained tokenizer (report: dvae_tiny.pt.report.json)"
+echo "  tokens/            one token Parquet per shard + summary.json"
+echo "  run/               pretrain checkpoint.pt, log.jsonl, tb/ (TensorBoard)"
+echo "  encoder.pth        the encoder for timm (encoder.json says how to load it)"
+echo "  view_000000000.png image, crop, tokens and reconstruction of one view"
+echo "  token_histogram.png"
