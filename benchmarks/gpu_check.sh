@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check, run from the repo root on a machine with CUDA, DALI and webdataset importable.
 # Writes one log per step under ${OUT:-gpu_out}; each step has its own time limit.
+# STEPS="env gpu_tests ..." runs a subset.
 set -u
 out=${OUT:-gpu_out}
 mkdir -p "$out"
+steps=${STEPS:-env gpu_tests tokenizer tokenize pretrain pretrain_compiled tokenizer_compiled}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
+  [[ " $steps " == *" $name "* ]] || return 0
   echo "=== $name" | tee -a "$out/summary.txt"
   local t0=$(date +%s)
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
