@@ -64,7 +64,7 @@ def _codebook(counts: np.ndarray, top: int = 10) -> dict:
             "counts": [int(c) for c in counts]}
 
 
-def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 65536) -> dict:
+def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8192) -> dict:
     """The whole summary as one JSON-ready dict; ``errors`` lists what failed validation."""
     files = token_files(folder)
     errors: list[str] = []
@@ -98,7 +98,7 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 6
             for batch in file.iter_batches(batch_size=batch_rows, columns=["key", "tokens"]):
                 keys.update(batch.column("key").to_pylist())
                 flat = batch.column("tokens").flatten().to_numpy()
-                counts += np.bincount(flat.astype(np.int64), minlength=len(counts))[: len(counts)]
+                counts += np.bincount(flat, minlength=len(counts))[: len(counts)]
                 rows += batch.num_rows
         except (pa.ArrowException, OSError, ValueError) as exc:
             errors.append(f"{path.name}: unreadable: {exc}")
