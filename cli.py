@@ -165,11 +165,13 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, 
               help="beit_mim_tiny_patch16_224, beit_mim_base_patch16_224 or beit_mim_large_patch16_224.")
 @click.option("--epochs", type=click.IntRange(min=1), default=800, show_default=True, help="Epochs to train.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps to train (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per rank per step.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per rank per step.")
 @click.option("--lr", type=float, default=1.5e-3, show_default=True, help="Peak learning rate (not rescaled).")
 @click.option("--min-lr", type=float, default=1e-5, show_default=True, help="Learning rate at the end of the cosine.")
 @click.option("--warmup-epochs", type=float, default=10, show_default=True, help="Linear warmup, per step.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Warmup steps (overrides --warmup-epochs).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Warmup steps (overrides --warmup-epochs).")
 @click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay.")
 @click.option("--drop-path", type=float, default=0.1, show_default=True, help="Stochastic depth rate.")
 @click.option("--clip-grad", type=float, default=3.0, show_default=True, help="Gradient-norm clipping.")
@@ -186,8 +188,8 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, 
 @DEVICE_OPTION
 @QUIET_OPTION
 def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
-             weight_decay, drop_path, clip_grad, checkpoint_every, log_every, resume, stop_after, skip_missing, compile_,
-             num_threads, seed, device, quiet):
+             weight_decay, drop_path, clip_grad, checkpoint_every, log_every, resume, stop_after, skip_missing,
+             compile_, num_threads, seed, device, quiet):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
@@ -195,8 +197,8 @@ def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, 
         shards=shards, tokens=tokens, out=out, model=model, epochs=epochs, steps=steps, batch_size=batch_size,
         lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, weight_decay=weight_decay,
         drop_path=drop_path, clip_grad=clip_grad, checkpoint_every=checkpoint_every, log_every=log_every,
-        resume=resume, stop_after=stop_after, skip_missing=skip_missing, compile=compile_, num_threads=num_threads, seed=seed,
-        device=device, progress=not quiet))
+        resume=resume, stop_after=stop_after, skip_missing=skip_missing, compile=compile_, num_threads=num_threads,
+        seed=seed, device=device, progress=not quiet))
     if summary is not None:
         echo_summary("pretrain", summary)
 
@@ -223,7 +225,8 @@ def export(run, out):
 @click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
               help="Tokenizer with a decoder, to add the reconstruction panel to --render.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="PNG file for --render.")
-@click.option("--histogram", default=None, type=click.Path(dir_okay=False), help="Also draw token frequencies to this PNG.")
+@click.option("--histogram", default=None, type=click.Path(dir_okay=False),
+              help="Also draw token frequencies to this PNG.")
 def inspect(tokens, shards, as_json, render_key, view, tokenizer, out, histogram):
     """Summarise, validate and draw token Parquet files (exit 1 when validation finds errors)."""
     from pipelines.inspect import InspectConfig, format_summary, run_inspect

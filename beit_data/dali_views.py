@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from nvidia.dali import fn, math as dmath, pipeline_def, types
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from beit_data.views import View
 

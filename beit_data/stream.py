@@ -15,7 +15,6 @@ state is ``(epoch, step)``, so a resumed run sees exactly the batches it would h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq

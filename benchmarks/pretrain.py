@@ -27,7 +27,6 @@ from beit_data.masking import BlockMaskGenerator
 from beit_data.runtime import autocast
 from beit_data.shards import expand_shards, iter_samples
 from beit_data.stream import StreamConfig, TrainStream
-from beit_model.dall_e import map_pixels
 from beit_model.dvae import load_tokenizer
 from benchmarks.common import device_name, emit, make_shards, make_tokenizer
 from pipelines.pretrain import PretrainConfig, build_model, param_groups

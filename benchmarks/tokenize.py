@@ -51,7 +51,7 @@ def loader_only(shards, cfg: TokenizeConfig, input_size: int, device) -> float:
     start, n = None, 0
     for shard in expand_shards(shards):
         prepared = prefetch(_prepared_batches(shard, cfg, input_size, []))
-        for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, [])):
+        for rows, _pixels in prefetch(_decoded_batches(prepared, shard, views, [])):
             if start is None:  # the first batch builds the pipeline
                 if device.type == "cuda":
                     torch.cuda.synchronize()

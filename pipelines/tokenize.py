@@ -25,7 +25,15 @@ from beit_data.images import EXIF_RULE
 from beit_data.prefetch import batched, prefetch
 from beit_data.runtime import autocast, init_distributed, resolve_device
 from beit_data.shards import Reject, expand_shards, index_path, iter_images
-from beit_data.tokens import FORMAT_VERSION, build_table, describe_mismatch, read_meta, recipe_signature, token_path, write_tokens
+from beit_data.tokens import (
+    FORMAT_VERSION,
+    build_table,
+    describe_mismatch,
+    read_meta,
+    recipe_signature,
+    token_path,
+    write_tokens,
+)
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.dvae import Tokenizer, load_tokenizer
 

@@ -32,11 +32,11 @@ from tqdm import tqdm
 from beit_data import BeitDataError
 from beit_data.dali_views import DaliViews, ViewGraph
 from beit_data.prefetch import batched, prefetch
+from beit_data.runtime import resolve_device
 from beit_data.shards import expand_shards, iter_images
 from beit_data.views import ViewRecipe, sample_view
-from beit_data.runtime import resolve_device
 from beit_model.dall_e import Decoder, Encoder, map_pixels
-from beit_model.dvae import CONFIGS, CHECKPOINT_FORMAT, DVAEConfig, save_checkpoint
+from beit_model.dvae import CHECKPOINT_FORMAT, CONFIGS, DVAEConfig, save_checkpoint
 
 __all__ = ["TrainDVAEConfig", "run_train_dvae", "evaluate"]
 
