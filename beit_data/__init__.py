@@ -3,8 +3,29 @@
 __version__ = "0.1.0"
 
 
+import os
+from pathlib import Path
+
+
 class BeitDataError(Exception):
     """A user-facing error: bad input, a missing file, a refused overwrite.
 
     The CLI prints its message on one line and exits non-zero, without a traceback.
     """
+
+
+def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it.
+
+    Raises:
+        BeitDataError: With the operating system's reason, before any work is done.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".beit-data-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BeitDataError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+    return folder

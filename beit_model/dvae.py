@@ -9,7 +9,6 @@ plain modules while unpickling and copying the weights into ``beit_model.dall_e`
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 import types
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from beit_data import BeitDataError
+from beit_data.runtime import save_atomic
 from beit_model.dall_e import Decoder, Encoder, map_pixels
 
 __all__ = ["DVAEConfig", "CONFIGS", "Tokenizer", "load_tokenizer", "fingerprint", "CHECKPOINT_FORMAT"]
@@ -235,11 +235,5 @@ def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: 
 def save_checkpoint(path: str | Path, tokenizer_config: DVAEConfig, encoder: Encoder, decoder: Decoder,
                     **extra) -> None:
     """Write a project dVAE checkpoint atomically; ``load_tokenizer`` needs nothing else."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    payload = {"format": CHECKPOINT_FORMAT, "config": asdict(tokenizer_config),
-               "encoder": encoder.state_dict(), "decoder": decoder.state_dict(), **extra}
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    save_atomic({"format": CHECKPOINT_FORMAT, "config": asdict(tokenizer_config),
+                 "encoder": encoder.state_dict(), "decoder": decoder.state_dict(), **extra}, path)

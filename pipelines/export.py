@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from beit_data import BeitDataError
+from beit_data import BeitDataError, ensure_writable_dir
 
 __all__ = ["run_export", "timm_args"]
 
@@ -31,11 +31,8 @@ def run_export(run: str | Path, out: str | Path) -> dict:
     model = build_model(cfg, ckpt["vocab_size"])
     model.load_state_dict(ckpt["model"])
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(encoder_state_dict(model), out)
-    except OSError as exc:
-        raise BeitDataError(f"cannot write {out}: {exc.strerror or exc}") from None
+    ensure_writable_dir(out.parent)
+    torch.save(encoder_state_dict(model), out)
     args = timm_args(ckpt["model_args"])
     info = {"timm_model": "beit_base_patch16_224", "timm_kwargs": {**args, "num_classes": 0},
             "checkpoint_path": str(out), "step": ckpt["step"]}

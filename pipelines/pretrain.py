@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from beit_data import BeitDataError
-from beit_data.runtime import autocast, dist_info, init_distributed, resolve_device
+from beit_data import BeitDataError, ensure_writable_dir
+from beit_data.runtime import autocast, dist_info, init_distributed, resolve_device, save_atomic
 from beit_data.stream import StreamConfig, TrainStream
 
 __all__ = ["PretrainConfig", "run_pretrain", "build_model", "CHECKPOINT"]
@@ -108,12 +108,6 @@ def _check_model(model, stream: TrainStream, checkpoint: dict | None) -> None:
                             f"{stream.vocab} ({stream.token_files[0]})")
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
 class Logger:
     """JSONL and TensorBoard logs, written by rank 0 only."""
 
@@ -155,10 +149,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         raise BeitDataError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if cfg.resume and not ckpt_path.exists():
         raise BeitDataError(f"--resume: no checkpoint at {ckpt_path}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BeitDataError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    ensure_writable_dir(out)
 
     stream = TrainStream(StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
                                       num_masked=cfg.num_masked, skip_missing=cfg.skip_missing,
@@ -210,12 +201,13 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             rng_cpu = [None] * dist.world_size
             torch.distributed.all_gather_object(rng_cpu, torch.get_rng_state())
         if is_main:
-            _save(ckpt_path, {
+            save_atomic({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "stream": (epoch, epoch_step),
                 "rng": {"cpu": rng_cpu, "cuda": [torch.cuda.get_rng_state()] if device.type == "cuda" else []},
                 "config": asdict(cfg), "model_name": cfg.model, "vocab_size": model.vocab_size,
-                "model_args": {"embed_dim": model.embed_dim, "depth": model.depth, "num_heads": model.num_heads}})
+                "model_args": {"embed_dim": model.embed_dim, "depth": model.depth, "num_heads": model.num_heads}},
+                ckpt_path)
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     stop_at = step + cfg.stop_after if cfg.stop_after else None

@@ -11,7 +11,7 @@ from typing import Sequence
 import webdataset as wds
 from tqdm import tqdm
 
-from beit_data import BeitDataError
+from beit_data import BeitDataError, ensure_writable_dir
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
 from beit_data.shards import IMAGE_EXTS, Reject, write_index
 
@@ -87,16 +87,6 @@ def collect_images(source: str | os.PathLike) -> list[tuple[Path, str | None]]:
     return [(f, None) for f in files]
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".beit-data-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BeitDataError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
-
-
 def run_shards(config: ShardsConfig) -> ShardsResult:
     """Write every decodable image into shards, with a ``.idx`` beside each shard.
 
@@ -107,7 +97,7 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
     for source in config.sources:
         listing += collect_images(source)
     out = Path(config.out)
-    _check_writable(out)
+    ensure_writable_dir(out)
     result = ShardsResult(classes=sorted({c for _, c in listing if c is not None}))
     class_index = {name: i for i, name in enumerate(result.classes)}
     pattern = str(out / f"{config.prefix}-%06d.tar")

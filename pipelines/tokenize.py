@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from beit_data import BeitDataError
+from beit_data import BeitDataError, ensure_writable_dir
 from beit_data.dali_views import JITTER_ORDER, DaliViews, ViewGraph
 from beit_data.images import EXIF_RULE
 from beit_data.prefetch import batched, prefetch
@@ -91,16 +91,6 @@ def file_meta(tokenizer: Tokenizer, recipe: ViewRecipe) -> dict:
         "views": recipe.as_dict(),
         "decoder": decoder_meta(),
     }
-
-
-def _check_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{id(out)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BeitDataError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
 
 
 def _plan(shards: list[Path], out: Path, meta: dict, overwrite: bool) -> tuple[list[Path], int]:
@@ -179,7 +169,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     shards = expand_shards(cfg.shards)
     tokenizer = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out)
-    _check_out(out)
+    ensure_writable_dir(out)
     device = resolve_device(cfg.device, local_rank=_local_rank())
     dist = init_distributed(device)
     mine = shards[dist.rank :: dist.world_size]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from beit_data import BeitDataError
+from beit_data import BeitDataError, ensure_writable_dir
 from beit_data.dali_views import DaliViews, ViewGraph
 from beit_data.prefetch import batched, prefetch
 from beit_data.runtime import resolve_device
@@ -168,10 +168,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
         raise BeitDataError(f"{out} exists; pass --resume to continue training it or --overwrite to replace it")
     if cfg.resume and not out.is_file():
         raise BeitDataError(f"--resume: no checkpoint at {out}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BeitDataError(f"cannot write {out}: {exc.strerror or exc}") from None
+    ensure_writable_dir(out.parent)
     shards = expand_shards(cfg.shards)
     device = resolve_device(cfg.device)
     arch: DVAEConfig = CONFIGS[cfg.config]
