@@ -104,6 +104,8 @@ def view_pipeline(graph: ViewGraph, decoder_device: str):
     for v, view in enumerate(_crop_resize(graph, encoded, decoder_device, roi)):
         if graph.jitter:
             view = apply_jitter(view, jitter[v][0], jitter[v][1], jitter[v][2])
+        else:
+            view = dmath.clamp(view, 0.0, 255.0)  # Lanczos and bicubic overshoot at edges
         outputs.append(fn.crop_mirror_normalize(
             view, mirror=flips[v], mean=[255 * m for m in graph.mean], std=[255 * s for s in graph.std],
             output_layout="CHW", dtype=types.FLOAT16 if graph.half else types.FLOAT))

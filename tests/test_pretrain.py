@@ -176,3 +176,23 @@ def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, tr
     print(f"baseline {baseline:.3f}  aligned {accuracy[False]:.3f}  shuffled {accuracy[True]:.3f}")
     assert accuracy[False] > baseline + 0.1
     assert accuracy[False] > accuracy[True] + 0.05
+
+
+def test_no_target_jitter_tokens_get_fresh_jitter_each_epoch(sample_shards, tiny_tokenizer, tmp_path):
+    from beit_data.stream import StreamConfig, TrainStream
+    from beit_data.tokens import read_meta
+    from pipelines.tokenize import TokenizeConfig, run_tokenize
+
+    run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"),
+                                views=2, target_jitter=False, device="cpu", progress=False))
+    assert read_meta(tmp_path / "t" / "sample-000000.parquet")["views"]["target_jitter"] is False
+    table = pq.read_table(tmp_path / "t" / "sample-000000.parquet")
+    assert set(table.column("brightness").to_pylist()) == {1.0}
+    stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(tmp_path / "t"), batch_size=2))
+    first, cols = stream._rows(0)
+    key = next(iter(first))
+    v0, _, _ = stream._item(0, key, first[key], cols)
+    v1, _, _ = stream._item(1, key, first[key], cols)
+    for v in (v0, v1):
+        assert 0.6 <= v.brightness <= 1.4 and v.brightness != 1.0
+    assert (v0.brightness, v0.contrast, v0.saturation) != (v1.brightness, v1.contrast, v1.saturation)
