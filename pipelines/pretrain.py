@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from beit_data import BeitDataError, ensure_writable_dir
+from beit_data.progress import progress_bar
 from beit_data.runtime import autocast, dist_info, init_distributed, resolve_device, save_atomic
 from beit_data.stream import StreamConfig, TrainStream
 
@@ -211,7 +211,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     stop_at = step + cfg.stop_after if cfg.stop_after else None
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (cfg.progress and is_main))
+    bar = progress_bar(total=total, initial=step, desc="pretrain", unit="step", disable=not (cfg.progress and is_main))
     first_loss = last_loss = None
     tick, seen = time.perf_counter(), 0
     train_model.train()

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Sequence
 
 import webdataset as wds
-from tqdm import tqdm
 
 from beit_data import BeitDataError, ensure_writable_dir
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
+from beit_data.progress import progress_bar
 from beit_data.shards import IMAGE_EXTS, Reject, write_index
 
 __all__ = ["ShardsConfig", "ShardsResult", "collect_images", "run_shards"]
@@ -103,7 +103,7 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
     pattern = str(out / f"{config.prefix}-%06d.tar")
     written: list[str] = []
     with wds.ShardWriter(pattern, maxcount=config.maxcount, verbose=0, post=written.append) as writer:
-        for path, cls in tqdm(listing, desc="shards", unit="img", disable=not config.progress):
+        for path, cls in progress_bar(listing, desc="shards", unit="img", disable=not config.progress):
             try:
                 data = path.read_bytes()
                 ext = FORMAT_EXT[probe_image(data, decode=True).format]

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from beit_data import BeitDataError, ensure_writable_dir
 from beit_data.dali_views import JITTER_ORDER, DaliViews, ViewGraph
 from beit_data.images import EXIF_RULE
 from beit_data.prefetch import batched, prefetch
+from beit_data.progress import progress_bar
 from beit_data.runtime import autocast, init_distributed, resolve_device
 from beit_data.shards import Reject, expand_shards, index_path, iter_images
 from beit_data.tokens import (
@@ -179,8 +179,9 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
                                 jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
                       num_threads=cfg.num_threads)
     summary = TokenizeSummary(shards=len(mine), skipped=skipped)
-    bar = tqdm(total=_expected_images(todo), desc=f"tokenize[{dist.rank}]" if dist.world_size > 1 else "tokenize",
-               unit="img", disable=not cfg.progress, position=dist.rank)
+    desc = f"tokenize[{dist.rank}]" if dist.world_size > 1 else "tokenize"
+    bar = progress_bar(total=_expected_images(todo), desc=desc, unit="img", disable=not cfg.progress,
+                       position=dist.rank)
     for shard in todo:
         images, n_views, rejects = tokenize_shard(shard, cfg, tokenizer, views, device, bar)
         summary.images += images

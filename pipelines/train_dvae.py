@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from beit_data import BeitDataError, ensure_writable_dir
 from beit_data.dali_views import DaliViews, ViewGraph
 from beit_data.prefetch import batched, prefetch
+from beit_data.progress import progress_bar
 from beit_data.runtime import resolve_device
 from beit_data.shards import expand_shards, iter_images
 from beit_data.views import ViewRecipe, sample_view
@@ -201,7 +201,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
 
     start = time.perf_counter()
     batches = prefetch(batched(_stream(shards, holdout_keys, skip=step * cfg.batch_size), cfg.batch_size))
-    bar = tqdm(total=cfg.steps, initial=step, desc="train-dvae", unit="step", disable=not cfg.progress)
+    bar = progress_bar(total=cfg.steps, initial=step, desc="train-dvae", unit="step", disable=not cfg.progress)
     encoder.train(), decoder.train()
     for batch in batches:
         if step >= cfg.steps:
