@@ -72,13 +72,12 @@ def _find_row(files: list[Path], key: str, view: int) -> tuple[dict, dict]:
     raise BeitDataError(f"key {key} is not in any token file")
 
 
-def _image_bytes(shards: str | None, source: str, tokens_dir: Path, key: str) -> bytes:
-    spec = shards if shards is not None else None
-    candidates = expand_shards(spec) if spec else []
-    named = [s for s in candidates if s.name == source] or candidates
-    if not named:
+def _image_bytes(shards: str | None, source: str, key: str) -> bytes:
+    """The image of ``key``, looked up first in the shard its token file names."""
+    if shards is None:
         raise BeitDataError(f"--render needs --shards to find the image of key {key} (source shard {source})")
-    for shard in named:
+    candidates = expand_shards(shards)
+    for shard in [s for s in candidates if s.name == source] or candidates:
         for sample in iter_samples(shard):
             if sample.key == key:
                 return sample.image
@@ -98,7 +97,7 @@ def render_view(cfg: InspectConfig) -> Path:
 
     files = token_files(cfg.tokens)
     row, meta = _find_row(files, cfg.render, cfg.view)
-    data = _image_bytes(cfg.shards, meta["source"], Path(cfg.tokens), cfg.render)
+    data = _image_bytes(cfg.shards, meta["source"], cfg.render)
     size, grid = meta["tokenizer"]["input_size"], meta["tokenizer"]["grid"]
     view = View(row["x"], row["y"], row["w"], row["h"], row["flip"], row["brightness"], row["contrast"],
                 row["saturation"])

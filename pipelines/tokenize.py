@@ -23,7 +23,7 @@ from beit_data.dali_views import JITTER_ORDER, DaliViews, ViewGraph
 from beit_data.images import EXIF_RULE
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
-from beit_data.runtime import autocast, init_distributed, resolve_device
+from beit_data.runtime import autocast, dist_info, init_distributed, resolve_device
 from beit_data.shards import Reject, expand_shards, index_path, iter_images
 from beit_data.tokens import (
     FORMAT_VERSION,
@@ -170,7 +170,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out)
     ensure_writable_dir(out)
-    device = resolve_device(cfg.device, local_rank=_local_rank())
+    device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     dist = init_distributed(device)
     mine = shards[dist.rank :: dist.world_size]
     todo, skipped = _plan(mine, out, file_meta(tokenizer, cfg.recipe), cfg.overwrite)
@@ -190,12 +190,6 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     bar.close()
     summary.seconds = time.perf_counter() - start
     return _gather_and_write(summary, out, dist)
-
-
-def _local_rank() -> int:
-    from beit_data.runtime import dist_info
-
-    return dist_info().local_rank
 
 
 def _gather_and_write(summary: TokenizeSummary, out: Path, dist) -> dict:
