@@ -26,7 +26,7 @@ def run_export(run: str | Path, out: str | Path) -> dict:
     path = Path(run) / CHECKPOINT
     if not path.is_file():
         raise BeitDataError(f"no checkpoint at {path}; give the --out folder of a pretrain run")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = PretrainConfig(**{**ckpt["config"], "betas": tuple(ckpt["config"]["betas"])})
     model = build_model(cfg, ckpt["vocab_size"])
     model.load_state_dict(ckpt["model"])

@@ -155,7 +155,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                                       num_masked=cfg.num_masked, skip_missing=cfg.skip_missing,
                                       num_threads=cfg.num_threads, shuffle_targets=cfg.shuffle_targets),
                          rank=dist.rank, world_size=dist.world_size, device=device)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume else None
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True) if cfg.resume else None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, stream.vocab if checkpoint is None else checkpoint["vocab_size"])
     _check_model(model, stream, checkpoint)

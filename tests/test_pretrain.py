@@ -196,3 +196,19 @@ def test_no_target_jitter_tokens_get_fresh_jitter_each_epoch(sample_shards, tiny
     for v in (v0, v1):
         assert 0.6 <= v.brightness <= 1.4 and v.brightness != 1.0
     assert (v0.brightness, v0.contrast, v0.saturation) != (v1.brightness, v1.contrast, v1.saturation)
+
+
+def test_cli_export_of_a_run_loads_in_timm(sample_shards, sample_tokens, tmp_path):
+    import timm
+
+    run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "run"),
+                                steps=2, **TINY))
+    result = run_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "enc.pth"))
+    assert result.returncode == 0, result.stderr
+    assert "timm.create_model('beit_base_patch16_224'" in result.stdout
+    info = json.loads((tmp_path / "enc.json").read_text())
+    model = timm.create_model(info["timm_model"], checkpoint_path=str(tmp_path / "enc.pth"), **info["timm_kwargs"])
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(model.patch_embed.proj.weight, ckpt["model"]["patch_embed.proj.weight"])
+    missing = run_cli("export", str(tmp_path), "--out", str(tmp_path / "x.pth"))
+    assert missing.returncode != 0 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
