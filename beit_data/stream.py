@@ -166,9 +166,12 @@ class TrainStream:
         """Batches decoded and augmented by DALI from prepared chunks."""
         for epoch, s, chunk in chunks:
             images = self.replay([c[1] for c in chunk], [[c[2]] for c in chunk])[:, 0]  # (B, 3, S, S)
-            yield Batch(images=images, tokens=torch.from_numpy(np.stack([c[3] for c in chunk]).astype(np.int64)),
-                        mask=torch.from_numpy(np.stack([c[4] for c in chunk])), epoch=epoch, step=s,
-                        keys=[c[0] for c in chunk])
+            tokens = torch.from_numpy(np.stack([c[3] for c in chunk]).astype(np.int64))  # (B, N)
+            mask = torch.from_numpy(np.stack([c[4] for c in chunk]))  # (B, N)
+            if self.device.type == "cuda":
+                # A copy from pageable memory waits for the GPU to drain; from pinned memory it does not.
+                tokens, mask = tokens.pin_memory(), mask.pin_memory()
+            yield Batch(images=images, tokens=tokens, mask=mask, epoch=epoch, step=s, keys=[c[0] for c in chunk])
 
     def batches(self, epoch: int = 0, step: int = 0, *, dtype: torch.dtype | None = None):
         """Batches on the device from ``(epoch, step)`` on, forever, prefetched in a thread."""

@@ -215,6 +215,18 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     first_loss = last_loss = None
     tick, seen = time.perf_counter(), 0
     train_model.train()
+    pending: list[tuple[int, torch.Tensor]] = []  # losses not yet read back; reading one waits for the GPU
+
+    def read_losses() -> list[float]:
+        """Read the pending losses with one device sync; stop on the first non-finite one."""
+        values = torch.stack([loss for _, loss in pending]).tolist()
+        for (at, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise BeitDataError(f"loss is {value} at step {at}; stopped. The last good checkpoint is "
+                                    f"{ckpt_path}" + ("" if ckpt_path.exists() else " (none was written yet)"))
+        pending.clear()
+        return values
+
     for batch in stream.batches(epoch, epoch_step, dtype=dtype):
         if step >= total:
             break
@@ -222,9 +234,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             logits = train_model(batch.images, batch.mask)  # (M, vocab)
         targets = batch.tokens[batch.mask]  # (M,)
         loss = F.cross_entropy(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise BeitDataError(f"loss is {loss.item()} at step {step}; stopped. The last good checkpoint is "
-                                f"{ckpt_path}" + ("" if ckpt_path.exists() else " (none was written yet)"))
+        pending.append((step, loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -236,9 +246,13 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         epoch, epoch_step = ((batch.epoch + 1, 0) if batch.step + 1 >= stream.steps_per_epoch(batch.epoch)
                              else (batch.epoch, batch.step + 1))
         seen += batch.images.shape[0] * dist.world_size
-        last_loss = loss.item()
-        first_loss = last_loss if first_loss is None else first_loss
-        if step % cfg.log_every == 0 or step == total:
+        log_now = step % cfg.log_every == 0 or step == total
+        save_now = step % cfg.checkpoint_every == 0 or step == total or step == stop_at
+        if log_now or save_now:
+            values = read_losses()
+            first_loss = values[0] if first_loss is None else first_loss
+            last_loss = values[-1]
+        if log_now:
             elapsed = time.perf_counter() - tick
             acc = (logits.argmax(-1) == targets).float().mean().item()
             logger.log({"step": step, "epoch": batch.epoch, "loss": last_loss, "acc": acc,
@@ -247,7 +261,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             bar.set_postfix(loss=f"{last_loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
             tick, seen = time.perf_counter(), 0
         bar.update()
-        if step % cfg.checkpoint_every == 0 or step == total or step == stop_at:
+        if save_now:
             save()
         if step == stop_at:
             break
