@@ -14,6 +14,7 @@ state is ``(epoch, step)``, so a resumed run sees exactly the batches it would h
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,8 +108,12 @@ class TrainStream:
         order = stable_rng(self.cfg.seed, "shards", epoch).permutation(len(self.shards))
         return [int(i) for i in order[self.rank :: self.world_size]]
 
+    @functools.lru_cache(maxsize=8)  # noqa: B019 (the stream lives as long as the run)
     def steps_per_epoch(self, epoch: int) -> int:
-        """Full batches every rank can make in ``epoch``: the same number on each rank."""
+        """Full batches every rank can make in ``epoch``: the same number on each rank.
+
+        Cached: the trainer asks every step, and the answer sums over every shard.
+        """
         order = stable_rng(self.cfg.seed, "shards", epoch).permutation(len(self.shards))
         per_rank = [sum(self.images_per_shard[i] for i in order[r :: self.world_size])
                     for r in range(self.world_size)]
