@@ -18,6 +18,7 @@ Images come through the project's DALI graph as random resized crops at the inpu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -34,7 +35,7 @@ from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
 from beit_data.runtime import resolve_device
 from beit_data.shards import expand_shards, iter_images
-from beit_data.views import ViewRecipe, sample_view
+from beit_data.views import ViewRecipe, sample_views
 from beit_model.dall_e import Decoder, Encoder, map_pixels
 from beit_model.dvae import CHECKPOINT_FORMAT, CONFIGS, DVAEConfig, save_checkpoint
 
@@ -74,14 +75,16 @@ class TrainDVAEConfig:
             raise BeitDataError("--resume and --overwrite exclude each other")
 
 
-# Crops for dVAE training: BEiT's scale range, no jitter (the tokenizer should see real colours).
-TRAIN_VIEWS = ViewRecipe(views=1, flip=0.5, jitter=0.0, target_jitter=False)
-EVAL_VIEWS = 8
+# Crops for dVAE training: no jitter (the tokenizer should see real colours), and a scale floor
+# of 0.25 so that crops keep enough of the image to reconstruct.
+TRAIN_VIEWS = ViewRecipe(views=1, scale=(0.25, 1.0), flip=0.5, jitter=0.0, target_jitter=False)
+EVAL_VIEWS = dataclasses.replace(TRAIN_VIEWS, views=8, seed=12345)
 
 
 def _stream(shards, holdout_keys: set[str], skip: int):
-    """Training images forever, epoch after epoch; view ``epoch`` of each image is a fresh crop."""
+    """Training images forever; in epoch ``e`` each image gets the crop drawn with seed ``e``."""
     for epoch in itertools.count():
+        recipe = dataclasses.replace(TRAIN_VIEWS, seed=epoch)
         for shard in shards:
             for sample, info in iter_images(shard):
                 if sample.key in holdout_keys:
@@ -89,18 +92,15 @@ def _stream(shards, holdout_keys: set[str], skip: int):
                 if skip:
                     skip -= 1
                     continue
-                recipe = ViewRecipe(**{**TRAIN_VIEWS.as_dict(), "scale": (0.25, 1.0), "seed": epoch})
-                yield sample.image, [sample_view(recipe, sample.key, 0, info.width, info.height)]
+                yield sample.image, sample_views(recipe, sample.key, info.width, info.height)
 
 
-def _holdout(shards, count: int, input_size: int):
+def _holdout(shards, count: int):
     """The first ``count`` images of the shards, with fixed evaluation views."""
     items = []
     for shard in shards:
         for sample, info in iter_images(shard):
-            recipe = ViewRecipe(views=EVAL_VIEWS, seed=12345, jitter=0.0, target_jitter=False, scale=(0.25, 1.0))
-            items.append((sample.key, sample.image,
-                          [sample_view(recipe, sample.key, v, info.width, info.height) for v in range(EVAL_VIEWS)]))
+            items.append((sample.key, sample.image, sample_views(EVAL_VIEWS, sample.key, info.width, info.height)))
             if len(items) == count:
                 return items
     raise BeitDataError(f"need at least {count + 1} decodable images to hold {count} out, found {len(items)}")
@@ -189,10 +189,10 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
         step = state["step"]
 
     views = DaliViews(ViewGraph(views=1, size=arch.input_size, interp="lanczos", jitter=False),
-                      batch_size=max(cfg.batch_size, EVAL_VIEWS * cfg.holdout), device=device)
-    held = _holdout(shards, cfg.holdout, arch.input_size)
+                      batch_size=max(cfg.batch_size, EVAL_VIEWS.views * cfg.holdout), device=device)
+    held = _holdout(shards, cfg.holdout)
     held_images = views([h[1] for h in held for _ in h[2]], [[v] for h in held for v in h[2]])[:, 0]
-    held_images = held_images.to(device)  # (holdout * EVAL_VIEWS, 3, S, S)
+    held_images = held_images.to(device)  # (holdout * eval views, 3, S, S)
     holdout_keys = {h[0] for h in held}
 
     def save(**extra):
