@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 
 import os
 from pathlib import Path
+from typing import Callable
 
 
 class BeitDataError(Exception):
@@ -12,6 +13,21 @@ class BeitDataError(Exception):
 
     The CLI prints its message on one line and exits non-zero, without a traceback.
     """
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    A process killed mid-write leaves the old file (or none), never half a file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:

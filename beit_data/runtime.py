@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from beit_data import BeitDataError
+from beit_data import BeitDataError, write_atomic
 
 __all__ = ["resolve_device", "autocast", "DistInfo", "dist_info", "init_distributed", "save_atomic"]
 
@@ -30,13 +29,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def autocast(device: torch.device, enabled: bool = True):

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from beit_data import BeitDataError, __version__
+from beit_data import BeitDataError, __version__, write_atomic
 
 __all__ = ["FORMAT_VERSION", "schema", "token_path", "build_table", "write_tokens", "read_meta",
            "recipe_signature", "describe_mismatch"]
@@ -59,17 +59,10 @@ def build_table(rows: list[dict], tokens: np.ndarray, grid: int) -> pa.Table:
 
 def write_tokens(path: str | os.PathLike, table: pa.Table, meta: dict) -> Path:
     """Write ``table`` with ``meta`` (JSON-encoded per key) atomically: a temporary file, then a rename."""
-    path = Path(path)
     full = {"format_version": FORMAT_VERSION, "tool_version": __version__, **meta}
     encoded = {f"{META_PREFIX}{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in full.items()}
     table = table.replace_schema_metadata(encoded)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp, row_group_size=8192, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=8192, compression="zstd"))
 
 
 def read_meta(path: str | os.PathLike) -> dict:
