@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from beit_data import BeitDataError, write_atomic
 
-__all__ = ["resolve_device", "autocast", "DistInfo", "dist_info", "init_distributed", "save_atomic"]
+__all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "DistInfo", "dist_info", "init_distributed",
+           "save_atomic"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -37,6 +38,24 @@ def autocast(device: torch.device, enabled: bool = True):
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+@contextmanager
+def deterministic_on_cpu(device: torch.device):
+    """Torch's deterministic algorithms on the CPU, for as long as the block runs.
+
+    Some CPU backward kernels (the gradient of the shared relative-position bias among them)
+    sum in an order that depends on thread timing when another process loads the CPU, which
+    moves the last bits of a float32 result; exact resume compares losses bitwise. GPUs keep
+    the fast kernels.
+    """
+    before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,21 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import register_model
 from timm.models.beit import Block, RelativePositionBias
 
-__all__ = ["BeitMIM", "encoder_state_dict", "MIM_VARIANTS"]
+__all__ = ["BeitMIM", "encoder_state_dict", "masked_positions", "MIM_VARIANTS"]
+
+
+def masked_positions(mask: torch.Tensor, max_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked patches of each image as a fixed-shape index, computed on the mask's device.
+
+    Boolean indexing (``x[mask]``) has a data-dependent shape, so it makes the host wait for
+    the device on every step and breaks ``torch.compile`` graphs. This returns ``(B, K)``
+    patch indices, ``K = max_masked``: each row's masked patches in row-major order, padded
+    with unmasked ones, and ``(B, K)`` flags marking which entries are masked. Rows must have
+    at most ``max_masked`` masked patches (the block mask generator never exceeds it).
+    """
+    flat = mask.flatten(1)
+    index = torch.sort(flat.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :max_masked]
+    return index, flat.gather(1, index)
 
 
 class BeitMIM(nn.Module):
@@ -81,10 +95,18 @@ class BeitMIM(nn.Module):
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.norm(self.forward_blocks(x, mask))  # (B, 1+N, D)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits (M, vocab) for the M masked patches of the batch, in row-major order."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for the masked patches only.
+
+        Without ``positions``: (M, vocab) for the M masked patches of the batch, in row-major
+        order. With ``positions`` from ``masked_positions``: (B, K, vocab), a fixed shape that
+        needs no host sync; the padding entries are to be ignored by the loss.
+        """
         features = self.forward_features(x, mask)[:, 1:]  # (B, N, D)
-        return self.lm_head(features[mask.flatten(1)])  # (M, vocab)
+        if positions is None:
+            return self.lm_head(features[mask.flatten(1)])  # (M, vocab)
+        picked = features.gather(1, positions.unsqueeze(-1).expand(-1, -1, features.shape[-1]))  # (B, K, D)
+        return self.lm_head(picked)  # (B, K, vocab)
 
 
 def encoder_state_dict(model: BeitMIM) -> dict[str, torch.Tensor]:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from beit_data.masking import BlockMaskGenerator
 from beit_data.runtime import autocast
@@ -29,18 +28,16 @@ from beit_data.shards import expand_shards, iter_samples
 from beit_data.stream import StreamConfig, TrainStream
 from beit_model.dvae import load_tokenizer
 from benchmarks.common import device_name, emit, make_shards, make_tokenizer
-from pipelines.pretrain import PretrainConfig, build_model, param_groups
+from pipelines.pretrain import PretrainConfig, build_model, mim_loss, param_groups
 from pipelines.tokenize import TokenizeConfig, run_tokenize
 
 
-def make_step(model, device, compile_: bool):
+def make_step(model, device, compile_: bool, max_masked: int):
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     fwd = torch.compile(model) if compile_ else model
 
     def step(images, tokens, mask):
-        with autocast(device):
-            logits = fwd(images, mask)
-        loss = F.cross_entropy(logits.float(), tokens[mask])
+        loss, _, _ = mim_loss(fwd, images, tokens, mask, max_masked, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
@@ -138,7 +135,7 @@ def main():
         tokenizer = load_tokenizer(tok_path).to(device)
         cfg = PretrainConfig(shards=str(shards), tokens=str(tmp / "tokens"), out=str(tmp / "run"), model=args.model)
         model = build_model(cfg, tokenizer.vocab_size).to(device).train()
-        step = make_step(model, device, args.compile)
+        step = make_step(model, device, args.compile, cfg.num_masked)
         B, N = args.batch_size, tokenizer.grid ** 2
 
         def synthetic():

@@ -21,12 +21,14 @@ import torch.nn.functional as F
 
 from beit_data import BeitDataError, ensure_writable_dir
 from beit_data.progress import progress_bar
-from beit_data.runtime import autocast, dist_info, init_distributed, resolve_device, save_atomic
+from beit_data.runtime import autocast, deterministic_on_cpu, dist_info, init_distributed, resolve_device, save_atomic
 from beit_data.stream import StreamConfig, TrainStream
+from beit_model.beit_mim import masked_positions
 
-__all__ = ["PretrainConfig", "run_pretrain", "build_model", "CHECKPOINT"]
+__all__ = ["PretrainConfig", "run_pretrain", "build_model", "mim_loss", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
+IGNORE = -100  # target of the padding entries of the fixed-shape masked positions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +100,21 @@ def lr_factor(step: int, warmup: int, total: int, lr: float, min_lr: float) -> f
     return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))) / lr
 
 
+def mim_loss(model, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, max_masked: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MIM cross-entropy over the masked patches, with fixed shapes and no host sync.
+
+    Returns the loss, the logits (B, K, vocab) and the targets (B, K), where padding entries
+    are ``IGNORE``; the loss is the mean over the masked patches, as with boolean indexing.
+    """
+    positions, real = masked_positions(mask, max_masked)
+    with autocast(device):
+        logits = model(images, mask, positions)
+    targets = tokens.gather(1, positions).masked_fill(~real, IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return loss, logits, targets
+
+
 def _check_model(model, stream: TrainStream, checkpoint: dict | None) -> None:
     grid = tuple(model.grid)
     if grid != (stream.grid, stream.grid):
@@ -142,6 +159,11 @@ class Logger:
 def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) a BEiT MIM model; returns a summary of the run."""
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
+    with deterministic_on_cpu(device):
+        return _train(cfg, device)
+
+
+def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     dist = init_distributed(device)
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT
@@ -227,13 +249,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         pending.clear()
         return values
 
-    for batch in stream.batches(epoch, epoch_step, dtype=dtype):
-        if step >= total:
-            break
-        with autocast(device):
-            logits = train_model(batch.images, batch.mask)  # (M, vocab)
-        targets = batch.tokens[batch.mask]  # (M,)
-        loss = F.cross_entropy(logits.float(), targets)
+    for batch in (stream.batches(epoch, epoch_step, dtype=dtype) if step < total else ()):
+        loss, logits, targets = mim_loss(train_model, batch.images, batch.tokens, batch.mask, cfg.num_masked, device)
         pending.append((step, loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -254,7 +271,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             last_loss = values[-1]
         if log_now:
             elapsed = time.perf_counter() - tick
-            acc = (logits.argmax(-1) == targets).float().mean().item()
+            acc = ((logits.argmax(-1) == targets).sum() / (targets != IGNORE).sum()).item()
             logger.log({"step": step, "epoch": batch.epoch, "loss": last_loss, "acc": acc,
                         "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                         "img_s": seen / elapsed if elapsed > 0 else 0.0})
@@ -263,7 +280,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         bar.update()
         if save_now:
             save()
-        if step == stop_at:
+        if step >= total or step == stop_at:
             break
     bar.close()
     logger.close()

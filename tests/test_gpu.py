@@ -58,3 +58,32 @@ def test_pretrain_on_gpu_resumes_and_learns(sample_shards, sample_tokens, tmp_pa
     assert np.isfinite(second["last_loss"]) and second["last_loss"] < first["first_loss"]
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert ckpt["rng"]["cuda"]
+
+
+def test_training_step_never_waits_for_the_gpu():
+    import timm
+
+    import beit_model.beit_mim  # noqa: F401
+    from beit_data.masking import BlockMaskGenerator
+    from pipelines.pretrain import mim_loss, param_groups
+
+    device = torch.device("cuda")
+    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    masker, rng = BlockMaskGenerator((14, 14)), np.random.default_rng(0)
+    images = torch.rand(4, 3, 224, 224, device=device)
+    tokens = torch.randint(0, 64, (4, 196), device=device)
+    mask = torch.from_numpy(np.stack([masker(rng).reshape(-1) for _ in range(4)])).to(device)
+    losses = []
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        for _ in range(3):
+            loss, _, _ = mim_loss(model, images, tokens, mask, 75, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+            optimizer.step()
+            losses.append(loss.detach())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.stack(losses).isfinite().all()

@@ -1,12 +1,14 @@
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 import beit_model.beit_mim  # noqa: F401
-from beit_model.beit_mim import encoder_state_dict
-from pipelines.pretrain import lr_factor, param_groups
+from beit_data.masking import BlockMaskGenerator
+from beit_model.beit_mim import encoder_state_dict, masked_positions
+from pipelines.pretrain import IGNORE, lr_factor, mim_loss, param_groups
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,30 @@ def test_lm_head_only_on_masked_positions(model):
     feats = model.forward_features(x, mask)
     assert feats.shape == (2, 197, 96)
     assert torch.allclose(model.lm_head(feats[:, 1:][mask]), logits, atol=1e-5)
+
+
+def test_fixed_shape_positions_match_boolean_indexing(model):
+    rng = np.random.default_rng(0)
+    masker = BlockMaskGenerator((14, 14), num_masked=75)
+    mask = torch.from_numpy(np.stack([masker(rng).reshape(-1) for _ in range(6)]))
+    mask[5] = False
+    mask[5, [3, 100, 7]] = True  # a short row: the rest of it is padding
+    index, real = masked_positions(mask, 75)
+    assert index.shape == real.shape == (6, 75)
+    assert real.sum(1).tolist() == mask.sum(1).tolist()
+    for row in range(6):  # each row's masked patches come first, in row-major order
+        n = int(mask[row].sum())
+        assert index[row, :n].tolist() == torch.nonzero(mask[row]).flatten().tolist()
+        assert not mask[row, index[row, n:]].any()
+
+    x = torch.rand(6, 3, 224, 224)
+    tokens = torch.randint(0, 64, (6, 196))
+    loss, logits, targets = mim_loss(model, x, tokens, mask, 75, torch.device("cpu"))
+    assert logits.shape == (6, 75, 64) and targets.shape == (6, 75)
+    assert (targets == IGNORE).sum() == 6 * 75 - mask.sum()
+    reference = torch.nn.functional.cross_entropy(model(x, mask), tokens[mask])  # boolean indexing
+    assert torch.allclose(loss, reference, atol=1e-6)
+    assert torch.allclose(logits[real], model(x, mask), atol=1e-5)
 
 
 def test_initialisation_follows_the_reference(model):
