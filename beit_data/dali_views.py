@@ -8,7 +8,9 @@ normalises to CHW.
 
 Inputs come from an external source rather than DALI's webdataset reader: each view's window
 depends on the key and the decoded size, which are known in Python before the batch is fed,
-and a damaged sample must become a reject rather than fail the batch.
+and a damaged sample must become a reject rather than fail the batch. The inputs are either
+fed batch by batch (``DaliViews.__call__``) or pulled from a Python iterable that DALI runs in
+a worker process of its own (``DaliViews.stream``), off the calling process's GIL.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
+from beit_data import BeitDataError
 from beit_data.views import View
 
 __all__ = ["ViewGraph", "DaliViews", "JITTER_ORDER", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
@@ -94,12 +97,24 @@ def _crop_resize(graph: ViewGraph, encoded, decoder_device: str, roi):
     ]
 
 
+_INPUTS = {"encoded": (types.UINT8, 1), "roi": (types.FLOAT, 2), "flips": (types.INT32, 1), "jitter": (types.FLOAT, 2)}
+
+
 @pipeline_def
-def view_pipeline(graph: ViewGraph, decoder_device: str):
-    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-    roi = fn.external_source(name="roi", dtype=types.FLOAT, ndim=2)  # (V, 4)
-    flips = fn.external_source(name="flips", dtype=types.INT32, ndim=1)  # (V,)
-    jitter = fn.external_source(name="jitter", dtype=types.FLOAT, ndim=2)  # (V, 3)
+def view_pipeline(graph: ViewGraph, decoder_device: str, source=None, extra_dtypes=()):
+    """Per image: encoded bytes, roi (V, 4) rows of x0, y0, x1, y1, flips (V,), jitter (V, 3).
+
+    With ``source``, one parallel external source yields those four and ``extra_dtypes``
+    more outputs, which pass through the graph untouched after the views.
+    """
+    if source is None:
+        encoded, roi, flips, jitter = (fn.external_source(name=name, dtype=dtype, ndim=ndim)
+                                       for name, (dtype, ndim) in _INPUTS.items())
+        extras = []
+    else:
+        encoded, roi, flips, jitter, *extras = fn.external_source(
+            source=source, num_outputs=len(_INPUTS) + len(extra_dtypes), batch=True, parallel=True,
+            prefetch_queue_depth=2, dtype=[dtype for dtype, _ in _INPUTS.values()] + list(extra_dtypes))
     outputs = []
     for v, view in enumerate(_crop_resize(graph, encoded, decoder_device, roi)):
         if graph.jitter:
@@ -109,7 +124,7 @@ def view_pipeline(graph: ViewGraph, decoder_device: str):
         outputs.append(fn.crop_mirror_normalize(
             view, mirror=flips[v], mean=[255 * m for m in graph.mean], std=[255 * s for s in graph.std],
             output_layout="CHW", dtype=types.FLOAT16 if graph.half else types.FLOAT))
-    return tuple(outputs)
+    return (*outputs, *extras)
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
@@ -149,14 +164,50 @@ class DaliViews:
         self.num_threads = num_threads
         self._pipe = None
 
-    def _build(self):
+    def _build(self, source=None, extra_dtypes=()):
         gpu = self.device.type == "cuda"
-        device_id = (self.device.index or 0) if gpu else None
-        pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", batch_size=self.batch_size,
-                             num_threads=self.num_threads, device_id=device_id,
-                             prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
-        pipe.build()
+        common = dict(batch_size=self.batch_size, num_threads=self.num_threads,
+                      device_id=(self.device.index or 0) if gpu else None)
+        if source is None:  # fed batch by batch: run each fed batch at once
+            pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", prefetch_queue_depth=1, exec_async=False,
+                                 exec_pipelined=False, **common)
+        else:  # pulled: one spawned worker process runs the source (fork is unsafe once CUDA is up)
+            pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", source, extra_dtypes, py_num_workers=1,
+                                 py_start_method="spawn", prefetch_queue_depth=2, **common)
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            if "Workers initialization failed" not in str(exc):
+                raise
+            raise BeitDataError(
+                "DALI could not start its loader process. It is spawned, so it imports the main module "
+                "again: a script that trains with beit-data must guard its entry point with "
+                "`if __name__ == \"__main__\":`") from exc
         return pipe
+
+    def stream(self, source, extra_dtypes=()):
+        """Yield ``(views, extras)`` forever for the batches of an endless iterable ``source``.
+
+        ``source`` yields per batch a tuple of per-sample array lists: encoded, roi, flips and
+        jitter as for ``__call__`` (arrays, not ``View``s), then one list per ``extra_dtypes``.
+        It must be picklable: DALI runs it in a worker process. ``views`` is (B, V, 3, S, S)
+        on the device; ``extras`` are DALI CPU tensor lists, valid until the next batch.
+        """
+        pipe = self._build(source, extra_dtypes)
+        try:
+            while True:
+                try:
+                    outputs = pipe.run()
+                except Exception as exc:  # the worker's traceback, as text; keep a BeitDataError one
+                    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                    prefix = f"{BeitDataError.__module__}.{BeitDataError.__name__}: "
+                    if last.startswith(prefix):
+                        raise BeitDataError(last[len(prefix):]) from exc
+                    raise
+                n = self.graph.views
+                yield torch.stack([_to_torch(o, self.device) for o in outputs[:n]], dim=1), outputs[n:]
+        finally:
+            del pipe  # stops the worker process
 
     def __call__(self, encoded: Sequence[bytes], views: Sequence[Sequence[View]]) -> torch.Tensor:
         """Tensors (B, V, 3, size, size) for B images and their V views each.

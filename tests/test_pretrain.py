@@ -1,14 +1,16 @@
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from beit_data import BeitDataError
 from pipelines.pretrain import PretrainConfig, run_pretrain
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, write_tar
 
 TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, lr=1e-3, log_every=1,
             device="cpu", progress=False, num_threads=1)
@@ -88,6 +90,56 @@ def test_stream_replays_the_stored_tokens_row(sample_shards, sample_tokens):
         assert tokens.tolist() == rows[(key, view)]
 
 
+def test_the_sample_work_runs_in_a_dali_worker_process(sample_shards, sample_tokens):
+    import multiprocessing
+    import pickle
+
+    from beit_data.replay import OUTPUTS
+    from beit_data.stream import StreamConfig, TrainStream
+
+    stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(sample_tokens), batch_size=3,
+                                      num_threads=1))
+    before = set(multiprocessing.active_children())
+    it = stream.batches()
+    b = next(it)
+    assert len(set(multiprocessing.active_children()) - before) == 1  # DALI's spawned loader process
+    # The source is a plain picklable iterable: in this process it yields the same first batch.
+    direct = dict(zip(OUTPUTS, next(iter(pickle.loads(pickle.dumps(stream.source))))))
+    assert [k.tobytes().decode() for k in direct["key"]] == b.keys
+    assert torch.equal(torch.from_numpy(np.stack(direct["tokens"])), b.tokens)
+    assert torch.equal(torch.from_numpy(np.stack(direct["mask"])), b.mask)
+    it.close()
+
+
+def test_shards_that_lost_samples_since_tokenize_are_a_clear_error(sample_shards, sample_tokens, tmp_path):
+    import tarfile
+
+    from beit_data.stream import StreamConfig, TrainStream
+
+    (tmp_path / "s").mkdir()
+    with tarfile.open(sample_shards / "sample-000000.tar") as tar:
+        member = tar.getmembers()[0]
+        write_tar(tmp_path / "s" / "sample-000000.tar", [(member.name, tar.extractfile(member).read())])
+    stream = TrainStream(StreamConfig(shards=str(tmp_path / "s"), tokens=str(sample_tokens), batch_size=3,
+                                      num_threads=1))
+    assert stream.steps_per_epoch(0) >= 1  # the Parquet file still counts every image
+    with pytest.raises(BeitDataError, match="ran out of samples at step 0"):
+        next(stream.batches())
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_error(sample_shards, sample_tokens, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(f"""
+from beit_data.stream import StreamConfig, TrainStream
+stream = TrainStream(StreamConfig(shards={str(sample_shards)!r}, tokens={str(sample_tokens)!r}, batch_size=3))
+next(stream.batches())
+""")
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode != 0
+    assert 'guard its entry point with `if __name__ == "__main__":`' in done.stderr
+
+
 def test_missing_parquet_is_an_error_or_skipped(sample_shards, sample_tokens, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.mkdir()
@@ -137,7 +189,8 @@ def test_rejected_keys_are_skipped_and_counted(tmp_path, tiny_tokenizer):
                                 views=2, device="cpu", progress=False))
     summary = run_pretrain(PretrainConfig(shards=str(tmp_path / "s"), tokens=str(tmp_path / "t"),
                                           out=str(tmp_path / "r"), steps=3, **{**TINY, "batch_size": 3}))
-    assert summary["steps"] == 3 and summary["skipped_rejected"] >= 1
+    # Key 5 has no rows; of the batches (0,1,2), (3,4,6) and (0,1,2), only the second passes it.
+    assert summary["steps"] == 3 and summary["skipped_rejected"] == 1
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, sample_tokens, tmp_path):
@@ -156,8 +209,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, sample
 @pytest.mark.slow
 def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, trained_tokenizer, tmp_path):
     """Masked-token accuracy beats the most-frequent-token baseline, and shuffled targets learn less."""
-    import numpy as np
-
     from pipelines.tokenize import TokenizeConfig, run_tokenize
 
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(trained_tokenizer), out=str(tmp_path / "t"),
@@ -179,6 +230,9 @@ def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, tr
 
 
 def test_no_target_jitter_tokens_get_fresh_jitter_each_epoch(sample_shards, tiny_tokenizer, tmp_path):
+    from dataclasses import replace
+
+    from beit_data.replay import OUTPUTS
     from beit_data.stream import StreamConfig, TrainStream
     from beit_data.tokens import read_meta
     from pipelines.tokenize import TokenizeConfig, run_tokenize
@@ -188,14 +242,17 @@ def test_no_target_jitter_tokens_get_fresh_jitter_each_epoch(sample_shards, tiny
     assert read_meta(tmp_path / "t" / "sample-000000.parquet")["views"]["target_jitter"] is False
     table = pq.read_table(tmp_path / "t" / "sample-000000.parquet")
     assert set(table.column("brightness").to_pylist()) == {1.0}
-    stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(tmp_path / "t"), batch_size=2))
-    first, cols = stream._rows(0)
-    key = next(iter(first))
-    v0, _, _ = stream._item(0, key, first[key], cols)
-    v1, _, _ = stream._item(1, key, first[key], cols)
-    for v in (v0, v1):
-        assert 0.6 <= v.brightness <= 1.4 and v.brightness != 1.0
-    assert (v0.brightness, v0.contrast, v0.saturation) != (v1.brightness, v1.contrast, v1.saturation)
+    stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(tmp_path / "t"), batch_size=14))
+
+    def jitter_by_key(epoch):  # the source's first batch of the epoch: every image (14 per epoch)
+        batch = dict(zip(OUTPUTS, next(iter(replace(stream.source, start=(epoch, 0))))))
+        return {k.tobytes().decode(): tuple(j[0]) for k, j in zip(batch["key"], batch["jitter"])}
+
+    epoch0, epoch1 = jitter_by_key(0), jitter_by_key(1)
+    assert len(epoch0) == 14 and epoch0.keys() == epoch1.keys()
+    for jitter in (*epoch0.values(), *epoch1.values()):
+        assert all(0.6 <= f <= 1.4 and f != 1.0 for f in jitter)
+    assert all(epoch0[k] != epoch1[k] for k in epoch0)
 
 
 def test_cli_export_of_a_run_loads_in_timm(sample_shards, sample_tokens, tmp_path):
