@@ -204,8 +204,7 @@ class DaliViews:
                     if last.startswith(prefix):
                         raise BeitDataError(last[len(prefix):]) from exc
                     raise
-                n = self.graph.views
-                yield torch.stack([_to_torch(o, self.device) for o in outputs[:n]], dim=1), outputs[n:]
+                yield self._views_tensor(outputs[:self.graph.views]), outputs[self.graph.views:]
         finally:
             del pipe  # stops the worker process
 
@@ -230,7 +229,13 @@ class DaliViews:
         except Exception:
             self._pipe = None  # a failed pipeline is not reused
             raise
-        return torch.stack([_to_torch(o, self.device) for o in outputs], dim=1)  # (B, V, 3, S, S)
+        return self._views_tensor(outputs)
+
+    def _views_tensor(self, outputs) -> torch.Tensor:
+        """(B, V, 3, S, S) from the V view outputs."""
+        if len(outputs) == 1:
+            return _to_torch(outputs[0], self.device).unsqueeze(1)  # no copy
+        return torch.stack([_to_torch(o, self.device) for o in outputs], dim=1)
 
     def robust(self, encoded: Sequence[bytes], views: Sequence[Sequence[View]]
                ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:

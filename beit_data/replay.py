@@ -27,8 +27,9 @@ from beit_data.views import stable_rng
 
 __all__ = ["ReplaySource", "OUTPUTS"]
 
-# What one iteration yields: a list of per-sample arrays for each of these, in this order.
+# What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
+_RAGGED = ("encoded", "key")
 _COLUMNS = ("view", "x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 
 
@@ -134,8 +135,9 @@ class ReplaySource:
                        np.frombuffer(sample.key.encode(), np.uint8), np.array([rejected], np.int32)]
                 rejected = 0
 
-    def __iter__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
-        """One tuple per batch: for each of ``OUTPUTS``, the list of the batch's per-sample arrays."""
+    def __iter__(self) -> Iterator[tuple[list[np.ndarray] | np.ndarray, ...]]:
+        """One tuple per batch with each of ``OUTPUTS``: a list of per-sample arrays for the
+        encoded images and keys, a dense (B, ...) array for the rest."""
         samples, current = None, None
         for epoch, step in self.positions():
             if epoch != current:
@@ -144,4 +146,6 @@ class ReplaySource:
             if rows[-1] is None:
                 raise BeitDataError(f"epoch {epoch} ran out of samples at step {step}: the shards hold fewer "
                                     "tokenized samples than their Parquet files count; were they rewritten?")
-            yield tuple(list(column) for column in zip(*rows))
+            # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
+            yield tuple(list(column) if name in _RAGGED else np.stack(column)
+                        for name, column in zip(OUTPUTS, zip(*rows)))
