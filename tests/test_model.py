@@ -66,6 +66,19 @@ def test_fixed_shape_positions_match_boolean_indexing(model):
     assert torch.allclose(logits[real], model(x, mask), atol=1e-5)
 
 
+def test_fixed_shape_positions_compile_into_one_graph(model):
+    x, mask = torch.rand(2, 3, 224, 224), torch.zeros(2, 196, dtype=torch.bool)
+    mask[:, 20:95] = True
+    positions, _ = masked_positions(mask, 75)
+    torch._dynamo.reset()
+    whole = torch._dynamo.explain(model)(x, mask, positions)
+    assert (whole.graph_count, whole.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    split = torch._dynamo.explain(model)(x, mask)  # boolean indexing: nonzero breaks the graph
+    assert split.graph_break_count >= 1 and "nonzero" in str(split.break_reasons[0].reason)
+    torch._dynamo.reset()
+
+
 def test_initialisation_follows_the_reference(model):
     torch.manual_seed(1)
     fresh = timm.create_model("beit_mim_base_patch16_224", vocab_size=8192)
