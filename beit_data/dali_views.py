@@ -171,7 +171,10 @@ class DaliViews:
         if source is None:  # fed batch by batch: run each fed batch at once
             pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", prefetch_queue_depth=1, exec_async=False,
                                  exec_pipelined=False, **common)
-        else:  # pulled: one spawned worker process runs the source (fork is unsafe once CUDA is up)
+        else:
+            # Pulled: one spawned worker process runs the source (fork is unsafe once CUDA is up).
+            # It needs a pipelined executor: DALI's default, which runs ahead by two batches. A run's
+            # outputs are copied out before the next run is asked for.
             pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", source, extra_dtypes, py_num_workers=1,
                                  py_start_method="spawn", prefetch_queue_depth=2, **common)
         try:

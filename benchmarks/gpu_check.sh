@@ -5,7 +5,7 @@
 set -u
 out=${OUT:-gpu_out}
 mkdir -p "$out"
-steps=${STEPS:-env gpu_tests tokenizer tokenize pretrain pretrain_compiled tokenizer_compiled}
+steps=${STEPS:-env gpu_tests stream_threads tokenizer tokenize pretrain pretrain_compiled tokenizer_compiled}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
@@ -21,6 +21,8 @@ step() {  # step NAME SECONDS COMMAND...
 step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
   python -c "import torch, timm, nvidia.dali as d; print(torch.__version__, torch.version.cuda, timm.__version__, d.__version__)"'
 step gpu_tests 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+step stream_threads 120 python -m benchmarks.stream_threads --device cuda --images 2048 --batch-size 256 --batches 6 \
+  --num-threads 8
 step tokenizer 120 python -m benchmarks.tokenizer --device cuda --batch-size 256 --cudnn-benchmark
 step tokenize 180 python -m benchmarks.tokenize --device cuda --images 2048 --views 10 --batch-size 32 \
   --tokenizer-config dalle --num-threads 8
