@@ -25,7 +25,7 @@ from beit_data.masking import BlockMaskGenerator
 from beit_data.shards import iter_samples
 from beit_data.views import stable_rng
 
-__all__ = ["ReplaySource", "OUTPUTS"]
+__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
@@ -33,11 +33,27 @@ _RAGGED = ("encoded", "key")
 _COLUMNS = ("view", "x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 
 
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    shards: str
+    tokens: str
+    batch_size: int
+    seed: int = 0
+    image_size: int = 224
+    num_masked: int = 75
+    min_block: int = 16
+    skip_missing: bool = False
+    num_threads: int = 4
+    # Control experiment only: pair every image with another image's tokens.
+    shuffle_targets: bool = False
+
+
 @dataclass(kw_only=True)
 class ReplaySource:
     """Batches of one rank from ``start = (epoch, step)`` on, forever; picklable.
 
     Attributes:
+        cfg: The stream settings.
         shards, token_files: The shards and their token Parquet files, in the same order.
         images_per_shard: Tokenized images in each shard (rows / views).
         views: Stored views per image.
@@ -46,35 +62,31 @@ class ReplaySource:
         jitter: Strength of fresh jitter: factors are uniform in [1 - jitter, 1 + jitter].
     """
 
+    cfg: StreamConfig
     shards: list[str]
     token_files: list[str]
     images_per_shard: list[int]
-    batch_size: int
     views: int
     grid: int
     target_jitter: bool
     jitter: float
-    seed: int = 0
-    num_masked: int = 75
-    min_block: int = 16
     rank: int = 0
     world_size: int = 1
-    shuffle_targets: bool = False  # control experiment: pair every image with another image's tokens
     start: tuple[int, int] = (0, 0)
     _steps: dict = field(default_factory=dict, repr=False, compare=False)
 
     def shard_order(self, epoch: int) -> list[int]:
         """Indices of this rank's shards for ``epoch``."""
-        order = stable_rng(self.seed, "shards", epoch).permutation(len(self.shards))
+        order = stable_rng(self.cfg.seed, "shards", epoch).permutation(len(self.shards))
         return [int(i) for i in order[self.rank :: self.world_size]]
 
     def steps_per_epoch(self, epoch: int) -> int:
         """Full batches every rank can make in ``epoch``: the same number on each rank."""
         if epoch not in self._steps:
-            order = stable_rng(self.seed, "shards", epoch).permutation(len(self.shards))
+            order = stable_rng(self.cfg.seed, "shards", epoch).permutation(len(self.shards))
             per_rank = [sum(self.images_per_shard[i] for i in order[r :: self.world_size])
                         for r in range(self.world_size)]
-            self._steps[epoch] = min(per_rank) // self.batch_size
+            self._steps[epoch] = min(per_rank) // self.cfg.batch_size
         return self._steps[epoch]
 
     def positions(self) -> Iterator[tuple[int, int]]:
@@ -83,7 +95,7 @@ class ReplaySource:
         while True:
             if self.steps_per_epoch(epoch) == 0:
                 raise BeitDataError(f"epoch {epoch} has fewer images per rank than one batch of "
-                                    f"{self.batch_size}; lower --batch-size")
+                                    f"{self.cfg.batch_size}; lower --batch-size")
             yield from ((epoch, s) for s in range(step, self.steps_per_epoch(epoch)))
             epoch, step = epoch + 1, 0
 
@@ -94,8 +106,8 @@ class ReplaySource:
             first.setdefault(k, i)
         cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in _COLUMNS}
         cols["tokens"] = table.column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, self.grid ** 2)
-        if self.shuffle_targets:
-            perm = stable_rng(self.seed, "shuffle-targets", index).permutation(len(first))
+        if self.cfg.shuffle_targets:
+            perm = stable_rng(self.cfg.seed, "shuffle-targets", index).permutation(len(first))
             starts = list(first.values())
             swapped = np.concatenate([np.arange(starts[j], starts[j] + self.views) for j in perm])
             cols["tokens"] = cols["tokens"][swapped]
@@ -103,7 +115,7 @@ class ReplaySource:
 
     def _item(self, masker: BlockMaskGenerator, epoch: int, key: str, start: int, cols: dict) -> tuple:
         """roi, flip, jitter, tokens and mask of ``key`` in ``epoch``: one generator from (seed, epoch, key)."""
-        rng = stable_rng(self.seed, epoch, key)
+        rng = stable_rng(self.cfg.seed, epoch, key)
         r = start + int(rng.integers(self.views))
         if self.target_jitter:
             jitter = np.array([[cols["brightness"][r], cols["contrast"][r], cols["saturation"][r]]], np.float32)
@@ -119,7 +131,7 @@ class ReplaySource:
         ``rejected`` counts the keys without Parquet rows (rejected at tokenize time) passed
         over since the previous sample.
         """
-        masker = BlockMaskGenerator((self.grid, self.grid), self.num_masked, self.min_block)
+        masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
         rejected = 0
         for index in self.shard_order(epoch):
             first, cols = self._rows(index)
@@ -141,8 +153,8 @@ class ReplaySource:
         samples, current = None, None
         for epoch, step in self.positions():
             if epoch != current:
-                samples, current = self._epoch_samples(epoch, skip=step * self.batch_size), epoch
-            rows = [next(samples, None) for _ in range(self.batch_size)]
+                samples, current = self._epoch_samples(epoch, skip=step * self.cfg.batch_size), epoch
+            rows = [next(samples, None) for _ in range(self.cfg.batch_size)]
             if rows[-1] is None:
                 raise BeitDataError(f"epoch {epoch} ran out of samples at step {step}: the shards hold fewer "
                                     "tokenized samples than their Parquet files count; were they rewritten?")

@@ -20,26 +20,11 @@ from nvidia.dali import types
 from beit_data import BeitDataError
 from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewGraph
 from beit_data.prefetch import prefetch
-from beit_data.replay import ReplaySource
+from beit_data.replay import ReplaySource, StreamConfig
 from beit_data.shards import expand_shards
 from beit_data.tokens import describe_mismatch, read_meta, recipe_signature, token_path
 
 __all__ = ["StreamConfig", "TrainStream", "Batch"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class StreamConfig:
-    shards: str
-    tokens: str
-    batch_size: int
-    seed: int = 0
-    image_size: int = 224
-    num_masked: int = 75
-    min_block: int = 16
-    skip_missing: bool = False
-    num_threads: int = 4
-    # Control experiment only: pair every image with another image's tokens.
-    shuffle_targets: bool = False
 
 
 @dataclass
@@ -91,11 +76,10 @@ class TrainStream:
         self.target_jitter = self.meta["views"]["target_jitter"]
         self.jitter = self.meta["views"]["jitter"]
         self.source = ReplaySource(
-            shards=[str(p) for p in self.shards], token_files=[str(p) for p in self.token_files],
+            cfg=cfg, shards=[str(p) for p in self.shards], token_files=[str(p) for p in self.token_files],
             images_per_shard=[pq.ParquetFile(p).metadata.num_rows // self.views for p in self.token_files],
-            batch_size=cfg.batch_size, views=self.views, grid=self.grid, target_jitter=self.target_jitter,
-            jitter=self.jitter, seed=cfg.seed, num_masked=cfg.num_masked, min_block=cfg.min_block, rank=rank,
-            world_size=world_size, shuffle_targets=cfg.shuffle_targets)
+            views=self.views, grid=self.grid, target_jitter=self.target_jitter, jitter=self.jitter, rank=rank,
+            world_size=world_size)
         self.graph = ViewGraph(views=1, size=cfg.image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN,
                                std=IMAGENET_STD, half=True, roi_decode=True)
         self.skipped_rejected = 0  # keys without token rows, passed over by the batches delivered
