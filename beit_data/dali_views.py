@@ -191,10 +191,11 @@ class DaliViews:
     def stream(self, source, extra_dtypes=()):
         """Yield ``(views, extras)`` forever for the batches of an endless iterable ``source``.
 
-        ``source`` yields per batch a tuple of per-sample array lists: encoded, roi, flips and
-        jitter as for ``__call__`` (arrays, not ``View``s), then one list per ``extra_dtypes``.
-        It must be picklable: DALI runs it in a worker process. ``views`` is (B, V, 3, S, S)
-        on the device; ``extras`` are DALI CPU tensor lists, valid until the next batch.
+        ``source`` yields per batch a tuple: encoded, roi, flips and jitter as in the graph's
+        inputs, then one output per ``extra_dtypes``; each is a list of per-sample arrays or
+        one (B, ...) array. It must be picklable: DALI runs it in a worker process. ``views``
+        is (B, V, 3, S, S) on the device; ``extras`` are DALI CPU tensor lists, valid until
+        the next batch is asked for.
         """
         pipe = self._build(source, extra_dtypes)
         try:
@@ -209,7 +210,7 @@ class DaliViews:
                     raise
                 yield self._views_tensor(outputs[:self.graph.views]), outputs[self.graph.views:]
         finally:
-            del pipe  # stops the worker process
+            del pipe  # DALI stops the worker process when the pipeline goes
 
     def __call__(self, encoded: Sequence[bytes], views: Sequence[Sequence[View]]) -> torch.Tensor:
         """Tensors (B, V, 3, size, size) for B images and their V views each.
