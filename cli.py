@@ -20,9 +20,11 @@ SHARDS_OPTION = click.option(
     help="Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob.",
 )
 SEED_OPTION = click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
-BATCH_OPTION = click.option("--batch-size", type=click.IntRange(min=1), show_default=True, default=64,
-                            help="Images per batch.")
 QUIET_OPTION = click.option("--quiet", is_flag=True, help="Hide progress bars.")
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
+                             help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
+NUM_THREADS_OPTION = click.option("--num-threads", type=click.IntRange(min=1), default=4, show_default=True,
+                                  help="DALI CPU threads.")
 
 
 class Group(click.Group):
@@ -87,10 +89,6 @@ def sample(out, maxcount):
     click.echo(f"wrote {out}")
 
 
-DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
-                             help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
-
-
 @main.command("train-dvae", context_settings=CONTEXT)
 @SHARDS_OPTION
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
@@ -133,7 +131,7 @@ def train_dvae(shards, out, config_name, steps, batch_size, lr, checkpoint_every
               help="Tokenize views without colour jitter; pretrain then draws fresh jitter each epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace token files made with another tokenizer or recipe.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any sample was rejected.")
-@click.option("--num-threads", type=click.IntRange(min=1), default=4, show_default=True, help="DALI CPU threads.")
+@NUM_THREADS_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
 def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, overwrite, strict, num_threads,
@@ -183,7 +181,7 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, 
               help="Stop after N steps of this invocation, with a checkpoint (for time-limited jobs).")
 @click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, instead of failing.")
 @click.option("--compile", "compile_", is_flag=True, help="Compile the model with torch.compile.")
-@click.option("--num-threads", type=click.IntRange(min=1), default=4, show_default=True, help="DALI CPU threads.")
+@NUM_THREADS_OPTION
 @SEED_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
@@ -199,8 +197,7 @@ def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, 
         drop_path=drop_path, clip_grad=clip_grad, checkpoint_every=checkpoint_every, log_every=log_every,
         resume=resume, stop_after=stop_after, skip_missing=skip_missing, compile=compile_, num_threads=num_threads,
         seed=seed, device=device, progress=not quiet))
-    if summary is not None:
-        echo_summary("pretrain", summary)
+    echo_summary("pretrain", summary)
 
 
 @main.command(context_settings=CONTEXT)
