@@ -27,6 +27,11 @@ __all__ = ["DVAEConfig", "CONFIGS", "Tokenizer", "load_tokenizer", "fingerprint"
 CHECKPOINT_FORMAT = "beit-data-dvae/1"
 
 
+def check_input_size(size: int) -> None:
+    if size % 8:
+        raise BeitDataError(f"tokenizer input size must be divisible by 8, got {size}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DVAEConfig:
     """Architecture of a dVAE; OpenAI's DALL-E values are the defaults."""
@@ -38,8 +43,13 @@ class DVAEConfig:
     input_size: int = 112
 
     def __post_init__(self):
-        if self.input_size % 8:
-            raise BeitDataError(f"tokenizer input size must be divisible by 8, got {self.input_size}")
+        check_input_size(self.input_size)
+
+    def build(self) -> tuple[Encoder, Decoder]:
+        """A freshly initialised encoder and decoder of this architecture."""
+        return (Encoder(n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group, vocab_size=self.vocab_size),
+                Decoder(n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group, vocab_size=self.vocab_size,
+                        n_init=self.n_init))
 
 
 CONFIGS = {
@@ -68,8 +78,7 @@ class Tokenizer(nn.Module):
 
     def __init__(self, encoder: Encoder, decoder: Decoder | None = None, *, name: str, input_size: int):
         super().__init__()
-        if input_size % 8:
-            raise BeitDataError(f"tokenizer input size must be divisible by 8, got {input_size}")
+        check_input_size(input_size)
         self.encoder, self.decoder = encoder, decoder
         self.name, self.input_size = name, input_size
         self.vocab_size = encoder.vocab_size
@@ -114,8 +123,13 @@ class Tokenizer(nn.Module):
         """Images (B,3,8h,8w) in [0,1] from ids (B,h,w)."""
         if self.decoder is None:
             raise BeitDataError(f"tokenizer {self.name} has no decoder; give a file with decoder weights")
-        z = F.one_hot(ids.long(), self.vocab_size).permute(0, 3, 1, 2).float()  # (B, vocab, h, w)
-        return self.decoder.reconstruct(z)
+        return reconstruct(self.decoder, ids)
+
+
+def reconstruct(decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
+    """Images (B,3,8h,8w) in [0,1] from token ids (B,h,w), through their one-hot codes."""
+    z = F.one_hot(ids.long(), decoder.vocab_size).permute(0, 3, 1, 2).float()  # (B, vocab, h, w)
+    return decoder.reconstruct(z)
 
 
 # ---- loading -------------------------------------------------------------------------------
@@ -158,7 +172,7 @@ def _count_blocks(state: dict) -> int:
     return len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
 
 
-def _build(kind: str, state: dict, path: Path, n_init: int | None = None) -> nn.Module:
+def _build(kind: str, state: dict, path: Path) -> nn.Module:
     """An Encoder or Decoder whose sizes are read off the weights, with the weights loaded."""
     try:
         if kind == "encoder":

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from beit_data.sample import sample_images
-from beit_model.dall_e import Decoder, Encoder
 from beit_model.dvae import CONFIGS, save_checkpoint
 from pipelines.shards import ShardsConfig, run_shards
 
@@ -27,9 +26,7 @@ def make_tokenizer(path: Path, config: str = "dalle") -> Path:
     """A DALL-E-architecture tokenizer with random weights: the same cost as OpenAI's."""
     cfg = CONFIGS[config]
     torch.manual_seed(0)
-    save_checkpoint(path, cfg, Encoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size),
-                    Decoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size,
-                            n_init=cfg.n_init))
+    save_checkpoint(path, cfg, *cfg.build())
     return path
 
 

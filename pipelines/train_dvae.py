@@ -37,7 +37,7 @@ from beit_data.runtime import resolve_device
 from beit_data.shards import expand_shards, iter_images
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.dall_e import Decoder, Encoder, map_pixels
-from beit_model.dvae import CHECKPOINT_FORMAT, CONFIGS, DVAEConfig, save_checkpoint
+from beit_model.dvae import CHECKPOINT_FORMAT, CONFIGS, DVAEConfig, reconstruct, save_checkpoint
 
 __all__ = ["TrainDVAEConfig", "run_train_dvae", "evaluate"]
 
@@ -117,8 +117,7 @@ def evaluate(encoder: Encoder, decoder: Decoder, images: torch.Tensor) -> dict:
     encoder.eval(), decoder.eval()
     logits = encoder(map_pixels(images))
     ids = logits.argmax(1)
-    z = F.one_hot(ids, encoder.vocab_size).permute(0, 3, 1, 2).float()  # (B, vocab, h, w)
-    recon = decoder.reconstruct(z)
+    recon = reconstruct(decoder, ids)
     baseline = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
     counts = torch.bincount(ids.flatten(), minlength=encoder.vocab_size).float()
     p = counts / counts.sum()
@@ -173,9 +172,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     device = resolve_device(cfg.device)
     arch: DVAEConfig = CONFIGS[cfg.config]
     torch.manual_seed(cfg.seed)
-    encoder = Encoder(n_hid=arch.n_hid, n_blk_per_group=arch.n_blk_per_group, vocab_size=arch.vocab_size).to(device)
-    decoder = Decoder(n_hid=arch.n_hid, n_blk_per_group=arch.n_blk_per_group, vocab_size=arch.vocab_size,
-                      n_init=arch.n_init).to(device)
+    encoder, decoder = (module.to(device) for module in arch.build())
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     step = 0

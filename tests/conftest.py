@@ -76,16 +76,12 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     """An untrained tiny dVAE checkpoint: deterministic tokens that depend on the pixels."""
     import torch
 
-    from beit_model.dall_e import Decoder, Encoder
     from beit_model.dvae import CONFIGS, save_checkpoint
 
     cfg = CONFIGS["tiny"]
     torch.manual_seed(0)
-    enc = Encoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size)
-    dec = Decoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size,
-                  n_init=cfg.n_init)
     path = tmp_path_factory.mktemp("tokenizer") / "tiny.pt"
-    save_checkpoint(path, cfg, enc, dec)
+    save_checkpoint(path, cfg, *cfg.build())
     return path
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from beit_data import BeitDataError
-from beit_model.dall_e import Decoder, Encoder
 from beit_model.dvae import CONFIGS, DVAEConfig, load_tokenizer, save_checkpoint
 
 FAKE = Path(__file__).parent / "fake_dall_e"
@@ -66,9 +65,7 @@ def test_state_dicts_and_checkpoints_load(tmp_path, openai_files):
     torch.save(both, tmp_path / "both.pt")
     assert load_tokenizer(tmp_path / "both.pt").decoder is not None
     cfg = CONFIGS["tiny"]
-    enc = Encoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size)
-    dec = Decoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size, n_init=cfg.n_init)
-    save_checkpoint(tmp_path / "tiny.pt", cfg, enc, dec, step=3)
+    save_checkpoint(tmp_path / "tiny.pt", cfg, *cfg.build(), step=3)
     own = load_tokenizer(tmp_path / "tiny.pt")
     assert (own.name, own.vocab_size, own.input_size, own.config) == ("dvae", 512, 112, cfg)
     x = torch.rand(1, 3, 112, 112)

@@ -155,21 +155,18 @@ def test_missing_parquet_is_an_error_or_skipped(sample_shards, sample_tokens, tm
 
 
 def test_grid_and_vocab_mismatch_are_refused(sample_shards, sample_tokens, tmp_path):
-    from beit_model.dall_e import Decoder, Encoder
     from beit_model.dvae import DVAEConfig, save_checkpoint
     from pipelines.tokenize import TokenizeConfig, run_tokenize
 
     small = DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=128, n_init=16, input_size=96)
-    save_checkpoint(tmp_path / "t96.pt", small, Encoder(n_hid=8, n_blk_per_group=1, vocab_size=128),
-                    Decoder(n_hid=8, n_blk_per_group=1, vocab_size=128, n_init=16))
+    save_checkpoint(tmp_path / "t96.pt", small, *small.build())
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tmp_path / "t96.pt"),
                                 out=str(tmp_path / "t96"), views=1, device="cpu", progress=False))
     common = dict(shards=str(sample_shards), steps=1, **TINY)
     with pytest.raises(BeitDataError, match="model grid 14x14 does not match the tokens' grid 12x12"):
         run_pretrain(PretrainConfig(tokens=str(tmp_path / "t96"), out=str(tmp_path / "r0"), **common))
     small = DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=128, n_init=16)
-    save_checkpoint(tmp_path / "t112.pt", small, Encoder(n_hid=8, n_blk_per_group=1, vocab_size=128),
-                    Decoder(n_hid=8, n_blk_per_group=1, vocab_size=128, n_init=16))
+    save_checkpoint(tmp_path / "t112.pt", small, *small.build())
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tmp_path / "t112.pt"),
                                 out=str(tmp_path / "t112"), views=1, device="cpu", progress=False))
     run_pretrain(PretrainConfig(tokens=str(sample_tokens), out=str(tmp_path / "r1"), **common))
