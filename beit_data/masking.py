@@ -22,6 +22,8 @@ class BlockMaskGenerator:
         num_masked: Patches to mask (75 of 196 in BEiT, about 40%).
         min_block: Smallest block area in patches.
         min_aspect: Smallest block aspect ratio; the largest is its inverse.
+        max_block: Largest block area in patches (the reference's ``max_num_patches``);
+            default ``num_masked``.
     """
 
     def __init__(self, grid: tuple[int, int] = (14, 14), num_masked: int = 75, min_block: int = 16,

@@ -10,6 +10,7 @@ import torch
 from beit_data.sample import sample_images
 from beit_model.dvae import CONFIGS, save_checkpoint
 from pipelines.shards import ShardsConfig, run_shards
+from pipelines.tokenize import TokenizeConfig, run_tokenize
 
 
 def make_shards(out: Path, images: int, per_shard: int = 512) -> Path:
@@ -28,6 +29,16 @@ def make_tokenizer(path: Path, config: str = "dalle") -> Path:
     torch.manual_seed(0)
     save_checkpoint(path, cfg, *cfg.build())
     return path
+
+
+def make_tokens(out: Path, images: int, *, per_shard: int = 512, tokenizer_config: str = "dalle", views: int = 2,
+                device: str = "cpu") -> tuple[Path, Path, Path]:
+    """Shards, a tokenizer and the shards tokenized: the paths (shards, tokenizer, tokens)."""
+    shards = make_shards(out, images, per_shard)
+    tokenizer = make_tokenizer(out / "tok.pt", tokenizer_config)
+    run_tokenize(TokenizeConfig(shards=str(shards), tokenizer=str(tokenizer), out=str(out / "tokens"), views=views,
+                                batch_size=32, device=device, progress=False))
+    return shards, tokenizer, out / "tokens"
 
 
 def device_name(device: torch.device) -> str:

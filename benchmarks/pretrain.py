@@ -27,9 +27,8 @@ from beit_data.runtime import autocast
 from beit_data.shards import expand_shards, iter_samples
 from beit_data.stream import StreamConfig, TrainStream
 from beit_model.dvae import load_tokenizer
-from benchmarks.common import device_name, emit, make_shards, make_tokenizer
+from benchmarks.common import device_name, emit, make_tokens
 from pipelines.pretrain import PretrainConfig, build_model, mim_loss, param_groups
-from pipelines.tokenize import TokenizeConfig, run_tokenize
 
 
 def make_step(model, device, compile_: bool, max_masked: int):
@@ -128,12 +127,10 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shards = make_shards(tmp, args.images)
-        tok_path = make_tokenizer(tmp / "tok.pt", args.tokenizer_config)
-        run_tokenize(TokenizeConfig(shards=str(shards), tokenizer=str(tok_path), out=str(tmp / "tokens"),
-                                    views=args.views, batch_size=32, device=args.device, progress=False))
+        shards, tok_path, tokens = make_tokens(tmp, args.images, tokenizer_config=args.tokenizer_config,
+                                               views=args.views, device=args.device)
         tokenizer = load_tokenizer(tok_path).to(device)
-        cfg = PretrainConfig(shards=str(shards), tokens=str(tmp / "tokens"), out=str(tmp / "run"), model=args.model)
+        cfg = PretrainConfig(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"), model=args.model)
         model = build_model(cfg, tokenizer.vocab_size).to(device).train()
         step = make_step(model, device, args.compile, cfg.num_masked)
         B, N = args.batch_size, tokenizer.grid ** 2
@@ -148,7 +145,7 @@ def main():
                 yield images, tokens, mask
 
         model_only = timed(synthetic(), step, args.warmup, args.steps, device)
-        stream = TrainStream(StreamConfig(shards=str(shards), tokens=str(tmp / "tokens"), batch_size=B,
+        stream = TrainStream(StreamConfig(shards=str(shards), tokens=str(tokens), batch_size=B,
                                           num_threads=args.num_threads), device=device)
         e2e = timed(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)), step, args.warmup,
                     args.steps, device)

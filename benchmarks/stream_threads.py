@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from beit_data.stream import StreamConfig, TrainStream
-from benchmarks.common import device_name, emit, make_shards, make_tokenizer
-from pipelines.tokenize import TokenizeConfig, run_tokenize
+from benchmarks.common import device_name, emit, make_tokens
 
 
 def thread_cpu_seconds(native_id: int) -> float:
@@ -43,11 +42,9 @@ def main():
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shards = make_shards(tmp, args.images, per_shard=args.images // 4)
-        run_tokenize(TokenizeConfig(shards=str(shards), tokenizer=str(make_tokenizer(tmp / "tok.pt", "tiny")),
-                                    out=str(tmp / "tokens"), views=2, batch_size=32, device=args.device,
-                                    progress=False))
-        stream = TrainStream(StreamConfig(shards=str(shards), tokens=str(tmp / "tokens"), batch_size=args.batch_size,
+        shards, _, tokens = make_tokens(tmp, args.images, per_shard=args.images // 4, tokenizer_config="tiny",
+                                        device=args.device)
+        stream = TrainStream(StreamConfig(shards=str(shards), tokens=str(tokens), batch_size=args.batch_size,
                                           num_threads=args.num_threads), device=device)
         batches = stream.batches()
         next(batches)  # start-up: pipeline build and, where there is one, the loader process
