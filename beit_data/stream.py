@@ -72,21 +72,15 @@ class TrainStream:
                                     f"{describe_mismatch(recipe_signature(other), recipe_signature(self.meta))}")
         self.grid = self.meta["tokenizer"]["grid"]
         self.vocab = self.meta["tokenizer"]["vocab"]
-        self.views = self.meta["views"]["views"]
-        self.target_jitter = self.meta["views"]["target_jitter"]
-        self.jitter = self.meta["views"]["jitter"]
+        views = self.meta["views"]
         self.source = ReplaySource(
             cfg=cfg, shards=[str(p) for p in self.shards], token_files=[str(p) for p in self.token_files],
-            images_per_shard=[pq.ParquetFile(p).metadata.num_rows // self.views for p in self.token_files],
-            views=self.views, grid=self.grid, target_jitter=self.target_jitter, jitter=self.jitter, rank=rank,
-            world_size=world_size)
+            images_per_shard=[pq.ParquetFile(p).metadata.num_rows // views["views"] for p in self.token_files],
+            views=views["views"], grid=self.grid, target_jitter=views["target_jitter"], jitter=views["jitter"],
+            rank=rank, world_size=world_size)
         self.graph = ViewGraph(views=1, size=cfg.image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN,
                                std=IMAGENET_STD, half=True, roi_decode=True)
         self.skipped_rejected = 0  # keys without token rows, passed over by the batches delivered
-
-    def shard_order(self, epoch: int) -> list[int]:
-        """Indices of this rank's shards for ``epoch``."""
-        return self.source.shard_order(epoch)
 
     def steps_per_epoch(self, epoch: int) -> int:
         """Full batches every rank can make in ``epoch``: the same number on each rank."""
