@@ -7,24 +7,52 @@ summary. torch and DALI are imported inside the commands, so ``beit-data --help`
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import click
 
-from beit_data import BeitDataError, __version__
+from beit_common import BeitDataError, __version__
+from pipelines.config import (
+    DVAE_CONFIGS,
+    InspectConfig,
+    PretrainConfig,
+    ShardsConfig,
+    TokenizeConfig,
+    TrainDVAEConfig,
+    default,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+def setting(config: type, *decls: str, name: str | None = None, **kwargs):
+    """A click option for a config setting; its default, shown in ``--help``, is the config's."""
+    name = name or decls[0].split("/")[0].lstrip("-").replace("-", "_")
+    return click.option(*decls, default=default(config, name), show_default=True, **kwargs)
+
 
 SHARDS_OPTION = click.option(
     "--shards", "shards", required=True,
     help="Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob.",
 )
-SEED_OPTION = click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
+SEED_OPTION = setting(PretrainConfig, "--seed", type=int, help="Seed of every random choice.")
 QUIET_OPTION = click.option("--quiet", is_flag=True, help="Hide progress bars.")
-DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
-                             help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
-NUM_THREADS_OPTION = click.option("--num-threads", type=click.IntRange(min=1), default=4, show_default=True,
-                                  help="DALI CPU threads.")
+DEVICE_OPTION = setting(PretrainConfig, "--device",
+                        help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
+NUM_THREADS_OPTION = setting(PretrainConfig, "--num-threads", type=click.IntRange(min=1),
+                             help="DALI CPU threads.")
+
+
+def as_flags(message: str, command: click.Command | None) -> str:
+    """The library names settings in backticks (`batch_size`); on the command line they are flags."""
+    if command is None:
+        return message
+    flags = {}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name:
+            flags[param.name.rstrip("_")] = param.opts[0]
+            flags[param.name.rstrip("_").removeprefix("no_")] = param.opts[0]
+    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 class Group(click.Group):
@@ -34,7 +62,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except BeitDataError as exc:
-            raise click.ClickException(str(exc)) from None
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            raise click.ClickException(as_flags(str(exc), command)) from None
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -50,20 +79,25 @@ def echo_summary(title: str, summary: dict) -> None:
 @main.command(context_settings=CONTEXT)
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the shards.")
-@click.option("--maxcount", type=click.IntRange(min=1), default=10000, show_default=True,
-              help="Images per shard.")
-@click.option("--prefix", default="shard", show_default=True, help="Shard file-name prefix.")
+@setting(ShardsConfig, "--maxcount", type=click.IntRange(min=1),
+         help="Images per shard.")
+@setting(ShardsConfig, "--prefix", help="Shard file-name prefix.")
+@setting(ShardsConfig, "--shuffle/--no-shuffle",
+         help="Write the images in a seeded random order; --no-shuffle keeps the listing order "
+              "(class by class for ImageFolder trees).")
+@setting(ShardsConfig, "--seed", type=int, help="Seed of the write order.")
 @QUIET_OPTION
-def shards(sources, out, maxcount, prefix, quiet):
+def shards(sources, out, maxcount, prefix, shuffle, seed, quiet):
     """Write WebDataset shards and DALI .idx files from image folders or path lists.
 
     Each SOURCE is a flat folder of images, an ImageFolder tree (class sub-folders become
-    .cls members and classes.json) or a text file with one image path per line.
+    .cls members and classes.json) or a text file with one image path per line. Each sample's
+    .json member names its source file; shards.json records the order's seed.
     """
-    from pipelines.shards import ShardsConfig, run_shards
+    from pipelines.shards import run_shards
 
     result = run_shards(ShardsConfig(sources=sources, out=out, maxcount=maxcount, prefix=prefix,
-                                     progress=not quiet))
+                                     shuffle=shuffle, seed=seed, progress=not quiet))
     echo_summary("shards", result.summary())
     for reject in result.rejects:
         click.echo(f"  rejected {reject.key}: {reject.reason}", err=True)
@@ -92,13 +126,13 @@ def sample(out, maxcount):
 @main.command("train-dvae", context_settings=CONTEXT)
 @SHARDS_OPTION
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
-@click.option("--config", "config_name", type=click.Choice(["tiny", "dalle"]), default="tiny", show_default=True,
-              help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
-@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Training steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per step.")
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (cosine decay).")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Save a checkpoint every N steps.")
+@setting(TrainDVAEConfig, "--config", "config_name", type=click.Choice(DVAE_CONFIGS),
+         help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
+@setting(TrainDVAEConfig, "--steps", type=click.IntRange(min=1), help="Training steps.")
+@setting(TrainDVAEConfig, "--batch-size", type=click.IntRange(min=1), help="Images per step.")
+@setting(TrainDVAEConfig, "--lr", type=float, help="Peak learning rate (cosine decay).")
+@setting(TrainDVAEConfig, "--checkpoint-every", type=click.IntRange(min=1),
+         help="Save a checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue training the checkpoint at --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at --out.")
 @SEED_OPTION
@@ -123,10 +157,10 @@ def train_dvae(shards, out, config_name, steps, batch_size, lr, checkpoint_every
 @click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
               help="dVAE file: OpenAI's encoder.pkl, a state dict or a train-dvae checkpoint.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the token Parquet files.")
-@click.option("--views", type=click.IntRange(min=1), default=10, show_default=True, help="Views per image.")
+@setting(TokenizeConfig, "--views", type=click.IntRange(min=1), help="Views per image.")
 @SEED_OPTION
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per batch (each gives --views tokenizer inputs).")
+@setting(TokenizeConfig, "--batch-size", type=click.IntRange(min=1),
+         help="Images per batch (each gives --views tokenizer inputs).")
 @click.option("--no-target-jitter", is_flag=True,
               help="Tokenize views without colour jitter; pretrain then draws fresh jitter each epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace token files made with another tokenizer or recipe.")
@@ -137,7 +171,7 @@ def train_dvae(shards, out, config_name, steps, batch_size, lr, checkpoint_every
 def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, overwrite, strict, num_threads,
              device, quiet):
     """Tokenize every image's views once and write one Parquet file per shard."""
-    from pipelines.tokenize import TokenizeConfig, run_tokenize
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     summary = run_tokenize(TokenizeConfig(
         shards=shards, tokenizer=tokenizer, out=out, views=views, seed=seed, batch_size=batch_size,
@@ -159,23 +193,23 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, 
 @click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of token Parquet files written by beit-data tokenize.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints and logs.")
-@click.option("--model", default="beit_mim_base_patch16_224", show_default=True,
-              help="beit_mim_tiny_patch16_224, beit_mim_base_patch16_224 or beit_mim_large_patch16_224.")
-@click.option("--epochs", type=click.IntRange(min=1), default=800, show_default=True, help="Epochs to train.")
+@setting(PretrainConfig, "--model",
+         help="beit_mim_tiny_patch16_224, beit_mim_base_patch16_224 or beit_mim_large_patch16_224.")
+@setting(PretrainConfig, "--epochs", type=click.IntRange(min=1), help="Epochs to train.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps to train (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Images per rank per step.")
-@click.option("--lr", type=float, default=1.5e-3, show_default=True, help="Peak learning rate (not rescaled).")
-@click.option("--min-lr", type=float, default=1e-5, show_default=True, help="Learning rate at the end of the cosine.")
-@click.option("--warmup-epochs", type=float, default=10, show_default=True, help="Linear warmup, per step.")
+@setting(PretrainConfig, "--batch-size", type=click.IntRange(min=1),
+         help="Images per rank per step.")
+@setting(PretrainConfig, "--lr", type=float, help="Peak learning rate (not rescaled).")
+@setting(PretrainConfig, "--min-lr", type=float, help="Learning rate at the end of the cosine.")
+@setting(PretrainConfig, "--warmup-epochs", type=float, help="Linear warmup, per step.")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Warmup steps (overrides --warmup-epochs).")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay.")
-@click.option("--drop-path", type=float, default=0.1, show_default=True, help="Stochastic depth rate.")
-@click.option("--clip-grad", type=float, default=3.0, show_default=True, help="Gradient-norm clipping.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Save a checkpoint every N steps (and at the end).")
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True, help="Log every N steps.")
+@setting(PretrainConfig, "--weight-decay", type=float, help="AdamW weight decay.")
+@setting(PretrainConfig, "--drop-path", type=float, help="Stochastic depth rate.")
+@setting(PretrainConfig, "--clip-grad", type=float, help="Gradient-norm clipping.")
+@setting(PretrainConfig, "--checkpoint-every", type=click.IntRange(min=1),
+         help="Save a checkpoint every N steps (and at the end).")
+@setting(PretrainConfig, "--log-every", type=click.IntRange(min=1), help="Log every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint, exactly.")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None,
               help="Stop after N steps of this invocation, with a checkpoint (for time-limited jobs).")
@@ -218,7 +252,7 @@ def export(run, out):
 @click.option("--shards", default=None, help="Shards to check coverage against (and to find images for --render).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.option("--render", "render_key", default=None, metavar="KEY", help="Draw the view of this key as a PNG.")
-@click.option("--view", type=click.IntRange(min=0), default=0, show_default=True, help="View to draw with --render.")
+@setting(InspectConfig, "--view", type=click.IntRange(min=0), help="View to draw with --render.")
 @click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
               help="Tokenizer with a decoder, to add the reconstruction panel to --render.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="PNG file for --render.")
@@ -226,7 +260,7 @@ def export(run, out):
               help="Also draw token frequencies to this PNG.")
 def inspect(tokens, shards, as_json, render_key, view, tokenizer, out, histogram):
     """Summarise, validate and draw token Parquet files (exit 1 when validation finds errors)."""
-    from pipelines.inspect import InspectConfig, format_summary, run_inspect
+    from pipelines.inspect_tokens import InspectConfig, format_summary, run_inspect
 
     result = run_inspect(InspectConfig(tokens=tokens, shards=shards, render=render_key, view=view,
                                        tokenizer=tokenizer, out=out, histogram=histogram))

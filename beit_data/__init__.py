@@ -1,47 +1,5 @@
-"""beit-data: precomputed visual-token targets and DALI loaders for fast BEiT pretraining."""
+"""beit-data's data side: shards, views, masking, DALI pipelines, the token format, the training stream."""
 
-__version__ = "0.1.0"
+from beit_common import BeitDataError, __version__
 
-
-import os
-from pathlib import Path
-from typing import Callable
-
-
-class BeitDataError(Exception):
-    """A user-facing error: bad input, a missing file, a refused overwrite.
-
-    The CLI prints its message on one line and exits non-zero, without a traceback.
-    """
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    A process killed mid-write leaves the old file (or none), never half a file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def ensure_writable_dir(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it.
-
-    Raises:
-        BeitDataError: With the operating system's reason, before any work is done.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".beit-data-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BeitDataError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
-    return folder
+__all__ = ["BeitDataError", "__version__"]

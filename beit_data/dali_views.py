@@ -23,12 +23,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from beit_data import BeitDataError
+from beit_common import BeitDataError
 from beit_data.views import View
 
-__all__ = ["ViewGraph", "DaliViews", "JITTER_ORDER", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
+__all__ = ["ViewSpec", "DaliViews", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
 
-JITTER_ORDER = "brightness, contrast, saturation; float, clamped to [0,255] after each; after resize, before flip"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNIT_RANGE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std giving [0,1] pixels
@@ -37,8 +36,8 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 
 
 @dataclass(frozen=True, kw_only=True)
-class ViewGraph:
-    """What the graph produces.
+class ViewSpec:
+    """What the view graph produces: the settings of one DALI pipeline.
 
     Attributes:
         views: Views per image; the image is decoded once for all of them.
@@ -79,21 +78,21 @@ def apply_jitter(img, brightness, contrast, saturation):
     return dmath.clamp(img * saturation + gray * (1.0 - saturation), 0.0, 255.0)
 
 
-def _crop_resize(graph: ViewGraph, encoded, decoder_device: str, roi):
+def _crop_resize(spec: ViewSpec, encoded, decoder_device: str, roi):
     """Decode and resize each view's window; ``roi`` is (V,4) rows of x0, y0, x1, y1."""
-    interp = INTERP[graph.interp]
-    if graph.roi_decode:
+    interp = INTERP[spec.interp]
+    if spec.roi_decode:
         window = roi[0]
         image = fn.decoders.image_slice(encoded, window[0:2], window[2:4] - window[0:2], device=decoder_device,
                                         output_type=types.RGB, axis_names="WH", normalized_anchor=False,
                                         normalized_shape=False)
-        return [fn.resize(image, size=[graph.size, graph.size], interp_type=interp, antialias=True,
+        return [fn.resize(image, size=[spec.size, spec.size], interp_type=interp, antialias=True,
                           dtype=types.FLOAT)]
     image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
     return [
-        fn.resize(image, size=[graph.size, graph.size], roi_start=roi[v][1::-1], roi_end=roi[v][3:1:-1],
+        fn.resize(image, size=[spec.size, spec.size], roi_start=roi[v][1::-1], roi_end=roi[v][3:1:-1],
                   roi_relative=False, interp_type=interp, antialias=True, dtype=types.FLOAT)
-        for v in range(graph.views)
+        for v in range(spec.views)
     ]
 
 
@@ -101,7 +100,7 @@ _INPUTS = {"encoded": (types.UINT8, 1), "roi": (types.FLOAT, 2), "flips": (types
 
 
 @pipeline_def
-def view_pipeline(graph: ViewGraph, decoder_device: str, source=None, extra_dtypes=()):
+def view_pipeline(spec: ViewSpec, decoder_device: str, source=None, extra_dtypes=()):
     """Per image: encoded bytes, roi (V, 4) rows of x0, y0, x1, y1, flips (V,), jitter (V, 3).
 
     With ``source``, one parallel external source yields those four and ``extra_dtypes``
@@ -116,14 +115,14 @@ def view_pipeline(graph: ViewGraph, decoder_device: str, source=None, extra_dtyp
             source=source, num_outputs=len(_INPUTS) + len(extra_dtypes), batch=True, parallel=True,
             prefetch_queue_depth=2, dtype=[dtype for dtype, _ in _INPUTS.values()] + list(extra_dtypes))
     outputs = []
-    for v, view in enumerate(_crop_resize(graph, encoded, decoder_device, roi)):
-        if graph.jitter:
+    for v, view in enumerate(_crop_resize(spec, encoded, decoder_device, roi)):
+        if spec.jitter:
             view = apply_jitter(view, jitter[v][0], jitter[v][1], jitter[v][2])
         else:
             view = dmath.clamp(view, 0.0, 255.0)  # Lanczos and bicubic overshoot at edges
         outputs.append(fn.crop_mirror_normalize(
-            view, mirror=flips[v], mean=[255 * m for m in graph.mean], std=[255 * s for s in graph.std],
-            output_layout="CHW", dtype=types.FLOAT16 if graph.half else types.FLOAT))
+            view, mirror=flips[v], mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std],
+            output_layout="CHW", dtype=types.FLOAT16 if spec.half else types.FLOAT))
     return (*outputs, *extras)
 
 
@@ -151,15 +150,15 @@ class DaliViews:
     """Runs the view graph on batches of encoded images and their views.
 
     Args:
-        graph: What to produce.
+        spec: What to produce.
         batch_size: Largest batch.
         device: ``cpu`` decodes on the CPU; ``cuda`` decodes with nvJPEG (``mixed``).
         num_threads: CPU threads of the pipeline.
     """
 
-    def __init__(self, graph: ViewGraph, *, batch_size: int, device: torch.device | str = "cpu",
+    def __init__(self, spec: ViewSpec, *, batch_size: int, device: torch.device | str = "cpu",
                  num_threads: int = 2):
-        self.graph, self.batch_size = graph, batch_size
+        self.spec, self.batch_size = spec, batch_size
         self.device = torch.device(device)
         self.num_threads = num_threads
         self._pipe = None
@@ -169,13 +168,13 @@ class DaliViews:
         common = dict(batch_size=self.batch_size, num_threads=self.num_threads,
                       device_id=(self.device.index or 0) if gpu else None)
         if source is None:  # fed batch by batch: run each fed batch at once
-            pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", prefetch_queue_depth=1, exec_async=False,
+            pipe = view_pipeline(self.spec, "mixed" if gpu else "cpu", prefetch_queue_depth=1, exec_async=False,
                                  exec_pipelined=False, **common)
         else:
             # Pulled: one spawned worker process runs the source (fork is unsafe once CUDA is up).
             # It needs a pipelined executor: DALI's default, which runs ahead by two batches. A run's
             # outputs are copied out before the next run is asked for.
-            pipe = view_pipeline(self.graph, "mixed" if gpu else "cpu", source, extra_dtypes, py_num_workers=1,
+            pipe = view_pipeline(self.spec, "mixed" if gpu else "cpu", source, extra_dtypes, py_num_workers=1,
                                  py_start_method="spawn", prefetch_queue_depth=2, **common)
         try:
             pipe.build()
@@ -208,7 +207,7 @@ class DaliViews:
                     if last.startswith(prefix):
                         raise BeitDataError(last[len(prefix):]) from exc
                     raise
-                yield self._views_tensor(outputs[:self.graph.views]), outputs[self.graph.views:]
+                yield self._views_tensor(outputs[:self.spec.views]), outputs[self.spec.views:]
         finally:
             del pipe  # DALI stops the worker process when the pipeline goes
 
@@ -225,7 +224,7 @@ class DaliViews:
         pipe.feed_input("roi", [np.array([[v.x, v.y, v.x + v.w, v.y + v.h] for v in vs], np.float32)
                                 for vs in views])
         pipe.feed_input("flips", [np.array([v.flip for v in vs], np.int32) for vs in views])
-        if self.graph.jitter:  # otherwise DALI prunes the unused input
+        if self.spec.jitter:  # otherwise DALI prunes the unused input
             pipe.feed_input("jitter", [np.array([[v.brightness, v.contrast, v.saturation] for v in vs], np.float32)
                                        for vs in views])
         try:
@@ -241,7 +240,7 @@ class DaliViews:
             return _to_torch(outputs[0], self.device).unsqueeze(1)  # no copy
         return torch.stack([_to_torch(o, self.device) for o in outputs], dim=1)
 
-    def robust(self, encoded: Sequence[bytes], views: Sequence[Sequence[View]]
+    def decode_or_reject(self, encoded: Sequence[bytes], views: Sequence[Sequence[View]]
                ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
         """Like ``__call__``, but a failing image becomes a reject instead of failing the batch.
 

@@ -20,9 +20,10 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from beit_data import BeitDataError
+from beit_common import BeitDataError
 from beit_data.masking import BlockMaskGenerator
 from beit_data.shards import iter_samples
+from beit_data.tokens import VIEW_COLUMNS
 from beit_data.views import stable_rng
 
 __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS"]
@@ -30,7 +31,6 @@ __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS"]
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
 _RAGGED = ("encoded", "key")
-_COLUMNS = ("view", "x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +95,7 @@ class ReplaySource:
         while True:
             if self.steps_per_epoch(epoch) == 0:
                 raise BeitDataError(f"epoch {epoch} has fewer images per rank than one batch of "
-                                    f"{self.cfg.batch_size}; lower --batch-size")
+                                    f"{self.cfg.batch_size}; lower `batch_size`")
             yield from ((epoch, s) for s in range(step, self.steps_per_epoch(epoch)))
             epoch, step = epoch + 1, 0
 
@@ -104,7 +104,7 @@ class ReplaySource:
         first: dict[str, int] = {}
         for i, k in enumerate(table.column("key").to_pylist()):
             first.setdefault(k, i)
-        cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in _COLUMNS}
+        cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in VIEW_COLUMNS}
         cols["tokens"] = table.column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, self.grid ** 2)
         if self.cfg.shuffle_targets:
             perm = stable_rng(self.cfg.seed, "shuffle-targets", index).permutation(len(first))

@@ -10,16 +10,15 @@ reads as it is.
 from __future__ import annotations
 
 import glob
-import io
 import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 from braceexpand import braceexpand
 
-from beit_data import BeitDataError
+from beit_common import BeitDataError, write_atomic
 
 __all__ = [
     "IMAGE_EXTS",
@@ -28,6 +27,12 @@ __all__ = [
     "expand_shards",
     "split_key",
     "iter_samples",
+    "member_key",
+    "Member",
+    "IndexedSample",
+    "scan_index",
+    "read_index",
+    "index_count",
     "write_index",
     "index_path",
     "iter_images",
@@ -103,6 +108,96 @@ def split_key(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def member_key(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """``(key, ext)`` of a tar member that belongs to a sample, or ``None`` for one that does not.
+
+    The one rule for every reader: regular files only, and no hidden files or WebDataset
+    ``__meta__`` members.
+    """
+    if not info.isreg():
+        return None
+    key, ext = split_key(info.name)
+    if not key or key.endswith("/") or "/__" in f"/{key}":
+        return None
+    return key, ext
+
+
+def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """``(key, ext, info)`` for each member of ``tar`` that belongs to a sample, in tar order."""
+    for info in tar:
+        found = member_key(info)
+        if found is not None:
+            yield (*found, info)
+
+
+class Member(NamedTuple):
+    offset: int  # of the member's data in the tar
+    size: int
+    name: str
+
+
+@dataclass(frozen=True)
+class IndexedSample:
+    """Where one sample's members lie in its shard, by extension."""
+
+    key: str
+    members: dict[str, Member]
+
+    @property
+    def image_ext(self) -> str | None:
+        return next((e for e in IMAGE_EXTS if e in self.members), None)
+
+
+def scan_index(shard: str | Path) -> list[IndexedSample]:
+    """The shard's samples from its tar headers; seeks past the member data, never reads it."""
+    samples: list[IndexedSample] = []
+    with tarfile.open(shard, mode="r:") as tar:
+        for key, ext, info in sample_members(tar):
+            if not samples or samples[-1].key != key:
+                samples.append(IndexedSample(key, {}))
+            samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
+    return samples
+
+
+def _parse_index(text: str, idx: Path) -> list[IndexedSample]:
+    lines = text.splitlines()
+    try:
+        version, count = lines[0].split()
+        samples = []
+        for line in lines[1:]:
+            fields = line.split()
+            members = {ext: Member(int(off), int(size), name)
+                       for ext, off, size, name in zip(fields[::4], fields[1::4], fields[2::4], fields[3::4])}
+            samples.append(IndexedSample(split_key(fields[3])[0], members))
+    except (IndexError, ValueError):
+        raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION})") from None
+    if version != INDEX_VERSION or int(count) != len(samples):
+        raise BeitDataError(f"{idx} is not a complete DALI index (wds2idx {INDEX_VERSION}): header {lines[0]!r}, "
+                            f"{len(samples)} samples")
+    return samples
+
+
+def read_index(shard: str | Path) -> list[IndexedSample]:
+    """The shard's samples and member offsets, from its ``.idx`` where there is one, else its tar headers."""
+    idx = index_path(shard)
+    if idx.exists():
+        return _parse_index(idx.read_text(), idx)
+    try:
+        return scan_index(shard)
+    except (tarfile.TarError, OSError) as exc:
+        raise BeitDataError(f"{shard}: unreadable tar: {exc}") from None
+
+
+def index_count(shard: str | Path) -> int | None:
+    """The sample count in the shard's ``.idx`` header, or ``None`` without an index: reads one line."""
+    idx = index_path(shard)
+    if not idx.exists():
+        return None
+    with idx.open() as f:
+        header = f.readline().split()
+    return int(header[1]) if len(header) == 2 and header[1].isdigit() else None
+
+
 def iter_samples(shard: str | Path, rejects: list[Reject] | None = None) -> Iterator[Sample]:
     """Yield the samples of one shard, in tar order.
 
@@ -126,12 +221,7 @@ def iter_samples(shard: str | Path, rejects: list[Reject] | None = None) -> Iter
 
     try:
         with tarfile.open(shard, mode="r|*") as stream:
-            for info in stream:
-                if not info.isreg():
-                    continue
-                key, ext = split_key(info.name)
-                if not key or key.endswith("/") or "/__" in f"/{key}":
-                    continue  # hidden files and WebDataset __meta__ members
+            for key, ext, info in sample_members(stream):
                 if current is not None and current.key != key:
                     yield from finish(current)
                     current = None
@@ -152,33 +242,19 @@ def index_path(shard: str | Path) -> Path:
 
 
 def write_index(shard: str | Path) -> Path:
-    """Write the DALI ``wds2idx`` (format v1.2) index beside ``shard``.
+    """Write the DALI ``wds2idx`` (format v1.2) index beside ``shard``, atomically.
 
     Each line after the header lists, for one sample, ``ext offset size name`` per member,
     where ``offset`` is the byte offset of the member's data.
     """
-    bundles: list[list[tuple[str, int, int, str]]] = []
-    last = None
-    with tarfile.open(shard, mode="r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, ext = split_key(info.name)
-            if not key or key.endswith("/"):
-                continue
-            if key != last:
-                bundles.append([])
-                last = key
-            bundles[-1].append((ext, info.offset_data, info.size, info.name))
-    if not bundles:
+    samples = scan_index(shard)
+    if not samples:
         raise BeitDataError(f"shard has no members to index: {shard}")
-    out = index_path(shard)
-    buf = io.StringIO()
-    buf.write(f"{INDEX_VERSION} {len(bundles)}\n")
-    for bundle in bundles:
-        buf.write(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in bundle) + "\n")
-    out.write_text(buf.getvalue())
-    return out
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    for sample in samples:
+        lines.append(" ".join(f"{ext} {m.offset} {m.size} {m.name}" for ext, m in sample.members.items()))
+    text = "\n".join(lines) + "\n"
+    return write_atomic(index_path(shard), lambda tmp: tmp.write_text(text))
 
 
 def iter_images(shard: str | Path, rejects: list[Reject] | None = None, *, min_size: int = 1):

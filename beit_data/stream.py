@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import torch
 from nvidia.dali import types
 
-from beit_data import BeitDataError
-from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewGraph
+from beit_common import BeitDataError
+from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
 from beit_data.prefetch import prefetch
 from beit_data.replay import ReplaySource, StreamConfig
 from beit_data.shards import expand_shards
-from beit_data.tokens import describe_mismatch, read_meta, recipe_signature, token_path
+from beit_data.tokens import read_consistent_meta, token_path
 
 __all__ = ["StreamConfig", "TrainStream", "Batch"]
 
@@ -61,15 +61,10 @@ class TrainStream:
                 self.missing.append(str(shard))
             else:
                 raise BeitDataError(f"no token file for shard {shard} (expected {path}); "
-                                    "tokenize it or pass --skip-missing")
+                                    "tokenize it or pass `skip_missing`")
         if not self.shards:
             raise BeitDataError(f"none of the shards has a token file in {cfg.tokens}")
-        self.meta = read_meta(self.token_files[0])
-        for path in self.token_files[1:]:
-            other = read_meta(path)
-            if recipe_signature(other) != recipe_signature(self.meta):
-                raise BeitDataError(f"{path} and {self.token_files[0]} come from different tokenizers or recipes: "
-                                    f"{describe_mismatch(recipe_signature(other), recipe_signature(self.meta))}")
+        self.meta = read_consistent_meta(self.token_files)
         self.grid = self.meta["tokenizer"]["grid"]
         self.vocab = self.meta["tokenizer"]["vocab"]
         views = self.meta["views"]
@@ -78,9 +73,14 @@ class TrainStream:
             images_per_shard=[pq.ParquetFile(p).metadata.num_rows // views["views"] for p in self.token_files],
             views=views["views"], grid=self.grid, target_jitter=views["target_jitter"], jitter=views["jitter"],
             rank=rank, world_size=world_size)
-        self.graph = ViewGraph(views=1, size=cfg.image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN,
+        self.spec = ViewSpec(views=1, size=cfg.image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN,
                                std=IMAGENET_STD, half=True, roi_decode=True)
         self.skipped_rejected = 0  # keys without token rows, passed over by the batches delivered
+        self.position = (0, 0)  # (epoch, step) of the next batch
+
+    def seek(self, epoch: int, step: int) -> None:
+        """Make ``(epoch, step)`` the position of the next batch."""
+        self.position = (epoch, step)
 
     def steps_per_epoch(self, epoch: int) -> int:
         """Full batches every rank can make in ``epoch``: the same number on each rank."""
@@ -88,7 +88,7 @@ class TrainStream:
 
     def _replay(self, source: ReplaySource):
         """Batches decoded and augmented by DALI; the source runs in DALI's worker process."""
-        views = DaliViews(self.graph, batch_size=self.cfg.batch_size, device=self.device,
+        views = DaliViews(self.spec, batch_size=self.cfg.batch_size, device=self.device,
                           num_threads=self.cfg.num_threads)
         extras = (types.INT64, types.BOOL, types.UINT8, types.INT32)  # tokens, mask, key, rejected
         for (epoch, step), (images, (tokens, mask, keys, rejected)) in zip(
@@ -101,19 +101,26 @@ class TrainStream:
             yield Batch(images=images[:, 0], tokens=tokens, mask=mask, epoch=epoch, step=step,
                         keys=[np.array(k).tobytes().decode() for k in keys]), int(np.array(rejected.as_tensor()).sum())
 
-    def batches(self, epoch: int = 0, step: int = 0, *, dtype: torch.dtype | None = None):
-        """Batches on the device from ``(epoch, step)`` on, forever.
+    def batches(self, epoch: int | None = None, step: int | None = None, *, dtype: torch.dtype | None = None):
+        """Batches on the device from ``position`` on (or from ``(epoch, step)``), forever.
 
-        A DALI worker process prepares the samples and a loader thread runs the DALI graph,
-        so the training loop's thread only moves finished batches to the device.
+        ``position`` moves on as each batch is handed out, so a checkpoint taken after a
+        step records where the next run starts. A DALI worker process prepares the samples
+        and a loader thread runs the DALI graph, so the training loop's thread only moves
+        finished batches to the device.
         """
+        if epoch is not None:
+            self.seek(epoch, step or 0)
+        epoch, step = self.position
         source = replace(self.source, start=(epoch, step))
         if source.steps_per_epoch(epoch) == 0:
             raise BeitDataError(f"epoch {epoch} has fewer images per rank than one batch of "
-                                f"{self.cfg.batch_size}; lower --batch-size")
+                                f"{self.cfg.batch_size}; lower `batch_size`")
         for batch, rejected in prefetch(self._replay(source), depth=3):
             self.skipped_rejected += rejected
             batch.images = batch.images.to(self.device, dtype or batch.images.dtype, non_blocking=True)
             batch.tokens = batch.tokens.to(self.device, non_blocking=True)
             batch.mask = batch.mask.to(self.device, non_blocking=True)
+            last = batch.step + 1 >= self.steps_per_epoch(batch.epoch)
+            self.position = (batch.epoch + 1, 0) if last else (batch.epoch, batch.step + 1)
             yield batch

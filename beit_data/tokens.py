@@ -1,5 +1,8 @@
 """The token Parquet format: one file per shard, rows sorted by (key, view).
 
+This module is the format's one home: the schema, the metadata, how rows are built, how
+files are written, listed and read back, and the check that files belong together.
+
 Columns: ``key``, ``view``, the crop window ``x, y, w, h`` (pixels of the decoded, EXIF-rotated
 image), ``flip``, the jitter factors ``brightness, contrast, saturation``, the original
 ``width, height`` and ``tokens``, a fixed-size list of int16 of length grid*grid.
@@ -14,20 +17,25 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from beit_data import BeitDataError, __version__, write_atomic
+from beit_common import BeitDataError, __version__, write_atomic
+from beit_data.views import JITTER_ORDER, View
 
-__all__ = ["FORMAT_VERSION", "schema", "token_path", "build_table", "write_tokens", "read_meta",
-           "recipe_signature", "describe_mismatch"]
+__all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
+           "view_rows", "build_table", "write_tokens", "read_meta", "recipe_signature", "recipe_mismatch",
+           "check_recipe", "read_consistent_meta"]
 
 FORMAT_VERSION = 1
 META_PREFIX = "beit_data."
-# The metadata that must match for a finished file to be reused by a re-run.
+# The metadata that must match for files to be used together, or for a finished file to be reused.
 SIGNATURE_KEYS = ("format_version", "tokenizer", "views", "decoder")
+# The columns that describe a stored view, as the training stream replays it.
+VIEW_COLUMNS = ("view", "x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 
 
 def schema(grid: int) -> pa.Schema:
@@ -46,6 +54,43 @@ def token_path(out_dir: str | os.PathLike, shard: str | os.PathLike) -> Path:
     return Path(out_dir) / (Path(shard).stem + ".parquet")
 
 
+def token_files(folder: str | os.PathLike) -> list[Path]:
+    """The token files of a folder, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BeitDataError(f"token folder not found: {folder}")
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise BeitDataError(f"no .parquet files in {folder}")
+    return files
+
+
+def file_meta(tokenizer: dict, recipe: dict, decoder: dict) -> dict:
+    """The metadata that every file of one tokenize run shares.
+
+    Args:
+        tokenizer: name, fingerprint, vocab, input_size and grid.
+        recipe: The view recipe (``ViewRecipe.as_dict()``).
+        decoder: How views were decoded and resized (``decoder_meta``).
+    """
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer, "views": recipe, "decoder": decoder}
+
+
+def decoder_meta(resize_filter: str) -> dict:
+    """How the views were decoded and resized."""
+    from beit_data.images import EXIF_RULE  # PIL; the training stream's loader process never needs it
+
+    return {"decoder": "DALI decoders.image (nvImageCodec), RGB", "exif": EXIF_RULE,
+            "resize": f"DALI resize, ROI = view window, {resize_filter}, antialiased", "jitter_order": JITTER_ORDER}
+
+
+def view_rows(key: str, views: Sequence[View], width: int, height: int) -> list[dict]:
+    """The rows (every column but ``tokens``) of one image's views."""
+    return [{"key": key, "view": v, "x": view.x, "y": view.y, "w": view.w, "h": view.h, "flip": view.flip,
+             "brightness": view.brightness, "contrast": view.contrast, "saturation": view.saturation,
+             "width": width, "height": height} for v, view in enumerate(views)]
+
+
 def build_table(rows: list[dict], tokens: np.ndarray, grid: int) -> pa.Table:
     """A table from row dicts (all columns but tokens) and tokens (N, grid*grid), sorted."""
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["key"], rows[i]["view"]))
@@ -59,7 +104,7 @@ def build_table(rows: list[dict], tokens: np.ndarray, grid: int) -> pa.Table:
 
 def write_tokens(path: str | os.PathLike, table: pa.Table, meta: dict) -> Path:
     """Write ``table`` with ``meta`` (JSON-encoded per key) atomically: a temporary file, then a rename."""
-    full = {"format_version": FORMAT_VERSION, "tool_version": __version__, **meta}
+    full = {**meta, "tool_version": __version__}
     encoded = {f"{META_PREFIX}{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in full.items()}
     table = table.replace_schema_metadata(encoded)
     return write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=8192, compression="zstd"))
@@ -86,8 +131,10 @@ def recipe_signature(meta: dict) -> dict:
     return {k: meta.get(k) for k in SIGNATURE_KEYS}
 
 
-def describe_mismatch(have: dict, want: dict) -> str:
-    """Which parts of two signatures differ, e.g. ``tokenizer.fingerprint: ab12.. != cd34..``."""
+def recipe_mismatch(meta: dict, reference: dict) -> str:
+    """Which parts of two files' signatures differ, e.g. ``tokenizer.fingerprint: ab12.. != cd34..``;
+    empty when they match."""
+    have, want = recipe_signature(meta), recipe_signature(reference)
     diffs = []
     for key in SIGNATURE_KEYS:
         a, b = have.get(key), want.get(key)
@@ -100,3 +147,26 @@ def describe_mismatch(have: dict, want: dict) -> str:
         else:
             diffs.append(f"{key}: {a} != {b}")
     return "; ".join(diffs)
+
+
+def check_recipe(meta: dict, reference: dict, what: str, hint: str = "") -> None:
+    """Refuse token metadata that does not share ``reference``'s tokenizer and recipe.
+
+    Args:
+        what: The two things compared, as the message names them (``"a.parquet and b.parquet"``).
+        hint: What to do about it, appended to the message.
+
+    Raises:
+        BeitDataError: ``"{what} come from different tokenizers or recipes: {differences}{hint}"``.
+    """
+    diff = recipe_mismatch(meta, reference)
+    if diff:
+        raise BeitDataError(f"{what} come from different tokenizers or recipes: {diff}{hint}")
+
+
+def read_consistent_meta(paths: Sequence[str | os.PathLike]) -> dict:
+    """The metadata of the first file, after checking that every file shares its tokenizer and recipe."""
+    reference = read_meta(paths[0])
+    for path in paths[1:]:
+        check_recipe(read_meta(path), reference, f"{path} and {paths[0]}")
+    return reference

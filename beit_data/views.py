@@ -14,9 +14,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from beit_data import BeitDataError
+from beit_common import BeitDataError
 
-__all__ = ["ViewRecipe", "View", "stable_rng", "sample_view", "sample_views"]
+__all__ = ["JITTER_ORDER", "ViewRecipe", "View", "stable_rng", "sample_view", "sample_views"]
+
+
+# How the jitter factors are applied (recorded in the token files; the DALI graph follows it).
+JITTER_ORDER = "brightness, contrast, saturation; float, clamped to [0,255] after each; after resize, before flip"
 
 
 def stable_rng(*parts) -> np.random.Generator:
@@ -52,7 +56,7 @@ class ViewRecipe:
 
     def __post_init__(self):
         if self.views < 1:
-            raise BeitDataError(f"--views must be at least 1, got {self.views}")
+            raise BeitDataError(f"`views` must be at least 1, got {self.views}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise BeitDataError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:

@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from beit_data import BeitDataError
-from beit_data.runtime import save_atomic
+from beit_common import BeitDataError, save_atomic
 from beit_model.dall_e import Decoder, Encoder, map_pixels
 
 __all__ = ["DVAEConfig", "CONFIGS", "Tokenizer", "load_tokenizer", "fingerprint", "CHECKPOINT_FORMAT"]
@@ -85,12 +84,10 @@ class Tokenizer(nn.Module):
         self.grid = input_size // 8
         self.fingerprint = fingerprint(encoder)
 
-    @property
-    def config(self) -> DVAEConfig:
-        e = self.encoder
-        n_init = self.decoder.n_init if self.decoder is not None else 128
-        return DVAEConfig(n_hid=e.n_hid, n_blk_per_group=e.n_blk_per_group, vocab_size=e.vocab_size,
-                          n_init=n_init, input_size=self.input_size)
+    def describe(self) -> dict:
+        """What a token file records of its tokenizer."""
+        return {"name": self.name, "fingerprint": self.fingerprint, "vocab": self.vocab_size,
+                "input_size": self.input_size, "grid": self.grid}
 
     @staticmethod
     def check_images(x: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import torch
 from beit_data.sample import sample_images
 from beit_model.dvae import CONFIGS, save_checkpoint
 from pipelines.shards import ShardsConfig, run_shards
-from pipelines.tokenize import TokenizeConfig, run_tokenize
+from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
 
 def make_shards(out: Path, images: int, per_shard: int = 512) -> Path:

@@ -24,7 +24,7 @@ step gpu_tests 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu
 step stream_threads 120 python -m benchmarks.stream_threads --device cuda --images 2048 --batch-size 256 --batches 6 \
   --num-threads 8
 step tokenizer 120 python -m benchmarks.tokenizer --device cuda --batch-size 256 --cudnn-benchmark
-step tokenize 180 python -m benchmarks.tokenize --device cuda --images 2048 --views 10 --batch-size 32 \
+step tokenize 180 python -m benchmarks.tokenize_shards --device cuda --images 2048 --views 10 --batch-size 32 \
   --tokenizer-config dalle --num-threads 8
 step pretrain 240 python -m benchmarks.pretrain --device cuda --model beit_mim_base_patch16_224 --batch-size 256 \
   --tokenizer-config dalle --images 2048 --workers 15 --num-threads 8 --steps 20 --warmup 5

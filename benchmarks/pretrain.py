@@ -23,25 +23,24 @@ import numpy as np
 import torch
 
 from beit_data.masking import BlockMaskGenerator
-from beit_data.runtime import autocast
 from beit_data.shards import expand_shards, iter_samples
 from beit_data.stream import StreamConfig, TrainStream
 from beit_model.dvae import load_tokenizer
 from benchmarks.common import device_name, emit, make_tokens
-from pipelines.pretrain import PretrainConfig, build_model, mim_loss, param_groups
+from pipelines.pretrain import PretrainConfig
+from pipelines.runtime import autocast
+from pipelines.training import build_model, build_optimizer, train_step
 
 
-def make_step(model, device, compile_: bool, max_masked: int):
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-    fwd = torch.compile(model) if compile_ else model
+def make_step(model, cfg: PretrainConfig, device, compile_: bool):
+    """The trainer's own step (``train_step``) with the trainer's optimizer and schedule."""
+    optimizer, scheduler = build_optimizer(model, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                           betas=cfg.betas, warmup=10, total=1000)
+    forward = torch.compile(model) if compile_ else model
 
     def step(images, tokens, mask):
-        loss, _, _ = mim_loss(fwd, images, tokens, mask, max_masked, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        optimizer.step()
-        return loss
+        return train_step(model, optimizer, scheduler, images, tokens, mask, max_masked=cfg.num_masked,
+                          clip_grad=cfg.clip_grad, device=device, forward=forward).loss
 
     return step
 
@@ -131,8 +130,9 @@ def main():
                                                views=args.views, device=args.device)
         tokenizer = load_tokenizer(tok_path).to(device)
         cfg = PretrainConfig(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"), model=args.model)
-        model = build_model(cfg, tokenizer.vocab_size).to(device).train()
-        step = make_step(model, device, args.compile, cfg.num_masked)
+        model = build_model(cfg.model, tokenizer.vocab_size, drop_path=cfg.drop_path,
+                            layer_scale=cfg.layer_scale).to(device).train()
+        step = make_step(model, cfg, device, args.compile)
         B, N = args.batch_size, tokenizer.grid ** 2
 
         def synthetic():

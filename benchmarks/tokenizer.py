@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from beit_data.runtime import autocast
 from beit_model.dall_e import Encoder, map_pixels
+from pipelines.runtime import autocast
 
 
 def measure(encoder, batch, device, iters: int, warmup: int) -> float:

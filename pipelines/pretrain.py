@@ -5,6 +5,9 @@ The defaults are the paper's recipe for ViT-B/16: AdamW (0.9, 0.999), weight dec
 lr 1.5e-3 with a per-step linear warmup over 10 epochs and cosine decay to 1e-5, drop path
 0.1, LayerScale 0.1, gradient clipping at 3.0, 75 block-masked patches, 800 epochs.
 One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast, nccl) under torchrun.
+
+A run reads top to bottom: ``build`` (stream, model, optimizer), ``restore`` (from the
+checkpoint, with ``--resume``), ``loop`` (steps, logs, checkpoints), ``save``.
 """
 
 from __future__ import annotations
@@ -17,112 +20,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from beit_data import BeitDataError, ensure_writable_dir
+from beit_common import BeitDataError, ensure_writable_dir, write_atomic
 from beit_data.progress import progress_bar
-from beit_data.runtime import autocast, deterministic_on_cpu, dist_info, init_distributed, resolve_device, save_atomic
 from beit_data.stream import StreamConfig, TrainStream
-from beit_model.beit_mim import masked_positions
+from pipelines.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from pipelines.config import PretrainConfig
+from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
+from pipelines.training import build_model, build_optimizer, train_step
 
-__all__ = ["PretrainConfig", "run_pretrain", "build_model", "mim_loss", "CHECKPOINT"]
-
-CHECKPOINT = "checkpoint.pt"
-IGNORE = -100  # target of the padding entries of the fixed-shape masked positions
-
-
-@dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
-    shards: str
-    tokens: str
-    out: str
-    model: str = "beit_mim_base_patch16_224"
-    epochs: int = 800
-    steps: int | None = None  # overrides epochs
-    stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
-    batch_size: int = 256  # per rank
-    lr: float = 1.5e-3
-    min_lr: float = 1e-5
-    warmup_epochs: float = 10
-    warmup_steps: int | None = None  # overrides warmup_epochs
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0
-    drop_path: float = 0.1
-    layer_scale: float = 0.1
-    num_masked: int = 75
-    seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    resume: bool = False
-    skip_missing: bool = False
-    compile: bool = False
-    device: str = "auto"
-    num_threads: int = 4
-    progress: bool = True
-    shuffle_targets: bool = False  # control experiment: targets from other images
-
-    def __post_init__(self):
-        if self.steps is not None and self.steps < 1 or self.epochs < 1:
-            raise BeitDataError("--steps and --epochs must be at least 1")
-        if self.batch_size < 1 or self.lr <= 0:
-            raise BeitDataError("--batch-size and --lr must be positive")
-
-
-def build_model(cfg: PretrainConfig, vocab_size: int) -> torch.nn.Module:
-    import timm
-
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
-
-    if not cfg.model.startswith("beit_mim_"):
-        raise BeitDataError(f"--model must be a beit_mim_* variant, got {cfg.model}")
-    try:
-        return timm.create_model(cfg.model, vocab_size=vocab_size, drop_path_rate=cfg.drop_path,
-                                 init_values=cfg.layer_scale)
-    except RuntimeError as exc:
-        raise BeitDataError(f"unknown model {cfg.model}: {exc}") from None
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on 1-D parameters (biases, norms, LayerScale) and ``no_weight_decay()``."""
-    skip = model.no_weight_decay()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, warmup: int, total: int, lr: float, min_lr: float) -> float:
-    """Linear warmup per step, then cosine decay to ``min_lr``, as a factor of ``lr``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))) / lr
-
-
-def mim_loss(model, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, max_masked: int,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The MIM cross-entropy over the masked patches, with fixed shapes and no host sync.
-
-    Returns the loss, the logits (B, K, vocab) and the targets (B, K), where padding entries
-    are ``IGNORE``; the loss is the mean over the masked patches, as with boolean indexing.
-    """
-    positions, real = masked_positions(mask, max_masked)
-    with autocast(device):
-        logits = model(images, mask, positions)
-    targets = tokens.gather(1, positions).masked_fill(~real, IGNORE)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-    return loss, logits, targets
-
-
-def _check_model(model, stream: TrainStream, checkpoint: dict | None) -> None:
-    grid = tuple(model.grid)
-    if grid != (stream.grid, stream.grid):
-        raise BeitDataError(f"model grid {grid[0]}x{grid[1]} does not match the tokens' grid "
-                            f"{stream.grid}x{stream.grid} ({stream.token_files[0]})")
-    if checkpoint is not None and checkpoint["vocab_size"] != stream.vocab:
-        raise BeitDataError(f"checkpoint vocab {checkpoint['vocab_size']} does not match the tokens' vocab "
-                            f"{stream.vocab} ({stream.token_files[0]})")
+__all__ = ["PretrainConfig", "run_pretrain"]
 
 
 class Logger:
@@ -156,136 +63,195 @@ class Logger:
             self.tb.close()
 
 
+class LossReader:
+    """Losses kept on the device until a log or a checkpoint needs them: one sync for many steps."""
+
+    def __init__(self, ckpt: Path):
+        self.ckpt, self.pending = ckpt, []
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+
+    def read(self) -> None:
+        """Read the pending losses; stop on the first non-finite one."""
+        values = torch.stack([loss for _, loss in self.pending]).tolist()
+        for (at, _), value in zip(self.pending, values):
+            if not math.isfinite(value):
+                raise BeitDataError(f"loss is {value} at step {at}; stopped. The last good checkpoint is "
+                                    f"{self.ckpt}" + ("" if self.ckpt.exists() else " (none was written yet)"))
+        self.pending.clear()
+        self.first = values[0] if self.first is None else self.first
+        self.last = values[-1]
+
+
+@dataclass
+class Run:
+    """Everything a training run holds while it goes."""
+
+    cfg: PretrainConfig
+    device: torch.device
+    dist: DistInfo
+    out: Path
+    stream: TrainStream
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total: int
+    warmup: int
+    step: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+
 def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) a BEiT MIM model; returns a summary of the run."""
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     with deterministic_on_cpu(device):
-        return _train(cfg, device)
+        dist = init_distributed(device)
+        try:
+            run = build(cfg, device, dist)
+            return loop(run)
+        finally:
+            if dist.world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
-def _train(cfg: PretrainConfig, device: torch.device) -> dict:
-    dist = init_distributed(device)
+def _open_run_folder(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists() and not cfg.resume:
-        raise BeitDataError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if cfg.resume and not ckpt_path.exists():
-        raise BeitDataError(f"--resume: no checkpoint at {ckpt_path}")
-    ensure_writable_dir(out)
+    ckpt = checkpoint_path(out)
+    if ckpt.exists() and not cfg.resume:
+        raise BeitDataError(f"{out} already holds a run; pass `resume` to continue it or choose another `out`")
+    if cfg.resume and not ckpt.exists():
+        raise BeitDataError(f"`resume`: no checkpoint at {ckpt}")
+    return ensure_writable_dir(out)
 
+
+def _schedule(cfg: PretrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """Total and warmup steps."""
+    if steps_per_epoch == 0:
+        raise BeitDataError(f"fewer images per rank than one batch of {cfg.batch_size}; lower `batch_size`")
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
+    return total, min(total, warmup) or 1
+
+
+def _check_model(model, stream: TrainStream, checkpoint: dict | None) -> None:
+    grid = tuple(model.grid)
+    if grid != (stream.grid, stream.grid):
+        raise BeitDataError(f"model grid {grid[0]}x{grid[1]} does not match the tokens' grid "
+                            f"{stream.grid}x{stream.grid} ({stream.token_files[0]})")
+    if checkpoint is not None and checkpoint["vocab_size"] != stream.vocab:
+        raise BeitDataError(f"checkpoint vocab {checkpoint['vocab_size']} does not match the tokens' vocab "
+                            f"{stream.vocab} ({stream.token_files[0]})")
+
+
+def build(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Run:
+    """The stream, the model and its optimizer, restored from the checkpoint with ``resume``."""
+    out = _open_run_folder(cfg)
     stream = TrainStream(StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
                                       num_masked=cfg.num_masked, skip_missing=cfg.skip_missing,
                                       num_threads=cfg.num_threads, shuffle_targets=cfg.shuffle_targets),
                          rank=dist.rank, world_size=dist.world_size, device=device)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True) if cfg.resume else None
+    checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.resume else None
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, stream.vocab if checkpoint is None else checkpoint["vocab_size"])
+    model = build_model(cfg.model, stream.vocab if checkpoint is None else checkpoint["vocab_size"],
+                        drop_path=cfg.drop_path, layer_scale=cfg.layer_scale)
     _check_model(model, stream, checkpoint)
     model.to(device)
-    steps_per_epoch = stream.steps_per_epoch(0)
-    if steps_per_epoch == 0:
-        raise BeitDataError(f"fewer images per rank than one batch of {cfg.batch_size}; lower --batch-size")
-    total = cfg.steps or cfg.epochs * steps_per_epoch
-    warmup = min(total, cfg.warmup_steps if cfg.warmup_steps is not None
-                 else int(cfg.warmup_epochs * steps_per_epoch)) or 1
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total, cfg.lr, cfg.min_lr))
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
-    step, epoch, epoch_step = 0, 0, 0
+    total, warmup = _schedule(cfg, stream.steps_per_epoch(0))
+    optimizer, scheduler = build_optimizer(model, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                           betas=cfg.betas, warmup=warmup, total=total)
+    run = Run(cfg=cfg, device=device, dist=dist, out=out, stream=stream, model=model, optimizer=optimizer,
+              scheduler=scheduler, total=total, warmup=warmup)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        step, (epoch, epoch_step) = checkpoint["step"], checkpoint["stream"]
-        torch.set_rng_state(checkpoint["rng"]["cpu"][dist.rank % len(checkpoint["rng"]["cpu"])])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda"):
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][dist.rank % len(checkpoint["rng"]["cuda"])])
+        restore(run, checkpoint)
     else:
         torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop path differs per rank
+    if run.is_main:
+        config = {**asdict(cfg), "total_steps": total, "warmup_steps": warmup,
+                  "steps_per_epoch": stream.steps_per_epoch(0)}
+        write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
+    return run
 
-    train_model = model
-    if dist.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    is_main = dist.rank == 0
-    if is_main:
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "total_steps": total, "warmup_steps": warmup,
-                                                     "steps_per_epoch": steps_per_epoch}, indent=1))
-    logger = Logger(out, is_main)
 
-    def save():
-        rng_cpu = [torch.get_rng_state()]
-        if dist.world_size > 1:
-            rng_cpu = [None] * dist.world_size
-            torch.distributed.all_gather_object(rng_cpu, torch.get_rng_state())
-        if is_main:
-            save_atomic({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "stream": (epoch, epoch_step),
-                "rng": {"cpu": rng_cpu, "cuda": [torch.cuda.get_rng_state()] if device.type == "cuda" else []},
-                "config": asdict(cfg), "model_name": cfg.model, "vocab_size": model.vocab_size,
-                "model_args": {"embed_dim": model.embed_dim, "depth": model.depth, "num_heads": model.num_heads}},
-                ckpt_path)
+def restore(run: Run, checkpoint: dict) -> None:
+    """Model, optimizer, scheduler, stream position and RNG as the checkpoint left them."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.step = checkpoint["step"]
+    run.stream.seek(*checkpoint["stream"])
+    rng = checkpoint["rng"]
+    torch.set_rng_state(rng["cpu"][run.dist.rank % len(rng["cpu"])])
+    if run.device.type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"][run.dist.rank % len(rng["cuda"])])
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    stop_at = step + cfg.stop_after if cfg.stop_after else None
-    bar = progress_bar(total=total, initial=step, desc="pretrain", unit="step", disable=not (cfg.progress and is_main))
-    first_loss = last_loss = None
+
+def save(run: Run) -> None:
+    """Every rank's RNG state, and rank 0 writes the checkpoint."""
+    rng_cpu = [torch.get_rng_state()]
+    if run.dist.world_size > 1:
+        rng_cpu = [None] * run.dist.world_size
+        torch.distributed.all_gather_object(rng_cpu, torch.get_rng_state())
+    if run.is_main:
+        save_checkpoint(checkpoint_path(run.out), model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                        step=run.step, stream=run.stream.position, rng_cpu=rng_cpu,
+                        rng_cuda=[torch.cuda.get_rng_state()] if run.device.type == "cuda" else [],
+                        config=asdict(run.cfg), model_name=run.cfg.model)
+
+
+def _forward_module(run: Run) -> torch.nn.Module:
+    """The model as the step calls it: wrapped in DDP under torchrun, compiled with ``compile``."""
+    forward = run.model
+    if run.dist.world_size > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return torch.compile(forward) if run.cfg.compile else forward
+
+
+def loop(run: Run) -> dict:
+    """Train from ``run.step`` to the end, or for ``stop_after`` steps; log and save on the way."""
+    cfg = run.cfg
+    forward = _forward_module(run)
+    logger = Logger(run.out, run.is_main)
+    losses = LossReader(checkpoint_path(run.out))
+    stop_at = min(run.total, run.step + cfg.stop_after if cfg.stop_after else run.total)
+    bar = progress_bar(total=run.total, initial=run.step, desc="pretrain", unit="step",
+                       disable=not (cfg.progress and run.is_main))
+    dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
     tick, seen = time.perf_counter(), 0
-    train_model.train()
-    pending: list[tuple[int, torch.Tensor]] = []  # losses not yet read back; reading one waits for the GPU
-
-    def read_losses() -> list[float]:
-        """Read the pending losses with one device sync; stop on the first non-finite one."""
-        values = torch.stack([loss for _, loss in pending]).tolist()
-        for (at, _), value in zip(pending, values):
-            if not math.isfinite(value):
-                raise BeitDataError(f"loss is {value} at step {at}; stopped. The last good checkpoint is "
-                                    f"{ckpt_path}" + ("" if ckpt_path.exists() else " (none was written yet)"))
-        pending.clear()
-        return values
-
-    for batch in (stream.batches(epoch, epoch_step, dtype=dtype) if step < total else ()):
-        loss, logits, targets = mim_loss(train_model, batch.images, batch.tokens, batch.mask, cfg.num_masked, device)
-        pending.append((step, loss.detach()))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        epoch, epoch_step = ((batch.epoch + 1, 0) if batch.step + 1 >= stream.steps_per_epoch(batch.epoch)
-                             else (batch.epoch, batch.step + 1))
-        seen += batch.images.shape[0] * dist.world_size
-        log_now = step % cfg.log_every == 0 or step == total
-        save_now = step % cfg.checkpoint_every == 0 or step == total or step == stop_at
+    run.model.train()
+    for batch in (run.stream.batches(dtype=dtype) if run.step < stop_at else ()):
+        out = train_step(run.model, run.optimizer, run.scheduler, batch.images, batch.tokens, batch.mask,
+                         max_masked=cfg.num_masked, clip_grad=cfg.clip_grad, device=run.device, forward=forward)
+        run.step += 1
+        losses.add(run.step - 1, out.loss)
+        seen += batch.images.shape[0] * run.dist.world_size
+        log_now = run.step % cfg.log_every == 0 or run.step == run.total
+        save_now = run.step % cfg.checkpoint_every == 0 or run.step == stop_at
         if log_now or save_now:
-            values = read_losses()
-            first_loss = values[0] if first_loss is None else first_loss
-            last_loss = values[-1]
+            losses.read()
         if log_now:
             elapsed = time.perf_counter() - tick
-            acc = ((logits.argmax(-1) == targets).sum() / (targets != IGNORE).sum()).item()
-            logger.log({"step": step, "epoch": batch.epoch, "loss": last_loss, "acc": acc,
-                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                        "img_s": seen / elapsed if elapsed > 0 else 0.0})
-            bar.set_postfix(loss=f"{last_loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            img_s = seen / elapsed if elapsed > 0 else 0.0
+            acc = out.accuracy()
+            logger.log({"step": run.step, "epoch": batch.epoch, "loss": losses.last, "acc": acc,
+                        "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s})
+            bar.set_postfix(loss=f"{losses.last:.3f}", acc=f"{acc:.3f}", img_s=f"{img_s:.0f}")
             tick, seen = time.perf_counter(), 0
         bar.update()
         if save_now:
-            save()
-        if step >= total or step == stop_at:
+            save(run)
+        if run.step >= stop_at:
             break
     bar.close()
     logger.close()
-    if dist.world_size > 1:
+    if run.dist.world_size > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "checkpoint": str(ckpt_path),
-            "skipped_rejected": stream.skipped_rejected, "skipped_missing_shards": len(stream.missing)}
+    return {"steps": run.step, "first_loss": losses.first, "last_loss": losses.last,
+            "checkpoint": str(checkpoint_path(run.out)), "skipped_rejected": run.stream.skipped_rejected,
+            "skipped_missing_shards": len(run.stream.missing)}

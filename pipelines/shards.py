@@ -6,64 +6,63 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple
 
 import webdataset as wds
 
-from beit_data import BeitDataError, ensure_writable_dir
+from beit_common import BeitDataError, ensure_writable_dir, write_atomic
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
 from beit_data.progress import progress_bar
 from beit_data.shards import IMAGE_EXTS, Reject, write_index
+from beit_data.views import stable_rng
+from pipelines.config import ShardsConfig
 
-__all__ = ["ShardsConfig", "ShardsResult", "collect_images", "run_shards"]
+__all__ = ["ShardsConfig", "ShardsResult", "ListedImage", "collect_images", "write_order", "run_shards"]
 
 LISTED_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")
 
 
-@dataclass(frozen=True, kw_only=True)
-class ShardsConfig:
-    """Where the images come from and how the shards are cut.
-
-    Attributes:
-        sources: Flat image folders, ImageFolder trees (class sub-folders) or text files
-            listing image paths (relative paths are taken from the list's folder).
-        out: Output folder for the shards, their ``.idx`` files and the reports.
-        maxcount: Samples per shard.
-        prefix: Shard names are ``{prefix}-{000000}.tar``.
-    """
-
-    sources: Sequence[str | os.PathLike]
-    out: str | os.PathLike
-    maxcount: int = 10000
-    prefix: str = "shard"
-    progress: bool = True
-
-    def __post_init__(self):
-        if not self.sources:
-            raise BeitDataError("give at least one image source")
-        if self.maxcount < 1:
-            raise BeitDataError(f"--maxcount must be at least 1, got {self.maxcount}")
-        if not self.prefix or "/" in self.prefix:
-            raise BeitDataError(f"--prefix must be a plain file-name prefix, got {self.prefix!r}")
-
-
 @dataclass
 class ShardsResult:
+    """What ``run_shards`` wrote."""
+
     images: int = 0
     shards: list[Path] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+    shuffled: bool = False
+    seed: int = 0
 
     def summary(self) -> dict:
-        return {"images": self.images, "shards": len(self.shards), "rejects": len(self.rejects)}
+        return {"images": self.images, "shards": len(self.shards), "rejects": len(self.rejects),
+                "shuffled": self.shuffled}
+
+
+class ListedImage(NamedTuple):
+    """One image file found in a source.
+
+    Attributes:
+        path: Where to read it.
+        cls: Its class (the ImageFolder sub-folder), or None.
+        source: How the user names it: the path relative to the source folder, or the line
+            of a text-file list as written. Stored in the sample's ``.json`` member.
+    """
+
+    path: Path
+    cls: str | None
+    source: str
 
 
 def _is_image_name(path: Path) -> bool:
     return path.suffix.lower().lstrip(".") in LISTED_EXTS
 
 
-def collect_images(source: str | os.PathLike) -> list[tuple[Path, str | None]]:
-    """List ``(path, class name or None)`` for one source, in a stable order.
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def collect_images(source: str | os.PathLike) -> list[ListedImage]:
+    """List the images of one source, in a stable order (by class, then by name).
 
     Raises:
         BeitDataError: If the source does not exist.
@@ -73,55 +72,87 @@ def collect_images(source: str | os.PathLike) -> list[tuple[Path, str | None]]:
         raise BeitDataError(f"image source not found: {src}")
     if src.is_file():
         lines = [ln.strip() for ln in src.read_text().splitlines()]
-        return [((src.parent / ln) if not os.path.isabs(ln) else Path(ln), None) for ln in lines if ln]
+        return [ListedImage(Path(ln) if os.path.isabs(ln) else src.parent / ln, None, ln) for ln in lines if ln]
     entries = sorted(src.iterdir())
     subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
     files = [f for f in entries if f.is_file() and not f.name.startswith(".")]
     if subdirs and not any(_is_image_name(f) for f in files):
-        return [
-            (f, d.name)
-            for d in subdirs
-            for f in sorted(d.rglob("*"))
-            if f.is_file() and not f.name.startswith(".")
-        ]
-    return [(f, None) for f in files]
+        return [ListedImage(f, d.name, f.relative_to(src).as_posix()) for d in subdirs for f in _visible_files(d)]
+    return [ListedImage(f, None, f.name) for f in files]
+
+
+def write_order(listing: list[ListedImage], *, shuffle: bool, seed: int) -> list[ListedImage]:
+    """The listing in the order its images are written: a permutation drawn from ``seed`` alone.
+
+    Sharded training reads a shard's samples close together, so class-sorted shards give
+    class-sorted batches; shuffling here is what prevents that.
+    """
+    if not shuffle:
+        return list(listing)
+    return [listing[i] for i in stable_rng(seed, "shards").permutation(len(listing))]
+
+
+def _read_image(path: Path) -> tuple[bytes, str]:
+    """The file's bytes and the member extension of its real format.
+
+    Raises:
+        OSError, ImageError: If it cannot be read or is not a decodable JPEG, PNG or WebP.
+    """
+    data = path.read_bytes()
+    return data, FORMAT_EXT[probe_image(data, decode=True).format]
+
+
+def _sample(key: str, item: ListedImage, data: bytes, ext: str, class_index: dict[str, int]) -> dict:
+    """One WebDataset sample: the image, its ``.json`` provenance and, in a tree, its ``.cls``."""
+    meta = {"source": item.source}
+    sample = {"__key__": key, ext: data}
+    if item.cls is not None:
+        meta["class"] = item.cls
+        sample["cls"] = str(class_index[item.cls]).encode()
+    sample["json"] = json.dumps(meta).encode()
+    return sample
+
+
+def _write_json(path: Path, obj) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+
+
+def _write_reports(out: Path, result: ShardsResult) -> None:
+    """``classes.json`` (trees only), ``rejects.json`` and ``shards.json``, each written atomically."""
+    if result.classes:
+        _write_json(out / "classes.json", result.classes)
+    _write_json(out / "rejects.json", [{"path": r.key, "reason": r.reason} for r in result.rejects])
+    _write_json(out / "shards.json", {"shuffle": result.shuffled, "seed": result.seed, "images": result.images,
+                                      "shards": [p.name for p in result.shards]})
 
 
 def run_shards(config: ShardsConfig) -> ShardsResult:
     """Write every decodable image into shards, with a ``.idx`` beside each shard.
 
-    Image bytes are stored unchanged. A file that is not a decodable JPEG, PNG or WebP is
-    skipped and listed in ``rejects.json`` with its reason; every other file is written.
+    Images go in a seeded random order unless ``config.shuffle`` is off; keys count up in
+    write order. Image bytes are stored unchanged. A file that is not a decodable JPEG, PNG or
+    WebP is skipped and listed in ``rejects.json`` with its reason; every other file is written.
     """
-    listing: list[tuple[Path, str | None]] = []
-    for source in config.sources:
-        listing += collect_images(source)
-    out = Path(config.out)
-    ensure_writable_dir(out)
-    result = ShardsResult(classes=sorted({c for _, c in listing if c is not None}))
+    listing = [item for source in config.sources for item in collect_images(source)]
+    out = ensure_writable_dir(config.out)
+    result = ShardsResult(classes=sorted({item.cls for item in listing if item.cls is not None}),
+                          shuffled=config.shuffle, seed=config.seed)
     class_index = {name: i for i, name in enumerate(result.classes)}
+    ordered = write_order(listing, shuffle=config.shuffle, seed=config.seed)
     pattern = str(out / f"{config.prefix}-%06d.tar")
     written: list[str] = []
     with wds.ShardWriter(pattern, maxcount=config.maxcount, verbose=0, post=written.append) as writer:
-        for path, cls in progress_bar(listing, desc="shards", unit="img", disable=not config.progress):
+        for item in progress_bar(ordered, desc="shards", unit="img", disable=not config.progress):
             try:
-                data = path.read_bytes()
-                ext = FORMAT_EXT[probe_image(data, decode=True).format]
+                data, ext = _read_image(item.path)
             except (OSError, ImageError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                result.rejects.append(Reject(key=str(path), reason=reason))
+                result.rejects.append(Reject(key=str(item.path), reason=reason))
                 continue
-            sample = {"__key__": f"{result.images:09d}", ext: data}
-            if cls is not None:
-                sample["cls"] = str(class_index[cls]).encode()
-            writer.write(sample)
+            writer.write(_sample(f"{result.images:09d}", item, data, ext, class_index))
             result.images += 1
     result.shards = [Path(p) for p in written]
     for shard in result.shards:
         write_index(shard)
-    if result.classes:
-        (out / "classes.json").write_text(json.dumps(result.classes, indent=1))
-    (out / "rejects.json").write_text(
-        json.dumps([{"path": r.key, "reason": r.reason} for r in result.rejects], indent=1)
-    )
+    _write_reports(out, result)
     return result

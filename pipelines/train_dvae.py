@@ -23,56 +23,24 @@ import itertools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from beit_data import BeitDataError, ensure_writable_dir
-from beit_data.dali_views import DaliViews, ViewGraph
+from beit_common import BeitDataError, ensure_writable_dir, write_atomic
+from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
-from beit_data.runtime import resolve_device
 from beit_data.shards import expand_shards, iter_images
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.dall_e import Decoder, Encoder, map_pixels
 from beit_model.dvae import CHECKPOINT_FORMAT, CONFIGS, DVAEConfig, reconstruct, save_checkpoint
+from pipelines.config import TrainDVAEConfig
+from pipelines.runtime import resolve_device
 
 __all__ = ["TrainDVAEConfig", "run_train_dvae", "evaluate"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainDVAEConfig:
-    shards: str
-    out: str
-    config: str = "tiny"
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 2e-3
-    kl_weight: float = 0.02
-    usage_weight: float = 1.0
-    gumbel_noise: float | None = None  # None: 1.0 for dalle, 0.0 for tiny
-    kl_warmup: float = 0.25
-    tau_start: float = 1.0
-    tau_end: float = 1 / 16
-    holdout: int = 2
-    checkpoint_every: int = 200
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.config not in CONFIGS:
-            raise BeitDataError(f"--config must be one of {sorted(CONFIGS)}, got {self.config}")
-        if self.steps < 1 or self.batch_size < 1 or self.holdout < 1:
-            raise BeitDataError("--steps, --batch-size and the hold-out count must be at least 1")
-        if self.gumbel_noise is None:
-            object.__setattr__(self, "gumbel_noise", 1.0 if self.config == "dalle" else 0.0)
-        if self.resume and self.overwrite:
-            raise BeitDataError("--resume and --overwrite exclude each other")
 
 
 # Crops for dVAE training: no jitter (the tokenizer should see real colours), and a scale floor
@@ -155,6 +123,41 @@ def _loss(encoder, decoder, x: torch.Tensor, tau: float, beta: float, cfg: Train
     return rec + beta * kl + cfg.usage_weight * low_usage, rec, kl
 
 
+def _open_checkpoint(cfg: TrainDVAEConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not (cfg.resume or cfg.overwrite):
+        raise BeitDataError(f"{out} exists; pass `resume` to continue training it or `overwrite` to replace it")
+    if cfg.resume and not out.is_file():
+        raise BeitDataError(f"`resume`: no checkpoint at {out}")
+    ensure_writable_dir(out.parent)
+    return out
+
+
+def _restore(out: Path, cfg: TrainDVAEConfig, encoder, decoder, optimizer, device) -> int:
+    """Load a training checkpoint into the models and optimizer; returns its step."""
+    state = torch.load(out, map_location=device, weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("train", {}).get("config") != cfg.config:
+        raise BeitDataError(f"{out} is not a {cfg.config} dVAE training checkpoint")
+    encoder.load_state_dict(state["encoder"]), decoder.load_state_dict(state["decoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def _train_step(encoder, decoder, optimizer, x: torch.Tensor, cfg: TrainDVAEConfig, step: int) -> dict:
+    """One optimizer step on the batch ``x`` (B, 3, S, S); returns what the progress bar shows."""
+    tau, beta, lr = _schedules(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, rec, kl = _loss(encoder, decoder, x, tau, beta, cfg)
+    if not torch.isfinite(loss):
+        raise BeitDataError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"rec": f"{rec.item():.4f}", "kl": f"{kl.item():.3f}", "tau": f"{tau:.3f}"}
+
+
 def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     """Train (or resume) a dVAE and write a checkpoint that ``load_tokenizer`` reads.
 
@@ -162,12 +165,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
         The final report: PSNR and its mean-colour baseline on held-out images, codebook
         perplexity and the fraction of codes used, steps and seconds.
     """
-    out = Path(cfg.out)
-    if out.exists() and not (cfg.resume or cfg.overwrite):
-        raise BeitDataError(f"{out} exists; pass --resume to continue training it or --overwrite to replace it")
-    if cfg.resume and not out.is_file():
-        raise BeitDataError(f"--resume: no checkpoint at {out}")
-    ensure_writable_dir(out.parent)
+    out = _open_checkpoint(cfg)
     shards = expand_shards(cfg.shards)
     device = resolve_device(cfg.device)
     arch: DVAEConfig = CONFIGS[cfg.config]
@@ -175,17 +173,9 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     encoder, decoder = (module.to(device) for module in arch.build())
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    step = 0
-    if cfg.resume:
-        state = torch.load(out, map_location=device, weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("train", {}).get("config") != cfg.config:
-            raise BeitDataError(f"{out} is not a {cfg.config} dVAE training checkpoint")
-        encoder.load_state_dict(state["encoder"]), decoder.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+    step = _restore(out, cfg, encoder, decoder, optimizer, device) if cfg.resume else 0
 
-    views = DaliViews(ViewGraph(views=1, size=arch.input_size, interp="lanczos", jitter=False),
+    views = DaliViews(ViewSpec(views=1, size=arch.input_size, interp="lanczos", jitter=False),
                       batch_size=max(cfg.batch_size, EVAL_VIEWS.views * cfg.holdout), device=device)
     held = _holdout(shards, cfg.holdout)
     held_images = views([h[1] for h in held for _ in h[2]], [[v] for h in held for v in h[2]])[:, 0]
@@ -204,17 +194,8 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
         if step >= cfg.steps:
             break
         x = views([b[0] for b in batch], [b[1] for b in batch])[:, 0].to(device)  # (B, 3, S, S)
-        tau, beta, lr = _schedules(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, rec, kl = _loss(encoder, decoder, x, tau, beta, cfg)
-        if not torch.isfinite(loss):
-            raise BeitDataError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        bar.set_postfix(**_train_step(encoder, decoder, optimizer, x, cfg, step))
         step += 1
-        bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}", tau=f"{tau:.3f}")
         bar.update()
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save()
@@ -222,5 +203,5 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     report = {**evaluate(encoder, decoder, held_images), "steps": step,
               "seconds": round(time.perf_counter() - start, 1), "config": cfg.config, "out": str(out)}
     save(report=report)
-    Path(str(out) + ".report.json").write_text(json.dumps(report, indent=1))
+    write_atomic(Path(str(out) + ".report.json"), lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     return report

@@ -88,7 +88,7 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sample_tokens(sample_shards, tiny_tokenizer, tmp_path_factory) -> Path:
     """The sample shards tokenized with the tiny tokenizer, 4 views per image."""
-    from pipelines.tokenize import TokenizeConfig, run_tokenize
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     out = tmp_path_factory.mktemp("tokens")
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(out), views=4,

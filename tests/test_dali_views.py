@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from beit_data.dali_views import DaliViews, ViewGraph
+from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.images import probe_image
 from beit_data.views import View
 
@@ -28,8 +28,8 @@ def test_exif_rule_is_the_same_in_probe_full_decode_and_roi_decode():
         assert (info.width, info.height) == (upright.shape[1], upright.shape[0])
         view = View(10, 20, 60, 40, False, 1.0, 1.0, 1.0)
         unit = dict(size=32, interp="bilinear", jitter=False)
-        full = DaliViews(ViewGraph(views=1, **unit), batch_size=1)([data], [[view]])[0, 0]
-        roi = DaliViews(ViewGraph(views=1, roi_decode=True, **unit), batch_size=1)([data], [[view]])[0, 0]
+        full = DaliViews(ViewSpec(views=1, **unit), batch_size=1)([data], [[view]])[0, 0]
+        roi = DaliViews(ViewSpec(views=1, roi_decode=True, **unit), batch_size=1)([data], [[view]])[0, 0]
         crop = upright[20:60, 10:70]
         ref = torch.from_numpy(np.asarray(Image.fromarray(crop).resize((32, 32), Image.BILINEAR), np.float32) / 255)
         assert (full.permute(1, 2, 0) - ref).abs().mean() < 0.03, orientation
@@ -38,7 +38,7 @@ def test_exif_rule_is_the_same_in_probe_full_decode_and_roi_decode():
 
 def test_flip_and_jitter_factors_are_applied():
     data = rotated_jpeg(1)
-    graph = DaliViews(ViewGraph(views=3, size=32, interp="bilinear"), batch_size=1)
+    graph = DaliViews(ViewSpec(views=3, size=32, interp="bilinear"), batch_size=1)
     plain, flipped, dark = graph([data], [[View(0, 0, 200, 100, False, 1, 1, 1), View(0, 0, 200, 100, True, 1, 1, 1),
                                           View(0, 0, 200, 100, False, 0.5, 1, 1)]])[0]
     assert torch.allclose(flipped, plain.flip(-1), atol=1e-5)

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewGraph
+from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
 from beit_data.shards import expand_shards, iter_images
 from beit_data.views import ViewRecipe, sample_views
 
@@ -19,8 +19,8 @@ def _batch(sample_shards, views=3):
 
 
 @pytest.mark.parametrize("graph", [
-    ViewGraph(views=3, size=112, interp="lanczos"),
-    ViewGraph(views=1, size=224, interp="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, half=True, roi_decode=True),
+    ViewSpec(views=3, size=112, interp="lanczos"),
+    ViewSpec(views=1, size=224, interp="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, half=True, roi_decode=True),
 ])
 def test_gpu_graph_matches_cpu_graph(sample_shards, graph):
     encoded, views = _batch(sample_shards, graph.views)
@@ -34,7 +34,7 @@ def test_gpu_graph_matches_cpu_graph(sample_shards, graph):
 
 
 def test_tokenize_on_gpu_matches_cpu_rows(sample_shards, tiny_tokenizer, tmp_path):
-    from pipelines.tokenize import TokenizeConfig, run_tokenize
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     common = dict(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), views=3, progress=False)
     run_tokenize(TokenizeConfig(out=str(tmp_path / "cpu"), device="cpu", **common))
@@ -65,11 +65,12 @@ def test_training_step_never_waits_for_the_gpu():
 
     import beit_model.beit_mim  # noqa: F401
     from beit_data.masking import BlockMaskGenerator
-    from pipelines.pretrain import mim_loss, param_groups
+    from pipelines.training import build_optimizer, train_step
 
     device = torch.device("cuda")
     model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    optimizer, scheduler = build_optimizer(model, lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999),
+                                           warmup=2, total=10)
     masker, rng = BlockMaskGenerator((14, 14)), np.random.default_rng(0)
     images = torch.rand(4, 3, 224, 224, device=device)
     tokens = torch.randint(0, 64, (4, 196), device=device)
@@ -78,12 +79,9 @@ def test_training_step_never_waits_for_the_gpu():
     torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
     try:
         for _ in range(3):
-            loss, _, _ = mim_loss(model, images, tokens, mask, 75, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-            optimizer.step()
-            losses.append(loss.detach())
+            out = train_step(model, optimizer, scheduler, images, tokens, mask, max_masked=75, clip_grad=3.0,
+                             device=device)
+            losses.append(out.loss)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.stack(losses).isfinite().all()

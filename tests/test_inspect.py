@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from beit_data.inspect import summarise
-from pipelines.tokenize import TokenizeConfig, run_tokenize
+from beit_data.summary import summarise
+from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 from tests.conftest import REPO, jpeg_bytes, run_cli, write_tar
 
 

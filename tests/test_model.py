@@ -8,7 +8,7 @@ import torch
 import beit_model.beit_mim  # noqa: F401
 from beit_data.masking import BlockMaskGenerator
 from beit_model.beit_mim import encoder_state_dict, masked_positions
-from pipelines.pretrain import IGNORE, lr_factor, mim_loss, param_groups
+from pipelines.training import IGNORE, lr_factor, mim_loss, param_groups
 
 
 @pytest.fixture(scope="module")

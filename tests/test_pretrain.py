@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from beit_data import BeitDataError
+from beit_common import BeitDataError
 from pipelines.pretrain import PretrainConfig, run_pretrain
 from tests.conftest import REPO, run_cli, write_tar
 
@@ -25,7 +24,7 @@ def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_pat
     straight = run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **common))
     first = run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=4, **common))
     assert first["steps"] == 4 and len(losses(tmp_path / "resumed")) == 4
-    with pytest.raises(BeitDataError, match="--resume"):
+    with pytest.raises(BeitDataError, match="`resume`"):
         run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), **common))
     second = run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), resume=True, **common))
     assert straight["steps"] == second["steps"] == 8
@@ -56,90 +55,6 @@ def test_two_process_resume_is_exact(sample_shards, sample_tokens, tmp_path):
     assert config["steps_per_epoch"] == 3  # 8 and 6 images on the two ranks in epoch 0: min(4, 3) batches of 2
 
 
-def test_stream_batches_are_the_same_after_a_restart(sample_shards, sample_tokens):
-    from beit_data.stream import StreamConfig, TrainStream
-
-    stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(sample_tokens), batch_size=3,
-                                      num_threads=1))
-    it = stream.batches()
-    seq = [next(it) for _ in range(7)]  # crosses the epoch boundary (4 steps per epoch)
-    assert [(b.epoch, b.step) for b in seq] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
-    again = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(sample_tokens), batch_size=3,
-                                     num_threads=1)).batches(1, 1)
-    b = next(again)
-    assert (b.epoch, b.step, b.keys) == (1, 1, seq[5].keys)
-    assert torch.equal(b.images, seq[5].images) and torch.equal(b.tokens, seq[5].tokens)
-    assert torch.equal(b.mask, seq[5].mask)
-    assert b.images.shape == (3, 3, 224, 224) and b.tokens.dtype == torch.int64 and b.mask.dtype == torch.bool
-    assert b.mask.sum(1).max() <= 75 and b.tokens.shape == (3, 196)
-    # A different epoch shuffles shards and picks other views and masks.
-    assert seq[0].keys != seq[4].keys or not torch.equal(seq[0].mask, seq[4].mask)
-
-
-def test_stream_replays_the_stored_tokens_row(sample_shards, sample_tokens):
-    from beit_data.stream import StreamConfig, TrainStream
-    from beit_data.views import stable_rng
-
-    stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(sample_tokens), batch_size=2,
-                                      num_threads=1))
-    b = next(stream.batches())
-    rows = {(r["key"], r["view"]): r["tokens"] for p in sample_tokens.glob("*.parquet")
-            for r in pq.read_table(p).to_pylist()}
-    for key, tokens in zip(b.keys, b.tokens):
-        view = int(stable_rng(0, 0, key).integers(4))
-        assert tokens.tolist() == rows[(key, view)]
-
-
-def test_the_sample_work_runs_in_a_dali_worker_process(sample_shards, sample_tokens):
-    import multiprocessing
-    import pickle
-
-    from beit_data.replay import OUTPUTS
-    from beit_data.stream import StreamConfig, TrainStream
-
-    stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(sample_tokens), batch_size=3,
-                                      num_threads=1))
-    before = set(multiprocessing.active_children())
-    it = stream.batches()
-    b = next(it)
-    assert len(set(multiprocessing.active_children()) - before) == 1  # DALI's spawned loader process
-    # The source is a plain picklable iterable: in this process it yields the same first batch.
-    direct = dict(zip(OUTPUTS, next(iter(pickle.loads(pickle.dumps(stream.source))))))
-    assert [k.tobytes().decode() for k in direct["key"]] == b.keys
-    assert torch.equal(torch.from_numpy(np.stack(direct["tokens"])), b.tokens)
-    assert torch.equal(torch.from_numpy(np.stack(direct["mask"])), b.mask)
-    it.close()
-
-
-def test_shards_that_lost_samples_since_tokenize_are_a_clear_error(sample_shards, sample_tokens, tmp_path):
-    import tarfile
-
-    from beit_data.stream import StreamConfig, TrainStream
-
-    (tmp_path / "s").mkdir()
-    with tarfile.open(sample_shards / "sample-000000.tar") as tar:
-        member = tar.getmembers()[0]
-        write_tar(tmp_path / "s" / "sample-000000.tar", [(member.name, tar.extractfile(member).read())])
-    stream = TrainStream(StreamConfig(shards=str(tmp_path / "s"), tokens=str(sample_tokens), batch_size=3,
-                                      num_threads=1))
-    assert stream.steps_per_epoch(0) >= 1  # the Parquet file still counts every image
-    with pytest.raises(BeitDataError, match="ran out of samples at step 0"):
-        next(stream.batches())
-
-
-def test_a_script_without_a_main_guard_gets_a_clear_error(sample_shards, sample_tokens, tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(f"""
-from beit_data.stream import StreamConfig, TrainStream
-stream = TrainStream(StreamConfig(shards={str(sample_shards)!r}, tokens={str(sample_tokens)!r}, batch_size=3))
-next(stream.batches())
-""")
-    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode != 0
-    assert 'guard its entry point with `if __name__ == "__main__":`' in done.stderr
-
-
 def test_missing_parquet_is_an_error_or_skipped(sample_shards, sample_tokens, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.mkdir()
@@ -156,7 +71,7 @@ def test_missing_parquet_is_an_error_or_skipped(sample_shards, sample_tokens, tm
 
 def test_grid_and_vocab_mismatch_are_refused(sample_shards, sample_tokens, tmp_path):
     from beit_model.dvae import DVAEConfig, save_checkpoint
-    from pipelines.tokenize import TokenizeConfig, run_tokenize
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     small = DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=128, n_init=16, input_size=96)
     save_checkpoint(tmp_path / "t96.pt", small, *small.build())
@@ -176,8 +91,8 @@ def test_grid_and_vocab_mismatch_are_refused(sample_shards, sample_tokens, tmp_p
 
 
 def test_rejected_keys_are_skipped_and_counted(tmp_path, tiny_tokenizer):
-    from pipelines.tokenize import TokenizeConfig, run_tokenize
-    from tests.conftest import jpeg_bytes, write_tar
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+    from tests.conftest import jpeg_bytes
 
     (tmp_path / "s").mkdir()
     write_tar(tmp_path / "s" / "a.tar", [(f"{i}.jpg", jpeg_bytes((160, 140), seed=i)) for i in range(5)]
@@ -206,7 +121,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, sample
 @pytest.mark.slow
 def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, trained_tokenizer, tmp_path):
     """Masked-token accuracy beats the most-frequent-token baseline, and shuffled targets learn less."""
-    from pipelines.tokenize import TokenizeConfig, run_tokenize
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(trained_tokenizer), out=str(tmp_path / "t"),
                                 views=10, device="cpu", progress=False))
@@ -225,44 +140,3 @@ def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, tr
     assert accuracy[False] > baseline + 0.1
     assert accuracy[False] > accuracy[True] + 0.05
 
-
-def test_no_target_jitter_tokens_get_fresh_jitter_each_epoch(sample_shards, tiny_tokenizer, tmp_path):
-    from dataclasses import replace
-
-    from beit_data.replay import OUTPUTS
-    from beit_data.stream import StreamConfig, TrainStream
-    from beit_data.tokens import read_meta
-    from pipelines.tokenize import TokenizeConfig, run_tokenize
-
-    run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"),
-                                views=2, target_jitter=False, device="cpu", progress=False))
-    assert read_meta(tmp_path / "t" / "sample-000000.parquet")["views"]["target_jitter"] is False
-    table = pq.read_table(tmp_path / "t" / "sample-000000.parquet")
-    assert set(table.column("brightness").to_pylist()) == {1.0}
-    stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(tmp_path / "t"), batch_size=14))
-
-    def jitter_by_key(epoch):  # the source's first batch of the epoch: every image (14 per epoch)
-        batch = dict(zip(OUTPUTS, next(iter(replace(stream.source, start=(epoch, 0))))))
-        return {k.tobytes().decode(): tuple(j[0]) for k, j in zip(batch["key"], batch["jitter"])}
-
-    epoch0, epoch1 = jitter_by_key(0), jitter_by_key(1)
-    assert len(epoch0) == 14 and epoch0.keys() == epoch1.keys()
-    for jitter in (*epoch0.values(), *epoch1.values()):
-        assert all(0.6 <= f <= 1.4 and f != 1.0 for f in jitter)
-    assert all(epoch0[k] != epoch1[k] for k in epoch0)
-
-
-def test_cli_export_of_a_run_loads_in_timm(sample_shards, sample_tokens, tmp_path):
-    import timm
-
-    run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "run"),
-                                steps=2, **TINY))
-    result = run_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "enc.pth"))
-    assert result.returncode == 0, result.stderr
-    assert "timm.create_model('beit_base_patch16_224'" in result.stdout
-    info = json.loads((tmp_path / "enc.json").read_text())
-    model = timm.create_model(info["timm_model"], checkpoint_path=str(tmp_path / "enc.pth"), **info["timm_kwargs"])
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert torch.equal(model.patch_embed.proj.weight, ckpt["model"]["patch_embed.proj.weight"])
-    missing = run_cli("export", str(tmp_path), "--out", str(tmp_path / "x.pth"))
-    assert missing.returncode != 0 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr

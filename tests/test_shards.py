@@ -3,20 +3,44 @@ from pathlib import Path
 
 import pytest
 
-from beit_data import BeitDataError
+from beit_common import BeitDataError
 from beit_data.sample import sample_images
 from beit_data.shards import expand_shards, iter_samples, split_key
-from pipelines.shards import ShardsConfig, run_shards
+from pipelines.shards import ShardsConfig, collect_images, run_shards
 from tests.conftest import jpeg_bytes, run_cli, write_tar
+
+
+def written(shards) -> list:
+    """Every sample of the shards, in write order."""
+    return [s for shard in shards for s in iter_samples(shard)]
+
+
+def sources_of(samples) -> list[str]:
+    return [json.loads(s.members["json"])["source"] for s in samples]
+
+
+def classes_of(samples) -> list[str]:
+    return [json.loads(s.members["json"])["class"] for s in samples]
+
+
+def make_tree(root: Path, classes: int = 4, per_class: int = 6) -> Path:
+    """An ImageFolder tree: ``root/c0/0.jpg`` ... with a different JPEG per file."""
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            (root / f"c{c}" / f"{i}.jpg").write_bytes(jpeg_bytes(size=(16, 16), seed=c * per_class + i))
+    return root
 
 
 def test_round_trip_bytes_unchanged(sample_shards):
     shards = expand_shards(str(sample_shards))
     assert [p.name for p in shards] == ["sample-000000.tar", "sample-000001.tar"]
-    samples = [s for shard in shards for s in iter_samples(shard)]
-    originals = [p.read_bytes() for p in sample_images()]
+    samples = written(shards)
+    originals = {str(p): p.read_bytes() for p in sample_images()}
     assert [s.key for s in samples] == [f"{i:09d}" for i in range(len(originals))]
-    assert [s.image for s in samples] == originals
+    # The fixture's shards are shuffled: each sample's .json member says which file it holds.
+    assert sorted(sources_of(samples)) == sorted(originals)
+    assert [s.image for s in samples] == [originals[src] for src in sources_of(samples)]
     assert all(s.image_ext == "jpg" for s in samples)
 
 
@@ -65,7 +89,7 @@ def test_bad_files_become_rejects_and_the_rest_is_written(tmp_path):
     (src / "c_truncated.jpg").write_bytes(good[: len(good) // 2])
     (src / "d_good.png").write_bytes(jpeg_bytes(seed=2))  # a JPEG named .png keeps its JPEG type
     (src / "e_notes.txt").write_text("not an image")
-    result = run_shards(ShardsConfig(sources=[src], out=tmp_path / "out", progress=False))
+    result = run_shards(ShardsConfig(sources=[src], out=tmp_path / "out", shuffle=False, progress=False))
     assert result.images == 2
     reasons = {Path(r.key).name: r.reason for r in result.rejects}
     assert set(reasons) == {"b_empty.jpg", "c_truncated.jpg", "e_notes.txt"}
@@ -85,12 +109,107 @@ def test_image_folder_tree_writes_cls_and_classes_json(tmp_path):
         for s in seeds:
             (tmp_path / "tree" / cls / f"{s}.jpg").write_bytes(jpeg_bytes(seed=s))
     result = run_shards(ShardsConfig(sources=[tmp_path / "tree"], out=tmp_path / "out", maxcount=2,
-                                     progress=False))
+                                     shuffle=False, progress=False))
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["cat", "dog"]
     samples = [s for shard in result.shards for s in iter_samples(shard)]
     assert [s.members["cls"] for s in samples] == [b"0", b"1", b"1"]
     assert len(result.shards) == 2
     assert all(p.with_suffix(".idx").exists() for p in result.shards)
+
+
+def test_default_order_is_a_seeded_permutation_not_class_sorted(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    listing = [item.source for item in collect_images(tree)]
+
+    def order(seed: int | None, out: str) -> list[str]:
+        extra = {} if seed is None else {"seed": seed}
+        return sources_of(written(run_shards(ShardsConfig(sources=[tree], out=tmp_path / out, maxcount=7,
+                                                          progress=False, **extra)).shards))
+
+    default = order(None, "default")
+    assert sorted(default) == sorted(listing) and len(default) == 24
+    assert default != listing
+    classes = [src.split("/")[0] for src in default]
+    assert classes != sorted(classes)
+    assert order(0, "again") == default
+    assert order(1, "other") != default
+
+
+def test_no_shuffle_keeps_the_listing_order(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    result = run_shards(ShardsConfig(sources=[tree], out=tmp_path / "out", shuffle=False, seed=5, progress=False))
+    samples = written(result.shards)
+    assert sources_of(samples) == [item.source for item in collect_images(tree)]
+    assert classes_of(samples) == sorted(classes_of(samples))
+    assert result.summary()["shuffled"] is False
+
+
+def test_keys_count_up_in_write_order_across_shards(tmp_path):
+    result = run_shards(ShardsConfig(sources=[make_tree(tmp_path / "tree")], out=tmp_path / "out", maxcount=5,
+                                     progress=False))
+    per_shard = [[s.key for s in iter_samples(shard)] for shard in result.shards]
+    assert [len(keys) for keys in per_shard] == [5, 5, 5, 5, 4]
+    assert [k for keys in per_shard for k in keys] == [f"{i:09d}" for i in range(24)]
+
+
+def test_json_member_traces_each_key_to_its_file_and_class(tmp_path):
+    tree = make_tree(tmp_path / "tree", classes=3, per_class=2)
+    result = run_shards(ShardsConfig(sources=[tree], out=tmp_path / "out", progress=False))
+    classes = json.loads((tmp_path / "out" / "classes.json").read_text())
+    for sample in written(result.shards):
+        meta = json.loads(sample.members["json"])
+        assert set(meta) == {"source", "class"}
+        assert meta["source"] == f"{meta['class']}/{Path(meta['source']).name}"  # relative to the tree
+        assert sample.image == (tree / meta["source"]).read_bytes()
+        assert classes[int(sample.members["cls"])] == meta["class"]
+
+
+def test_json_member_of_a_list_source_is_the_path_as_listed(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes(seed=1))
+    absolute = tmp_path / "b.jpg"
+    absolute.write_bytes(jpeg_bytes(seed=2))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"imgs/a.jpg\n\n{absolute}\n")
+    result = run_shards(ShardsConfig(sources=[listing], out=tmp_path / "out", shuffle=False, progress=False))
+    samples = written(result.shards)
+    assert [json.loads(s.members["json"]) for s in samples] == [{"source": "imgs/a.jpg"}, {"source": str(absolute)}]
+    assert [s.image for s in samples] == [jpeg_bytes(seed=1), jpeg_bytes(seed=2)]
+    assert all("cls" not in s.members for s in samples)
+
+
+def test_shards_json_records_the_order_and_reports_are_atomic(tmp_path):
+    out = tmp_path / "out"
+    result = run_shards(ShardsConfig(sources=[make_tree(tmp_path / "tree")], out=out, maxcount=10, seed=3,
+                                     progress=False))
+    assert json.loads((out / "shards.json").read_text()) == {
+        "shuffle": True, "seed": 3, "images": 24,
+        "shards": ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"],
+    }
+    assert [p.name for p in result.shards] == json.loads((out / "shards.json").read_text())["shards"]
+    assert result.summary() == {"images": 24, "shards": 3, "rejects": 0, "shuffled": True}
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == [
+        "classes.json", "rejects.json", "shards.json"]  # no temporary files left behind
+
+
+def test_cli_shards_shuffles_by_default_and_no_shuffle_keeps_order(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    listing = [item.source for item in collect_images(tree)]
+    plain = run_cli("shards", str(tree), "--out", str(tmp_path / "plain"), "--no-shuffle", "--quiet")
+    assert plain.returncode == 0, plain.stderr
+    assert "images 24, shards 1, rejects 0, shuffled False" in plain.stdout
+    assert sources_of(written(expand_shards(str(tmp_path / "plain")))) == listing
+    default = run_cli("shards", str(tree), "--out", str(tmp_path / "default"), "--quiet")
+    assert default.returncode == 0, default.stderr
+    assert "shuffled True" in default.stdout
+    shuffled = sources_of(written(expand_shards(str(tmp_path / "default"))))
+    assert shuffled == sources_of(written(run_shards(ShardsConfig(
+        sources=[tree], out=tmp_path / "api", progress=False)).shards))
+    assert shuffled != listing
+    assert json.loads((tmp_path / "default" / "shards.json").read_text())["seed"] == 0
+    seeded = run_cli("shards", str(tree), "--out", str(tmp_path / "seeded"), "--seed", "9", "--quiet")
+    assert seeded.returncode == 0, seeded.stderr
+    assert json.loads((tmp_path / "seeded" / "shards.json").read_text())["seed"] == 9
 
 
 def test_img2dataset_layout_reads_unchanged(tmp_path):
@@ -168,3 +287,47 @@ def test_cli_sample_writes_shards(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "images 14, shards 2, rejects 0" in result.stdout
     assert sorted(p.name for p in (tmp_path / "s").glob("*.idx")) == ["sample-000000.idx", "sample-000001.idx"]
+
+
+def test_one_index_from_idx_files_or_tar_headers(sample_shards, tmp_path):
+    from beit_data.shards import index_count, index_path, read_index, scan_index
+
+    for shard in sorted(sample_shards.glob("*.tar")):
+        from_idx = read_index(shard)
+        assert from_idx == scan_index(shard)  # the .idx says what the headers say
+        assert index_count(shard) == len(from_idx)
+        data = shard.read_bytes()
+        for sample, read in zip(from_idx, iter_samples(shard)):
+            offset, size, name = sample.members[sample.image_ext]
+            assert sample.key == read.key and data[offset:offset + size] == read.image
+            assert name == f"{sample.key}.{sample.image_ext}"
+    bare = tmp_path / sample_shards.name
+    bare.mkdir()
+    shard = bare / "x.tar"
+    shard.write_bytes((sample_shards / "sample-000000.tar").read_bytes())
+    assert not index_path(shard).exists() and index_count(shard) is None
+    assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")
+
+
+def test_every_reader_counts_the_same_members(tmp_path):
+    from beit_data.shards import read_index, write_index
+
+    image = jpeg_bytes(seed=1)
+    shard = write_tar(tmp_path / "m.tar", [("__meta__.json", b"{}"), (".hidden.jpg", image), ("a.jpg", image),
+                                           ("a.cls", b"3"), ("dir/b.JPG", image), ("dir/.c.jpg", image)])
+    read = [(s.key, sorted(s.members)) for s in iter_samples(shard)]
+    assert read == [("a", ["cls", "jpg"]), ("dir/b", ["jpg"])]
+    assert [(s.key, sorted(s.members)) for s in read_index(shard)] == read  # tar headers
+    write_index(shard)
+    assert [(s.key, sorted(s.members)) for s in read_index(shard)] == read  # the .idx
+    assert read_index(shard)[1].members["jpg"].name == "dir/b.JPG"
+
+
+def test_a_damaged_index_is_a_clear_error(sample_shards, tmp_path):
+    from beit_data.shards import read_index
+
+    shard = tmp_path / "x.tar"
+    shard.write_bytes((sample_shards / "sample-000000.tar").read_bytes())
+    (tmp_path / "x.idx").write_text("v1.2 9\njpg 512 10\n")
+    with pytest.raises(BeitDataError, match=r"x.idx is not a DALI index"):
+        read_index(shard)

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from beit_data import BeitDataError
+from beit_common import BeitDataError
 from beit_data.views import ViewRecipe, sample_view, sample_views
 
 RECIPE = ViewRecipe(views=10, seed=7)

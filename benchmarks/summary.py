@@ -4,7 +4,7 @@ Writes synthetic token files (random keys, geometry and tokens, real metadata), 
 the summary in a fresh process and reads that process's peak resident memory. Prints one
 JSON object.
 
-    python -m benchmarks.inspect [--rows 1000000] [--files 10]
+    python -m benchmarks.summary [--rows 1000000] [--files 10]
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from beit_data.tokens import build_table, write_tokens
+from beit_data.tokens import build_table, decoder_meta, file_meta, write_tokens
 from beit_data.views import ViewRecipe
-from pipelines.tokenize import decoder_meta
 
 # VmHWM is this process's own high-water mark (getrusage's ru_maxrss survives exec, so a child
 # started from a large parent would report the parent's peak).
 MEASURE = """
 import json, sys, time
-from beit_data.inspect import summarise
+from beit_data.summary import summarise
 def hwm():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 before = hwm()
@@ -41,9 +40,8 @@ print(json.dumps({"seconds": time.perf_counter() - start, "rows": s["rows"], "im
 def write_files(folder: Path, rows: int, files: int, views: int = 10, grid: int = 14, vocab: int = 8192) -> None:
     rng = np.random.default_rng(0)
     per_file = rows // files
-    meta = {"format_version": 1, "tokenizer": {"name": "dall-e", "fingerprint": "0" * 64, "vocab": vocab,
-                                               "input_size": 112, "grid": grid},
-            "views": ViewRecipe(views=views).as_dict(), "decoder": decoder_meta(), "rejects": []}
+    tokenizer = {"name": "dall-e", "fingerprint": "0" * 64, "vocab": vocab, "input_size": 112, "grid": grid}
+    meta = {**file_meta(tokenizer, ViewRecipe(views=views).as_dict(), decoder_meta("lanczos3")), "rejects": []}
     for f in range(files):
         images = per_file // views
         keys = [f"{f * images + i:09d}" for i in range(images)]

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from beit_data import BeitDataError
-from beit_data.inspect import summarise, token_files
+from beit_common import BeitDataError
 from beit_data.shards import expand_shards, iter_samples
-from beit_data.tokens import read_meta
+from beit_data.summary import summarise
+from beit_data.tokens import read_meta, token_files
+from pipelines.config import InspectConfig
 
 __all__ = ["InspectConfig", "run_inspect", "format_summary", "render_view", "render_histogram"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class InspectConfig:
-    tokens: str
-    shards: str | None = None
-    render: str | None = None
-    view: int = 0
-    tokenizer: str | None = None
-    out: str | None = None
-    histogram: str | None = None
-
-    def __post_init__(self):
-        if self.render is not None and self.out is None:
-            raise BeitDataError("--render needs --out FILE.png")
 
 
 def format_summary(s: dict) -> str:
@@ -75,7 +60,7 @@ def _find_row(files: list[Path], key: str, view: int) -> tuple[dict, dict]:
 def _image_bytes(shards: str | None, source: str, key: str) -> bytes:
     """The image of ``key``, looked up first in the shard its token file names."""
     if shards is None:
-        raise BeitDataError(f"--render needs --shards to find the image of key {key} (source shard {source})")
+        raise BeitDataError(f"`render` needs `shards` to find the image of key {key} (source shard {source})")
     candidates = expand_shards(shards)
     for shard in [s for s in candidates if s.name == source] or candidates:
         for sample in iter_samples(shard):
@@ -92,7 +77,7 @@ def render_view(cfg: InspectConfig) -> Path:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from beit_data.dali_views import DaliViews, ViewGraph
+    from beit_data.dali_views import DaliViews, ViewSpec
     from beit_data.views import View
 
     files = token_files(cfg.tokens)
@@ -101,7 +86,7 @@ def render_view(cfg: InspectConfig) -> Path:
     size, grid = meta["tokenizer"]["input_size"], meta["tokenizer"]["grid"]
     view = View(row["x"], row["y"], row["w"], row["h"], row["flip"], row["brightness"], row["contrast"],
                 row["saturation"])
-    seen = DaliViews(ViewGraph(views=1, size=size, interp="lanczos", jitter=meta["views"]["target_jitter"]),
+    seen = DaliViews(ViewSpec(views=1, size=size, interp="lanczos", jitter=meta["views"]["target_jitter"]),
                      batch_size=1)([data], [[view]])[0, 0].permute(1, 2, 0).numpy()  # (S, S, 3) in [0,1]
     tokens = np.array(row["tokens"]).reshape(grid, grid)
     panels = 4 if cfg.tokenizer else 3

@@ -18,49 +18,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit_data import BeitDataError, ensure_writable_dir
-from beit_data.dali_views import JITTER_ORDER, DaliViews, ViewGraph
-from beit_data.images import EXIF_RULE
+from beit_common import ensure_writable_dir
+from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
-from beit_data.runtime import autocast, dist_info, init_distributed, resolve_device
-from beit_data.shards import Reject, expand_shards, index_path, iter_images
+from beit_data.shards import Reject, expand_shards, index_count, iter_images
 from beit_data.tokens import (
-    FORMAT_VERSION,
     build_table,
-    describe_mismatch,
+    check_recipe,
+    decoder_meta,
+    file_meta,
     read_meta,
-    recipe_signature,
     token_path,
+    view_rows,
     write_tokens,
 )
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.dvae import Tokenizer, load_tokenizer
+from pipelines.config import TokenizeConfig
+from pipelines.runtime import autocast, dist_info, init_distributed, resolve_device
 
-__all__ = ["TokenizeConfig", "run_tokenize", "decoder_meta"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenizeConfig:
-    shards: str
-    tokenizer: str
-    out: str
-    views: int = 10
-    seed: int = 0
-    batch_size: int = 64
-    target_jitter: bool = True
-    overwrite: bool = False
-    device: str = "auto"
-    num_threads: int = 4
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise BeitDataError(f"--batch-size must be at least 1, got {self.batch_size}")
-
-    @property
-    def recipe(self) -> ViewRecipe:
-        return ViewRecipe(views=self.views, seed=self.seed, target_jitter=self.target_jitter)
+__all__ = ["TokenizeConfig", "run_tokenize", "run_meta"]
 
 
 @dataclass
@@ -78,48 +56,28 @@ class TokenizeSummary:
                 "rejects": len(self.rejects), "seconds": round(self.seconds, 2), "img_per_s": round(ips, 1)}
 
 
-def decoder_meta() -> dict:
-    return {"decoder": "DALI decoders.image (nvImageCodec), RGB", "exif": EXIF_RULE,
-            "resize": "DALI resize, ROI = view window, lanczos3, antialiased", "jitter_order": JITTER_ORDER}
-
-
-def file_meta(tokenizer: Tokenizer, recipe: ViewRecipe) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint, "vocab": tokenizer.vocab_size,
-                      "input_size": tokenizer.input_size, "grid": tokenizer.grid},
-        "views": recipe.as_dict(),
-        "decoder": decoder_meta(),
-    }
+def run_meta(tokenizer: Tokenizer, recipe: ViewRecipe) -> dict:
+    """The metadata every token file of this run shares."""
+    return file_meta(tokenizer.describe(), recipe.as_dict(), decoder_meta("lanczos3"))
 
 
 def _plan(shards: list[Path], out: Path, meta: dict, overwrite: bool) -> tuple[list[Path], int]:
     """The shards still to tokenize; finished ones with matching metadata are skipped."""
     todo, skipped = [], 0
-    want = recipe_signature(meta)
     for shard in shards:
         target = token_path(out, shard)
         if not target.exists() or overwrite:
             todo.append(shard)
             continue
-        have = recipe_signature(read_meta(target))
-        if have == want:
-            skipped += 1
-            continue
-        raise BeitDataError(f"{target} was made with a different tokenizer or view recipe "
-                            f"({describe_mismatch(have, want)}); pass --overwrite to replace it")
+        check_recipe(read_meta(target), meta, f"{target} and this run", "; pass `overwrite` to replace it")
+        skipped += 1
     return todo, skipped
 
 
 def _expected_images(shards: list[Path]) -> int | None:
     """Sample count from the shards' .idx headers, for the progress bar, where all exist."""
-    total = 0
-    for shard in shards:
-        idx = index_path(shard)
-        if not idx.exists():
-            return None
-        total += int(idx.read_text().split("\n", 1)[0].split()[1])
-    return total
+    counts = [index_count(shard) for shard in shards]
+    return None if None in counts else sum(counts)
 
 
 def _prepared_batches(shard: Path, cfg: TokenizeConfig, min_size: int, rejects: list[Reject]):
@@ -132,12 +90,10 @@ def _prepared_batches(shard: Path, cfg: TokenizeConfig, min_size: int, rejects: 
 def _decoded_batches(prepared, shard: Path, views: DaliViews, rejects: list[Reject]):
     """(rows, tensors (N*V, 3, S, S)) per batch, decoded and augmented by DALI."""
     for batch, batch_views in prepared:
-        pixels, good, bad = views.robust([s.image for s, _ in batch], batch_views)
+        pixels, good, bad = views.decode_or_reject([s.image for s, _ in batch], batch_views)
         rejects.extend(Reject(key=batch[i][0].key, reason=reason, shard=str(shard)) for i, reason in bad)
-        rows = [{"key": batch[i][0].key, "view": v, "x": view.x, "y": view.y, "w": view.w, "h": view.h,
-                 "flip": view.flip, "brightness": view.brightness, "contrast": view.contrast,
-                 "saturation": view.saturation, "width": batch[i][1].width, "height": batch[i][1].height}
-                for i in good for v, view in enumerate(batch_views[i])]
+        rows = [row for i in good for row in view_rows(batch[i][0].key, batch_views[i], batch[i][1].width,
+                                                        batch[i][1].height)]
         if rows:
             yield rows, pixels.flatten(0, 1)
 
@@ -157,7 +113,7 @@ def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views
         bar.update(len(rows) // cfg.views)
     grid = tokenizer.grid
     tokens = np.concatenate(all_tokens) if all_tokens else np.zeros((0, grid, grid), np.int16)
-    meta = {**file_meta(tokenizer, cfg.recipe), "source": Path(shard).name,
+    meta = {**run_meta(tokenizer, cfg.recipe), "source": Path(shard).name,
             "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
     write_tokens(token_path(cfg.out, shard), build_table(all_rows, tokens, grid), meta)
     return len(all_rows) // cfg.views, len(all_rows), rejects
@@ -173,9 +129,9 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     dist = init_distributed(device)
     mine = shards[dist.rank :: dist.world_size]
-    todo, skipped = _plan(mine, out, file_meta(tokenizer, cfg.recipe), cfg.overwrite)
+    todo, skipped = _plan(mine, out, run_meta(tokenizer, cfg.recipe), cfg.overwrite)
     tokenizer = tokenizer.to(device)
-    views = DaliViews(ViewGraph(views=cfg.views, size=tokenizer.input_size, interp="lanczos",
+    views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp="lanczos",
                                 jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
                       num_threads=cfg.num_threads)
     summary = TokenizeSummary(shards=len(mine), skipped=skipped)

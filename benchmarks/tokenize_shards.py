@@ -4,8 +4,8 @@ End to end: tar reading, probing, view sampling, DALI decode + V crops, the dVAE
 Parquet writes. Tokenizer only: the same number of views as ready tensors on the device.
 The target on a GPU is end to end >= 90% of tokenizer only. Prints one JSON object.
 
-    python -m benchmarks.tokenize                                  # CPU, tiny tokenizer
-    python -m benchmarks.tokenize --device cuda --images 4096 --tokenizer-config dalle --batch-size 32
+    python -m benchmarks.tokenize_shards                                  # CPU, tiny tokenizer
+    python -m benchmarks.tokenize_shards --device cuda --images 4096 --tokenizer-config dalle --batch-size 32
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from beit_data.runtime import autocast
 from beit_model.dvae import load_tokenizer
 from benchmarks.common import device_name, emit, make_shards, make_tokenizer
-from pipelines.tokenize import TokenizeConfig, run_tokenize
+from pipelines.runtime import autocast
+from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
 
 def tokenizer_only(tokenizer, n_views: int, batch: int, device) -> float:
@@ -41,12 +41,12 @@ def tokenizer_only(tokenizer, n_views: int, batch: int, device) -> float:
 
 def loader_only(shards, cfg: TokenizeConfig, input_size: int, device) -> float:
     """Views/s of reading, probing, view sampling and DALI decode + crops, with no dVAE."""
-    from beit_data.dali_views import DaliViews, ViewGraph
+    from beit_data.dali_views import DaliViews, ViewSpec
     from beit_data.prefetch import prefetch
     from beit_data.shards import expand_shards
-    from pipelines.tokenize import _decoded_batches, _prepared_batches
+    from pipelines.tokenize_shards import _decoded_batches, _prepared_batches
 
-    views = DaliViews(ViewGraph(views=cfg.views, size=input_size), batch_size=cfg.batch_size, device=device,
+    views = DaliViews(ViewSpec(views=cfg.views, size=input_size), batch_size=cfg.batch_size, device=device,
                       num_threads=cfg.num_threads)
     start, n = None, 0
     for shard in expand_shards(shards):

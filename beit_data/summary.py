@@ -7,7 +7,6 @@ the codebook size, not by the number of rows.
 from __future__ import annotations
 
 import math
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -15,40 +14,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from beit_data import BeitDataError
-from beit_data.shards import IMAGE_EXTS, expand_shards, index_path, split_key
-from beit_data.tokens import describe_mismatch, read_meta, recipe_signature, schema, token_path
+from beit_common import BeitDataError
+from beit_data.shards import expand_shards, read_index
+from beit_data.tokens import check_recipe, read_meta, schema, token_files, token_path
 
-__all__ = ["token_files", "summarise", "shard_keys"]
-
-
-def token_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BeitDataError(f"token folder not found: {folder}")
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        raise BeitDataError(f"no .parquet files in {folder}")
-    return files
+__all__ = ["summarise", "shard_keys"]
 
 
 def shard_keys(shard: Path) -> set[str]:
     """Keys of the samples with an image member, from the .idx file where there is one."""
-    idx = index_path(shard)
-    keys: set[str] = set()
-    if idx.exists():
-        for line in idx.read_text().splitlines()[1:]:
-            parts = line.split()
-            names = parts[3::4]
-            if any(split_key(n)[1] in IMAGE_EXTS for n in names):
-                keys.add(split_key(names[0])[0])
-        return keys
-    with tarfile.open(shard, "r:") as tar:
-        for info in tar:
-            key, ext = split_key(info.name)
-            if info.isreg() and ext in IMAGE_EXTS:
-                keys.add(key)
-    return keys
+    return {s.key for s in read_index(shard) if s.image_ext is not None}
 
 
 def _codebook(counts: np.ndarray, top: int = 10) -> dict:
@@ -85,12 +60,12 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
         if grid is None or not file.schema_arrow.equals(schema(grid), check_metadata=False):
             errors.append(f"{path.name}: schema does not match the token format: {file.schema_arrow}")
             continue
-        sig = recipe_signature(meta)
         if reference is None:
             reference, ref_file = meta, path
-        elif sig != recipe_signature(reference):
-            errors.append(f"{path.name} and {ref_file.name} come from different tokenizers or recipes: "
-                          f"{describe_mismatch(sig, recipe_signature(reference))}")
+        try:
+            check_recipe(meta, reference, f"{path.name} and {ref_file.name}")
+        except BeitDataError as exc:
+            errors.append(str(exc))
             continue
         if counts is None:
             counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Device, precision and process-group helpers shared by the stages."""
+"""Devices, precision and the process group: what the stages need to run, and nothing below them does."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from beit_data import BeitDataError, write_atomic
+from beit_common import BeitDataError
 
-__all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "DistInfo", "dist_info", "init_distributed",
-           "save_atomic"]
+__all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "DistInfo", "dist_info", "init_distributed"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -21,16 +20,11 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise BeitDataError("--device cuda was asked for, but CUDA is not available")
+            raise BeitDataError("`device` is cuda, but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
-
-
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def autocast(device: torch.device, enabled: bool = True):

@@ -1,0 +1,167 @@
+"""The settings of every stage, one keyword-only dataclass each, validated when built.
+
+They live apart from the stages so that the command line can take its defaults from them
+without importing torch or DALI (``beit-data --help`` stays instant). Each stage module
+re-exports its own config beside its ``run_*()`` function.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from beit_common import BeitDataError
+from beit_data.views import ViewRecipe
+
+# The dVAE architectures of ``beit_model.dvae.CONFIGS`` (named here so this module needs no torch).
+DVAE_CONFIGS = ("tiny", "dalle")
+
+__all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "PretrainConfig", "InspectConfig", "default"]
+
+
+def default(config: type, name: str):
+    """The default of setting ``name`` of a config class, for the command line."""
+    return config.__dataclass_fields__[name].default
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardsConfig:
+    """Where the images come from and how the shards are cut.
+
+    Attributes:
+        sources: Flat image folders, ImageFolder trees (class sub-folders) or text files
+            listing image paths (relative paths are taken from the list's folder).
+        out: Output folder for the shards, their ``.idx`` files and the reports.
+        maxcount: Samples per shard.
+        prefix: Shard names are ``{prefix}-{000000}.tar``.
+        shuffle: Write the images (all sources together) in a seeded random order. Off, they
+            are written in listing order, which for ImageFolder trees is class by class.
+        seed: Seed of that order; the same seed and listing give the same shards.
+        progress: Show a progress bar.
+    """
+
+    sources: Sequence[str | os.PathLike]
+    out: str | os.PathLike
+    maxcount: int = 10000
+    prefix: str = "shard"
+    shuffle: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.sources:
+            raise BeitDataError("give at least one image source")
+        if self.maxcount < 1:
+            raise BeitDataError(f"`maxcount` must be at least 1, got {self.maxcount}")
+        if not self.prefix or "/" in self.prefix:
+            raise BeitDataError(f"`prefix` must be a plain file-name prefix, got {self.prefix!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainDVAEConfig:
+    shards: str
+    out: str
+    config: str = "tiny"
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    kl_weight: float = 0.02
+    usage_weight: float = 1.0
+    gumbel_noise: float | None = None  # None: 1.0 for dalle, 0.0 for tiny
+    kl_warmup: float = 0.25
+    tau_start: float = 1.0
+    tau_end: float = 1 / 16
+    holdout: int = 2
+    checkpoint_every: int = 200
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.config not in DVAE_CONFIGS:
+            raise BeitDataError(f"`config` must be one of {list(DVAE_CONFIGS)}, got {self.config}")
+        if self.steps < 1 or self.batch_size < 1 or self.holdout < 1:
+            raise BeitDataError("`steps`, `batch_size` and the hold-out count must be at least 1")
+        if self.gumbel_noise is None:
+            object.__setattr__(self, "gumbel_noise", 1.0 if self.config == "dalle" else 0.0)
+        if self.resume and self.overwrite:
+            raise BeitDataError("`resume` and `overwrite` exclude each other")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    shards: str
+    tokenizer: str
+    out: str
+    views: int = 10
+    seed: int = 0
+    batch_size: int = 64
+    target_jitter: bool = True
+    overwrite: bool = False
+    device: str = "auto"
+    num_threads: int = 4
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise BeitDataError(f"`batch_size` must be at least 1, got {self.batch_size}")
+
+    @property
+    def recipe(self) -> ViewRecipe:
+        return ViewRecipe(views=self.views, seed=self.seed, target_jitter=self.target_jitter)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    shards: str
+    tokens: str
+    out: str
+    model: str = "beit_mim_base_patch16_224"
+    epochs: int = 800
+    steps: int | None = None  # overrides epochs
+    stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
+    batch_size: int = 256  # per rank
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0
+    drop_path: float = 0.1
+    layer_scale: float = 0.1
+    num_masked: int = 75
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    resume: bool = False
+    skip_missing: bool = False
+    compile: bool = False
+    device: str = "auto"
+    num_threads: int = 4
+    progress: bool = True
+    shuffle_targets: bool = False  # control experiment: targets from other images
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1 or self.epochs < 1:
+            raise BeitDataError("`steps` and `epochs` must be at least 1")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise BeitDataError("`batch_size` and `lr` must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectConfig:
+    tokens: str
+    shards: str | None = None
+    render: str | None = None
+    view: int = 0
+    tokenizer: str | None = None
+    out: str | None = None
+    histogram: str | None = None
+
+    def __post_init__(self):
+        if self.render is not None and self.out is None:
+            raise BeitDataError("`render` needs `out` (a .png file)")

@@ -1,0 +1,110 @@
+"""The pieces of BEiT pretraining that the trainer, the benchmarks and the GPU tests share.
+
+The model, the AdamW parameter groups, the learning-rate schedule, the MIM loss and the one
+training step (forward, loss, backward, clip, optimizer and scheduler) live here, so that a
+benchmark measures exactly the step that ``beit-data pretrain`` runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from beit_common import BeitDataError
+from beit_model.beit_mim import masked_positions
+from pipelines.runtime import autocast
+
+__all__ = ["IGNORE", "build_model", "param_groups", "lr_factor", "build_optimizer", "mim_loss", "StepOutput",
+           "train_step"]
+
+IGNORE = -100  # target of the padding entries of the fixed-shape masked positions
+
+
+def build_model(name: str, vocab_size: int, *, drop_path: float = 0.0, layer_scale: float = 0.1) -> torch.nn.Module:
+    """A registered ``beit_mim_*`` variant with an LM head over ``vocab_size`` visual tokens."""
+    import timm
+
+    import beit_model  # noqa: F401  (registers the beit_mim_* variants)
+
+    if not name.startswith("beit_mim_"):
+        raise BeitDataError(f"model must be a beit_mim_* variant, got {name}")
+    try:
+        return timm.create_model(name, vocab_size=vocab_size, drop_path_rate=drop_path, init_values=layer_scale)
+    except RuntimeError as exc:
+        raise BeitDataError(f"unknown model {name}: {exc}") from None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on 1-D parameters (biases, norms, LayerScale) and ``no_weight_decay()``."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, lr: float, min_lr: float) -> float:
+    """Linear warmup per step, then cosine decay to ``min_lr``, as a factor of ``lr``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))) / lr
+
+
+def build_optimizer(model: torch.nn.Module, *, lr: float, min_lr: float, weight_decay: float,
+                    betas: tuple[float, float], warmup: int, total: int):
+    """AdamW over ``param_groups`` and its per-step warmup-then-cosine scheduler."""
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, lr, min_lr))
+    return optimizer, scheduler
+
+
+def mim_loss(model, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, max_masked: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MIM cross-entropy over the masked patches, with fixed shapes and no host sync.
+
+    Returns the loss, the logits (B, K, vocab) and the targets (B, K), where padding entries
+    are ``IGNORE``; the loss is the mean over the masked patches, as with boolean indexing.
+    """
+    positions, real = masked_positions(mask, max_masked)
+    with autocast(device):
+        logits = model(images, mask, positions)
+    targets = tokens.gather(1, positions).masked_fill(~real, IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return loss, logits, targets
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, detached; reading it waits for the device
+    logits: torch.Tensor  # (B, K, vocab)
+    targets: torch.Tensor  # (B, K), IGNORE on padding
+    grad_norm: torch.Tensor
+
+    def accuracy(self) -> float:
+        """Masked-token top-1 accuracy of this step (reads back from the device)."""
+        return ((self.logits.argmax(-1) == self.targets).sum() / (self.targets != IGNORE).sum()).item()
+
+
+def train_step(model: torch.nn.Module, optimizer, scheduler, images: torch.Tensor, tokens: torch.Tensor,
+               mask: torch.Tensor, *, max_masked: int, clip_grad: float, device: torch.device,
+               forward: torch.nn.Module | None = None) -> StepOutput:
+    """One optimizer step of masked image modeling; never waits for the device.
+
+    Args:
+        model: The model whose parameters are clipped.
+        scheduler: Stepped after the optimizer; ``None`` keeps the learning rate.
+        forward: What to call for the forward pass when it is not ``model`` itself: its DDP
+            or ``torch.compile`` wrapper.
+    """
+    loss, logits, targets = mim_loss(forward or model, images, tokens, mask, max_masked, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return StepOutput(loss.detach(), logits, targets, grad_norm)

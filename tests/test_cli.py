@@ -1,0 +1,45 @@
+"""The command line takes its defaults from the stage configs and speaks in flags."""
+
+import dataclasses
+
+import pytest
+
+import cli
+from pipelines.config import DVAE_CONFIGS, InspectConfig, PretrainConfig, ShardsConfig, TokenizeConfig, TrainDVAEConfig
+
+CONFIGS = {"shards": ShardsConfig, "train-dvae": TrainDVAEConfig, "tokenize": TokenizeConfig,
+           "pretrain": PretrainConfig, "inspect": InspectConfig}
+RENAMED = {"config_name": "config", "compile_": "compile", "render_key": "render"}
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGS))
+def test_cli_defaults_are_the_configs(command):
+    config = CONFIGS[command]
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    checked = 0
+    for param in cli.main.commands[command].params:
+        name = RENAMED.get(param.name, param.name)
+        plain_flag = getattr(param, "is_flag", False) and not param.secondary_opts  # off unless given
+        if name in fields and fields[name].default is not dataclasses.MISSING and not (param.required or plain_flag):
+            assert param.default == fields[name].default, (command, name)
+            checked += 1
+    assert checked >= 2
+
+
+def test_dvae_config_names_match_the_models():
+    from beit_model.dvae import CONFIGS as MODELS
+
+    assert set(DVAE_CONFIGS) == set(MODELS)
+
+
+def test_library_errors_name_settings_and_the_cli_names_flags(tmp_path):
+    from beit_common import BeitDataError
+    from tests.conftest import run_cli
+
+    with pytest.raises(BeitDataError, match="^`batch_size` must be at least 1, got 0$"):
+        TokenizeConfig(shards="s", tokenizer="t", out="o", batch_size=0)
+    command = cli.main.commands["pretrain"]
+    assert cli.as_flags("lower `batch_size`; pass `skip_missing` or `compile`, not `other`", command) == \
+        "lower --batch-size; pass --skip-missing or --compile, not `other`"
+    result = run_cli("shards", str(tmp_path), "--out", str(tmp_path / "o"), "--prefix", "a/b")
+    assert result.returncode != 0 and "Error: --prefix must be a plain file-name prefix" in result.stderr
