@@ -16,6 +16,7 @@ from beit_common import BeitDataError, __version__
 from pipelines.config import (
     DVAE_CONFIGS,
     InspectConfig,
+    PlanConfig,
     PretrainConfig,
     ShardsConfig,
     TokenizeConfig,
@@ -36,6 +37,8 @@ SHARDS_OPTION = click.option(
     help="Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob.",
 )
 SEED_OPTION = setting(PretrainConfig, "--seed", type=int, help="Seed of every random choice.")
+MIX_SHARDS_OPTION = setting(PretrainConfig, "--mix-shards", type=click.IntRange(min=1),
+                            help="Shards each rank reads at once; the samples of those shards are permuted together.")
 QUIET_OPTION = click.option("--quiet", is_flag=True, help="Hide progress bars.")
 DEVICE_OPTION = setting(PretrainConfig, "--device",
                         help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
@@ -215,13 +218,14 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, 
               help="Stop after N steps of this invocation, with a checkpoint (for time-limited jobs).")
 @click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, instead of failing.")
 @click.option("--compile", "compile_", is_flag=True, help="Compile the model with torch.compile.")
+@MIX_SHARDS_OPTION
 @NUM_THREADS_OPTION
 @SEED_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
 def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
              weight_decay, drop_path, clip_grad, checkpoint_every, log_every, resume, stop_after, skip_missing,
-             compile_, num_threads, seed, device, quiet):
+             compile_, mix_shards, num_threads, seed, device, quiet):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
@@ -229,9 +233,39 @@ def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, 
         shards=shards, tokens=tokens, out=out, model=model, epochs=epochs, steps=steps, batch_size=batch_size,
         lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, weight_decay=weight_decay,
         drop_path=drop_path, clip_grad=clip_grad, checkpoint_every=checkpoint_every, log_every=log_every,
-        resume=resume, stop_after=stop_after, skip_missing=skip_missing, compile=compile_, num_threads=num_threads,
-        seed=seed, device=device, progress=not quiet))
+        resume=resume, stop_after=stop_after, skip_missing=skip_missing, compile=compile_, mix_shards=mix_shards,
+        num_threads=num_threads, seed=seed, device=device, progress=not quiet))
     echo_summary("pretrain", summary)
+
+
+@main.command(context_settings=CONTEXT)
+@SHARDS_OPTION
+@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of token Parquet files written by beit-data tokenize.")
+@setting(PlanConfig, "--batch-size", type=click.IntRange(min=1), help="Images per rank per step, as in pretrain.")
+@setting(PlanConfig, "--world-size", type=click.IntRange(min=1), help="Ranks of the run.")
+@setting(PlanConfig, "--epochs", type=click.IntRange(min=1), help="Epochs to print.")
+@setting(PlanConfig, "--start-epoch", type=click.IntRange(min=0), help="First epoch to print.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Print at most N steps of each epoch.")
+@click.option("--rank", type=click.IntRange(min=0), default=None, help="Print this rank only (default: every rank).")
+@click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, as pretrain does.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per batch: epoch, rank, step, keys, views.")
+@MIX_SHARDS_OPTION
+@SEED_OPTION
+def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, rank, skip_missing, as_json,
+         mix_shards, seed):
+    """Print the keys and stored views of every batch that pretrain will see, without decoding images.
+
+    Batches come ordered by epoch, step and rank, from the same code as the training stream:
+    use the run's --batch-size, --world-size, --mix-shards and --seed.
+    """
+    from pipelines.plan import PlanConfig, format_batch, run_plan
+
+    cfg = PlanConfig(shards=shards, tokens=tokens, batch_size=batch_size, world_size=world_size, epochs=epochs,
+                     start_epoch=start_epoch, steps=steps, rank=rank, seed=seed, mix_shards=mix_shards,
+                     skip_missing=skip_missing)
+    for batch in run_plan(cfg):
+        click.echo(json.dumps(batch.as_dict()) if as_json else format_batch(batch))
 
 
 @main.command(context_settings=CONTEXT)

@@ -4,29 +4,36 @@
 reading, the Parquet join, view picking and mask drawing never hold the training process's
 GIL. It imports only numpy and pyarrow, so a spawned worker starts without torch.
 
-For each epoch the shard order is a permutation drawn from ``(seed, epoch)`` and shard ``i``
-of it goes to rank ``i % world_size``. Within a shard, samples are joined to their rows by
-key and one stored view is picked from ``(seed, epoch, key)``; the same generator draws fresh
-jitter (for tokens made with ``--no-target-jitter``) and the block mask. Every rank takes the
-same number of steps per epoch: the smallest number of full batches any rank can make, known
-on every rank from the Parquet row counts.
+The order of the samples is ``beit_data.order``'s: each epoch a rank reads its shards in
+windows of ``mix_shards`` shards, each window's samples permuted as a whole, each sample
+read by its offset in its shard (from the ``.idx`` file, or the tar headers without one).
+A sample is the ``i``-th key of its shard's token file. One stored view is picked from
+``(seed, epoch, key)``; the same generator draws fresh jitter (for tokens made with
+``--no-target-jitter``) and the block mask. ``plan`` walks the same order without reading
+an image.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from beit_common import BeitDataError
 from beit_data.masking import BlockMaskGenerator
-from beit_data.shards import iter_samples
-from beit_data.tokens import VIEW_COLUMNS
+from beit_data.order import MIX_SHARDS, Window, epoch_windows, steps_per_epoch
+from beit_data.prefetch import prefetch
+from beit_data.shards import expand_shards, read_index
+from beit_data.tokens import VIEW_COLUMNS, read_consistent_meta, token_path
 from beit_data.views import stable_rng
 
-__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS"]
+__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
@@ -35,6 +42,14 @@ _RAGGED = ("encoded", "key")
 
 @dataclass(frozen=True, kw_only=True)
 class StreamConfig:
+    """What the training stream reads and how it orders it.
+
+    Attributes:
+        mix_shards: Shards a rank reads at once; their samples are permuted together.
+            Memory per rank grows with it (one token row and one offset per sample of a
+            window, two windows at a time); reads are random within those shards.
+    """
+
     shards: str
     tokens: str
     batch_size: int
@@ -42,10 +57,42 @@ class StreamConfig:
     image_size: int = 224
     num_masked: int = 75
     min_block: int = 16
+    mix_shards: int = MIX_SHARDS
     skip_missing: bool = False
     num_threads: int = 4
     # Control experiment only: pair every image with another image's tokens.
     shuffle_targets: bool = False
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.mix_shards < 1:
+            raise BeitDataError("`batch_size` and `mix_shards` must be at least 1")
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """What one step of one rank sees: its keys and the stored view of each."""
+
+    epoch: int
+    rank: int
+    step: int
+    keys: list[str]
+    views: list[int]
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "rank": self.rank, "step": self.step, "keys": self.keys, "views": self.views}
+
+
+@dataclass
+class _Shard:
+    """One shard of a loaded window: its keys in sample order, the view each key replays, and
+    (when the images are to be read) that view's row, the image offsets and the open file."""
+
+    keys: list[str]
+    views: np.ndarray  # (n,) picked view per key
+    rows: dict[str, np.ndarray] | None = None  # VIEW_COLUMNS and tokens (n, grid*grid) of the picked views
+    images: list | None = None  # (offset, size) of each key's image member
+    file: BinaryIO | None = None
+    rejected: int = 0  # keys of the shard without token rows
 
 
 @dataclass(kw_only=True)
@@ -60,6 +107,7 @@ class ReplaySource:
         grid: Token grid side.
         target_jitter: Whether the stored jitter is replayed; otherwise it is drawn fresh.
         jitter: Strength of fresh jitter: factors are uniform in [1 - jitter, 1 + jitter].
+        bytes_read: Image bytes this source has read (in the process that iterates it).
     """
 
     cfg: StreamConfig
@@ -73,20 +121,45 @@ class ReplaySource:
     rank: int = 0
     world_size: int = 1
     start: tuple[int, int] = (0, 0)
+    missing: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    bytes_read: int = field(default=0, compare=False)
     _steps: dict = field(default_factory=dict, repr=False, compare=False)
+    _counted: set = field(default_factory=set, repr=False, compare=False)
 
-    def shard_order(self, epoch: int) -> list[int]:
-        """Indices of this rank's shards for ``epoch``."""
-        order = stable_rng(self.cfg.seed, "shards", epoch).permutation(len(self.shards))
-        return [int(i) for i in order[self.rank :: self.world_size]]
+    @classmethod
+    def open(cls, cfg: StreamConfig, *, rank: int = 0, world_size: int = 1) -> ReplaySource:
+        """Pair each shard with its token file and check that they all share one recipe.
+
+        Raises:
+            BeitDataError: A shard without a token file (unless ``skip_missing``), or token
+                files from different tokenizers or recipes.
+        """
+        shards, token_files, missing = [], [], []
+        for shard in expand_shards(cfg.shards):
+            path = token_path(cfg.tokens, shard)
+            if path.exists():
+                shards.append(str(shard))
+                token_files.append(str(path))
+            elif cfg.skip_missing:
+                missing.append(str(shard))
+            else:
+                raise BeitDataError(f"no token file for shard {shard} (expected {path}); "
+                                    "tokenize it or pass `skip_missing`")
+        if not shards:
+            raise BeitDataError(f"none of the shards has a token file in {cfg.tokens}")
+        meta = read_consistent_meta(token_files)
+        views = meta["views"]
+        return cls(cfg=cfg, shards=shards, token_files=token_files, missing=missing, meta=meta,
+                   images_per_shard=[pq.ParquetFile(p).metadata.num_rows // views["views"] for p in token_files],
+                   views=views["views"], grid=meta["tokenizer"]["grid"], target_jitter=views["target_jitter"],
+                   jitter=views["jitter"], rank=rank, world_size=world_size)
 
     def steps_per_epoch(self, epoch: int) -> int:
         """Full batches every rank can make in ``epoch``: the same number on each rank."""
         if epoch not in self._steps:
-            order = stable_rng(self.cfg.seed, "shards", epoch).permutation(len(self.shards))
-            per_rank = [sum(self.images_per_shard[i] for i in order[r :: self.world_size])
-                        for r in range(self.world_size)]
-            self._steps[epoch] = min(per_rank) // self.cfg.batch_size
+            self._steps[epoch] = steps_per_epoch(self.images_per_shard, seed=self.cfg.seed, epoch=epoch,
+                                                 world_size=self.world_size, batch_size=self.cfg.batch_size)
         return self._steps[epoch]
 
     def positions(self) -> Iterator[tuple[int, int]]:
@@ -99,65 +172,128 @@ class ReplaySource:
             yield from ((epoch, s) for s in range(step, self.steps_per_epoch(epoch)))
             epoch, step = epoch + 1, 0
 
-    def _rows(self, index: int) -> tuple[dict[str, int], dict]:
-        table = pq.read_table(self.token_files[index])
-        first: dict[str, int] = {}
-        for i, k in enumerate(table.column("key").to_pylist()):
-            first.setdefault(k, i)
-        cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in VIEW_COLUMNS}
-        cols["tokens"] = table.column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, self.grid ** 2)
-        if self.cfg.shuffle_targets:
-            perm = stable_rng(self.cfg.seed, "shuffle-targets", index).permutation(len(first))
-            starts = list(first.values())
-            swapped = np.concatenate([np.arange(starts[j], starts[j] + self.views) for j in perm])
-            cols["tokens"] = cols["tokens"][swapped]
-        return first, cols
+    # ---- the order ----------------------------------------------------------------------
 
-    def _item(self, masker: BlockMaskGenerator, epoch: int, key: str, start: int, cols: dict) -> tuple:
-        """roi, flip, jitter, tokens and mask of ``key`` in ``epoch``: one generator from (seed, epoch, key)."""
+    def _windows(self, *, read: bool) -> Iterator[tuple[int, Window, list[_Shard], int, int]]:
+        """From ``start`` on, forever: each window with its loaded shards and the part of it
+        (``lo``, ``hi``) that falls inside the epoch's full batches."""
+        epoch, step = self.start
+        skip = step * self.cfg.batch_size
+        while True:
+            limit = self.steps_per_epoch(epoch) * self.cfg.batch_size
+            for window in epoch_windows(self.images_per_shard, seed=self.cfg.seed, epoch=epoch, rank=self.rank,
+                                        world_size=self.world_size, mix_shards=self.cfg.mix_shards, skip=skip):
+                if window.start >= limit:
+                    break
+                loaded = [self._load(index, epoch, read=read) for index in window.shards]
+                yield epoch, window, loaded, max(skip - window.start, 0), min(len(window), limit - window.start)
+            epoch, skip = epoch + 1, 0
+
+    def _samples(self, *, read: bool) -> Iterator[tuple[int, _Shard, int]]:
+        """``(epoch, shard, i)`` for each sample in order, with the next window loading meanwhile."""
+        windows = self._windows(read=read)
+        if read:
+            windows = prefetch(windows, depth=1)
+        for epoch, window, loaded, lo, hi in windows:
+            try:
+                for j in range(lo, hi):
+                    yield epoch, loaded[window.shard_of[j]], int(window.sample_of[j])
+            finally:
+                for shard in loaded:
+                    if shard.file is not None:
+                        shard.file.close()
+
+    def plan(self) -> Iterator[PlannedBatch]:
+        """What each batch from ``start`` on holds, forever, without reading an image."""
+        samples = self._samples(read=False)
+        for epoch, step in self.positions():
+            picked = [next(samples) for _ in range(self.cfg.batch_size)]
+            yield PlannedBatch(epoch, self.rank, step, [s.keys[i] for _, s, i in picked],
+                               [int(s.views[i]) for _, s, i in picked])
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def _keys(self, table: pa.Table, path: str) -> list[str]:
+        """The token file's keys in order; each must have exactly ``views`` rows."""
+        keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, self.views)))
+        repeated = pc.take(keys, pa.array(np.repeat(np.arange(len(keys)), self.views)))
+        if table.num_rows % self.views or not pc.all(pc.equal(table.column("key"), repeated)).as_py():
+            raise BeitDataError(f"{path} does not hold {self.views} rows for each key; tokenize it again")
+        return keys.to_pylist()
+
+    def _load(self, index: int, epoch: int, *, read: bool) -> _Shard:
+        """A shard's keys and picked views for ``epoch``; with ``read``, also their rows and
+        image offsets, and the shard opened for reading."""
+        path = self.token_files[index]
+        table = pq.read_table(path, columns=None if read else ["key"])
+        keys = self._keys(table, path)
+        picks = np.array([stable_rng(self.cfg.seed, epoch, k).integers(self.views) for k in keys], np.int64)
+        shard = _Shard(keys, picks)
+        if not read:
+            return shard
+        first = np.arange(len(keys)) * self.views
+        picked = pa.array(first + picks)
+        shard.rows = {name: table.column(name).take(picked).to_numpy() for name in VIEW_COLUMNS}
+        if self.cfg.shuffle_targets:  # every image keeps its view, with another image's tokens for it
+            first = first[stable_rng(self.cfg.seed, "shuffle-targets", index).permutation(len(keys))]
+        shard.rows["tokens"] = (table.column("tokens").take(pa.array(first + picks)).combine_chunks().flatten()
+                                .to_numpy().reshape(len(keys), self.grid ** 2))
+        shard.images, shard.rejected = self._offsets(index, keys)
+        shard.file = open(self.shards[index], "rb", buffering=0)  # closed when its window is done
+        return shard
+
+    def _offsets(self, index: int, keys: list[str]) -> tuple[list, int]:
+        """Each key's image (offset, size) in the shard, and how many shard keys have no tokens."""
+        members = {s.key: s.members[s.image_ext] for s in read_index(self.shards[index]) if s.image_ext}
+        lost = [k for k in keys if k not in members]
+        if lost:
+            raise BeitDataError(f"{self.shards[index]} no longer holds {len(lost)} of the keys that "
+                                f"{Path(self.token_files[index]).name} lists (first: {lost[0]}); was it rewritten?")
+        rejected = 0
+        if index not in self._counted:  # once per process, not once per epoch
+            self._counted.add(index)
+            rejected = len(set(members) - set(keys))
+        return [members[k][:2] for k in keys], rejected
+
+    def _read(self, shard: _Shard, i: int) -> np.ndarray:
+        offset, size = shard.images[i]
+        data = os.pread(shard.file.fileno(), size, offset)
+        self.bytes_read += len(data)
+        return np.frombuffer(data, np.uint8)
+
+    # ---- batches ------------------------------------------------------------------------
+
+    def _item(self, masker: BlockMaskGenerator, epoch: int, shard: _Shard, i: int) -> list[np.ndarray]:
+        """One row of ``OUTPUTS``: one generator from (seed, epoch, key) picks the view (again),
+        draws fresh jitter where the tokens have none, and draws the mask."""
+        key, rows = shard.keys[i], shard.rows
         rng = stable_rng(self.cfg.seed, epoch, key)
-        r = start + int(rng.integers(self.views))
+        rng.integers(self.views)  # the view, picked when the shard was loaded
         if self.target_jitter:
-            jitter = np.array([[cols["brightness"][r], cols["contrast"][r], cols["saturation"][r]]], np.float32)
+            jitter = np.array([[rows["brightness"][i], rows["contrast"][i], rows["saturation"][i]]], np.float32)
         else:
             jitter = rng.uniform(1 - self.jitter, 1 + self.jitter, size=(1, 3)).astype(np.float32)
-        x, y, w, h = (int(cols[c][r]) for c in ("x", "y", "w", "h"))
-        return (np.array([[x, y, x + w, y + h]], np.float32), np.array([cols["flip"][r]], np.int32), jitter,
-                cols["tokens"][r].astype(np.int64), masker(rng).reshape(-1))
-
-    def _epoch_samples(self, epoch: int, skip: int) -> Iterator[list[np.ndarray]]:
-        """One row of ``OUTPUTS`` per tokenized sample of this rank in ``epoch``, after ``skip`` of them.
-
-        ``rejected`` counts the keys without Parquet rows (rejected at tokenize time) passed
-        over since the previous sample.
-        """
-        masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
-        rejected = 0
-        for index in self.shard_order(epoch):
-            first, cols = self._rows(index)
-            for sample in iter_samples(self.shards[index]):
-                if sample.key not in first:
-                    rejected += 1
-                    continue
-                if skip:
-                    skip, rejected = skip - 1, 0
-                    continue
-                yield [np.frombuffer(sample.image, np.uint8),
-                       *self._item(masker, epoch, sample.key, first[sample.key], cols),
-                       np.frombuffer(sample.key.encode(), np.uint8), np.array([rejected], np.int32)]
-                rejected = 0
+        x, y, w, h = (int(rows[c][i]) for c in ("x", "y", "w", "h"))
+        rejected, shard.rejected = shard.rejected, 0
+        return [self._read(shard, i), np.array([[x, y, x + w, y + h]], np.float32),
+                np.array([rows["flip"][i]], np.int32), jitter, rows["tokens"][i].astype(np.int64),
+                masker(rng).reshape(-1), np.frombuffer(key.encode(), np.uint8), np.array([rejected], np.int32)]
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray] | np.ndarray, ...]]:
         """One tuple per batch with each of ``OUTPUTS``: a list of per-sample arrays for the
         encoded images and keys, a dense (B, ...) array for the rest."""
-        samples, current = None, None
-        for epoch, step in self.positions():
-            if epoch != current:
-                samples, current = self._epoch_samples(epoch, skip=step * self.cfg.batch_size), epoch
-            rows = [next(samples, None) for _ in range(self.cfg.batch_size)]
-            if rows[-1] is None:
-                raise BeitDataError(f"epoch {epoch} ran out of samples at step {step}: the shards hold fewer "
-                                    "tokenized samples than their Parquet files count; were they rewritten?")
+        masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
+        samples = self._samples(read=True)
+        for _ in self.positions():
+            rows = [self._item(masker, *next(samples)) for _ in range(self.cfg.batch_size)]
             # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
             yield tuple(list(column) if name in _RAGGED else np.stack(column)
                         for name, column in zip(OUTPUTS, zip(*rows)))
+
+    def for_rank(self, rank: int) -> ReplaySource:
+        """The same source as another rank sees it."""
+        return replace(self, rank=rank, bytes_read=0, _steps=dict(self._steps), _counted=set())
+
+    def at(self, epoch: int, step: int) -> ReplaySource:
+        """The same source, starting at ``(epoch, step)``."""
+        return replace(self, start=(epoch, step), bytes_read=0, _steps=dict(self._steps), _counted=set())

@@ -10,19 +10,15 @@ so a resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
-from nvidia.dali import types
 
 from beit_common import BeitDataError
-from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
+from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec, types
 from beit_data.prefetch import prefetch
 from beit_data.replay import ReplaySource, StreamConfig
-from beit_data.shards import expand_shards
-from beit_data.tokens import read_consistent_meta, token_path
 
 __all__ = ["StreamConfig", "TrainStream", "Batch"]
 
@@ -50,29 +46,11 @@ class TrainStream:
                  device: torch.device | str = "cpu"):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
-        self.missing: list[str] = []
-        self.shards, self.token_files = [], []
-        for shard in expand_shards(cfg.shards):
-            path = token_path(cfg.tokens, shard)
-            if path.exists():
-                self.shards.append(shard)
-                self.token_files.append(path)
-            elif cfg.skip_missing:
-                self.missing.append(str(shard))
-            else:
-                raise BeitDataError(f"no token file for shard {shard} (expected {path}); "
-                                    "tokenize it or pass `skip_missing`")
-        if not self.shards:
-            raise BeitDataError(f"none of the shards has a token file in {cfg.tokens}")
-        self.meta = read_consistent_meta(self.token_files)
+        self.source = ReplaySource.open(cfg, rank=rank, world_size=world_size)
+        self.meta, self.missing = self.source.meta, self.source.missing
+        self.shards, self.token_files = self.source.shards, self.source.token_files
         self.grid = self.meta["tokenizer"]["grid"]
         self.vocab = self.meta["tokenizer"]["vocab"]
-        views = self.meta["views"]
-        self.source = ReplaySource(
-            cfg=cfg, shards=[str(p) for p in self.shards], token_files=[str(p) for p in self.token_files],
-            images_per_shard=[pq.ParquetFile(p).metadata.num_rows // views["views"] for p in self.token_files],
-            views=views["views"], grid=self.grid, target_jitter=views["target_jitter"], jitter=views["jitter"],
-            rank=rank, world_size=world_size)
         self.spec = ViewSpec(views=1, size=cfg.image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN,
                                std=IMAGENET_STD, half=True, roi_decode=True)
         self.skipped_rejected = 0  # keys without token rows, passed over by the batches delivered
@@ -112,7 +90,7 @@ class TrainStream:
         if epoch is not None:
             self.seek(epoch, step or 0)
         epoch, step = self.position
-        source = replace(self.source, start=(epoch, step))
+        source = self.source.at(epoch, step)
         if source.steps_per_epoch(epoch) == 0:
             raise BeitDataError(f"epoch {epoch} has fewer images per rank than one batch of "
                                 f"{self.cfg.batch_size}; lower `batch_size`")

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from beit_common import BeitDataError
+from beit_data.order import MIX_SHARDS
 from beit_data.views import ViewRecipe
 
 # The dVAE architectures of ``beit_model.dvae.CONFIGS`` (named here so this module needs no torch).
 DVAE_CONFIGS = ("tiny", "dalle")
 
-__all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "PretrainConfig", "InspectConfig", "default"]
+__all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "PretrainConfig", "InspectConfig", "PlanConfig",
+           "default"]
 
 
 def default(config: type, name: str):
@@ -135,6 +137,7 @@ class PretrainConfig:
     layer_scale: float = 0.1
     num_masked: int = 75
     seed: int = 0
+    mix_shards: int = MIX_SHARDS  # shards a rank reads at once, their samples permuted together
     checkpoint_every: int = 1000
     log_every: int = 10
     resume: bool = False
@@ -165,3 +168,33 @@ class InspectConfig:
     def __post_init__(self):
         if self.render is not None and self.out is None:
             raise BeitDataError("`render` needs `out` (a .png file)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """Which batches ``beit-data plan`` prints; the order settings must be the run's own.
+
+    Attributes:
+        world_size: Ranks of the run (torchrun's ``WORLD_SIZE``).
+        epochs, start_epoch: The epochs to print.
+        steps: At most this many steps of each epoch.
+        rank: Only this rank; all ranks when None.
+    """
+
+    shards: str
+    tokens: str
+    batch_size: int = PretrainConfig.batch_size
+    world_size: int = 1
+    epochs: int = 1
+    start_epoch: int = 0
+    steps: int | None = None
+    rank: int | None = None
+    seed: int = PretrainConfig.seed
+    mix_shards: int = PretrainConfig.mix_shards
+    skip_missing: bool = False
+
+    def __post_init__(self):
+        if min(self.batch_size, self.world_size, self.epochs, self.mix_shards) < 1 or self.start_epoch < 0:
+            raise BeitDataError("`batch_size`, `world_size`, `epochs` and `mix_shards` must be at least 1")
+        if self.rank is not None and not 0 <= self.rank < self.world_size:
+            raise BeitDataError(f"`rank` must be in [0, {self.world_size}), got {self.rank}")

@@ -153,8 +153,9 @@ def build(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Run:
     """The stream, the model and its optimizer, restored from the checkpoint with ``resume``."""
     out = _open_run_folder(cfg)
     stream = TrainStream(StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                                      num_masked=cfg.num_masked, skip_missing=cfg.skip_missing,
-                                      num_threads=cfg.num_threads, shuffle_targets=cfg.shuffle_targets),
+                                      mix_shards=cfg.mix_shards, num_masked=cfg.num_masked,
+                                      skip_missing=cfg.skip_missing, num_threads=cfg.num_threads,
+                                      shuffle_targets=cfg.shuffle_targets),
                          rank=dist.rank, world_size=dist.world_size, device=device)
     checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.resume else None
     torch.manual_seed(cfg.seed)

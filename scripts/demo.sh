@@ -6,16 +6,26 @@ out=${1:-demo_out}
 rm -rf "$out"
 mkdir -p "$out"
 
-echo "== 1/6 shards of the embedded photographs"
+echo "== 1/7 shards of the embedded photographs, in a seeded random order"
 beit-data sample --out "$out/shards"
+python - "$out/shards" <<'PY'
+import json, sys
+from beit_data.shards import expand_shards, iter_samples
+for shard in expand_shards(sys.argv[1])[:1]:
+    for s in list(iter_samples(shard))[:4]:
+        print(f"  {shard.name}  key {s.key}  <- {json.loads(s.members['json'])['source']}")
+PY
 
-echo "== 2/6 train the tiny dVAE tokenizer (about two minutes on two cores)"
+echo "== 2/7 train the tiny dVAE tokenizer (about two minutes on two cores)"
 beit-data train-dvae --shards "$out/shards" --out "$out/dvae_tiny.pt" --config tiny --steps 300
 
-echo "== 3/6 tokenize: 10 views per image, the dVAE run once"
+echo "== 3/7 tokenize: 10 views per image, the dVAE run once"
 beit-data tokenize --shards "$out/shards" --tokenizer "$out/dvae_tiny.pt" --out "$out/tokens" --views 10
 
-echo "== 4/6 pretrain the tiny BEiT on the stored tokens"
+echo "== 4/7 the training order: the first two batches pretrain will see (key/stored view)"
+beit-data plan --shards "$out/shards" --tokens "$out/tokens" --batch-size 8 --steps 2
+
+echo "== 5/7 pretrain the tiny BEiT on the stored tokens"
 beit-data pretrain --shards "$out/shards" --tokens "$out/tokens" --out "$out/run" \
     --model beit_mim_tiny_patch16_224 --steps 200 --batch-size 8 --warmup-steps 20 --lr 2e-3 --drop-path 0 \
     --log-every 10 --checkpoint-every 100
@@ -26,10 +36,10 @@ print("loss curve: " + "  ".join(f"step {r['step']}: {r['loss']:.3f}" for r in l
 print(f"masked-token accuracy: {log[0]['acc']:.3f} at step {log[0]['step']}, {log[-1]['acc']:.3f} at step {log[-1]['step']}")
 PY
 
-echo "== 5/6 export the encoder for timm"
+echo "== 6/7 export the encoder for timm"
 beit-data export "$out/run" --out "$out/encoder.pth"
 
-echo "== 6/6 inspect the token files"
+echo "== 7/7 inspect the token files"
 beit-data inspect "$out/tokens" --shards "$out/shards" --histogram "$out/token_histogram.png"
 beit-data inspect "$out/tokens" --shards "$out/shards" --render 000000000 --view 0 \
     --tokenizer "$out/dvae_tiny.pt" --out "$out/view_000000000.png"

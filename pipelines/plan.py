@@ -1,0 +1,37 @@
+"""``beit-data plan``: what training will see, batch by batch, without decoding an image.
+
+The plan walks the training stream's own order (``ReplaySource.plan``), so the keys of step
+``s`` of rank ``r`` are exactly those the stream delivers there. Users audit a run with it
+("which images did step 41,000 see?") and check the mixing before spending GPU hours.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Iterator
+
+from beit_data.replay import PlannedBatch, ReplaySource, StreamConfig
+from pipelines.config import PlanConfig
+
+__all__ = ["PlanConfig", "run_plan", "format_batch"]
+
+
+def run_plan(cfg: PlanConfig) -> Iterator[PlannedBatch]:
+    """The batches of epochs ``start_epoch`` .. ``start_epoch + epochs - 1``, ordered by epoch, step, rank."""
+    stream = StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                          mix_shards=cfg.mix_shards, skip_missing=cfg.skip_missing)
+    source = ReplaySource.open(stream, world_size=cfg.world_size)
+    ranks = [cfg.rank] if cfg.rank is not None else range(cfg.world_size)
+    for epoch in range(cfg.start_epoch, cfg.start_epoch + cfg.epochs):
+        steps = source.steps_per_epoch(epoch)
+        if cfg.steps is not None:
+            steps = min(steps, cfg.steps)
+        plans = [islice(source.for_rank(r).at(epoch, 0).plan(), steps) for r in ranks]
+        for batches in zip(*plans):
+            yield from batches
+
+
+def format_batch(batch: PlannedBatch) -> str:
+    """``epoch 0  rank 0  step 0  000000012/3 000000007/1 ...`` (key/view)."""
+    items = " ".join(f"{k}/{v}" for k, v in zip(batch.keys, batch.views))
+    return f"epoch {batch.epoch}  rank {batch.rank}  step {batch.step}  {items}"
