@@ -20,11 +20,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
 
 from beit_common import BeitDataError
 from beit_data.views import View
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+except ImportError as exc:
+    raise BeitDataError(
+        f"NVIDIA DALI is not installed ({exc}): pip install 'beit-data[cuda13]' for CUDA 13, or "
+        "'beit-data[cuda12]' for CUDA 12 (either runs on the CPU too)") from None
 
 __all__ = ["ViewSpec", "DaliViews", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
 

@@ -43,3 +43,21 @@ def test_library_errors_name_settings_and_the_cli_names_flags(tmp_path):
         "lower --batch-size; pass --skip-missing or --compile, not `other`"
     result = run_cli("shards", str(tmp_path), "--out", str(tmp_path / "o"), "--prefix", "a/b")
     assert result.returncode != 0 and "Error: --prefix must be a plain file-name prefix" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["tokenize", "pretrain", "train-dvae"])
+def test_without_dali_the_commands_name_the_extras(tmp_path, command):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    args = {"tokenize": ["--tokenizer", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o")],
+            "pretrain": ["--tokens", str(tmp_path), "--out", str(tmp_path / "o")],
+            "train-dvae": ["--out", str(tmp_path / "d.pt")]}[command]
+    code = ("import sys; sys.modules['nvidia.dali'] = None; import cli; "
+            f"cli.main([{command!r}, '--shards', {str(tmp_path)!r}, *{args!r}], prog_name='beit-data')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "NVIDIA DALI is not installed" in result.stderr
+    assert "beit-data[cuda13]" in result.stderr and "beit-data[cuda12]" in result.stderr
