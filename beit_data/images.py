@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageInfo", "ImageError", "probe_image", "FORMAT_EXT", "EXIF_RULE"]
+__all__ = ["ImageInfo", "ImageError", "probe_image", "jpeg_end", "FORMAT_EXT", "EXIF_RULE"]
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Recorded in the token metadata. DALI's decoders apply EXIF orientation by default, and
@@ -35,11 +35,60 @@ class ImageInfo:
     orientation: int = 1
 
 
+def jpeg_end(data: bytes) -> int | None:
+    """Where a JPEG's own bytes end: just past the end-of-image marker that closes its scans.
+
+    Walks the marker segments (skipping each by its length, so a thumbnail inside EXIF does
+    not count) and each scan's entropy-coded data (where 0xFF is followed by a stuffed 0x00,
+    a restart marker or fill bytes). Whatever follows the marker, such as the video of a
+    phone's motion photo or trailing junk, is not part of the image; decoders stop there too.
+
+    Returns:
+        The offset after the end-of-image marker, or None if the data ends before it.
+    """
+    n, pos = len(data), 2
+    if data[:2] != b"\xff\xd8":
+        return None
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return None  # not at a marker: damaged
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == 0xD9:
+            return pos + 2
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        elif pos + 4 > n:
+            return None
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == 0xDA:  # start of scan: entropy-coded data up to the next real marker
+                pos = _scan_end(data, pos)
+                if pos is None:
+                    return None
+    return None
+
+
+def _scan_end(data: bytes, pos: int) -> int | None:
+    """The offset of the first marker after entropy-coded data starting at ``pos``."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return None
+        follower = data[pos + 1]
+        if follower == 0x00 or 0xD0 <= follower <= 0xD7:  # stuffed byte, restart marker
+            pos += 2
+        elif follower == 0xFF:  # fill bytes
+            pos += 1
+        else:
+            return pos
+
+
 def _check_complete(fmt: str, data: bytes) -> None:
-    tail = data.rstrip(b"\0")[-16:]
-    if fmt == "JPEG" and not tail.endswith(b"\xff\xd9"):
-        raise ImageError("truncated JPEG (no end-of-image marker)")
-    if fmt == "PNG" and b"IEND" not in tail:
+    if fmt == "JPEG" and jpeg_end(data) is None:
+        raise ImageError("truncated JPEG (its scans end before an end-of-image marker)")
+    if fmt == "PNG" and b"IEND" not in data.rstrip(b"\0")[-16:]:
         raise ImageError("truncated PNG (no IEND chunk)")
     if fmt == "WEBP":
         (riff_size,) = struct.unpack("<I", data[4:8])
