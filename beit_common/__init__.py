@@ -7,13 +7,18 @@ nothing of theirs.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "BeitDataError", "write_atomic", "save_atomic", "ensure_writable_dir"]
+__all__ = ["__version__", "BeitDataError", "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir",
+           "describe_file", "folder_lock", "os_error"]
 
 
 class BeitDataError(Exception):
@@ -23,26 +28,56 @@ class BeitDataError(Exception):
     """
 
 
+def os_error(exc: OSError, path: str | os.PathLike | None = None) -> BeitDataError:
+    """One line for an operating-system error: the file and the reason (no space, permission...)."""
+    where = path if path is not None else exc.filename
+    return BeitDataError(f"{where}: {exc.strerror or exc}" if where is not None else str(exc.strerror or exc))
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A process killed mid-write leaves the old file (or none), never half a file.
+
+    Raises:
+        BeitDataError: When the write fails (a full disk, no permission), naming ``path``;
+            the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise BeitDataError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder itself went away; there is nothing left to clean
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
     import torch
 
-    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        # Through a file object, so that a full disk raises OSError (ENOSPC) rather than an
+        # "unexpected pos" error from torch's own writer.
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:  # torch's writer fails again while closing after an OSError
+                if isinstance(exc.__context__, OSError):
+                    raise exc.__context__ from None
+                raise
+
+    return write_atomic(path, save)
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
@@ -60,3 +95,63 @@ def ensure_writable_dir(folder: str | os.PathLike) -> Path:
     except OSError as exc:
         raise BeitDataError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
     return folder
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a file looks like from its first bytes, for error messages: ``a text file``, ``a zip archive``..."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not head:
+        return "an empty file"
+    kinds = ((b"PK\x03\x04", "a zip archive"), (b"PAR1", "a Parquet file"), (b"\xff\xd8\xff", "a JPEG image"),
+             (b"\x89PNG", "a PNG image"), (b"\x80", "a Python pickle"), (b"{", "a JSON or text file"))
+    for magic, kind in kinds:
+        if head.startswith(magic):
+            return kind
+    if head[257:262] == b"ustar":
+        return "a tar archive"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data starting {head[:8].hex()}"
+    return f"a text file starting {head[:24].decode('utf-8', 'replace')!r}"
+
+
+LOCK_NAME = ".beit-data.lock"
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while the block runs; refuse if another run holds it.
+
+    The lock is an ``flock`` on ``folder/.beit-data.lock``: the kernel releases it when the
+    process ends, however it ends, so a crashed run never leaves a stale lock. It is only as
+    good as the file system's ``flock``: local disks and most cluster file systems; not
+    object storage.
+
+    Raises:
+        BeitDataError: Naming the run that holds the folder.
+    """
+    path = Path(folder) / LOCK_NAME
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise BeitDataError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BeitDataError(f"{folder} is in use by another beit-data run ({holder}); wait for it to finish "
+                                "or choose another output folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{what}, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
