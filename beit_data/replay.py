@@ -15,7 +15,9 @@ an image.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -29,7 +31,7 @@ from beit_common import BeitDataError
 from beit_data.masking import BlockMaskGenerator
 from beit_data.order import MIX_SHARDS, Window, epoch_windows, steps_per_epoch
 from beit_data.prefetch import prefetch
-from beit_data.shards import expand_shards, read_index
+from beit_data.shards import check_fingerprint, expand_shards, read_index
 from beit_data.tokens import VIEW_COLUMNS, read_consistent_meta, token_path
 from beit_data.views import stable_rng
 
@@ -123,6 +125,7 @@ class ReplaySource:
     start: tuple[int, int] = (0, 0)
     missing: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    fingerprints: list[dict] = field(default_factory=list)  # of each shard, as its token file records it
     bytes_read: int = field(default=0, compare=False)
     _steps: dict = field(default_factory=dict, repr=False, compare=False)
     _counted: set = field(default_factory=set, repr=False, compare=False)
@@ -148,9 +151,12 @@ class ReplaySource:
                                     "tokenize it or pass `skip_missing`")
         if not shards:
             raise BeitDataError(f"none of the shards has a token file in {cfg.tokens}")
-        meta = read_consistent_meta(token_files)
-        views = meta["views"]
+        metas = read_consistent_meta(token_files)
+        for shard, path, meta in zip(shards, token_files, metas):  # size, and the .idx where there is one
+            check_fingerprint(shard, meta.get("shard"), path, full=False)
+        meta, views = metas[0], metas[0]["views"]
         return cls(cfg=cfg, shards=shards, token_files=token_files, missing=missing, meta=meta,
+                   fingerprints=[m["shard"] for m in metas],
                    images_per_shard=[pq.ParquetFile(p).metadata.num_rows // views["views"] for p in token_files],
                    views=views["views"], grid=meta["tokenizer"]["grid"], target_jitter=views["target_jitter"],
                    jitter=views["jitter"], rank=rank, world_size=world_size)
@@ -162,13 +168,24 @@ class ReplaySource:
                                                  world_size=self.world_size, batch_size=self.cfg.batch_size)
         return self._steps[epoch]
 
+    def check_epoch(self, epoch: int) -> None:
+        """Refuse an epoch in which some rank cannot make one batch, saying what would help."""
+        if self.steps_per_epoch(epoch) > 0:
+            return
+        images = sum(self.images_per_shard)
+        if self.cfg.batch_size > 1:
+            raise BeitDataError(f"epoch {epoch} has fewer tokenized images on some rank than one batch of "
+                                f"{self.cfg.batch_size} ({images} in all, {len(self.shards)} shards, "
+                                f"{self.world_size} ranks); lower `batch_size`")
+        raise BeitDataError(f"some rank has no tokenized image in epoch {epoch}: the {len(self.shards)} shards hold "
+                            f"{images} tokenized images for {self.world_size} ranks; tokenize more shards, or run "
+                            "on fewer ranks")
+
     def positions(self) -> Iterator[tuple[int, int]]:
         """``(epoch, step)`` of each batch this source yields, in order."""
         epoch, step = self.start
         while True:
-            if self.steps_per_epoch(epoch) == 0:
-                raise BeitDataError(f"epoch {epoch} has fewer images per rank than one batch of "
-                                    f"{self.cfg.batch_size}; lower `batch_size`")
+            self.check_epoch(epoch)
             yield from ((epoch, s) for s in range(step, self.steps_per_epoch(epoch)))
             epoch, step = epoch + 1, 0
 
@@ -244,7 +261,9 @@ class ReplaySource:
 
     def _offsets(self, index: int, keys: list[str]) -> tuple[list, int]:
         """Each key's image (offset, size) in the shard, and how many shard keys have no tokens."""
-        members = {s.key: s.members[s.image_ext] for s in read_index(self.shards[index]) if s.image_ext}
+        entries = read_index(self.shards[index])
+        check_fingerprint(self.shards[index], self.fingerprints[index], self.token_files[index], index=entries)
+        members = {s.key: s.members[s.image_ext] for s in entries if s.image_ext}
         lost = [k for k in keys if k not in members]
         if lost:
             raise BeitDataError(f"{self.shards[index]} no longer holds {len(lost)} of the keys that "
@@ -282,6 +301,10 @@ class ReplaySource:
     def __iter__(self) -> Iterator[tuple[list[np.ndarray] | np.ndarray, ...]]:
         """One tuple per batch with each of ``OUTPUTS``: a list of per-sample arrays for the
         encoded images and keys, a dense (B, ...) array for the rest."""
+        if multiprocessing.parent_process() is not None:
+            # DALI's loader process: Ctrl-C reaches the whole process group, and the trainer
+            # answers it by stopping this process itself, without a traceback from here.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
         samples = self._samples(read=True)
         for _ in self.positions():

@@ -10,6 +10,7 @@ reads as it is.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ __all__ = [
     "scan_index",
     "read_index",
     "index_count",
+    "shard_fingerprint",
+    "check_fingerprint",
     "write_index",
     "index_path",
     "iter_images",
@@ -149,13 +152,22 @@ class IndexedSample:
 
 
 def scan_index(shard: str | Path) -> list[IndexedSample]:
-    """The shard's samples from its tar headers; seeks past the member data, never reads it."""
+    """The shard's samples from its tar headers; seeks past the member data, never reads it.
+
+    A tar cut off mid-member gives the members before the cut, as ``iter_samples`` reads them.
+    """
     samples: list[IndexedSample] = []
+    size = os.path.getsize(shard)
     with tarfile.open(shard, mode="r:") as tar:
-        for key, ext, info in sample_members(tar):
-            if not samples or samples[-1].key != key:
-                samples.append(IndexedSample(key, {}))
-            samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
+        try:
+            for key, ext, info in sample_members(tar):
+                if info.offset_data + info.size > size:
+                    break  # its data is cut off
+                if not samples or samples[-1].key != key:
+                    samples.append(IndexedSample(key, {}))
+                samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
+        except (tarfile.TarError, EOFError):
+            pass  # a damaged header after the complete members
     return samples
 
 
@@ -186,6 +198,44 @@ def read_index(shard: str | Path) -> list[IndexedSample]:
         return scan_index(shard)
     except (tarfile.TarError, OSError) as exc:
         raise BeitDataError(f"{shard}: unreadable tar: {exc}") from None
+
+
+def shard_fingerprint(shard: str | Path, index: list[IndexedSample] | None = None) -> dict:
+    """A cheap identity of a shard's contents, recorded in its token file.
+
+    Its size in bytes and a sha256 over every member's name, offset and size, taken from the
+    ``.idx`` (or the tar headers), never from the images: one ``stat`` and one index read per
+    shard. A shard rewritten in another order, or with other images, gets another one.
+    """
+    digest = hashlib.sha256()
+    for sample in read_index(shard) if index is None else index:
+        for member in sample.members.values():
+            digest.update(f"{member.name} {member.offset} {member.size}\n".encode())
+    return {"bytes": os.path.getsize(shard), "members": digest.hexdigest()}
+
+
+def check_fingerprint(shard: str | Path, recorded: dict | None, token_file: str | Path, *, full: bool = True,
+                      index: list[IndexedSample] | None = None) -> None:
+    """Refuse a shard that is no longer the one its token file was made from.
+
+    Args:
+        recorded: The fingerprint in the token file's metadata.
+        full: Compare the member hash too; otherwise only the size, and the hash where the
+            shard has a ``.idx`` (the cheap check at the start of a run).
+
+    Raises:
+        BeitDataError: Naming the shard and the token file.
+    """
+    hint = f"; tokenize it again (overwrite) so that {Path(token_file).name} matches it"
+    if not recorded:
+        raise BeitDataError(f"{token_file} records no fingerprint of its shard (made by an older beit-data){hint}")
+    size = os.path.getsize(shard)
+    if size != recorded["bytes"]:
+        raise BeitDataError(f"{shard} has changed since it was tokenized ({size} bytes, "
+                            f"{recorded['bytes']} then){hint}")
+    if (full or index is not None or index_path(shard).exists()) and \
+            shard_fingerprint(shard, index)["members"] != recorded["members"]:
+        raise BeitDataError(f"{shard} has changed since it was tokenized (its members differ){hint}")
 
 
 def index_count(shard: str | Path) -> int | None:

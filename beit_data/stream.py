@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from beit_common import BeitDataError
 from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec, types
 from beit_data.prefetch import prefetch
 from beit_data.replay import ReplaySource, StreamConfig
@@ -91,9 +90,7 @@ class TrainStream:
             self.seek(epoch, step or 0)
         epoch, step = self.position
         source = self.source.at(epoch, step)
-        if source.steps_per_epoch(epoch) == 0:
-            raise BeitDataError(f"epoch {epoch} has fewer images per rank than one batch of "
-                                f"{self.cfg.batch_size}; lower `batch_size`")
+        source.check_epoch(epoch)
         for batch, rejected in prefetch(self._replay(source), depth=3):
             self.skipped_rejected += rejected
             batch.images = batch.images.to(self.device, dtype or batch.images.dtype, non_blocking=True)

@@ -15,15 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from beit_common import BeitDataError
-from beit_data.shards import expand_shards, read_index
+from beit_data.shards import check_fingerprint, expand_shards, read_index
 from beit_data.tokens import check_recipe, read_meta, schema, token_files, token_path
 
-__all__ = ["summarise", "shard_keys"]
-
-
-def shard_keys(shard: Path) -> set[str]:
-    """Keys of the samples with an image member, from the .idx file where there is one."""
-    return {s.key for s in read_index(shard) if s.image_ext is not None}
+__all__ = ["summarise"]
 
 
 def _codebook(counts: np.ndarray, top: int = 10) -> dict:
@@ -44,11 +39,12 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
     files = token_files(folder)
     errors: list[str] = []
     reference, ref_file = None, None
-    keys: set[str] = set()
+    keys: dict[str, set[str]] = {}  # by token file
     rows = 0
     counts = None
     rejects: list[dict] = []
     readable: list[Path] = []
+    fingerprints: dict[str, dict | None] = {}
     for path in files:
         try:
             meta = read_meta(path)
@@ -71,7 +67,7 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
             counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)
         try:
             for batch in file.iter_batches(batch_size=batch_rows, columns=["key", "tokens"]):
-                keys.update(batch.column("key").to_pylist())
+                keys.setdefault(path.name, set()).update(batch.column("key").to_pylist())
                 flat = batch.column("tokens").flatten().to_numpy()
                 counts += np.bincount(flat, minlength=len(counts))[: len(counts)]
                 rows += batch.num_rows
@@ -80,19 +76,20 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
             continue
         rejects += [{**r, "file": path.name} for r in meta.get("rejects", [])]
         readable.append(path)
+        fingerprints[path.name] = meta.get("shard")
     if reference is None:
         raise BeitDataError(f"no readable token files in {folder}: " + "; ".join(errors))
-    views = reference["views"]["views"]
+    views, images = reference["views"]["views"], len(set().union(*keys.values()))
     summary = {
         "folder": str(folder), "files": len(files), "readable_files": len(readable), "rows": rows,
-        "images": len(keys), "views_per_image": round(rows / max(len(keys), 1), 3), "recipe_views": views,
+        "images": images, "views_per_image": round(rows / max(images, 1), 3), "recipe_views": views,
         "tokenizer": reference["tokenizer"], "views": reference["views"], "decoder": reference.get("decoder"),
         "codebook": _codebook(counts if counts is not None else np.zeros(1, np.int64)),
         "rejects": {"total": len(rejects), "by_reason": _by_reason(rejects)},
         "errors": errors,
     }
     if shards is not None:
-        summary["coverage"] = _coverage(Path(folder), shards, keys, rejects)
+        summary["coverage"] = _coverage(Path(folder), shards, keys, rejects, fingerprints, errors)
     return summary
 
 
@@ -101,17 +98,31 @@ def _by_reason(rejects: list[dict]) -> dict[str, int]:
     return dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects).most_common())
 
 
-def _coverage(folder: Path, spec: str, parquet_keys: set[str], rejects: list[dict]) -> dict:
+def _coverage(folder: Path, spec: str, keys: dict[str, set[str]], rejects: list[dict], fingerprints: dict,
+              errors: list[str]) -> dict:
+    """Keys of the shards against the token files' keys. An unreadable shard, or one that has
+    changed since it was tokenized, becomes an error line and is left out, with its token file."""
     tar_keys: set[str] = set()
-    no_file = []
+    no_file, unusable = [], []
+    parquet_keys = set().union(*keys.values())
     for shard in expand_shards(spec):
-        if not token_path(folder, shard).exists():
+        target = token_path(folder, shard)
+        try:
+            index = read_index(shard)
+            if target.name in fingerprints:
+                check_fingerprint(shard, fingerprints[target.name], target, index=index)
+        except BeitDataError as exc:
+            errors.append(str(exc))
+            unusable.append(shard.name)
+            parquet_keys -= keys.get(target.name, set())
+            continue
+        if not target.exists():
             no_file.append(shard.name)
-        tar_keys |= shard_keys(shard)
+        tar_keys |= {s.key for s in index if s.image_ext is not None}
     rejected = {r["key"] for r in rejects}
     missing = sorted(tar_keys - parquet_keys - rejected)
     extra = sorted(parquet_keys - tar_keys)
-    return {"shard_keys": len(tar_keys), "shards_without_token_file": no_file,
+    return {"shard_keys": len(tar_keys), "shards_without_token_file": no_file, "unusable_shards": unusable,
             "keys_missing_from_parquet": len(missing), "missing_examples": missing[:20],
             "rejected_keys": len(rejected & tar_keys),
             "keys_not_in_shards": len(extra), "not_in_shards_examples": extra[:20]}

@@ -9,7 +9,8 @@ image), ``flip``, the jitter factors ``brightness, contrast, saturation``, the o
 
 The key-value metadata holds JSON under ``beit_data.*`` keys: the format version, the
 tokenizer (name, fingerprint, vocab, input size, grid), the view recipe, the decoder and
-resize filters, the source shard, the tool version, and the samples rejected in that shard.
+resize filters, the minimum image size, the source shard's name (``source``) and fingerprint
+(``shard``: size and member hash), the tool version, and the samples rejected in that shard.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_file
            "view_rows", "build_table", "write_tokens", "read_meta", "recipe_signature", "recipe_mismatch",
            "check_recipe", "read_consistent_meta"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the source shard's fingerprint (``shard``) is recorded
 META_PREFIX = "beit_data."
 # The metadata that must match for files to be used together, or for a finished file to be reused.
-SIGNATURE_KEYS = ("format_version", "tokenizer", "views", "decoder")
+SIGNATURE_KEYS = ("format_version", "tokenizer", "views", "decoder", "min_size")
 # The columns that describe a stored view, as the training stream replays it.
 VIEW_COLUMNS = ("view", "x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 
@@ -65,15 +66,17 @@ def token_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def file_meta(tokenizer: dict, recipe: dict, decoder: dict) -> dict:
+def file_meta(tokenizer: dict, recipe: dict, decoder: dict, min_size: int) -> dict:
     """The metadata that every file of one tokenize run shares.
 
     Args:
         tokenizer: name, fingerprint, vocab, input_size and grid.
         recipe: The view recipe (``ViewRecipe.as_dict()``).
         decoder: How views were decoded and resized (``decoder_meta``).
+        min_size: Images with a shorter side were rejected.
     """
-    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer, "views": recipe, "decoder": decoder}
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer, "views": recipe, "decoder": decoder,
+            "min_size": min_size}
 
 
 def decoder_meta(resize_filter: str) -> dict:
@@ -164,9 +167,9 @@ def check_recipe(meta: dict, reference: dict, what: str, hint: str = "") -> None
         raise BeitDataError(f"{what} come from different tokenizers or recipes: {diff}{hint}")
 
 
-def read_consistent_meta(paths: Sequence[str | os.PathLike]) -> dict:
-    """The metadata of the first file, after checking that every file shares its tokenizer and recipe."""
-    reference = read_meta(paths[0])
-    for path in paths[1:]:
-        check_recipe(read_meta(path), reference, f"{path} and {paths[0]}")
-    return reference
+def read_consistent_meta(paths: Sequence[str | os.PathLike]) -> list[dict]:
+    """The metadata of every file, after checking that they all share the first one's tokenizer and recipe."""
+    metas = [read_meta(path) for path in paths]
+    for path, meta in zip(paths[1:], metas[1:]):
+        check_recipe(meta, metas[0], f"{path} and {paths[0]}")
+    return metas

@@ -41,7 +41,8 @@ def write_files(folder: Path, rows: int, files: int, views: int = 10, grid: int 
     rng = np.random.default_rng(0)
     per_file = rows // files
     tokenizer = {"name": "dall-e", "fingerprint": "0" * 64, "vocab": vocab, "input_size": 112, "grid": grid}
-    meta = {**file_meta(tokenizer, ViewRecipe(views=views).as_dict(), decoder_meta("lanczos3")), "rejects": []}
+    meta = {**file_meta(tokenizer, ViewRecipe(views=views).as_dict(), decoder_meta("lanczos3"), min_size=112),
+            "rejects": []}
     for f in range(files):
         images = per_file // views
         keys = [f"{f * images + i:09d}" for i in range(images)]

@@ -4,25 +4,29 @@ Under torchrun (RANK/WORLD_SIZE set) shard ``i`` goes to rank ``i % world_size``
 pure functions of (seed, key, view, image size), so any number of ranks writes the same rows.
 Each shard's file is written atomically, so a killed run resumes by skipping finished shards.
 
-Images whose shorter side is under the tokenizer's input size are rejected rather than
-upscaled: such an image cannot give a 224-pixel ViT view without inventing detail.
+By default, images whose shorter side is under the tokenizer's input size are rejected
+rather than upscaled: such an image cannot give a 224-pixel ViT view without inventing
+detail. ``min_size`` lowers the bar (0 keeps every decodable image and upscales its views,
+as the reference's RandomResizedCrop does). Each token file records its shard's fingerprint,
+so a shard rewritten since is refused rather than skipped as finished.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from beit_common import ensure_writable_dir
+from beit_common import BeitDataError, ensure_writable_dir, folder_lock, write_text_atomic
 from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
-from beit_data.shards import Reject, expand_shards, index_count, iter_images
+from beit_data.shards import Reject, check_fingerprint, expand_shards, index_count, iter_images, shard_fingerprint
 from beit_data.tokens import (
     build_table,
     check_recipe,
@@ -33,7 +37,7 @@ from beit_data.tokens import (
     view_rows,
     write_tokens,
 )
-from beit_data.views import ViewRecipe, sample_views
+from beit_data.views import sample_views
 from beit_model.dvae import Tokenizer, load_tokenizer
 from pipelines.config import TokenizeConfig
 from pipelines.runtime import autocast, dist_info, init_distributed, resolve_device
@@ -56,20 +60,35 @@ class TokenizeSummary:
                 "rejects": len(self.rejects), "seconds": round(self.seconds, 2), "img_per_s": round(ips, 1)}
 
 
-def run_meta(tokenizer: Tokenizer, recipe: ViewRecipe) -> dict:
+def run_meta(tokenizer: Tokenizer, cfg: TokenizeConfig) -> dict:
     """The metadata every token file of this run shares."""
-    return file_meta(tokenizer.describe(), recipe.as_dict(), decoder_meta("lanczos3"))
+    return file_meta(tokenizer.describe(), cfg.recipe.as_dict(), decoder_meta("lanczos3"), _min_size(cfg, tokenizer))
+
+
+def _min_size(cfg: TokenizeConfig, tokenizer: Tokenizer) -> int:
+    return tokenizer.input_size if cfg.min_size is None else cfg.min_size
 
 
 def _plan(shards: list[Path], out: Path, meta: dict, overwrite: bool) -> tuple[list[Path], int]:
-    """The shards still to tokenize; finished ones with matching metadata are skipped."""
+    """The shards still to tokenize; finished ones made from the same shard and recipe are skipped.
+
+    Raises:
+        BeitDataError: For a finished file that is unreadable, from another recipe, or made
+            from a shard that has changed since; each names ``overwrite``.
+    """
     todo, skipped = [], 0
+    hint = "; pass `overwrite` to replace it"
     for shard in shards:
         target = token_path(out, shard)
         if not target.exists() or overwrite:
             todo.append(shard)
             continue
-        check_recipe(read_meta(target), meta, f"{target} and this run", "; pass `overwrite` to replace it")
+        try:
+            have = read_meta(target)
+            check_recipe(have, meta, f"{target} and this run", hint)
+            check_fingerprint(shard, have.get("shard"), target)
+        except BeitDataError as exc:
+            raise BeitDataError(str(exc) if "`overwrite`" in str(exc) else f"{exc}{hint}") from None
         skipped += 1
     return todo, skipped
 
@@ -104,7 +123,8 @@ def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views
     rejects: list[Reject] = []
     all_rows, all_tokens = [], []
     # Three threads overlap: Python reads and prepares batches, DALI decodes, the dVAE encodes.
-    prepared = prefetch(_prepared_batches(shard, cfg, tokenizer.input_size, rejects))
+    fingerprint = shard_fingerprint(shard)  # before reading: a shard that changes meanwhile no longer matches
+    prepared = prefetch(_prepared_batches(shard, cfg, _min_size(cfg, tokenizer), rejects))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
         with torch.inference_mode(), autocast(device):
             ids = tokenizer.encode(pixels.to(device, non_blocking=True).float())  # (N*V, grid, grid)
@@ -113,7 +133,7 @@ def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views
         bar.update(len(rows) // cfg.views)
     grid = tokenizer.grid
     tokens = np.concatenate(all_tokens) if all_tokens else np.zeros((0, grid, grid), np.int16)
-    meta = {**run_meta(tokenizer, cfg.recipe), "source": Path(shard).name,
+    meta = {**run_meta(tokenizer, cfg), "source": Path(shard).name, "shard": fingerprint,
             "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
     write_tokens(token_path(cfg.out, shard), build_table(all_rows, tokens, grid), meta)
     return len(all_rows) // cfg.views, len(all_rows), rejects
@@ -124,12 +144,18 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     start = time.perf_counter()
     shards = expand_shards(cfg.shards)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    out = Path(cfg.out)
-    ensure_writable_dir(out)
+    out = ensure_writable_dir(cfg.out)
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     dist = init_distributed(device)
+    # Rank 0 holds the folder for the whole run; a second run into it is refused at once.
+    with folder_lock(out, "beit-data tokenize") if dist.rank == 0 else nullcontext():
+        return _tokenize(cfg, shards, tokenizer, out, device, dist, start)
+
+
+def _tokenize(cfg: TokenizeConfig, shards: list[Path], tokenizer: Tokenizer, out: Path, device, dist,
+              start: float) -> dict:
     mine = shards[dist.rank :: dist.world_size]
-    todo, skipped = _plan(mine, out, run_meta(tokenizer, cfg.recipe), cfg.overwrite)
+    todo, skipped = _plan(mine, out, run_meta(tokenizer, cfg), cfg.overwrite)
     tokenizer = tokenizer.to(device)
     views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp="lanczos",
                                 jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
@@ -161,8 +187,9 @@ def _gather_and_write(summary: TokenizeSummary, out: Path, dist) -> dict:
         total.views += p.views
         total.rejects += p.rejects
     result = {**total.as_dict(), "reject_list": total.rejects}
-    if dist.rank == 0:
-        (out / "summary.json").write_text(json.dumps(result, indent=1))
+    # A rerun that finds every shard done keeps the summary of the run that did the work.
+    if dist.rank == 0 and (total.skipped < total.shards or not (out / "summary.json").exists()):
+        write_text_atomic(out / "summary.json", json.dumps(result, indent=1))
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -13,7 +13,7 @@ from tests.conftest import REPO, jpeg_bytes, run_cli, write_tar
 
 @pytest.fixture(scope="module")
 def known(tmp_path_factory, tiny_tokenizer):
-    """Two shards with known content: 5 good images and 2 rejects, plus one stray key."""
+    """Two tokenized shards with known content, 5 good images and 2 rejects, and a third shard not tokenized."""
     root = tmp_path_factory.mktemp("known")
     (root / "s").mkdir()
     write_tar(root / "s" / "a.tar", [(f"a{i}.jpg", jpeg_bytes((150, 130), seed=i)) for i in range(3)]
@@ -21,7 +21,7 @@ def known(tmp_path_factory, tiny_tokenizer):
     write_tar(root / "s" / "b.tar", [(f"b{i}.jpg", jpeg_bytes((140, 160), seed=10 + i)) for i in range(2)])
     run_tokenize(TokenizeConfig(shards=str(root / "s"), tokenizer=str(tiny_tokenizer), out=str(root / "t"), views=3,
                                 device="cpu", progress=False))
-    write_tar(root / "s" / "b.tar", [(f"b{i}.jpg", jpeg_bytes((140, 160), seed=10 + i)) for i in range(3)])
+    write_tar(root / "s" / "c.tar", [("c0.jpg", jpeg_bytes((140, 160), seed=20))])
     return root
 
 
@@ -42,9 +42,10 @@ def test_json_summary_values(known):
     assert s["rejects"]["total"] == 2
     assert s["rejects"]["by_reason"] == {"empty file": 1, "no image member": 1}
     cov = s["coverage"]
-    assert (cov["shard_keys"], cov["keys_missing_from_parquet"], cov["missing_examples"]) == (7, 1, ["b2"])
+    assert (cov["shard_keys"], cov["keys_missing_from_parquet"], cov["missing_examples"]) == (7, 1, ["c0"])
     assert cov["rejected_keys"] == 1  # a3 (empty); a4 has no image member, so it is no image key
-    assert cov["keys_not_in_shards"] == 0 and cov["shards_without_token_file"] == []
+    assert cov["keys_not_in_shards"] == 0 and cov["shards_without_token_file"] == ["c.tar"]
+    assert cov["unusable_shards"] == []
     assert s["errors"] == []
 
 
@@ -53,7 +54,23 @@ def test_text_summary_is_readable(known):
     assert result.returncode == 0
     assert re.search(r"rows\s+15\s+images 5\s+views/image 3.0", result.stdout)
     assert "codes used" in result.stdout and "perplexity" in result.stdout
-    assert "1 missing from Parquet" in result.stdout and "missing: b2" in result.stdout
+    assert "1 missing from Parquet" in result.stdout and "missing: c0" in result.stdout
+
+
+def test_a_shard_rewritten_since_tokenize_is_an_error_line(known, tmp_path):
+    import shutil
+
+    shutil.copytree(known / "s", tmp_path / "s")
+    write_tar(tmp_path / "s" / "b.tar", [(f"b{i}.jpg", jpeg_bytes((140, 160), seed=10 + i)) for i in range(3)])
+    (tmp_path / "s" / "empty.tar").write_bytes(b"")
+    result = run_cli("inspect", str(known / "t"), "--shards", str(tmp_path / "s"), "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    s = json.loads(result.stdout)
+    assert len(s["errors"]) == 2 and "b.tar has changed since it was tokenized" in s["errors"][0]
+    assert "empty.tar: unreadable tar" in s["errors"][1]
+    cov = s["coverage"]
+    assert cov["unusable_shards"] == ["b.tar", "empty.tar"]
+    assert (cov["shard_keys"], cov["keys_not_in_shards"]) == (5, 0)  # a0-a3 and c0; b's keys are left out
 
 
 def test_validation_errors_exit_non_zero(known, tmp_path, sample_tokens):
@@ -92,7 +109,7 @@ def test_render_and_histogram_pngs_have_content(known, tmp_path, trained_tokeniz
     tokens = tmp_path / "tokens"
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(trained_tokenizer), out=str(tokens),
                                 views=2, device="cpu", progress=False))
-    out = tmp_path / "view.png"
+    out = tmp_path / "new" / "folder" / "view.png"  # made as needed
     result = run_cli("inspect", str(tokens), "--shards", str(sample_shards), "--render", "000000010", "--view", "1",
                      "--tokenizer", str(trained_tokenizer), "--out", str(out))
     assert result.returncode == 0, result.stderr

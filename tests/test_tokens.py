@@ -22,8 +22,8 @@ def test_one_check_refuses_files_of_another_recipe(sample_tokens, tmp_path):
     from beit_data.tokens import check_recipe, read_consistent_meta, read_meta, recipe_mismatch
 
     files = sorted(sample_tokens.glob("*.parquet"))
-    meta = read_consistent_meta(files)
-    assert meta["format_version"] == 1 and meta["tokenizer"]["grid"] == 14
+    meta = read_consistent_meta(files)[0]
+    assert meta["format_version"] == 2 and meta["tokenizer"]["grid"] == 14 and meta["shard"]["bytes"] > 0
     other = {**meta, "views": {**meta["views"], "seed": 5}}
     assert recipe_mismatch(meta, meta) == ""
     assert recipe_mismatch(other, meta) == "views.seed: 5 != 0"
@@ -53,7 +53,7 @@ def test_rows_table_and_metadata_round_trip(tmp_path):
     rows = view_rows("k2", views, 64, 48) + view_rows("k1", views[:1], 80, 60)
     tokens = np.arange(3 * 4).reshape(3, 2, 2)
     tokenizer = {"name": "t", "fingerprint": "f", "vocab": 16, "input_size": 16, "grid": 2}
-    meta = file_meta(tokenizer, ViewRecipe(views=2).as_dict(), decoder_meta("lanczos3"))
+    meta = file_meta(tokenizer, ViewRecipe(views=2).as_dict(), decoder_meta("lanczos3"), min_size=16)
     path = write_tokens(tmp_path / "s.parquet", build_table(rows, tokens, 2), {**meta, "source": "s.tar"})
     table = pq.read_table(path).to_pylist()
     assert [(r["key"], r["view"]) for r in table] == [("k1", 0), ("k2", 0), ("k2", 1)]
