@@ -8,7 +8,9 @@
 - ``rng``: ``cpu``, one torch CPU generator state per rank, and ``cuda``, this GPU's;
 - ``config``: the resolved ``PretrainConfig`` as a dict;
 - ``model_name``, ``vocab_size`` and ``model_args`` (embed_dim, depth, num_heads): what
-  rebuilds the model without the config.
+  rebuilds the model without the config;
+- ``world_size`` and ``data``: the ranks, and what the run trains on (shard names, their
+  tokenized images, the tokenizer and view recipe), which a resumed run must match.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from beit_common import BeitDataError, save_atomic
+from beit_common import BeitDataError, describe_file, save_atomic
 
 __all__ = ["CHECKPOINT", "checkpoint_path", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 KEYS = ("model", "optimizer", "scheduler", "step", "stream", "rng", "config", "model_name", "vocab_size",
-        "model_args")
+        "model_args", "world_size", "data")
 
 
 def checkpoint_path(run: str | os.PathLike) -> Path:
@@ -32,9 +34,10 @@ def checkpoint_path(run: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler, step: int,
-                    stream: tuple[int, int], rng_cpu: list, rng_cuda: list, config: dict, model_name: str) -> Path:
+                    stream: tuple[int, int], rng_cpu: list, rng_cuda: list, config: dict, model_name: str,
+                    world_size: int, data: dict) -> Path:
     """Write the checkpoint atomically: a kill never leaves half a file."""
-    return save_atomic({
+    return save_atomic({"world_size": world_size, "data": data,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "step": step, "stream": tuple(stream), "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "config": config,
         "model_name": model_name, "vocab_size": model.vocab_size,
@@ -54,11 +57,48 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a damaged file
-        raise BeitDataError(f"{path} is not a readable checkpoint: {str(exc).strip().splitlines()[0][:200]}") from None
+        what = describe_file(path)
+        detail = what if "zip" not in what else f"a damaged one ({str(exc).strip().splitlines()[0][:160]})"
+        raise BeitDataError(f"{path} is not a readable checkpoint: it is {detail}") from None
     missing = [k for k in KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(KEYS)
     if missing:
         raise BeitDataError(f"{path} is not a beit-data pretrain checkpoint (missing {', '.join(missing)})")
     return ckpt
+
+
+def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_size: int, data: dict) -> dict:
+    """Refuse to resume with settings or data that change what the run computes.
+
+    Args:
+        config: This invocation's settings.
+        resumable: The settings that may change (they only change how the run goes).
+        data: What this invocation would train on, as ``save_checkpoint`` records it.
+
+    Returns:
+        The settings that changed, ``{name: (old, new)}``, for the log.
+
+    Raises:
+        BeitDataError: Naming the setting, its value in the run and the new one.
+    """
+    saved, changed = ckpt["config"], {}
+    for name, new in config.items():
+        old = saved.get(name)
+        old, new = (tuple(old) if isinstance(old, list) else old), (tuple(new) if isinstance(new, list) else new)
+        if old == new or name == "resume":
+            continue
+        if name not in resumable:
+            raise BeitDataError(f"`{name}` is {old!r} in the run being resumed, not {new!r}; a resumed run keeps "
+                                "it (start a new run to change it)")
+        changed[name] = (old, new)
+    if ckpt["world_size"] != world_size:
+        raise BeitDataError(f"the run being resumed has {ckpt['world_size']} ranks, not {world_size}; the order of "
+                            "its batches depends on it")
+    for key, setting in (("tokenizer", "tokens"), ("views", "tokens"), ("shards", "shards"),
+                         ("images_per_shard", "tokens")):
+        if ckpt["data"][key] != data[key]:
+            raise BeitDataError(f"`{setting}` holds other data than the run being resumed ({key} differ); "
+                                "resume with the same shards and token files")
+    return changed
 
 
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:

@@ -102,6 +102,7 @@ class TokenizeConfig:
     seed: int = 0
     batch_size: int = 64
     target_jitter: bool = True
+    min_size: int | None = None  # shorter sides under it are rejected; None: the tokenizer's input size
     overwrite: bool = False
     device: str = "auto"
     num_threads: int = 4
@@ -110,6 +111,8 @@ class TokenizeConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise BeitDataError(f"`batch_size` must be at least 1, got {self.batch_size}")
+        if self.min_size is not None and self.min_size < 0:
+            raise BeitDataError(f"`min_size` must be 0 or more, got {self.min_size}")
 
     @property
     def recipe(self) -> ViewRecipe:
@@ -147,6 +150,13 @@ class PretrainConfig:
     num_threads: int = 4
     progress: bool = True
     shuffle_targets: bool = False  # control experiment: targets from other images
+
+    # Settings a resumed run may change: they decide how the run goes, not what it computes.
+    # The shards and tokens may move (their paths may change); what they hold is checked.
+    # Every other setting must equal the checkpoint's, the step count and epochs included: the
+    # cosine schedule is a function of the total, so extending a run would change its past.
+    RESUMABLE = ("shards", "tokens", "out", "stop_after", "checkpoint_every", "log_every", "resume", "compile",
+                 "device", "num_threads", "progress")
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1 or self.epochs < 1:

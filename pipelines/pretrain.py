@@ -7,83 +7,34 @@ lr 1.5e-3 with a per-step linear warmup over 10 epochs and cosine decay to 1e-5,
 One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast, nccl) under torchrun.
 
 A run reads top to bottom: ``build`` (stream, model, optimizer), ``restore`` (from the
-checkpoint, with ``--resume``), ``loop`` (steps, logs, checkpoints), ``save``.
+checkpoint, with ``--resume``), ``loop`` (steps, logs, checkpoints), ``save``. SIGTERM,
+SIGINT and SIGHUP end the loop after the current step, with a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import shutil
+import sys
 import time
-import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from beit_common import BeitDataError, ensure_writable_dir, write_atomic
+from beit_common import LOCK_NAME, BeitDataError, ensure_writable_dir, folder_lock, write_text_atomic
 from beit_data.progress import progress_bar
 from beit_data.stream import StreamConfig, TrainStream
-from pipelines.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from pipelines.config import PretrainConfig
+from pipelines.logs import Logger, LossReader
+from pipelines.preemption import Preemption
 from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
 from pipelines.training import build_model, build_optimizer, train_step
 
 __all__ = ["PretrainConfig", "run_pretrain"]
-
-
-class Logger:
-    """JSONL and TensorBoard logs, written by rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
-        self.tb = None
-        if enabled:
-            self.jsonl = (out / "log.jsonl").open("a")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it
-                warnings.warn("tensorboard is not installed; logging to log.jsonl only", stacklevel=2)
-            else:
-                self.tb = SummaryWriter(str(out / "tb"))
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for k, v in record.items():
-            if self.tb is not None and k not in ("step", "epoch"):
-                self.tb.add_scalar(f"train/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class LossReader:
-    """Losses kept on the device until a log or a checkpoint needs them: one sync for many steps."""
-
-    def __init__(self, ckpt: Path):
-        self.ckpt, self.pending = ckpt, []
-        self.first: float | None = None
-        self.last: float | None = None
-
-    def add(self, step: int, loss: torch.Tensor) -> None:
-        self.pending.append((step, loss))
-
-    def read(self) -> None:
-        """Read the pending losses; stop on the first non-finite one."""
-        values = torch.stack([loss for _, loss in self.pending]).tolist()
-        for (at, _), value in zip(self.pending, values):
-            if not math.isfinite(value):
-                raise BeitDataError(f"loss is {value} at step {at}; stopped. The last good checkpoint is "
-                                    f"{self.ckpt}" + ("" if self.ckpt.exists() else " (none was written yet)"))
-        self.pending.clear()
-        self.first = values[0] if self.first is None else self.first
-        self.last = values[-1]
 
 
 @dataclass
@@ -100,7 +51,9 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total: int
     warmup: int
+    data: dict
     step: int = 0
+    resumed_at: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -108,66 +61,88 @@ class Run:
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    """Train (or resume) a BEiT MIM model; returns a summary of the run."""
+    """Train (or resume) a BEiT MIM model; returns a summary of the run.
+
+    The summary's ``stopped`` names the signal that ended the run early, if one did.
+    """
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
         try:
-            run = build(cfg, device, dist)
-            return loop(run)
+            with run_folder(cfg, dist) as out:
+                return loop(build(cfg, out, device, dist))
         finally:
             if dist.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
 
-def _open_run_folder(cfg: PretrainConfig) -> Path:
+@contextmanager
+def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[Path]:
+    """The run folder, locked by rank 0 for the run; a new folder is removed again if the run
+    fails before it holds anything."""
     out = Path(cfg.out)
     ckpt = checkpoint_path(out)
     if ckpt.exists() and not cfg.resume:
         raise BeitDataError(f"{out} already holds a run; pass `resume` to continue it or choose another `out`")
     if cfg.resume and not ckpt.exists():
         raise BeitDataError(f"`resume`: no checkpoint at {ckpt}")
-    return ensure_writable_dir(out)
+    created = not out.exists()
+    ensure_writable_dir(out)
+    try:
+        with folder_lock(out, "beit-data pretrain") if dist.rank == 0 else nullcontext():
+            yield out
+    except BaseException:
+        if created and dist.rank == 0 and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
-def _schedule(cfg: PretrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+def _schedule(cfg: PretrainConfig, stream: TrainStream) -> tuple[int, int]:
     """Total and warmup steps."""
-    if steps_per_epoch == 0:
-        raise BeitDataError(f"fewer images per rank than one batch of {cfg.batch_size}; lower `batch_size`")
+    stream.source.check_epoch(0)
+    steps_per_epoch = stream.steps_per_epoch(0)
     total = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
     return total, min(total, warmup) or 1
 
 
-def _check_model(model, stream: TrainStream, checkpoint: dict | None) -> None:
+def _check_model(model, stream: TrainStream) -> None:
     grid = tuple(model.grid)
     if grid != (stream.grid, stream.grid):
         raise BeitDataError(f"model grid {grid[0]}x{grid[1]} does not match the tokens' grid "
                             f"{stream.grid}x{stream.grid} ({stream.token_files[0]})")
-    if checkpoint is not None and checkpoint["vocab_size"] != stream.vocab:
-        raise BeitDataError(f"checkpoint vocab {checkpoint['vocab_size']} does not match the tokens' vocab "
-                            f"{stream.vocab} ({stream.token_files[0]})")
 
 
-def build(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Run:
+def run_data(stream: TrainStream) -> dict:
+    """What a run trains on, as its checkpoint records it: shard names (not paths, which may
+    move), their tokenized images, and the tokenizer and view recipe."""
+    return {"shards": [Path(s).name for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
+            "tokenizer": stream.meta["tokenizer"], "views": stream.meta["views"]}
+
+
+def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo) -> Run:
     """The stream, the model and its optimizer, restored from the checkpoint with ``resume``."""
-    out = _open_run_folder(cfg)
     stream = TrainStream(StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
                                       mix_shards=cfg.mix_shards, num_masked=cfg.num_masked,
                                       skip_missing=cfg.skip_missing, num_threads=cfg.num_threads,
                                       shuffle_targets=cfg.shuffle_targets),
                          rank=dist.rank, world_size=dist.world_size, device=device)
     checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.resume else None
+    if checkpoint is not None:
+        changed = check_resume(checkpoint, asdict(cfg), PretrainConfig.RESUMABLE, dist.world_size, run_data(stream))
+        if changed and dist.rank == 0:
+            print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+                  file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, stream.vocab if checkpoint is None else checkpoint["vocab_size"],
+    model = build_model(cfg.model, stream.vocab,
                         drop_path=cfg.drop_path, layer_scale=cfg.layer_scale)
-    _check_model(model, stream, checkpoint)
+    _check_model(model, stream)
     model.to(device)
-    total, warmup = _schedule(cfg, stream.steps_per_epoch(0))
+    total, warmup = _schedule(cfg, stream)
     optimizer, scheduler = build_optimizer(model, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                                            betas=cfg.betas, warmup=warmup, total=total)
     run = Run(cfg=cfg, device=device, dist=dist, out=out, stream=stream, model=model, optimizer=optimizer,
-              scheduler=scheduler, total=total, warmup=warmup)
+              scheduler=scheduler, total=total, warmup=warmup, data=run_data(stream))
     if checkpoint is not None:
         restore(run, checkpoint)
     else:
@@ -175,7 +150,7 @@ def build(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Run:
     if run.is_main:
         config = {**asdict(cfg), "total_steps": total, "warmup_steps": warmup,
                   "steps_per_epoch": stream.steps_per_epoch(0)}
-        write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
+        write_text_atomic(out / "config.json", json.dumps(config, indent=1))
     return run
 
 
@@ -184,7 +159,7 @@ def restore(run: Run, checkpoint: dict) -> None:
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.step = checkpoint["step"]
+    run.step = run.resumed_at = checkpoint["step"]
     run.stream.seek(*checkpoint["stream"])
     rng = checkpoint["rng"]
     torch.set_rng_state(rng["cpu"][run.dist.rank % len(rng["cpu"])])
@@ -202,7 +177,8 @@ def save(run: Run) -> None:
         save_checkpoint(checkpoint_path(run.out), model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                         step=run.step, stream=run.stream.position, rng_cpu=rng_cpu,
                         rng_cuda=[torch.cuda.get_rng_state()] if run.device.type == "cuda" else [],
-                        config=asdict(run.cfg), model_name=run.cfg.model)
+                        config=asdict(run.cfg), model_name=run.cfg.model, world_size=run.dist.world_size,
+                        data=run.data)
 
 
 def _forward_module(run: Run) -> torch.nn.Module:
@@ -214,45 +190,69 @@ def _forward_module(run: Run) -> torch.nn.Module:
     return torch.compile(forward) if run.cfg.compile else forward
 
 
+class Meter:
+    """Images per second between two logs."""
+
+    def __init__(self):
+        self.tick, self.seen = time.perf_counter(), 0
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.tick
+        rate = self.seen / elapsed if elapsed > 0 else 0.0
+        self.tick, self.seen = time.perf_counter(), 0
+        return rate
+
+
+def _log_step(run: Run, logger: Logger, losses: LossReader, out, epoch: int, meter: Meter, bar) -> None:
+    img_s, acc = meter.rate(), out.accuracy()
+    logger.log({"step": run.step, "epoch": epoch, "loss": losses.last, "acc": acc,
+                "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s})
+    # Not refreshed here: the bar redraws at its own interval (every 30 s into a log file).
+    bar.set_postfix(loss=f"{losses.last:.3f}", acc=f"{acc:.3f}", img_s=f"{img_s:.0f}", refresh=False)
+
+
 def loop(run: Run) -> dict:
-    """Train from ``run.step`` to the end, or for ``stop_after`` steps; log and save on the way."""
+    """Train from ``run.step`` to the end, for ``stop_after`` steps, or until a signal; log and
+    save on the way."""
     cfg = run.cfg
     forward = _forward_module(run)
-    logger = Logger(run.out, run.is_main)
+    logger = Logger(run.out, run.is_main, resumed_at=run.resumed_at)
     losses = LossReader(checkpoint_path(run.out))
     stop_at = min(run.total, run.step + cfg.stop_after if cfg.stop_after else run.total)
     bar = progress_bar(total=run.total, initial=run.step, desc="pretrain", unit="step",
                        disable=not (cfg.progress and run.is_main))
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
-    tick, seen = time.perf_counter(), 0
+    meter, stopped = Meter(), 0
     run.model.train()
-    for batch in (run.stream.batches(dtype=dtype) if run.step < stop_at else ()):
-        out = train_step(run.model, run.optimizer, run.scheduler, batch.images, batch.tokens, batch.mask,
-                         max_masked=cfg.num_masked, clip_grad=cfg.clip_grad, device=run.device, forward=forward)
-        run.step += 1
-        losses.add(run.step - 1, out.loss)
-        seen += batch.images.shape[0] * run.dist.world_size
-        log_now = run.step % cfg.log_every == 0 or run.step == run.total
-        save_now = run.step % cfg.checkpoint_every == 0 or run.step == stop_at
-        if log_now or save_now:
-            losses.read()
-        if log_now:
-            elapsed = time.perf_counter() - tick
-            img_s = seen / elapsed if elapsed > 0 else 0.0
-            acc = out.accuracy()
-            logger.log({"step": run.step, "epoch": batch.epoch, "loss": losses.last, "acc": acc,
-                        "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s})
-            bar.set_postfix(loss=f"{losses.last:.3f}", acc=f"{acc:.3f}", img_s=f"{img_s:.0f}")
-            tick, seen = time.perf_counter(), 0
-        bar.update()
-        if save_now:
-            save(run)
-        if run.step >= stop_at:
-            break
+    with Preemption(run.dist.world_size) as preemption:
+        for batch in (run.stream.batches(dtype=dtype) if run.step < stop_at else ()):
+            out = train_step(run.model, run.optimizer, run.scheduler, batch.images, batch.tokens, batch.mask,
+                             max_masked=cfg.num_masked, clip_grad=cfg.clip_grad, device=run.device, forward=forward)
+            run.step += 1
+            losses.add(run.step - 1, out.loss)
+            meter.seen += batch.images.shape[0] * run.dist.world_size
+            stopped = preemption.requested()
+            log_now = run.step % cfg.log_every == 0 or run.step == run.total
+            save_now = run.step % cfg.checkpoint_every == 0 or run.step == stop_at or stopped
+            if log_now or save_now:
+                losses.read()
+            if log_now:
+                _log_step(run, logger, losses, out, batch.epoch, meter, bar)
+            bar.update()
+            if save_now:
+                save(run)
+            if run.step >= stop_at or stopped:
+                break
     bar.close()
+    if stopped:
+        logger.log({"step": run.step, "event": "stopped", "signal": Preemption.name(stopped)})
+        if run.is_main:
+            print(f"pretrain: stopped by {Preemption.name(stopped)} after step {run.step}; "
+                  f"{checkpoint_path(run.out)} holds it, resume to continue", file=sys.stderr)
     logger.close()
     if run.dist.world_size > 1:
         torch.distributed.barrier()
     return {"steps": run.step, "first_loss": losses.first, "last_loss": losses.last,
             "checkpoint": str(checkpoint_path(run.out)), "skipped_rejected": run.stream.skipped_rejected,
-            "skipped_missing_shards": len(run.stream.missing)}
+            "skipped_missing_shards": len(run.stream.missing),
+            "stopped": Preemption.name(stopped) if stopped else None}

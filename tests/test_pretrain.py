@@ -85,9 +85,9 @@ def test_grid_and_vocab_mismatch_are_refused(sample_shards, sample_tokens, tmp_p
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tmp_path / "t112.pt"),
                                 out=str(tmp_path / "t112"), views=1, device="cpu", progress=False))
     run_pretrain(PretrainConfig(tokens=str(sample_tokens), out=str(tmp_path / "r1"), **common))
-    with pytest.raises(BeitDataError, match="checkpoint vocab 512 does not match the tokens' vocab 128"):
-        run_pretrain(PretrainConfig(tokens=str(tmp_path / "t112"), out=str(tmp_path / "r1"), resume=True,
-                                    **{**common, "steps": 2}))
+    with pytest.raises(BeitDataError, match=r"^`tokens` holds other data than the run being resumed \(tokenizer "
+                                            r"differ\); resume with the same shards and token files$"):
+        run_pretrain(PretrainConfig(tokens=str(tmp_path / "t112"), out=str(tmp_path / "r1"), resume=True, **common))
 
 
 def test_rejected_keys_are_skipped_and_counted(tmp_path, tiny_tokenizer):
@@ -140,3 +140,89 @@ def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, tr
     assert accuracy[False] > baseline + 0.1
     assert accuracy[False] > accuracy[True] + 0.05
 
+
+
+def test_resume_refuses_settings_that_change_the_run_and_logs_the_others(sample_shards, sample_tokens, tmp_path,
+                                                                       capfd):
+    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"), steps=4, **TINY)
+    run_pretrain(PretrainConfig(stop_after=2, **common))
+    refused = {"batch_size": 2, "seed": 3, "drop_path": 0.0, "lr": 5e-4, "model": "beit_mim_base_patch16_224",
+               "steps": 6, "mix_shards": 4}
+    for name, value in refused.items():
+        old = common.get(name, PretrainConfig.__dataclass_fields__[name].default)
+        with pytest.raises(BeitDataError, match=rf"^`{name}` is {old!r} in the run being resumed, not {value!r}"):
+            run_pretrain(PretrainConfig(resume=True, **{**common, name: value}))
+    sub = tmp_path / "one_shard"
+    sub.mkdir()
+    (sub / "sample-000000.tar").write_bytes((sample_shards / "sample-000000.tar").read_bytes())
+    with pytest.raises(BeitDataError, match=r"^`shards` holds other data than the run being resumed \(shards differ"):
+        run_pretrain(PretrainConfig(resume=True, **{**common, "shards": str(sub)}))
+    capfd.readouterr()
+    done = run_pretrain(PretrainConfig(resume=True, **{**common, "log_every": 2, "num_threads": 2}))
+    assert done["steps"] == 4
+    assert "pretrain: resuming with stop_after 2 -> None, log_every 1 -> 2, num_threads 1 -> 2\n" == \
+        capfd.readouterr().err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["lr"] == TINY["lr"] and config["log_every"] == 2
+
+
+def test_a_failed_start_leaves_no_empty_run_folder_and_a_busy_folder_is_refused(tmp_path, sample_tokens,
+                                                                               sample_shards):
+    from beit_common import folder_lock
+
+    with pytest.raises(BeitDataError, match="no token file for shard"):
+        run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(tmp_path), out=str(tmp_path / "new"),
+                                    steps=1, **TINY))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "busy").mkdir()
+    with folder_lock(tmp_path / "busy", "beit-data pretrain"):
+        with pytest.raises(BeitDataError, match=r"busy is in use by another beit-data run \(beit-data pretrain"):
+            run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens),
+                                        out=str(tmp_path / "busy"), steps=1, **TINY))
+
+
+def test_too_few_images_says_what_would_help(tmp_path, tiny_tokenizer, sample_shards):
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+
+    (tmp_path / "s").mkdir()
+    write_tar(tmp_path / "s" / "a.tar", [("0.jpg", b"")])  # only a reject: no tokenized image
+    run_tokenize(TokenizeConfig(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"),
+                                views=1, device="cpu", progress=False))
+    common = dict(shards=str(tmp_path / "s"), tokens=str(tmp_path / "t"), steps=1, **TINY)
+    with pytest.raises(BeitDataError, match=r"some rank has no tokenized image in epoch 0: the 1 shards hold 0 "
+                                            r"tokenized images for 1 ranks"):
+        run_pretrain(PretrainConfig(out=str(tmp_path / "r"), **{**common, "batch_size": 1}))
+    with pytest.raises(BeitDataError, match=r"one batch of 4 \(0 in all, 1 shards, 1 ranks\); lower `batch_size`"):
+        run_pretrain(PretrainConfig(out=str(tmp_path / "r"), **common))
+
+
+def test_a_resume_drops_what_was_logged_after_the_last_checkpoint(sample_shards, sample_tokens, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"), steps=6, **TINY)
+    run_pretrain(PretrainConfig(stop_after=3, **common))
+    log = tmp_path / "r" / "log.jsonl"
+    # What a run killed at step 5 would leave: two steps logged after its checkpoint at step 3.
+    with log.open("a") as f:
+        f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n")
+    run_pretrain(PretrainConfig(resume=True, **common))
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6] and 9.0 not in losses(tmp_path / "r")
+    events = EventAccumulator(str(tmp_path / "r" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_progress_bars_redraw_at_most_every_30_seconds_into_a_log(sample_shards, sample_tokens, tmp_path):
+    result = run_cli("pretrain", "--shards", str(sample_shards), "--tokens", str(sample_tokens), "--out",
+                     str(tmp_path / "r"), "--model", "beit_mim_tiny_patch16_224", "--steps", "6", "--batch-size", "2",
+                     "--log-every", "1", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    # Not a terminal: the bar is drawn when it starts and when it closes, not at each of the 6 logs.
+    assert 1 <= result.stderr.count("/6 [") <= 2, result.stderr
+
+
+def test_importing_the_package_registers_the_timm_variants():
+    done = subprocess.run([sys.executable, "-c", "import timm, beit_model; print(timm.list_models('beit_mim_*'))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "beit_mim_base_patch16_224" in done.stdout and "beit_mim_tiny_patch16_224" in done.stdout, done.stderr

@@ -1,0 +1,83 @@
+"""What a training run writes as it goes: JSONL and TensorBoard logs, and its losses read back."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from beit_common import BeitDataError, write_text_atomic
+
+__all__ = ["Logger", "LossReader"]
+
+
+class Logger:
+    """``RUN/log.jsonl`` and TensorBoard (``RUN/tb``), written by rank 0 only.
+
+    Args:
+        resumed_at: The checkpoint's step when a run resumes. Records of later steps, which
+            the interrupted run logged after its last checkpoint, are dropped from both logs,
+            so that no step appears twice.
+    """
+
+    def __init__(self, out: Path, enabled: bool, resumed_at: int | None = None):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        path = out / "log.jsonl"
+        if resumed_at is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
+            write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+        self.jsonl = path.open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it
+            warnings.warn("tensorboard is not installed; logging to log.jsonl only", stacklevel=2)
+        else:
+            purge = None if resumed_at is None else resumed_at + 1
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=purge)
+
+    def log(self, record: dict) -> None:
+        """One record: a step's figures, or an event (``{"step": N, "event": ...}``)."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for k, v in record.items():
+            if self.tb is not None and k not in ("step", "epoch") and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class LossReader:
+    """Losses kept on the device until a log or a checkpoint needs them: one sync for many steps."""
+
+    def __init__(self, ckpt: Path):
+        self.ckpt, self.pending = ckpt, []
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+
+    def read(self) -> None:
+        """Read the pending losses; stop on the first non-finite one."""
+        if not self.pending:
+            return
+        values = torch.stack([loss for _, loss in self.pending]).tolist()
+        for (at, _), value in zip(self.pending, values):
+            if not math.isfinite(value):
+                raise BeitDataError(f"loss is {value} at step {at}; stopped. The last good checkpoint is "
+                                    f"{self.ckpt}" + ("" if self.ckpt.exists() else " (none was written yet)"))
+        self.pending.clear()
+        self.first = values[0] if self.first is None else self.first
+        self.last = values[-1]
