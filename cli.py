@@ -7,12 +7,19 @@ summary. torch and DALI are imported inside the commands, so ``beit-data --help`
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 
 import click
 
-from beit_common import BeitDataError, __version__
+# MKL picks kernels by memory alignment unless told not to, which moves the last bits of a
+# float32 sum between runs; exact resume on the CPU compares losses bit for bit. It must be
+# set before torch loads, which the commands do later.
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+
+from beit_common import BeitDataError, __version__, os_error  # noqa: E402
 from pipelines.config import (
     DVAE_CONFIGS,
     InspectConfig,
@@ -67,6 +74,8 @@ class Group(click.Group):
         except BeitDataError as exc:
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
             raise click.ClickException(as_flags(str(exc), command)) from None
+        except OSError as exc:  # a full disk, a missing permission: the file and the reason
+            raise click.ClickException(str(os_error(exc))) from None
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -164,6 +173,9 @@ def train_dvae(shards, out, config_name, steps, batch_size, lr, checkpoint_every
 @SEED_OPTION
 @setting(TokenizeConfig, "--batch-size", type=click.IntRange(min=1),
          help="Images per batch (each gives --views tokenizer inputs).")
+@click.option("--min-size", type=click.IntRange(min=0), default=None,
+              help="Reject images whose shorter side is under N pixels [default: the tokenizer's input size]; "
+                   "0 keeps every decodable image and upscales small views.")
 @click.option("--no-target-jitter", is_flag=True,
               help="Tokenize views without colour jitter; pretrain then draws fresh jitter each epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace token files made with another tokenizer or recipe.")
@@ -171,15 +183,15 @@ def train_dvae(shards, out, config_name, steps, batch_size, lr, checkpoint_every
 @NUM_THREADS_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
-def tokenize(shards, tokenizer, out, views, seed, batch_size, no_target_jitter, overwrite, strict, num_threads,
-             device, quiet):
+def tokenize(shards, tokenizer, out, views, seed, batch_size, min_size, no_target_jitter, overwrite, strict,
+             num_threads, device, quiet):
     """Tokenize every image's views once and write one Parquet file per shard."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     summary = run_tokenize(TokenizeConfig(
         shards=shards, tokenizer=tokenizer, out=out, views=views, seed=seed, batch_size=batch_size,
-        target_jitter=not no_target_jitter, overwrite=overwrite, device=device, num_threads=num_threads,
-        progress=not quiet))
+        target_jitter=not no_target_jitter, min_size=min_size, overwrite=overwrite, device=device,
+        num_threads=num_threads, progress=not quiet))
     rejects = summary.pop("reject_list")
     echo_summary("tokenize", summary)
     for r in rejects[:20]:
@@ -235,7 +247,10 @@ def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, 
         drop_path=drop_path, clip_grad=clip_grad, checkpoint_every=checkpoint_every, log_every=log_every,
         resume=resume, stop_after=stop_after, skip_missing=skip_missing, compile=compile_, mix_shards=mix_shards,
         num_threads=num_threads, seed=seed, device=device, progress=not quiet))
+    stopped = summary.pop("stopped")
     echo_summary("pretrain", summary)
+    if stopped:  # the conventional exit status of a process ended by that signal
+        raise SystemExit(128 + int(getattr(signal, stopped)))
 
 
 @main.command(context_settings=CONTEXT)

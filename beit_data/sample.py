@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from beit_common import write_text_atomic
+
 __all__ = ["SAMPLE_DIR", "sample_images"]
 
 SAMPLE_DIR = Path(__file__).parent / "sample_images"
@@ -18,5 +20,5 @@ def sample_images() -> list[Path]:
 def write_sample_list(path: str | os.PathLike) -> Path:
     """Write a text file listing the embedded photographs, for ``run_shards``."""
     path = Path(path)
-    path.write_text("".join(f"{p}\n" for p in sample_images()))
+    write_text_atomic(path, "".join(f"{p}\n" for p in sample_images()))
     return path

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, save_atomic
+from beit_common import BeitDataError, describe_file, save_atomic
 from beit_model.dall_e import Decoder, Encoder, map_pixels
 
 __all__ = ["DVAEConfig", "CONFIGS", "Tokenizer", "load_tokenizer", "fingerprint", "CHECKPOINT_FORMAT"]
@@ -150,16 +150,19 @@ _dall_e_pickle = types.SimpleNamespace(Unpickler=_DallEUnpickler, load=pickle.lo
 
 
 def _read(path: Path):
+    kind = describe_file(path)
+    if kind not in ("a zip archive", "a Python pickle"):  # what torch.save and pickle write
+        raise BeitDataError(f"{path} is not a PyTorch file: it is {kind}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # a pickled module, not plain tensors: OpenAI's encoder.pkl / decoder.pkl
     except Exception as exc:
-        raise BeitDataError(f"{path} is not a PyTorch file: {exc}") from None
+        raise BeitDataError(f"{path} is not a readable PyTorch file: {str(exc).splitlines()[0][:200]}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_dall_e_pickle)
     except Exception as exc:
-        raise BeitDataError(f"{path} could not be unpickled: {exc}") from None
+        raise BeitDataError(f"{path} could not be unpickled: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(obj, nn.Module):
         raise BeitDataError(f"{path} holds a {type(obj).__name__}, not a module or state dict")
     return {"__dall_e__": True, "state": obj.state_dict()}

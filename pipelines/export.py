@@ -1,11 +1,15 @@
-"""``beit-data export``: the pretrained encoder as timm ``Beit`` weights."""
+"""``beit-data export``: the pretrained encoder as timm ``Beit`` weights.
+
+The weights go to a ``.pth`` (torch) or ``.safetensors`` file, by the name's suffix, with a
+JSON beside it that names the timm model of the same size and the arguments that rebuild it.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from beit_common import ensure_writable_dir, save_atomic, write_atomic
+from beit_common import ensure_writable_dir, save_atomic, write_atomic, write_text_atomic
 from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 
 __all__ = ["run_export", "timm_args"]
@@ -25,9 +29,15 @@ def run_export(run: str | Path, out: str | Path) -> dict:
     model = model_from_checkpoint(ckpt)
     out = Path(out)
     ensure_writable_dir(out.parent)
-    save_atomic(encoder_state_dict(model), out)
+    state = encoder_state_dict(model)
+    if out.suffix == ".safetensors":  # timm's create_model(checkpoint_path=...) reads either
+        from safetensors.torch import save_file
+
+        write_atomic(out, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
+    else:
+        save_atomic(state, out)
     args = timm_args(ckpt["model_args"])
     info = {"timm_model": TIMM_EQUIVALENT.get(ckpt["model_name"], "beit_base_patch16_224"),
             "timm_kwargs": {**args, "num_classes": 0}, "checkpoint_path": str(out), "step": ckpt["step"]}
-    write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
+    write_text_atomic(out.with_suffix(".json"), json.dumps(info, indent=1))
     return info

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, ensure_writable_dir, write_atomic
 from beit_data.shards import expand_shards, iter_samples
 from beit_data.summary import summarise
 from beit_data.tokens import read_meta, token_files
@@ -37,7 +37,8 @@ def format_summary(s: dict) -> str:
         c = s["coverage"]
         lines.append(f"coverage      {c['shard_keys']:,} keys in shards  {c['keys_missing_from_parquet']} missing "
                      f"from Parquet  {c['rejected_keys']} rejected  {c['keys_not_in_shards']} not in shards  "
-                     f"{len(c['shards_without_token_file'])} shards without a token file")
+                     f"{len(c['shards_without_token_file'])} shards without a token file  "
+                     f"{len(c['unusable_shards'])} unusable shards")
         for name, examples in (("missing", c["missing_examples"]), ("not in shards", c["not_in_shards_examples"])):
             if examples:
                 lines.append(f"  {name}: {', '.join(examples[:10])}")
@@ -114,8 +115,9 @@ def render_view(cfg: InspectConfig) -> Path:
     for ax in axes:
         ax.set_xticks([]), ax.set_yticks([])
     out = Path(cfg.out)
+    ensure_writable_dir(out.parent)
     fig.tight_layout()
-    fig.savefig(out)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return out
 
@@ -136,7 +138,8 @@ def render_histogram(summary: dict, path: str | Path) -> Path:
     ax.set_ylabel("count")
     ax.set_title(f"{cb['codes_used']}/{cb['vocab']} codes used, perplexity {cb['perplexity']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    ensure_writable_dir(Path(path).parent)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return Path(path)
 

@@ -139,9 +139,17 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
                           shuffled=config.shuffle, seed=config.seed)
     class_index = {name: i for i, name in enumerate(result.classes)}
     ordered = write_order(listing, shuffle=config.shuffle, seed=config.seed)
-    pattern = str(out / f"{config.prefix}-%06d.tar")
-    written: list[str] = []
-    with wds.ShardWriter(pattern, maxcount=config.maxcount, verbose=0, post=written.append) as writer:
+    # Each shard is written under a hidden temporary name and renamed when it is complete, so
+    # a killed run never leaves a half shard under a final name.
+    pattern = str(out / f".{config.prefix}-%06d.tar.tmp")
+
+    def finish(tmp: str) -> None:
+        final = out / Path(tmp).name[1:-len(".tmp")]
+        os.replace(tmp, final)
+        write_index(final)
+        result.shards.append(final)
+
+    with wds.ShardWriter(pattern, maxcount=config.maxcount, verbose=0, post=finish) as writer:
         for item in progress_bar(ordered, desc="shards", unit="img", disable=not config.progress):
             try:
                 data, ext = _read_image(item.path)
@@ -151,8 +159,5 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
                 continue
             writer.write(_sample(f"{result.images:09d}", item, data, ext, class_index))
             result.images += 1
-    result.shards = [Path(p) for p in written]
-    for shard in result.shards:
-        write_index(shard)
     _write_reports(out, result)
     return result

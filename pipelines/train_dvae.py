@@ -194,7 +194,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
         if step >= cfg.steps:
             break
         x = views([b[0] for b in batch], [b[1] for b in batch])[:, 0].to(device)  # (B, 3, S, S)
-        bar.set_postfix(**_train_step(encoder, decoder, optimizer, x, cfg, step))
+        bar.set_postfix(**_train_step(encoder, decoder, optimizer, x, cfg, step), refresh=False)
         step += 1
         bar.update()
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:

@@ -61,3 +61,17 @@ def test_without_dali_the_commands_name_the_extras(tmp_path, command):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "NVIDIA DALI is not installed" in result.stderr
     assert "beit-data[cuda13]" in result.stderr and "beit-data[cuda12]" in result.stderr
+
+
+def test_the_command_sets_mkl_reproducible_mode_before_torch_loads():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    code = "import sys, os, cli; print(os.environ['MKL_CBWR'], 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["COMPATIBLE", "False"], done.stderr

@@ -79,8 +79,12 @@ def test_wrong_files_get_clear_errors(tmp_path, openai_files):
     with pytest.raises(BeitDataError, match="tokenizer file not found"):
         load_tokenizer(tmp_path / "missing.pkl")
     (tmp_path / "junk.pkl").write_bytes(b"this is not a torch file")
-    with pytest.raises(BeitDataError, match="not a PyTorch file|could not be unpickled"):
+    with pytest.raises(BeitDataError, match=r"junk.pkl is not a PyTorch file: it is a text file starting "
+                                            r"'this is not a torch file'$"):
         load_tokenizer(tmp_path / "junk.pkl")
+    (tmp_path / "tokens.parquet").write_bytes(b"PAR1" + bytes(100))
+    with pytest.raises(BeitDataError, match=r"tokens.parquet is not a PyTorch file: it is a Parquet file$"):
+        load_tokenizer(tmp_path / "tokens.parquet")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(BeitDataError, match="expected parameters such as blocks.input.w"):
         load_tokenizer(tmp_path / "other.pt")

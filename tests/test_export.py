@@ -40,3 +40,20 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
     with pytest.raises(BeitDataError, match="other.pt is not a beit-data pretrain checkpoint .missing optimizer"):
         load_checkpoint(tmp_path / "other.pt")
     assert not (tmp_path / "e.pth").exists()
+
+
+def test_safetensors_export_loads_in_timm(sample_shards, sample_tokens, tmp_path):
+    import timm
+
+    run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "run"),
+                                steps=1, **TINY))
+    result = run_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "sub" / "enc.safetensors"))
+    assert result.returncode == 0, result.stderr
+    info = json.loads((tmp_path / "sub" / "enc.json").read_text())
+    assert info["timm_model"] == "beit_base_patch16_224"  # tiny has no timm name: base with the tiny sizes
+    model = timm.create_model(info["timm_model"], checkpoint_path=str(tmp_path / "sub" / "enc.safetensors"),
+                              **info["timm_kwargs"])
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(model.patch_embed.proj.weight, ckpt["model"]["patch_embed.proj.weight"])
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["enc.json", "enc.safetensors"]
+

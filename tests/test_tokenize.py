@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from beit_common import BeitDataError
 from beit_data.shards import iter_samples
 from beit_data.tokens import read_meta
 from beit_data.views import ViewRecipe, sample_view
@@ -176,3 +177,58 @@ def test_two_ranks_write_the_same_rows_as_one(many_shards, tiny_tokenizer, tmp_p
     assert rows_of(tmp_path / "two") == rows_of(tmp_path / "one")
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["images"], summary["shards"]) == (14, 14)
+
+
+def test_stale_or_damaged_token_files_are_refused_with_overwrite(sample_shards, tiny_tokenizer, tmp_path):
+    import shutil
+
+    from tests.test_stream import reordered_copy
+
+    shutil.copytree(sample_shards, tmp_path / "s")
+    cfg = dict(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"), views=1,
+               device="cpu", progress=False)
+    first = run_tokenize(TokenizeConfig(**cfg))
+    summary = (tmp_path / "t" / "summary.json").read_text()
+    again = run_tokenize(TokenizeConfig(**cfg))  # every shard done: the summary of the real work stays
+    assert again["skipped"] == 2 and again["images"] == 0 and first["images"] == 14
+    assert (tmp_path / "t" / "summary.json").read_text() == summary
+    reordered_copy(sample_shards / "sample-000001.tar", tmp_path / "s" / "sample-000001.tar", index=True)
+    result = run_cli("tokenize", *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "progress"],
+                     "--quiet")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "sample-000001.tar has changed since it was tokenized (its members differ)" in result.stderr
+    assert "--overwrite" in result.stderr
+    done = tmp_path / "t" / "sample-000000.parquet"
+    done.write_bytes(done.read_bytes()[: done.stat().st_size // 2])
+    with pytest.raises(BeitDataError, match=r"sample-000000.parquet is not a readable Parquet file.*; pass "
+                                            r"`overwrite` to replace it$"):
+        run_tokenize(TokenizeConfig(**cfg))
+    redone = run_tokenize(TokenizeConfig(**cfg, overwrite=True))
+    assert redone["images"] == 14
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(sample_shards, tiny_tokenizer, tmp_path):
+    from beit_common import folder_lock
+
+    (tmp_path / "t").mkdir()
+    with folder_lock(tmp_path / "t", "beit-data tokenize"):
+        result = run_cli("tokenize", "--shards", str(sample_shards), "--tokenizer", str(tiny_tokenizer), "--out",
+                         str(tmp_path / "t"), "--device", "cpu", "--quiet")
+    assert result.returncode == 1 and "is in use by another beit-data run (beit-data tokenize, pid" in result.stderr
+    assert not list((tmp_path / "t").glob("*.parquet"))
+
+
+def test_min_size_keeps_small_images_when_asked(tmp_path, tiny_tokenizer):
+    (tmp_path / "s").mkdir()
+    write_tar(tmp_path / "s" / "a.tar", [("big.jpg", jpeg_bytes((160, 130), seed=1)),
+                                         ("small.jpg", jpeg_bytes((64, 48), seed=2))])
+    cfg = dict(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer), views=2, device="cpu", progress=False)
+    default = run_tokenize(TokenizeConfig(out=str(tmp_path / "d"), **cfg))
+    assert default["images"] == 1 and "image too small: 64x48" in default["reject_list"][0]["reason"]
+    kept = run_tokenize(TokenizeConfig(out=str(tmp_path / "k"), min_size=0, **cfg))
+    assert kept["images"] == 2 and kept["rejects"] == 0
+    table = pq.read_table(tmp_path / "k" / "a.parquet").to_pylist()
+    small = [r for r in table if r["key"] == "small"]
+    assert len(small) == 2 and all(r["w"] <= 64 and r["h"] <= 48 for r in small)
+    assert read_meta(tmp_path / "k" / "a.parquet")["min_size"] == 0
+    assert read_meta(tmp_path / "d" / "a.parquet")["min_size"] == 112
