@@ -180,18 +180,20 @@ def train_dvae(shards, out, config_name, steps, batch_size, lr, checkpoint_every
               help="Tokenize views without colour jitter; pretrain then draws fresh jitter each epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace token files made with another tokenizer or recipe.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any sample was rejected.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Compile the tokenizer with torch.compile (slow to start; faster over a long run on a GPU).")
 @NUM_THREADS_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
 def tokenize(shards, tokenizer, out, views, seed, batch_size, min_size, no_target_jitter, overwrite, strict,
-             num_threads, device, quiet):
+             compile_, num_threads, device, quiet):
     """Tokenize every image's views once and write one Parquet file per shard."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     summary = run_tokenize(TokenizeConfig(
         shards=shards, tokenizer=tokenizer, out=out, views=views, seed=seed, batch_size=batch_size,
-        target_jitter=not no_target_jitter, min_size=min_size, overwrite=overwrite, device=device,
-        num_threads=num_threads, progress=not quiet))
+        target_jitter=not no_target_jitter, min_size=min_size, compile=compile_, overwrite=overwrite,
+        device=device, num_threads=num_threads, progress=not quiet))
     rejects = summary.pop("reject_list")
     echo_summary("tokenize", summary)
     for r in rejects[:20]:

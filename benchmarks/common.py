@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from beit_data.sample import sample_images
@@ -13,9 +14,34 @@ from pipelines.shards import ShardsConfig, run_shards
 from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
 
-def make_shards(out: Path, images: int, per_shard: int = 512) -> Path:
+def imagenet_like(out: Path) -> list[Path]:
+    """The embedded photographs as ImageNet's typical JPEG: 4:3, 500x375, quality 90, about 110 KB.
+
+    The photographs are smoother than ImageNet's, so film grain (luma sigma 24, chroma 8) is
+    added until the files reach ImageNet's size: JPEG decoding costs follow the coded bytes.
+    """
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, photo in enumerate(sample_images()):
+        with Image.open(photo) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            cw, ch = min(w, h * 4 // 3), min(h, w * 3 // 4)
+            box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+            pixels = np.asarray(im.crop(box).resize((500, 375), Image.BICUBIC), np.float32)
+        rng = np.random.default_rng(i)
+        pixels = pixels + rng.normal(0, 24, (375, 500, 1)) + rng.normal(0, 8, (375, 500, 3))
+        path = out / f"{photo.stem}.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_shards(out: Path, images: int, per_shard: int = 512, *, imagenet_like_images: bool = False) -> Path:
     """``images`` samples cycling through the embedded photographs, ``per_shard`` per shard."""
-    photos = sample_images()
+    photos = imagenet_like(out / "imagenet_like") if imagenet_like_images else sample_images()
     listing = out / "list.txt"
     listing.write_text("".join(f"{photos[i % len(photos)]}\n" for i in range(images)))
     run_shards(ShardsConfig(sources=[listing], out=out / "shards", maxcount=per_shard, prefix="bench",
@@ -32,9 +58,9 @@ def make_tokenizer(path: Path, config: str = "dalle") -> Path:
 
 
 def make_tokens(out: Path, images: int, *, per_shard: int = 512, tokenizer_config: str = "dalle", views: int = 2,
-                device: str = "cpu") -> tuple[Path, Path, Path]:
+                device: str = "cpu", imagenet_like_images: bool = False) -> tuple[Path, Path, Path]:
     """Shards, a tokenizer and the shards tokenized: the paths (shards, tokenizer, tokens)."""
-    shards = make_shards(out, images, per_shard)
+    shards = make_shards(out, images, per_shard, imagenet_like_images=imagenet_like_images)
     tokenizer = make_tokenizer(out / "tok.pt", tokenizer_config)
     run_tokenize(TokenizeConfig(shards=str(shards), tokenizer=str(tokenizer), out=str(out / "tokens"), views=views,
                                 batch_size=32, device=device, progress=False))

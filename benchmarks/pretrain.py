@@ -26,17 +26,21 @@ from beit_data.masking import BlockMaskGenerator
 from beit_data.shards import expand_shards, iter_samples
 from beit_data.stream import StreamConfig, TrainStream
 from beit_model.dvae import load_tokenizer
+from beit_model.flex_attention import use_flex_attention
 from benchmarks.common import device_name, emit, make_tokens
 from pipelines.pretrain import PretrainConfig
 from pipelines.runtime import autocast
 from pipelines.training import build_model, build_optimizer, train_step
 
 
-def make_step(model, cfg: PretrainConfig, device, compile_: bool):
-    """The trainer's own step (``train_step``) with the trainer's optimizer and schedule."""
+def make_step(model, cfg: PretrainConfig, device, args):
+    """The trainer's own step (``train_step``) with the trainer's optimizer and schedule, and the
+    variants under trial: FlexAttention for the relative-position bias, fused AdamW, a compile mode."""
+    if args.flex_attention:
+        use_flex_attention(model)
     optimizer, scheduler = build_optimizer(model, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                           betas=cfg.betas, warmup=10, total=1000)
-    forward = torch.compile(model) if compile_ else model
+                                           betas=cfg.betas, warmup=10, total=1000, fused=args.fused_adamw)
+    forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     def step(images, tokens, mask):
         return train_step(model, optimizer, scheduler, images, tokens, mask, max_masked=cfg.num_masked,
@@ -93,15 +97,22 @@ class TwoViewDataset(torch.utils.data.IterableDataset):
                     yield norm(TF.to_tensor(big)), TF.to_tensor(small), torch.from_numpy(masker(rng).reshape(-1))
 
 
-def reference_batches(shards, tokenizer, batch_size, workers, device, dtype):
-    loader = torch.utils.data.DataLoader(TwoViewDataset(shards, tokenizer.grid), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    for big, small, mask in loader:
+def reference_loader(shards, grid: int, batch_size: int, workers: int, device):
+    return torch.utils.data.DataLoader(TwoViewDataset(shards, grid), batch_size=batch_size, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers else None)
+
+
+def reference_batches(shards, tokenizer, batch_size, workers, device, dtype, *, online_tokenizer: bool = True):
+    """The reference recipe's batches; without ``online_tokenizer``, its loader alone (random targets)."""
+    for big, small, mask in reference_loader(shards, tokenizer.grid, batch_size, workers, device):
         small = small.to(device, non_blocking=True)
-        with torch.inference_mode(), autocast(device):
-            tokens = tokenizer.encode(small).flatten(1)  # the online tokenizer, every step
-        yield big.to(device, dtype, non_blocking=True), tokens.clone(), mask.to(device, non_blocking=True)
+        if online_tokenizer:
+            with torch.inference_mode(), autocast(device):
+                tokens = tokenizer.encode(small).flatten(1).clone()  # the online tokenizer, every step
+        else:
+            tokens = torch.zeros(small.shape[0], tokenizer.grid ** 2, dtype=torch.int64, device=device)
+        yield big.to(device, dtype, non_blocking=True), tokens, mask.to(device, non_blocking=True)
 
 
 def main():
@@ -117,7 +128,13 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, choices=[None, "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"])
+    p.add_argument("--flex-attention", action="store_true", help="the relative-position bias through FlexAttention")
+    p.add_argument("--fused-adamw", action="store_true")
+    p.add_argument("--imagenet-like", action="store_true", help="JPEG q90 at 500x375, ~110 KB, not 512-pixel photos")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--reference-loader", action="store_true", help="also time the reference's loader alone")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -127,12 +144,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards, tok_path, tokens = make_tokens(tmp, args.images, tokenizer_config=args.tokenizer_config,
-                                               views=args.views, device=args.device)
+                                               views=args.views, device=args.device,
+                                               imagenet_like_images=args.imagenet_like)
         tokenizer = load_tokenizer(tok_path).to(device)
         cfg = PretrainConfig(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"), model=args.model)
         model = build_model(cfg.model, tokenizer.vocab_size, drop_path=cfg.drop_path,
                             layer_scale=cfg.layer_scale).to(device).train()
-        step = make_step(model, cfg, device, args.compile)
+        step = make_step(model, cfg, device, args)
         B, N = args.batch_size, tokenizer.grid ** 2
 
         def synthetic():
@@ -153,6 +171,8 @@ def main():
                        lambda images, tokens, mask: images.sum(), args.warmup, args.steps, device)
         record = {"benchmark": "pretrain", "device": device_name(device), "model": args.model, "batch_size": B,
                   "dtype": str(dtype).replace("torch.", ""), "compiled": args.compile,
+                  "compile_mode": args.compile_mode, "flex_attention": args.flex_attention,
+                  "fused_adamw": args.fused_adamw, "imagenet_like": args.imagenet_like,
                   "model_only_img_per_s": round(model_only, 1), "end_to_end_img_per_s": round(e2e, 1),
                   "loader_only_img_per_s": round(loader, 1),
                   "end_to_end_over_model_only": round(e2e / model_only, 3)}
@@ -161,6 +181,11 @@ def main():
                         step, args.warmup, args.steps, device)
             record.update({"reference_img_per_s": round(ref, 1), "reference_workers": args.workers,
                            "end_to_end_over_reference": round(e2e / ref, 3)})
+        if args.reference_loader:  # what limits the reference: its loader, with no model and no dVAE
+            ref_loader = timed(reference_batches(expand_shards(str(shards)), tokenizer, B, args.workers, device,
+                                                 dtype, online_tokenizer=False),
+                               lambda images, tokens, mask: images.sum(), args.warmup, args.steps, device)
+            record["reference_loader_only_img_per_s"] = round(ref_loader, 1)
         emit({**record, "torch": torch.__version__})
 
 

@@ -103,6 +103,7 @@ class TokenizeConfig:
     batch_size: int = 64
     target_jitter: bool = True
     min_size: int | None = None  # shorter sides under it are rejected; None: the tokenizer's input size
+    compile: bool = False  # torch.compile the tokenizer (worth it on a GPU for long runs)
     overwrite: bool = False
     device: str = "auto"
     num_threads: int = 4

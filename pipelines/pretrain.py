@@ -205,8 +205,11 @@ class Meter:
 
 def _log_step(run: Run, logger: Logger, losses: LossReader, out, epoch: int, meter: Meter, bar) -> None:
     img_s, acc = meter.rate(), out.accuracy()
-    logger.log({"step": run.step, "epoch": epoch, "loss": losses.last, "acc": acc,
-                "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s})
+    record = {"step": run.step, "epoch": epoch, "loss": losses.last, "acc": acc,
+              "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s}
+    if run.device.type == "cuda":  # the peak so far: a leak shows as growth between logs
+        record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+    logger.log(record)
     # Not refreshed here: the bar redraws at its own interval (every 30 s into a log file).
     bar.set_postfix(loss=f"{losses.last:.3f}", acc=f"{acc:.3f}", img_s=f"{img_s:.0f}", refresh=False)
 

@@ -117,6 +117,16 @@ def _decoded_batches(prepared, shard: Path, views: DaliViews, rejects: list[Reje
             yield rows, pixels.flatten(0, 1)
 
 
+def _encode(tokenizer: Tokenizer, pixels: torch.Tensor, device, pad_to: int | None) -> torch.Tensor:
+    """Token ids of the views (N*V, 3, S, S); with ``pad_to``, a short last batch is padded to
+    the full size, so that a compiled tokenizer sees one shape and never recompiles."""
+    n = len(pixels)
+    if pad_to is not None and n < pad_to:
+        pixels = torch.cat([pixels, pixels.new_zeros((pad_to - n, *pixels.shape[1:]))])
+    with torch.inference_mode(), autocast(device):
+        return tokenizer.encode(pixels.float())[:n]
+
+
 def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views: DaliViews, device,
                    bar) -> tuple[int, int, list[Reject]]:
     """Tokenize one shard and write its Parquet file. Returns (images, views, rejects)."""
@@ -126,8 +136,8 @@ def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views
     fingerprint = shard_fingerprint(shard)  # before reading: a shard that changes meanwhile no longer matches
     prepared = prefetch(_prepared_batches(shard, cfg, _min_size(cfg, tokenizer), rejects))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
-        with torch.inference_mode(), autocast(device):
-            ids = tokenizer.encode(pixels.to(device, non_blocking=True).float())  # (N*V, grid, grid)
+        ids = _encode(tokenizer, pixels.to(device, non_blocking=True), device,
+                      pad_to=cfg.batch_size * cfg.views if cfg.compile else None)  # (N*V, grid, grid)
         all_rows += rows
         all_tokens.append(ids.to("cpu", torch.int16).numpy())
         bar.update(len(rows) // cfg.views)
@@ -157,6 +167,8 @@ def _tokenize(cfg: TokenizeConfig, shards: list[Path], tokenizer: Tokenizer, out
     mine = shards[dist.rank :: dist.world_size]
     todo, skipped = _plan(mine, out, run_meta(tokenizer, cfg), cfg.overwrite)
     tokenizer = tokenizer.to(device)
+    if cfg.compile:  # the fingerprint was taken from the weights before; compiling does not change them
+        tokenizer.encoder = torch.compile(tokenizer.encoder)
     views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp="lanczos",
                                 jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
                       num_threads=cfg.num_threads)

@@ -55,9 +55,13 @@ def lr_factor(step: int, warmup: int, total: int, lr: float, min_lr: float) -> f
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, min_lr: float, weight_decay: float,
-                    betas: tuple[float, float], warmup: int, total: int):
-    """AdamW over ``param_groups`` and its per-step warmup-then-cosine scheduler."""
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+                    betas: tuple[float, float], warmup: int, total: int, fused: bool = False):
+    """AdamW over ``param_groups`` and its per-step warmup-then-cosine scheduler.
+
+    Args:
+        fused: One fused kernel for the whole update instead of per-tensor loops.
+    """
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, lr, min_lr))
     return optimizer, scheduler
 

@@ -100,3 +100,50 @@ def test_gpu_stream_matches_cpu_stream(sample_shards, sample_tokens):
         assert g.keys == c.keys and torch.equal(g.tokens.cpu(), c.tokens) and torch.equal(g.mask.cpu(), c.mask)
         diff = (g.images.float().cpu() - c.images.float()).abs()
         assert diff.mean() < 0.01 / 0.225 and diff.max() < 0.35 / 0.225  # as the graph test: nvJPEG rounding
+
+
+def test_flex_attention_trains_like_timms_attention_on_the_gpu():
+    import copy
+
+    import timm
+
+    import beit_model  # noqa: F401
+    from beit_model.flex_attention import use_flex_attention
+    from pipelines.training import build_optimizer, train_step
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    sdpa = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).to(device).train()
+    flex = use_flex_attention(copy.deepcopy(sdpa))
+    images, tokens = torch.rand(4, 3, 224, 224, device=device), torch.randint(0, 64, (4, 196), device=device)
+    mask = torch.zeros(4, 196, dtype=torch.bool, device=device)
+    mask[:, 30:100] = True
+    losses = {}
+    for name, model in (("sdpa", sdpa), ("flex", flex)):
+        opt, sched = build_optimizer(model, lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup=1,
+                                     total=10)
+        forward = torch.compile(model) if name == "flex" else model  # FlexAttention's kernels need compile
+        losses[name] = torch.stack([train_step(model, opt, sched, images, tokens, mask, max_masked=75, clip_grad=3.0,
+                                               device=device, forward=forward).loss for _ in range(3)]).tolist()
+    assert losses["flex"] == pytest.approx(losses["sdpa"], rel=2e-2)  # bf16 autocast on both
+
+
+def test_a_resumed_gpu_run_follows_the_uninterrupted_one(sample_shards, sample_tokens, tmp_path):
+    """Batches, masks, views and RNG states resume exactly on a GPU too; the arithmetic does not (bf16 and
+    CUDA kernels that sum in varying order), so the losses agree within a stated tolerance, not bit for bit."""
+    import json
+
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+
+    cfg = dict(shards=str(sample_shards), tokens=str(sample_tokens), model="beit_mim_tiny_patch16_224",
+               batch_size=4, steps=12, warmup_steps=2, lr=1e-3, log_every=1, device="cuda", progress=False)
+    run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **cfg))
+    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=6, **cfg))
+    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), resume=True, **cfg))
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(straight) == len(resumed) == 12
+    assert resumed == pytest.approx(straight, rel=2e-2)

@@ -121,3 +121,40 @@ def test_export_loads_in_timm_and_gives_the_same_features(model, tmp_path):
         assert torch.allclose(ref.forward_features(x), model.forward_blocks(x), atol=1e-5)
         pooled = ref.forward_head(ref.forward_features(x), pre_logits=True)
         assert torch.allclose(pooled, model.norm(model.forward_blocks(x)[:, 1:].mean(1)), atol=1e-5)
+
+
+def test_flex_attention_keeps_the_weights_and_the_outputs():
+    """FlexAttention runs its forward on the CPU (its backward needs a GPU: tests/test_gpu.py)."""
+    import copy
+
+    from beit_model.flex_attention import FlexRelPosAttention, use_flex_attention
+
+    torch.manual_seed(0)
+    sdpa = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).eval()
+    flex = use_flex_attention(copy.deepcopy(sdpa))
+    assert all(type(b.attn) is FlexRelPosAttention for b in flex.blocks)
+    assert flex.state_dict().keys() == sdpa.state_dict().keys()
+    x, mask = torch.rand(2, 3, 224, 224), torch.zeros(2, 196, dtype=torch.bool)
+    mask[:, 20:60] = True
+    with torch.no_grad():
+        assert torch.allclose(flex(x, mask), sdpa(x, mask), atol=1e-5)
+
+
+def test_fused_adamw_gives_the_same_losses():
+    import copy
+
+    from pipelines.training import build_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).train()
+    x, tokens = torch.rand(2, 3, 224, 224), torch.randint(0, 64, (2, 196))
+    mask = torch.zeros(2, 196, dtype=torch.bool)
+    mask[:, :40] = True
+    losses = {}
+    for fused in (False, True):
+        m = copy.deepcopy(model)
+        opt, sched = build_optimizer(m, lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup=1,
+                                     total=10, fused=fused)
+        losses[fused] = [train_step(m, opt, sched, x, tokens, mask, max_masked=75, clip_grad=3.0,
+                                    device=torch.device("cpu")).loss.item() for _ in range(4)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[True][3] < losses[True][0]

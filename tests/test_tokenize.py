@@ -232,3 +232,13 @@ def test_min_size_keeps_small_images_when_asked(tmp_path, tiny_tokenizer):
     assert len(small) == 2 and all(r["w"] <= 64 and r["h"] <= 48 for r in small)
     assert read_meta(tmp_path / "k" / "a.parquet")["min_size"] == 0
     assert read_meta(tmp_path / "d" / "a.parquet")["min_size"] == 112
+
+
+def test_a_compiled_tokenizer_writes_the_same_tokens(sample_shards, tiny_tokenizer, tmp_path):
+    """One shard of 6 images in batches of 4: the short last batch is padded, so one compiled shape serves."""
+    cfg = dict(shards=str(sample_shards / "sample-000001.tar"), tokenizer=str(tiny_tokenizer), views=1, batch_size=4,
+               device="cpu", progress=False)
+    run_tokenize(TokenizeConfig(out=str(tmp_path / "eager"), **cfg))
+    run_tokenize(TokenizeConfig(out=str(tmp_path / "compiled"), compile=True, **cfg))
+    eager, compiled = (pq.read_table(tmp_path / name / "sample-000001.parquet") for name in ("eager", "compiled"))
+    assert eager.num_rows == 6 and eager.equals(compiled)
