@@ -138,7 +138,7 @@ def sample(out, maxcount):
 @main.command("train-dvae", context_settings=CONTEXT)
 @SHARDS_OPTION
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
-@setting(TrainDVAEConfig, "--config", "config_name", type=click.Choice(DVAE_CONFIGS),
+@setting(TrainDVAEConfig, "--config", type=click.Choice(DVAE_CONFIGS),
          help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
 @setting(TrainDVAEConfig, "--steps", type=click.IntRange(min=1), help="Training steps.")
 @setting(TrainDVAEConfig, "--batch-size", type=click.IntRange(min=1), help="Images per step.")
@@ -150,13 +150,13 @@ def sample(out, maxcount):
 @SEED_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
-def train_dvae(shards, out, config_name, steps, batch_size, lr, checkpoint_every, resume, overwrite, seed,
+def train_dvae(shards, out, config, steps, batch_size, lr, checkpoint_every, resume, overwrite, seed,
                device, quiet):
     """Train a discrete VAE tokenizer on your own shards (DALL-E recipe, Gumbel-softmax)."""
     from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
 
     report = run_train_dvae(TrainDVAEConfig(
-        shards=shards, out=out, config=config_name, steps=steps, batch_size=batch_size, lr=lr,
+        shards=shards, out=out, config=config, steps=steps, batch_size=batch_size, lr=lr,
         checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, seed=seed, device=device,
         progress=not quiet))
     echo_summary("held-out report", {k: report[k] for k in
@@ -302,20 +302,20 @@ def export(run, out):
 @click.argument("tokens", type=click.Path())
 @click.option("--shards", default=None, help="Shards to check coverage against (and to find images for --render).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
-@click.option("--render", "render_key", default=None, metavar="KEY", help="Draw the view of this key as a PNG.")
+@click.option("--render", default=None, metavar="KEY", help="Draw the view of this key as a PNG.")
 @setting(InspectConfig, "--view", type=click.IntRange(min=0), help="View to draw with --render.")
 @click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
               help="Tokenizer with a decoder, to add the reconstruction panel to --render.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="PNG file for --render.")
 @click.option("--histogram", default=None, type=click.Path(dir_okay=False),
               help="Also draw token frequencies to this PNG.")
-def inspect(tokens, shards, as_json, render_key, view, tokenizer, out, histogram):
+def inspect(tokens, shards, as_json, render, view, tokenizer, out, histogram):
     """Summarise, validate and draw token Parquet files (exit 1 when validation finds errors)."""
     from pipelines.inspect_tokens import InspectConfig, format_summary, run_inspect
 
-    result = run_inspect(InspectConfig(tokens=tokens, shards=shards, render=render_key, view=view,
+    result = run_inspect(InspectConfig(tokens=tokens, shards=shards, render=render, view=view,
                                        tokenizer=tokenizer, out=out, histogram=histogram))
-    if render_key is not None:
+    if render is not None:
         click.echo(f"wrote {out}")
         return
     if as_json:

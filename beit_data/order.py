@@ -12,8 +12,9 @@ For each epoch:
    window (all of them, across its shards) are permuted as a whole from
    ``(seed, epoch, rank, window)`` and read in that order, by their offsets in the shards.
 3. Batch ``s`` is samples ``s*B .. (s+1)*B`` of that sequence. Every rank takes the same
-   number of steps, the smallest number of full batches any rank can make; the few samples
-   past it wait for another epoch.
+   number of steps, the smallest number of full batches any rank can make; a rank's samples
+   past it are left out of that epoch (the next epoch deals and permutes anew). With shards
+   that do not divide evenly among the ranks, that is up to about one shard per rank.
 
 Resuming at ``(epoch, step)`` skips whole windows by their counts and permutes only the one
 it lands in, so it reads nothing of the samples before the position.

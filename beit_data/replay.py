@@ -49,7 +49,8 @@ class StreamConfig:
     Attributes:
         mix_shards: Shards a rank reads at once; their samples are permuted together.
             Memory per rank grows with it (one token row and one offset per sample of a
-            window, two windows at a time); reads are random within those shards.
+            window, up to three windows at a time: the one being read, the next one and
+            the one loading); reads are random within those shards.
     """
 
     shards: str
@@ -173,7 +174,9 @@ class ReplaySource:
         if self.steps_per_epoch(epoch) > 0:
             return
         images = sum(self.images_per_shard)
-        if self.cfg.batch_size > 1:
+        fewest = steps_per_epoch(self.images_per_shard, seed=self.cfg.seed, epoch=epoch, world_size=self.world_size,
+                                 batch_size=1)
+        if fewest > 0:
             raise BeitDataError(f"epoch {epoch} has fewer tokenized images on some rank than one batch of "
                                 f"{self.cfg.batch_size} ({images} in all, {len(self.shards)} shards, "
                                 f"{self.world_size} ranks); lower `batch_size`")
@@ -232,6 +235,8 @@ class ReplaySource:
 
     def _keys(self, table: pa.Table, path: str) -> list[str]:
         """The token file's keys in order; each must have exactly ``views`` rows."""
+        if table.num_rows == 0:  # every image of the shard was rejected
+            return []
         keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, self.views)))
         repeated = pc.take(keys, pa.array(np.repeat(np.arange(len(keys)), self.views)))
         if table.num_rows % self.views or not pc.all(pc.equal(table.column("key"), repeated)).as_py():
@@ -302,9 +307,11 @@ class ReplaySource:
         """One tuple per batch with each of ``OUTPUTS``: a list of per-sample arrays for the
         encoded images and keys, a dense (B, ...) array for the rest."""
         if multiprocessing.parent_process() is not None:
-            # DALI's loader process: Ctrl-C reaches the whole process group, and the trainer
-            # answers it by stopping this process itself, without a traceback from here.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # DALI's loader process: Ctrl-C and a closed terminal reach the whole process group,
+            # and the trainer answers them by stopping this process itself, without a traceback
+            # from here. (SIGTERM stays: DALI may use it to stop its workers.)
+            for sig in (signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
         samples = self._samples(read=True)
         for _ in self.positions():
@@ -315,8 +322,12 @@ class ReplaySource:
 
     def for_rank(self, rank: int) -> ReplaySource:
         """The same source as another rank sees it."""
-        return replace(self, rank=rank, bytes_read=0, _steps=dict(self._steps), _counted=set())
+        return self._fresh(rank=rank)
 
     def at(self, epoch: int, step: int) -> ReplaySource:
         """The same source, starting at ``(epoch, step)``."""
-        return replace(self, start=(epoch, step), bytes_read=0, _steps=dict(self._steps), _counted=set())
+        return self._fresh(start=(epoch, step))
+
+    def _fresh(self, **changes) -> ReplaySource:
+        """A copy with ``changes`` that has read nothing yet."""
+        return replace(self, bytes_read=0, _steps=dict(self._steps), _counted=set(), **changes)

@@ -19,7 +19,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 from braceexpand import braceexpand
 
-from beit_common import BeitDataError, write_atomic
+from beit_common import BeitDataError, write_text_atomic
 
 __all__ = [
     "IMAGE_EXTS",
@@ -175,15 +175,19 @@ def _parse_index(text: str, idx: Path) -> list[IndexedSample]:
     lines = text.splitlines()
     try:
         version, count = lines[0].split()
-        samples = []
+        samples, listed = [], 0
         for line in lines[1:]:
             fields = line.split()
+            listed += 1
+            key = split_key(fields[3])[0]
+            if not key or key.endswith("/") or "/__" in f"/{key}":
+                continue  # the member rule of every reader: no hidden or __meta__ members
             members = {ext: Member(int(off), int(size), name)
                        for ext, off, size, name in zip(fields[::4], fields[1::4], fields[2::4], fields[3::4])}
-            samples.append(IndexedSample(split_key(fields[3])[0], members))
+            samples.append(IndexedSample(key, members))
     except (IndexError, ValueError):
         raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION})") from None
-    if version != INDEX_VERSION or int(count) != len(samples):
+    if version != INDEX_VERSION or int(count) != listed:
         raise BeitDataError(f"{idx} is not a complete DALI index (wds2idx {INDEX_VERSION}): header {lines[0]!r}, "
                             f"{len(samples)} samples")
     return samples
@@ -193,7 +197,10 @@ def read_index(shard: str | Path) -> list[IndexedSample]:
     """The shard's samples and member offsets, from its ``.idx`` where there is one, else its tar headers."""
     idx = index_path(shard)
     if idx.exists():
-        return _parse_index(idx.read_text(), idx)
+        try:
+            return _parse_index(idx.read_text(), idx)
+        except UnicodeDecodeError:
+            raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION}): it is binary") from None
     try:
         return scan_index(shard)
     except (tarfile.TarError, OSError) as exc:
@@ -304,7 +311,7 @@ def write_index(shard: str | Path) -> Path:
     for sample in samples:
         lines.append(" ".join(f"{ext} {m.offset} {m.size} {m.name}" for ext, m in sample.members.items()))
     text = "\n".join(lines) + "\n"
-    return write_atomic(index_path(shard), lambda tmp: tmp.write_text(text))
+    return write_text_atomic(index_path(shard), text)
 
 
 def iter_images(shard: str | Path, rejects: list[Reject] | None = None, *, min_size: int = 1):

@@ -5,7 +5,7 @@
 
 - ``model``, ``optimizer``, ``scheduler``: state dicts;
 - ``step``: optimizer steps taken; ``stream``: the stream's next position ``(epoch, step)``;
-- ``rng``: ``cpu``, one torch CPU generator state per rank, and ``cuda``, this GPU's;
+- ``rng``: ``cpu`` and ``cuda``, one torch generator state per rank each (``cuda`` empty on the CPU);
 - ``config``: the resolved ``PretrainConfig`` as a dict;
 - ``model_name``, ``vocab_size`` and ``model_args`` (embed_dim, depth, num_heads): what
   rebuilds the model without the config;

@@ -49,7 +49,10 @@ def format_summary(s: dict) -> str:
 
 def _find_row(files: list[Path], key: str, view: int) -> tuple[dict, dict]:
     for path in files:
-        table = pq.read_table(path, filters=[("key", "=", key)])
+        try:
+            table = pq.read_table(path, filters=[("key", "=", key)])
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise BeitDataError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
         if table.num_rows:
             rows = {r["view"]: r for r in table.to_pylist()}
             if view not in rows:

@@ -18,19 +18,19 @@ class Logger:
     """``RUN/log.jsonl`` and TensorBoard (``RUN/tb``), written by rank 0 only.
 
     Args:
-        resumed_at: The checkpoint's step when a run resumes. Records of later steps, which
-            the interrupted run logged after its last checkpoint, are dropped from both logs,
-            so that no step appears twice.
+        resumed_at: The checkpoint's step when a run resumes, 0 for a new run. Records of
+            later steps, which an interrupted run logged after its last checkpoint (or a run
+            that died before its first one logged), are dropped from both logs, so that no
+            step appears twice.
     """
 
-    def __init__(self, out: Path, enabled: bool, resumed_at: int | None = None):
+    def __init__(self, out: Path, enabled: bool, resumed_at: int = 0):
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
         path = out / "log.jsonl"
-        if resumed_at is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step(line) <= resumed_at]
             write_text_atomic(path, "".join(f"{line}\n" for line in kept))
         self.jsonl = path.open("a")
         try:
@@ -38,8 +38,7 @@ class Logger:
         except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it
             warnings.warn("tensorboard is not installed; logging to log.jsonl only", stacklevel=2)
         else:
-            purge = None if resumed_at is None else resumed_at + 1
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=purge)
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=resumed_at + 1)
 
     def log(self, record: dict) -> None:
         """One record: a step's figures, or an event (``{"step": N, "event": ...}``)."""
@@ -56,6 +55,14 @@ class Logger:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _step(line: str) -> float:
+    """A log line's step; a line cut off by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
 
 
 class LossReader:

@@ -23,6 +23,7 @@ def run_plan(cfg: PlanConfig) -> Iterator[PlannedBatch]:
     source = ReplaySource.open(stream, world_size=cfg.world_size)
     ranks = [cfg.rank] if cfg.rank is not None else range(cfg.world_size)
     for epoch in range(cfg.start_epoch, cfg.start_epoch + cfg.epochs):
+        source.check_epoch(epoch)
         steps = source.steps_per_epoch(epoch)
         if cfg.steps is not None:
             steps = min(steps, cfg.steps)

@@ -169,14 +169,16 @@ def restore(run: Run, checkpoint: dict) -> None:
 
 def save(run: Run) -> None:
     """Every rank's RNG state, and rank 0 writes the checkpoint."""
-    rng_cpu = [torch.get_rng_state()]
-    if run.dist.world_size > 1:
-        rng_cpu = [None] * run.dist.world_size
-        torch.distributed.all_gather_object(rng_cpu, torch.get_rng_state())
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None}
+    ranks = [rng]
+    if run.dist.world_size > 1:  # every rank's generators: drop path differs per rank
+        ranks = [None] * run.dist.world_size
+        torch.distributed.all_gather_object(ranks, rng)
+    rng_cpu = [r["cpu"] for r in ranks]
     if run.is_main:
         save_checkpoint(checkpoint_path(run.out), model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                         step=run.step, stream=run.stream.position, rng_cpu=rng_cpu,
-                        rng_cuda=[torch.cuda.get_rng_state()] if run.device.type == "cuda" else [],
+                        rng_cuda=[r["cuda"] for r in ranks] if run.device.type == "cuda" else [],
                         config=asdict(run.cfg), model_name=run.cfg.model, world_size=run.dist.world_size,
                         data=run.data)
 
@@ -219,7 +221,7 @@ def loop(run: Run) -> dict:
     save on the way."""
     cfg = run.cfg
     forward = _forward_module(run)
-    logger = Logger(run.out, run.is_main, resumed_at=run.resumed_at)
+    logger = Logger(run.out, run.is_main, resumed_at=run.resumed_at or 0)
     losses = LossReader(checkpoint_path(run.out))
     stop_at = min(run.total, run.step + cfg.stop_after if cfg.stop_after else run.total)
     bar = progress_bar(total=run.total, initial=run.step, desc="pretrain", unit="step",

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import webdataset as wds
 
-from beit_common import BeitDataError, ensure_writable_dir, write_atomic
+from beit_common import BeitDataError, ensure_writable_dir, write_text_atomic
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
 from beit_data.progress import progress_bar
 from beit_data.shards import IMAGE_EXTS, Reject, write_index
@@ -114,7 +114,7 @@ def _sample(key: str, item: ListedImage, data: bytes, ext: str, class_index: dic
 
 
 def _write_json(path: Path, obj) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _write_reports(out: Path, result: ShardsResult) -> None:

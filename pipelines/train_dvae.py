@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, ensure_writable_dir, write_atomic
+from beit_common import BeitDataError, ensure_writable_dir, write_text_atomic
 from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
@@ -135,8 +135,12 @@ def _open_checkpoint(cfg: TrainDVAEConfig) -> Path:
 
 def _restore(out: Path, cfg: TrainDVAEConfig, encoder, decoder, optimizer, device) -> int:
     """Load a training checkpoint into the models and optimizer; returns its step."""
-    state = torch.load(out, map_location=device, weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("train", {}).get("config") != cfg.config:
+    try:
+        state = torch.load(out, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise BeitDataError(f"{out} is not a readable checkpoint: {str(exc).splitlines()[0][:200]}") from None
+    trained = state.get("train", {}).get("config") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or trained != cfg.config:
         raise BeitDataError(f"{out} is not a {cfg.config} dVAE training checkpoint")
     encoder.load_state_dict(state["encoder"]), decoder.load_state_dict(state["decoder"])
     optimizer.load_state_dict(state["optimizer"])
@@ -203,5 +207,5 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     report = {**evaluate(encoder, decoder, held_images), "steps": step,
               "seconds": round(time.perf_counter() - start, 1), "config": cfg.config, "out": str(out)}
     save(report=report)
-    write_atomic(Path(str(out) + ".report.json"), lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+    write_text_atomic(Path(str(out) + ".report.json"), json.dumps(report, indent=1))
     return report

@@ -9,7 +9,7 @@ from pipelines.config import DVAE_CONFIGS, InspectConfig, PretrainConfig, Shards
 
 CONFIGS = {"shards": ShardsConfig, "train-dvae": TrainDVAEConfig, "tokenize": TokenizeConfig,
            "pretrain": PretrainConfig, "inspect": InspectConfig}
-RENAMED = {"config_name": "config", "compile_": "compile", "render_key": "render"}
+RENAMED = {"compile_": "compile"}
 
 
 @pytest.mark.parametrize("command", sorted(CONFIGS))
@@ -75,3 +75,10 @@ def test_the_command_sets_mkl_reproducible_mode_before_torch_loads():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.split() == ["COMPATIBLE", "False"], done.stderr
+
+
+def test_settings_named_in_errors_print_as_flags(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli("inspect", str(tmp_path), "--render", "k")
+    assert result.returncode != 0 and "Error: --render needs --out (a .png file)" in result.stderr

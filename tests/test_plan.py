@@ -143,3 +143,26 @@ def test_shards_without_an_index_read_the_same_batches(class_folders, tmp_path):
         batches.append(next(it))
         it.close()
     assert batches[0].keys == batches[1].keys and torch.equal(batches[0].images, batches[1].images)
+
+
+def test_a_shard_with_no_tokenized_image_and_too_many_ranks(tmp_path, tiny_tokenizer):
+    from beit_common import BeitDataError
+    from beit_data.stream import StreamConfig, TrainStream
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+    from tests.conftest import jpeg_bytes, write_tar
+
+    (tmp_path / "s").mkdir()
+    write_tar(tmp_path / "s" / "a.tar", [("a0.jpg", b""), ("a1.jpg", jpeg_bytes((60, 50)))])  # both rejected
+    write_tar(tmp_path / "s" / "b.tar", [(f"b{i}.jpg", jpeg_bytes((150, 130), seed=i)) for i in range(5)])
+    run_tokenize(TokenizeConfig(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"),
+                                views=1, device="cpu", progress=False))
+    folder = tmp_path
+    shards, tokens = str(folder / "s"), str(folder / "t")
+    planned = list(run_plan(PlanConfig(shards=shards, tokens=tokens, batch_size=2, epochs=2)))
+    assert [len(b.keys) for b in planned] == [2, 2, 2, 2]
+    it = TrainStream(StreamConfig(shards=shards, tokens=tokens, batch_size=2, num_threads=1)).batches()
+    assert next(it).keys == planned[0].keys
+    it.close()
+    with pytest.raises(BeitDataError, match=r"some rank has no tokenized image in epoch 0: the 2 shards hold 5 "
+                                            r"tokenized images for 3 ranks"):
+        list(run_plan(PlanConfig(shards=shards, tokens=tokens, batch_size=2, world_size=3)))

@@ -202,15 +202,21 @@ def test_a_resume_drops_what_was_logged_after_the_last_checkpoint(sample_shards,
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"), steps=6, **TINY)
     run_pretrain(PretrainConfig(stop_after=3, **common))
     log = tmp_path / "r" / "log.jsonl"
-    # What a run killed at step 5 would leave: two steps logged after its checkpoint at step 3.
+    # What a run killed at step 5 would leave: two steps logged after its checkpoint at step 3,
+    # and half a line.
     with log.open("a") as f:
         f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n")
+        f.write('{"step": 6, "lo')
     run_pretrain(PretrainConfig(resume=True, **common))
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6] and 9.0 not in losses(tmp_path / "r")
     events = EventAccumulator(str(tmp_path / "r" / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    # A run that died before its first checkpoint leaves logs; a new run into the folder starts them anew.
+    (tmp_path / "r" / "checkpoint.pt").unlink()
+    run_pretrain(PretrainConfig(**{**common, "steps": 2}))
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
 def test_progress_bars_redraw_at_most_every_30_seconds_into_a_log(sample_shards, sample_tokens, tmp_path):

@@ -331,3 +331,17 @@ def test_a_damaged_index_is_a_clear_error(sample_shards, tmp_path):
     (tmp_path / "x.idx").write_text("v1.2 9\njpg 512 10\n")
     with pytest.raises(BeitDataError, match=r"x.idx is not a DALI index"):
         read_index(shard)
+
+
+def test_an_index_with_meta_members_follows_the_member_rule(tmp_path):
+    import tarfile
+
+    from beit_data.shards import read_index, scan_index
+
+    shard = write_tar(tmp_path / "m.tar", [("__meta__.json", b"{}"), ("a.jpg", jpeg_bytes(seed=1))])
+    with tarfile.open(shard) as tar:
+        meta, a = tar.getmembers()
+    # As an indexer that lists every member writes it.
+    (tmp_path / "m.idx").write_text(f"v1.2 2\njson {meta.offset_data} {meta.size} __meta__.json\n"
+                                    f"jpg {a.offset_data} {a.size} a.jpg\n")
+    assert read_index(shard) == scan_index(shard) and [s.key for s in read_index(shard)] == ["a"]
