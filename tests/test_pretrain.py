@@ -183,17 +183,23 @@ def test_a_failed_start_leaves_no_empty_run_folder_and_a_busy_folder_is_refused(
 
 def test_too_few_images_says_what_would_help(tmp_path, tiny_tokenizer, sample_shards):
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+    from tests.conftest import jpeg_bytes
 
     (tmp_path / "s").mkdir()
+    (tmp_path / "s3").mkdir()
     write_tar(tmp_path / "s" / "a.tar", [("0.jpg", b"")])  # only a reject: no tokenized image
-    run_tokenize(TokenizeConfig(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"),
-                                views=1, device="cpu", progress=False))
-    common = dict(shards=str(tmp_path / "s"), tokens=str(tmp_path / "t"), steps=1, **TINY)
-    with pytest.raises(BeitDataError, match=r"some rank has no tokenized image in epoch 0: the 1 shards hold 0 "
-                                            r"tokenized images for 1 ranks"):
-        run_pretrain(PretrainConfig(out=str(tmp_path / "r"), **{**common, "batch_size": 1}))
-    with pytest.raises(BeitDataError, match=r"one batch of 4 \(0 in all, 1 shards, 1 ranks\); lower `batch_size`"):
-        run_pretrain(PretrainConfig(out=str(tmp_path / "r"), **common))
+    write_tar(tmp_path / "s3" / "b.tar", [(f"{i}.jpg", jpeg_bytes((150, 130), seed=i)) for i in range(3)])
+    for shards in ("s", "s3"):
+        run_tokenize(TokenizeConfig(shards=str(tmp_path / shards), tokenizer=str(tiny_tokenizer), views=1,
+                                    out=str(tmp_path / f"t{shards}"), device="cpu", progress=False))
+    common = dict(shards=str(tmp_path / "s"), tokens=str(tmp_path / "ts"), steps=1, **TINY)
+    for batch_size in (1, 4):  # no batch size helps when a rank has no image at all
+        with pytest.raises(BeitDataError, match=r"some rank has no tokenized image in epoch 0: the 1 shards hold 0 "
+                                                r"tokenized images for 1 ranks"):
+            run_pretrain(PretrainConfig(out=str(tmp_path / "r"), **{**common, "batch_size": batch_size}))
+    with pytest.raises(BeitDataError, match=r"one batch of 4 \(3 in all, 1 shards, 1 ranks\); lower `batch_size`"):
+        run_pretrain(PretrainConfig(out=str(tmp_path / "r"), **{**common, "shards": str(tmp_path / "s3"),
+                                                                "tokens": str(tmp_path / "ts3")}))
 
 
 def test_a_resume_drops_what_was_logged_after_the_last_checkpoint(sample_shards, sample_tokens, tmp_path):
@@ -225,7 +231,8 @@ def test_progress_bars_redraw_at_most_every_30_seconds_into_a_log(sample_shards,
                      "--log-every", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     # Not a terminal: the bar is drawn when it starts and when it closes, not at each of the 6 logs.
-    assert 1 <= result.stderr.count("/6 [") <= 2, result.stderr
+    draws = result.stderr.count("/6 [")
+    assert draws in (1, 2), result.stderr
 
 
 def test_importing_the_package_registers_the_timm_variants():
