@@ -23,7 +23,7 @@ echo "== 3/7 tokenize: 10 views per image, the dVAE run once"
 beit-data tokenize --shards "$out/shards" --tokenizer "$out/dvae_tiny.pt" --out "$out/tokens" --views 10
 
 echo "== 4/7 the training order: the first two batches pretrain will see (key/stored view)"
-beit-data plan --shards "$out/shards" --tokens "$out/tokens" --batch-size 8 --steps 2
+beit-data plan --shards "$out/shards" --tokens "$out/tokens" --batch-size 8 --epochs 2 --steps 1
 
 echo "== 5/7 pretrain the tiny BEiT on the stored tokens"
 beit-data pretrain --shards "$out/shards" --tokens "$out/tokens" --out "$out/run" \
