@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -35,7 +36,7 @@ from beit_data.shards import check_fingerprint, expand_shards, read_index
 from beit_data.tokens import VIEW_COLUMNS, read_consistent_meta, token_path
 from beit_data.views import stable_rng
 
-__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch"]
+__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch", "outlive_job_signals"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
@@ -96,6 +97,34 @@ class _Shard:
     images: list | None = None  # (offset, size) of each key's image member
     file: BinaryIO | None = None
     rejected: int = 0  # keys of the shard without token rows
+
+
+LOADER_GRACE_S = 20.0
+
+
+def outlive_job_signals(grace: float = LOADER_GRACE_S) -> None:
+    """Keep DALI's loader process alive while its trainer finishes the step it is on.
+
+    Ctrl-C and a closed terminal reach the whole process group, torchrun sends SIGTERM to each
+    worker's group and Slurm's ``scancel`` to every process of the job; the trainer answers all
+    of them by finishing its step (which may still need a batch from here), saving, and closing
+    this process itself. So SIGINT and SIGHUP are ignored here, and a SIGTERM only ends this
+    process ``grace`` seconds later, or at once if it is a second one (DALI's own ``terminate``
+    after the job's) or if the trainer is gone.
+    """
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def on_sigterm(signum, frame) -> None:
+        if os.getppid() != parent:
+            os._exit(128 + signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        timer = threading.Timer(grace, os._exit, (128 + signum,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @dataclass(kw_only=True)
@@ -307,11 +336,7 @@ class ReplaySource:
         """One tuple per batch with each of ``OUTPUTS``: a list of per-sample arrays for the
         encoded images and keys, a dense (B, ...) array for the rest."""
         if multiprocessing.parent_process() is not None:
-            # DALI's loader process: Ctrl-C and a closed terminal reach the whole process group,
-            # and the trainer answers them by stopping this process itself, without a traceback
-            # from here. (SIGTERM stays: DALI may use it to stop its workers.)
-            for sig in (signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
+            outlive_job_signals()
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
         samples = self._samples(read=True)
         for _ in self.positions():

@@ -23,3 +23,36 @@ def test_the_sample_work_runs_in_a_dali_worker_process(sample_shards, sample_tok
     assert torch.equal(torch.from_numpy(np.stack(direct["tokens"])), b.tokens)
     assert torch.equal(torch.from_numpy(np.stack(direct["mask"])), b.mask)
     it.close()
+
+
+def test_the_loader_process_outlives_a_job_wide_sigterm_only_for_its_grace():
+    """torchrun and Slurm send SIGTERM to the loader too: it must not die before the trainer's
+    last step has its batch, but it must not linger either."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    code = ("import sys, time; from beit_data.replay import outlive_job_signals; outlive_job_signals(1.5); "
+            "print('ready', flush=True); time.sleep(60)")
+
+    def started() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    proc = started()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C to the group: ignored
+    time.sleep(0.5)
+    assert proc.poll() is None
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM and 1.5 <= time.monotonic() - sent < 10
+
+    proc = started()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # DALI's own terminate after the job's: at once
+    assert proc.wait(timeout=5) == -signal.SIGTERM
