@@ -1,5 +1,7 @@
 """dVAE tokenizers: loading OpenAI's DALL-E files and the project's own checkpoints.
 
+``load_tokenizer`` also recognises BEiT v2's VQ-KD checkpoints and hands them to ``beit_model.vqkd``.
+
 Any tokenizer maps a [0,1] image batch (B,3,H,W) to logits (B,vocab,H/8,W/8); ``encode``
 returns the argmax ids. OpenAI's ``encoder.pkl``/``decoder.pkl`` are whole pickled modules of
 the ``dall_e`` package; they load here without that package, by mapping its classes onto
@@ -8,7 +10,7 @@ plain modules while unpickling and copying the weights into ``beit_model.dall_e`
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import pickle
 import types
 from dataclasses import asdict, dataclass
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 
 from beit_common import BeitDataError, describe_file, save_atomic
 from beit_model.dall_e import Decoder, Encoder, map_pixels
+from beit_model.tokenizer import TokenizerBase, fingerprint
+from beit_model.vqkd import from_state as vqkd_from_state
+from beit_model.vqkd import is_vqkd
 
 __all__ = ["DVAEConfig", "CONFIGS", "Tokenizer", "load_tokenizer", "fingerprint", "CHECKPOINT_FORMAT"]
 
@@ -57,16 +62,7 @@ CONFIGS = {
 }
 
 
-def fingerprint(module: nn.Module) -> str:
-    """sha256 over the parameter names and float32 values, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-class Tokenizer(nn.Module):
+class Tokenizer(TokenizerBase):
     """A dVAE encoder (and optional decoder) behind the tokenizer contract.
 
     Attributes:
@@ -75,6 +71,8 @@ class Tokenizer(nn.Module):
         vocab_size, input_size, grid: codebook size, square input side, token grid side.
     """
 
+    kind = "dvae"
+
     def __init__(self, encoder: Encoder, decoder: Decoder | None = None, *, name: str, input_size: int):
         super().__init__()
         check_input_size(input_size)
@@ -82,25 +80,7 @@ class Tokenizer(nn.Module):
         self.name, self.input_size = name, input_size
         self.vocab_size = encoder.vocab_size
         self.grid = input_size // 8
-        self.fingerprint = fingerprint(encoder)
-
-    def describe(self) -> dict:
-        """What a token file records of its tokenizer."""
-        return {"name": self.name, "fingerprint": self.fingerprint, "vocab": self.vocab_size,
-                "input_size": self.input_size, "grid": self.grid}
-
-    @staticmethod
-    def check_images(x: torch.Tensor) -> None:
-        """Refuse batches that would give silent garbage."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise BeitDataError(f"expected an image batch of shape (B,3,H,W), got {tuple(x.shape)}")
-        if x.shape[2] % 8 or x.shape[3] % 8:
-            raise BeitDataError(f"image height and width must be divisible by 8, got {tuple(x.shape[2:])}")
-        if not x.is_floating_point():
-            raise BeitDataError(f"expected float images in [0,1], got dtype {x.dtype}")
-        lo, hi = torch.aminmax(x.detach())
-        if lo < 0 or hi > 1 or torch.isnan(lo):
-            raise BeitDataError(f"expected images in [0,1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+        self.fingerprint = fingerprint(encoder.state_dict())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B,vocab,H/8,W/8) for images in [0,1]."""
@@ -154,7 +134,9 @@ def _read(path: Path):
     if kind not in ("a zip archive", "a Python pickle"):  # what torch.save and pickle write
         raise BeitDataError(f"{path} is not a PyTorch file: it is {kind}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints (BEiT v2's among them) may keep their argparse settings beside the tensors.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # a pickled module, not plain tensors: OpenAI's encoder.pkl / decoder.pkl
     except Exception as exc:
@@ -199,12 +181,13 @@ def _is_decoder(state: dict) -> bool:
 
 def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: str | Path | None = None
                    ) -> Tokenizer:
-    """Load a tokenizer from OpenAI's ``encoder.pkl``, a state dict or a project checkpoint.
+    """Load a tokenizer from OpenAI's ``encoder.pkl``, a state dict, a project checkpoint or a
+    released BEiT v2 VQ-KD checkpoint.
 
     Args:
         path: The encoder file (a ``decoder.pkl`` beside an ``encoder.pkl`` is found by itself),
-            an encoder/decoder state dict (keys ``blocks.*``, or ``encoder.*``/``decoder.*``), or a
-            checkpoint written by ``beit-data train-dvae``.
+            an encoder/decoder state dict (keys ``blocks.*``, or ``encoder.*``/``decoder.*``), a
+            checkpoint written by ``beit-data train-dvae``, or a VQ-KD ``.pth`` (see ``beit_model.vqkd``).
         input_size: Square input side; default 112 (BEiT's), or the checkpoint's own.
         decoder: An explicit decoder file.
 
@@ -215,6 +198,13 @@ def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: 
     if not path.is_file():
         raise BeitDataError(f"tokenizer file not found: {path}")
     obj = _read(path)
+    if is_vqkd(obj):
+        if decoder:
+            raise BeitDataError(f"{path} is a VQ-KD tokenizer, which has no pixel decoder; drop the decoder file")
+        tokenizer = vqkd_from_state(obj, path)
+        if input_size not in (None, tokenizer.input_size):
+            raise BeitDataError(f"{path}: a VQ-KD tokenizer takes {tokenizer.input_size}-pixel inputs, not {input_size}")
+        return tokenizer
     dec = None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         cfg = DVAEConfig(**obj["config"])
