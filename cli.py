@@ -22,6 +22,7 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 from beit_common import BeitDataError, __version__, os_error  # noqa: E402
 from pipelines.config import (
     DVAE_CONFIGS,
+    RECIPES,
     InspectConfig,
     PlanConfig,
     PretrainConfig,
@@ -167,9 +168,15 @@ def train_dvae(shards, out, config, steps, batch_size, lr, checkpoint_every, res
 @main.command(context_settings=CONTEXT)
 @SHARDS_OPTION
 @click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
-              help="dVAE file: OpenAI's encoder.pkl, a state dict or a train-dvae checkpoint.")
+              help="Tokenizer file: OpenAI's encoder.pkl, a dVAE state dict, a train-dvae checkpoint or a "
+                   "BEiT v2 VQ-KD .pth.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the token Parquet files.")
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
+              help="The paper whose views to draw: beit (crops from 8%, 112-px Lanczos tokenizer view) or beitv2 "
+                   "(crops from 20%, the model's 224-px bicubic view) [default: beit for a dVAE, beitv2 for VQ-KD].")
 @setting(TokenizeConfig, "--views", type=click.IntRange(min=1), help="Views per image.")
+@click.option("--min-scale", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
+              help="Smallest crop area, as a fraction of the image [default: the recipe's, 0.08 or 0.2].")
 @SEED_OPTION
 @setting(TokenizeConfig, "--batch-size", type=click.IntRange(min=1),
          help="Images per batch (each gives --views tokenizer inputs).")
@@ -185,13 +192,14 @@ def train_dvae(shards, out, config, steps, batch_size, lr, checkpoint_every, res
 @NUM_THREADS_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
-def tokenize(shards, tokenizer, out, views, seed, batch_size, min_size, no_target_jitter, overwrite, strict,
-             compile_, num_threads, device, quiet):
+def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size, min_size, no_target_jitter,
+             overwrite, strict, compile_, num_threads, device, quiet):
     """Tokenize every image's views once and write one Parquet file per shard."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     summary = run_tokenize(TokenizeConfig(
-        shards=shards, tokenizer=tokenizer, out=out, views=views, seed=seed, batch_size=batch_size,
+        shards=shards, tokenizer=tokenizer, out=out, recipe=recipe, views=views, min_scale=min_scale, seed=seed,
+        batch_size=batch_size,
         target_jitter=not no_target_jitter, min_size=min_size, compile=compile_, overwrite=overwrite,
         device=device, num_threads=num_threads, progress=not quiet))
     rejects = summary.pop("reject_list")
@@ -210,19 +218,23 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, min_size, no_targe
 @click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of token Parquet files written by beit-data tokenize.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints and logs.")
-@setting(PretrainConfig, "--model",
-         help="beit_mim_tiny_patch16_224, beit_mim_base_patch16_224 or beit_mim_large_patch16_224.")
-@setting(PretrainConfig, "--epochs", type=click.IntRange(min=1), help="Epochs to train.")
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
+              help="The paper's settings for the options marked [recipe]: beit (800 epochs) or beitv2 (1600 epochs, "
+                   "the extra head) [default: the one the tokens were made with].")
+@click.option("--model", default=None,
+              help="beit_mim_{tiny,base,large}_patch16_224, or beitv2_mim_* for BEiT v2's extra head [recipe].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs to train [recipe].")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps to train (overrides --epochs).")
 @setting(PretrainConfig, "--batch-size", type=click.IntRange(min=1),
          help="Images per rank per step.")
-@setting(PretrainConfig, "--lr", type=float, help="Peak learning rate (not rescaled).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate, not rescaled [recipe].")
 @setting(PretrainConfig, "--min-lr", type=float, help="Learning rate at the end of the cosine.")
-@setting(PretrainConfig, "--warmup-epochs", type=float, help="Linear warmup, per step.")
+@click.option("--warmup-epochs", type=float, default=None, help="Linear warmup, per step [recipe].")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Warmup steps (overrides --warmup-epochs).")
 @setting(PretrainConfig, "--weight-decay", type=float, help="AdamW weight decay.")
-@setting(PretrainConfig, "--drop-path", type=float, help="Stochastic depth rate.")
+@click.option("--drop-path", type=float, default=None, help="Stochastic depth rate [recipe].")
+@click.option("--layer-scale", type=float, default=None, help="LayerScale initial value [recipe].")
 @setting(PretrainConfig, "--clip-grad", type=float, help="Gradient-norm clipping.")
 @setting(PretrainConfig, "--checkpoint-every", type=click.IntRange(min=1),
          help="Save a checkpoint every N steps (and at the end).")
@@ -237,17 +249,18 @@ def tokenize(shards, tokenizer, out, views, seed, batch_size, min_size, no_targe
 @SEED_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
-def pretrain(shards, tokens, out, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
-             weight_decay, drop_path, clip_grad, checkpoint_every, log_every, resume, stop_after, skip_missing,
-             compile_, mix_shards, num_threads, seed, device, quiet):
+def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
+             weight_decay, drop_path, layer_scale, clip_grad, checkpoint_every, log_every, resume, stop_after,
+             skip_missing, compile_, mix_shards, num_threads, seed, device, quiet):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
     summary = run_pretrain(PretrainConfig(
-        shards=shards, tokens=tokens, out=out, model=model, epochs=epochs, steps=steps, batch_size=batch_size,
-        lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        drop_path=drop_path, clip_grad=clip_grad, checkpoint_every=checkpoint_every, log_every=log_every,
-        resume=resume, stop_after=stop_after, skip_missing=skip_missing, compile=compile_, mix_shards=mix_shards,
+        shards=shards, tokens=tokens, out=out, recipe=recipe, model=model, epochs=epochs, steps=steps,
+        batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, drop_path=drop_path, layer_scale=layer_scale, clip_grad=clip_grad,
+        checkpoint_every=checkpoint_every, log_every=log_every, resume=resume, stop_after=stop_after,
+        skip_missing=skip_missing, compile=compile_, mix_shards=mix_shards,
         num_threads=num_threads, seed=seed, device=device, progress=not quiet))
     stopped = summary.pop("stopped")
     echo_summary("pretrain", summary)

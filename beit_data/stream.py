@@ -2,7 +2,7 @@
 
 Which samples, views, tokens and masks make each batch is decided by ``ReplaySource`` (see
 ``beit_data.replay``), which DALI runs in a worker process of its own. DALI then decodes
-exactly each stored crop (ROI decode), resizes it to the model's input with bicubic, replays
+exactly each stored crop (see ``model_view_spec``), resizes it to the model's input with bicubic, replays
 the stored jitter (or draws fresh jitter for tokens made with ``--no-target-jitter``), flips
 it and normalises it with the ImageNet mean and std. The stream's state is ``(epoch, step)``,
 so a resumed run sees exactly the batches it would have seen.
@@ -19,7 +19,7 @@ from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpe
 from beit_data.prefetch import prefetch
 from beit_data.replay import ReplaySource, StreamConfig
 
-__all__ = ["StreamConfig", "TrainStream", "Batch"]
+__all__ = ["StreamConfig", "TrainStream", "Batch", "model_view_spec"]
 
 
 @dataclass
@@ -30,6 +30,19 @@ class Batch:
     epoch: int
     step: int  # within the epoch, counting from 0
     keys: list[str] = field(default_factory=list)
+
+
+def model_view_spec(meta: dict, image_size: int) -> ViewSpec:
+    """The model's view of a stored view: bicubic, ImageNet-normalised, float16.
+
+    Where the tokenizer saw that same view (BEiT v2: a bicubic view at the model's size), the
+    image is decoded whole and the window resized exactly as tokenize did, so the model's
+    pixels are the tokenizer's. Otherwise only the window is decoded (ROI decode), which is
+    cheaper and differs from a whole decode by a few levels in the last bits.
+    """
+    same = meta["views"].get("interp") == "bicubic" and meta["tokenizer"]["input_size"] == image_size
+    return ViewSpec(views=1, size=image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    half=True, roi_decode=not same)
 
 
 class TrainStream:
@@ -50,8 +63,7 @@ class TrainStream:
         self.shards, self.token_files = self.source.shards, self.source.token_files
         self.grid = self.meta["tokenizer"]["grid"]
         self.vocab = self.meta["tokenizer"]["vocab"]
-        self.spec = ViewSpec(views=1, size=cfg.image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN,
-                               std=IMAGENET_STD, half=True, roi_decode=True)
+        self.spec = model_view_spec(self.meta, cfg.image_size)
         self.skipped_rejected = 0  # keys without token rows, passed over by the batches delivered
         self.position = (0, 0)  # (epoch, step) of the next batch
 

@@ -44,6 +44,9 @@ class ViewRecipe:
         flip: Horizontal-flip probability.
         jitter: Brightness, contrast and saturation factors are drawn from 1 ± jitter.
         target_jitter: Whether the tokenizer saw the jittered view (BEiT's reference does).
+        interp: The filter that resized the tokenizer's view (``lanczos`` for BEiT's dVAE,
+            ``bicubic`` for BEiT v2's VQ-KD, which sees the model's own view).
+        recipe: The name of the recipe these settings come from.
     """
 
     views: int = 10
@@ -53,8 +56,12 @@ class ViewRecipe:
     flip: float = 0.5
     jitter: float = 0.4
     target_jitter: bool = True
+    interp: str = "lanczos"
+    recipe: str = "beit"
 
     def __post_init__(self):
+        if self.interp not in ("lanczos", "bicubic", "bilinear"):
+            raise BeitDataError(f"interp must be lanczos, bicubic or bilinear, got {self.interp}")
         if self.views < 1:
             raise BeitDataError(f"`views` must be at least 1, got {self.views}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:

@@ -203,7 +203,8 @@ def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: 
             raise BeitDataError(f"{path} is a VQ-KD tokenizer, which has no pixel decoder; drop the decoder file")
         tokenizer = vqkd_from_state(obj, path)
         if input_size not in (None, tokenizer.input_size):
-            raise BeitDataError(f"{path}: a VQ-KD tokenizer takes {tokenizer.input_size}-pixel inputs, not {input_size}")
+            raise BeitDataError(f"{path}: a VQ-KD tokenizer takes {tokenizer.input_size}-pixel inputs, "
+                                f"not {input_size}")
         return tokenizer
     dec = None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:

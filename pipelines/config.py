@@ -8,7 +8,7 @@ re-exports its own config beside its ``run_*()`` function.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from beit_common import BeitDataError
@@ -18,8 +18,28 @@ from beit_data.views import ViewRecipe
 # The dVAE architectures of ``beit_model.dvae.CONFIGS`` (named here so this module needs no torch).
 DVAE_CONFIGS = ("tiny", "dalle")
 
+# The papers' recipes for ViT-B/16, in one place. ``beit``: BEiT (Bao et al., ICLR 2022), 800
+# epochs, DALL-E tokens of a 112-pixel Lanczos view. ``beitv2``: BEiT v2 (Peng et al., 2022) as in
+# unilm's beit2/PRETRAINING.md, 1600 epochs, VQ-KD tokens of the model's own 224-pixel bicubic
+# view, crops of at least 20% of the image, and the extra head after block 9. Both: batch 2048
+# in all, AdamW (0.9, 0.999), weight decay 0.05, clip 3.0, 75 masked patches, colour jitter 0.4.
+RECIPES = {
+    "beit": {"min_scale": 0.08, "tokenizer_filter": "lanczos", "model": "beit_mim_base_patch16_224",
+             "epochs": 800, "lr": 1.5e-3, "warmup_epochs": 10.0, "layer_scale": 0.1, "drop_path": 0.1},
+    "beitv2": {"min_scale": 0.2, "tokenizer_filter": "bicubic", "model": "beitv2_mim_base_patch16_224",
+               "epochs": 1600, "lr": 1.5e-3, "warmup_epochs": 10.0, "layer_scale": 0.1, "drop_path": 0.1},
+}
+# The recipe tokenize follows when none is named: the one each kind of tokenizer was made for.
+TOKENIZER_RECIPE = {"dvae": "beit", "vqkd": "beitv2"}
+PRETRAIN_RECIPE_KEYS = ("model", "epochs", "lr", "warmup_epochs", "layer_scale", "drop_path")
+
+
+def check_recipe_name(name: str | None) -> None:
+    if name is not None and name not in RECIPES:
+        raise BeitDataError(f"`recipe` must be one of {sorted(RECIPES)}, got {name}")
+
 __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "PretrainConfig", "InspectConfig", "PlanConfig",
-           "default"]
+           "RECIPES", "default"]
 
 
 def default(config: type, name: str):
@@ -95,11 +115,16 @@ class TrainDVAEConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
+    """``recipe`` (None: the tokenizer kind's, see ``TOKENIZER_RECIPE``) sets ``min_scale`` where it
+    is None and the filter of the tokenizer's view; ``for_tokenizer`` fills them in."""
+
     shards: str
     tokenizer: str
     out: str
+    recipe: str | None = None
     views: int = 10
     seed: int = 0
+    min_scale: float | None = None  # the crop's smallest area fraction
     batch_size: int = 64
     target_jitter: bool = True
     min_size: int | None = None  # shorter sides under it are rejected; None: the tokenizer's input size
@@ -114,31 +139,48 @@ class TokenizeConfig:
             raise BeitDataError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if self.min_size is not None and self.min_size < 0:
             raise BeitDataError(f"`min_size` must be 0 or more, got {self.min_size}")
+        check_recipe_name(self.recipe)
+        if self.min_scale is not None and not 0 < self.min_scale <= 1:
+            raise BeitDataError(f"`min_scale` must be in (0, 1], got {self.min_scale}")
+
+    def for_tokenizer(self, kind: str) -> TokenizeConfig:
+        """This config with the recipe, and what it sets, filled in for a tokenizer of ``kind``."""
+        recipe = self.recipe or TOKENIZER_RECIPE[kind]
+        min_scale = RECIPES[recipe]["min_scale"] if self.min_scale is None else self.min_scale
+        return replace(self, recipe=recipe, min_scale=min_scale)
 
     @property
-    def recipe(self) -> ViewRecipe:
-        return ViewRecipe(views=self.views, seed=self.seed, target_jitter=self.target_jitter)
+    def view_recipe(self) -> ViewRecipe:
+        if self.recipe is None or self.min_scale is None:
+            raise RuntimeError("call for_tokenizer() first")
+        return ViewRecipe(views=self.views, seed=self.seed, target_jitter=self.target_jitter,
+                          scale=(self.min_scale, 1.0), interp=RECIPES[self.recipe]["tokenizer_filter"],
+                          recipe=self.recipe)
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
+    """``recipe`` sets each of ``PRETRAIN_RECIPE_KEYS`` left at None; with no recipe named, the
+    token files' own recipe is used (``for_tokens``)."""
+
     shards: str
     tokens: str
     out: str
-    model: str = "beit_mim_base_patch16_224"
-    epochs: int = 800
+    recipe: str | None = None
+    model: str | None = None
+    epochs: int | None = None
     steps: int | None = None  # overrides epochs
     stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
     batch_size: int = 256  # per rank
-    lr: float = 1.5e-3
+    lr: float | None = None
     min_lr: float = 1e-5
-    warmup_epochs: float = 10
+    warmup_epochs: float | None = None
     warmup_steps: int | None = None  # overrides warmup_epochs
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0
-    drop_path: float = 0.1
-    layer_scale: float = 0.1
+    drop_path: float | None = None
+    layer_scale: float | None = None
     num_masked: int = 75
     seed: int = 0
     mix_shards: int = MIX_SHARDS  # shards a rank reads at once, their samples permuted together
@@ -160,10 +202,18 @@ class PretrainConfig:
                  "device", "num_threads", "progress")
 
     def __post_init__(self):
-        if self.steps is not None and self.steps < 1 or self.epochs < 1:
+        check_recipe_name(self.recipe)
+        for key in PRETRAIN_RECIPE_KEYS:
+            if getattr(self, key) is None and self.recipe is not None:
+                object.__setattr__(self, key, RECIPES[self.recipe][key])
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs < 1:
             raise BeitDataError("`steps` and `epochs` must be at least 1")
-        if self.batch_size < 1 or self.lr <= 0:
+        if self.batch_size < 1 or self.lr is not None and self.lr <= 0:
             raise BeitDataError("`batch_size` and `lr` must be positive")
+
+    def for_tokens(self, views: dict) -> PretrainConfig:
+        """This config with the recipe filled in from the token files' ``views`` metadata, if none was named."""
+        return self if self.recipe is not None else replace(self, recipe=views.get("recipe", "beit"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,15 +17,21 @@ from pipelines.config import InspectConfig
 __all__ = ["InspectConfig", "run_inspect", "format_summary", "render_view", "render_histogram"]
 
 
+def _tokenizer_name(t: dict) -> str:
+    kind = t.get("kind", "dvae")
+    return kind if t["name"] == kind else f"{kind} ({t['name']})"
+
+
 def format_summary(s: dict) -> str:
     t, v, cb = s["tokenizer"], s["views"], s["codebook"]
     lines = [
         f"token files   {s['files']} in {s['folder']} ({s['readable_files']} readable)",
         f"rows          {s['rows']:,}  images {s['images']:,}  views/image {s['views_per_image']} "
         f"(recipe {s['recipe_views']})",
-        f"tokenizer     {t['name']}  fingerprint {t['fingerprint'][:16]}  vocab {t['vocab']}  "
+        f"tokenizer     {_tokenizer_name(t)}  fingerprint {t['fingerprint'][:16]}  vocab {t['vocab']}  "
         f"input {t['input_size']}  grid {t['grid']}x{t['grid']}",
-        f"views         seed {v['seed']}  scale {v['scale']}  ratio [{v['ratio'][0]:.3f}, {v['ratio'][1]:.3f}]  "
+        f"views         recipe {v.get('recipe', 'beit')}  filter {v.get('interp', 'lanczos')}  seed {v['seed']}  "
+        f"scale {v['scale']}  ratio [{v['ratio'][0]:.3f}, {v['ratio'][1]:.3f}]  "
         f"flip {v['flip']}  jitter {v['jitter']}  target jitter {'yes' if v['target_jitter'] else 'no'}",
         f"codebook      {cb['codes_used']}/{cb['vocab']} codes used  perplexity {cb['perplexity']}  "
         f"dead {cb['dead_codes']}",
@@ -90,7 +96,8 @@ def render_view(cfg: InspectConfig) -> Path:
     size, grid = meta["tokenizer"]["input_size"], meta["tokenizer"]["grid"]
     view = View(row["x"], row["y"], row["w"], row["h"], row["flip"], row["brightness"], row["contrast"],
                 row["saturation"])
-    seen = DaliViews(ViewSpec(views=1, size=size, interp="lanczos", jitter=meta["views"]["target_jitter"]),
+    seen = DaliViews(ViewSpec(views=1, size=size, interp=meta["views"].get("interp", "lanczos"),
+                              jitter=meta["views"]["target_jitter"]),
                      batch_size=1)([data], [[view]])[0, 0].permute(1, 2, 0).numpy()  # (S, S, 3) in [0,1]
     tokens = np.array(row["tokens"]).reshape(grid, grid)
     panels = 4 if cfg.tokenizer else 3

@@ -127,6 +127,7 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo) 
                                       skip_missing=cfg.skip_missing, num_threads=cfg.num_threads,
                                       shuffle_targets=cfg.shuffle_targets),
                          rank=dist.rank, world_size=dist.world_size, device=device)
+    cfg = cfg.for_tokens(stream.meta["views"])
     checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.resume else None
     if checkpoint is not None:
         changed = check_resume(checkpoint, asdict(cfg), PretrainConfig.RESUMABLE, dist.world_size, run_data(stream))

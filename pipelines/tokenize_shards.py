@@ -38,11 +38,14 @@ from beit_data.tokens import (
     write_tokens,
 )
 from beit_data.views import sample_views
-from beit_model.dvae import Tokenizer, load_tokenizer
+from beit_model.dvae import load_tokenizer
+from beit_model.tokenizer import TokenizerBase as Tokenizer
 from pipelines.config import TokenizeConfig
 from pipelines.runtime import autocast, dist_info, init_distributed, resolve_device
 
 __all__ = ["TokenizeConfig", "run_tokenize", "run_meta"]
+
+RESIZE_FILTER = {"lanczos": "lanczos3", "bicubic": "bicubic", "bilinear": "bilinear"}  # as the metadata names them
 
 
 @dataclass
@@ -62,7 +65,9 @@ class TokenizeSummary:
 
 def run_meta(tokenizer: Tokenizer, cfg: TokenizeConfig) -> dict:
     """The metadata every token file of this run shares."""
-    return file_meta(tokenizer.describe(), cfg.recipe.as_dict(), decoder_meta("lanczos3"), _min_size(cfg, tokenizer))
+    recipe = cfg.view_recipe
+    return file_meta(tokenizer.describe(), recipe.as_dict(), decoder_meta(RESIZE_FILTER[recipe.interp]),
+                     _min_size(cfg, tokenizer))
 
 
 def _min_size(cfg: TokenizeConfig, tokenizer: Tokenizer) -> int:
@@ -101,7 +106,7 @@ def _expected_images(shards: list[Path]) -> int | None:
 
 def _prepared_batches(shard: Path, cfg: TokenizeConfig, min_size: int, rejects: list[Reject]):
     """Batches of (sample, info) with their views: the Python half of the loading."""
-    recipe = cfg.recipe
+    recipe = cfg.view_recipe
     for batch in batched(iter_images(shard, rejects, min_size=min_size), cfg.batch_size):
         yield batch, [sample_views(recipe, s.key, info.width, info.height) for s, info in batch]
 
@@ -154,6 +159,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     start = time.perf_counter()
     shards = expand_shards(cfg.shards)
     tokenizer = load_tokenizer(cfg.tokenizer)
+    cfg = cfg.for_tokenizer(tokenizer.kind)
     out = ensure_writable_dir(cfg.out)
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     dist = init_distributed(device)
@@ -169,7 +175,7 @@ def _tokenize(cfg: TokenizeConfig, shards: list[Path], tokenizer: Tokenizer, out
     tokenizer = tokenizer.to(device)
     if cfg.compile:  # the fingerprint was taken from the weights before; compiling does not change them
         tokenizer.encoder = torch.compile(tokenizer.encoder)
-    views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp="lanczos",
+    views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp=cfg.view_recipe.interp,
                                 jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
                       num_threads=cfg.num_threads)
     summary = TokenizeSummary(shards=len(mine), skipped=skipped)

@@ -24,13 +24,14 @@ IGNORE = -100  # target of the padding entries of the fixed-shape masked positio
 
 
 def build_model(name: str, vocab_size: int, *, drop_path: float = 0.0, layer_scale: float = 0.1) -> torch.nn.Module:
-    """A registered ``beit_mim_*`` variant with an LM head over ``vocab_size`` visual tokens."""
+    """A registered ``beit_mim_*`` or ``beitv2_mim_*`` variant with an LM head over ``vocab_size``
+    visual tokens."""
     import timm
 
     import beit_model  # noqa: F401  (registers the beit_mim_* variants)
 
-    if not name.startswith("beit_mim_"):
-        raise BeitDataError(f"model must be a beit_mim_* variant, got {name}")
+    if not name.startswith(("beit_mim_", "beitv2_mim_")):
+        raise BeitDataError(f"model must be a beit_mim_* or beitv2_mim_* variant, got {name}")
     try:
         return timm.create_model(name, vocab_size=vocab_size, drop_path_rate=drop_path, init_values=layer_scale)
     except RuntimeError as exc:
@@ -72,13 +73,16 @@ def mim_loss(model, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tens
 
     Returns the loss, the logits (B, K, vocab) and the targets (B, K), where padding entries
     are ``IGNORE``; the loss is the mean over the masked patches, as with boolean indexing.
+    A model with more than one head (BEiT v2's) returns a tuple of logits: the loss is the
+    sum of their cross-entropies, and the logits returned are the first (the last block's).
     """
     positions, real = masked_positions(mask, max_masked)
     with autocast(device):
-        logits = model(images, mask, positions)
-    targets = tokens.gather(1, positions).masked_fill(~real, IGNORE)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-    return loss, logits, targets
+        outputs = model(images, mask, positions)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    targets = tokens.gather(1, positions).masked_fill(~real, IGNORE).flatten()
+    loss = sum(F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE) for logits in outputs)
+    return loss, outputs[0], targets.view(positions.shape)
 
 
 @dataclass

@@ -68,8 +68,8 @@ def test_state_dicts_and_checkpoints_load(tmp_path, openai_files):
     save_checkpoint(tmp_path / "tiny.pt", cfg, *cfg.build(), step=3)
     own = load_tokenizer(tmp_path / "tiny.pt")
     assert (own.name, own.vocab_size, own.input_size, own.encoder.n_hid) == ("dvae", 512, 112, cfg.n_hid)
-    assert own.describe() == {"kind": "dvae", "name": "dvae", "fingerprint": own.fingerprint, "vocab": 512, "input_size": 112,
-                              "grid": 14}
+    assert own.describe() == {"kind": "dvae", "name": "dvae", "fingerprint": own.fingerprint, "vocab": 512,
+                              "input_size": 112, "grid": 14}
     x = torch.rand(1, 3, 112, 112)
     assert own.encode(x).shape == (1, 14, 14)
     assert own.decode(own.encode(x)).shape == (1, 3, 112, 112)

@@ -158,3 +158,41 @@ def test_fused_adamw_gives_the_same_losses():
         losses[fused] = [train_step(m, opt, sched, x, tokens, mask, max_masked=75, clip_grad=3.0,
                                     device=torch.device("cpu")).loss.item() for _ in range(4)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[True][3] < losses[True][0]
+
+
+def test_beitv2_extra_head_reads_the_last_cls_token_and_the_early_patch_tokens(tmp_path):
+    import torch.nn.functional as F
+
+    from beit_model.beit_mim import BeitMIM
+
+    torch.manual_seed(0)
+    v2 = timm.create_model("beitv2_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).eval()
+    assert v2.early_layers == 3 and len(v2.cls_pt_layers) == 2
+    assert {n.split(".")[0] for n, _ in v2.named_parameters()} >= {"cls_pt_layers", "lm_head", "norm"}
+    mask = torch.zeros(2, 196, dtype=torch.bool)
+    mask[0, :40], mask[1, 100:175] = True, True
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        main, head = v2(x, mask)
+        v1 = BeitMIM(embed_dim=96, depth=4, num_heads=3, vocab_size=64, drop_path_rate=0.0).eval()
+        v1.load_state_dict({k: v for k, v in v2.state_dict().items() if not k.startswith("cls_pt_layers")})
+        assert torch.equal(main, v1(x, mask))  # the main path is BEiT's
+        h, bias = v2.embed(x, mask), v2.rel_pos_bias()
+        for block in v2.blocks[:3]:
+            h = block(h, shared_rel_pos_bias=bias)
+        joined = torch.cat([v2.forward_blocks(x, mask)[:, :1], h[:, 1:]], 1)
+        for block in v2.cls_pt_layers:
+            joined = block(joined, shared_rel_pos_bias=bias)
+        assert torch.allclose(head, v2.lm_head(v2.norm(joined)[:, 1:][mask]), atol=1e-5)
+        assert not torch.allclose(head, main, atol=1e-3)
+    tokens = torch.randint(0, 64, (2, 196))
+    loss, logits, targets = mim_loss(v2, x, tokens, mask, 75, torch.device("cpu"))
+    with torch.no_grad():
+        want = F.cross_entropy(main, tokens[mask]) + F.cross_entropy(head, tokens[mask])
+    assert torch.allclose(loss, want, atol=1e-5) and logits.shape == (2, 75, 64)
+    # Export leaves the extra head out: what remains is a timm Beit encoder.
+    torch.save(encoder_state_dict(v2), tmp_path / "enc.pth")
+    ref = timm.create_model("beitv2_base_patch16_224", embed_dim=96, depth=4, num_heads=3, num_classes=0,
+                            init_values=0.1, checkpoint_path=str(tmp_path / "enc.pth")).eval()
+    with torch.no_grad():
+        assert torch.allclose(ref.forward_features(x), v2.forward_blocks(x), atol=1e-5)

@@ -43,8 +43,8 @@ def test_rows_sorted_with_geometry_metadata_and_summary(sample_tokens, sample_sh
         assert 0 <= min(r["tokens"]) and max(r["tokens"]) < 512
     meta = read_meta(files[0])
     tok = load_tokenizer(tiny_tokenizer)
-    assert meta["tokenizer"] == {"kind": "dvae", "name": "dvae", "fingerprint": tok.fingerprint, "vocab": 512, "input_size": 112,
-                                 "grid": 14}
+    assert meta["tokenizer"] == {"kind": "dvae", "name": "dvae", "fingerprint": tok.fingerprint, "vocab": 512,
+                                 "input_size": 112, "grid": 14}
     assert meta["views"]["views"] == 4 and meta["views"]["scale"] == [0.08, 1.0] and meta["views"]["target_jitter"]
     assert meta["source"] == "sample-000000.tar" and meta["rejects"] == []
     assert "lanczos" in meta["decoder"]["resize"] and "EXIF" in meta["decoder"]["exif"]
