@@ -63,6 +63,10 @@ class TokenizerBase(nn.Module):
         if lo < 0 or hi > 1 or torch.isnan(lo):
             raise BeitDataError(f"expected images in [0,1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
 
+    def compile_encoder(self) -> None:
+        """``torch.compile`` the encoder in place; the weights, and so the fingerprint, stay."""
+        self.encoder = torch.compile(self.encoder)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (B, grid, grid) for images in [0,1]."""
         raise NotImplementedError

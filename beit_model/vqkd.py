@@ -86,6 +86,9 @@ class VQKDTokenizer(TokenizerBase):
                 block.attn.fused_attn = fused
             self._fused = fused
 
+    def compile_encoder(self) -> None:
+        self.encoder.forward_features = torch.compile(self.encoder.forward_features)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's patch tokens after ``fc_norm``: (B, N, embed_dim), for images in [0,1]."""
         self.check_images(x)

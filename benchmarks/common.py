@@ -49,8 +49,17 @@ def make_shards(out: Path, images: int, per_shard: int = 512, *, imagenet_like_i
     return out / "shards"
 
 
+TOKENIZER_CONFIGS = ("tiny", "dalle", "vqkd")
+
+
 def make_tokenizer(path: Path, config: str = "dalle") -> Path:
-    """A DALL-E-architecture tokenizer with random weights: the same cost as OpenAI's."""
+    """A tokenizer with random weights and the cost of the real one: ``dalle`` (OpenAI's
+    architecture), ``vqkd`` (BEiT v2's ViT-B/16 VQ-KD, in the released file layout) or ``tiny``."""
+    if config == "vqkd":
+        from beit_model.vqkd import random_tokenizer, released_layout
+
+        torch.save(released_layout(random_tokenizer()), path)
+        return path
     cfg = CONFIGS[config]
     torch.manual_seed(0)
     save_checkpoint(path, cfg, *cfg.build())

@@ -1,11 +1,12 @@
 """``beit-data tokenize`` end to end against the tokenizer alone, on the same data, in one run.
 
-End to end: tar reading, probing, view sampling, DALI decode + V crops, the dVAE and the
+End to end: tar reading, probing, view sampling, DALI decode + V crops, the tokenizer and the
 Parquet writes. Tokenizer only: the same number of views as ready tensors on the device.
 The target on a GPU is end to end >= 90% of tokenizer only. Prints one JSON object.
 
     python -m benchmarks.tokenize_shards                                  # CPU, tiny tokenizer
     python -m benchmarks.tokenize_shards --device cuda --images 4096 --tokenizer-config dalle --batch-size 32
+    python -m benchmarks.tokenize_shards --device cuda --images 4096 --tokenizer-config vqkd --batch-size 32 --compile
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from pathlib import Path
 import torch
 
 from beit_model.dvae import load_tokenizer
-from benchmarks.common import device_name, emit, make_shards, make_tokenizer
+from benchmarks.common import TOKENIZER_CONFIGS, device_name, emit, make_shards, make_tokenizer
 from pipelines.runtime import autocast
 from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
 
 def tokenizer_only(tokenizer, n_views: int, batch: int, device, compile_: bool) -> float:
     if compile_:
-        tokenizer.encoder = torch.compile(tokenizer.encoder)
+        tokenizer.compile_encoder()
     x = torch.rand(batch, 3, tokenizer.input_size, tokenizer.input_size, device=device)
     with torch.inference_mode(), autocast(device):
         tokenizer.encode(x)  # warm-up
@@ -48,8 +49,8 @@ def loader_only(shards, cfg: TokenizeConfig, input_size: int, device) -> float:
     from beit_data.shards import expand_shards
     from pipelines.tokenize_shards import _decoded_batches, _prepared_batches
 
-    views = DaliViews(ViewSpec(views=cfg.views, size=input_size), batch_size=cfg.batch_size, device=device,
-                      num_threads=cfg.num_threads)
+    views = DaliViews(ViewSpec(views=cfg.views, size=input_size, interp=cfg.view_recipe.interp),
+                      batch_size=cfg.batch_size, device=device, num_threads=cfg.num_threads)
     start, n = None, 0
     for shard in expand_shards(shards):
         prepared = prefetch(_prepared_batches(shard, cfg, input_size, []))
@@ -71,7 +72,8 @@ def main():
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--views", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8, help="images per batch; views per batch = this x views")
-    p.add_argument("--tokenizer-config", default="tiny", choices=["tiny", "dalle"])
+    p.add_argument("--tokenizer-config", default="tiny", choices=TOKENIZER_CONFIGS,
+                   help="vqkd: BEiT v2's ViT-B/16 tokenizer at 224 (its recipe: bicubic views)")
     p.add_argument("--num-threads", type=int, default=4)
     p.add_argument("--compile", action="store_true", help="torch.compile the tokenizer in both measurements")
     p.add_argument("--imagenet-like", action="store_true", help="JPEG q90 at 500x375 instead of 512-pixel photos")
@@ -95,8 +97,8 @@ def main():
         steady = (v4 - v1) / (t4 - t1)
         tokenizer = load_tokenizer(tok_path).to(device)
         only = tokenizer_only(tokenizer, v4, args.batch_size * args.views, device, args.compile)
-        loader = loader_only(str(shards), TokenizeConfig(shards=str(shards), out=str(tmp / "x"), **cfg),
-                             tokenizer.input_size, device)
+        loader = loader_only(str(shards), TokenizeConfig(shards=str(shards), out=str(tmp / "x"), **cfg)
+                             .for_tokenizer(tokenizer.kind), tokenizer.input_size, device)
     emit({"benchmark": "tokenize", "device": device_name(device), "tokenizer": args.tokenizer_config,
           "images": args.images, "views": v4, "batch_views": args.batch_size * args.views,
           "end_to_end_views_per_s": round(v4 / t4, 1), "end_to_end_steady_views_per_s": round(steady, 1),

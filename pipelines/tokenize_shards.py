@@ -174,7 +174,7 @@ def _tokenize(cfg: TokenizeConfig, shards: list[Path], tokenizer: Tokenizer, out
     todo, skipped = _plan(mine, out, run_meta(tokenizer, cfg), cfg.overwrite)
     tokenizer = tokenizer.to(device)
     if cfg.compile:  # the fingerprint was taken from the weights before; compiling does not change them
-        tokenizer.encoder = torch.compile(tokenizer.encoder)
+        tokenizer.compile_encoder()
     views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp=cfg.view_recipe.interp,
                                 jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
                       num_threads=cfg.num_threads)

@@ -147,9 +147,10 @@ def test_resume_refuses_settings_that_change_the_run_and_logs_the_others(sample_
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"), steps=4, **TINY)
     run_pretrain(PretrainConfig(stop_after=2, **common))
     refused = {"batch_size": 2, "seed": 3, "drop_path": 0.0, "lr": 5e-4, "model": "beit_mim_base_patch16_224",
-               "steps": 6, "mix_shards": 4}
+               "steps": 6, "mix_shards": 4, "recipe": "beitv2"}
+    ran = PretrainConfig(**common).for_tokens({})  # the tokens' recipe (beit), as the run took it
     for name, value in refused.items():
-        old = common.get(name, PretrainConfig.__dataclass_fields__[name].default)
+        old = getattr(ran, name)
         with pytest.raises(BeitDataError, match=rf"^`{name}` is {old!r} in the run being resumed, not {value!r}"):
             run_pretrain(PretrainConfig(resume=True, **{**common, name: value}))
     sub = tmp_path / "one_shard"
