@@ -37,6 +37,10 @@ step pretrain_512 60 python -m benchmarks.pretrain $B --images 2048 --steps 20 -
 # Item 4: the faster step, compiled: FlexAttention for the bias, fused AdamW, CUDA graphs.
 step pretrain_flex_fused 120 python -m benchmarks.pretrain $B --images 1024 --steps 20 --warmup 8 --compile \
   --flex-attention --fused-adamw --compile-mode max-autotune-no-cudagraphs --skip-reference
+# Issue 13 (not in the default steps): BEiT v2's VQ-KD, eager and compiled, and the online reference's cost.
+step vqkd 150 python -m benchmarks.tokenizer --tokenizer vqkd --device cuda --batch-size 256 --compile
+step tokenize_vqkd 150 python -m benchmarks.tokenize_shards --device cuda --images 1024 --views 10 \
+  --batch-size 32 --tokenizer-config vqkd --num-threads 8 --compile
 # Item 3: memory over 2,000 steps of the real trainer.
 step memory 90 python -m benchmarks.memory --device cuda --model beit_mim_base_patch16_224 --batch-size 64 \
   --steps 2000
