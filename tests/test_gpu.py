@@ -47,6 +47,19 @@ def test_tokenize_on_gpu_matches_cpu_rows(sample_shards, tiny_tokenizer, tmp_pat
         assert (ta == tb).mean() > 0.9  # bf16 and nvJPEG move a few argmaxes
 
 
+def test_vqkd_on_gpu_in_bf16_mostly_agrees_with_the_cpu_ids():
+    from beit_model.vqkd import VQKDConfig, random_tokenizer
+    from pipelines.runtime import autocast
+
+    tok = random_tokenizer(VQKDConfig(embed_dim=128, depth=2, num_heads=2, vocab_size=512, code_dim=8), seed=1)
+    x = torch.rand(4, 3, 224, 224)
+    cpu = tok.encode(x)
+    gpu_tok = tok.to("cuda")
+    with autocast(torch.device("cuda")):
+        gpu = gpu_tok.encode(x.cuda())  # fused attention, bf16 encoder, float32 task layer and codebook
+    assert gpu_tok._fused and (gpu.cpu() == cpu).float().mean() > 0.8
+
+
 def test_pretrain_on_gpu_resumes_and_learns(sample_shards, sample_tokens, tmp_path):
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
