@@ -26,6 +26,7 @@ from pipelines.config import (
     InspectConfig,
     PlanConfig,
     PretrainConfig,
+    ProbeConfig,
     ShardsConfig,
     TokenizeConfig,
     TrainDVAEConfig,
@@ -121,19 +122,30 @@ def shards(sources, out, maxcount, prefix, shuffle, seed, quiet):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the sample shards.")
 @click.option("--maxcount", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images per shard.")
-def sample(out, maxcount):
+@click.option("--holdout", type=click.IntRange(min=0, max=13), default=0, show_default=True,
+              help="Keep the last N photographs (by name) out of --out, for validation.")
+@click.option("--holdout-out", default=None, type=click.Path(file_okay=False),
+              help="Folder for the held-out shard (needed with --holdout).")
+def sample(out, maxcount, holdout, holdout_out):
     """Write the embedded sample of real photographs as WebDataset shards."""
     import tempfile
 
-    from beit_data.sample import write_sample_list
+    from beit_data.sample import sample_images, write_sample_list
     from pipelines.shards import ShardsConfig, run_shards
 
+    if holdout and not holdout_out:
+        raise click.UsageError("--holdout needs --holdout-out, the folder for the held-out shard")
+    photos = sample_images()
+    parts = [(out, photos[:len(photos) - holdout], "sample")]
+    if holdout:
+        parts.append((holdout_out, photos[len(photos) - holdout:], "heldout"))
     with tempfile.TemporaryDirectory() as tmp:
-        listing = write_sample_list(f"{tmp}/sample.txt")
-        result = run_shards(ShardsConfig(sources=[listing], out=out, maxcount=maxcount,
-                                         prefix="sample", progress=False))
-    echo_summary("sample", result.summary())
-    click.echo(f"wrote {out}")
+        for folder, chosen, prefix in parts:
+            listing = write_sample_list(f"{tmp}/{prefix}.txt", chosen)
+            result = run_shards(ShardsConfig(sources=[listing], out=folder, maxcount=maxcount, prefix=prefix,
+                                             progress=False))
+            echo_summary(prefix, result.summary())
+            click.echo(f"wrote {folder}")
 
 
 @main.command("train-dvae", context_settings=CONTEXT)
@@ -244,6 +256,18 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
               help="Stop after N steps of this invocation, with a checkpoint (for time-limited jobs).")
 @click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, instead of failing.")
 @click.option("--compile", "compile_", is_flag=True, help="Compile the model with torch.compile.")
+@click.option("--val-shards", default=None,
+              help="Held-out shards (not read by training): masked-token loss, top-1/top-5 and perplexity on them.")
+@click.option("--val-tokens", default=None, type=click.Path(exists=True, file_okay=False),
+              help="The token Parquet files of --val-shards, made by the same tokenizer.")
+@setting(PretrainConfig, "--val-every", type=click.IntRange(min=1),
+         help="Evaluate the held-out set at step 0, every N steps and at the end.")
+@setting(PretrainConfig, "--val-images", type=click.IntRange(min=1),
+         help="Size of the fixed held-out set, over all ranks.")
+@click.option("--probe-every", type=click.IntRange(min=1), default=None,
+              help="Run a k-NN probe on rank 0 every N steps (off by default); needs --probe-train and --probe-val.")
+@click.option("--probe-train", default=None, help="Labeled shards (.cls) the probe's k-NN votes with.")
+@click.option("--probe-val", default=None, help="Labeled shards the probe is scored on.")
 @MIX_SHARDS_OPTION
 @NUM_THREADS_OPTION
 @SEED_OPTION
@@ -251,7 +275,8 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
 @QUIET_OPTION
 def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
              weight_decay, drop_path, layer_scale, clip_grad, checkpoint_every, log_every, resume, stop_after,
-             skip_missing, compile_, mix_shards, num_threads, seed, device, quiet):
+             skip_missing, compile_, val_shards, val_tokens, val_every, val_images, probe_every, probe_train,
+             probe_val, mix_shards, num_threads, seed, device, quiet):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
@@ -260,10 +285,16 @@ def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, 
         batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
         weight_decay=weight_decay, drop_path=drop_path, layer_scale=layer_scale, clip_grad=clip_grad,
         checkpoint_every=checkpoint_every, log_every=log_every, resume=resume, stop_after=stop_after,
-        skip_missing=skip_missing, compile=compile_, mix_shards=mix_shards,
-        num_threads=num_threads, seed=seed, device=device, progress=not quiet))
-    stopped = summary.pop("stopped")
+        skip_missing=skip_missing, compile=compile_, val_shards=val_shards, val_tokens=val_tokens,
+        val_every=val_every, val_images=val_images, probe_every=probe_every, probe_train=probe_train,
+        probe_val=probe_val, mix_shards=mix_shards, num_threads=num_threads, seed=seed, device=device,
+        progress=not quiet))
+    stopped, held_out = summary.pop("stopped"), summary.pop("held_out")
     echo_summary("pretrain", summary)
+    if held_out:
+        click.echo("held-out masked-token accuracy: " + " -> ".join(
+            f"step {r['step']} top-1 {100 * r['val_top1']:.1f}% top-5 {100 * r['val_top5']:.1f}% "
+            f"(loss {r['val_loss']:.3f})" for r in held_out))
     if stopped:  # the conventional exit status of a process ended by that signal
         raise SystemExit(128 + int(getattr(signal, stopped)))
 
@@ -296,6 +327,40 @@ def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, ran
                      skip_missing=skip_missing)
     for batch in run_plan(cfg):
         click.echo(json.dumps(batch.as_dict()) if as_json else format_batch(batch))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--train-shards", required=True, help="Labeled shards (.cls members) the k-NN votes with.")
+@click.option("--val-shards", required=True, help="Labeled shards the probe is scored on.")
+@setting(ProbeConfig, "--k", type=click.IntRange(min=1), help="Neighbours of the k-NN.")
+@setting(ProbeConfig, "--temperature", type=click.FloatRange(min=0, min_open=True),
+         help="Temperature T of the k-NN's exp(cos / T) votes.")
+@click.option("--layers", default=None,
+              help="Blocks (1-based, comma-separated) whose mean patch tokens are averaged [default: the last].")
+@click.option("--linear", is_flag=True, help="Also fit a logistic-regression probe on the cached features.")
+@setting(ProbeConfig, "--batch-size", type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+@NUM_THREADS_OPTION
+@DEVICE_OPTION
+@QUIET_OPTION
+def probe(model, train_shards, val_shards, k, temperature, layers, linear, batch_size, as_json, num_threads, device,
+          quiet):
+    """k-NN (and linear) probe of a frozen encoder: MODEL is a pretrain run folder or an exported encoder.
+
+    Images are centre-cropped at 224; features are mean-pooled patch tokens (bf16 on a GPU).
+    """
+    from pipelines.probe import ProbeConfig, format_probe, run_probe
+
+    try:
+        layer_list = tuple(int(x) for x in layers.split(",")) if layers else None
+    except ValueError:
+        raise click.BadParameter(f"expected block numbers such as 8,9,10, got {layers}",
+                                 param_hint="--layers") from None
+    result = run_probe(ProbeConfig(model=model, train_shards=train_shards, val_shards=val_shards, k=k,
+                                   temperature=temperature, layers=layer_list, linear=linear, batch_size=batch_size,
+                                   num_threads=num_threads, device=device, progress=not quiet))
+    click.echo(json.dumps(result, indent=1) if as_json else format_probe(result))
 
 
 @main.command(context_settings=CONTEXT)

@@ -17,8 +17,8 @@ def sample_images() -> list[Path]:
     return sorted(p for p in SAMPLE_DIR.glob("*.jpg"))
 
 
-def write_sample_list(path: str | os.PathLike) -> Path:
-    """Write a text file listing the embedded photographs, for ``run_shards``."""
+def write_sample_list(path: str | os.PathLike, photos: list[Path] | None = None) -> Path:
+    """Write a text file listing the embedded photographs (or ``photos``), for ``run_shards``."""
     path = Path(path)
-    write_text_atomic(path, "".join(f"{p}\n" for p in sample_images()))
+    write_text_atomic(path, "".join(f"{p}\n" for p in (sample_images() if photos is None else photos)))
     return path

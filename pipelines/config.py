@@ -38,8 +38,8 @@ def check_recipe_name(name: str | None) -> None:
     if name is not None and name not in RECIPES:
         raise BeitDataError(f"`recipe` must be one of {sorted(RECIPES)}, got {name}")
 
-__all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "PretrainConfig", "InspectConfig", "PlanConfig",
-           "RECIPES", "default"]
+__all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "PretrainConfig", "ProbeConfig", "InspectConfig",
+           "PlanConfig", "RECIPES", "default"]
 
 
 def default(config: type, name: str):
@@ -193,13 +193,21 @@ class PretrainConfig:
     num_threads: int = 4
     progress: bool = True
     shuffle_targets: bool = False  # control experiment: targets from other images
+    val_shards: str | None = None  # held-out shards, tokenized into val_tokens
+    val_tokens: str | None = None
+    val_every: int = 1000  # evaluate at step 0, every N steps and at the end
+    val_images: int = 1024  # the fixed held-out set, over all ranks
+    probe_every: int | None = None  # a k-NN probe on rank 0 every N steps (and at 0 and the end); off by default
+    probe_train: str | None = None  # labeled shards (.cls) the k-NN votes with
+    probe_val: str | None = None  # labeled shards it is scored on
 
     # Settings a resumed run may change: they decide how the run goes, not what it computes.
     # The shards and tokens may move (their paths may change); what they hold is checked.
     # Every other setting must equal the checkpoint's, the step count and epochs included: the
     # cosine schedule is a function of the total, so extending a run would change its past.
     RESUMABLE = ("shards", "tokens", "out", "stop_after", "checkpoint_every", "log_every", "resume", "compile",
-                 "device", "num_threads", "progress")
+                 "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
+                 "probe_every", "probe_train", "probe_val")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)
@@ -210,10 +218,46 @@ class PretrainConfig:
             raise BeitDataError("`steps` and `epochs` must be at least 1")
         if self.batch_size < 1 or self.lr is not None and self.lr <= 0:
             raise BeitDataError("`batch_size` and `lr` must be positive")
+        if (self.val_shards is None) != (self.val_tokens is None):
+            raise BeitDataError("`val_shards` and `val_tokens` go together: the held-out shards and their tokens")
+        if self.val_every < 1 or self.val_images < 1:
+            raise BeitDataError("`val_every` and `val_images` must be at least 1")
+        if self.probe_every is not None and (self.probe_every < 1 or not self.probe_train or not self.probe_val):
+            raise BeitDataError("`probe_every` needs a positive step count, `probe_train` and `probe_val`")
 
     def for_tokens(self, views: dict) -> PretrainConfig:
         """This config with the recipe filled in from the token files' ``views`` metadata, if none was named."""
         return self if self.recipe is not None else replace(self, recipe=views.get("recipe", "beit"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig:
+    """``beit-data probe``: k-NN (and linear) classification on frozen features.
+
+    Attributes:
+        model: A pretrain run folder, or an encoder ``beit-data export`` wrote.
+        train_shards, val_shards: Labeled shards (``.cls`` members).
+        k, temperature: The k-NN's neighbours and the temperature of its ``exp(cos / T)`` votes.
+        layers: Blocks (1-based) whose mean patch tokens are averaged; None: the last.
+        linear: Also fit a logistic regression on the features.
+    """
+
+    model: str
+    train_shards: str
+    val_shards: str
+    k: int = 20
+    temperature: float = 0.07
+    layers: tuple[int, ...] | None = None
+    linear: bool = False
+    batch_size: int = 64
+    image_size: int = 224
+    device: str = "auto"
+    num_threads: int = 4
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.k < 1 or self.temperature <= 0 or self.batch_size < 1:
+            raise BeitDataError("`k` and `batch_size` must be at least 1 and `temperature` positive")
 
 
 @dataclass(frozen=True, kw_only=True)

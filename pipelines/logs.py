@@ -41,14 +41,16 @@ class Logger:
             self.tb = SummaryWriter(str(out / "tb"), purge_step=resumed_at + 1)
 
     def log(self, record: dict) -> None:
-        """One record: a step's figures, or an event (``{"step": N, "event": ...}``)."""
+        """One record: a step's figures, or an event (``{"step": N, "event": ...}``); the
+        ``val`` and ``probe`` events go to TensorBoard as ``val/*`` and ``probe/*``."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        group = record.get("event") if record.get("event") in ("val", "probe") else "train"
         for k, v in record.items():
             if self.tb is not None and k not in ("step", "epoch") and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"train/{k}", v, record["step"])
+                self.tb.add_scalar(f"{group}/{k.removeprefix(group + '_')}", v, record["step"])
 
     def close(self) -> None:
         if self.enabled:

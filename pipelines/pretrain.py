@@ -33,6 +33,7 @@ from pipelines.logs import Logger, LossReader
 from pipelines.preemption import Preemption
 from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
 from pipelines.training import build_model, build_optimizer, train_step
+from pipelines.validation import QualityChecks
 
 __all__ = ["PretrainConfig", "run_pretrain"]
 
@@ -54,6 +55,7 @@ class Run:
     data: dict
     step: int = 0
     resumed_at: int | None = None
+    checks: QualityChecks | None = None
 
     @property
     def is_main(self) -> bool:
@@ -143,7 +145,8 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo) 
     optimizer, scheduler = build_optimizer(model, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                                            betas=cfg.betas, warmup=warmup, total=total)
     run = Run(cfg=cfg, device=device, dist=dist, out=out, stream=stream, model=model, optimizer=optimizer,
-              scheduler=scheduler, total=total, warmup=warmup, data=run_data(stream))
+              scheduler=scheduler, total=total, warmup=warmup, data=run_data(stream),
+              checks=QualityChecks(cfg, stream, dist, device))
     if checkpoint is not None:
         restore(run, checkpoint)
     else:
@@ -229,6 +232,8 @@ def loop(run: Run) -> dict:
                        disable=not (cfg.progress and run.is_main))
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
     meter, stopped = Meter(), 0
+    if run.step == 0:
+        run.checks(run.model, 0, run.total, logger)  # the held-out figures before training
     run.model.train()
     with Preemption(run.dist.world_size) as preemption:
         for batch in (run.stream.batches(dtype=dtype) if run.step < stop_at else ()):
@@ -245,6 +250,7 @@ def loop(run: Run) -> dict:
             if log_now:
                 _log_step(run, logger, losses, out, batch.epoch, meter, bar)
             bar.update()
+            run.checks(run.model, run.step, run.total, logger)
             if save_now:
                 save(run)
             if run.step >= stop_at or stopped:
@@ -261,4 +267,5 @@ def loop(run: Run) -> dict:
     return {"steps": run.step, "first_loss": losses.first, "last_loss": losses.last,
             "checkpoint": str(checkpoint_path(run.out)), "skipped_rejected": run.stream.skipped_rejected,
             "skipped_missing_shards": len(run.stream.missing),
-            "stopped": Preemption.name(stopped) if stopped else None}
+            "stopped": Preemption.name(stopped) if stopped else None,
+            "held_out": [r for r in (run.checks.first, run.checks.last) if r is not None]}

@@ -105,3 +105,43 @@ def trained_tokenizer(sample_shards, tmp_path_factory) -> Path:
     run_train_dvae(TrainDVAEConfig(shards=str(sample_shards), out=str(out), steps=300, batch_size=16, device="cpu",
                                    progress=False))
     return out
+
+
+def class_image(label: int, seed: int, size: int = 128) -> Image.Image:
+    """A picture of class ``label`` (0: red stripes, 1: green dots, 2: blue checks), varied by ``seed``."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size]
+    period = int(rng.integers(10, 20))
+    pattern = [(y // (period // 2)) % 2, ((x % period - period / 2) ** 2 + (y % period - period / 2) ** 2
+                                          < (period / 3) ** 2), ((x // period + y // period) % 2)][label]
+    colour = np.zeros(3)
+    colour[label] = rng.uniform(150, 255)
+    pixels = pattern[..., None] * colour + rng.normal(40, 15, (size, size, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def labeled_shards(tmp_path_factory) -> Path:
+    """Labeled shards of three visibly different classes: ``train/`` (10 a class) and ``val/`` (6 a class),
+    each written from an ImageFolder tree, so their samples carry ``.cls`` members."""
+    root = tmp_path_factory.mktemp("labeled")
+    for part, count, offset in (("train", 10, 0), ("val", 6, 1000)):
+        for label, name in enumerate(("red_stripes", "green_dots", "blue_checks")):
+            folder = root / "images" / part / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                class_image(label, offset + 100 * label + i).save(folder / f"{i}.jpg", quality=90)
+        run_shards(ShardsConfig(sources=[root / "images" / part], out=root / part, maxcount=64, prefix=part,
+                                progress=False))
+    return root
+
+
+@pytest.fixture(scope="session")
+def labeled_val_tokens(labeled_shards, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The labeled ``val/`` shards tokenized with the tiny tokenizer, 2 views per image: a held-out set."""
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+
+    out = tmp_path_factory.mktemp("val_tokens")
+    run_tokenize(TokenizeConfig(shards=str(labeled_shards / "val"), tokenizer=str(tiny_tokenizer), out=str(out),
+                                views=2, batch_size=8, device="cpu", progress=False))
+    return out

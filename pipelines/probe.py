@@ -1,0 +1,244 @@
+"""``beit-data probe``: k-NN (and linear) classification on frozen encoder features.
+
+A cheap downstream check of a pretrained encoder, as self-supervised learning reports it
+(DINO's weighted k-NN): labels come from the shards' ``.cls`` members; each image is
+centre-cropped (the centre 224/256 of its shorter side, as a resize to 256 and a 224 crop) and
+resized to 224 with bicubic by DALI; the features are the mean of the patch tokens after the
+chosen blocks, each layer-normalised (without weights) and then averaged over the blocks, as
+BEiT's features are best at intermediate depth. k-NN votes with ``exp(cos / T)`` over the ``k``
+nearest training images; ``linear`` fits a multinomial logistic regression on the same cached
+features. Features are held in memory: 4 bytes x width per image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from beit_common import BeitDataError
+from beit_data.progress import progress_bar
+from beit_data.shards import expand_shards, iter_images
+from pipelines.config import ProbeConfig
+from pipelines.runtime import autocast, resolve_device
+
+__all__ = ["ProbeConfig", "run_probe", "LabeledImages", "load_labeled", "encoder_features", "knn", "linear_probe",
+           "format_probe", "load_encoder"]
+
+CROP = 224 / 256  # the centre crop's side, as a fraction of the shorter side
+
+
+@dataclass
+class LabeledImages:
+    """Decoded, normalised centre crops and their labels."""
+
+    images: torch.Tensor  # (n, 3, S, S) float16, on the CPU
+    labels: torch.Tensor  # (n,) int64
+    source: str
+
+    @property
+    def classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+
+def _label(sample, shard) -> int:
+    raw = sample.members.get("cls")
+    if raw is None:
+        raise BeitDataError(f"{shard}: sample {sample.key} has no .cls member; probing needs labeled shards "
+                            "(`beit-data shards` writes them for an ImageFolder tree)")
+    try:
+        return int(raw.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BeitDataError(f"{shard}: sample {sample.key} has a .cls member that is not an integer") from None
+
+
+def load_labeled(spec: str, *, image_size: int = 224, device: torch.device | str = "cpu", num_threads: int = 4,
+                 progress: bool = True, desc: str = "decode") -> LabeledImages:
+    """Every decodable, labeled image of the shards, centre-cropped and decoded by DALI."""
+    from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
+    from beit_data.views import View
+
+    batch = 64
+    decode = DaliViews(ViewSpec(size=image_size, interp="bicubic", jitter=False, mean=IMAGENET_MEAN,
+                                std=IMAGENET_STD, half=True), batch_size=batch, device=device, num_threads=num_threads)
+    images, labels, pending = [], [], []
+    bar = progress_bar(desc=desc, unit="img", disable=not progress)
+
+    def flush():
+        views = []
+        for _, info in pending:
+            side = max(1, round(min(info.width, info.height) * CROP))
+            views.append([View((info.width - side) // 2, (info.height - side) // 2, side, side, False, 1.0, 1.0, 1.0)])
+        images.append(decode([s.image for s, _ in pending], views)[:, 0].to("cpu", torch.float16))
+        bar.update(len(pending))
+        pending.clear()
+
+    for shard in expand_shards(spec):
+        for sample, info in iter_images(shard):
+            labels.append(_label(sample, shard))
+            pending.append((sample, info))
+            if len(pending) == batch:
+                flush()
+    if pending:
+        flush()
+    bar.close()
+    if not labels:
+        raise BeitDataError(f"no decodable image in {spec}")
+    return LabeledImages(torch.cat(images), torch.tensor(labels, dtype=torch.int64), spec)
+
+
+def _blocks_and_input(model: torch.nn.Module, images: torch.Tensor):
+    """The token sequence before the first block, the blocks, and the bias they share."""
+    if hasattr(model, "embed"):  # beit_mim's models
+        return model.embed(images), model.blocks, model.rel_pos_bias()
+    x = model.patch_embed(images)  # timm's Beit
+    x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    if model.pos_embed is not None:
+        x = x + model.pos_embed
+    return x, model.blocks, model.rel_pos_bias() if model.rel_pos_bias is not None else None
+
+
+@torch.no_grad()
+def encoder_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """(B, D) float32: the mean patch token after each block of ``layers`` (1-based),
+    layer-normalised without weights, averaged over those blocks."""
+    x, blocks, bias = _blocks_and_input(model, images)
+    out = []
+    for i, block in enumerate(blocks, start=1):
+        x = block(x, shared_rel_pos_bias=bias)
+        if i in layers:
+            pooled = x[:, 1:].float().mean(1)
+            out.append(F.layer_norm(pooled, pooled.shape[-1:]))
+        if i >= max(layers):
+            break
+    return torch.stack(out).mean(0)
+
+
+def check_layers(layers, depth: int) -> list[int]:
+    layers = sorted(set(layers or [depth]))
+    if layers[0] < 1 or layers[-1] > depth:
+        raise BeitDataError(f"`layers` must be block numbers from 1 to {depth}, got {layers}")
+    return layers
+
+
+def features(model: torch.nn.Module, data: LabeledImages, layers: list[int], device: torch.device, *,
+             batch_size: int = 64, progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """The features of every image, (n, D) float32 on the CPU; the model in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    out = []
+    bar = progress_bar(total=len(data.images), desc=desc, unit="img", disable=not progress)
+    for i in range(0, len(data.images), batch_size):
+        images = data.images[i:i + batch_size].to(device, non_blocking=True).float()
+        with autocast(device):
+            out.append(encoder_features(model, images, layers).cpu())
+        bar.update(len(images))
+    bar.close()
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def knn(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tensor, val_labels: torch.Tensor, *,
+        k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> dict:
+    """DINO's weighted k-NN: top-1 and top-5 accuracy over the validation features."""
+    train, val = F.normalize(train, dim=1), F.normalize(val, dim=1)
+    classes = int(max(train_labels.max(), val_labels.max())) + 1
+    k = min(k, len(train))
+    top1 = top5 = 0
+    for i in range(0, len(val), chunk):
+        sims, idx = (val[i:i + chunk] @ train.t()).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(sims), classes).scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        ranked = votes.topk(min(5, classes), dim=1).indices
+        truth = val_labels[i:i + chunk].unsqueeze(1)
+        top1 += (ranked[:, :1] == truth).sum().item()
+        top5 += (ranked == truth).any(1).sum().item()
+    return {"top1": top1 / len(val), "top5": top5 / len(val), "k": k, "temperature": temperature}
+
+
+def linear_probe(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tensor, val_labels: torch.Tensor, *,
+                 weight_decay: float = 1e-4, steps: int = 100) -> dict:
+    """Multinomial logistic regression (L-BFGS, full batch) on standardised features."""
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    x, xv = (train - mean) / std, (val - mean) / std
+    classes = int(max(train_labels.max(), val_labels.max())) + 1
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(x.shape[1], classes)
+    torch.nn.init.normal_(layer.weight, std=0.01, generator=generator)
+    torch.nn.init.zeros_(layer.bias)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(x), train_labels) + weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        ranked = layer(xv).topk(min(5, classes), dim=1).indices
+    truth = val_labels.unsqueeze(1)
+    return {"top1": (ranked[:, :1] == truth).float().mean().item(), "top5": (ranked == truth).any(1).float().mean()
+            .item(), "weight_decay": weight_decay}
+
+
+def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str]:
+    """A pretrain run folder's model, or an exported encoder (``.pth`` / ``.safetensors`` with its ``.json``)."""
+    source = Path(source)
+    if source.is_dir():
+        from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+
+        return model_from_checkpoint(load_checkpoint(checkpoint_path(source))), "run"
+    info_path = source.with_suffix(".json")
+    if not source.is_file() or not info_path.is_file():
+        raise BeitDataError(f"{source} is neither a pretrain run folder nor an exported encoder with its "
+                            f"{info_path.name} beside it")
+    import timm
+
+    info = json.loads(info_path.read_text())
+    try:
+        model = timm.create_model(info["timm_model"], checkpoint_path=str(source), **info["timm_kwargs"])
+    except (KeyError, RuntimeError) as exc:
+        raise BeitDataError(f"{source}: not an encoder `beit-data export` wrote: {str(exc).splitlines()[0]}") from None
+    return model, "encoder"
+
+
+def run_probe(cfg: ProbeConfig) -> dict:
+    """Features of both sets from the frozen encoder, then k-NN (and the linear probe)."""
+    device = resolve_device(cfg.device)
+    model, kind = load_encoder(cfg.model)
+    model = model.to(device).eval()
+    layers = check_layers(cfg.layers, len(model.blocks))
+    sets = {name: load_labeled(spec, image_size=cfg.image_size, device=device, num_threads=cfg.num_threads,
+                               progress=cfg.progress, desc=f"decode {name}")
+            for name, spec in (("train", cfg.train_shards), ("val", cfg.val_shards))}
+    feats = {name: features(model, data, layers, device, batch_size=cfg.batch_size, progress=cfg.progress,
+                            desc=f"features {name}") for name, data in sets.items()}
+    train, val = sets["train"], sets["val"]
+    result = {"model": str(cfg.model), "kind": kind, "layers": layers, "train_images": len(train.labels),
+              "val_images": len(val.labels), "classes": max(train.classes, val.classes),
+              "knn": knn(feats["train"], train.labels, feats["val"], val.labels, k=cfg.k,
+                         temperature=cfg.temperature)}
+    result["chance_top1"] = float(np.bincount(val.labels.numpy()).max() / len(val.labels))
+    if cfg.linear:
+        result["linear"] = linear_probe(feats["train"], train.labels, feats["val"], val.labels)
+    return result
+
+
+def format_probe(r: dict) -> str:
+    def pct(x: float) -> str:
+        return f"{100 * x:5.1f}%"
+
+    lines = [f"encoder       {r['model']} ({r['kind']})  layers {','.join(map(str, r['layers']))}",
+             f"images        train {r['train_images']:,}  val {r['val_images']:,}  classes {r['classes']}  "
+             f"chance {pct(r['chance_top1']).strip()}",
+             f"k-NN          top-1 {pct(r['knn']['top1'])}  top-5 {pct(r['knn']['top5'])}  "
+             f"(k {r['knn']['k']}, T {r['knn']['temperature']})"]
+    if "linear" in r:
+        lines.append(f"linear        top-1 {pct(r['linear']['top1'])}  top-5 {pct(r['linear']['top5'])}  "
+                     f"(logistic regression, weight decay {r['linear']['weight_decay']})")
+    return "\n".join(lines)
+

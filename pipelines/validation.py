@@ -1,0 +1,137 @@
+"""Held-out masked-token figures during pretraining: loss, top-1 and top-5 accuracy, perplexity.
+
+Every evaluation sees the same images, views and masks (``beit_data.heldout``), with the model
+in eval mode (no dropout, no drop path) and no random draw, so it never changes the training
+trajectory. Under torchrun each rank evaluates its share and the sums are reduced, so the
+figures equal a one-process evaluation up to the order of the float additions. For BEiT v2
+models the figures are the main head's (the last block's).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from beit_common import BeitDataError
+from beit_data.heldout import HeldOut
+from beit_data.tokens import token_path
+from beit_model.beit_mim import masked_positions
+from pipelines.runtime import autocast
+
+__all__ = ["evaluate", "check_held_out", "EVAL_BATCH"]
+
+EVAL_BATCH = 64
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, heldout: HeldOut, *, max_masked: int, device: torch.device,
+             world_size: int = 1) -> dict:
+    """The held-out figures, reduced over the ranks: ``val_loss``, ``val_top1``, ``val_top5``,
+    ``val_perplexity`` and ``val_images``."""
+    was_training = model.training
+    model.eval()
+    # loss sum, top-1 hits, top-5 hits, masked patches: summed in float64 on every rank
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for i in range(0, len(heldout.images), EVAL_BATCH):
+        images, tokens, mask = (t[i:i + EVAL_BATCH] for t in (heldout.images, heldout.tokens, heldout.mask))
+        positions, real = masked_positions(mask, max_masked)
+        with autocast(device):
+            out = model(images.float(), mask, positions)
+        logits = (out[0] if isinstance(out, tuple) else out).float()  # (B, K, vocab)
+        targets = tokens.gather(1, positions)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == targets.unsqueeze(-1)  # (B, K, 5)
+        sums += torch.stack([loss[real].sum(), hits[..., 0][real].sum(), hits.any(-1)[real].sum(),
+                             real.sum()]).double()
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    loss_sum, top1, top5, count = sums.tolist()
+    mean = loss_sum / max(count, 1)
+    return {"val_loss": mean, "val_top1": top1 / max(count, 1), "val_top5": top5 / max(count, 1),
+            "val_perplexity": math.exp(mean), "val_images": heldout.total}
+
+
+def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> None:
+    """Refuse validation images that training reads.
+
+    A validation shard may not be a training shard. Keys are unique within the shards of one
+    ``beit-data shards`` run (one folder), so where validation and training shards share a
+    folder, a key in both is the same sample and is refused. Shards written by separate runs
+    reuse keys from 000000000 and are taken as holding different images.
+
+    Raises:
+        BeitDataError: Naming the first shard or key that training also reads.
+    """
+    train = {Path(p).resolve() for p in train_shards}
+    for shard in heldout.shards:
+        if shard.resolve() in train:
+            raise BeitDataError(f"validation shard {shard} is also a training shard: the figures would not be "
+                                "held out; give `val_shards` that training does not read")
+    folders = {Path(s).resolve().parent for s, _ in heldout.chosen}
+    keys = pa.array(sorted({k for s, k in heldout.chosen if s.resolve().parent in folders}), pa.string())
+    for shard in (Path(p) for p in train_shards):
+        path = token_path(train_tokens, shard)
+        if shard.resolve().parent not in folders or not path.exists():
+            continue
+        column = pq.read_table(path, columns=["key"]).column("key")
+        both = pc.filter(column, pc.is_in(column, value_set=keys))
+        if len(both):
+            raise BeitDataError(f"validation key {both[0].as_py()} is also a training sample (in {shard}): "
+                                "hold the validation images out of the training shards")
+
+
+class QualityChecks:
+    """A run's held-out evaluation and k-NN probe, at step 0, every ``val_every`` /
+    ``probe_every`` steps and at the last step; both log to JSONL and TensorBoard.
+
+    Every rank evaluates its share of the held-out set. The probe runs on rank 0 alone, the
+    others waiting at a barrier; its images are decoded once, at its first run.
+    """
+
+    def __init__(self, cfg, stream, dist, device: torch.device):
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.heldout = None
+        if cfg.val_shards:
+            from beit_data.heldout import load_heldout
+
+            self.heldout = load_heldout(cfg.val_shards, cfg.val_tokens, count=cfg.val_images, seed=cfg.seed,
+                                        meta=stream.meta, image_size=stream.cfg.image_size,
+                                        num_masked=cfg.num_masked, min_block=stream.cfg.min_block,
+                                        rank=dist.rank, world_size=dist.world_size, device=device)
+            check_held_out(self.heldout, stream.shards, cfg.tokens)
+        self.probe_sets = None
+        self.first: dict | None = None
+        self.last: dict | None = None
+
+    def __call__(self, model: torch.nn.Module, step: int, total: int, logger) -> None:
+        """Run what is due at ``step``."""
+        cfg = self.cfg
+        if self.heldout is not None and (step % cfg.val_every == 0 or step == total):
+            figures = evaluate(model, self.heldout, max_masked=cfg.num_masked, device=self.device,
+                               world_size=self.dist.world_size)
+            self.first, self.last = self.first or {"step": step, **figures}, {"step": step, **figures}
+            logger.log({"step": step, "event": "val", **figures})
+        if cfg.probe_every and (step % cfg.probe_every == 0 or step == total):
+            if self.dist.rank == 0:
+                logger.log({"step": step, "event": "probe", **self._probe(model)})
+            if self.dist.world_size > 1:
+                torch.distributed.barrier()
+
+    def _probe(self, model: torch.nn.Module) -> dict:
+        from pipelines.probe import features, knn, load_labeled
+
+        if self.probe_sets is None:
+            self.probe_sets = [load_labeled(spec, device=self.device, num_threads=self.cfg.num_threads,
+                                            progress=False) for spec in (self.cfg.probe_train, self.cfg.probe_val)]
+        train, val = self.probe_sets
+        layers = [len(model.blocks)]
+        result = knn(features(model, train, layers, self.device), train.labels,
+                     features(model, val, layers, self.device), val.labels)
+        return {"probe_top1": result["top1"], "probe_top5": result["top5"], "probe_k": result["k"]}

@@ -1,0 +1,105 @@
+"""Quality signals: the held-out masked-token figures of pretrain, the k-NN probe during
+training, and ``beit-data probe`` on run folders and exported encoders."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from beit_common import BeitDataError
+from pipelines.pretrain import PretrainConfig, run_pretrain
+from tests.conftest import run_cli
+
+TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, lr=1e-3, log_every=1, device="cpu",
+            progress=False, num_threads=1, steps=4, checkpoint_every=100)
+
+
+def records(run, event=None):
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == event] if event else [r for r in rows if "loss" in r]
+
+
+def test_held_out_figures_are_fixed_and_leave_training_alone(sample_shards, sample_tokens, labeled_shards, tmp_path):
+    # Training reads the first sample shard; the second (same shards run, other keys) is held out.
+    common = dict(shards=str(sample_shards / "sample-000000.tar"), tokens=str(sample_tokens), **TINY)
+    checks = dict(val_shards=str(sample_shards / "sample-000001.tar"), val_tokens=str(sample_tokens), val_every=2,
+                  probe_every=2, probe_train=str(labeled_shards / "train"), probe_val=str(labeled_shards / "val"))
+    plain = run_pretrain(PretrainConfig(out=str(tmp_path / "plain"), **common))
+    straight = run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **common, **checks))
+    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=2, **common, **checks))
+    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), resume=True, **common, **checks))
+    # Validating and probing change nothing in the training, bit for bit.
+    losses = [[r["loss"] for r in records(tmp_path / n)] for n in ("plain", "straight", "resumed")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1] == losses[2]
+    assert plain["held_out"] == [] and [r["step"] for r in straight["held_out"]] == [0, 4]
+    # The same set, views and masks at every evaluation: two runs, and a resumed one, agree exactly.
+    val = records(tmp_path / "straight", "val")
+    assert [r["step"] for r in val] == [0, 2, 4] and val == records(tmp_path / "resumed", "val")
+    for r in val:
+        assert r["val_images"] == 6 and 0 <= r["val_top1"] <= r["val_top5"] <= 1
+        assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]))
+    assert val[-1]["val_loss"] < val[0]["val_loss"]  # the tiny dVAE's targets are learnable
+    probes = records(tmp_path / "straight", "probe")
+    assert [r["step"] for r in probes] == [0, 2, 4] and probes == records(tmp_path / "resumed", "probe")
+    assert all(r["probe_top1"] > 0.5 for r in probes)  # three visibly different classes; chance is 1/3
+    assert (tmp_path / "straight" / "tb").is_dir()
+    # beit-data probe on the run folder, with --linear and two blocks averaged.
+    done = run_cli("probe", str(tmp_path / "straight"), "--train-shards", str(labeled_shards / "train"),
+                   "--val-shards", str(labeled_shards / "val"), "--layers", "3,4", "--linear", "--json", "--quiet",
+                   "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["kind"], result["layers"], result["train_images"], result["val_images"]) == ("run", [3, 4], 30, 18)
+    assert result["knn"]["top1"] > 0.6 and result["linear"]["top1"] > 0.6
+
+
+def test_held_out_images_that_training_reads_are_refused(sample_shards, sample_tokens, tmp_path):
+    common = dict(shards=str(sample_shards / "sample-000000.tar"), tokens=str(sample_tokens), **TINY)
+    with pytest.raises(BeitDataError, match="validation shard .*sample-000000.tar is also a training shard"):
+        run_pretrain(PretrainConfig(out=str(tmp_path / "a"), val_shards=str(sample_shards / "sample-000000.tar"),
+                                    val_tokens=str(sample_tokens), **common))
+    # A copy under another name in the same shards folder: the same keys are the same samples.
+    for name in ("sample-000000.tar", "sample-000000.idx"):
+        shutil.copy(sample_shards / name, tmp_path / name)
+        shutil.copy(sample_shards / name, tmp_path / name.replace("sample", "copy"))
+    shutil.copytree(sample_tokens, tmp_path / "tokens")
+    shutil.copy(tmp_path / "tokens" / "sample-000000.parquet", tmp_path / "tokens" / "copy-000000.parquet")
+    with pytest.raises(BeitDataError, match="validation key 0000000.. is also a training sample"):
+        run_pretrain(PretrainConfig(out=str(tmp_path / "b"), shards=str(tmp_path / "sample-000000.tar"),
+                                    tokens=str(tmp_path / "tokens"), val_shards=str(tmp_path / "copy-000000.tar"),
+                                    val_tokens=str(tmp_path / "tokens"), **TINY))
+    with pytest.raises(BeitDataError, match="has no token file"):
+        run_pretrain(PretrainConfig(out=str(tmp_path / "c"), val_shards=str(tmp_path / "copy-000000.tar"),
+                                    val_tokens=str(sample_tokens), **common))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-made is left
+
+
+def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, sample_shards, tmp_path):
+    import timm
+
+    import beit_model  # noqa: F401
+    from beit_model.beit_mim import encoder_state_dict
+    from pipelines.export import timm_args
+    from pipelines.probe import ProbeConfig, features, knn, load_labeled, run_probe
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
+    torch.save(encoder_state_dict(model), tmp_path / "enc.pth")
+    args = timm_args({"embed_dim": 96, "depth": 4, "num_heads": 3})
+    (tmp_path / "enc.json").write_text(json.dumps({"timm_model": "beit_base_patch16_224",
+                                                   "timm_kwargs": {**args, "num_classes": 0}}))
+    result = run_probe(ProbeConfig(model=str(tmp_path / "enc.pth"), train_shards=str(labeled_shards / "train"),
+                                   val_shards=str(labeled_shards / "val"), linear=True, device="cpu", progress=False))
+    assert result["kind"] == "encoder" and result["chance_top1"] == pytest.approx(1 / 3)
+    assert result["knn"]["top1"] >= 0.9 and result["linear"]["top1"] >= 0.9
+    # The same features with the training labels shuffled: near chance.
+    train, val = (load_labeled(str(labeled_shards / p), progress=False) for p in ("train", "val"))
+    feats = [features(model, d, [4], torch.device("cpu")) for d in (train, val)]
+    shuffled = train.labels[torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))]
+    assert knn(feats[0], shuffled, feats[1], val.labels)["top1"] < 0.55
+    unlabeled = run_cli("probe", str(tmp_path / "enc.pth"), "--train-shards", str(sample_shards),
+                        "--val-shards", str(labeled_shards / "val"), "--device", "cpu", "--quiet")
+    assert unlabeled.returncode != 0 and "Traceback" not in unlabeled.stderr
+    assert "has no .cls member" in unlabeled.stderr and len(unlabeled.stderr.strip().splitlines()) == 1
