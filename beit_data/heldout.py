@@ -25,7 +25,7 @@ from beit_data.shards import expand_shards, read_index
 from beit_data.tokens import VIEW_COLUMNS, read_meta, token_path
 from beit_data.views import View, stable_rng
 
-__all__ = ["HeldOut", "load_heldout", "select_heldout"]
+__all__ = ["HeldOut", "load_heldout", "select_heldout", "image_bytes"]
 
 DECODE_BATCH = 32
 
@@ -47,52 +47,63 @@ class HeldOut:
         return len(self.chosen)
 
 
+def _check_same_targets(meta: dict, reference: dict, path: Path) -> None:
+    """Validation tokens must be the training tokens' kind: the same tokenizer, view filter and jitter rule."""
+    if meta["tokenizer"] != reference["tokenizer"]:
+        ours, theirs = meta["tokenizer"]["fingerprint"][:12], reference["tokenizer"]["fingerprint"][:12]
+        raise BeitDataError(f"{path} was made by another tokenizer than the training tokens ({ours} != {theirs})")
+    for key in ("interp", "target_jitter"):
+        if meta["views"].get(key) != reference["views"].get(key):
+            raise BeitDataError(f"{path} was tokenized with views.{key} {meta['views'].get(key)!r}, the training "
+                                f"tokens with {reference['views'].get(key)!r}; tokenize it with the training recipe")
+
+
 def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int, seed: int,
-                   tokenizer: dict) -> list[tuple[Path, str, dict]]:
+                   reference: dict) -> list[tuple[Path, str, dict]]:
     """The whole held-out set, in evaluation order: ``(shard, key, row)`` with the picked view's row.
 
+    Only the key columns are read whole; the rows of the chosen views are then taken.
+
     Raises:
-        BeitDataError: For a shard without a token file, tokens of another tokenizer, or no
-            tokenized image at all.
+        BeitDataError: For a shard without a token file, tokens unlike the training tokens
+            (``reference``'s metadata), or no tokenized image at all.
     """
-    candidates = []
+    candidates, paths = [], []
     for shard in shards:
         path = token_path(tokens_dir, shard)
         if not path.exists():
             raise BeitDataError(f"validation shard {shard} has no token file {path}; tokenize it first")
-        meta = read_meta(path)
-        if meta["tokenizer"] != tokenizer:
-            raise BeitDataError(f"{path} was made by another tokenizer than the training tokens "
-                                f"({meta['tokenizer']['fingerprint'][:12]} != {tokenizer['fingerprint'][:12]})")
-        table = pq.read_table(path, columns=["key", *VIEW_COLUMNS, "tokens"]).to_pydict()
+        _check_same_targets(read_meta(path), reference, path)
         by_key: dict[str, list[int]] = {}
-        for i, key in enumerate(table["key"]):
+        for i, key in enumerate(pq.read_table(path, columns=["key"]).column("key").to_pylist()):
             by_key.setdefault(key, []).append(i)
         for key in sorted(by_key):
             rows = by_key[key]
-            rng = stable_rng(seed, "heldout", shard.name, key)
-            i = rows[int(rng.integers(len(rows)))]
-            candidates.append((shard, key, {c: table[c][i] for c in table}))
+            pick = int(stable_rng(seed, "heldout", shard.name, key).integers(len(rows)))
+            candidates.append((shard, key, len(paths), rows[pick]))
+        paths.append(path)
     if not candidates:
         raise BeitDataError(f"the validation shards hold no tokenized image ({shards[0]} ...)")
-    order = stable_rng(seed, "heldout").permutation(len(candidates))
-    return [candidates[i] for i in order[:count]]
+    chosen = [candidates[i] for i in stable_rng(seed, "heldout").permutation(len(candidates))[:count]]
+    rows: dict[tuple[int, int], dict] = {}
+    for f in sorted({f for _, _, f, _ in chosen}):
+        picked = sorted(i for _, _, g, i in chosen if g == f)
+        table = pq.read_table(paths[f], columns=["key", *VIEW_COLUMNS, "tokens"]).take(picked)
+        rows.update({(f, i): row for i, row in zip(picked, table.to_pylist())})
+    return [(shard, key, rows[f, i]) for shard, key, f, i in chosen]
 
 
-def _image_bytes(chosen: list[tuple[Path, str, dict]]) -> list[bytes]:
-    """Each chosen sample's image, read by its offset in its shard."""
+def image_bytes(samples: list[tuple[Path, str]]) -> dict[tuple[Path, str], bytes]:
+    """The image of each ``(shard, key)`` that has one, read by its offset in its shard."""
     out: dict[tuple[Path, str], bytes] = {}
-    for shard in dict.fromkeys(s for s, _, _ in chosen):
-        wanted = {k for s, k, _ in chosen if s == shard}
+    for shard in dict.fromkeys(s for s, _ in samples):
+        wanted = {k for s, k in samples if s == shard}
         with open(shard, "rb") as f:
             for sample in read_index(shard):
                 if sample.key in wanted and sample.image_ext:
                     member = sample.members[sample.image_ext]
                     out[shard, sample.key] = os.pread(f.fileno(), member.size, member.offset)
-    missing = [f"{s.name}:{k}" for s, k, _ in chosen if (s, k) not in out]
-    if missing:
-        raise BeitDataError(f"validation samples {', '.join(missing[:3])} have tokens but no image in their shard")
-    return [out[s, k] for s, k, _ in chosen]
+    return out
 
 
 def load_heldout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int, seed: int, meta: dict,
@@ -107,14 +118,18 @@ def load_heldout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int,
     from beit_data.stream import model_view_spec
 
     shards = expand_shards(shards_spec)
-    chosen = select_heldout(shards, tokens_dir, count, seed, meta["tokenizer"])
+    chosen = select_heldout(shards, tokens_dir, count, seed, meta)
     mine = chosen[rank::world_size]
     grid = meta["tokenizer"]["grid"]
     masker = BlockMaskGenerator((grid, grid), num_masked, min_block)
     masks = [masker(stable_rng(seed, "heldout-mask", s.name, k)).reshape(-1) for s, k, _ in mine]
     decode = DaliViews(model_view_spec(meta, image_size), batch_size=DECODE_BATCH, device=device, num_threads=2)
     images = []
-    encoded = _image_bytes(mine)
+    found = image_bytes([(s, k) for s, k, _ in mine])
+    missing = [f"{s.name}:{k}" for s, k, _ in mine if (s, k) not in found]
+    if missing:
+        raise BeitDataError(f"validation samples {', '.join(missing[:3])} have tokens but no image in their shard")
+    encoded = [found[s, k] for s, k, _ in mine]
     for i in range(0, len(mine), DECODE_BATCH):
         views = [[View(*(row[c] for c in ("x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")))]
                  for _, _, row in mine[i:i + DECODE_BATCH]]

@@ -105,24 +105,28 @@ LOADER_GRACE_S = 20.0
 def outlive_job_signals(grace: float = LOADER_GRACE_S) -> None:
     """Keep DALI's loader process alive while its trainer finishes the step it is on.
 
-    Ctrl-C and a closed terminal reach the whole process group, torchrun sends SIGTERM to each
-    worker's group and Slurm's ``scancel`` to every process of the job; the trainer answers all
-    of them by finishing its step (which may still need a batch from here), saving, and closing
-    this process itself. So SIGINT and SIGHUP are ignored here, and a SIGTERM only ends this
-    process ``grace`` seconds later, or at once if it is a second one (DALI's own ``terminate``
-    after the job's) or if the trainer is gone.
+    Ctrl-C and a closed terminal reach the whole process group, Slurm's ``scancel`` every
+    process of the job, and torchrun each worker's process group, so under Slurm and torchrun
+    a preemption brings this process two SIGTERMs. The trainer answers all of them by finishing
+    its step (which may still need a batch from here), saving, and closing this process itself.
+    So SIGINT and SIGHUP are ignored here, and SIGTERMs end this process ``grace`` seconds after
+    the first one, or at once when the trainer is gone. (DALI itself sends SIGTERM only to a
+    loader that is still busy a second after the trainer closed the pipeline; that one waits out
+    the grace too.)
     """
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     parent = os.getppid()
+    timer: threading.Timer | None = None
 
     def on_sigterm(signum, frame) -> None:
+        nonlocal timer
         if os.getppid() != parent:
             os._exit(128 + signum)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        timer = threading.Timer(grace, os._exit, (128 + signum,))
-        timer.daemon = True
-        timer.start()
+        if timer is None:
+            timer = threading.Timer(grace, os._exit, (128 + signum,))
+            timer.daemon = True
+            timer.start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
 

@@ -28,7 +28,8 @@ from beit_common import BeitDataError, __version__, write_atomic
 from beit_data.views import JITTER_ORDER, View
 
 __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
-           "view_rows", "build_table", "write_tokens", "read_meta", "recipe_signature", "recipe_mismatch",
+           "view_rows", "build_table", "write_tokens", "read_meta", "with_defaults", "recipe_signature",
+           "recipe_mismatch",
            "check_recipe", "read_consistent_meta"]
 
 FORMAT_VERSION = 2  # 2: the source shard's fingerprint (``shard``) is recorded
@@ -127,6 +128,17 @@ def read_meta(path: str | os.PathLike) -> dict:
             if k.decode().startswith(META_PREFIX)}
     if "format_version" not in meta:
         raise BeitDataError(f"{path} is not a beit-data token file (no beit_data.* metadata)")
+    return with_defaults(meta)
+
+
+def with_defaults(meta: dict) -> dict:
+    """Token metadata with what files written before the BEiT v2 recipe lacked: a dVAE, BEiT's
+    recipe and its Lanczos filter. Files from either version compare equal where they agree."""
+    if isinstance(meta.get("tokenizer"), dict):
+        meta["tokenizer"].setdefault("kind", "dvae")
+    if isinstance(meta.get("views"), dict):
+        meta["views"].setdefault("interp", "lanczos")
+        meta["views"].setdefault("recipe", "beit")
     return meta
 
 

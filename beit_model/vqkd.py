@@ -97,9 +97,11 @@ class VQKDTokenizer(TokenizerBase):
         return self.encoder.fc_norm(tokens[:, 1:])
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """The l2-normalised task-layer outputs (B, N, code_dim), in float32 as the reference."""
+        """The l2-normalised task-layer outputs (B, N, code_dim); the encoder follows the caller's
+        autocast (bf16 on a GPU), the task layer runs in float32 as the reference's."""
+        features = self.features(x)
         with torch.autocast(x.device.type, enabled=False):
-            z = self.encode_task_layer(self.features(x).float())
+            z = self.encode_task_layer(features.float())
         return F.normalize(z, p=2, dim=-1)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,8 @@ def main():
                                                views=args.views, device=args.device,
                                                imagenet_like_images=args.imagenet_like)
         tokenizer = load_tokenizer(tok_path).to(device)
-        cfg = PretrainConfig(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"), model=args.model)
+        cfg = PretrainConfig(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"), model=args.model,
+                             recipe="beit")  # the dVAE tokens' recipe, as pretrain would take it from them
         model = build_model(cfg.model, tokenizer.vocab_size, drop_path=cfg.drop_path,
                             layer_scale=cfg.layer_scale).to(device).train()
         step = make_step(model, cfg, device, args)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from beit_common import BeitDataError, describe_file, save_atomic
+from beit_data.tokens import with_defaults
 
 __all__ = ["CHECKPOINT", "checkpoint_path", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
 
@@ -66,6 +67,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+# Settings added since the first checkpoints, with the value a run that predates them had.
+ADDED_SETTINGS = {"recipe": "beit"}
+
+
 def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_size: int, data: dict) -> dict:
     """Refuse to resume with settings or data that change what the run computes.
 
@@ -82,7 +87,7 @@ def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_siz
     """
     saved, changed = ckpt["config"], {}
     for name, new in config.items():
-        old = saved.get(name)
+        old = saved.get(name, ADDED_SETTINGS.get(name))
         old, new = (tuple(old) if isinstance(old, list) else old), (tuple(new) if isinstance(new, list) else new)
         if old == new or name == "resume":
             continue
@@ -93,6 +98,7 @@ def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_siz
     if ckpt["world_size"] != world_size:
         raise BeitDataError(f"the run being resumed has {ckpt['world_size']} ranks, not {world_size}; the order of "
                             "its batches depends on it")
+    with_defaults(ckpt["data"])  # runs saved before the BEiT v2 recipe
     for key, setting in (("tokenizer", "tokens"), ("views", "tokens"), ("shards", "shards"),
                          ("images_per_shard", "tokens")):
         if ckpt["data"][key] != data[key]:

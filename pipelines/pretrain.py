@@ -250,7 +250,8 @@ def loop(run: Run) -> dict:
             if log_now:
                 _log_step(run, logger, losses, out, batch.epoch, meter, bar)
             bar.update()
-            run.checks(run.model, run.step, run.total, logger)
+            if not stopped:  # a preempted run saves first: the job may have seconds left
+                run.checks(run.model, run.step, run.total, logger)
             if save_now:
                 save(run)
             if run.step >= stop_at or stopped:

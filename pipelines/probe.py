@@ -7,13 +7,13 @@ resized to 224 with bicubic by DALI; the features are the mean of the patch toke
 chosen blocks, each layer-normalised (without weights) and then averaged over the blocks, as
 BEiT's features are best at intermediate depth. k-NN votes with ``exp(cos / T)`` over the ``k``
 nearest training images; ``linear`` fits a multinomial logistic regression on the same cached
-features. Features are held in memory: 4 bytes x width per image.
+features. Images are decoded a batch at a time and dropped once encoded: only the features
+are held in memory, 4 bytes x width per image (3 KB for ViT-B).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +26,10 @@ from beit_data.shards import expand_shards, iter_images
 from pipelines.config import ProbeConfig
 from pipelines.runtime import autocast, resolve_device
 
-__all__ = ["ProbeConfig", "run_probe", "LabeledImages", "load_labeled", "encoder_features", "knn", "linear_probe",
+__all__ = ["ProbeConfig", "run_probe", "labeled_features", "encoder_features", "knn", "linear_probe",
            "format_probe", "load_encoder"]
 
 CROP = 224 / 256  # the centre crop's side, as a fraction of the shorter side
-
-
-@dataclass
-class LabeledImages:
-    """Decoded, normalised centre crops and their labels."""
-
-    images: torch.Tensor  # (n, 3, S, S) float16, on the CPU
-    labels: torch.Tensor  # (n,) int64
-    source: str
-
-    @property
-    def classes(self) -> int:
-        return int(self.labels.max()) + 1 if len(self.labels) else 0
 
 
 def _label(sample, shard) -> int:
@@ -56,16 +43,21 @@ def _label(sample, shard) -> int:
         raise BeitDataError(f"{shard}: sample {sample.key} has a .cls member that is not an integer") from None
 
 
-def load_labeled(spec: str, *, image_size: int = 224, device: torch.device | str = "cpu", num_threads: int = 4,
-                 progress: bool = True, desc: str = "decode") -> LabeledImages:
-    """Every decodable, labeled image of the shards, centre-cropped and decoded by DALI."""
+def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], device: torch.device, *,
+                     batch_size: int = 64, image_size: int = 224, num_threads: int = 4, progress: bool = False,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (n, D) float32 on the CPU and labels (n,) of every decodable, labeled image of
+    the shards. Each batch is decoded by DALI, encoded, and dropped: only the features stay.
+    The model is in eval mode meanwhile."""
     from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
     from beit_data.views import View
 
-    batch = 64
     decode = DaliViews(ViewSpec(size=image_size, interp="bicubic", jitter=False, mean=IMAGENET_MEAN,
-                                std=IMAGENET_STD, half=True), batch_size=batch, device=device, num_threads=num_threads)
-    images, labels, pending = [], [], []
+                                std=IMAGENET_STD, half=True), batch_size=batch_size, device=device,
+                       num_threads=num_threads)
+    was_training = model.training
+    model.eval()
+    feats, labels, pending = [], [], []
     bar = progress_bar(desc=desc, unit="img", disable=not progress)
 
     def flush():
@@ -73,7 +65,9 @@ def load_labeled(spec: str, *, image_size: int = 224, device: torch.device | str
         for _, info in pending:
             side = max(1, round(min(info.width, info.height) * CROP))
             views.append([View((info.width - side) // 2, (info.height - side) // 2, side, side, False, 1.0, 1.0, 1.0)])
-        images.append(decode([s.image for s, _ in pending], views)[:, 0].to("cpu", torch.float16))
+        images = decode([s.image for s, _ in pending], views)[:, 0].to(device).float()
+        with autocast(device):
+            feats.append(encoder_features(model, images, layers).cpu())
         bar.update(len(pending))
         pending.clear()
 
@@ -81,14 +75,15 @@ def load_labeled(spec: str, *, image_size: int = 224, device: torch.device | str
         for sample, info in iter_images(shard):
             labels.append(_label(sample, shard))
             pending.append((sample, info))
-            if len(pending) == batch:
+            if len(pending) == batch_size:
                 flush()
     if pending:
         flush()
     bar.close()
+    model.train(was_training)
     if not labels:
         raise BeitDataError(f"no decodable image in {spec}")
-    return LabeledImages(torch.cat(images), torch.tensor(labels, dtype=torch.int64), spec)
+    return torch.cat(feats), torch.tensor(labels, dtype=torch.int64)
 
 
 def _blocks_and_input(model: torch.nn.Module, images: torch.Tensor):
@@ -123,23 +118,6 @@ def check_layers(layers, depth: int) -> list[int]:
     if layers[0] < 1 or layers[-1] > depth:
         raise BeitDataError(f"`layers` must be block numbers from 1 to {depth}, got {layers}")
     return layers
-
-
-def features(model: torch.nn.Module, data: LabeledImages, layers: list[int], device: torch.device, *,
-             batch_size: int = 64, progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """The features of every image, (n, D) float32 on the CPU; the model in eval mode meanwhile."""
-    was_training = model.training
-    model.eval()
-    out = []
-    bar = progress_bar(total=len(data.images), desc=desc, unit="img", disable=not progress)
-    for i in range(0, len(data.images), batch_size):
-        images = data.images[i:i + batch_size].to(device, non_blocking=True).float()
-        with autocast(device):
-            out.append(encoder_features(model, images, layers).cpu())
-        bar.update(len(images))
-    bar.close()
-    model.train(was_training)
-    return torch.cat(out)
 
 
 def knn(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tensor, val_labels: torch.Tensor, *,
@@ -212,19 +190,16 @@ def run_probe(cfg: ProbeConfig) -> dict:
     model, kind = load_encoder(cfg.model)
     model = model.to(device).eval()
     layers = check_layers(cfg.layers, len(model.blocks))
-    sets = {name: load_labeled(spec, image_size=cfg.image_size, device=device, num_threads=cfg.num_threads,
-                               progress=cfg.progress, desc=f"decode {name}")
-            for name, spec in (("train", cfg.train_shards), ("val", cfg.val_shards))}
-    feats = {name: features(model, data, layers, device, batch_size=cfg.batch_size, progress=cfg.progress,
-                            desc=f"features {name}") for name, data in sets.items()}
-    train, val = sets["train"], sets["val"]
-    result = {"model": str(cfg.model), "kind": kind, "layers": layers, "train_images": len(train.labels),
-              "val_images": len(val.labels), "classes": max(train.classes, val.classes),
-              "knn": knn(feats["train"], train.labels, feats["val"], val.labels, k=cfg.k,
-                         temperature=cfg.temperature)}
-    result["chance_top1"] = float(np.bincount(val.labels.numpy()).max() / len(val.labels))
+    (train, train_labels), (val, val_labels) = (
+        labeled_features(model, spec, layers, device, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                         num_threads=cfg.num_threads, progress=cfg.progress, desc=f"features {name}")
+        for name, spec in (("train", cfg.train_shards), ("val", cfg.val_shards)))
+    result = {"model": str(cfg.model), "kind": kind, "layers": layers, "train_images": len(train_labels),
+              "val_images": len(val_labels), "classes": int(max(train_labels.max(), val_labels.max())) + 1,
+              "knn": knn(train, train_labels, val, val_labels, k=cfg.k, temperature=cfg.temperature),
+              "chance_top1": float(np.bincount(val_labels.numpy()).max() / len(val_labels))}
     if cfg.linear:
-        result["linear"] = linear_probe(feats["train"], train.labels, feats["val"], val.labels)
+        result["linear"] = linear_probe(train, train_labels, val, val_labels)
     return result
 
 

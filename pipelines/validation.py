@@ -10,6 +10,7 @@ models the figures are the main head's (the last block's).
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from beit_common import BeitDataError
-from beit_data.heldout import HeldOut
+from beit_data.heldout import HeldOut, image_bytes
 from beit_data.tokens import token_path
-from beit_model.beit_mim import masked_positions
+from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.runtime import autocast
 
 __all__ = ["evaluate", "check_held_out", "EVAL_BATCH"]
@@ -41,9 +42,8 @@ def evaluate(model: torch.nn.Module, heldout: HeldOut, *, max_masked: int, devic
     for i in range(0, len(heldout.images), EVAL_BATCH):
         images, tokens, mask = (t[i:i + EVAL_BATCH] for t in (heldout.images, heldout.tokens, heldout.mask))
         positions, real = masked_positions(mask, max_masked)
-        with autocast(device):
-            out = model(images.float(), mask, positions)
-        logits = (out[0] if isinstance(out, tuple) else out).float()  # (B, K, vocab)
+        with autocast(device):  # BeitMIM's forward: a BEiT v2 model's main head, without the extra one
+            logits = BeitMIM.forward(model, images.float(), mask, positions).float()  # (B, K, vocab)
         targets = tokens.gather(1, positions)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == targets.unsqueeze(-1)  # (B, K, 5)
@@ -61,30 +61,35 @@ def evaluate(model: torch.nn.Module, heldout: HeldOut, *, max_masked: int, devic
 def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> None:
     """Refuse validation images that training reads.
 
-    A validation shard may not be a training shard. Keys are unique within the shards of one
-    ``beit-data shards`` run (one folder), so where validation and training shards share a
-    folder, a key in both is the same sample and is refused. Shards written by separate runs
-    reuse keys from 000000000 and are taken as holding different images.
+    A validation shard may not be a training shard. Keys repeat across shards written by
+    separate ``beit-data shards`` runs (each counts from 000000000), so a validation key that
+    the training tokens also hold is only refused when the two samples' images are the same
+    bytes; only those images are read.
 
     Raises:
         BeitDataError: Naming the first shard or key that training also reads.
     """
-    train = {Path(p).resolve() for p in train_shards}
+    train = {Path(p).resolve(): Path(p) for p in train_shards}
     for shard in heldout.shards:
         if shard.resolve() in train:
             raise BeitDataError(f"validation shard {shard} is also a training shard: the figures would not be "
                                 "held out; give `val_shards` that training does not read")
-    folders = {Path(s).resolve().parent for s, _ in heldout.chosen}
-    keys = pa.array(sorted({k for s, k in heldout.chosen if s.resolve().parent in folders}), pa.string())
-    for shard in (Path(p) for p in train_shards):
+    wanted = {k for _, k in heldout.chosen}
+    keys = pa.array(sorted(wanted), pa.string())
+    for shard in train.values():
         path = token_path(train_tokens, shard)
-        if shard.resolve().parent not in folders or not path.exists():
+        if not path.exists():
             continue
         column = pq.read_table(path, columns=["key"]).column("key")
-        both = pc.filter(column, pc.is_in(column, value_set=keys))
-        if len(both):
-            raise BeitDataError(f"validation key {both[0].as_py()} is also a training sample (in {shard}): "
-                                "hold the validation images out of the training shards")
+        shared = set(pc.filter(column, pc.is_in(column, value_set=keys)).to_pylist())
+        if not shared:
+            continue
+        mine = image_bytes([(shard, k) for k in sorted(shared)])
+        theirs = image_bytes([(s, k) for s, k in heldout.chosen if k in shared])
+        for (s, key), data in theirs.items():
+            if mine.get((shard, key)) == data:
+                raise BeitDataError(f"validation sample {s.name}:{key} is also a training sample (in {shard}): "
+                                    "hold the validation images out of the training shards")
 
 
 class QualityChecks:
@@ -106,7 +111,9 @@ class QualityChecks:
                                         num_masked=cfg.num_masked, min_block=stream.cfg.min_block,
                                         rank=dist.rank, world_size=dist.world_size, device=device)
             check_held_out(self.heldout, stream.shards, cfg.tokens)
-        self.probe_sets = None
+        self.group = None
+        if cfg.probe_every and dist.world_size > 1:  # the others wait on the CPU, without a GPU timeout
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=6))
         self.first: dict | None = None
         self.last: dict | None = None
 
@@ -121,17 +128,16 @@ class QualityChecks:
         if cfg.probe_every and (step % cfg.probe_every == 0 or step == total):
             if self.dist.rank == 0:
                 logger.log({"step": step, "event": "probe", **self._probe(model)})
-            if self.dist.world_size > 1:
-                torch.distributed.barrier()
+            if self.group is not None:
+                torch.distributed.barrier(group=self.group)
 
     def _probe(self, model: torch.nn.Module) -> dict:
-        from pipelines.probe import features, knn, load_labeled
+        """The k-NN probe at the last block; both sets are decoded again each time, batch by batch."""
+        from pipelines.probe import knn, labeled_features
 
-        if self.probe_sets is None:
-            self.probe_sets = [load_labeled(spec, device=self.device, num_threads=self.cfg.num_threads,
-                                            progress=False) for spec in (self.cfg.probe_train, self.cfg.probe_val)]
-        train, val = self.probe_sets
         layers = [len(model.blocks)]
-        result = knn(features(model, train, layers, self.device), train.labels,
-                     features(model, val, layers, self.device), val.labels)
+        (train, train_labels), (val, val_labels) = (
+            labeled_features(model, spec, layers, self.device, num_threads=self.cfg.num_threads)
+            for spec in (self.cfg.probe_train, self.cfg.probe_val))
+        result = knn(train, train_labels, val, val_labels)
         return {"probe_top1": result["top1"], "probe_top5": result["top5"], "probe_k": result["k"]}

@@ -44,6 +44,7 @@ def test_rows_table_and_metadata_round_trip(tmp_path):
         decoder_meta,
         file_meta,
         read_meta,
+        recipe_mismatch,
         view_rows,
         write_tokens,
     )
@@ -52,7 +53,7 @@ def test_rows_table_and_metadata_round_trip(tmp_path):
     views = [View(1, 2, 30, 40, True, 1.1, 0.9, 1.0), View(0, 0, 50, 50, False, 1.0, 1.0, 1.2)]
     rows = view_rows("k2", views, 64, 48) + view_rows("k1", views[:1], 80, 60)
     tokens = np.arange(3 * 4).reshape(3, 2, 2)
-    tokenizer = {"name": "t", "fingerprint": "f", "vocab": 16, "input_size": 16, "grid": 2}
+    tokenizer = {"kind": "dvae", "name": "t", "fingerprint": "f", "vocab": 16, "input_size": 16, "grid": 2}
     meta = file_meta(tokenizer, ViewRecipe(views=2).as_dict(), decoder_meta("lanczos3"), min_size=16)
     path = write_tokens(tmp_path / "s.parquet", build_table(rows, tokens, 2), {**meta, "source": "s.tar"})
     table = pq.read_table(path).to_pylist()
@@ -63,3 +64,9 @@ def test_rows_table_and_metadata_round_trip(tmp_path):
     assert back["format_version"] == FORMAT_VERSION and back["tokenizer"] == tokenizer
     assert back["source"] == "s.tar" and "lanczos3" in back["decoder"]["resize"] and back["tool_version"]
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
+    # A file from before the BEiT v2 recipe (no tokenizer kind, view filter or recipe name) reads
+    # as a dVAE with BEiT's Lanczos recipe: it matches today's files made the same way.
+    old = {**meta, "tokenizer": {k: v for k, v in tokenizer.items() if k != "kind"},
+           "views": {k: v for k, v in meta["views"].items() if k not in ("interp", "recipe")}}
+    legacy = read_meta(write_tokens(tmp_path / "old.parquet", build_table(rows, tokens, 2), old))
+    assert recipe_mismatch(legacy, back) == "" and legacy["views"]["recipe"] == "beit"

@@ -66,7 +66,7 @@ def test_held_out_images_that_training_reads_are_refused(sample_shards, sample_t
         shutil.copy(sample_shards / name, tmp_path / name.replace("sample", "copy"))
     shutil.copytree(sample_tokens, tmp_path / "tokens")
     shutil.copy(tmp_path / "tokens" / "sample-000000.parquet", tmp_path / "tokens" / "copy-000000.parquet")
-    with pytest.raises(BeitDataError, match="validation key 0000000.. is also a training sample"):
+    with pytest.raises(BeitDataError, match="validation sample copy-000000.tar:0000000.. is also a training sample"):
         run_pretrain(PretrainConfig(out=str(tmp_path / "b"), shards=str(tmp_path / "sample-000000.tar"),
                                     tokens=str(tmp_path / "tokens"), val_shards=str(tmp_path / "copy-000000.tar"),
                                     val_tokens=str(tmp_path / "tokens"), **TINY))
@@ -82,7 +82,7 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
     import beit_model  # noqa: F401
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.export import timm_args
-    from pipelines.probe import ProbeConfig, features, knn, load_labeled, run_probe
+    from pipelines.probe import ProbeConfig, knn, labeled_features, run_probe
 
     torch.manual_seed(0)
     model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
@@ -95,10 +95,11 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
     assert result["kind"] == "encoder" and result["chance_top1"] == pytest.approx(1 / 3)
     assert result["knn"]["top1"] >= 0.9 and result["linear"]["top1"] >= 0.9
     # The same features with the training labels shuffled: near chance.
-    train, val = (load_labeled(str(labeled_shards / p), progress=False) for p in ("train", "val"))
-    feats = [features(model, d, [4], torch.device("cpu")) for d in (train, val)]
-    shuffled = train.labels[torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))]
-    assert knn(feats[0], shuffled, feats[1], val.labels)["top1"] < 0.55
+    (train, labels), (val, val_labels) = (labeled_features(model, str(labeled_shards / p), [4], torch.device("cpu"))
+                                          for p in ("train", "val"))
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    assert knn(train, labels, val, val_labels)["top1"] >= 0.9
+    assert knn(train, shuffled, val, val_labels)["top1"] < 0.55
     unlabeled = run_cli("probe", str(tmp_path / "enc.pth"), "--train-shards", str(sample_shards),
                         "--val-shards", str(labeled_shards / "val"), "--device", "cpu", "--quiet")
     assert unlabeled.returncode != 0 and "Traceback" not in unlabeled.stderr
