@@ -86,6 +86,16 @@ def main():
     """beit-data: tokenize image shards once, then pretrain BEiT on precomputed targets."""
 
 
+def layer_numbers(value: str | None) -> tuple[int, ...] | None:
+    """``8,9,10`` as block numbers, for --layers and --probe-layers."""
+    if not value:
+        return None
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected block numbers such as 8,9,10, got {value}") from None
+
+
 def echo_summary(title: str, summary: dict) -> None:
     click.echo(f"{title}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
 
@@ -268,6 +278,8 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
               help="Run a k-NN probe on rank 0 every N steps (off by default); needs --probe-train and --probe-val.")
 @click.option("--probe-train", default=None, help="Labeled shards (.cls) the probe's k-NN votes with.")
 @click.option("--probe-val", default=None, help="Labeled shards the probe is scored on.")
+@click.option("--probe-layers", default=None, callback=lambda ctx, param, value: layer_numbers(value),
+              help="Blocks (1-based, comma-separated) whose features the probe averages [default: the last].")
 @MIX_SHARDS_OPTION
 @NUM_THREADS_OPTION
 @SEED_OPTION
@@ -276,7 +288,7 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
 def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
              weight_decay, drop_path, layer_scale, clip_grad, checkpoint_every, log_every, resume, stop_after,
              skip_missing, compile_, val_shards, val_tokens, val_every, val_images, probe_every, probe_train,
-             probe_val, mix_shards, num_threads, seed, device, quiet):
+             probe_val, probe_layers, mix_shards, num_threads, seed, device, quiet):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
@@ -287,8 +299,8 @@ def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, 
         checkpoint_every=checkpoint_every, log_every=log_every, resume=resume, stop_after=stop_after,
         skip_missing=skip_missing, compile=compile_, val_shards=val_shards, val_tokens=val_tokens,
         val_every=val_every, val_images=val_images, probe_every=probe_every, probe_train=probe_train,
-        probe_val=probe_val, mix_shards=mix_shards, num_threads=num_threads, seed=seed, device=device,
-        progress=not quiet))
+        probe_val=probe_val, probe_layers=probe_layers, mix_shards=mix_shards, num_threads=num_threads, seed=seed,
+        device=device, progress=not quiet))
     stopped, held_out = summary.pop("stopped"), summary.pop("held_out")
     echo_summary("pretrain", summary)
     if held_out:
@@ -336,7 +348,7 @@ def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, ran
 @setting(ProbeConfig, "--k", type=click.IntRange(min=1), help="Neighbours of the k-NN.")
 @setting(ProbeConfig, "--temperature", type=click.FloatRange(min=0, min_open=True),
          help="Temperature T of the k-NN's exp(cos / T) votes.")
-@click.option("--layers", default=None,
+@click.option("--layers", default=None, callback=lambda ctx, param, value: layer_numbers(value),
               help="Blocks (1-based, comma-separated) whose mean patch tokens are averaged [default: the last].")
 @click.option("--linear", is_flag=True, help="Also fit a logistic-regression probe on the cached features.")
 @setting(ProbeConfig, "--batch-size", type=click.IntRange(min=1), help="Images per forward pass.")
@@ -352,13 +364,8 @@ def probe(model, train_shards, val_shards, k, temperature, layers, linear, batch
     """
     from pipelines.probe import ProbeConfig, format_probe, run_probe
 
-    try:
-        layer_list = tuple(int(x) for x in layers.split(",")) if layers else None
-    except ValueError:
-        raise click.BadParameter(f"expected block numbers such as 8,9,10, got {layers}",
-                                 param_hint="--layers") from None
     result = run_probe(ProbeConfig(model=model, train_shards=train_shards, val_shards=val_shards, k=k,
-                                   temperature=temperature, layers=layer_list, linear=linear, batch_size=batch_size,
+                                   temperature=temperature, layers=layers, linear=linear, batch_size=batch_size,
                                    num_threads=num_threads, device=device, progress=not quiet))
     click.echo(json.dumps(result, indent=1) if as_json else format_probe(result))
 

@@ -200,6 +200,7 @@ class PretrainConfig:
     probe_every: int | None = None  # a k-NN probe on rank 0 every N steps (and at 0 and the end); off by default
     probe_train: str | None = None  # labeled shards (.cls) the k-NN votes with
     probe_val: str | None = None  # labeled shards it is scored on
+    probe_layers: tuple[int, ...] | None = None  # blocks (1-based) whose features it averages; None: the last
 
     # Settings a resumed run may change: they decide how the run goes, not what it computes.
     # The shards and tokens may move (their paths may change); what they hold is checked.
@@ -207,7 +208,7 @@ class PretrainConfig:
     # cosine schedule is a function of the total, so extending a run would change its past.
     RESUMABLE = ("shards", "tokens", "out", "stop_after", "checkpoint_every", "log_every", "resume", "compile",
                  "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
-                 "probe_every", "probe_train", "probe_val")
+                 "probe_every", "probe_train", "probe_val", "probe_layers")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)

@@ -146,7 +146,7 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo) 
                                            betas=cfg.betas, warmup=warmup, total=total)
     run = Run(cfg=cfg, device=device, dist=dist, out=out, stream=stream, model=model, optimizer=optimizer,
               scheduler=scheduler, total=total, warmup=warmup, data=run_data(stream),
-              checks=QualityChecks(cfg, stream, dist, device))
+              checks=QualityChecks(cfg, stream, dist, device, depth=len(model.blocks)))
     if checkpoint is not None:
         restore(run, checkpoint)
     else:

@@ -113,10 +113,15 @@ def encoder_features(model: torch.nn.Module, images: torch.Tensor, layers: list[
     return torch.stack(out).mean(0)
 
 
-def check_layers(layers, depth: int) -> list[int]:
+def check_layers(layers, depth: int, setting: str = "layers") -> list[int]:
+    """Sorted block numbers, the last block when none are given.
+
+    Raises:
+        BeitDataError: Naming ``setting`` when one is not a block of the model.
+    """
     layers = sorted(set(layers or [depth]))
     if layers[0] < 1 or layers[-1] > depth:
-        raise BeitDataError(f"`layers` must be block numbers from 1 to {depth}, got {layers}")
+        raise BeitDataError(f"`{setting}` must be block numbers from 1 to {depth}, got {layers}")
     return layers
 
 

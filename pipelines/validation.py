@@ -100,8 +100,12 @@ class QualityChecks:
     others waiting at a barrier; its images are decoded once, at its first run.
     """
 
-    def __init__(self, cfg, stream, dist, device: torch.device):
+    def __init__(self, cfg, stream, dist, device: torch.device, depth: int):
         self.cfg, self.dist, self.device = cfg, dist, device
+        if cfg.probe_every:
+            from pipelines.probe import check_layers
+
+            self.probe_layers = check_layers(cfg.probe_layers, depth, "probe_layers")  # refused before the run
         self.heldout = None
         if cfg.val_shards:
             from beit_data.heldout import load_heldout
@@ -132,10 +136,10 @@ class QualityChecks:
                 torch.distributed.barrier(group=self.group)
 
     def _probe(self, model: torch.nn.Module) -> dict:
-        """The k-NN probe at the last block; both sets are decoded again each time, batch by batch."""
+        """The k-NN probe at ``probe_layers``; both sets are decoded again each time, batch by batch."""
         from pipelines.probe import knn, labeled_features
 
-        layers = [len(model.blocks)]
+        layers = self.probe_layers
         (train, train_labels), (val, val_labels) = (
             labeled_features(model, spec, layers, self.device, num_threads=self.cfg.num_threads)
             for spec in (self.cfg.probe_train, self.cfg.probe_val))

@@ -25,7 +25,8 @@ def test_held_out_figures_are_fixed_and_leave_training_alone(sample_shards, samp
     # Training reads the first sample shard; the second (same shards run, other keys) is held out.
     common = dict(shards=str(sample_shards / "sample-000000.tar"), tokens=str(sample_tokens), **TINY)
     checks = dict(val_shards=str(sample_shards / "sample-000001.tar"), val_tokens=str(sample_tokens), val_every=2,
-                  probe_every=2, probe_train=str(labeled_shards / "train"), probe_val=str(labeled_shards / "val"))
+                  probe_every=2, probe_train=str(labeled_shards / "train"), probe_val=str(labeled_shards / "val"),
+                  probe_layers=(3, 4))
     plain = run_pretrain(PretrainConfig(out=str(tmp_path / "plain"), **common))
     straight = run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **common, **checks))
     run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=2, **common, **checks))
@@ -70,10 +71,13 @@ def test_held_out_images_that_training_reads_are_refused(sample_shards, sample_t
         run_pretrain(PretrainConfig(out=str(tmp_path / "b"), shards=str(tmp_path / "sample-000000.tar"),
                                     tokens=str(tmp_path / "tokens"), val_shards=str(tmp_path / "copy-000000.tar"),
                                     val_tokens=str(tmp_path / "tokens"), **TINY))
+    with pytest.raises(BeitDataError, match=r"`probe_layers` must be block numbers from 1 to 4, got \[9\]"):
+        run_pretrain(PretrainConfig(out=str(tmp_path / "d"), probe_every=2, probe_train=str(sample_shards),
+                                    probe_val=str(sample_shards), probe_layers=(9,), **common))
     with pytest.raises(BeitDataError, match="has no token file"):
         run_pretrain(PretrainConfig(out=str(tmp_path / "c"), val_shards=str(tmp_path / "copy-000000.tar"),
                                     val_tokens=str(sample_tokens), **common))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-made is left
+    assert not any((tmp_path / n).exists() for n in "abd")  # nothing half-made is left
 
 
 def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, sample_shards, tmp_path):
