@@ -22,8 +22,8 @@ import torch
 from beit_common import BeitDataError
 from beit_data.masking import BlockMaskGenerator
 from beit_data.shards import expand_shards, read_index
-from beit_data.tokens import VIEW_COLUMNS, read_meta, token_path
-from beit_data.views import View, stable_rng
+from beit_data.tokens import VIEW_COLUMNS, read_meta, row_view, token_path
+from beit_data.views import stable_rng
 
 __all__ = ["HeldOut", "load_heldout", "select_heldout", "image_bytes"]
 
@@ -131,8 +131,7 @@ def load_heldout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int,
         raise BeitDataError(f"validation samples {', '.join(missing[:3])} have tokens but no image in their shard")
     encoded = [found[s, k] for s, k, _ in mine]
     for i in range(0, len(mine), DECODE_BATCH):
-        views = [[View(*(row[c] for c in ("x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")))]
-                 for _, _, row in mine[i:i + DECODE_BATCH]]
+        views = [[row_view(row)] for _, _, row in mine[i:i + DECODE_BATCH]]
         images.append(decode(encoded[i:i + DECODE_BATCH], views)[:, 0].to(torch.float16))
     device = torch.device(device)
     empty = torch.zeros((0, 3, image_size, image_size), dtype=torch.float16, device=device)

@@ -28,7 +28,7 @@ from beit_common import BeitDataError, __version__, write_atomic
 from beit_data.views import JITTER_ORDER, View
 
 __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
-           "view_rows", "build_table", "write_tokens", "read_meta", "with_defaults", "recipe_signature",
+           "view_rows", "row_view", "build_table", "write_tokens", "read_meta", "with_defaults", "recipe_signature",
            "recipe_mismatch",
            "check_recipe", "read_consistent_meta"]
 
@@ -86,6 +86,12 @@ def decoder_meta(resize_filter: str) -> dict:
 
     return {"decoder": "DALI decoders.image (nvImageCodec), RGB", "exif": EXIF_RULE,
             "resize": f"DALI resize, ROI = view window, {resize_filter}, antialiased", "jitter_order": JITTER_ORDER}
+
+
+def row_view(row: dict) -> View:
+    """The stored view a token row describes: the inverse of ``view_rows``."""
+    return View(row["x"], row["y"], row["w"], row["h"], row["flip"], row["brightness"], row["contrast"],
+                row["saturation"])
 
 
 def view_rows(key: str, views: Sequence[View], width: int, height: int) -> list[dict]:

@@ -9,6 +9,7 @@ size and grid.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-class TokenizerBase(nn.Module):
+class TokenizerBase(nn.Module, ABC):
     """The shared half of a tokenizer; subclasses set the attributes and define ``encode``.
 
     Attributes:
@@ -67,9 +68,9 @@ class TokenizerBase(nn.Module):
         """``torch.compile`` the encoder in place; the weights, and so the fingerprint, stay."""
         self.encoder = torch.compile(self.encoder)
 
+    @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (B, grid, grid) for images in [0,1]."""
-        raise NotImplementedError
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Images in [0,1] from ids (B, grid, grid), where the tokenizer has a pixel decoder."""

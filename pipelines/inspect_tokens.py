@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from beit_common import BeitDataError, ensure_writable_dir, write_atomic
 from beit_data.shards import expand_shards, iter_samples
 from beit_data.summary import summarise
-from beit_data.tokens import read_meta, token_files
+from beit_data.tokens import read_meta, row_view, token_files
 from pipelines.config import InspectConfig
 
 __all__ = ["InspectConfig", "run_inspect", "format_summary", "render_view", "render_histogram"]
@@ -88,14 +88,12 @@ def render_view(cfg: InspectConfig) -> Path:
     from PIL import Image
 
     from beit_data.dali_views import DaliViews, ViewSpec
-    from beit_data.views import View
 
     files = token_files(cfg.tokens)
     row, meta = _find_row(files, cfg.render, cfg.view)
     data = _image_bytes(cfg.shards, meta["source"], cfg.render)
     size, grid = meta["tokenizer"]["input_size"], meta["tokenizer"]["grid"]
-    view = View(row["x"], row["y"], row["w"], row["h"], row["flip"], row["brightness"], row["contrast"],
-                row["saturation"])
+    view = row_view(row)
     seen = DaliViews(ViewSpec(views=1, size=size, interp=meta["views"].get("interp", "lanczos"),
                               jitter=meta["views"]["target_jitter"]),
                      batch_size=1)([data], [[view]])[0, 0].permute(1, 2, 0).numpy()  # (S, S, 3) in [0,1]

@@ -32,7 +32,7 @@ def test_vqkd_tokens_record_the_recipe_and_are_the_ids_of_the_models_own_view(sa
     from beit_data.dali_views import UNIT_RANGE, DaliViews, ViewSpec
     from beit_data.shards import iter_samples
     from beit_data.stream import model_view_spec
-    from beit_data.views import View
+    from beit_data.tokens import row_view
     from beit_model.dvae import load_tokenizer
 
     tokenizer_path, tokens = v2_tokens
@@ -48,7 +48,7 @@ def test_vqkd_tokens_record_the_recipe_and_are_the_ids_of_the_models_own_view(sa
     replay, tokenized = DaliViews(spec, batch_size=1), DaliViews(ViewSpec(size=224, interp="bicubic"), batch_size=1)
     images = {s.key: s.image for s in iter_samples(sample_shards / "sample-000000.tar")}
     for row in pq.read_table(tokens / "sample-000000.parquet").to_pylist()[:4]:
-        view = View(*(row[c] for c in ("x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")))
+        view = row_view(row)
         pixels = replay([images[row["key"]]], [[view]])[0]
         assert torch.equal(pixels, tokenized([images[row["key"]]], [[view]])[0])
         assert tok.encode(pixels).flatten().tolist() == row["tokens"]
