@@ -96,8 +96,9 @@ class QualityChecks:
     """A run's held-out evaluation and k-NN probe, at step 0, every ``val_every`` /
     ``probe_every`` steps and at the last step; both log to JSONL and TensorBoard.
 
-    Every rank evaluates its share of the held-out set. The probe runs on rank 0 alone, the
-    others waiting at a barrier; its images are decoded once, at its first run.
+    Every rank evaluates its share of the held-out set, decoded once at the start. The probe
+    runs on rank 0 alone, decoding its sets each time, the others waiting at a CPU barrier.
+    ``first`` and ``last`` are this invocation's first and last held-out figures.
     """
 
     def __init__(self, cfg, stream, dist, device: torch.device, depth: int):
