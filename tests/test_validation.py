@@ -86,7 +86,7 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
     import beit_model  # noqa: F401
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.export import timm_args
-    from pipelines.probe import ProbeConfig, knn, labeled_features, run_probe
+    from pipelines.probe import ProbeConfig, format_probe, knn, labeled_features, run_probe
 
     torch.manual_seed(0)
     model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
@@ -98,6 +98,9 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
                                    val_shards=str(labeled_shards / "val"), linear=True, device="cpu", progress=False))
     assert result["kind"] == "encoder" and result["chance_top1"] == pytest.approx(1 / 3)
     assert result["knn"]["top1"] >= 0.9 and result["linear"]["top1"] >= 0.9
+    table = format_probe(result).splitlines()
+    assert table[2].startswith("k-NN          top-1") and table[3].startswith("linear        top-1")
+    assert f"{100 * result['knn']['top1']:5.1f}%" in table[2]
     # The same features with the training labels shuffled: near chance.
     (train, labels), (val, val_labels) = (labeled_features(model, str(labeled_shards / p), [4], torch.device("cpu"))
                                           for p in ("train", "val"))
