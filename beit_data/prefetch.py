@@ -29,20 +29,24 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(entry) -> bool:
+        """Hand ``entry`` to the consumer; False once the consumer has gone."""
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            q.put((_DONE, None))
+            put((_DONE, None))
         except BaseException as exc:  # handed to the consumer
-            q.put((_DONE, exc))
+            put((_DONE, exc))
         finally:
             close = getattr(items, "close", None)
             if close is not None:

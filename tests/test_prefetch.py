@@ -35,5 +35,18 @@ def test_closing_early_stops_every_loader_thread():
     assert threading.active_count() == before
 
 
+def test_closing_early_after_the_producer_finished_stops_its_thread():
+    """The producer is done and the queue full: handing over its end marker must not outlive the consumer."""
+    gen = prefetch(iter(range(2)), depth=1)
+    assert next(gen) == 0
+    deadline = time.time() + 5
+    while not any(t.name == "beit-data-prefetch" and t.is_alive() for t in threading.enumerate()) \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the producer has queued item 1 and now waits to hand over its end marker
+    gen.close()  # joins the thread (for up to 60 s)
+    assert not any(t.name == "beit-data-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
 def test_batched():
     assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
