@@ -21,11 +21,11 @@ import torch
 
 from beit_common import BeitDataError
 from beit_data.masking import BlockMaskGenerator
-from beit_data.shards import expand_shards, read_index
+from beit_data.shards import expand_shards, read_images
 from beit_data.tokens import VIEW_COLUMNS, read_meta, row_view, token_path
 from beit_data.views import stable_rng
 
-__all__ = ["HeldOut", "load_heldout", "select_heldout", "image_bytes"]
+__all__ = ["HeldOut", "load_heldout", "select_heldout"]
 
 DECODE_BATCH = 32
 
@@ -93,19 +93,6 @@ def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
     return [(shard, key, rows[f, i]) for shard, key, f, i in chosen]
 
 
-def image_bytes(samples: list[tuple[Path, str]]) -> dict[tuple[Path, str], bytes]:
-    """The image of each ``(shard, key)`` that has one, read by its offset in its shard."""
-    out: dict[tuple[Path, str], bytes] = {}
-    for shard in dict.fromkeys(s for s, _ in samples):
-        wanted = {k for s, k in samples if s == shard}
-        with open(shard, "rb") as f:
-            for sample in read_index(shard):
-                if sample.key in wanted and sample.image_ext:
-                    member = sample.members[sample.image_ext]
-                    out[shard, sample.key] = os.pread(f.fileno(), member.size, member.offset)
-    return out
-
-
 def load_heldout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int, seed: int, meta: dict,
                  image_size: int, num_masked: int, min_block: int = 16, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> HeldOut:
@@ -125,7 +112,7 @@ def load_heldout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int,
     masks = [masker(stable_rng(seed, "heldout-mask", s.name, k)).reshape(-1) for s, k, _ in mine]
     decode = DaliViews(model_view_spec(meta, image_size), batch_size=DECODE_BATCH, device=device, num_threads=2)
     images = []
-    found = image_bytes([(s, k) for s, k, _ in mine])
+    found = read_images([(s, k) for s, k, _ in mine])
     missing = [f"{s.name}:{k}" for s, k, _ in mine if (s, k) not in found]
     if missing:
         raise BeitDataError(f"validation samples {', '.join(missing[:3])} have tokens but no image in their shard")

@@ -38,6 +38,7 @@ __all__ = [
     "check_fingerprint",
     "write_index",
     "index_path",
+    "read_images",
     "iter_images",
 ]
 
@@ -205,6 +206,19 @@ def read_index(shard: str | Path) -> list[IndexedSample]:
         return scan_index(shard)
     except (tarfile.TarError, OSError) as exc:
         raise BeitDataError(f"{shard}: unreadable tar: {exc}") from None
+
+
+def read_images(samples: list[tuple[Path, str]]) -> dict[tuple[Path, str], bytes]:
+    """The image of each ``(shard, key)`` that has one, read by its offset in its shard."""
+    out: dict[tuple[Path, str], bytes] = {}
+    for shard in dict.fromkeys(s for s, _ in samples):
+        wanted = {k for s, k in samples if s == shard}
+        with open(shard, "rb") as f:
+            for sample in read_index(shard):
+                if sample.key in wanted and sample.image_ext:
+                    member = sample.members[sample.image_ext]
+                    out[shard, sample.key] = os.pread(f.fileno(), member.size, member.offset)
+    return out
 
 
 def shard_fingerprint(shard: str | Path, index: list[IndexedSample] | None = None) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from beit_common import BeitDataError, ensure_writable_dir, write_atomic
-from beit_data.shards import expand_shards, iter_samples
+from beit_data.shards import expand_shards, read_images
 from beit_data.summary import summarise
 from beit_data.tokens import read_meta, row_view, token_files
 from pipelines.config import InspectConfig
@@ -73,9 +73,9 @@ def _image_bytes(shards: str | None, source: str, key: str) -> bytes:
         raise BeitDataError(f"`render` needs `shards` to find the image of key {key} (source shard {source})")
     candidates = expand_shards(shards)
     for shard in [s for s in candidates if s.name == source] or candidates:
-        for sample in iter_samples(shard):
-            if sample.key == key:
-                return sample.image
+        found = read_images([(shard, key)])  # by its offset in the shard's index, not a scan of the tar
+        if found:
+            return found[shard, key]
     raise BeitDataError(f"key {key} was not found in the shards")
 
 

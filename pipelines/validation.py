@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from beit_common import BeitDataError
-from beit_data.heldout import HeldOut, image_bytes
+from beit_data.heldout import HeldOut
+from beit_data.shards import read_images
 from beit_data.tokens import token_path
 from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.runtime import autocast
@@ -84,8 +85,8 @@ def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> N
         shared = set(pc.filter(column, pc.is_in(column, value_set=keys)).to_pylist())
         if not shared:
             continue
-        mine = image_bytes([(shard, k) for k in sorted(shared)])
-        theirs = image_bytes([(s, k) for s, k in heldout.chosen if k in shared])
+        mine = read_images([(shard, k) for k in sorted(shared)])
+        theirs = read_images([(s, k) for s, k in heldout.chosen if k in shared])
         for (s, key), data in theirs.items():
             if mine.get((shard, key)) == data:
                 raise BeitDataError(f"validation sample {s.name}:{key} is also a training sample (in {shard}): "
