@@ -42,9 +42,10 @@ def main():
         seconds = time.perf_counter() - start
         log = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
     peaks = {r["step"]: r.get("max_mem_gb") for r in log if "loss" in r}
+    last = max(peaks, default=None)  # the run's last log: a run stopped early still reports its peak
     emit({"benchmark": "memory", "model": args.model, "batch_size": args.batch_size, "steps": args.steps,
-          "compiled": args.compile, "max_mem_gb_at_step_100": peaks.get(100),
-          f"max_mem_gb_at_step_{args.steps}": peaks.get(args.steps), "seconds": round(seconds, 1)})
+          "compiled": args.compile, "max_mem_gb_at_step_100": peaks.get(100), "last_logged_step": last,
+          "max_mem_gb_at_last_logged_step": peaks.get(last), "seconds": round(seconds, 1)})
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, images: torch.Tenso
         forward: What to call for the forward pass when it is not ``model`` itself: its DDP
             or ``torch.compile`` wrapper.
     """
-    loss, logits, targets = mim_loss(forward or model, images, tokens, mask, max_masked, device)
+    loss, logits, targets = mim_loss(model if forward is None else forward, images, tokens, mask, max_masked, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)

@@ -56,10 +56,10 @@ def test_vqkd_on_gpu_in_bf16_mostly_agrees_with_the_cpu_ids():
     cpu = tok.encode(x)
     gpu_tok = tok.to("cuda")
     dtypes = []
-    gpu_tok.encoder.blocks[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    gpu_tok.encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     gpu_tok.encode_task_layer.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     with autocast(torch.device("cuda")):
-        gpu = gpu_tok.encode(x.cuda())  # fused attention, bf16 encoder, float32 task layer and codebook
+        gpu = gpu_tok.encode(x.cuda())  # fused attention, bf16 encoder matmuls, float32 task layer and codebook
     assert dtypes == [torch.bfloat16, torch.float32]
     assert gpu_tok._fused and (gpu.cpu() == cpu).float().mean() > 0.8
 
