@@ -196,3 +196,19 @@ def test_beitv2_extra_head_reads_the_last_cls_token_and_the_early_patch_tokens(t
                             init_values=0.1, checkpoint_path=str(tmp_path / "enc.pth")).eval()
     with torch.no_grad():
         assert torch.allclose(ref.forward_features(x), v2.forward_blocks(x), atol=1e-5)
+
+
+def test_train_step_takes_a_compiled_module():
+    """A compiled module's truth value calls len(), which raises: the step must never ask for it."""
+    from pipelines.training import build_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).train()
+    x, tokens = torch.rand(2, 3, 224, 224), torch.randint(0, 64, (2, 196))
+    mask = torch.zeros(2, 196, dtype=torch.bool)
+    mask[:, :40] = True
+    opt, sched = build_optimizer(model, lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup=1,
+                                 total=10)
+    out = train_step(model, opt, sched, x, tokens, mask, max_masked=75, clip_grad=3.0, device=torch.device("cpu"),
+                     forward=torch.compile(model, backend="eager"))
+    assert torch.isfinite(out.loss)
