@@ -19,7 +19,7 @@ import click
 # set before torch loads, which the commands do later.
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
-from beit_common import BeitDataError, __version__, os_error  # noqa: E402
+from beit_common import BeitDataError, __version__, os_error, storage  # noqa: E402
 from pipelines.config import (
     DVAE_CONFIGS,
     RECIPES,
@@ -41,9 +41,18 @@ def setting(config: type, *decls: str, name: str | None = None, **kwargs):
     return click.option(*decls, default=default(config, name), show_default=True, **kwargs)
 
 
+class Location(click.Path):
+    """A local path, checked as ``click.Path`` checks it, or an object-storage URL (``s3://``,
+    ``gs://``), checked when it is used (a missing bucket or prefix is one line then)."""
+
+    def convert(self, value, param, ctx):
+        return value if storage.is_url(value) else super().convert(value, param, ctx)
+
+
 SHARDS_OPTION = click.option(
     "--shards", "shards", required=True,
-    help="Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob.",
+    help="Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob; local, or s3://, "
+         "gs://, http(s):// URLs (a prefix is listed), or WebDataset pipe: commands.",
 )
 SEED_OPTION = setting(PretrainConfig, "--seed", type=int, help="Seed of every random choice.")
 MIX_SHARDS_OPTION = setting(PretrainConfig, "--mix-shards", type=click.IntRange(min=1),
@@ -192,7 +201,8 @@ def train_dvae(shards, out, config, steps, batch_size, lr, checkpoint_every, res
 @click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
               help="Tokenizer file: OpenAI's encoder.pkl, a dVAE state dict, a train-dvae checkpoint or a "
                    "BEiT v2 VQ-KD .pth.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the token Parquet files.")
+@click.option("--out", required=True, type=Location(file_okay=False),
+              help="Folder (or s3:// / gs:// prefix) for the token Parquet files.")
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
               help="The paper whose views to draw: beit (crops from 8%, 112-px Lanczos tokenizer view) or beitv2 "
                    "(crops from 20%, the model's 224-px bicubic view) [default: beit for a dVAE, beitv2 for VQ-KD].")
@@ -237,9 +247,26 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
 
 @main.command(context_settings=CONTEXT)
 @SHARDS_OPTION
-@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--overwrite", is_flag=True, help="Write the index of every shard, also where one exists.")
+@QUIET_OPTION
+def index(shards, overwrite, quiet):
+    """Write a DALI .idx beside each shard that has none, local or on object storage.
+
+    The training order reads each image by its offset; without an .idx, every node scans the
+    tar headers once (by range requests on object storage).
+    """
+    from pipelines.shards import run_index
+
+    result = run_index(shards, overwrite=overwrite, progress=not quiet)
+    click.echo(f"indexed {len(result['written'])} of {result['shards']} shards ({result['skipped']} had an index)")
+
+
+@main.command(context_settings=CONTEXT)
+@SHARDS_OPTION
+@click.option("--tokens", required=True, type=Location(exists=True, file_okay=False),
               help="Folder of token Parquet files written by beit-data tokenize.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints and logs.")
+@click.option("--out", required=True, type=Location(file_okay=False),
+              help="Run folder (or s3:// / gs:// prefix): checkpoints and logs.")
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
               help="The paper's settings for the options marked [recipe]: beit (800 epochs) or beitv2 (1600 epochs, "
                    "the extra head) [default: the one the tokens were made with].")
@@ -268,7 +295,7 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
 @click.option("--compile", "compile_", is_flag=True, help="Compile the model with torch.compile.")
 @click.option("--val-shards", default=None,
               help="Held-out shards (not read by training): masked-token loss, top-1/top-5 and perplexity on them.")
-@click.option("--val-tokens", default=None, type=click.Path(exists=True, file_okay=False),
+@click.option("--val-tokens", default=None, type=Location(exists=True, file_okay=False),
               help="The token Parquet files of --val-shards, made by the same tokenizer.")
 @setting(PretrainConfig, "--val-every", type=click.IntRange(min=1),
          help="Evaluate the held-out set at step 0, every N steps and at the end.")
@@ -313,7 +340,7 @@ def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, 
 
 @main.command(context_settings=CONTEXT)
 @SHARDS_OPTION
-@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--tokens", required=True, type=Location(exists=True, file_okay=False),
               help="Folder of token Parquet files written by beit-data tokenize.")
 @setting(PlanConfig, "--batch-size", type=click.IntRange(min=1), help="Images per rank per step, as in pretrain.")
 @setting(PlanConfig, "--world-size", type=click.IntRange(min=1), help="Ranks of the run.")
@@ -342,7 +369,7 @@ def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, ran
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(exists=True))
+@click.argument("model", type=Location(exists=True))
 @click.option("--train-shards", required=True, help="Labeled shards (.cls members) the k-NN votes with.")
 @click.option("--val-shards", required=True, help="Labeled shards the probe is scored on.")
 @setting(ProbeConfig, "--k", type=click.IntRange(min=1), help="Neighbours of the k-NN.")
@@ -371,7 +398,7 @@ def probe(model, train_shards, val_shards, k, temperature, layers, linear, batch
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("run", type=Location(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Encoder state dict to write.")
 def export(run, out):
     """Write a pretrain run's encoder as weights that timm's Beit loads."""

@@ -34,20 +34,30 @@ def os_error(exc: OSError, path: str | os.PathLike | None = None) -> BeitDataErr
     return BeitDataError(f"{where}: {exc.strerror or exc}" if where is not None else str(exc.strerror or exc))
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path | str:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
-    A process killed mid-write leaves the old file (or none), never half a file.
+    A process killed mid-write leaves the old file (or none), never half a file. For an object
+    storage URL, ``tmp`` is a local file that is then uploaded in one call (``storage.upload``).
 
     Raises:
         BeitDataError: When the write fails (a full disk, no permission), naming ``path``;
             the temporary file is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from beit_common import storage
+
+    remote = storage.is_url(path)
+    if remote:  # written here, then uploaded whole: the object appears complete or not at all
+        tmp = storage.temp_file(path)
+    else:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if remote:
+            storage.upload(tmp, str(path))
+        else:
+            os.replace(tmp, path)
     except OSError as exc:
         raise BeitDataError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
@@ -80,12 +90,17 @@ def save_atomic(obj, path: str | os.PathLike) -> Path:
     return write_atomic(path, save)
 
 
-def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+def ensure_writable_dir(folder: str | os.PathLike) -> Path | str:
     """Create ``folder`` if needed and prove a file can be written in it.
 
     Raises:
         BeitDataError: With the operating system's reason, before any work is done.
     """
+    from beit_common import storage
+
+    if storage.is_url(folder):  # a prefix: one small object written and deleted
+        storage.probe_writable(str(folder))
+        return str(folder)
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,13 +144,21 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
 
     The lock is an ``flock`` on ``folder/.beit-data.lock``: the kernel releases it when the
     process ends, however it ends, so a crashed run never leaves a stale lock. It is only as
-    good as the file system's ``flock``: local disks and most cluster file systems; not
-    object storage.
+    good as the file system's ``flock``: local disks and most cluster file systems.
+
+    Object storage has no lock that its holder's death releases, so for a prefix the lock is
+    a local file named after the URL (under ``$BEIT_DATA_CACHE/locks``): it keeps a second run
+    on the same machine out, not a run on another machine.
 
     Raises:
         BeitDataError: Naming the run that holds the folder.
     """
-    path = Path(folder) / LOCK_NAME
+    from beit_common import storage
+
+    if storage.is_url(folder):
+        path = storage.cache_dir("locks") / f"{storage.cache_key(folder)}.lock"
+    else:
+        path = Path(folder) / LOCK_NAME
     try:
         handle = open(path, "a+")
     except OSError as exc:

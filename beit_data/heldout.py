@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, storage
 from beit_data.masking import BlockMaskGenerator
 from beit_data.shards import expand_shards, read_images
-from beit_data.tokens import VIEW_COLUMNS, read_meta, row_view, token_path
+from beit_data.tokens import VIEW_COLUMNS, read_meta, read_table, row_view, token_path
 from beit_data.views import stable_rng
 
 __all__ = ["HeldOut", "load_heldout", "select_heldout"]
@@ -71,15 +70,15 @@ def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
     candidates, paths = [], []
     for shard in shards:
         path = token_path(tokens_dir, shard)
-        if not path.exists():
+        if not storage.exists(path):
             raise BeitDataError(f"validation shard {shard} has no token file {path}; tokenize it first")
         _check_same_targets(read_meta(path), reference, path)
         by_key: dict[str, list[int]] = {}
-        for i, key in enumerate(pq.read_table(path, columns=["key"]).column("key").to_pylist()):
+        for i, key in enumerate(read_table(path, columns=["key"]).column("key").to_pylist()):
             by_key.setdefault(key, []).append(i)
         for key in sorted(by_key):
             rows = by_key[key]
-            pick = int(stable_rng(seed, "heldout", shard.name, key).integers(len(rows)))
+            pick = int(stable_rng(seed, "heldout", storage.basename(shard), key).integers(len(rows)))
             candidates.append((shard, key, len(paths), rows[pick]))
         paths.append(path)
     if not candidates:
@@ -88,7 +87,7 @@ def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
     rows: dict[tuple[int, int], dict] = {}
     for f in sorted({f for _, _, f, _ in chosen}):
         picked = sorted(i for _, _, g, i in chosen if g == f)
-        table = pq.read_table(paths[f], columns=["key", *VIEW_COLUMNS, "tokens"]).take(picked)
+        table = read_table(paths[f], columns=["key", *VIEW_COLUMNS, "tokens"]).take(picked)
         rows.update({(f, i): row for i, row in zip(picked, table.to_pylist())})
     return [(shard, key, rows[f, i]) for shard, key, f, i in chosen]
 

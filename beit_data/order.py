@@ -73,26 +73,32 @@ class Window:
         return len(self.shard_of)
 
 
-def _window_order(counts: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _window_order(counts: Sequence[int], rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     shard_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
     sample_of = np.concatenate([np.arange(c, dtype=np.int32) for c in counts]) if counts else shard_of
+    if rng is None:
+        return shard_of, sample_of
     perm = rng.permutation(len(shard_of))
     return shard_of[perm], sample_of[perm]
 
 
 def epoch_windows(counts: Sequence[int], *, seed: int, epoch: int, rank: int, world_size: int,
-                  mix_shards: int = MIX_SHARDS, skip: int = 0) -> Iterator[Window]:
+                  mix_shards: int = MIX_SHARDS, skip: int = 0, sequential: bool = False) -> Iterator[Window]:
     """The windows ``rank`` reads in ``epoch``, from the one that holds sample ``skip`` on.
 
     Windows before ``skip`` are passed over by their counts alone; they are never permuted.
+    With ``sequential`` (shards that can only be read from the start, such as ``pipe:``
+    commands), each window is one shard, read in its own order: only the shard order mixes.
     """
+    if sequential:
+        mix_shards = 1
     mine = rank_shards(len(counts), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     start = 0
     for w, first in enumerate(range(0, len(mine), mix_shards)):
         shards = tuple(mine[first:first + mix_shards])
         size = sum(counts[i] for i in shards)
         if start + size > skip:
-            rng = stable_rng(seed, "mix", epoch, rank, w)
+            rng = None if sequential else stable_rng(seed, "mix", epoch, rank, w)
             shard_of, sample_of = _window_order([counts[i] for i in shards], rng)
             yield Window(w, shards, start, shard_of, sample_of)
         start += size

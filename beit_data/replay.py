@@ -19,21 +19,20 @@ import multiprocessing
 import os
 import signal
 import threading
+from contextlib import closing
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, storage
 from beit_data.masking import BlockMaskGenerator
 from beit_data.order import MIX_SHARDS, Window, epoch_windows, steps_per_epoch
 from beit_data.prefetch import prefetch
-from beit_data.shards import check_fingerprint, expand_shards, read_index
-from beit_data.tokens import VIEW_COLUMNS, read_consistent_meta, token_path
+from beit_data.shards import check_fingerprint, expand_shards, iter_samples, read_index
+from beit_data.tokens import VIEW_COLUMNS, parquet_file, read_consistent_meta, read_table, token_files, token_path
 from beit_data.views import stable_rng
 
 __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch", "outlive_job_signals"]
@@ -95,8 +94,36 @@ class _Shard:
     views: np.ndarray  # (n,) picked view per key
     rows: dict[str, np.ndarray] | None = None  # VIEW_COLUMNS and tokens (n, grid*grid) of the picked views
     images: list | None = None  # (offset, size) of each key's image member
-    file: BinaryIO | None = None
+    file: BinaryIO | None = None  # a local shard, open
+    url: str | None = None  # an object's URL
+    reader: _Sequential | None = None  # a pipe: shard, read from the start
     rejected: int = 0  # keys of the shard without token rows
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.reader is not None:
+            self.reader.close()
+
+
+class _Sequential:
+    """A shard read once from its start (a ``pipe:`` command): the images of its token file's
+    keys, in tar order; the shard's other samples (rejected when it was tokenized) are passed."""
+
+    def __init__(self, shard: str, keys: list[str], token_file: str):
+        self.shard, self.keys, self.token_file = shard, keys, token_file
+        self.samples = iter_samples(shard)
+
+    def read(self, i: int) -> bytes:
+        key = self.keys[i]
+        for sample in self.samples:
+            if sample.key == key:
+                return sample.image
+        raise BeitDataError(f"{self.shard} no longer holds key {key} that {storage.basename(self.token_file)} "
+                            "lists, in that order; was it rewritten?")
+
+    def close(self) -> None:
+        self.samples.close()
 
 
 LOADER_GRACE_S = 20.0
@@ -144,6 +171,10 @@ class ReplaySource:
         target_jitter: Whether the stored jitter is replayed; otherwise it is drawn fresh.
         jitter: Strength of fresh jitter: factors are uniform in [1 - jitter, 1 + jitter].
         bytes_read: Image bytes this source has read (in the process that iterates it).
+
+    Shards may be local files or objects (read by range requests, a batch's images at once).
+    ``pipe:`` shards cannot seek: the order then reads each shard from its start, in its own
+    order (``sequential``), and only the shard order mixes.
     """
 
     cfg: StreamConfig
@@ -160,6 +191,7 @@ class ReplaySource:
     missing: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     fingerprints: list[dict] = field(default_factory=list)  # of each shard, as its token file records it
+    etags: list[str | None] = field(default_factory=list)  # of each object when the run started
     bytes_read: int = field(default=0, compare=False)
     _steps: dict = field(default_factory=dict, repr=False, compare=False)
     _counted: set = field(default_factory=set, repr=False, compare=False)
@@ -172,12 +204,14 @@ class ReplaySource:
             BeitDataError: A shard without a token file (unless ``skip_missing``), or token
                 files from different tokenizers or recipes.
         """
-        shards, token_files, missing = [], [], []
+        shards, paths, missing = [], [], []
+        # One listing, not a request per shard.
+        have = {storage.basename(p) for p in token_files(cfg.tokens, allow_empty=True)}
         for shard in expand_shards(cfg.shards):
             path = token_path(cfg.tokens, shard)
-            if path.exists():
+            if storage.basename(path) in have:
                 shards.append(str(shard))
-                token_files.append(str(path))
+                paths.append(str(path))
             elif cfg.skip_missing:
                 missing.append(str(shard))
             else:
@@ -185,13 +219,14 @@ class ReplaySource:
                                     "tokenize it or pass `skip_missing`")
         if not shards:
             raise BeitDataError(f"none of the shards has a token file in {cfg.tokens}")
-        metas = read_consistent_meta(token_files)
-        for shard, path, meta in zip(shards, token_files, metas):  # size, and the .idx where there is one
+        metas = read_consistent_meta(paths)
+        for shard, path, meta in zip(shards, paths, metas):  # size, and the .idx where there is one
             check_fingerprint(shard, meta.get("shard"), path, full=False)
         meta, views = metas[0], metas[0]["views"]
-        return cls(cfg=cfg, shards=shards, token_files=token_files, missing=missing, meta=meta,
+        return cls(cfg=cfg, shards=shards, token_files=paths, missing=missing, meta=meta,
                    fingerprints=[m["shard"] for m in metas],
-                   images_per_shard=[pq.ParquetFile(p).metadata.num_rows // views["views"] for p in token_files],
+                   etags=[storage.stat(s, fresh=False)["etag"] if storage.is_url(s) else None for s in shards],
+                   images_per_shard=[parquet_file(p).metadata.num_rows // views["views"] for p in paths],
                    views=views["views"], grid=meta["tokenizer"]["grid"], target_jitter=views["target_jitter"],
                    jitter=views["jitter"], rank=rank, world_size=world_size)
 
@@ -217,6 +252,11 @@ class ReplaySource:
                             f"{images} tokenized images for {self.world_size} ranks; tokenize more shards, or run "
                             "on fewer ranks")
 
+    @property
+    def sequential(self) -> bool:
+        """Whether the shards are read from their start only (some are ``pipe:`` commands)."""
+        return any(storage.is_pipe(s) for s in self.shards)
+
     def positions(self) -> Iterator[tuple[int, int]]:
         """``(epoch, step)`` of each batch this source yields, in order."""
         epoch, step = self.start
@@ -235,7 +275,8 @@ class ReplaySource:
         while True:
             limit = self.steps_per_epoch(epoch) * self.cfg.batch_size
             for window in epoch_windows(self.images_per_shard, seed=self.cfg.seed, epoch=epoch, rank=self.rank,
-                                        world_size=self.world_size, mix_shards=self.cfg.mix_shards, skip=skip):
+                                        world_size=self.world_size, mix_shards=self.cfg.mix_shards, skip=skip,
+                                        sequential=self.sequential):
                 if window.start >= limit:
                     break
                 loaded = [self._load(index, epoch, read=read) for index in window.shards]
@@ -247,14 +288,16 @@ class ReplaySource:
         windows = self._windows(read=read)
         if read:
             windows = prefetch(windows, depth=1)
-        for epoch, window, loaded, lo, hi in windows:
-            try:
-                for j in range(lo, hi):
-                    yield epoch, loaded[window.shard_of[j]], int(window.sample_of[j])
-            finally:
-                for shard in loaded:
-                    if shard.file is not None:
-                        shard.file.close()
+        try:
+            for epoch, window, loaded, lo, hi in windows:
+                try:
+                    for j in range(lo, hi):
+                        yield epoch, loaded[window.shard_of[j]], int(window.sample_of[j])
+                finally:
+                    for shard in loaded:
+                        shard.close()
+        finally:
+            windows.close()  # stops the loading thread now, not when the garbage collector finds it
 
     def plan(self) -> Iterator[PlannedBatch]:
         """What each batch from ``start`` on holds, forever, without reading an image."""
@@ -280,7 +323,7 @@ class ReplaySource:
         """A shard's keys and picked views for ``epoch``; with ``read``, also their rows and
         image offsets, and the shard opened for reading."""
         path = self.token_files[index]
-        table = pq.read_table(path, columns=None if read else ["key"])
+        table = read_table(path, columns=None if read else ["key"])
         keys = self._keys(table, path)
         picks = np.array([stable_rng(self.cfg.seed, epoch, k).integers(self.views) for k in keys], np.int64)
         shard = _Shard(keys, picks)
@@ -293,34 +336,63 @@ class ReplaySource:
             first = first[stable_rng(self.cfg.seed, "shuffle-targets", index).permutation(len(keys))]
         shard.rows["tokens"] = (table.column("tokens").take(pa.array(first + picks)).combine_chunks().flatten()
                                 .to_numpy().reshape(len(keys), self.grid ** 2))
+        location = self.shards[index]
+        if storage.is_pipe(location):
+            shard.reader = _Sequential(location, keys, path)
+            return shard
         shard.images, shard.rejected = self._offsets(index, keys)
-        shard.file = open(self.shards[index], "rb", buffering=0)  # closed when its window is done
+        if storage.is_url(location):
+            shard.url = location
+        else:
+            shard.file = open(location, "rb", buffering=0)  # closed when its window is done
         return shard
 
     def _offsets(self, index: int, keys: list[str]) -> tuple[list, int]:
         """Each key's image (offset, size) in the shard, and how many shard keys have no tokens."""
-        entries = read_index(self.shards[index])
+        location = self.shards[index]
+        if storage.is_url(location):  # once per window: an object replaced during the run is refused
+            etag, was = storage.stat(location)["etag"], self.etags[index]
+            if was is not None and etag != was:
+                raise BeitDataError(f"{location} changed during the run (ETag {etag}, {was} when it started); "
+                                    "a shard must stay as it was tokenized")
+        entries = read_index(location)
         check_fingerprint(self.shards[index], self.fingerprints[index], self.token_files[index], index=entries)
         members = {s.key: s.members[s.image_ext] for s in entries if s.image_ext}
         lost = [k for k in keys if k not in members]
         if lost:
             raise BeitDataError(f"{self.shards[index]} no longer holds {len(lost)} of the keys that "
-                                f"{Path(self.token_files[index]).name} lists (first: {lost[0]}); was it rewritten?")
+                                f"{storage.basename(self.token_files[index])} lists (first: {lost[0]}); "
+                                "was it rewritten?")
         rejected = 0
         if index not in self._counted:  # once per process, not once per epoch
             self._counted.add(index)
             rejected = len(set(members) - set(keys))
         return [members[k][:2] for k in keys], rejected
 
-    def _read(self, shard: _Shard, i: int) -> np.ndarray:
-        offset, size = shard.images[i]
-        data = os.pread(shard.file.fileno(), size, offset)
-        self.bytes_read += len(data)
-        return np.frombuffer(data, np.uint8)
+    def _read(self, picked: list[tuple[int, _Shard, int]]) -> list[np.ndarray]:
+        """The images of a batch: local files by ``pread``, objects by concurrent range requests
+        (one per image, all of the batch's at once), ``pipe:`` shards from their streams."""
+        out: list[bytes | None] = [None] * len(picked)
+        remote = []
+        for j, (_, shard, i) in enumerate(picked):
+            if shard.reader is not None:
+                out[j] = shard.reader.read(i)
+            elif shard.url is not None:
+                remote.append(j)
+            else:
+                offset, size = shard.images[i]
+                out[j] = os.pread(shard.file.fileno(), size, offset)
+        if remote:
+            requests = [(picked[j][1].url, *picked[j][1].images[picked[j][2]]) for j in remote]
+            for j, data in zip(remote, storage.read_many(requests)):
+                out[j] = data
+        self.bytes_read += sum(len(d) for d in out)
+        return [np.frombuffer(d, np.uint8) for d in out]
 
     # ---- batches ------------------------------------------------------------------------
 
-    def _item(self, masker: BlockMaskGenerator, epoch: int, shard: _Shard, i: int) -> list[np.ndarray]:
+    def _item(self, masker: BlockMaskGenerator, image: np.ndarray, epoch: int, shard: _Shard, i: int
+              ) -> list[np.ndarray]:
         """One row of ``OUTPUTS``: one generator from (seed, epoch, key) picks the view (again),
         draws fresh jitter where the tokens have none, and draws the mask."""
         key, rows = shard.keys[i], shard.rows
@@ -332,7 +404,7 @@ class ReplaySource:
             jitter = rng.uniform(1 - self.jitter, 1 + self.jitter, size=(1, 3)).astype(np.float32)
         x, y, w, h = (int(rows[c][i]) for c in ("x", "y", "w", "h"))
         rejected, shard.rejected = shard.rejected, 0
-        return [self._read(shard, i), np.array([[x, y, x + w, y + h]], np.float32),
+        return [image, np.array([[x, y, x + w, y + h]], np.float32),
                 np.array([rows["flip"][i]], np.int32), jitter, rows["tokens"][i].astype(np.int64),
                 masker(rng).reshape(-1), np.frombuffer(key.encode(), np.uint8), np.array([rejected], np.int32)]
 
@@ -342,9 +414,14 @@ class ReplaySource:
         if multiprocessing.parent_process() is not None:
             outlive_job_signals()
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
-        samples = self._samples(read=True)
+        with closing(self._samples(read=True)) as samples:
+            yield from self._batches(masker, samples)
+
+    def _batches(self, masker: BlockMaskGenerator, samples) -> Iterator[tuple]:
+        """The batches of ``OUTPUTS`` from the samples in order, a batch's images read together."""
         for _ in self.positions():
-            rows = [self._item(masker, *next(samples)) for _ in range(self.cfg.batch_size)]
+            picked = [next(samples) for _ in range(self.cfg.batch_size)]
+            rows = [self._item(masker, image, *p) for image, p in zip(self._read(picked), picked)]
             # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
             yield tuple(list(column) if name in _RAGGED else np.stack(column)
                         for name, column in zip(OUTPUTS, zip(*rows)))

@@ -15,11 +15,13 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence, Union
 
 from braceexpand import braceexpand
 
-from beit_common import BeitDataError, write_text_atomic
+from beit_common import BeitDataError, storage, write_text_atomic
+
+Shard = Union[Path, str]  # a local path, an object URL or a ``pipe:`` command
 
 __all__ = [
     "IMAGE_EXTS",
@@ -75,19 +77,32 @@ class Reject:
         return {"shard": self.shard, "key": self.key, "reason": self.reason}
 
 
-def expand_shards(spec: str | Sequence[str]) -> list[Path]:
-    """Resolve a shard spec into an ordered list of existing ``.tar`` paths.
+def expand_shards(spec: str | Sequence[str]) -> list[Shard]:
+    """Resolve a shard spec into an ordered list of existing ``.tar`` shards.
 
     Args:
         spec: A brace pattern (``data/train-{000000..000099}.tar``), a directory (every
-            ``.tar`` in it), a glob, a plain path, or a sequence of these.
+            ``.tar`` in it), a glob, a plain path, or a sequence of these. Each may be an
+            ``s3://``, ``gs://`` or ``http(s)://`` URL (a prefix ending in ``/`` or naming a
+            folder is listed; HTTP servers cannot be listed), or a WebDataset ``pipe:`` command
+            (``pipe:aws s3 cp s3://b/train-{000000..000009}.tar -``), read from the start only.
+
+    Returns:
+        Local shards as ``Path``, URLs and ``pipe:`` commands as strings.
 
     Raises:
         BeitDataError: If a named shard does not exist or the spec matches nothing.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    paths: list[Path] = []
+    paths: list[Shard] = []
+    listings: dict[str, set[str]] = {}
     for item in map(str, specs):
+        if storage.is_pipe(item):
+            paths += list(braceexpand(item))
+            continue
+        if storage.is_url(item):
+            paths += _expand_url(item, listings)
+            continue
         if os.path.isdir(item):
             paths += sorted(Path(item).glob("*.tar"))
             continue
@@ -100,8 +115,30 @@ def expand_shards(spec: str | Sequence[str]) -> list[Path]:
                 raise BeitDataError(f"shard not found: {expanded}")
     if not paths:
         raise BeitDataError(f"shard spec matches no .tar files: {' '.join(map(str, specs))}")
-    seen: set[Path] = set()
+    seen: set = set()
     return [p for p in paths if not (p in seen or seen.add(p))]
+
+
+def _expand_url(item: str, listings: dict[str, set[str]]) -> list[str]:
+    """One URL spec's shards: each prefix is listed once, and named shards are checked against it."""
+    if not any(c in item for c in "{*?[") and storage.is_prefix(item):
+        return storage.list_files(item.rstrip("/") + "/", ".tar")
+    found = []
+    for expanded in braceexpand(item):
+        if glob.has_magic(expanded.partition("://")[2]):
+            found += storage.glob(expanded)
+            continue
+        parent = expanded.rsplit("/", 1)[0]
+        if expanded.lower().startswith("http"):  # no listing over HTTP: each is asked for on its own
+            if not storage.exists(expanded):
+                raise BeitDataError(f"shard not found: {expanded}")
+        else:
+            if parent not in listings:
+                listings[parent] = set(storage.list_files(parent + "/", ""))
+            if expanded not in listings[parent]:
+                raise BeitDataError(f"shard not found: {expanded}")
+        found.append(expanded)
+    return found
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -152,14 +189,28 @@ class IndexedSample:
         return next((e for e in IMAGE_EXTS if e in self.members), None)
 
 
-def scan_index(shard: str | Path) -> list[IndexedSample]:
+def scan_index(shard: Shard) -> list[IndexedSample]:
     """The shard's samples from its tar headers; seeks past the member data, never reads it.
 
     A tar cut off mid-member gives the members before the cut, as ``iter_samples`` reads them.
+    An object is scanned by range requests once; the result is kept in the local cache
+    (``$BEIT_DATA_CACHE/tar-index``) under its URL, ETag and size, so a changed object is
+    scanned again.
     """
+    if storage.is_pipe(shard):
+        raise BeitDataError(f"{shard}: a pipe: command cannot be indexed (it is read from the start only)")
+    cached = None
+    if storage.is_url(shard):
+        info = storage.stat(shard)
+        cached = storage.cache_dir("tar-index") / f"{storage.cache_key(shard, info['etag'], info['size'])}.idx"
+        if cached.exists():
+            return _parse_index(cached.read_text(), cached)
+        size = info["size"]
+    else:
+        size = os.path.getsize(shard)
     samples: list[IndexedSample] = []
-    size = os.path.getsize(shard)
-    with tarfile.open(shard, mode="r:") as tar:
+    with storage.remote_errors(shard, "scanning the tar headers"), storage.open_random(shard) as f, \
+            tarfile.open(fileobj=f, mode="r:") as tar:
         try:
             for key, ext, info in sample_members(tar):
                 if info.offset_data + info.size > size:
@@ -169,6 +220,8 @@ def scan_index(shard: str | Path) -> list[IndexedSample]:
                 samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
         except (tarfile.TarError, EOFError):
             pass  # a damaged header after the complete members
+    if cached is not None and samples:
+        write_text_atomic(cached, _index_text(samples))
     return samples
 
 
@@ -194,12 +247,12 @@ def _parse_index(text: str, idx: Path) -> list[IndexedSample]:
     return samples
 
 
-def read_index(shard: str | Path) -> list[IndexedSample]:
+def read_index(shard: Shard) -> list[IndexedSample]:
     """The shard's samples and member offsets, from its ``.idx`` where there is one, else its tar headers."""
     idx = index_path(shard)
-    if idx.exists():
+    if idx is not None and storage.exists(idx):
         try:
-            return _parse_index(idx.read_text(), idx)
+            return _parse_index(storage.read_bytes(idx).decode(), idx)
         except UnicodeDecodeError:
             raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION}): it is binary") from None
     try:
@@ -208,80 +261,96 @@ def read_index(shard: str | Path) -> list[IndexedSample]:
         raise BeitDataError(f"{shard}: unreadable tar: {exc}") from None
 
 
-def read_images(samples: list[tuple[Path, str]]) -> dict[tuple[Path, str], bytes]:
-    """The image of each ``(shard, key)`` that has one, read by its offset in its shard."""
-    out: dict[tuple[Path, str], bytes] = {}
+def read_images(samples: list[tuple[Shard, str]]) -> dict[tuple[Shard, str], bytes]:
+    """The image of each ``(shard, key)`` that has one, read by its offset in its shard (one range
+    request per image for an object, all of a shard's at once)."""
+    out: dict[tuple[Shard, str], bytes] = {}
     for shard in dict.fromkeys(s for s, _ in samples):
         wanted = {k for s, k in samples if s == shard}
-        with open(shard, "rb") as f:
-            for sample in read_index(shard):
-                if sample.key in wanted and sample.image_ext:
-                    member = sample.members[sample.image_ext]
-                    out[shard, sample.key] = os.pread(f.fileno(), member.size, member.offset)
+        found = [(sample.key, sample.members[sample.image_ext]) for sample in read_index(shard)
+                 if sample.key in wanted and sample.image_ext]
+        data = storage.read_ranges(shard, [(m.offset, m.size) for _, m in found])
+        out.update(((shard, key), d) for (key, _), d in zip(found, data))
     return out
 
 
-def shard_fingerprint(shard: str | Path, index: list[IndexedSample] | None = None) -> dict:
+def shard_fingerprint(shard: Shard, index: list[IndexedSample] | None = None, *, size: int | None = None) -> dict:
     """A cheap identity of a shard's contents, recorded in its token file.
 
     Its size in bytes and a sha256 over every member's name, offset and size, taken from the
     ``.idx`` (or the tar headers), never from the images: one ``stat`` and one index read per
-    shard. A shard rewritten in another order, or with other images, gets another one.
+    shard. A shard rewritten in another order, or with other images, gets another one. A
+    ``pipe:`` shard passes the ``index`` and ``size`` its one sequential read found.
     """
     digest = hashlib.sha256()
     for sample in read_index(shard) if index is None else index:
         for member in sample.members.values():
             digest.update(f"{member.name} {member.offset} {member.size}\n".encode())
-    return {"bytes": os.path.getsize(shard), "members": digest.hexdigest()}
+    if size is None and not storage.is_pipe(shard):  # a pipe: command's size is not known
+        size = storage.stat(shard)["size"]
+    return {"bytes": size, "members": digest.hexdigest()}
 
 
-def check_fingerprint(shard: str | Path, recorded: dict | None, token_file: str | Path, *, full: bool = True,
-                      index: list[IndexedSample] | None = None) -> None:
+def check_fingerprint(shard: Shard, recorded: dict | None, token_file: str | Path, *, full: bool = True,
+                      index: list[IndexedSample] | None = None, size: int | None = None) -> None:
     """Refuse a shard that is no longer the one its token file was made from.
 
     Args:
         recorded: The fingerprint in the token file's metadata.
         full: Compare the member hash too; otherwise only the size, and the hash where the
             shard has a ``.idx`` (the cheap check at the start of a run).
+        index, size: What a sequential read of a ``pipe:`` shard found; such a shard is
+            checked only with them (it cannot be asked for its size).
 
     Raises:
         BeitDataError: Naming the shard and the token file.
     """
-    hint = f"; tokenize it again (overwrite) so that {Path(token_file).name} matches it"
+    hint = f"; tokenize it again (overwrite) so that {storage.basename(token_file)} matches it"
     if not recorded:
         raise BeitDataError(f"{token_file} records no fingerprint of its shard (made by an older beit-data){hint}")
-    size = os.path.getsize(shard)
-    if size != recorded["bytes"]:
+    pipe = storage.is_pipe(shard)
+    if pipe and index is None:
+        return
+    if size is None and not pipe:
+        size = storage.stat(shard, fresh=full)["size"]
+    if size is not None and recorded["bytes"] is not None and size != recorded["bytes"]:
         raise BeitDataError(f"{shard} has changed since it was tokenized ({size} bytes, "
                             f"{recorded['bytes']} then){hint}")
-    if (full or index is not None or index_path(shard).exists()) and \
-            shard_fingerprint(shard, index)["members"] != recorded["members"]:
+    idx = index_path(shard)
+    if (full or index is not None or (idx is not None and storage.exists(idx))) and \
+            shard_fingerprint(shard, index, size=size)["members"] != recorded["members"]:
         raise BeitDataError(f"{shard} has changed since it was tokenized (its members differ){hint}")
 
 
-def index_count(shard: str | Path) -> int | None:
-    """The sample count in the shard's ``.idx`` header, or ``None`` without an index: reads one line."""
+def index_count(shard: Shard) -> int | None:
+    """The sample count in the shard's ``.idx`` header, or ``None`` without an index."""
     idx = index_path(shard)
-    if not idx.exists():
+    if idx is None or not storage.exists(idx):
         return None
-    with idx.open() as f:
-        header = f.readline().split()
+    if storage.is_url(idx):
+        header = storage.read_bytes(idx)[:200].decode(errors="replace").split("\n")[0].split()
+    else:
+        with open(idx) as f:
+            header = f.readline().split()
     return int(header[1]) if len(header) == 2 and header[1].isdigit() else None
 
 
-def iter_samples(shard: str | Path, rejects: list[Reject] | None = None) -> Iterator[Sample]:
-    """Yield the samples of one shard, in tar order.
+def iter_samples(shard: Shard, rejects: list[Reject] | None = None,
+                 index: list[IndexedSample] | None = None) -> Iterator[Sample]:
+    """Yield the samples of one shard, in tar order, in one sequential read.
 
     A sample without an image member, or a tar cut off mid-member, does not raise: it is
     appended to ``rejects`` (when given) with its key and reason, and every complete sample
-    before it is still yielded.
+    before it is still yielded. With ``index``, each sample's members and their offsets are
+    appended to it as they are read (what ``scan_index`` would give). A shard that cannot be
+    opened (a missing object, a failing ``pipe:`` command) raises ``BeitDataError``.
     """
-    shard = str(shard)
+    shard_name = str(shard)
     current: Sample | None = None
 
     def reject(key: str, reason: str) -> None:
         if rejects is not None:
-            rejects.append(Reject(key=key, reason=reason, shard=shard))
+            rejects.append(Reject(key=key, reason=reason, shard=shard_name))
 
     def finish(sample: Sample) -> Iterator[Sample]:
         if sample.image_ext is None:
@@ -290,30 +359,44 @@ def iter_samples(shard: str | Path, rejects: list[Reject] | None = None) -> Iter
         else:
             yield sample
 
-    try:
-        with tarfile.open(shard, mode="r|*") as stream:
-            for key, ext, info in sample_members(stream):
-                if current is not None and current.key != key:
-                    yield from finish(current)
-                    current = None
-                if current is None:
-                    current = Sample(key=key)
-                current.members[ext] = stream.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        cut = current.key if current is not None else "<start>"
-        reject(cut, f"tar cut off or unreadable at this sample: {exc}")
-        return
+    with storage.open_stream(shard) as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as stream:
+                for key, ext, info in sample_members(stream):
+                    if current is not None and current.key != key:
+                        yield from finish(current)
+                        current = None
+                    if current is None:
+                        current = Sample(key=key)
+                        if index is not None:
+                            index.append(IndexedSample(key, {}))
+                    current.members[ext] = stream.extractfile(info).read()
+                    if index is not None:
+                        index[-1].members[ext] = Member(info.offset_data, info.size, info.name)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            cut = current.key if current is not None else "<start>"
+            if index is not None and current is not None:
+                index.pop()
+            reject(cut, f"tar cut off or unreadable at this sample: {exc}")
+            return
     if current is not None:
         yield from finish(current)
 
 
-def index_path(shard: str | Path) -> Path:
-    """The DALI index path that belongs beside a shard: ``x.tar`` -> ``x.idx``."""
-    return Path(shard).with_suffix(".idx")
+def index_path(shard: Shard) -> Path | str | None:
+    """The DALI index that belongs beside a shard: ``x.tar`` -> ``x.idx`` (``None`` for ``pipe:``)."""
+    return storage.sibling(shard, ".idx")
 
 
-def write_index(shard: str | Path) -> Path:
-    """Write the DALI ``wds2idx`` (format v1.2) index beside ``shard``, atomically.
+def _index_text(samples: list[IndexedSample]) -> str:
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    for sample in samples:
+        lines.append(" ".join(f"{ext} {m.offset} {m.size} {m.name}" for ext, m in sample.members.items()))
+    return "\n".join(lines) + "\n"
+
+
+def write_index(shard: Shard) -> Path | str:
+    """Write the DALI ``wds2idx`` (format v1.2) index beside ``shard`` (a file or an object), atomically.
 
     Each line after the header lists, for one sample, ``ext offset size name`` per member,
     where ``offset`` is the byte offset of the member's data.
@@ -321,14 +404,11 @@ def write_index(shard: str | Path) -> Path:
     samples = scan_index(shard)
     if not samples:
         raise BeitDataError(f"shard has no members to index: {shard}")
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
-    for sample in samples:
-        lines.append(" ".join(f"{ext} {m.offset} {m.size} {m.name}" for ext, m in sample.members.items()))
-    text = "\n".join(lines) + "\n"
-    return write_text_atomic(index_path(shard), text)
+    return write_text_atomic(index_path(shard), _index_text(samples))
 
 
-def iter_images(shard: str | Path, rejects: list[Reject] | None = None, *, min_size: int = 1):
+def iter_images(shard: Shard, rejects: list[Reject] | None = None, *, min_size: int = 1,
+                index: list[IndexedSample] | None = None):
     """Yield ``(sample, ImageInfo)`` for each sample of ``shard`` whose image passes the probe.
 
     Samples with no image, a damaged image, or a side shorter than ``min_size`` pixels go to
@@ -336,7 +416,7 @@ def iter_images(shard: str | Path, rejects: list[Reject] | None = None, *, min_s
     """
     from beit_data.images import ImageError, probe_image
 
-    for sample in iter_samples(shard, rejects):
+    for sample in iter_samples(shard, rejects, index):
         try:
             info = probe_image(sample.image)
         except ImageError as exc:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, storage
 from beit_data.shards import check_fingerprint, expand_shards, read_index
-from beit_data.tokens import check_recipe, read_meta, schema, token_files, token_path
+from beit_data.tokens import check_recipe, parquet_file, read_meta, schema, token_files, token_path
 
 __all__ = ["summarise"]
 
@@ -48,18 +47,18 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
     for path in files:
         try:
             meta = read_meta(path)
-            file = pq.ParquetFile(path)
+            file = parquet_file(path)
         except BeitDataError as exc:
             errors.append(str(exc))
             continue
         grid = meta.get("tokenizer", {}).get("grid")
         if grid is None or not file.schema_arrow.equals(schema(grid), check_metadata=False):
-            errors.append(f"{path.name}: schema does not match the token format: {file.schema_arrow}")
+            errors.append(f"{storage.basename(path)}: schema does not match the token format: {file.schema_arrow}")
             continue
         if reference is None:
             reference, ref_file = meta, path
         try:
-            check_recipe(meta, reference, f"{path.name} and {ref_file.name}")
+            check_recipe(meta, reference, f"{storage.basename(path)} and {storage.basename(ref_file)}")
         except BeitDataError as exc:
             errors.append(str(exc))
             continue
@@ -67,16 +66,16 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
             counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)
         try:
             for batch in file.iter_batches(batch_size=batch_rows, columns=["key", "tokens"]):
-                keys.setdefault(path.name, set()).update(batch.column("key").to_pylist())
+                keys.setdefault(storage.basename(path), set()).update(batch.column("key").to_pylist())
                 flat = batch.column("tokens").flatten().to_numpy()
                 counts += np.bincount(flat, minlength=len(counts))[: len(counts)]
                 rows += batch.num_rows
         except (pa.ArrowException, OSError, ValueError) as exc:
-            errors.append(f"{path.name}: unreadable: {exc}")
+            errors.append(f"{storage.basename(path)}: unreadable: {exc}")
             continue
-        rejects += [{**r, "file": path.name} for r in meta.get("rejects", [])]
+        rejects += [{**r, "file": storage.basename(path)} for r in meta.get("rejects", [])]
         readable.append(path)
-        fingerprints[path.name] = meta.get("shard")
+        fingerprints[storage.basename(path)] = meta.get("shard")
     if reference is None:
         raise BeitDataError(f"no readable token files in {folder}: " + "; ".join(errors))
     views, images = reference["views"]["views"], len(set().union(*keys.values()))
@@ -89,7 +88,8 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
         "errors": errors,
     }
     if shards is not None:
-        summary["coverage"] = _coverage(Path(folder), shards, keys, rejects, fingerprints, errors)
+        summary["coverage"] = _coverage(folder, shards, keys, rejects, fingerprints, errors,
+                                        {storage.basename(p) for p in files})
     return summary
 
 
@@ -98,8 +98,8 @@ def _by_reason(rejects: list[dict]) -> dict[str, int]:
     return dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects).most_common())
 
 
-def _coverage(folder: Path, spec: str, keys: dict[str, set[str]], rejects: list[dict], fingerprints: dict,
-              errors: list[str]) -> dict:
+def _coverage(folder: Path | str, spec: str, keys: dict[str, set[str]], rejects: list[dict], fingerprints: dict,
+              errors: list[str], present: set[str]) -> dict:
     """Keys of the shards against the token files' keys. An unreadable shard, or one that has
     changed since it was tokenized, becomes an error line and is left out, with its token file."""
     tar_keys: set[str] = set()
@@ -109,15 +109,15 @@ def _coverage(folder: Path, spec: str, keys: dict[str, set[str]], rejects: list[
         target = token_path(folder, shard)
         try:
             index = read_index(shard)
-            if target.name in fingerprints:
-                check_fingerprint(shard, fingerprints[target.name], target, index=index)
+            if storage.basename(target) in fingerprints:
+                check_fingerprint(shard, fingerprints[storage.basename(target)], target, index=index)
         except BeitDataError as exc:
             errors.append(str(exc))
-            unusable.append(shard.name)
-            parquet_keys -= keys.get(target.name, set())
+            unusable.append(storage.basename(shard))
+            parquet_keys -= keys.get(storage.basename(target), set())
             continue
-        if not target.exists():
-            no_file.append(shard.name)
+        if storage.basename(target) not in present:
+            no_file.append(storage.basename(shard))
         tar_keys |= {s.key for s in index if s.image_ext is not None}
     rejected = {r["key"] for r in rejects}
     missing = sorted(tar_keys - parquet_keys - rejected)

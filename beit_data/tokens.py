@@ -24,11 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from beit_common import BeitDataError, __version__, write_atomic
+from beit_common import BeitDataError, __version__, storage, write_atomic
 from beit_data.views import JITTER_ORDER, View
 
 __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
-           "view_rows", "row_view", "build_table", "write_tokens", "read_meta", "with_defaults", "recipe_signature",
+           "view_rows", "row_view", "build_table", "write_tokens", "read_meta", "read_table", "parquet_file",
+           "with_defaults", "recipe_signature",
            "recipe_mismatch",
            "check_recipe", "read_consistent_meta"]
 
@@ -51,20 +52,38 @@ def schema(grid: int) -> pa.Schema:
     ])
 
 
-def token_path(out_dir: str | os.PathLike, shard: str | os.PathLike) -> Path:
-    """``train-000001.tar`` -> ``OUT/train-000001.parquet``."""
-    return Path(out_dir) / (Path(shard).stem + ".parquet")
+def token_path(out_dir: str | os.PathLike, shard: str | os.PathLike) -> Path | str:
+    """``train-000001.tar`` -> ``OUT/train-000001.parquet`` (``OUT`` may be an ``s3://`` or ``gs://`` prefix)."""
+    return storage.join(out_dir, storage.stem(shard) + ".parquet")
 
 
-def token_files(folder: str | os.PathLike) -> list[Path]:
-    """The token files of a folder, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BeitDataError(f"token folder not found: {folder}")
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
+def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list[Path | str]:
+    """The token files of a folder or object-storage prefix, sorted by name (with ``allow_empty``,
+    none is not an error)."""
+    if storage.is_url(folder):
+        files = storage.list_files(str(folder).rstrip("/") + "/", ".parquet")
+    else:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BeitDataError(f"token folder not found: {folder}")
+        files = sorted(folder.glob("*.parquet"))
+    if not files and not allow_empty:
         raise BeitDataError(f"no .parquet files in {folder}")
     return files
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None, filters=None) -> pa.Table:
+    """A token file's table (or some of its columns), from a local path or an object URL."""
+    where, fs = storage.arrow_source(path)
+    with storage.remote_errors(path):
+        return pq.read_table(where, columns=columns, filters=filters, filesystem=fs)
+
+
+def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
+    """A token file opened for its metadata and row groups."""
+    where, fs = storage.arrow_source(path)
+    with storage.remote_errors(path):
+        return pq.ParquetFile(where, filesystem=fs)
 
 
 def file_meta(tokenizer: dict, recipe: dict, decoder: dict, min_size: int) -> dict:
@@ -127,7 +146,9 @@ def read_meta(path: str | os.PathLike) -> dict:
         BeitDataError: If the file is not Parquet or carries no beit-data metadata.
     """
     try:
-        raw = pq.read_schema(path).metadata or {}
+        where, fs = storage.arrow_source(path)
+        with storage.remote_errors(path):
+            raw = pq.read_schema(where, filesystem=fs).metadata or {}
     except (pa.ArrowInvalid, OSError) as exc:
         raise BeitDataError(f"{path} is not a readable Parquet file: {exc}") from None
     meta = {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()

@@ -6,12 +6,11 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from beit_common import BeitDataError, ensure_writable_dir, write_atomic
 from beit_data.shards import expand_shards, read_images
 from beit_data.summary import summarise
-from beit_data.tokens import read_meta, row_view, token_files
+from beit_data.tokens import read_meta, read_table, row_view, token_files
 from pipelines.config import InspectConfig
 
 __all__ = ["InspectConfig", "run_inspect", "format_summary", "render_view", "render_histogram"]
@@ -56,7 +55,7 @@ def format_summary(s: dict) -> str:
 def _find_row(files: list[Path], key: str, view: int) -> tuple[dict, dict]:
     for path in files:
         try:
-            table = pq.read_table(path, filters=[("key", "=", key)])
+            table = read_table(path, filters=[("key", "=", key)])
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise BeitDataError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
         if table.num_rows:

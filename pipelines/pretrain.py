@@ -24,10 +24,11 @@ from typing import Iterator
 
 import torch
 
-from beit_common import LOCK_NAME, BeitDataError, ensure_writable_dir, folder_lock, write_text_atomic
+from beit_common import LOCK_NAME, BeitDataError, ensure_writable_dir, folder_lock, storage, write_text_atomic
+from beit_common.storage import Mirror
 from beit_data.progress import progress_bar
 from beit_data.stream import StreamConfig, TrainStream
-from pipelines.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import CHECKPOINT, check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from pipelines.config import PretrainConfig
 from pipelines.logs import Logger, LossReader
 from pipelines.preemption import Preemption
@@ -56,6 +57,7 @@ class Run:
     step: int = 0
     resumed_at: int | None = None
     checks: QualityChecks | None = None
+    mirror: Mirror | None = None  # uploads the run folder to an object-storage ``out``
 
     @property
     def is_main(self) -> bool:
@@ -71,28 +73,46 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
         try:
-            with run_folder(cfg, dist) as out:
-                return loop(build(cfg, out, device, dist))
+            with run_folder(cfg, dist) as (out, mirror):
+                return loop(build(cfg, out, device, dist, mirror))
         finally:
             if dist.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
 
 @contextmanager
-def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[Path]:
+def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirror | None]]:
     """The run folder, locked by rank 0 for the run; a new folder is removed again if the run
-    fails before it holds anything."""
-    out = Path(cfg.out)
-    ckpt = checkpoint_path(out)
-    if ckpt.exists() and not cfg.resume:
-        raise BeitDataError(f"{out} already holds a run; pass `resume` to continue it or choose another `out`")
-    if cfg.resume and not ckpt.exists():
+    fails before it holds anything.
+
+    For an object-storage ``out``, each rank works in a local folder that mirrors the prefix
+    (see ``storage.Mirror``): a resumed run downloads the checkpoint first (rank 0: the logs
+    too), and rank 0 uploads what changed at every checkpoint, the checkpoint last.
+    """
+    remote = storage.is_url(cfg.out)
+    ckpt = checkpoint_path(cfg.out)
+    has_checkpoint = storage.exists(ckpt)
+    if has_checkpoint and not cfg.resume:
+        raise BeitDataError(f"{cfg.out} already holds a run; pass `resume` to continue it or choose another `out`")
+    if cfg.resume and not has_checkpoint:
         raise BeitDataError(f"`resume`: no checkpoint at {ckpt}")
+    mirror = None
+    if remote:
+        ensure_writable_dir(cfg.out)
+        mirror = Mirror(str(cfg.out), storage.cache_dir("runs", storage.cache_key(cfg.out), f"rank{dist.rank}"),
+                        skip=(LOCK_NAME,))
+        if not cfg.resume:
+            mirror.reset()
+        elif dist.rank == 0:
+            mirror.pull()
+        else:  # the other ranks read the checkpoint alone
+            mirror.pull([CHECKPOINT])
+    out = mirror.local if mirror is not None else Path(cfg.out)
     created = not out.exists()
     ensure_writable_dir(out)
     try:
-        with folder_lock(out, "beit-data pretrain") if dist.rank == 0 else nullcontext():
-            yield out
+        with folder_lock(cfg.out, "beit-data pretrain") if dist.rank == 0 else nullcontext():
+            yield out, mirror
     except BaseException:
         if created and dist.rank == 0 and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
             shutil.rmtree(out, ignore_errors=True)
@@ -118,11 +138,11 @@ def _check_model(model, stream: TrainStream) -> None:
 def run_data(stream: TrainStream) -> dict:
     """What a run trains on, as its checkpoint records it: shard names (not paths, which may
     move), their tokenized images, and the tokenizer and view recipe."""
-    return {"shards": [Path(s).name for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
+    return {"shards": [storage.basename(s) for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
             "tokenizer": stream.meta["tokenizer"], "views": stream.meta["views"]}
 
 
-def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo) -> Run:
+def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, mirror: Mirror | None = None) -> Run:
     """The stream, the model and its optimizer, restored from the checkpoint with ``resume``."""
     stream = TrainStream(StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
                                       mix_shards=cfg.mix_shards, num_masked=cfg.num_masked,
@@ -146,7 +166,7 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo) 
                                            betas=cfg.betas, warmup=warmup, total=total)
     run = Run(cfg=cfg, device=device, dist=dist, out=out, stream=stream, model=model, optimizer=optimizer,
               scheduler=scheduler, total=total, warmup=warmup, data=run_data(stream),
-              checks=QualityChecks(cfg, stream, dist, device, depth=len(model.blocks)))
+              checks=QualityChecks(cfg, stream, dist, device, depth=len(model.blocks)), mirror=mirror)
     if checkpoint is not None:
         restore(run, checkpoint)
     else:
@@ -185,6 +205,14 @@ def save(run: Run) -> None:
                         rng_cuda=[r["cuda"] for r in ranks] if run.device.type == "cuda" else [],
                         config=asdict(run.cfg), model_name=run.cfg.model, world_size=run.dist.world_size,
                         data=run.data)
+        push(run)
+
+
+def push(run: Run) -> None:
+    """Upload what changed in the run folder to an object-storage ``out`` (rank 0), the checkpoint
+    last: each object appears whole, and a resumed run drops log lines past the checkpoint."""
+    if run.mirror is not None and run.is_main:
+        run.mirror.push(last=(CHECKPOINT,))
 
 
 def _forward_module(run: Run) -> torch.nn.Module:
@@ -261,12 +289,13 @@ def loop(run: Run) -> dict:
         logger.log({"step": run.step, "event": "stopped", "signal": Preemption.name(stopped)})
         if run.is_main:
             print(f"pretrain: stopped by {Preemption.name(stopped)} after step {run.step}; "
-                  f"{checkpoint_path(run.out)} holds it, resume to continue", file=sys.stderr)
+                  f"{checkpoint_path(run.cfg.out)} holds it, resume to continue", file=sys.stderr)
     logger.close()
+    push(run)  # the logs written after the last checkpoint
     if run.dist.world_size > 1:
         torch.distributed.barrier()
     return {"steps": run.step, "first_loss": losses.first, "last_loss": losses.last,
-            "checkpoint": str(checkpoint_path(run.out)), "skipped_rejected": run.stream.skipped_rejected,
+            "checkpoint": str(checkpoint_path(run.cfg.out)), "skipped_rejected": run.stream.skipped_rejected,
             "skipped_missing_shards": len(run.stream.missing),
             "stopped": Preemption.name(stopped) if stopped else None,
             "held_out": [r for r in (run.checks.first, run.checks.last) if r is not None]}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, storage
 from beit_data.progress import progress_bar
 from beit_data.shards import expand_shards, iter_images
 from pipelines.config import ProbeConfig
@@ -170,11 +170,11 @@ def linear_probe(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Ten
 
 def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str]:
     """A pretrain run folder's model, or an exported encoder (``.pth`` / ``.safetensors`` with its ``.json``)."""
-    source = Path(source)
-    if source.is_dir():
+    if storage.is_url(source) or Path(source).is_dir():
         from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 
         return model_from_checkpoint(load_checkpoint(checkpoint_path(source))), "run"
+    source = Path(source)
     info_path = source.with_suffix(".json")
     if not source.is_file() or not info_path.is_file():
         raise BeitDataError(f"{source} is neither a pretrain run folder nor an exported encoder with its "

@@ -10,10 +10,10 @@ from typing import NamedTuple
 
 import webdataset as wds
 
-from beit_common import BeitDataError, ensure_writable_dir, write_text_atomic
+from beit_common import BeitDataError, ensure_writable_dir, storage, write_text_atomic
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
 from beit_data.progress import progress_bar
-from beit_data.shards import IMAGE_EXTS, Reject, write_index
+from beit_data.shards import IMAGE_EXTS, Reject, expand_shards, index_path, write_index
 from beit_data.views import stable_rng
 from pipelines.config import ShardsConfig
 
@@ -161,3 +161,25 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
             result.images += 1
     _write_reports(out, result)
     return result
+
+
+def run_index(spec: str, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write a DALI ``.idx`` beside each shard of ``spec`` that has none (with ``overwrite``, beside
+    every one), local or on object storage. The training order reads images by these offsets;
+    without them each node scans the tar headers once.
+
+    Returns:
+        ``{"shards": N, "written": [...], "skipped": M}``.
+    """
+    shards = expand_shards(spec)
+    if any(storage.is_pipe(s) for s in shards):
+        raise BeitDataError("pipe: shards cannot be indexed (they are read from the start only); index the files "
+                            "or objects the commands read")
+    written, skipped = [], 0
+    for shard in progress_bar(shards, desc="index", unit="shard", disable=not progress):
+        if not overwrite and storage.exists(index_path(shard)):
+            skipped += 1
+            continue
+        write_index(shard)
+        written.append(str(index_path(shard)))
+    return {"shards": len(shards), "written": written, "skipped": skipped}

@@ -22,17 +22,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit_common import BeitDataError, ensure_writable_dir, folder_lock, write_text_atomic
+from beit_common import BeitDataError, ensure_writable_dir, folder_lock, storage, write_text_atomic
 from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
-from beit_data.shards import Reject, check_fingerprint, expand_shards, index_count, iter_images, shard_fingerprint
+from beit_data.shards import (
+    Reject,
+    Shard,
+    check_fingerprint,
+    expand_shards,
+    index_count,
+    iter_images,
+    shard_fingerprint,
+)
 from beit_data.tokens import (
     build_table,
     check_recipe,
     decoder_meta,
     file_meta,
     read_meta,
+    token_files,
     token_path,
     view_rows,
     write_tokens,
@@ -74,7 +83,7 @@ def _min_size(cfg: TokenizeConfig, tokenizer: Tokenizer) -> int:
     return tokenizer.input_size if cfg.min_size is None else cfg.min_size
 
 
-def _plan(shards: list[Path], out: Path, meta: dict, overwrite: bool) -> tuple[list[Path], int]:
+def _plan(shards: list[Shard], out: Path | str, meta: dict, overwrite: bool) -> tuple[list[Shard], int]:
     """The shards still to tokenize; finished ones made from the same shard and recipe are skipped.
 
     Raises:
@@ -83,9 +92,10 @@ def _plan(shards: list[Path], out: Path, meta: dict, overwrite: bool) -> tuple[l
     """
     todo, skipped = [], 0
     hint = "; pass `overwrite` to replace it"
+    done = _finished(out)
     for shard in shards:
         target = token_path(out, shard)
-        if not target.exists() or overwrite:
+        if storage.basename(target) not in done or overwrite:
             todo.append(shard)
             continue
         try:
@@ -98,20 +108,25 @@ def _plan(shards: list[Path], out: Path, meta: dict, overwrite: bool) -> tuple[l
     return todo, skipped
 
 
-def _expected_images(shards: list[Path]) -> int | None:
+def _finished(out) -> set[str]:
+    """Names of the token files already in ``out``: one listing (a local folder or a prefix)."""
+    return {storage.basename(p) for p in token_files(out, allow_empty=True)}
+
+
+def _expected_images(shards: list[Shard]) -> int | None:
     """Sample count from the shards' .idx headers, for the progress bar, where all exist."""
     counts = [index_count(shard) for shard in shards]
     return None if None in counts else sum(counts)
 
 
-def _prepared_batches(shard: Path, cfg: TokenizeConfig, min_size: int, rejects: list[Reject]):
+def _prepared_batches(shard: Shard, cfg: TokenizeConfig, min_size: int, rejects: list[Reject], members=None):
     """Batches of (sample, info) with their views: the Python half of the loading."""
     recipe = cfg.view_recipe
-    for batch in batched(iter_images(shard, rejects, min_size=min_size), cfg.batch_size):
+    for batch in batched(iter_images(shard, rejects, min_size=min_size, index=members), cfg.batch_size):
         yield batch, [sample_views(recipe, s.key, info.width, info.height) for s, info in batch]
 
 
-def _decoded_batches(prepared, shard: Path, views: DaliViews, rejects: list[Reject]):
+def _decoded_batches(prepared, shard: Shard, views: DaliViews, rejects: list[Reject]):
     """(rows, tensors (N*V, 3, S, S)) per batch, decoded and augmented by DALI."""
     for batch, batch_views in prepared:
         pixels, good, bad = views.decode_or_reject([s.image for s, _ in batch], batch_views)
@@ -132,14 +147,17 @@ def _encode(tokenizer: Tokenizer, pixels: torch.Tensor, device, pad_to: int | No
         return tokenizer.encode(pixels.float())[:n]
 
 
-def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views: DaliViews, device,
+def tokenize_shard(shard: Shard, cfg: TokenizeConfig, tokenizer: Tokenizer, views: DaliViews, device,
                    bar) -> tuple[int, int, list[Reject]]:
     """Tokenize one shard and write its Parquet file. Returns (images, views, rejects)."""
     rejects: list[Reject] = []
     all_rows, all_tokens = [], []
     # Three threads overlap: Python reads and prepares batches, DALI decodes, the dVAE encodes.
-    fingerprint = shard_fingerprint(shard)  # before reading: a shard that changes meanwhile no longer matches
-    prepared = prefetch(_prepared_batches(shard, cfg, _min_size(cfg, tokenizer), rejects))
+    # Before reading: a shard that changes meanwhile no longer matches. A pipe: shard can only
+    # be read once, so its fingerprint comes from the members that read finds.
+    members = [] if storage.is_pipe(shard) else None
+    fingerprint = None if members is not None else shard_fingerprint(shard)
+    prepared = prefetch(_prepared_batches(shard, cfg, _min_size(cfg, tokenizer), rejects, members))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
         ids = _encode(tokenizer, pixels.to(device, non_blocking=True), device,
                       pad_to=cfg.batch_size * cfg.views if cfg.compile else None)  # (N*V, grid, grid)
@@ -148,7 +166,9 @@ def tokenize_shard(shard: Path, cfg: TokenizeConfig, tokenizer: Tokenizer, views
         bar.update(len(rows) // cfg.views)
     grid = tokenizer.grid
     tokens = np.concatenate(all_tokens) if all_tokens else np.zeros((0, grid, grid), np.int16)
-    meta = {**run_meta(tokenizer, cfg), "source": Path(shard).name, "shard": fingerprint,
+    if members is not None:
+        fingerprint = shard_fingerprint(shard, members)
+    meta = {**run_meta(tokenizer, cfg), "source": storage.basename(shard), "shard": fingerprint,
             "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
     write_tokens(token_path(cfg.out, shard), build_table(all_rows, tokens, grid), meta)
     return len(all_rows) // cfg.views, len(all_rows), rejects
@@ -168,7 +188,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
         return _tokenize(cfg, shards, tokenizer, out, device, dist, start)
 
 
-def _tokenize(cfg: TokenizeConfig, shards: list[Path], tokenizer: Tokenizer, out: Path, device, dist,
+def _tokenize(cfg: TokenizeConfig, shards: list[Shard], tokenizer: Tokenizer, out: Path | str, device, dist,
               start: float) -> dict:
     mine = shards[dist.rank :: dist.world_size]
     todo, skipped = _plan(mine, out, run_meta(tokenizer, cfg), cfg.overwrite)
@@ -192,7 +212,7 @@ def _tokenize(cfg: TokenizeConfig, shards: list[Path], tokenizer: Tokenizer, out
     return _gather_and_write(summary, out, dist)
 
 
-def _gather_and_write(summary: TokenizeSummary, out: Path, dist) -> dict:
+def _gather_and_write(summary: TokenizeSummary, out: Path | str, dist) -> dict:
     parts = [summary]
     if dist.world_size > 1:
         parts = [None] * dist.world_size
@@ -206,8 +226,9 @@ def _gather_and_write(summary: TokenizeSummary, out: Path, dist) -> dict:
         total.rejects += p.rejects
     result = {**total.as_dict(), "reject_list": total.rejects}
     # A rerun that finds every shard done keeps the summary of the run that did the work.
-    if dist.rank == 0 and (total.skipped < total.shards or not (out / "summary.json").exists()):
-        write_text_atomic(out / "summary.json", json.dumps(result, indent=1))
+    summary_file = storage.join(out, "summary.json")
+    if dist.rank == 0 and (total.skipped < total.shards or not storage.exists(summary_file)):
+        write_text_atomic(summary_file, json.dumps(result, indent=1))
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

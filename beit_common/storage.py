@@ -1,0 +1,476 @@
+"""Where beit-data reads and writes: local paths, object storage and WebDataset ``pipe:`` commands.
+
+A location is a local path, an ``s3://``, ``gs://`` or ``http(s)://`` URL (read through fsspec:
+s3fs, gcsfs, and fsspec's HTTP file system over aiohttp), or a ``pipe:COMMAND`` whose standard
+output is the file (WebDataset's convention; it can only be read from the start).
+
+Credentials and endpoints come the usual way: for S3, the AWS environment variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``,
+``AWS_MAX_ATTEMPTS``...) and ``~/.aws/config`` / ``~/.aws/credentials``; for GCS, Google's
+application default credentials. Transient errors (``SlowDown``, 5xx, a dropped connection)
+are retried with backoff by botocore and s3fs; HTTP reads are retried here.
+
+Writes to object storage go to a local temporary file first and are then uploaded in one
+call: a single PUT, or a multipart upload that is completed only after its last part. So an
+object appears whole under its final name, or not at all, as a local file does by rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Sequence
+
+from beit_common import BeitDataError
+
+__all__ = ["URL_SCHEMES", "is_url", "is_pipe", "is_remote", "join", "basename", "stem", "sibling", "filesystem",
+           "remote_errors", "stat", "exists", "read_bytes", "read_ranges", "read_many", "list_files", "glob", "upload",
+           "open_stream", "open_random", "open_input", "arrow_source", "cache_dir", "cache_key", "temp_file",
+           "is_prefix", "download", "remove", "probe_writable", "EXTRAS"]
+
+URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+# The pip extra that brings each scheme's file system.
+EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+HTTP_ATTEMPTS = 5  # HTTP reads: tries in all, with backoff 0.2, 0.4, 0.8, 1.6 s between them
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    scheme, sep, _ = str(location).partition("://")
+    return bool(sep) and scheme.lower() in URL_SCHEMES
+
+
+def is_pipe(location: str | os.PathLike) -> bool:
+    return str(location).startswith("pipe:")
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return is_url(location) or is_pipe(location)
+
+
+def join(base: str | os.PathLike, name: str) -> str | Path:
+    """``base/name``: a URL stays a string (``Path`` would fold its ``//``), a local path a ``Path``."""
+    if is_url(base):
+        return f"{str(base).rstrip('/')}/{name}"
+    return Path(base) / name
+
+
+def basename(location: str | os.PathLike) -> str:
+    """The file name of a location. For a ``pipe:`` command, that of the last word naming a ``.tar``
+    (``pipe:aws s3 cp s3://b/train-000001.tar -`` -> ``train-000001.tar``)."""
+    text = str(location)
+    if is_pipe(text):
+        words = [w for w in text[5:].split() if ".tar" in w]
+        if not words:
+            raise BeitDataError(f"{text}: a pipe: command must name its .tar file (its name pairs it with its tokens)")
+        text = words[-1]
+    if is_url(text) or is_pipe(location):
+        return text.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(text).name
+
+
+def stem(location: str | os.PathLike) -> str:
+    name = basename(location)
+    return name.rsplit(".", 1)[0] if "." in name[1:] else name
+
+
+def sibling(location: str | os.PathLike, suffix: str) -> str | Path | None:
+    """The file beside ``location`` with ``suffix`` for its extension (``x.tar`` -> ``x.idx``);
+    ``None`` for a ``pipe:`` command, which has no place beside it."""
+    if is_pipe(location):
+        return None
+    if is_url(location):
+        text = str(location)
+        head, _, name = text.rpartition("/")
+        return f"{head}/{name.rsplit('.', 1)[0] if '.' in name else name}{suffix}"
+    return Path(location).with_suffix(suffix)
+
+
+def filesystem(url: str):
+    """``(fsspec file system, path inside it)`` for a URL.
+
+    Raises:
+        BeitDataError: When the scheme's package is not installed, naming the extra.
+    """
+    import fsspec.core
+
+    scheme = str(url).partition("://")[0].lower()
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except ImportError:
+        raise BeitDataError(f"{url}: reading {scheme}:// needs an extra: pip install 'beit-data[{EXTRAS[scheme]}]'"
+                            ) from None
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+@contextmanager
+def remote_errors(location: str | os.PathLike, doing: str = "", *, local: bool = False) -> Iterator[None]:
+    """Turn a file system's errors into one line naming ``location``: a missing bucket or object,
+    missing credentials, a denied request, an object that changed while it was read. Errors
+    about a local path pass unchanged, unless ``local``."""
+    if not (local or is_remote(location)):
+        yield
+        return
+    where = f"{location}" + (f" ({doing})" if doing else "")
+    try:
+        yield
+    except BeitDataError:
+        raise
+    except FileNotFoundError as exc:
+        raise BeitDataError(f"{where}: not found ({_message(exc)})") from None
+    except PermissionError as exc:
+        raise BeitDataError(f"{where}: access denied ({_message(exc)}); check the credentials and the bucket "
+                            "policy") from None
+    except Exception as exc:  # botocore and aiohttp have error types of their own
+        name = type(exc).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+            raise BeitDataError(f"{where}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                                "(or AWS_PROFILE, ~/.aws/credentials) for s3://, application default credentials "
+                                "for gs://") from None
+        if name == "FileExpired":
+            raise BeitDataError(f"{where}: the object changed while it was read (its ETag differs from the one "
+                                "recorded)") from None
+        if isinstance(exc, (OSError, ValueError)) or "botocore" in type(exc).__module__ \
+                or "aiohttp" in type(exc).__module__:
+            raise BeitDataError(f"{where}: {_message(exc)}") from None
+        raise
+
+
+def _retrying(url: str, call: Callable, *args, **kwargs):
+    """``call(*args, **kwargs)``, tried again after a transient HTTP failure (a dropped
+    connection, a 5xx). S3 and GCS clients retry on their own."""
+    if not str(url).lower().startswith("http"):
+        return call(*args, **kwargs)
+    for attempt in range(HTTP_ATTEMPTS):
+        try:
+            return call(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            status = getattr(exc, "status", None)
+            transient = status is None or status >= 500 or status == 429
+            if not transient or attempt == HTTP_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+
+
+def stat(location: str | os.PathLike, *, fresh: bool = True) -> dict:
+    """``{"size": bytes, "etag": str | None}``. With ``fresh``, asked of the server; otherwise
+    an object listed a moment ago (``expand_shards`` lists a prefix once) costs no request."""
+    if not is_url(location):
+        return {"size": os.path.getsize(location), "etag": None}
+    fs, path = filesystem(str(location))
+    with remote_errors(location):
+        if fresh:
+            fs.invalidate_cache(path)
+        info = _retrying(str(location), fs.info, path)
+    if info.get("type") == "directory":
+        raise BeitDataError(f"{location}: is a prefix (a folder), not an object")
+    etag = info.get("ETag") or info.get("etag") or info.get("generation")
+    return {"size": int(info["size"]), "etag": str(etag).strip('"') if etag else None}
+
+
+def exists(location: str | os.PathLike) -> bool:
+    if not is_url(location):
+        return os.path.exists(location)
+    fs, path = filesystem(str(location))
+    with remote_errors(location):
+        fs.invalidate_cache(path)
+        return bool(_retrying(str(location), fs.exists, path))
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    if not is_url(location):
+        with open(location, "rb") as f:
+            return f.read()
+    fs, path = filesystem(str(location))
+    with remote_errors(location):
+        return _retrying(str(location), fs.cat_file, path)
+
+
+def read_ranges(location: str | os.PathLike, ranges: Sequence[tuple[int, int]], *,
+                handle: BinaryIO | None = None) -> list[bytes]:
+    """The bytes at each ``(offset, size)``: local files by ``pread`` (on ``handle`` when it is
+    open), objects by concurrent range requests, one per range.
+
+    Raises:
+        BeitDataError: When a range comes back short (the file shrank) or the object is gone.
+    """
+    if not is_url(location):
+        if handle is not None:
+            out = [os.pread(handle.fileno(), size, offset) for offset, size in ranges]
+        else:
+            with open(location, "rb", buffering=0) as f:
+                out = [os.pread(f.fileno(), size, offset) for offset, size in ranges]
+    else:
+        return read_many([(str(location), offset, size) for offset, size in ranges])
+    for data, (offset, size) in zip(out, ranges):
+        if len(data) != size:
+            raise BeitDataError(f"{location}: {len(data)} bytes at offset {offset}, not {size}: it has changed "
+                                "since it was indexed (or the server ignores Range requests)")
+    return out
+
+
+def read_many(requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
+    """The bytes at each ``(url, offset, size)``, by concurrent range requests: one call per file
+    system for all of them (fsspec's ``cat_ranges``), so a batch's images arrive together.
+
+    Raises:
+        BeitDataError: When a range comes back short or an object is gone, naming it.
+    """
+    out: list[bytes | None] = [None] * len(requests)
+    by_fs: dict[int, tuple[object, list[int], list[str]]] = {}
+    for j, (url, _, _) in enumerate(requests):
+        fs, path = filesystem(url)
+        by_fs.setdefault(id(fs), (fs, [], []))
+        by_fs[id(fs)][1].append(j)
+        by_fs[id(fs)][2].append(path)
+    for fs, idx, paths in by_fs.values():
+        first = requests[idx[0]][0]
+        starts = [requests[j][1] for j in idx]
+        ends = [requests[j][1] + requests[j][2] for j in idx]
+        with remote_errors(first):
+            got = _retrying(first, fs.cat_ranges, paths, starts, ends, on_error="return")
+        for j, data in zip(idx, got):
+            url, offset, size = requests[j]
+            if isinstance(data, BaseException):
+                with remote_errors(url):
+                    raise data
+            if len(data) != size:
+                raise BeitDataError(f"{url}: {len(data)} bytes at offset {offset}, not {size}: it has changed "
+                                    "since it was indexed (or the server ignores Range requests)")
+            out[j] = data
+    return out
+
+
+def list_files(prefix: str, suffix: str) -> list[str]:
+    """The objects directly under a remote prefix whose names end in ``suffix``, sorted, as URLs."""
+    fs, path = filesystem(prefix)
+    protocol = str(prefix).partition("://")[0]
+    with remote_errors(prefix, "listing"):
+        fs.invalidate_cache(path)
+        try:
+            entries = _retrying(prefix, fs.ls, path.rstrip("/"), detail=True)
+        except FileNotFoundError:
+            if "/" not in path.strip("/") or prefix.lower().startswith("http"):
+                raise
+            _retrying(prefix, fs.ls, path.split("/", 1)[0])  # the bucket is there: an empty prefix
+            entries = []
+    names = sorted(e["name"] for e in entries if e.get("type") != "directory" and e["name"].endswith(suffix))
+    return [n if is_url(n) else f"{protocol}://{n}" for n in names]
+
+
+def glob(pattern: str) -> list[str]:
+    fs, path = filesystem(pattern)
+    protocol = str(pattern).partition("://")[0]
+    with remote_errors(pattern, "listing"):
+        fs.invalidate_cache()
+        found = _retrying(pattern, fs.glob, path)
+        if not found and not pattern.lower().startswith("http"):  # a missing bucket globs to nothing: say so
+            _retrying(pattern, fs.ls, path.split("/", 1)[0])
+    return sorted(n if is_url(n) else f"{protocol}://{n}" for n in found)
+
+
+def is_prefix(url: str) -> bool:
+    """Whether a URL names a folder-like prefix (it ends in ``/``, or objects lie under it)."""
+    if str(url).endswith("/"):
+        return True
+    if str(url).lower().startswith("http"):
+        return False
+    fs, path = filesystem(url)
+    with remote_errors(url):
+        fs.invalidate_cache(path)
+        return bool(_retrying(url, fs.isdir, path))
+
+
+def upload(local: str | os.PathLike, url: str, chunk_size: int | None = None) -> None:
+    """Put a finished local file at ``url`` in one call: a single PUT, or (past ``chunk_size``,
+    s3fs's 50 MiB by default) a multipart upload that is completed only after its last part, so
+    the object appears whole or not at all."""
+    fs, path = filesystem(url)
+    with remote_errors(url, "upload"):
+        fs.put_file(str(local), path, **({"chunksize": chunk_size} if chunk_size else {}))
+        fs.invalidate_cache(path)
+
+
+def download(url: str, local: str | os.PathLike) -> None:
+    fs, path = filesystem(url)
+    with remote_errors(url, "download"):
+        fs.get_file(path, str(local))
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    with remote_errors(url, "delete"):
+        fs.rm_file(path)
+
+
+def probe_writable(prefix: str) -> None:
+    """Write and delete one small object under ``prefix``: a missing bucket, missing credentials
+    or a denied write show before any work is done."""
+    probe = join(prefix, f".beit-data-write-test-{os.getpid()}")
+    fs, path = filesystem(str(probe))
+    with remote_errors(prefix, "writing"):
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+
+
+# Reading whole files from the start: the tar readers of tokenize, probe and train-dvae.
+STREAM_BLOCK = 8 * 2**20
+# Random access with small reads: the tar-header scan.
+SCAN_BLOCK = 64 * 2**10
+
+
+@contextmanager
+def open_stream(location: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file read from the start: a local file, an object read ahead in 8 MiB requests,
+    or a ``pipe:`` command's standard output (WebDataset's ``gopen``, which raises if the command
+    fails)."""
+    if is_pipe(location):
+        from webdataset.gopen import gopen
+
+        with remote_errors(location, "pipe"):
+            stream = gopen(str(location), "rb")
+            try:
+                yield stream
+            finally:
+                stream.close()  # raises when the command failed
+    elif is_url(location):
+        fs, path = filesystem(str(location))
+        with remote_errors(location):
+            f = fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead")
+        with f:
+            yield f
+    else:
+        with remote_errors(location, local=True):
+            f = open(location, "rb")
+        with f:
+            yield f
+
+
+def open_random(location: str | os.PathLike, block_size: int = SCAN_BLOCK) -> BinaryIO:
+    """A seekable binary file; an object is read by range requests of ``block_size`` bytes."""
+    if is_pipe(location):
+        raise BeitDataError(f"{location}: a pipe: command cannot be read at random")
+    if not is_url(location):
+        return open(location, "rb")
+    fs, path = filesystem(str(location))
+    with remote_errors(location):
+        return fs.open(path, "rb", block_size=block_size, cache_type="bytes")
+
+
+@contextmanager
+def open_input(location: str | os.PathLike) -> Iterator[str | BinaryIO]:
+    """What pyarrow's readers take: a local path as it is, an object as a seekable file."""
+    if not is_url(location):
+        yield str(location)
+        return
+    fs, path = filesystem(str(location))
+    with remote_errors(location):
+        with fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead") as f:
+            yield f
+
+
+def arrow_source(location: str | os.PathLike) -> tuple[str, object]:
+    """``(path, filesystem)`` for pyarrow's readers: ``filesystem`` is ``None`` for a local path,
+    else the URL's fsspec file system wrapped for pyarrow."""
+    if not is_url(location):
+        return str(location), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(str(location))
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$BEIT_DATA_CACHE`` (default ``~/.cache/beit-data``)/parts, created."""
+    root = Path(os.environ.get("BEIT_DATA_CACHE") or Path.home() / ".cache" / "beit-data")
+    folder = root.joinpath(*parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def cache_key(*parts: object) -> str:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+def temp_file(like: str | os.PathLike) -> Path:
+    """A fresh local temporary file for an object on its way up."""
+    fd, name = tempfile.mkstemp(prefix=f".{basename(like)}.", suffix=".part", dir=cache_dir("uploads"))
+    os.close(fd)
+    return Path(name)
+
+
+class Mirror:
+    """A local folder that stands for an object-storage prefix: a run writes (and appends to
+    its logs) locally, and ``push`` uploads each file that changed since the last push, one
+    whole object each. ``pull`` brings the prefix's files down first, for a resumed run.
+
+    Args:
+        url: The prefix.
+        local: The folder that mirrors it (``$BEIT_DATA_CACHE/runs/...`` by default).
+        skip: Names never uploaded (locks, temporary files).
+    """
+
+    def __init__(self, url: str, local: Path | None = None, skip: Sequence[str] = ()):
+        self.url = str(url).rstrip("/")
+        self.local = local if local is not None else cache_dir("runs", cache_key(self.url))
+        self.skip = set(skip)
+        self._pushed: dict[str, tuple[int, int]] = {}
+
+    def _files(self) -> list[Path]:
+        return sorted(p for p in self.local.rglob("*") if p.is_file() and p.name not in self.skip
+                      and not p.name.startswith("."))
+
+    def reset(self) -> None:
+        """Empty the local folder (left over from an earlier run of this prefix)."""
+        import shutil
+
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True, exist_ok=True)
+        self._pushed.clear()
+
+    def pull(self, names: Sequence[str] | None = None) -> None:
+        """Download the prefix's files (or just ``names``) into the empty local folder."""
+        from beit_common import write_atomic
+
+        self.reset()
+        if names is None:
+            fs, path = filesystem(self.url)
+            with remote_errors(self.url, "listing"):
+                fs.invalidate_cache()
+                names = [n[len(path.rstrip("/")) + 1:] for n in fs.find(path)]
+        for name in names:
+            target = self.local / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(target, lambda tmp, name=name: download(f"{self.url}/{name}", tmp))
+        self._pushed = {self._name(p): self._state(p) for p in self._files()}
+
+    def _name(self, path: Path) -> str:
+        return path.relative_to(self.local).as_posix()
+
+    @staticmethod
+    def _state(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def push(self, last: Sequence[str] = ()) -> list[str]:
+        """Upload the files that changed since the last push; ``last`` (the checkpoint) after
+        the others. Returns the names uploaded."""
+        files = self._files()
+        files.sort(key=lambda p: p.name in last)
+        sent = []
+        for path in files:
+            name, state = self._name(path), self._state(path)
+            if self._pushed.get(name) != state:
+                upload(path, f"{self.url}/{name}")
+                self._pushed[name] = state
+                sent.append(name)
+        return sent

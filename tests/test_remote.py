@@ -1,0 +1,280 @@
+"""Shards, tokens and runs on object storage, against real servers on loopback.
+
+The S3 server is moto in server mode behind a proxy that injects faults (``tests/object_store``);
+s3fs and botocore reach it through ``AWS_ENDPOINT_URL``, as they would reach MinIO or R2.
+HTTP shards come from a loopback ``http.server`` that honours Range, ``pipe:`` shards from
+``cat``. Every result is compared, row for row, with the same run on the local copies.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from beit_common import BeitDataError, storage, write_text_atomic
+from beit_data.shards import expand_shards, read_index, scan_index
+from beit_data.tokens import read_meta
+from tests.conftest import run_cli
+from tests.object_store import S3Server, serve_folder
+
+BUCKET = "beit-test"
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Every connection these tests open goes to loopback: nothing reaches a real cloud."""
+    import ipaddress
+    import socket
+
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not ipaddress.ip_address(address[0]).is_loopback:
+            raise AssertionError(f"a test connected to {address[0]}, not loopback")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server = S3Server()
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def s3(s3_server, monkeypatch, tmp_path):
+    """The S3 server, with the AWS environment pointing at it and a fresh local cache."""
+    import s3fs
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BEIT_DATA_CACHE", str(tmp_path / "cache"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3_server.proxy.queue.clear()
+    s3_server.proxy.denied.clear()
+    s3_server.proxy.injected.clear()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def upload_folder(server: S3Server, folder: Path, prefix: str, suffixes=(".tar", ".idx", ".parquet")) -> str:
+    client = server.client()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in suffixes:
+            client.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+    return f"s3://{BUCKET}/{prefix}/"
+
+
+def tables(folder) -> dict[str, tuple]:
+    """Each token file's rows and metadata, by name."""
+    from beit_data.tokens import read_table, token_files
+
+    return {storage.basename(p): (read_table(p).replace_schema_metadata(None), read_meta(p))
+            for p in token_files(folder)}
+
+
+def tokenize(shards: str, out: str, tokenizer: Path, **kw) -> dict:
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+
+    return run_tokenize(TokenizeConfig(shards=shards, tokenizer=str(tokenizer), out=out, views=4, batch_size=8,
+                                       device="cpu", progress=False, **kw))
+
+
+def test_tokenize_from_s3_to_s3_gives_the_local_rows_through_faults(s3, sample_shards, sample_tokens,
+                                                                     tiny_tokenizer):
+    shards = upload_folder(s3, sample_shards, "sample")
+    # Transient faults on the way: S3's SlowDown and 500, and a dropped connection, on reads and writes.
+    s3.proxy.inject("slowdown", 2, "GET")
+    s3.proxy.inject("drop", 1, "GET")
+    s3.proxy.inject("internal", 1, "PUT")
+    s3.proxy.inject("slowdown", 1, "PUT")
+    summary = tokenize(shards, f"s3://{BUCKET}/tokens", tiny_tokenizer)
+    assert s3.proxy.queue == [] and sum(s3.proxy.injected.values()) == 5  # each fault was met, and retried
+    assert summary["shards"] == 2 and summary["skipped"] == 0 and summary["images"] == 14
+    remote, local = tables(f"s3://{BUCKET}/tokens"), tables(sample_tokens)
+    assert remote.keys() == local.keys() == {"sample-000000.parquet", "sample-000001.parquet"}
+    for name in local:
+        assert remote[name][0].equals(local[name][0])  # row for row
+        assert remote[name][1] == local[name][1]  # the same metadata: recipe, source, shard fingerprint
+    assert json.loads(storage.read_bytes(f"s3://{BUCKET}/tokens/summary.json"))["images"] == 14
+    # A re-run skips the finished files, as on disk.
+    again = tokenize(shards, f"s3://{BUCKET}/tokens", tiny_tokenizer)
+    assert again["skipped"] == 2 and again["images"] == 0
+
+
+def test_inspect_and_plan_read_a_remote_prefix_like_a_folder(s3, sample_shards, sample_tokens):
+    from beit_data.summary import summarise
+    from pipelines.plan import PlanConfig, run_plan
+
+    shards, tokens = upload_folder(s3, sample_shards, "p/shards"), upload_folder(s3, sample_tokens, "p/tokens")
+    remote, local = summarise(tokens, shards), summarise(str(sample_tokens), str(sample_shards))
+    assert remote.pop("folder") == tokens and local.pop("folder") == str(sample_tokens)
+    assert remote == local and remote["coverage"]["keys_missing_from_parquet"] == 0 and not remote["errors"]
+    plan = {name: [b.as_dict() for b, _ in zip(run_plan(PlanConfig(shards=s, tokens=t, batch_size=3, epochs=2)),
+                                                 range(8))]
+            for name, (s, t) in {"remote": (shards, tokens), "local": (str(sample_shards), str(sample_tokens))}.items()}
+    assert plan["remote"] == plan["local"] and len(plan["local"]) == 8
+    done = run_cli("inspect", tokens, "--shards", shards, "--json", env=dict(s3.env, BEIT_DATA_CACHE="/tmp"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["images"] == 14
+
+
+def test_pretrain_from_s3_to_s3_resumes_exactly_like_a_local_run(s3, sample_shards, sample_tokens, tmp_path):
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+    from tests.test_pretrain import TINY
+
+    shards, tokens = upload_folder(s3, sample_shards, "r/shards"), upload_folder(s3, sample_tokens, "r/tokens")
+    run = f"s3://{BUCKET}/r/run"
+    common = dict(steps=6, checkpoint_every=100, **TINY)
+    straight = run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens),
+                                           out=str(tmp_path / "local"), **common))
+    first = run_pretrain(PretrainConfig(shards=shards, tokens=tokens, out=run, stop_after=3, **common))
+    assert first["steps"] == 3 and first["checkpoint"] == f"{run}/checkpoint.pt"
+    assert storage.exists(f"{run}/checkpoint.pt") and storage.exists(f"{run}/log.jsonl")
+    with pytest.raises(BeitDataError, match="`resume`"):
+        run_pretrain(PretrainConfig(shards=shards, tokens=tokens, out=run, **common))
+    shutil.rmtree(tmp_path / "cache")  # a fresh node: the run folder comes back from the bucket
+    second = run_pretrain(PretrainConfig(shards=shards, tokens=tokens, out=run, resume=True, **common))
+    assert second["steps"] == straight["steps"] == 6
+    log = [json.loads(line) for line in storage.read_bytes(f"{run}/log.jsonl").decode().splitlines()]
+    local = [json.loads(line) for line in (tmp_path / "local" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log if "loss" in r] == [r["loss"] for r in local if "loss" in r]  # bitwise
+
+
+def test_http_and_pipe_shards_tokenize_to_the_local_rows(sample_shards, sample_tokens, tiny_tokenizer, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.setenv("BEIT_DATA_CACHE", str(tmp_path / "cache"))
+    server = serve_folder(sample_shards)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/sample-{{000000..000001}}.tar"
+        assert [storage.basename(s) for s in expand_shards(url)] == ["sample-000000.tar", "sample-000001.tar"]
+        tokenize(url, str(tmp_path / "http"), tiny_tokenizer)
+        assert read_index(expand_shards(url)[1]) == read_index(sample_shards / "sample-000001.tar")
+    finally:
+        server.shutdown()
+    pipe = f"pipe:cat {sample_shards}/sample-{{000000..000001}}.tar"
+    tokenize(pipe, str(tmp_path / "pipe"), tiny_tokenizer)
+    local = tables(sample_tokens)
+    for name in ("http", "pipe"):
+        got = tables(tmp_path / name)
+        assert got.keys() == local.keys()
+        for file in local:
+            assert got[file][0].equals(local[file][0])
+            meta, want = dict(got[file][1]), dict(local[file][1])
+            assert meta.pop("shard")["members"] == want.pop("shard")["members"] and meta == want
+
+
+def test_pipe_shards_train_reading_each_shard_from_its_start(sample_shards, sample_tokens, tmp_path):
+    from beit_data.replay import ReplaySource, StreamConfig
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+    from tests.test_pretrain import TINY
+
+    pipe = f"pipe:cat {sample_shards}/sample-{{000000..000001}}.tar"
+    source = ReplaySource.open(StreamConfig(shards=pipe, tokens=str(sample_tokens), batch_size=2))
+    assert source.sequential
+    keys = [k for batch in zip(source.plan(), range(7)) for k in batch[0].keys]
+    order = {k: i for i, k in enumerate(pq.read_table(sample_tokens / "sample-000000.parquet").column("key")
+                                        .to_pylist()[::4])}
+    first = [k for k in keys if k in order][:8]
+    assert [order[k] for k in first] == sorted(order[k] for k in first)  # in the shard's own order
+    summary = run_pretrain(PretrainConfig(shards=pipe, tokens=str(sample_tokens), out=str(tmp_path / "run"), steps=3,
+                                          stop_after=2, **TINY))
+    resumed = run_pretrain(PretrainConfig(shards=pipe, tokens=str(sample_tokens), out=str(tmp_path / "run"), steps=3,
+                                          resume=True, **TINY))
+    assert summary["steps"] == 2 and resumed["steps"] == 3
+
+
+def test_a_shard_without_index_is_scanned_by_range_reads_once(s3, sample_shards):
+    shards = upload_folder(s3, sample_shards, "noidx", suffixes=(".tar",))
+    shard = expand_shards(shards)[0]
+    before = s3.proxy.requests["GET"]
+    assert scan_index(shard) == scan_index(sample_shards / "sample-000000.tar")
+    scanned = s3.proxy.requests["GET"] - before
+    assert 0 < scanned < 40  # range requests over the headers, not one per byte
+    before = s3.proxy.requests["GET"]
+    assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")  # from the cache now
+    assert s3.proxy.requests["GET"] - before <= 1  # at most the listing that finds no .idx, no scan
+    assert len(list((storage.cache_dir("tar-index")).glob("*.idx"))) == 1
+
+
+def test_index_writes_the_missing_idx_objects(s3, sample_shards):
+    from pipelines.shards import run_index
+
+    shards = upload_folder(s3, sample_shards, "ix", suffixes=(".tar",))
+    result = run_index(shards, progress=False)
+    assert result["written"] == [f"{shards}sample-000000.idx", f"{shards}sample-000001.idx"]
+    for name in ("sample-000000.idx", "sample-000001.idx"):
+        assert storage.read_bytes(shards + name) == (sample_shards / name).read_bytes()  # DALI's format, byte for byte
+    assert run_index(shards, progress=False) == {"shards": 2, "written": [], "skipped": 2}
+
+
+def test_a_shard_changed_or_gone_during_a_run_is_refused(s3, sample_shards, sample_tokens):
+    from beit_data.replay import ReplaySource, StreamConfig
+
+    shards, tokens = upload_folder(s3, sample_shards, "c/shards"), upload_folder(s3, sample_tokens, "c/tokens")
+    source = ReplaySource.open(StreamConfig(shards=shards, tokens=tokens, batch_size=2, mix_shards=1))
+    batches = iter(source)
+    next(batches)
+    data = (sample_shards / "sample-000001.tar").read_bytes()
+    s3.client().put_object(Bucket=BUCKET, Key="c/shards/sample-000001.tar", Body=data[:-1] + b"x")  # a new ETag
+    with pytest.raises(BeitDataError, match="sample-000001.tar changed during the run"):
+        for _ in range(30):  # the next epoch loads each shard again, at the latest
+            next(batches)
+    s3.client().put_object(Bucket=BUCKET, Key="c/shards/sample-000001.tar", Body=data)
+    batches = iter(ReplaySource.open(StreamConfig(shards=shards, tokens=tokens, batch_size=2, mix_shards=1)))
+    next(batches)
+    s3.client().delete_object(Bucket=BUCKET, Key="c/shards/sample-000000.tar")
+    with pytest.raises(BeitDataError, match="sample-000000.tar: not found"):
+        for _ in range(30):
+            next(batches)
+
+
+def test_a_failed_upload_leaves_no_object(s3, tmp_path):
+    s3.proxy.inject("denied", 1, "PUT")  # not retried: the upload fails at once
+    with pytest.raises(BeitDataError, match=f"s3://{BUCKET}/atomic/a.txt"):
+        write_text_atomic(f"s3://{BUCKET}/atomic/a.txt", "x" * 1000)
+    assert not storage.exists(f"s3://{BUCKET}/atomic/a.txt")
+    assert list((tmp_path / "cache" / "uploads").iterdir()) == []  # the local part is gone too
+    # A multipart upload is completed only after its last part: a part that fails after the
+    # first one went through leaves nothing under the name.
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * (11 * 2**20))
+    s3.proxy.inject("pass", 1, "PUT")
+    s3.proxy.inject("denied", 1, "PUT")
+    with pytest.raises(BeitDataError, match="big.bin"):
+        storage.upload(big, f"s3://{BUCKET}/atomic/big.bin", chunk_size=5 * 2**20)
+    assert s3.proxy.queue == [] and not storage.exists(f"s3://{BUCKET}/atomic/big.bin")
+    storage.upload(big, f"s3://{BUCKET}/atomic/big.bin", chunk_size=5 * 2**20)
+    assert storage.stat(f"s3://{BUCKET}/atomic/big.bin")["size"] == 11 * 2**20
+
+
+@pytest.mark.parametrize("case", ["no bucket", "no credentials", "denied"])
+def test_storage_errors_are_one_line_naming_the_url(s3, monkeypatch, case):
+    url = f"s3://{BUCKET}/sample/"
+    if case == "no bucket":
+        url = "s3://no-such-bucket/sample/"
+    elif case == "no credentials":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    else:
+        s3.proxy.denied.add(BUCKET)
+    with pytest.raises(BeitDataError) as err:
+        expand_shards(url + "*.tar")
+    message = str(err.value)
+    assert url in message and "\n" not in message
+    assert {"no bucket": "not found", "no credentials": "no credentials", "denied": "access denied"}[case] in message
+
+
+def test_the_cli_says_one_line_for_a_missing_bucket(s3):
+    env = {k: v for k, v in s3.env.items()}
+    done = run_cli("plan", "--shards", "s3://no-such-bucket/x/", "--tokens", "s3://no-such-bucket/t/",
+                   "--batch-size", "2", env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "s3://no-such-bucket/" in done.stderr
