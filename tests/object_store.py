@@ -8,6 +8,7 @@ to S3, through ``AWS_ENDPOINT_URL``.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import socket
@@ -75,6 +76,12 @@ class FaultProxy(ThreadingHTTPServer):
 class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out as two writes: without this, Nagle's algorithm and the
+        # client's delayed ACK hold each answer back 40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, *args) -> None:
         pass
 
@@ -105,6 +112,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         body = self._body()
         server: FaultProxy = self.server
+        if self.path == "/__stats":  # the counters, for a client in another process
+            data = json.dumps({"requests": server.requests, "bytes_sent": server.bytes_sent}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         bucket = self.path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
         if bucket in server.denied:
             return self._error("denied")
@@ -121,6 +135,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         headers["Content-Length"] = str(len(body))
         conn = http.client.HTTPConnection(*server.upstream, timeout=UPSTREAM_TIMEOUT_S)
         try:
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.request(self.command, self.path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
@@ -219,3 +235,14 @@ def serve_folder(folder: Path) -> ThreadingHTTPServer:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+if __name__ == "__main__":  # a server in its own process: prints its environment and the S3 server's own
+    # URL (without the proxy), and serves until stdin closes
+    import sys
+
+    server = S3Server()
+    host, port = server.moto.get_host_and_port()
+    print(json.dumps({"env": server.env, "direct": f"http://{host}:{port}"}), flush=True)
+    sys.stdin.read()
+    server.close()
