@@ -140,22 +140,27 @@ def test_flex_attention_keeps_the_weights_and_the_outputs():
         assert torch.allclose(flex(x, mask), sdpa(x, mask), atol=1e-5)
 
 
-def test_fused_adamw_gives_the_same_losses():
-    import copy
-
-    from pipelines.training import build_optimizer, train_step
+def tiny_training(fused: bool = False):
+    """A tiny MIM model in training mode, its optimizer and scheduler, and one batch (images, tokens, mask)."""
+    from pipelines.training import build_optimizer
 
     torch.manual_seed(0)
     model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).train()
     x, tokens = torch.rand(2, 3, 224, 224), torch.randint(0, 64, (2, 196))
     mask = torch.zeros(2, 196, dtype=torch.bool)
     mask[:, :40] = True
+    opt, sched = build_optimizer(model, lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup=1,
+                                 total=10, fused=fused)
+    return model, opt, sched, (x, tokens, mask)
+
+
+def test_fused_adamw_gives_the_same_losses():
+    from pipelines.training import train_step
+
     losses = {}
     for fused in (False, True):
-        m = copy.deepcopy(model)
-        opt, sched = build_optimizer(m, lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup=1,
-                                     total=10, fused=fused)
-        losses[fused] = [train_step(m, opt, sched, x, tokens, mask, max_masked=75, clip_grad=3.0,
+        m, opt, sched, batch = tiny_training(fused)  # the same seed, so the same weights and batch
+        losses[fused] = [train_step(m, opt, sched, *batch, max_masked=75, clip_grad=3.0,
                                     device=torch.device("cpu")).loss.item() for _ in range(4)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[True][3] < losses[True][0]
 
@@ -200,15 +205,9 @@ def test_beitv2_extra_head_reads_the_last_cls_token_and_the_early_patch_tokens(t
 
 def test_train_step_takes_a_compiled_module():
     """A compiled module's truth value calls len(), which raises: the step must never ask for it."""
-    from pipelines.training import build_optimizer, train_step
+    from pipelines.training import train_step
 
-    torch.manual_seed(0)
-    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).train()
-    x, tokens = torch.rand(2, 3, 224, 224), torch.randint(0, 64, (2, 196))
-    mask = torch.zeros(2, 196, dtype=torch.bool)
-    mask[:, :40] = True
-    opt, sched = build_optimizer(model, lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup=1,
-                                 total=10)
-    out = train_step(model, opt, sched, x, tokens, mask, max_masked=75, clip_grad=3.0, device=torch.device("cpu"),
+    model, opt, sched, batch = tiny_training()
+    out = train_step(model, opt, sched, *batch, max_masked=75, clip_grad=3.0, device=torch.device("cpu"),
                      forward=torch.compile(model, backend="eager"))
     assert torch.isfinite(out.loss)
