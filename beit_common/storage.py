@@ -28,9 +28,10 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 from beit_common import BeitDataError
 
 __all__ = ["URL_SCHEMES", "is_url", "is_pipe", "is_remote", "join", "basename", "stem", "sibling", "filesystem",
-           "remote_errors", "stat", "exists", "read_bytes", "read_ranges", "read_many", "list_files", "glob", "upload",
-           "open_stream", "open_random", "open_input", "arrow_source", "cache_dir", "cache_key", "temp_file",
-           "is_prefix", "download", "remove", "probe_writable", "EXTRAS"]
+           "remote_errors", "stat", "exists", "read_bytes", "read_text_if_there", "read_ranges", "read_many",
+           "list_files", "glob", "upload", "open_stream", "open_random", "open_input", "arrow_source", "cache_dir",
+           "cache_key", "temp_file", "is_prefix", "map_concurrently", "download", "remove", "probe_writable", "Mirror",
+           "EXTRAS"]
 
 URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 # The pip extra that brings each scheme's file system.
@@ -134,6 +135,8 @@ def remote_errors(location: str | os.PathLike, doing: str = "", *, local: bool =
             raise BeitDataError(f"{where}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                 "(or AWS_PROFILE, ~/.aws/credentials) for s3://, application default credentials "
                                 "for gs://") from None
+        if isinstance(exc, NotImplementedError):
+            raise BeitDataError(f"{where}: not possible with this storage (HTTP servers are read-only here)") from None
         if name == "FileExpired":
             raise BeitDataError(f"{where}: the object changed while it was read (its ETag differs from the one "
                                 "recorded)") from None
@@ -155,7 +158,8 @@ def _retrying(url: str, call: Callable, *args, **kwargs):
             raise
         except Exception as exc:
             status = getattr(exc, "status", None)
-            transient = status is None or status >= 500 or status == 429
+            dropped = isinstance(exc, (ConnectionError, TimeoutError)) or "aiohttp" in type(exc).__module__
+            transient = (status is not None and (status >= 500 or status == 429)) or (status is None and dropped)
             if not transient or attempt == HTTP_ATTEMPTS - 1:
                 raise
             time.sleep(0.2 * 2 ** attempt)
@@ -174,6 +178,8 @@ def stat(location: str | os.PathLike, *, fresh: bool = True) -> dict:
     if info.get("type") == "directory":
         raise BeitDataError(f"{location}: is a prefix (a folder), not an object")
     etag = info.get("ETag") or info.get("etag") or info.get("generation")
+    if info.get("size") is None:
+        raise BeitDataError(f"{location}: the server gives no size for it (no Content-Length)")
     return {"size": int(info["size"]), "etag": str(etag).strip('"') if etag else None}
 
 
@@ -182,8 +188,13 @@ def exists(location: str | os.PathLike) -> bool:
         return os.path.exists(location)
     fs, path = filesystem(str(location))
     with remote_errors(location):
-        fs.invalidate_cache(path)
-        return bool(_retrying(str(location), fs.exists, path))
+        if str(location).lower().startswith("http"):  # fsspec's exists() says False for a 503 too
+            try:
+                _retrying(str(location), fs.info, path)
+                return True
+            except FileNotFoundError:
+                return False
+        return bool(fs.exists(path))  # from a listing of the prefix made in this run, where there is one
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:
@@ -237,17 +248,38 @@ def read_many(requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
         starts = [requests[j][1] for j in idx]
         ends = [requests[j][1] + requests[j][2] for j in idx]
         with remote_errors(first):
-            got = _retrying(first, fs.cat_ranges, paths, starts, ends, on_error="return")
+            got = fs.cat_ranges(paths, starts, ends, on_error="return")
         for j, data in zip(idx, got):
             url, offset, size = requests[j]
             if isinstance(data, BaseException):
                 with remote_errors(url):
-                    raise data
+                    if not url.lower().startswith("http"):  # s3fs and gcsfs have retried it already
+                        raise data
+                    data = _retrying(url, fs.cat_file, filesystem(url)[1], offset, offset + size)
             if len(data) != size:
                 raise BeitDataError(f"{url}: {len(data)} bytes at offset {offset}, not {size}: it has changed "
                                     "since it was indexed (or the server ignores Range requests)")
             out[j] = data
     return out
+
+
+def read_text_if_there(location: str | os.PathLike, limit: int | None = None) -> str | None:
+    """A small file's text (its first ``limit`` bytes), or ``None`` where there is no such file:
+    one request for an object, not an existence check and then a read."""
+    try:
+        if not is_url(location):
+            with open(location, "rb") as f:
+                data = f.read(-1 if limit is None else limit)
+        else:
+            fs, path = filesystem(str(location))
+            with remote_errors(location):
+                try:
+                    data = _retrying(str(location), fs.cat_file, path, 0, limit)
+                except FileNotFoundError:
+                    return None
+    except FileNotFoundError:
+        return None
+    return data.decode("utf-8", errors="strict")
 
 
 def list_files(prefix: str, suffix: str) -> list[str]:
@@ -315,7 +347,10 @@ def remove(url: str) -> None:
 def probe_writable(prefix: str) -> None:
     """Write and delete one small object under ``prefix``: a missing bucket, missing credentials
     or a denied write show before any work is done."""
-    probe = join(prefix, f".beit-data-write-test-{os.getpid()}")
+    import socket
+    import uuid
+
+    probe = join(prefix, f".beit-data-write-test-{socket.gethostname()}-{uuid.uuid4().hex[:12]}")
     fs, path = filesystem(str(probe))
     with remote_errors(prefix, "writing"):
         fs.pipe_file(path, b"")
@@ -324,8 +359,9 @@ def probe_writable(prefix: str) -> None:
 
 # Reading whole files from the start: the tar readers of tokenize, probe and train-dvae.
 STREAM_BLOCK = 8 * 2**20
-# Random access with small reads: the tar-header scan.
-SCAN_BLOCK = 64 * 2**10
+# The tar-header scan of an object: read ahead in large requests, since a request's latency,
+# not its size, is what a scan of thousands of headers costs.
+SCAN_BLOCK = STREAM_BLOCK
 
 
 @contextmanager
@@ -338,10 +374,17 @@ def open_stream(location: str | os.PathLike) -> Iterator[BinaryIO]:
 
         with remote_errors(location, "pipe"):
             stream = gopen(str(location), "rb")
+        try:
+            yield stream
+        except BaseException:  # closed before the end (or failed): its exit status says nothing then
+            stream.proc.kill()
             try:
-                yield stream
-            finally:
-                stream.close()  # raises when the command failed
+                stream.close()
+            except Exception:
+                pass
+            raise
+        with remote_errors(location, "pipe"):
+            stream.close()  # read to the end: raises when the command failed
     elif is_url(location):
         fs, path = filesystem(str(location))
         with remote_errors(location):
@@ -363,7 +406,7 @@ def open_random(location: str | os.PathLike, block_size: int = SCAN_BLOCK) -> Bi
         return open(location, "rb")
     fs, path = filesystem(str(location))
     with remote_errors(location):
-        return fs.open(path, "rb", block_size=block_size, cache_type="bytes")
+        return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
 
 
 @contextmanager
@@ -387,6 +430,23 @@ def arrow_source(location: str | os.PathLike) -> tuple[str, object]:
 
     fs, path = filesystem(str(location))
     return path, PyFileSystem(FSSpecHandler(fs))
+
+
+REMOTE_WORKERS = 32  # requests in flight when many small objects are read (footers, indexes)
+
+
+def map_concurrently(function: Callable, items: Sequence, *, concurrent: bool | None = None,
+                     workers: int = REMOTE_WORKERS) -> list:
+    """``[function(x) for x in items]`` in order, the first error raised; in threads when
+    ``concurrent`` (by default: where some items are URLs), for calls that wait on the network."""
+    if concurrent is None:
+        concurrent = any(is_url(x) for x in items if isinstance(x, (str, os.PathLike)))
+    if len(items) < 2 or not concurrent:
+        return [function(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(workers, len(items))) as pool:
+        return list(pool.map(function, items))
 
 
 def cache_dir(*parts: str) -> Path:

@@ -32,7 +32,7 @@ from beit_data.masking import BlockMaskGenerator
 from beit_data.order import MIX_SHARDS, Window, epoch_windows, steps_per_epoch
 from beit_data.prefetch import prefetch
 from beit_data.shards import check_fingerprint, expand_shards, iter_samples, read_index
-from beit_data.tokens import VIEW_COLUMNS, parquet_file, read_consistent_meta, read_table, token_files, token_path
+from beit_data.tokens import VIEW_COLUMNS, read_consistent_footers, read_table, token_files, token_path
 from beit_data.views import stable_rng
 
 __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch", "outlive_job_signals"]
@@ -219,14 +219,17 @@ class ReplaySource:
                                     "tokenize it or pass `skip_missing`")
         if not shards:
             raise BeitDataError(f"none of the shards has a token file in {cfg.tokens}")
-        metas = read_consistent_meta(paths)
-        for shard, path, meta in zip(shards, paths, metas):  # size, and the .idx where there is one
-            check_fingerprint(shard, meta.get("shard"), path, full=False)
+        footers = read_consistent_footers(paths)
+        metas = [m for m, _ in footers]
+        # Size, and the .idx where there is one. Objects were listed (sizes, ETags) when the spec
+        # was expanded; their .idx files are read many at once.
+        storage.map_concurrently(lambda i: check_fingerprint(shards[i], metas[i].get("shard"), paths[i], full=False),
+                                 range(len(shards)), concurrent=any(map(storage.is_url, shards)))
         meta, views = metas[0], metas[0]["views"]
         return cls(cfg=cfg, shards=shards, token_files=paths, missing=missing, meta=meta,
                    fingerprints=[m["shard"] for m in metas],
                    etags=[storage.stat(s, fresh=False)["etag"] if storage.is_url(s) else None for s in shards],
-                   images_per_shard=[parquet_file(p).metadata.num_rows // views["views"] for p in paths],
+                   images_per_shard=[rows // views["views"] for _, rows in footers],
                    views=views["views"], grid=meta["tokenizer"]["grid"], target_jitter=views["target_jitter"],
                    jitter=views["jitter"], rank=rank, world_size=world_size)
 

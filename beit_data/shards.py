@@ -121,15 +121,17 @@ def expand_shards(spec: str | Sequence[str]) -> list[Shard]:
 
 def _expand_url(item: str, listings: dict[str, set[str]]) -> list[str]:
     """One URL spec's shards: each prefix is listed once, and named shards are checked against it."""
-    if not any(c in item for c in "{*?[") and storage.is_prefix(item):
+    http = item.lower().startswith("http")
+    magic = "*[" if http else "*?["  # an HTTP URL's ? starts its query (a presigned URL's signature)
+    if not any(c in item for c in "{" + magic) and storage.is_prefix(item):
         return storage.list_files(item.rstrip("/") + "/", ".tar")
     found = []
     for expanded in braceexpand(item):
-        if glob.has_magic(expanded.partition("://")[2]):
+        if any(c in expanded.partition("://")[2] for c in magic):
             found += storage.glob(expanded)
             continue
         parent = expanded.rsplit("/", 1)[0]
-        if expanded.lower().startswith("http"):  # no listing over HTTP: each is asked for on its own
+        if http:  # no listing over HTTP: each is asked for on its own
             if not storage.exists(expanded):
                 raise BeitDataError(f"shard not found: {expanded}")
         else:
@@ -249,12 +251,18 @@ def _parse_index(text: str, idx: Path) -> list[IndexedSample]:
 
 def read_index(shard: Shard) -> list[IndexedSample]:
     """The shard's samples and member offsets, from its ``.idx`` where there is one, else its tar headers."""
+    if storage.is_pipe(shard):  # no index beside a command: one read of the whole stream
+        index: list[IndexedSample] = []
+        for _ in iter_samples(shard, index=index):
+            pass
+        return index
     idx = index_path(shard)
-    if idx is not None and storage.exists(idx):
-        try:
-            return _parse_index(storage.read_bytes(idx).decode(), idx)
-        except UnicodeDecodeError:
-            raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION}): it is binary") from None
+    try:
+        text = storage.read_text_if_there(idx)
+    except UnicodeDecodeError:
+        raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION}): it is binary") from None
+    if text is not None:
+        return _parse_index(text, idx)
     try:
         return scan_index(shard)
     except (tarfile.TarError, OSError) as exc:
@@ -263,10 +271,13 @@ def read_index(shard: Shard) -> list[IndexedSample]:
 
 def read_images(samples: list[tuple[Shard, str]]) -> dict[tuple[Shard, str], bytes]:
     """The image of each ``(shard, key)`` that has one, read by its offset in its shard (one range
-    request per image for an object, all of a shard's at once)."""
+    request per image for an object, all of a shard's at once; a ``pipe:`` shard is read through)."""
     out: dict[tuple[Shard, str], bytes] = {}
     for shard in dict.fromkeys(s for s, _ in samples):
         wanted = {k for s, k in samples if s == shard}
+        if storage.is_pipe(shard):  # no random access: the stream, read once
+            out.update(((shard, s.key), s.image) for s in iter_samples(shard) if s.key in wanted and s.image)
+            continue
         found = [(sample.key, sample.members[sample.image_ext]) for sample in read_index(shard)
                  if sample.key in wanted and sample.image_ext]
         data = storage.read_ranges(shard, [(m.offset, m.size) for _, m in found])
@@ -323,15 +334,13 @@ def check_fingerprint(shard: Shard, recorded: dict | None, token_file: str | Pat
 
 
 def index_count(shard: Shard) -> int | None:
-    """The sample count in the shard's ``.idx`` header, or ``None`` without an index."""
+    """The sample count in the shard's ``.idx`` header (its first bytes), or ``None`` without an index."""
     idx = index_path(shard)
-    if idx is None or not storage.exists(idx):
+    try:
+        text = None if idx is None else storage.read_text_if_there(idx, limit=64)
+    except UnicodeDecodeError:
         return None
-    if storage.is_url(idx):
-        header = storage.read_bytes(idx)[:200].decode(errors="replace").split("\n")[0].split()
-    else:
-        with open(idx) as f:
-            header = f.readline().split()
+    header = (text or "").split("\n")[0].split()
     return int(header[1]) if len(header) == 2 and header[1].isdigit() else None
 
 

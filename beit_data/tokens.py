@@ -28,10 +28,9 @@ from beit_common import BeitDataError, __version__, storage, write_atomic
 from beit_data.views import JITTER_ORDER, View
 
 __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
-           "view_rows", "row_view", "build_table", "write_tokens", "read_meta", "read_table", "parquet_file",
-           "with_defaults", "recipe_signature",
-           "recipe_mismatch",
-           "check_recipe", "read_consistent_meta"]
+           "view_rows", "row_view", "build_table", "write_tokens", "read_meta", "read_footer", "read_table",
+           "parquet_file", "with_defaults", "recipe_signature", "recipe_mismatch", "check_recipe",
+           "read_consistent_meta", "read_consistent_footers"]
 
 FORMAT_VERSION = 2  # 2: the source shard's fingerprint (``shard``) is recorded
 META_PREFIX = "beit_data."
@@ -145,17 +144,27 @@ def read_meta(path: str | os.PathLike) -> dict:
     Raises:
         BeitDataError: If the file is not Parquet or carries no beit-data metadata.
     """
+    return read_footer(path)[0]
+
+
+def read_footer(path: str | os.PathLike) -> tuple[dict, int]:
+    """``(metadata, rows)`` of a token file, from one read of its Parquet footer.
+
+    Raises:
+        BeitDataError: If the file is not Parquet or carries no beit-data metadata.
+    """
     try:
         where, fs = storage.arrow_source(path)
         with storage.remote_errors(path):
-            raw = pq.read_schema(where, filesystem=fs).metadata or {}
+            footer = pq.read_metadata(where, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as exc:
         raise BeitDataError(f"{path} is not a readable Parquet file: {exc}") from None
+    raw = footer.metadata or {}
     meta = {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()
             if k.decode().startswith(META_PREFIX)}
     if "format_version" not in meta:
         raise BeitDataError(f"{path} is not a beit-data token file (no beit_data.* metadata)")
-    return with_defaults(meta)
+    return with_defaults(meta), footer.num_rows
 
 
 def with_defaults(meta: dict) -> dict:
@@ -208,7 +217,13 @@ def check_recipe(meta: dict, reference: dict, what: str, hint: str = "") -> None
 
 def read_consistent_meta(paths: Sequence[str | os.PathLike]) -> list[dict]:
     """The metadata of every file, after checking that they all share the first one's tokenizer and recipe."""
-    metas = [read_meta(path) for path in paths]
-    for path, meta in zip(paths[1:], metas[1:]):
-        check_recipe(meta, metas[0], f"{path} and {paths[0]}")
-    return metas
+    return [meta for meta, _ in read_consistent_footers(paths)]
+
+
+def read_consistent_footers(paths: Sequence[str | os.PathLike]) -> list[tuple[dict, int]]:
+    """``(metadata, rows)`` of every file, after checking that they all share the first one's
+    tokenizer and recipe. Files on object storage are read many at once."""
+    footers = storage.map_concurrently(read_footer, paths)
+    for path, (meta, _) in zip(paths[1:], footers[1:]):
+        check_recipe(meta, footers[0][0], f"{path} and {paths[0]}")
+    return footers

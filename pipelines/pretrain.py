@@ -101,20 +101,19 @@ def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirr
         ensure_writable_dir(cfg.out)
         mirror = Mirror(str(cfg.out), storage.cache_dir("runs", storage.cache_key(cfg.out), f"rank{dist.rank}"),
                         skip=(LOCK_NAME,))
-        if not cfg.resume:
-            mirror.reset()
-        elif dist.rank == 0:
-            mirror.pull()
-        else:  # the other ranks read the checkpoint alone
-            mirror.pull([CHECKPOINT])
     out = mirror.local if mirror is not None else Path(cfg.out)
     created = not out.exists()
     ensure_writable_dir(out)
     try:
+        # The lock first: a second run into the same out must not touch this one's mirror.
         with folder_lock(cfg.out, "beit-data pretrain") if dist.rank == 0 else nullcontext():
+            if mirror is not None and not cfg.resume:
+                mirror.reset()
+            elif mirror is not None:
+                mirror.pull(None if dist.rank == 0 else [CHECKPOINT])  # the other ranks need the checkpoint alone
             yield out, mirror
     except BaseException:
-        if created and dist.rank == 0 and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+        if created and dist.rank == 0 and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
             shutil.rmtree(out, ignore_errors=True)
         raise
 

@@ -163,6 +163,9 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
     return result
 
 
+INDEX_WORKERS = 16  # shards scanned at once on object storage
+
+
 def run_index(spec: str, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Write a DALI ``.idx`` beside each shard of ``spec`` that has none (with ``overwrite``, beside
     every one), local or on object storage. The training order reads images by these offsets;
@@ -175,11 +178,15 @@ def run_index(spec: str, *, overwrite: bool = False, progress: bool = True) -> d
     if any(storage.is_pipe(s) for s in shards):
         raise BeitDataError("pipe: shards cannot be indexed (they are read from the start only); index the files "
                             "or objects the commands read")
-    written, skipped = [], 0
-    for shard in progress_bar(shards, desc="index", unit="shard", disable=not progress):
-        if not overwrite and storage.exists(index_path(shard)):
-            skipped += 1
-            continue
-        write_index(shard)
-        written.append(str(index_path(shard)))
-    return {"shards": len(shards), "written": written, "skipped": skipped}
+    bar = progress_bar(total=len(shards), desc="index", unit="shard", disable=not progress)
+
+    def one(shard) -> str | None:  # many shards at once on object storage: each scan waits on requests
+        done = None
+        if overwrite or not storage.exists(index_path(shard)):
+            done = str(write_index(shard))
+        bar.update()
+        return done
+
+    written = [w for w in storage.map_concurrently(one, shards, workers=INDEX_WORKERS) if w is not None]
+    bar.close()
+    return {"shards": len(shards), "written": written, "skipped": len(shards) - len(written)}

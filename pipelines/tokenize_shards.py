@@ -101,7 +101,8 @@ def _plan(shards: list[Shard], out: Path | str, meta: dict, overwrite: bool) -> 
         try:
             have = read_meta(target)
             check_recipe(have, meta, f"{target} and this run", hint)
-            check_fingerprint(shard, have.get("shard"), target)
+            # On object storage, the size (and the .idx where there is one): not a scan of the tar.
+            check_fingerprint(shard, have.get("shard"), target, full=not storage.is_remote(shard))
         except BeitDataError as exc:
             raise BeitDataError(str(exc) if "`overwrite`" in str(exc) else f"{exc}{hint}") from None
         skipped += 1
@@ -153,9 +154,10 @@ def tokenize_shard(shard: Shard, cfg: TokenizeConfig, tokenizer: Tokenizer, view
     rejects: list[Reject] = []
     all_rows, all_tokens = [], []
     # Three threads overlap: Python reads and prepares batches, DALI decodes, the dVAE encodes.
-    # Before reading: a shard that changes meanwhile no longer matches. A pipe: shard can only
-    # be read once, so its fingerprint comes from the members that read finds.
-    members = [] if storage.is_pipe(shard) else None
+    # A local shard's fingerprint is taken before reading: a shard that changes meanwhile no
+    # longer matches. A remote one's comes from the members the one read finds (an object is
+    # read pinned to the ETag it had when opened), so that no object is read twice.
+    members = [] if storage.is_remote(shard) else None
     fingerprint = None if members is not None else shard_fingerprint(shard)
     prepared = prefetch(_prepared_batches(shard, cfg, _min_size(cfg, tokenizer), rejects, members))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
@@ -174,10 +176,23 @@ def tokenize_shard(shard: Shard, cfg: TokenizeConfig, tokenizer: Tokenizer, view
     return len(all_rows) // cfg.views, len(all_rows), rejects
 
 
+def _check_out_beside_shards(shards: list[Shard], out) -> None:
+    """Refuse token files written beside their shards: img2dataset keeps ``00000.parquet`` (its
+    metadata) beside ``00000.tar``, the very name the token file would get."""
+    folder = str(out).rstrip("/")
+    for shard in shards:
+        if not storage.is_pipe(shard):
+            parent = str(shard).rsplit("/", 1)[0] if storage.is_url(shard) else str(Path(shard).resolve().parent)
+            if parent == (folder if storage.is_url(folder) else str(Path(folder).resolve())):
+                raise BeitDataError(f"`out` {out} is the folder of the shards: give the token files a folder of "
+                                    f"their own (img2dataset keeps {storage.stem(shard)}.parquet beside {shard})")
+
+
 def run_tokenize(cfg: TokenizeConfig) -> dict:
     """Tokenize this rank's shards; returns the summary, written to ``OUT/summary.json`` by rank 0."""
     start = time.perf_counter()
     shards = expand_shards(cfg.shards)
+    _check_out_beside_shards(shards, cfg.out)
     tokenizer = load_tokenizer(cfg.tokenizer)
     cfg = cfg.for_tokenizer(tokenizer.kind)
     out = ensure_writable_dir(cfg.out)

@@ -107,6 +107,8 @@ def test_tokenize_from_s3_to_s3_gives_the_local_rows_through_faults(s3, sample_s
     # A re-run skips the finished files, as on disk.
     again = tokenize(shards, f"s3://{BUCKET}/tokens", tiny_tokenizer)
     assert again["skipped"] == 2 and again["images"] == 0
+    with pytest.raises(BeitDataError, match="is the folder of the shards"):  # img2dataset's NNNNN.parquet live there
+        tokenize(shards, shards, tiny_tokenizer)
 
 
 def test_inspect_and_plan_read_a_remote_prefix_like_a_folder(s3, sample_shards, sample_tokens):
@@ -146,6 +148,19 @@ def test_pretrain_from_s3_to_s3_resumes_exactly_like_a_local_run(s3, sample_shar
     log = [json.loads(line) for line in storage.read_bytes(f"{run}/log.jsonl").decode().splitlines()]
     local = [json.loads(line) for line in (tmp_path / "local" / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log if "loss" in r] == [r["loss"] for r in local if "loss" in r]  # bitwise
+
+
+def test_a_second_run_into_a_busy_prefix_leaves_the_first_ones_folder_alone(s3, sample_shards, sample_tokens):
+    from beit_common import folder_lock
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+    from tests.test_pretrain import TINY
+
+    run = f"s3://{BUCKET}/busy/run"
+    mirror = storage.cache_dir("runs", storage.cache_key(run), "rank0")
+    (mirror / "log.jsonl").write_text("{}\n")  # what the run that holds the prefix has written so far
+    with folder_lock(run, "beit-data pretrain"), pytest.raises(BeitDataError, match="in use by another"):
+        run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=run, steps=2, **TINY))
+    assert (mirror / "log.jsonl").read_text() == "{}\n"
 
 
 def test_http_and_pipe_shards_tokenize_to_the_local_rows(sample_shards, sample_tokens, tiny_tokenizer, tmp_path,
@@ -191,13 +206,26 @@ def test_pipe_shards_train_reading_each_shard_from_its_start(sample_shards, samp
     assert summary["steps"] == 2 and resumed["steps"] == 3
 
 
-def test_a_shard_without_index_is_scanned_by_range_reads_once(s3, sample_shards):
+def test_a_pipe_closed_early_is_quiet_and_a_failing_command_is_one_line(sample_shards, sample_tokens, tiny_tokenizer,
+                                                                        tmp_path):
+    from beit_data.replay import ReplaySource, StreamConfig
+
+    assert (sample_shards / "sample-000000.tar").stat().st_size > 2**17  # more than a pipe's buffer: cat still writes
+    pipe = f"pipe:cat {sample_shards}/sample-{{000000..000001}}.tar"
+    batches = iter(ReplaySource.open(StreamConfig(shards=pipe, tokens=str(sample_tokens), batch_size=2)))
+    next(batches)
+    batches.close()  # the command is stopped; its exit status (a broken pipe) is no error
+    with pytest.raises(BeitDataError, match="pipe:cat /no/such/dir/sample-000000.tar"):
+        tokenize("pipe:cat /no/such/dir/sample-000000.tar", str(tmp_path / "t"), tiny_tokenizer)
+
+
+def test_a_shard_without_index_is_scanned_once_and_cached(s3, sample_shards):
     shards = upload_folder(s3, sample_shards, "noidx", suffixes=(".tar",))
     shard = expand_shards(shards)[0]
     before = s3.proxy.requests["GET"]
     assert scan_index(shard) == scan_index(sample_shards / "sample-000000.tar")
     scanned = s3.proxy.requests["GET"] - before
-    assert 0 < scanned < 40  # range requests over the headers, not one per byte
+    assert 0 < scanned <= 3  # large read-ahead requests, not one per header
     before = s3.proxy.requests["GET"]
     assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")  # from the cache now
     assert s3.proxy.requests["GET"] - before <= 1  # at most the listing that finds no .idx, no scan
