@@ -143,7 +143,10 @@ def test_pretrain_from_s3_to_s3_resumes_exactly_like_a_local_run(s3, sample_shar
     with pytest.raises(BeitDataError, match="`resume`"):
         run_pretrain(PretrainConfig(shards=shards, tokens=tokens, out=run, **common))
     shutil.rmtree(tmp_path / "cache")  # a fresh node: the run folder comes back from the bucket
+    s3.proxy.inject("slowdown", 2, "GET")  # on the way back: listings, token files, image ranges
+    s3.proxy.inject("drop", 1, "GET")
     second = run_pretrain(PretrainConfig(shards=shards, tokens=tokens, out=run, resume=True, **common))
+    assert s3.proxy.queue == [] and sum(s3.proxy.injected.values()) == 3
     assert second["steps"] == straight["steps"] == 6
     log = [json.loads(line) for line in storage.read_bytes(f"{run}/log.jsonl").decode().splitlines()]
     local = [json.loads(line) for line in (tmp_path / "local" / "log.jsonl").read_text().splitlines()]
