@@ -29,8 +29,8 @@ from beit_common import BeitDataError
 
 __all__ = ["URL_SCHEMES", "is_url", "is_pipe", "is_remote", "join", "basename", "stem", "sibling", "filesystem",
            "remote_errors", "stat", "exists", "read_bytes", "read_text_if_there", "read_ranges", "read_many",
-           "list_files", "glob", "upload", "open_stream", "open_random", "open_input", "arrow_source", "cache_dir",
-           "cache_key", "temp_file", "is_prefix", "map_concurrently", "download", "remove", "probe_writable", "Mirror",
+           "list_files", "glob", "upload", "open_stream", "open_random", "arrow_source", "cache_dir",
+           "cache_key", "temp_file", "is_prefix", "map_concurrently", "download", "probe_writable", "Mirror",
            "EXTRAS"]
 
 URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
@@ -338,12 +338,6 @@ def download(url: str, local: str | os.PathLike) -> None:
         fs.get_file(path, str(local))
 
 
-def remove(url: str) -> None:
-    fs, path = filesystem(url)
-    with remote_errors(url, "delete"):
-        fs.rm_file(path)
-
-
 def probe_writable(prefix: str) -> None:
     """Write and delete one small object under ``prefix``: a missing bucket, missing credentials
     or a denied write show before any work is done."""
@@ -407,18 +401,6 @@ def open_random(location: str | os.PathLike, block_size: int = SCAN_BLOCK) -> Bi
     fs, path = filesystem(str(location))
     with remote_errors(location):
         return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
-
-
-@contextmanager
-def open_input(location: str | os.PathLike) -> Iterator[str | BinaryIO]:
-    """What pyarrow's readers take: a local path as it is, an object as a seekable file."""
-    if not is_url(location):
-        yield str(location)
-        return
-    fs, path = filesystem(str(location))
-    with remote_errors(location):
-        with fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead") as f:
-            yield f
 
 
 def arrow_source(location: str | os.PathLike) -> tuple[str, object]:

@@ -352,14 +352,15 @@ class ReplaySource:
 
     def _offsets(self, index: int, keys: list[str]) -> tuple[list, int]:
         """Each key's image (offset, size) in the shard, and how many shard keys have no tokens."""
-        location = self.shards[index]
+        location, size = self.shards[index], None
         if storage.is_url(location):  # once per window: an object replaced during the run is refused
-            etag, was = storage.stat(location)["etag"], self.etags[index]
-            if was is not None and etag != was:
-                raise BeitDataError(f"{location} changed during the run (ETag {etag}, {was} when it started); "
-                                    "a shard must stay as it was tokenized")
+            info, was = storage.stat(location), self.etags[index]
+            if was is not None and info["etag"] != was:
+                raise BeitDataError(f"{location} changed during the run (ETag {info['etag']}, {was} when it "
+                                    "started); a shard must stay as it was tokenized")
+            size = info["size"]
         entries = read_index(location)
-        check_fingerprint(self.shards[index], self.fingerprints[index], self.token_files[index], index=entries)
+        check_fingerprint(location, self.fingerprints[index], self.token_files[index], index=entries, size=size)
         members = {s.key: s.members[s.image_ext] for s in entries if s.image_ext}
         lost = [k for k in keys if k not in members]
         if lost:
