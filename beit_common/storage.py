@@ -206,27 +206,25 @@ def read_bytes(location: str | os.PathLike) -> bytes:
         return _retrying(str(location), fs.cat_file, path)
 
 
-def read_ranges(location: str | os.PathLike, ranges: Sequence[tuple[int, int]], *,
-                handle: BinaryIO | None = None) -> list[bytes]:
-    """The bytes at each ``(offset, size)``: local files by ``pread`` (on ``handle`` when it is
-    open), objects by concurrent range requests, one per range.
+def _whole(location: str | os.PathLike, data: bytes, offset: int, size: int) -> bytes:
+    """``data``, after checking that the range came back whole."""
+    if len(data) != size:
+        raise BeitDataError(f"{location}: {len(data)} bytes at offset {offset}, not {size}: it has changed "
+                            "since it was indexed (or the server ignores Range requests)")
+    return data
+
+
+def read_ranges(location: str | os.PathLike, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes at each ``(offset, size)``: a local file by ``pread``, an object by concurrent
+    range requests, one per range.
 
     Raises:
         BeitDataError: When a range comes back short (the file shrank) or the object is gone.
     """
-    if not is_url(location):
-        if handle is not None:
-            out = [os.pread(handle.fileno(), size, offset) for offset, size in ranges]
-        else:
-            with open(location, "rb", buffering=0) as f:
-                out = [os.pread(f.fileno(), size, offset) for offset, size in ranges]
-    else:
+    if is_url(location):
         return read_many([(str(location), offset, size) for offset, size in ranges])
-    for data, (offset, size) in zip(out, ranges):
-        if len(data) != size:
-            raise BeitDataError(f"{location}: {len(data)} bytes at offset {offset}, not {size}: it has changed "
-                                "since it was indexed (or the server ignores Range requests)")
-    return out
+    with open(location, "rb", buffering=0) as f:
+        return [_whole(location, os.pread(f.fileno(), size, offset), offset, size) for offset, size in ranges]
 
 
 def read_many(requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
@@ -256,10 +254,7 @@ def read_many(requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
                     if not url.lower().startswith("http"):  # s3fs and gcsfs have retried it already
                         raise data
                     data = _retrying(url, fs.cat_file, filesystem(url)[1], offset, offset + size)
-            if len(data) != size:
-                raise BeitDataError(f"{url}: {len(data)} bytes at offset {offset}, not {size}: it has changed "
-                                    "since it was indexed (or the server ignores Range requests)")
-            out[j] = data
+            out[j] = _whole(url, data, offset, size)
     return out
 
 
@@ -295,8 +290,12 @@ def list_files(prefix: str, suffix: str) -> list[str]:
                 raise
             _retrying(prefix, fs.ls, path.split("/", 1)[0])  # the bucket is there: an empty prefix
             entries = []
-    names = sorted(e["name"] for e in entries if e.get("type") != "directory" and e["name"].endswith(suffix))
-    return [n if is_url(n) else f"{protocol}://{n}" for n in names]
+    return _urls(protocol, [e["name"] for e in entries if e.get("type") != "directory" and e["name"].endswith(suffix)])
+
+
+def _urls(protocol: str, names: Sequence[str]) -> list[str]:
+    """A file system's names (``bucket/key``) as sorted URLs."""
+    return sorted(n if is_url(n) else f"{protocol}://{n}" for n in names)
 
 
 def glob(pattern: str) -> list[str]:
@@ -307,7 +306,7 @@ def glob(pattern: str) -> list[str]:
         found = _retrying(pattern, fs.glob, path)
         if not found and not pattern.lower().startswith("http"):  # a missing bucket globs to nothing: say so
             _retrying(pattern, fs.ls, path.split("/", 1)[0])
-    return sorted(n if is_url(n) else f"{protocol}://{n}" for n in found)
+    return _urls(protocol, found)
 
 
 def is_prefix(url: str) -> bool:
@@ -351,11 +350,10 @@ def probe_writable(prefix: str) -> None:
         fs.rm_file(path)
 
 
-# Reading whole files from the start: the tar readers of tokenize, probe and train-dvae.
+# Request size for reading an object through: the tar readers of tokenize, probe and
+# train-dvae, and the tar-header scan (a request's latency, not its size, is what a scan of
+# thousands of headers costs).
 STREAM_BLOCK = 8 * 2**20
-# The tar-header scan of an object: read ahead in large requests, since a request's latency,
-# not its size, is what a scan of thousands of headers costs.
-SCAN_BLOCK = STREAM_BLOCK
 
 
 @contextmanager
@@ -392,15 +390,15 @@ def open_stream(location: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
 
 
-def open_random(location: str | os.PathLike, block_size: int = SCAN_BLOCK) -> BinaryIO:
-    """A seekable binary file; an object is read by range requests of ``block_size`` bytes."""
+def open_random(location: str | os.PathLike) -> BinaryIO:
+    """A seekable binary file; an object is read ahead by range requests of ``STREAM_BLOCK`` bytes."""
     if is_pipe(location):
         raise BeitDataError(f"{location}: a pipe: command cannot be read at random")
     if not is_url(location):
         return open(location, "rb")
     fs, path = filesystem(str(location))
     with remote_errors(location):
-        return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+        return fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead")
 
 
 def arrow_source(location: str | os.PathLike) -> tuple[str, object]:
@@ -457,13 +455,13 @@ class Mirror:
 
     Args:
         url: The prefix.
-        local: The folder that mirrors it (``$BEIT_DATA_CACHE/runs/...`` by default).
+        local: The folder that mirrors it.
         skip: Names never uploaded (locks, temporary files).
     """
 
-    def __init__(self, url: str, local: Path | None = None, skip: Sequence[str] = ()):
+    def __init__(self, url: str, local: Path, skip: Sequence[str] = ()):
         self.url = str(url).rstrip("/")
-        self.local = local if local is not None else cache_dir("runs", cache_key(self.url))
+        self.local = local
         self.skip = set(skip)
         self._pushed: dict[str, tuple[int, int]] = {}
 
