@@ -126,6 +126,13 @@ class _Sequential:
         self.samples.close()
 
 
+def _close(shards: list[_Shard]) -> None:
+    """Close ``shards`` and empty the list."""
+    for shard in shards:
+        shard.close()
+    shards.clear()
+
+
 LOADER_GRACE_S = 20.0
 
 
@@ -286,20 +293,27 @@ class ReplaySource:
                 yield epoch, window, loaded, max(skip - window.start, 0), min(len(window), limit - window.start)
             epoch, skip = epoch + 1, 0
 
-    def _samples(self, *, read: bool) -> Iterator[tuple[int, _Shard, int]]:
-        """``(epoch, shard, i)`` for each sample in order, with the next window loading meanwhile."""
+    def _samples(self, *, read: bool, done: list[_Shard] | None = None) -> Iterator[tuple[int, _Shard, int]]:
+        """``(epoch, shard, i)`` for each sample in order, with the next window loading meanwhile.
+
+        A batch may hold the last samples of one window and the first of the next, and its
+        images are read after all of them are picked. So a window's shards are not closed here
+        when its last sample is handed out: they go to ``done``, and whoever reads the samples
+        closes them once the batch is read (``_batches``). Without ``done`` nothing is open.
+        """
         windows = self._windows(read=read)
         if read:
             windows = prefetch(windows, depth=1)
+        loaded: list[_Shard] = []
         try:
             for epoch, window, loaded, lo, hi in windows:
-                try:
-                    for j in range(lo, hi):
-                        yield epoch, loaded[window.shard_of[j]], int(window.sample_of[j])
-                finally:
-                    for shard in loaded:
-                        shard.close()
+                for j in range(lo, hi):
+                    yield epoch, loaded[window.shard_of[j]], int(window.sample_of[j])
+                if done is not None:
+                    done.extend(loaded)
+                loaded = []
         finally:
+            _close(loaded)  # a window left part way, by an error or an early close
             windows.close()  # stops the loading thread now, not when the garbage collector finds it
 
     def plan(self) -> Iterator[PlannedBatch]:
@@ -418,14 +432,20 @@ class ReplaySource:
         if multiprocessing.parent_process() is not None:
             outlive_job_signals()
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
-        with closing(self._samples(read=True)) as samples:
-            yield from self._batches(masker, samples)
+        done: list[_Shard] = []
+        try:
+            with closing(self._samples(read=True, done=done)) as samples:
+                yield from self._batches(masker, samples, done)
+        finally:
+            _close(done)
 
-    def _batches(self, masker: BlockMaskGenerator, samples) -> Iterator[tuple]:
-        """The batches of ``OUTPUTS`` from the samples in order, a batch's images read together."""
+    def _batches(self, masker: BlockMaskGenerator, samples, done: list[_Shard]) -> Iterator[tuple]:
+        """The batches of ``OUTPUTS`` from the samples in order, a batch's images read together;
+        the shards of the windows it finished are closed once its images are read."""
         for _ in self.positions():
             picked = [next(samples) for _ in range(self.cfg.batch_size)]
             rows = [self._item(masker, image, *p) for image, p in zip(self._read(picked), picked)]
+            _close(done)
             # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
             yield tuple(list(column) if name in _RAGGED else np.stack(column)
                         for name, column in zip(OUTPUTS, zip(*rows)))

@@ -145,3 +145,35 @@ def labeled_val_tokens(labeled_shards, tiny_tokenizer, tmp_path_factory) -> Path
     run_tokenize(TokenizeConfig(shards=str(labeled_shards / "val"), tokenizer=str(tiny_tokenizer), out=str(out),
                                 views=2, batch_size=8, device="cpu", progress=False))
     return out
+
+
+def write_shards(folder: Path, sizes: list[int], *, indexed=True, image_size: int = 16, seed: int = 0,
+                 corrupt: tuple[int, ...] = ()) -> Path:
+    """Shards ``s-000000.tar``... holding ``sizes[i]`` tiny JPEGs each, keys unique across shards.
+
+    Args:
+        indexed: Write a ``.idx`` beside every shard (True), none (False), or beside the shards
+            whose index is in the collection.
+        corrupt: Shards whose images are all undecodable (tokenize rejects them: empty token files).
+    """
+    from beit_data.shards import write_index
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, size in enumerate(sizes):
+        members = []
+        for i in range(size):
+            image = b"not a jpeg" if s in corrupt else jpeg_bytes((image_size, image_size), seed=seed + 1000 * s + i)
+            members += [(f"k{s:04d}{i:03d}.jpg", image), (f"k{s:04d}{i:03d}.cls", str(i % 3).encode())]
+        shard = write_tar(folder / f"s-{s:06d}.tar", members)
+        if indexed is True or (indexed is not False and s in indexed):
+            write_index(shard)
+    return folder
+
+
+def tokenize_folder(shards: Path, out: Path, tokenizer: Path, views: int = 2) -> Path:
+    """Token files for ``shards``: the tiny tokenizer, every image kept however small."""
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+
+    run_tokenize(TokenizeConfig(shards=str(shards), tokenizer=str(tokenizer), out=str(out), views=views,
+                                batch_size=32, min_size=0, device="cpu", progress=False))
+    return out

@@ -191,7 +191,10 @@ class S3Server:
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
-    """A static file server that answers ``Range: bytes=a-b`` with 206, as object stores do."""
+    """A static file server that answers ``Range: bytes=a-b`` with 206, as object stores do, and
+    keeps connections open (HTTP/1.1), as they do; aiohttp waits on a closed pooled one."""
+
+    protocol_version = "HTTP/1.1"
 
     def log_message(self, *args) -> None:
         pass
