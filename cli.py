@@ -56,7 +56,10 @@ SHARDS_OPTION = click.option(
 )
 SEED_OPTION = setting(PretrainConfig, "--seed", type=int, help="Seed of every random choice.")
 MIX_SHARDS_OPTION = setting(PretrainConfig, "--mix-shards", type=click.IntRange(min=1),
-                            help="Shards each rank reads at once; the samples of those shards are permuted together.")
+                            help="Shards each partition reads at once; their samples are permuted together.")
+PARTITIONS_OPTION = setting(PlanConfig, "--partitions", type=click.IntRange(min=1),
+                            help="Partitions of each epoch: a global step takes its share of samples from each. A "
+                                 "rank reads whole partitions when the number of ranks divides them.")
 QUIET_OPTION = click.option("--quiet", is_flag=True, help="Hide progress bars.")
 DEVICE_OPTION = setting(PretrainConfig, "--device",
                         help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
@@ -307,6 +310,7 @@ def index(shards, overwrite, quiet):
 @click.option("--probe-val", default=None, help="Labeled shards the probe is scored on.")
 @click.option("--probe-layers", default=None, callback=lambda ctx, param, value: layer_numbers(value),
               help="Blocks (1-based, comma-separated) whose features the probe averages [default: the last].")
+@PARTITIONS_OPTION
 @MIX_SHARDS_OPTION
 @NUM_THREADS_OPTION
 @SEED_OPTION
@@ -315,7 +319,7 @@ def index(shards, overwrite, quiet):
 def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
              weight_decay, drop_path, layer_scale, clip_grad, checkpoint_every, log_every, resume, stop_after,
              skip_missing, compile_, val_shards, val_tokens, val_every, val_images, probe_every, probe_train,
-             probe_val, probe_layers, mix_shards, num_threads, seed, device, quiet):
+             probe_val, probe_layers, partitions, mix_shards, num_threads, seed, device, quiet):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
@@ -326,7 +330,8 @@ def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, 
         checkpoint_every=checkpoint_every, log_every=log_every, resume=resume, stop_after=stop_after,
         skip_missing=skip_missing, compile=compile_, val_shards=val_shards, val_tokens=val_tokens,
         val_every=val_every, val_images=val_images, probe_every=probe_every, probe_train=probe_train,
-        probe_val=probe_val, probe_layers=probe_layers, mix_shards=mix_shards, num_threads=num_threads, seed=seed,
+        probe_val=probe_val, probe_layers=probe_layers, partitions=partitions, mix_shards=mix_shards,
+        num_threads=num_threads, seed=seed,
         device=device, progress=not quiet))
     stopped, held_out = summary.pop("stopped"), summary.pop("held_out")
     echo_summary("pretrain", summary)
@@ -350,10 +355,11 @@ def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, 
 @click.option("--rank", type=click.IntRange(min=0), default=None, help="Print this rank only (default: every rank).")
 @click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, as pretrain does.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per batch: epoch, rank, step, keys, views.")
+@PARTITIONS_OPTION
 @MIX_SHARDS_OPTION
 @SEED_OPTION
 def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, rank, skip_missing, as_json,
-         mix_shards, seed):
+         partitions, mix_shards, seed):
     """Print the keys and stored views of every batch that pretrain will see, without decoding images.
 
     Batches come ordered by epoch, step and rank, from the same code as the training stream:
@@ -362,7 +368,8 @@ def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, ran
     from pipelines.plan import PlanConfig, format_batch, run_plan
 
     cfg = PlanConfig(shards=shards, tokens=tokens, batch_size=batch_size, world_size=world_size, epochs=epochs,
-                     start_epoch=start_epoch, steps=steps, rank=rank, seed=seed, mix_shards=mix_shards,
+                     start_epoch=start_epoch, steps=steps, rank=rank, seed=seed, partitions=partitions,
+                     mix_shards=mix_shards,
                      skip_missing=skip_missing)
     for batch in run_plan(cfg):
         click.echo(json.dumps(batch.as_dict()) if as_json else format_batch(batch))

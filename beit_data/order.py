@@ -1,65 +1,193 @@
-"""The training order: which tokenized sample each rank reads at each step of each epoch.
+"""The training order: which tokenized sample each global step reads, and which rank reads it.
 
-Everything here is a pure function of the shards' sample counts and ``(seed, epoch, rank)``;
-nothing reads an image. The stream and ``beit-data plan`` both walk this order, so the plan
-is the stream's order, not a copy of it.
+Everything here is a pure function of the shards' sample counts and an ``OrderSpec`` (seed,
+global batch, partitions, shards per window); nothing reads an image. The stream and
+``beit-data plan`` both walk this order, so the plan is the stream's order, not a copy of it.
+The world size is not part of it: it only decides which rank reads which part of a step.
 
 For each epoch:
 
-1. The shards are permuted from ``(seed, epoch)``; shard ``i`` of that permutation goes to
-   rank ``i % world_size``, so ranks are disjoint.
-2. A rank reads its shards in windows of ``mix_shards`` consecutive shards. The samples of a
-   window (all of them, across its shards) are permuted as a whole from
-   ``(seed, epoch, rank, window)`` and read in that order, by their offsets in the shards.
-3. Batch ``s`` is samples ``s*B .. (s+1)*B`` of that sequence. Every rank takes the same
-   number of steps, the smallest number of full batches any rank can make; a rank's samples
-   past it are left out of that epoch (the next epoch deals and permutes anew). With shards
-   that do not divide evenly among the ranks, that is up to about one shard per rank.
+1. The shards are permuted from ``(seed, epoch)``. Their samples, shard after shard in that
+   order, form one sequence of N samples. The epoch has ``S = N // G`` global steps of G
+   samples; the last ``N - S*G`` samples of the sequence (fewer than one global batch) are
+   left out of this epoch, and the next epoch's permutation leaves out others.
+2. The first ``S*G`` samples are cut into P partitions of consecutive samples. Partition
+   ``p`` gives ``g_p`` samples to every step (``G // P``, one more for the first ``G % P``),
+   so it holds ``S * g_p``: a run of whole shards, with a piece of a shard at either end.
+3. A partition reads its pieces in windows of ``mix_shards`` pieces. The samples of a window
+   are permuted as a whole from ``(seed, epoch, partition, window)`` and read in that order.
+4. Global step ``s`` is samples ``s*g_p .. (s+1)*g_p`` of each partition, partition after
+   partition. Rank ``r`` of W reads positions ``r*G/W .. (r+1)*G/W`` of it: P/W whole
+   partitions when W divides P, a slice of one partition when P divides W.
 
+So a step holds the same samples on any number of ranks, and a run can resume on another.
 Resuming at ``(epoch, step)`` skips whole windows by their counts and permutes only the one
 it lands in, so it reads nothing of the samples before the position.
+
+Runs started before partitions existed keep their order (``dealt``): the partitions are the
+ranks, shard ``i`` of the permutation goes whole to rank ``i % W``, each gives B samples a
+step, and the epoch has as many steps as the smallest rank can fill.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from functools import lru_cache
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from beit_common import BeitDataError
 from beit_data.views import stable_rng
 
-__all__ = ["MIX_SHARDS", "rank_shards", "steps_per_epoch", "Window", "epoch_windows"]
+__all__ = ["MIX_SHARDS", "PARTITIONS", "OrderSpec", "Piece", "Layout", "Window", "epoch_layout", "rank_slices",
+           "partition_spans", "take_batches", "steps_from", "check_steps", "rank_batches"]
 
-MIX_SHARDS = 16  # shards a rank reads at once, by default
+MIX_SHARDS = 16  # pieces a partition reads at once, by default
+PARTITIONS = 8  # partitions of each epoch, by default; a rank reads whole ones on 1, 2, 4 or 8 ranks
 
-
-def rank_shards(num_shards: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """Indices of the shards ``rank`` reads in ``epoch``, in reading order."""
-    order = stable_rng(seed, "shards", epoch).permutation(num_shards)
-    return [int(i) for i in order[rank::world_size]]
+T = TypeVar("T")
 
 
-def steps_per_epoch(counts: Sequence[int], *, seed: int, epoch: int, world_size: int, batch_size: int) -> int:
-    """Full batches every rank can make in ``epoch``: the same number on each rank.
+@dataclass(frozen=True, kw_only=True)
+class OrderSpec:
+    """What fixes the order of every epoch.
+
+    Attributes:
+        seed: Seed of the shard permutations and the windows' orders.
+        global_batch: Samples of one step, over all ranks (G).
+        partitions: Partitions of the epoch (P); at most G are used.
+        mix_shards: Pieces of shards a partition reads at once, their samples permuted together.
+        sequential: Shards that can only be read from their start (``pipe:`` commands): each
+            window is one piece, read in its own order; only the shard order mixes.
+        dealt: The order of runs from before partitions: ``partitions`` is their world size.
+    """
+
+    seed: int
+    global_batch: int
+    partitions: int = PARTITIONS
+    mix_shards: int = MIX_SHARDS
+    sequential: bool = False
+    dealt: bool = False
+
+    def __post_init__(self):
+        if min(self.global_batch, self.partitions, self.mix_shards) < 1:
+            raise BeitDataError("`batch_size`, `partitions` and `mix_shards` must be at least 1")
+        if self.dealt and self.global_batch % self.partitions:
+            raise BeitDataError(f"a global batch of {self.global_batch} does not split over {self.partitions} ranks")
+
+    @property
+    def shares(self) -> tuple[int, ...]:
+        """Samples each partition gives to every step."""
+        parts = min(self.partitions, self.global_batch)
+        return tuple(self.global_batch // parts + (p < self.global_batch % parts) for p in range(parts))
+
+    @property
+    def window(self) -> int:
+        return 1 if self.sequential else self.mix_shards
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples ``lo .. hi`` of shard ``shard``."""
+
+    shard: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One epoch: its steps and the pieces of each partition.
+
+    Attributes:
+        steps: Global steps of the epoch.
+        pieces: The pieces each partition reads, in order.
+        samples: Tokenized samples of all shards.
+        used: Samples the steps read (``steps * G``); the rest are left out of the epoch.
+    """
+
+    steps: int
+    pieces: tuple[tuple[Piece, ...], ...]
+    samples: int
+    used: int
+
+    @property
+    def left_out(self) -> int:
+        return self.samples - self.used
+
+
+def _cut(counts: Sequence[int], order: Sequence[int], bounds: Sequence[int]) -> list[tuple[Piece, ...]]:
+    """The sequence of the shards' samples in ``order``, cut at ``bounds`` (sample positions)."""
+    parts: list[list[Piece]] = [[] for _ in range(len(bounds) - 1)]
+    start, p = 0, 0
+    for shard in order:
+        end = start + counts[shard]
+        while p < len(parts) and start < end:
+            lo, hi = max(start, bounds[p]), min(end, bounds[p + 1])
+            if lo < hi:
+                parts[p].append(Piece(int(shard), lo - start, hi - start))
+            if end < bounds[p + 1]:
+                break
+            p += 1
+        start = end
+    return [tuple(part) for part in parts]
+
+
+@lru_cache(maxsize=64)
+def _layout(counts: tuple[int, ...], spec: OrderSpec, epoch: int) -> Layout:
+    order = stable_rng(spec.seed, "shards", epoch).permutation(len(counts))
+    samples = sum(counts)
+    if spec.dealt:  # shard i of the permutation goes whole to rank i % W
+        ranks = spec.partitions
+        # Empty shards stay in: they take a place in a window, as they always did.
+        dealt = [tuple(Piece(int(s), 0, counts[s]) for s in order[r::ranks]) for r in range(ranks)]
+        share = spec.global_batch // ranks
+        steps = min(sum(p.hi for p in part) for part in dealt) // share
+        return Layout(steps, tuple(dealt), samples, steps * spec.global_batch)
+    steps = samples // spec.global_batch
+    bounds = np.concatenate([[0], np.cumsum(spec.shares)]) * steps
+    return Layout(steps, tuple(_cut(counts, order, [int(b) for b in bounds])), samples, steps * spec.global_batch)
+
+
+def epoch_layout(counts: Sequence[int], spec: OrderSpec, epoch: int) -> Layout:
+    """The steps and partitions of ``epoch``.
 
     Args:
         counts: Tokenized samples of each shard.
     """
-    order = stable_rng(seed, "shards", epoch).permutation(len(counts))
-    per_rank = [sum(counts[i] for i in order[r::world_size]) for r in range(world_size)]
-    return min(per_rank) // batch_size
+    return _layout(tuple(int(c) for c in counts), spec, epoch)
+
+
+def rank_slices(spec: OrderSpec, world_size: int, rank: int) -> list[tuple[int, int, int]]:
+    """What rank ``rank`` of ``world_size`` reads of each step: ``(partition, lo, hi)``, samples
+    ``lo .. hi`` of what that partition gives the step, partition after partition."""
+    if spec.dealt and world_size != spec.partitions:
+        raise BeitDataError(f"this run's order deals shards to {spec.partitions} ranks; it resumes on "
+                            f"{spec.partitions} ranks only, not {world_size}")
+    if spec.global_batch % world_size:
+        raise BeitDataError(f"a global batch of {spec.global_batch} does not split over {world_size} ranks; "
+                            "choose a `batch_size` it divides")
+    per_rank = spec.global_batch // world_size
+    first, last = rank * per_rank, (rank + 1) * per_rank
+    slices, start = [], 0
+    for p, share in enumerate(spec.shares):
+        lo, hi = max(first, start), min(last, start + share)
+        if lo < hi:
+            slices.append((p, lo - start, hi - start))
+        start += share
+    return slices
 
 
 @dataclass(frozen=True)
 class Window:
-    """Shards a rank reads together, and the order of their samples.
+    """Pieces a partition reads together, and the order of their samples.
 
     Attributes:
-        index: Position of the window in the rank's epoch.
-        shards: Shard indices (into the full shard list).
-        start: Samples of the epoch before this window.
-        shard_of: For each sample in reading order, its shard's position in ``shards``.
+        index: Position of the window in the partition's epoch.
+        shards: Shard index of each piece (a partition holds at most one piece of a shard).
+        start: Samples of the partition's epoch before this window.
+        shard_of: For each sample in reading order, its piece's position in ``shards``.
         sample_of: For each sample in reading order, its index within its shard.
     """
 
@@ -73,32 +201,98 @@ class Window:
         return len(self.shard_of)
 
 
-def _window_order(counts: Sequence[int], rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    shard_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    sample_of = np.concatenate([np.arange(c, dtype=np.int32) for c in counts]) if counts else shard_of
-    if rng is None:
-        return shard_of, sample_of
-    perm = rng.permutation(len(shard_of))
-    return shard_of[perm], sample_of[perm]
+def _window(index: int, pieces: Sequence[Piece], start: int, rng: np.random.Generator | None) -> Window:
+    sizes = [p.hi - p.lo for p in pieces]
+    shard_of = np.repeat(np.arange(len(pieces), dtype=np.int32), sizes)
+    sample_of = np.concatenate([np.arange(p.lo, p.hi, dtype=np.int32) for p in pieces])
+    if rng is not None:
+        perm = rng.permutation(len(shard_of))
+        shard_of, sample_of = shard_of[perm], sample_of[perm]
+    return Window(index, tuple(p.shard for p in pieces), start, shard_of, sample_of)
 
 
-def epoch_windows(counts: Sequence[int], *, seed: int, epoch: int, rank: int, world_size: int,
-                  mix_shards: int = MIX_SHARDS, skip: int = 0, sequential: bool = False) -> Iterator[Window]:
-    """The windows ``rank`` reads in ``epoch``, from the one that holds sample ``skip`` on.
+def partition_windows(layout: Layout, spec: OrderSpec, epoch: int, partition: int, skip: int = 0
+                      ) -> Iterator[Window]:
+    """The windows of ``partition`` in ``epoch``, from the one that holds its sample ``skip`` on.
 
     Windows before ``skip`` are passed over by their counts alone; they are never permuted.
-    With ``sequential`` (shards that can only be read from the start, such as ``pipe:``
-    commands), each window is one shard, read in its own order: only the shard order mixes.
     """
-    if sequential:
-        mix_shards = 1
-    mine = rank_shards(len(counts), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    pieces, size = layout.pieces[partition], spec.window
     start = 0
-    for w, first in enumerate(range(0, len(mine), mix_shards)):
-        shards = tuple(mine[first:first + mix_shards])
-        size = sum(counts[i] for i in shards)
-        if start + size > skip:
-            rng = None if sequential else stable_rng(seed, "mix", epoch, rank, w)
-            shard_of, sample_of = _window_order([counts[i] for i in shards], rng)
-            yield Window(w, shards, start, shard_of, sample_of)
-        start += size
+    for w, first in enumerate(range(0, len(pieces), size)):
+        chosen = pieces[first:first + size]
+        count = sum(p.hi - p.lo for p in chosen)
+        if start + count > skip:
+            rng = None if spec.sequential else stable_rng(spec.seed, "mix", epoch, partition, w)
+            yield _window(w, chosen, start, rng)
+        start += count
+
+
+def partition_spans(counts: Sequence[int], spec: OrderSpec, partition: int, start: tuple[int, int]
+                    ) -> Iterator[tuple[int, Window, int, int]]:
+    """From global step ``start = (epoch, step)`` on, forever: each window of ``partition`` with
+    its epoch and the part of it (``lo .. hi``) that the epoch's steps read."""
+    epoch, step = start
+    share = spec.shares[partition]
+    while True:
+        layout = epoch_layout(counts, spec, epoch)
+        limit, skip = layout.steps * share, step * share
+        for window in partition_windows(layout, spec, epoch, partition, skip):
+            if window.start >= limit:
+                break
+            yield epoch, window, max(skip - window.start, 0), min(len(window), limit - window.start)
+        epoch, step = epoch + 1, 0
+
+
+def take_batches(streams: dict[int, Iterator[T]], slices: Sequence[tuple[int, int, int]],
+                 shares: Sequence[int]) -> Iterator[list[T]]:
+    """The batches of one rank, forever, from each partition's samples in order: of every step's
+    ``shares[p]`` samples of partition ``p`` it keeps ``lo .. hi`` and passes over the rest."""
+    while True:
+        batch: list[T] = []
+        for p, lo, hi in slices:
+            stream = streams[p]
+            for j in range(shares[p]):
+                item = next(stream)
+                if lo <= j < hi:
+                    batch.append(item)
+        yield batch
+
+
+def steps_from(start: tuple[int, int], steps_of: Callable[[int], int]) -> Iterator[tuple[int, int]]:
+    """``(epoch, step)`` of every global step from ``start`` on, forever; ``steps_of(epoch)``
+    must raise for an epoch without steps."""
+    epoch, step = start
+    while True:
+        yield from ((epoch, s) for s in range(step, steps_of(epoch)))
+        epoch, step = epoch + 1, 0
+
+
+def check_steps(layout: Layout, spec: OrderSpec, epoch: int) -> int:
+    """The epoch's steps; an epoch without one is refused, saying what would help."""
+    if layout.steps:
+        return layout.steps
+    if not layout.samples:
+        raise BeitDataError("the shards hold no tokenized image (every sample was rejected); no batch size helps")
+    if spec.dealt:
+        raise BeitDataError(f"epoch {epoch} has fewer tokenized images on some rank than one batch "
+                            f"({layout.samples} in all over {spec.partitions} ranks); lower `batch_size`")
+    raise BeitDataError(f"the shards hold {layout.samples} tokenized images, fewer than one global batch of "
+                        f"{spec.global_batch}; lower `batch_size` or tokenize more shards")
+
+
+def rank_batches(counts: Sequence[int], spec: OrderSpec, *, world_size: int, rank: int,
+                 start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """``(epoch, step, [(shard, sample), ...])`` of each step of ``rank`` from ``start`` on,
+    forever: the order alone, as the stream reads it."""
+    slices = rank_slices(spec, world_size, rank)
+
+    def samples(p: int) -> Iterator[tuple[int, int]]:
+        for _, window, lo, hi in partition_spans(counts, spec, p, start):
+            for j in range(lo, hi):
+                yield window.shards[window.shard_of[j]], int(window.sample_of[j])
+
+    positions = steps_from(start, lambda e: check_steps(epoch_layout(counts, spec, e), spec, e))
+    streams = {p: samples(p) for p, _, _ in slices}
+    for (epoch, step), batch in zip(positions, take_batches(streams, slices, spec.shares)):
+        yield epoch, step, batch

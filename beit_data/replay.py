@@ -21,6 +21,7 @@ import signal
 import threading
 from contextlib import closing
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import BinaryIO, Iterator
 
 import numpy as np
@@ -29,7 +30,18 @@ import pyarrow.compute as pc
 
 from beit_common import BeitDataError, storage
 from beit_data.masking import BlockMaskGenerator
-from beit_data.order import MIX_SHARDS, Window, epoch_windows, steps_per_epoch
+from beit_data.order import (
+    MIX_SHARDS,
+    PARTITIONS,
+    Layout,
+    OrderSpec,
+    check_steps,
+    epoch_layout,
+    partition_spans,
+    rank_slices,
+    steps_from,
+    take_batches,
+)
 from beit_data.prefetch import prefetch
 from beit_data.shards import check_fingerprint, expand_shards, iter_samples, read_index
 from beit_data.tokens import VIEW_COLUMNS, read_consistent_footers, read_table, token_files, token_path
@@ -44,13 +56,17 @@ _RAGGED = ("encoded", "key")
 
 @dataclass(frozen=True, kw_only=True)
 class StreamConfig:
-    """What the training stream reads and how it orders it.
+    """What the training stream reads and how it orders it (see ``beit_data.order``).
 
     Attributes:
-        mix_shards: Shards a rank reads at once; their samples are permuted together.
-            Memory per rank grows with it (one token row and one offset per sample of a
-            window, up to three windows at a time: the one being read, the next one and
+        batch_size: Samples per rank per step; the global batch is that times the world size.
+        partitions: Partitions of each epoch. A rank reads whole partitions when the world
+            size divides them, and reads the windows of every partition it takes a part of.
+        mix_shards: Shards a partition reads at once; their samples are permuted together.
+            Memory per partition read grows with it (one token row and one offset per sample
+            of a window, up to three windows at a time: the one being read, the next one and
             the one loading); reads are random within those shards.
+        dealt: The order of runs started before partitions: shards dealt to ranks.
     """
 
     shards: str
@@ -60,15 +76,17 @@ class StreamConfig:
     image_size: int = 224
     num_masked: int = 75
     min_block: int = 16
+    partitions: int = PARTITIONS
     mix_shards: int = MIX_SHARDS
+    dealt: bool = False
     skip_missing: bool = False
     num_threads: int = 4
     # Control experiment only: pair every image with another image's tokens.
     shuffle_targets: bool = False
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.mix_shards < 1:
-            raise BeitDataError("`batch_size` and `mix_shards` must be at least 1")
+        if min(self.batch_size, self.mix_shards, self.partitions) < 1:
+            raise BeitDataError("`batch_size`, `mix_shards` and `partitions` must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -200,7 +218,6 @@ class ReplaySource:
     fingerprints: list[dict] = field(default_factory=list)  # of each shard, as its token file records it
     etags: list[str | None] = field(default_factory=list)  # of each object when the run started
     bytes_read: int = field(default=0, compare=False)
-    _steps: dict = field(default_factory=dict, repr=False, compare=False)
     _counted: set = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
@@ -240,27 +257,24 @@ class ReplaySource:
                    views=views["views"], grid=meta["tokenizer"]["grid"], target_jitter=views["target_jitter"],
                    jitter=views["jitter"], rank=rank, world_size=world_size)
 
-    def steps_per_epoch(self, epoch: int) -> int:
-        """Full batches every rank can make in ``epoch``: the same number on each rank."""
-        if epoch not in self._steps:
-            self._steps[epoch] = steps_per_epoch(self.images_per_shard, seed=self.cfg.seed, epoch=epoch,
-                                                 world_size=self.world_size, batch_size=self.cfg.batch_size)
-        return self._steps[epoch]
+    @cached_property
+    def spec(self) -> OrderSpec:
+        """What fixes the order: the same on any number of ranks (but for ``dealt`` runs)."""
+        return OrderSpec(seed=self.cfg.seed, global_batch=self.cfg.batch_size * self.world_size,
+                         partitions=self.world_size if self.cfg.dealt else self.cfg.partitions,
+                         mix_shards=self.cfg.mix_shards, sequential=self.sequential, dealt=self.cfg.dealt)
 
-    def check_epoch(self, epoch: int) -> None:
-        """Refuse an epoch in which some rank cannot make one batch, saying what would help."""
-        if self.steps_per_epoch(epoch) > 0:
-            return
-        images = sum(self.images_per_shard)
-        fewest = steps_per_epoch(self.images_per_shard, seed=self.cfg.seed, epoch=epoch, world_size=self.world_size,
-                                 batch_size=1)
-        if fewest > 0:
-            raise BeitDataError(f"epoch {epoch} has fewer tokenized images on some rank than one batch of "
-                                f"{self.cfg.batch_size} ({images} in all, {len(self.shards)} shards, "
-                                f"{self.world_size} ranks); lower `batch_size`")
-        raise BeitDataError(f"some rank has no tokenized image in epoch {epoch}: the {len(self.shards)} shards hold "
-                            f"{images} tokenized images for {self.world_size} ranks; tokenize more shards, or run "
-                            "on fewer ranks")
+    def layout(self, epoch: int) -> Layout:
+        """The steps and partitions of ``epoch``."""
+        return epoch_layout(self.images_per_shard, self.spec, epoch)
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Global steps of ``epoch``: every rank takes each of them."""
+        return self.layout(epoch).steps
+
+    def check_epoch(self, epoch: int) -> int:
+        """The steps of ``epoch``; an epoch without one is refused, saying what would help."""
+        return check_steps(self.layout(epoch), self.spec, epoch)
 
     @property
     def sequential(self) -> bool:
@@ -269,39 +283,23 @@ class ReplaySource:
 
     def positions(self) -> Iterator[tuple[int, int]]:
         """``(epoch, step)`` of each batch this source yields, in order."""
-        epoch, step = self.start
-        while True:
-            self.check_epoch(epoch)
-            yield from ((epoch, s) for s in range(step, self.steps_per_epoch(epoch)))
-            epoch, step = epoch + 1, 0
+        return steps_from(self.start, self.check_epoch)
 
     # ---- the order ----------------------------------------------------------------------
 
-    def _windows(self, *, read: bool) -> Iterator[tuple[int, Window, list[_Shard], int, int]]:
-        """From ``start`` on, forever: each window with its loaded shards and the part of it
-        (``lo``, ``hi``) that falls inside the epoch's full batches."""
-        epoch, step = self.start
-        skip = step * self.cfg.batch_size
-        while True:
-            limit = self.steps_per_epoch(epoch) * self.cfg.batch_size
-            for window in epoch_windows(self.images_per_shard, seed=self.cfg.seed, epoch=epoch, rank=self.rank,
-                                        world_size=self.world_size, mix_shards=self.cfg.mix_shards, skip=skip,
-                                        sequential=self.sequential):
-                if window.start >= limit:
-                    break
-                loaded = [self._load(index, epoch, read=read) for index in window.shards]
-                yield epoch, window, loaded, max(skip - window.start, 0), min(len(window), limit - window.start)
-            epoch, skip = epoch + 1, 0
-
-    def _samples(self, *, read: bool, done: list[_Shard] | None = None) -> Iterator[tuple[int, _Shard, int]]:
-        """``(epoch, shard, i)`` for each sample in order, with the next window loading meanwhile.
+    def _partition(self, partition: int, *, read: bool, done: list[_Shard] | None
+                   ) -> Iterator[tuple[int, _Shard, int]]:
+        """``(epoch, shard, i)`` for each sample of ``partition`` in order from ``start`` on,
+        forever, with its next window loading meanwhile.
 
         A batch may hold the last samples of one window and the first of the next, and its
         images are read after all of them are picked. So a window's shards are not closed here
         when its last sample is handed out: they go to ``done``, and whoever reads the samples
-        closes them once the batch is read (``_batches``). Without ``done`` nothing is open.
+        closes them once the batch is read (``__iter__``). Without ``done`` nothing is open.
         """
-        windows = self._windows(read=read)
+        windows = ((epoch, window, [self._load(i, epoch, read=read) for i in window.shards], lo, hi)
+                   for epoch, window, lo, hi in partition_spans(self.images_per_shard, self.spec, partition,
+                                                                self.start))
         if read:
             windows = prefetch(windows, depth=1)
         loaded: list[_Shard] = []
@@ -316,11 +314,20 @@ class ReplaySource:
             _close(loaded)  # a window left part way, by an error or an early close
             windows.close()  # stops the loading thread now, not when the garbage collector finds it
 
+    def _picked(self, *, read: bool, done: list[_Shard] | None = None
+                ) -> Iterator[tuple[tuple[int, int], list[tuple[int, _Shard, int]]]]:
+        """``((epoch, step), samples)`` of each batch of this rank from ``start`` on, forever."""
+        slices = rank_slices(self.spec, self.world_size, self.rank)
+        streams = {p: self._partition(p, read=read, done=done) for p, _, _ in slices}
+        try:
+            yield from zip(self.positions(), take_batches(streams, slices, self.spec.shares))
+        finally:
+            for stream in streams.values():
+                stream.close()
+
     def plan(self) -> Iterator[PlannedBatch]:
         """What each batch from ``start`` on holds, forever, without reading an image."""
-        samples = self._samples(read=False)
-        for epoch, step in self.positions():
-            picked = [next(samples) for _ in range(self.cfg.batch_size)]
+        for (epoch, step), picked in self._picked(read=False):
             yield PlannedBatch(epoch, self.rank, step, [s.keys[i] for _, s, i in picked],
                                [int(s.views[i]) for _, s, i in picked])
 
@@ -434,21 +441,15 @@ class ReplaySource:
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
         done: list[_Shard] = []
         try:
-            with closing(self._samples(read=True, done=done)) as samples:
-                yield from self._batches(masker, samples, done)
+            with closing(self._picked(read=True, done=done)) as batches:
+                for _, picked in batches:
+                    rows = [self._item(masker, image, *p) for image, p in zip(self._read(picked), picked)]
+                    _close(done)  # the windows this batch finished: their last images are read
+                    # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
+                    yield tuple(list(column) if name in _RAGGED else np.stack(column)
+                                for name, column in zip(OUTPUTS, zip(*rows)))
         finally:
             _close(done)
-
-    def _batches(self, masker: BlockMaskGenerator, samples, done: list[_Shard]) -> Iterator[tuple]:
-        """The batches of ``OUTPUTS`` from the samples in order, a batch's images read together;
-        the shards of the windows it finished are closed once its images are read."""
-        for _ in self.positions():
-            picked = [next(samples) for _ in range(self.cfg.batch_size)]
-            rows = [self._item(masker, image, *p) for image, p in zip(self._read(picked), picked)]
-            _close(done)
-            # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
-            yield tuple(list(column) if name in _RAGGED else np.stack(column)
-                        for name, column in zip(OUTPUTS, zip(*rows)))
 
     def for_rank(self, rank: int) -> ReplaySource:
         """The same source as another rank sees it."""
@@ -460,4 +461,4 @@ class ReplaySource:
 
     def _fresh(self, **changes) -> ReplaySource:
         """A copy with ``changes`` that has read nothing yet."""
-        return replace(self, bytes_read=0, _steps=dict(self._steps), _counted=set(), **changes)
+        return replace(self, bytes_read=0, _counted=set(), **changes)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from beit_common import BeitDataError
-from beit_data.order import MIX_SHARDS
+from beit_data.order import MIX_SHARDS, PARTITIONS
 from beit_data.views import ViewRecipe
 
 # The dVAE architectures of ``beit_model.dvae.CONFIGS`` (named here so this module needs no torch).
@@ -183,7 +183,10 @@ class PretrainConfig:
     layer_scale: float | None = None
     num_masked: int = 75
     seed: int = 0
-    mix_shards: int = MIX_SHARDS  # shards a rank reads at once, their samples permuted together
+    # Partitions of each epoch (see beit_data.order); None: shards dealt to ranks, the order of runs
+    # from before partitions, which a resumed old run keeps.
+    partitions: int | None = PARTITIONS
+    mix_shards: int = MIX_SHARDS  # shards a partition reads at once, their samples permuted together
     checkpoint_every: int = 1000
     log_every: int = 10
     resume: bool = False
@@ -219,6 +222,8 @@ class PretrainConfig:
             raise BeitDataError("`steps` and `epochs` must be at least 1")
         if self.batch_size < 1 or self.lr is not None and self.lr <= 0:
             raise BeitDataError("`batch_size` and `lr` must be positive")
+        if self.partitions is not None and self.partitions < 1:
+            raise BeitDataError(f"`partitions` must be at least 1, got {self.partitions}")
         if (self.val_shards is None) != (self.val_tokens is None):
             raise BeitDataError("`val_shards` and `val_tokens` go together: the held-out shards and their tokens")
         if self.val_every < 1 or self.val_images < 1:
@@ -296,11 +301,14 @@ class PlanConfig:
     steps: int | None = None
     rank: int | None = None
     seed: int = PretrainConfig.seed
+    partitions: int = PARTITIONS
     mix_shards: int = PretrainConfig.mix_shards
     skip_missing: bool = False
 
     def __post_init__(self):
-        if min(self.batch_size, self.world_size, self.epochs, self.mix_shards) < 1 or self.start_epoch < 0:
-            raise BeitDataError("`batch_size`, `world_size`, `epochs` and `mix_shards` must be at least 1")
+        if min(self.batch_size, self.world_size, self.epochs, self.mix_shards, self.partitions) < 1 \
+                or self.start_epoch < 0:
+            raise BeitDataError("`batch_size`, `world_size`, `epochs`, `partitions` and `mix_shards` must be at "
+                                "least 1")
         if self.rank is not None and not 0 <= self.rank < self.world_size:
             raise BeitDataError(f"`rank` must be in [0, {self.world_size}), got {self.rank}")

@@ -19,7 +19,7 @@ __all__ = ["PlanConfig", "run_plan", "format_batch"]
 def run_plan(cfg: PlanConfig) -> Iterator[PlannedBatch]:
     """The batches of epochs ``start_epoch`` .. ``start_epoch + epochs - 1``, ordered by epoch, step, rank."""
     stream = StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                          mix_shards=cfg.mix_shards, skip_missing=cfg.skip_missing)
+                          partitions=cfg.partitions, mix_shards=cfg.mix_shards, skip_missing=cfg.skip_missing)
     source = ReplaySource.open(stream, world_size=cfg.world_size)
     ranks = [cfg.rank] if cfg.rank is not None else range(cfg.world_size)
     for epoch in range(cfg.start_epoch, cfg.start_epoch + cfg.epochs):

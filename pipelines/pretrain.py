@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -143,13 +143,16 @@ def run_data(stream: TrainStream) -> dict:
 
 def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, mirror: Mirror | None = None) -> Run:
     """The stream, the model and its optimizer, restored from the checkpoint with ``resume``."""
+    checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.resume else None
+    if checkpoint is not None and "partitions" not in checkpoint["config"]:
+        cfg = replace(cfg, partitions=None)  # a run from before partitions keeps its order
     stream = TrainStream(StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                                      partitions=cfg.partitions or dist.world_size, dealt=cfg.partitions is None,
                                       mix_shards=cfg.mix_shards, num_masked=cfg.num_masked,
                                       skip_missing=cfg.skip_missing, num_threads=cfg.num_threads,
                                       shuffle_targets=cfg.shuffle_targets),
                          rank=dist.rank, world_size=dist.world_size, device=device)
     cfg = cfg.for_tokens(stream.meta["views"])
-    checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.resume else None
     if checkpoint is not None:
         changed = check_resume(checkpoint, asdict(cfg), PretrainConfig.RESUMABLE, dist.world_size, run_data(stream))
         if changed and dist.rank == 0:

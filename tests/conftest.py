@@ -16,12 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image
 
 from beit_data.sample import write_sample_list
 from pipelines.shards import ShardsConfig, run_shards
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property tests explore new shapes on every local run; CI (.ci/run) replays a fixed set.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,19 +1,149 @@
-"""The training order on its own: mixing, epochs, disjoint ranks, equal steps and resume."""
+"""The training order on its own, over random shapes: every sample at most once per epoch, ranks
+disjoint, equal steps, what is left out, the same global steps on any number of ranks, resume
+anywhere, and the order of runs from before partitions."""
+
+from __future__ import annotations
+
+from itertools import islice
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from beit_data.order import epoch_windows, rank_shards, steps_per_epoch
+from beit_common import BeitDataError
+from beit_data.order import OrderSpec, epoch_layout, rank_batches, rank_slices
+from beit_data.views import stable_rng
+
+SETTINGS = settings(max_examples=150, deadline=None)
 
 
-def read_order(counts, *, epoch=0, rank=0, world_size=1, mix_shards=4, skip=0, seed=0):
-    """(shard, sample) pairs in reading order from sample ``skip`` on."""
+@st.composite
+def shapes(draw, *, dealt: bool = False):
+    """Shards of uneven sizes (empty ones too), a global batch and a world size that divides it,
+    partitions from 1 to more than the ranks, windows from 1 to more than the shards."""
+    counts = draw(st.lists(st.integers(0, 25), min_size=1, max_size=24))
+    world_size = draw(st.integers(1, 8))
+    per_rank = draw(st.integers(1, 6))
+    spec = OrderSpec(seed=draw(st.integers(0, 3)), global_batch=per_rank * world_size,
+                     partitions=world_size if dealt else draw(st.integers(1, 12)),
+                     mix_shards=draw(st.integers(1, len(counts) + 2)), sequential=draw(st.booleans()), dealt=dealt)
+    return counts, spec, world_size
+
+
+def epoch_of(counts, spec, world_size, epoch) -> list[list[list[tuple[int, int]]]]:
+    """``[rank][step]`` -> the (shard, sample) pairs of that rank's batch, for one epoch."""
+    steps = epoch_layout(counts, spec, epoch).steps
+    return [[b for _, _, b in islice(rank_batches(counts, spec, world_size=world_size, rank=r, start=(epoch, 0)),
+                                     steps)] for r in range(world_size)]
+
+
+def check_epoch(counts, spec, world_size, epoch) -> list[list[tuple[int, int]]]:
+    """The epoch's global steps, after checking its invariants."""
+    layout = epoch_layout(counts, spec, epoch)
+    ranks = epoch_of(counts, spec, world_size, epoch)
+    per_rank = spec.global_batch // world_size
+    assert all(len(batches) == layout.steps for batches in ranks)  # every rank takes the same steps
+    assert all(len(b) == per_rank for batches in ranks for b in batches)
+    seen = [pair for batches in ranks for b in batches for pair in b]
+    assert len(seen) == len(set(seen)) == layout.used  # at most once, ranks disjoint
+    assert all(0 <= i < counts[s] for s, i in seen)
+    return [[pair for r in range(world_size) for pair in ranks[r][step]] for step in range(layout.steps)]
+
+
+@SETTINGS
+@given(shapes(), st.integers(0, 2))
+def test_each_epoch_reads_samples_at_most_once_on_equal_steps_and_leaves_out_less_than_a_batch(shape, epoch):
+    counts, spec, world_size = shape
+    layout = epoch_layout(counts, spec, epoch)
+    assert layout.steps == sum(counts) // spec.global_batch
+    assert 0 <= layout.left_out < spec.global_batch  # as the README states
+    if layout.steps:
+        check_epoch(counts, spec, world_size, epoch)
+
+
+@SETTINGS
+@given(shapes(), st.integers(0, 1), st.data())
+def test_a_step_holds_the_same_samples_on_any_number_of_ranks(shape, epoch, data):
+    counts, spec, world_size = shape
+    if not epoch_layout(counts, spec, epoch).steps:
+        return
+    other = data.draw(st.sampled_from([w for w in range(1, 9) if spec.global_batch % w == 0]))
+    assert check_epoch(counts, spec, world_size, epoch) == check_epoch(counts, spec, other, epoch)
+
+
+@SETTINGS
+@given(shapes(), st.data())
+def test_resuming_anywhere_gives_the_rest_of_the_sequence(shape, data):
+    counts, spec, world_size = shape
+    steps = epoch_layout(counts, spec, 0).steps
+    if not steps:
+        return
+    rank = data.draw(st.integers(0, world_size - 1))
+    total = data.draw(st.integers(1, 3 * steps))  # up to three epochs
+    straight = list(islice(rank_batches(counts, spec, world_size=world_size, rank=rank), total))
+    at = data.draw(st.integers(0, total - 1))
+    epoch, step, _ = straight[at]
+    resumed = list(islice(rank_batches(counts, spec, world_size=world_size, rank=rank, start=(epoch, step)),
+                          total - at))
+    assert resumed == straight[at:]
+
+
+@SETTINGS
+@given(shapes(dealt=True), st.integers(0, 2), st.data())
+def test_runs_from_before_partitions_keep_their_order(shape, epoch, data):
+    """``dealt`` is the order every run had before partitions, sample for sample."""
+    counts, spec, world_size = shape
+    per_rank = spec.global_batch // world_size
+    steps = epoch_layout(counts, spec, epoch).steps
+    assert steps == min(sum(counts[i] for i in order_before(counts, spec, epoch, r)[0]) for r in range(world_size)) \
+        // per_rank
+    if not steps:
+        return
+    check_epoch(counts, spec, world_size, epoch)
+    rank = data.draw(st.integers(0, world_size - 1))
+    got = [pair for _, _, b in islice(rank_batches(counts, spec, world_size=world_size, rank=rank,
+                                                   start=(epoch, 0)), steps) for pair in b]
+    assert got == order_before(counts, spec, epoch, rank)[1][:steps * per_rank]
+
+
+def order_before(counts, spec, epoch, rank) -> tuple[list[int], list[tuple[int, int]]]:
+    """The order as it was written before partitions: a rank's shards, and its samples in order."""
+    world_size = spec.partitions
+    mine = [int(i) for i in stable_rng(spec.seed, "shards", epoch).permutation(len(counts))[rank::world_size]]
+    size = 1 if spec.sequential else spec.mix_shards
     pairs = []
-    for window in epoch_windows(counts, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                                mix_shards=mix_shards, skip=skip):
-        shards = np.asarray(window.shards)[window.shard_of]
-        pairs += list(zip(shards.tolist(), window.sample_of.tolist()))[max(skip - window.start, 0):]
-    return pairs
+    for w, first in enumerate(range(0, len(mine), size)):
+        shards = mine[first:first + size]
+        shard_of = np.repeat(np.arange(len(shards)), [counts[i] for i in shards])
+        sample_of = np.concatenate([np.arange(counts[i]) for i in shards])
+        if not spec.sequential:
+            perm = stable_rng(spec.seed, "mix", epoch, rank, w).permutation(len(shard_of))
+            shard_of, sample_of = shard_of[perm], sample_of[perm]
+        pairs += [(shards[a], int(b)) for a, b in zip(shard_of, sample_of)]
+    return mine, pairs
+
+
+def test_ranks_read_whole_partitions_where_they_divide_them():
+    spec = OrderSpec(seed=0, global_batch=64, partitions=8)
+    assert rank_slices(spec, 4, 1) == [(2, 0, 8), (3, 0, 8)]
+    assert rank_slices(spec, 16, 3) == [(1, 4, 8)]
+    assert rank_slices(spec, 1, 0) == [(p, 0, 8) for p in range(8)]
+    assert rank_slices(OrderSpec(seed=0, global_batch=6, partitions=4), 3, 1) == [(1, 0, 2)]  # shares 2, 2, 1, 1
+    with pytest.raises(BeitDataError, match="global batch of 64 does not split over 3 ranks"):
+        rank_slices(spec, 3, 0)
+    with pytest.raises(BeitDataError, match="resumes on 2 ranks only, not 4"):
+        rank_slices(OrderSpec(seed=0, global_batch=8, partitions=2, dealt=True), 4, 0)
+
+
+def test_each_epoch_has_its_own_order_and_windows_interleave_their_shards():
+    counts = [30] * 12
+    spec = OrderSpec(seed=0, global_batch=16, partitions=1, mix_shards=4)
+    first, second = (check_epoch(counts, spec, 1, e) for e in (0, 1))
+    assert sorted(map(sorted, first)) != sorted(map(sorted, second))
+    assert check_epoch(counts, spec, 1, 0) == first  # and it is the same every time
+    assert len({s for s, _ in first[0]}) >= 3  # several shards in one batch, not one after another
+    assert len({s for b in first[:7] for s, _ in b}) == 4  # the first window holds 4 shards (120 samples)
 
 
 def class_of(counts, classes, shuffled):
@@ -25,49 +155,15 @@ def class_of(counts, classes, shuffled):
     return lambda shard, sample: listing[starts[shard] + sample]
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_every_sample_once_per_epoch_ranks_disjoint_and_equal_steps(world_size):
-    counts = [50, 50, 47, 50, 33, 50, 50, 12, 50, 50, 49]
-    seen = [read_order(counts, rank=r, world_size=world_size) for r in range(world_size)]
-    everything = [p for rank in seen for p in rank]
-    assert len(everything) == len(set(everything)) == sum(counts)  # once each, no rank shares one
-    assert sorted(everything) == [(s, i) for s, c in enumerate(counts) for i in range(c)]
-    steps = steps_per_epoch(counts, seed=0, epoch=0, world_size=world_size, batch_size=16)
-    assert steps == min(len(r) for r in seen) // 16 and steps >= 1
-    for r in range(world_size):  # a rank reads exactly its shards
-        assert {s for s, _ in seen[r]} == set(rank_shards(len(counts), seed=0, epoch=0, rank=r,
-                                                          world_size=world_size))
-
-
-def test_each_epoch_has_its_own_order():
-    counts = [40] * 8
-    first, second = read_order(counts, epoch=0), read_order(counts, epoch=1)
-    assert sorted(first) == sorted(second) and first != second
-    assert read_order(counts, epoch=0) == first  # and it is the same every time
-
-
-def test_windows_interleave_their_shards_and_resume_skips_the_rest():
-    counts = [30] * 12
-    order = read_order(counts, mix_shards=4)
-    first_batch = order[:16]
-    assert len({s for s, _ in first_batch}) >= 3  # several shards in one batch, not one after another
-    assert len({s for s, _ in order[:120]}) == 4  # the first window holds 4 shards
-    for skip in (0, 17, 119, 120, 121, 300):
-        assert read_order(counts, mix_shards=4, skip=skip) == order[skip:]
-    # Resuming in the last window permutes only that window: the windows before are not built.
-    assert [w.index for w in epoch_windows(counts, seed=0, epoch=0, rank=0, world_size=1, mix_shards=4,
-                                           skip=250)] == [2]
-
-
-def test_distinct_classes_per_batch_match_a_uniform_shuffle():
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_distinct_classes_per_batch_match_a_uniform_shuffle(world_size):
     classes, batch = 20, 20
-    counts = [50] * 40
+    counts = [50] * 200  # 500 batches: the mean is known to about 0.5%
     expectation = classes * (1 - (1 - 1 / classes) ** batch)  # 12.83
-    for shuffled, low, high in ((True, 0.95, 1.05), (False, 0.0, 0.5)):
+    spec = OrderSpec(seed=0, global_batch=batch * world_size, partitions=2, mix_shards=4)
+    # Class-sorted shards (10 a class): a batch sees the classes of the 2 x 4 shards of its windows.
+    for shuffled, low, high in ((True, 0.97, 1.03), (False, 0.0, 0.65)):
         label = class_of(counts, classes, shuffled)
-        distinct = []
-        for rank in range(2):
-            order = read_order(counts, rank=rank, world_size=2, mix_shards=8)
-            for b in range(len(order) // batch):
-                distinct.append(len({label(s, i) for s, i in order[b * batch:(b + 1) * batch]}))
+        ranks = epoch_of(counts, spec, world_size, 0)
+        distinct = [len({label(s, i) for s, i in b}) for batches in ranks for b in batches]
         assert low * expectation <= np.mean(distinct) <= high * expectation, (shuffled, np.mean(distinct))

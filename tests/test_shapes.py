@@ -3,9 +3,13 @@ of one sample, batches larger than a window, empty shards, resumes anywhere; loc
 
 from __future__ import annotations
 
+from itertools import islice
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from beit_data.replay import OUTPUTS, ReplaySource, StreamConfig
 from tests.conftest import tokenize_folder, write_shards
@@ -25,7 +29,8 @@ def odd(tmp_path_factory, tiny_tokenizer):
 
 
 def spec(shards, which) -> str:
-    return str(shards / f"s-{{{','.join(f'{s:06d}' for s in which)}}}.tar")
+    names = [f"{s:06d}" for s in which]
+    return str(shards / (f"s-{names[0]}.tar" if len(names) == 1 else f"s-{{{','.join(names)}}}.tar"))
 
 
 def stored_rows(tokens) -> dict[tuple[str, int], dict]:
@@ -99,3 +104,52 @@ def test_the_trainer_stream_crosses_window_boundaries(odd):
         assert batch.keys == plan.keys
         assert batch.tokens.tolist() == [rows[(k, v)]["tokens"] for k, v in zip(plan.keys, plan.views)]
         assert np.isfinite(batch.images.float().numpy()).all() and batch.images.shape[0] == 8
+
+
+def token_keys(tokens, shards: list[str]) -> list[list[str]]:
+    """Each shard's keys in its token file's order: sample ``i`` of a shard is its ``i``-th key."""
+    from beit_data.tokens import token_path
+
+    return [sorted(set(pq.read_table(token_path(tokens, s), columns=["key"]).column("key").to_pylist()))
+            for s in shards]
+
+
+@st.composite
+def stream_shapes(draw):
+    """A subset of the shards (one of them up to all), a per-rank batch, ranks, partitions, a
+    window size, which rank reads, and where it starts."""
+    which = draw(st.lists(st.integers(0, len(SIZES) - 1), min_size=1, max_size=len(SIZES), unique=True))
+    return dict(which=sorted(which), batch_size=draw(st.integers(1, 12)), world_size=draw(st.integers(1, 4)),
+                partitions=draw(st.integers(1, 10)), mix_shards=draw(st.integers(1, 6)),
+                rank=draw(st.integers(0, 3)), epoch=draw(st.integers(0, 1)), step=draw(st.integers(0, 20)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream_shapes())
+@example(dict(which=list(range(28, 39)), batch_size=12, world_size=1, partitions=1, mix_shards=1, rank=0, epoch=0,
+              step=0))  # a batch larger than any window, windows of one sample (shards 28 and 33)
+@example(dict(which=[0, 1], batch_size=7, world_size=2, partitions=3, mix_shards=1, rank=1, epoch=1, step=1))
+@example(dict(which=[30], batch_size=1, world_size=1, partitions=2, mix_shards=1, rank=0, epoch=0, step=6))
+def test_the_stream_reads_what_the_order_and_the_plan_say_at_any_shape(odd, shape):
+    from beit_data.order import rank_batches
+
+    shards, tokens = odd
+    total = sum(SIZES[s] for s in shape["which"] if s not in CORRUPT)
+    world_size = shape["world_size"]
+    if total < shape["batch_size"] * world_size:
+        return  # fewer images than one global batch: refused (tests/test_plan.py)
+    cfg = StreamConfig(shards=spec(shards, shape["which"]), tokens=str(tokens), batch_size=shape["batch_size"],
+                       partitions=shape["partitions"], mix_shards=shape["mix_shards"])
+    rank = shape["rank"] % world_size
+    source = ReplaySource.open(cfg, world_size=world_size).for_rank(rank)
+    steps = source.steps_per_epoch(0)
+    start = (shape["epoch"], shape["step"] % steps)
+    count = min(steps + 2, 6)  # into the next epoch where the epoch is short
+    source = source.at(*start)
+    keys_of = token_keys(tokens, source.shards)
+    order = [[keys_of[s][i] for s, i in b] for _, _, b in
+             islice(rank_batches(source.images_per_shard, source.spec, world_size=world_size, rank=rank,
+                                 start=start), count)]
+    batches = read_batches(source, count)
+    assert [[k.tobytes().decode() for k in b["key"]] for b in batches] == order
+    check_against_plan(source, batches, stored_rows(tokens))
