@@ -112,6 +112,13 @@ def echo_summary(title: str, summary: dict) -> None:
     click.echo(f"{title}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
 
 
+def main_process() -> bool:
+    """Whether this process is rank 0 (or alone): under torchrun only rank 0 prints the summary."""
+    from pipelines.runtime import dist_info
+
+    return dist_info().rank == 0
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the shards.")
@@ -238,12 +245,13 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
         target_jitter=not no_target_jitter, min_size=min_size, compile=compile_, overwrite=overwrite,
         device=device, num_threads=num_threads, progress=not quiet))
     rejects = summary.pop("reject_list")
-    echo_summary("tokenize", summary)
-    for r in rejects[:20]:
-        click.echo(f"  rejected {r['shard']}:{r['key']}: {r['reason']}", err=True)
-    if len(rejects) > 20:
-        click.echo(f"  ... {len(rejects) - 20} more in {out}/summary.json", err=True)
-    click.echo(f"wrote {out}")
+    if main_process():
+        echo_summary("tokenize", summary)
+        for r in rejects[:20]:
+            click.echo(f"  rejected {r['shard']}:{r['key']}: {r['reason']}", err=True)
+        if len(rejects) > 20:
+            click.echo(f"  ... {len(rejects) - 20} more in {out}/summary.json", err=True)
+        click.echo(f"wrote {out}")
     if strict and rejects:
         raise click.ClickException(f"{len(rejects)} samples were rejected (--strict)")
 
@@ -310,6 +318,8 @@ def index(shards, overwrite, quiet):
 @click.option("--probe-val", default=None, help="Labeled shards the probe is scored on.")
 @click.option("--probe-layers", default=None, callback=lambda ctx, param, value: layer_numbers(value),
               help="Blocks (1-based, comma-separated) whose features the probe averages [default: the last].")
+@click.option("--record-batches", is_flag=True,
+              help="Each rank writes the keys of every step it trains to RUN/batches-rankR.jsonl, for audits.")
 @PARTITIONS_OPTION
 @MIX_SHARDS_OPTION
 @NUM_THREADS_OPTION
@@ -319,7 +329,7 @@ def index(shards, overwrite, quiet):
 def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, min_lr, warmup_epochs, warmup_steps,
              weight_decay, drop_path, layer_scale, clip_grad, checkpoint_every, log_every, resume, stop_after,
              skip_missing, compile_, val_shards, val_tokens, val_every, val_images, probe_every, probe_train,
-             probe_val, probe_layers, partitions, mix_shards, num_threads, seed, device, quiet):
+             probe_val, probe_layers, record_batches, partitions, mix_shards, num_threads, seed, device, quiet):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
@@ -330,12 +340,14 @@ def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, 
         checkpoint_every=checkpoint_every, log_every=log_every, resume=resume, stop_after=stop_after,
         skip_missing=skip_missing, compile=compile_, val_shards=val_shards, val_tokens=val_tokens,
         val_every=val_every, val_images=val_images, probe_every=probe_every, probe_train=probe_train,
-        probe_val=probe_val, probe_layers=probe_layers, partitions=partitions, mix_shards=mix_shards,
+        probe_val=probe_val, probe_layers=probe_layers, record_batches=record_batches, partitions=partitions,
+        mix_shards=mix_shards,
         num_threads=num_threads, seed=seed,
         device=device, progress=not quiet))
     stopped, held_out = summary.pop("stopped"), summary.pop("held_out")
-    echo_summary("pretrain", summary)
-    if held_out:
+    if main_process():
+        echo_summary("pretrain", summary)
+    if held_out and main_process():
         click.echo("held-out masked-token accuracy: " + " -> ".join(
             f"step {r['step']} top-1 {100 * r['val_top1']:.1f}% top-5 {100 * r['val_top5']:.1f}% "
             f"(loss {r['val_loss']:.3f})" for r in held_out))

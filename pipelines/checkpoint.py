@@ -77,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # Settings added since the first checkpoints, with the value a run that predates them had.
-ADDED_SETTINGS = {"recipe": "beit", "partitions": None}
+ADDED_SETTINGS = {"recipe": "beit", "partitions": None, "record_batches": False}
 
 
 def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_size: int, data: dict) -> dict:

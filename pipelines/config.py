@@ -196,6 +196,7 @@ class PretrainConfig:
     num_threads: int = 4
     progress: bool = True
     shuffle_targets: bool = False  # control experiment: targets from other images
+    record_batches: bool = False  # each rank writes the keys of its every step to RUN/batches-rank{R}.jsonl
     val_shards: str | None = None  # held-out shards, tokenized into val_tokens
     val_tokens: str | None = None
     val_every: int = 1000  # evaluate at step 0, every N steps and at the end
@@ -211,7 +212,7 @@ class PretrainConfig:
     # cosine schedule is a function of the total, so extending a run would change its past.
     RESUMABLE = ("shards", "tokens", "out", "stop_after", "checkpoint_every", "log_every", "resume", "compile",
                  "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
-                 "probe_every", "probe_train", "probe_val", "probe_layers")
+                 "probe_every", "probe_train", "probe_val", "probe_layers", "record_batches")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)

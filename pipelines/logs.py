@@ -11,7 +11,16 @@ import torch
 
 from beit_common import BeitDataError, write_text_atomic
 
-__all__ = ["Logger", "LossReader"]
+__all__ = ["Logger", "BatchRecorder", "LossReader"]
+
+
+def open_log(path: Path, resumed_at: int):
+    """``path`` opened for appending, without the records of steps after ``resumed_at`` (which an
+    interrupted run logged after its last checkpoint), so that no step appears twice."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if _step(line) <= resumed_at]
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return path.open("a")
 
 
 class Logger:
@@ -28,11 +37,7 @@ class Logger:
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
-        path = out / "log.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if _step(line) <= resumed_at]
-            write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-        self.jsonl = path.open("a")
+        self.jsonl = open_log(out / "log.jsonl", resumed_at)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it
@@ -57,6 +62,26 @@ class Logger:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class BatchRecorder:
+    """``RUN/batches-rank{R}.jsonl``: the keys each step of this rank read, one line a step, for
+    audits ("which images did step 41,000 see?"). Off unless asked for (``record_batches``)."""
+
+    def __init__(self, out: Path, rank: int, enabled: bool, resumed_at: int = 0):
+        self.file = open_log(out / f"batches-rank{rank}.jsonl", resumed_at) if enabled else None
+
+    def record(self, step: int, epoch: int, epoch_step: int, keys: list[str]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "epoch": epoch, "epoch_step": epoch_step, "keys": keys}) + "\n")
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _step(line: str) -> float:

@@ -30,7 +30,7 @@ from beit_data.progress import progress_bar
 from beit_data.stream import StreamConfig, TrainStream
 from pipelines.checkpoint import CHECKPOINT, check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from pipelines.config import PretrainConfig
-from pipelines.logs import Logger, LossReader
+from pipelines.logs import BatchRecorder, Logger, LossReader
 from pipelines.preemption import Preemption
 from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
 from pipelines.training import build_model, build_optimizer, train_step
@@ -256,6 +256,7 @@ def loop(run: Run) -> dict:
     cfg = run.cfg
     forward = _forward_module(run)
     logger = Logger(run.out, run.is_main, resumed_at=run.resumed_at or 0)
+    recorder = BatchRecorder(run.out, run.dist.rank, cfg.record_batches, resumed_at=run.resumed_at or 0)
     losses = LossReader(checkpoint_path(run.out))
     stop_at = min(run.total, run.step + cfg.stop_after if cfg.stop_after else run.total)
     bar = progress_bar(total=run.total, initial=run.step, desc="pretrain", unit="step",
@@ -270,6 +271,7 @@ def loop(run: Run) -> dict:
             out = train_step(run.model, run.optimizer, run.scheduler, batch.images, batch.tokens, batch.mask,
                              max_masked=cfg.num_masked, clip_grad=cfg.clip_grad, device=run.device, forward=forward)
             run.step += 1
+            recorder.record(run.step, batch.epoch, batch.step, batch.keys)
             losses.add(run.step - 1, out.loss)
             meter.seen += batch.images.shape[0] * run.dist.world_size
             stopped = preemption.requested()
@@ -283,6 +285,7 @@ def loop(run: Run) -> dict:
             if not stopped:  # a preempted run saves first: the job may have seconds left
                 run.checks(run.model, run.step, run.total, logger)
             if save_now:
+                recorder.flush()
                 save(run)
             if run.step >= stop_at or stopped:
                 break
@@ -293,6 +296,7 @@ def loop(run: Run) -> dict:
             print(f"pretrain: stopped by {Preemption.name(stopped)} after step {run.step}; "
                   f"{checkpoint_path(run.cfg.out)} holds it, resume to continue", file=sys.stderr)
     logger.close()
+    recorder.close()
     push(run)  # the logs written after the last checkpoint
     if run.dist.world_size > 1:
         torch.distributed.barrier()

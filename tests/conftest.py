@@ -170,7 +170,7 @@ def write_shards(folder: Path, sizes: list[int], *, indexed=True, image_size: in
             image = b"not a jpeg" if s in corrupt else jpeg_bytes((image_size, image_size), seed=seed + 1000 * s + i)
             members += [(f"k{s:04d}{i:03d}.jpg", image), (f"k{s:04d}{i:03d}.cls", str(i % 3).encode())]
         shard = write_tar(folder / f"s-{s:06d}.tar", members)
-        if indexed is True or (indexed is not False and s in indexed):
+        if size and (indexed is True or (indexed is not False and s in indexed)):
             write_index(shard)
     return folder
 

@@ -1,5 +1,5 @@
 """SIGTERM and Ctrl-C: pretrain finishes the step, saves, says why it stopped, leaves no child behind,
-and ``--resume`` continues bit for bit, in one process and under torchrun with two."""
+and ``--resume`` continues bit for bit (under torchrun with two ranks: tests/test_rehearsal.py)."""
 
 import json
 import os
@@ -106,21 +106,3 @@ def test_a_signal_stops_after_the_step_and_resume_is_exact(sample_shards, sample
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     assert losses(run) == losses(tmp_path / "straight")
-
-
-def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(sample_shards, sample_tokens, tmp_path):
-    def command(port: int) -> list[str]:
-        return ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "cli", "pretrain",
-                "--shards", str(sample_shards), "--tokens", str(sample_tokens), *ARGS]
-
-    run = tmp_path / "stopped"
-    proc = launch(command(29541), run)
-    err, _ = interrupt(proc, run, signal.SIGTERM, group=False)  # torchrun passes it on to its workers
-    assert proc.returncode != 0
-    assert err.count("stopped by SIGTERM after step") == 1, err[-4000:]  # said once, by rank 0
-    step = [r for r in records(run) if r.get("event") == "stopped"][0]["step"]
-    for port, out, extra in ((29542, run, ["--resume"]), (29543, tmp_path / "straight", [])):
-        done = subprocess.run([sys.executable, "-m", *command(port), "--out", str(out), *extra], cwd=REPO, env=ENV,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    assert 3 <= step < 16 and losses(run) == losses(tmp_path / "straight")

@@ -52,37 +52,6 @@ def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def torchrun(*args, port):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), "-m", "cli", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
-
-
-def test_two_process_resume_is_exact(sample_shards, sample_tokens, labeled_shards, labeled_val_tokens, tmp_path):
-    args = ["pretrain", "--shards", str(sample_shards), "--tokens", str(sample_tokens), "--model",
-            "beit_mim_tiny_patch16_224", "--steps", "6", "--batch-size", "2", "--warmup-steps", "2", "--log-every", "1",
-            "--device", "cpu", "--num-threads", "1", "--quiet", "--val-shards", str(labeled_shards / "val"),
-            "--val-tokens", str(labeled_val_tokens), "--val-every", "3", "--val-images", "7"]
-    straight = torchrun(*args, "--out", str(tmp_path / "straight"), port=29531)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    part = torchrun(*args, "--out", str(tmp_path / "resumed"), "--stop-after", "3", port=29532)
-    assert part.returncode == 0, part.stderr[-3000:]
-    rest = torchrun(*args, "--out", str(tmp_path / "resumed"), "--resume", port=29533)
-    assert rest.returncode == 0, rest.stderr[-3000:]
-    assert len(losses(tmp_path / "straight")) == 6
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-    val = [r for r in records(tmp_path / "straight") if r.get("event") == "val"]
-    assert [r["step"] for r in val] == [0, 3, 6] and val == [r for r in records(tmp_path / "resumed")
-                                                            if r.get("event") == "val"]
-    # Each rank evaluated its share of 7 of the 18 held-out images (keys 000000000 and up, as the
-    # training shards': other images, so accepted); the reduced figures are one process's.
-    one = evaluate_untrained(sample_tokens, labeled_shards / "val", labeled_val_tokens, count=7)
-    assert val[0]["val_images"] == one["val_images"] == 7
-    for key in ("val_loss", "val_top1", "val_top5"):
-        assert val[0][key] == pytest.approx(one[key], rel=1e-6, abs=1e-9)
-    config = json.loads((tmp_path / "straight" / "config.json").read_text())
-    assert config["steps_per_epoch"] == 3  # 8 and 6 images on the two ranks in epoch 0: min(4, 3) batches of 2
-
-
 def test_missing_parquet_is_an_error_or_skipped(sample_shards, sample_tokens, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.mkdir()

@@ -1,10 +1,5 @@
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +13,8 @@ from beit_data.shards import iter_samples
 from beit_data.tokens import read_meta
 from beit_data.views import ViewRecipe, sample_view
 from beit_model.dvae import load_tokenizer
-from pipelines.shards import ShardsConfig, run_shards
 from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
-from tests.conftest import REPO, jpeg_bytes, run_cli, write_tar
+from tests.conftest import jpeg_bytes, run_cli, write_tar
 
 
 def rows_of(folder):
@@ -133,50 +127,6 @@ def test_cli_errors(tmp_path, sample_shards, tiny_tokenizer):
         assert result.returncode != 0
         assert message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
-
-
-@pytest.fixture(scope="module")
-def many_shards(tmp_path_factory):
-    from beit_data.sample import write_sample_list
-
-    out = tmp_path_factory.mktemp("many")
-    run_shards(ShardsConfig(sources=[write_sample_list(out / "l.txt")], out=out / "s", maxcount=1, prefix="m",
-                            progress=False))
-    return out / "s"
-
-
-def test_sigkill_then_rerun_gives_the_same_rows(many_shards, tiny_tokenizer, tmp_path):
-    args = ["tokenize", "--shards", str(many_shards), "--tokenizer", str(tiny_tokenizer), "--views", "6",
-            "--batch-size", "1", "--device", "cpu", "--quiet"]
-    assert run_cli(*args, "--out", str(tmp_path / "full")).returncode == 0
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", str(killed)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(killed.glob("*.parquet"))) < 3:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(list(killed.glob("*.parquet")))
-    assert 3 <= done < 14, "the run was not killed in the middle"
-    rerun = run_cli(*args, "--out", str(killed))
-    assert rerun.returncode == 0
-    assert f"skipped {done}" in rerun.stdout
-    assert rows_of(killed) == rows_of(tmp_path / "full")
-    assert not list(killed.glob(".*tmp*"))
-
-
-def test_two_ranks_write_the_same_rows_as_one(many_shards, tiny_tokenizer, tmp_path):
-    args = ["--shards", str(many_shards), "--tokenizer", str(tiny_tokenizer), "--views", "2", "--device", "cpu",
-            "--quiet"]
-    assert run_cli("tokenize", *args, "--out", str(tmp_path / "one")).returncode == 0
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", "-m", "cli", "tokenize", *args, "--out", str(tmp_path / "two")],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert rows_of(tmp_path / "two") == rows_of(tmp_path / "one")
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (summary["images"], summary["shards"]) == (14, 14)
 
 
 def test_stale_or_damaged_token_files_are_refused_with_overwrite(sample_shards, tiny_tokenizer, tmp_path):
