@@ -119,17 +119,44 @@ class _PickledModule(nn.Module):
         nn.Module.__setstate__(self, state)
 
 
+# What OpenAI's encoder.pkl / decoder.pkl (whole pickled ``dall_e`` modules) refer to, and nothing
+# more: the dall_e classes (replaced by a plain module), tensors, and torch's own modules.
+_DALL_E_CLASSES = {"Encoder", "Decoder", "EncoderBlock", "DecoderBlock", "Conv2d"}
+_DALL_E_MODULES = {"dall_e", "dall_e.encoder", "dall_e.decoder", "dall_e.utils"}
+_ALLOWED = {("collections", "OrderedDict"), ("torch", "device"), ("torch", "Size"),
+            ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+            ("torch._utils", "_rebuild_parameter_with_state"),
+            *((builtins, name) for builtins in ("builtins", "__builtin__") for name in ("set", "frozenset"))}
+
+
 class _DallEUnpickler(pickle.Unpickler):
+    """Unpickles OpenAI's dall_e modules from an allow-list; any other global is refused, so a
+    file cannot run code while it loads."""
+
     def find_class(self, module, name):
-        if module == "dall_e" or module.startswith("dall_e."):
+        if module in _DALL_E_MODULES and name in _DALL_E_CLASSES:
             return _PickledModule
-        return super().find_class(module, name)
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith("torch.nn.modules."):
+            found = super().find_class(module, name)
+            if isinstance(found, type) and issubclass(found, nn.Module):
+                return found
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no DALL-E file holds")
 
 
-_dall_e_pickle = types.SimpleNamespace(Unpickler=_DallEUnpickler, load=pickle.load, __name__="dall_e_pickle")
+def _safe_load(file, **kwargs):
+    return _DallEUnpickler(file, **kwargs).load()
+
+
+_dall_e_pickle = types.SimpleNamespace(Unpickler=_DallEUnpickler, load=_safe_load, __name__="dall_e_pickle")
 
 
 def _read(path: Path):
+    """A file's tensors: ``weights_only`` for every file, and for OpenAI's ``.pkl`` modules the
+    allow-list above."""
     kind = describe_file(path)
     if kind not in ("a zip archive", "a Python pickle"):  # what torch.save and pickle write
         raise BeitDataError(f"{path} is not a PyTorch file: it is {kind}")
@@ -137,12 +164,17 @@ def _read(path: Path):
         # Training checkpoints (BEiT v2's among them) may keep their argparse settings beside the tensors.
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # a pickled module, not plain tensors: OpenAI's encoder.pkl / decoder.pkl
+    except pickle.UnpicklingError as exc:
+        if path.suffix != ".pkl":  # only OpenAI's encoder.pkl / decoder.pkl hold whole modules
+            detail = str(exc).strip().splitlines()[0][:160]
+            raise BeitDataError(f"{path} holds more than tensors, and only OpenAI's .pkl files are unpickled beyond "
+                                f"them (weights_only: {detail})") from None
     except Exception as exc:
         raise BeitDataError(f"{path} is not a readable PyTorch file: {str(exc).splitlines()[0][:200]}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_dall_e_pickle)
+    except pickle.UnpicklingError as exc:
+        raise BeitDataError(f"{path} was not unpickled: {exc}; only OpenAI's dall_e modules load this way") from None
     except Exception as exc:
         raise BeitDataError(f"{path} could not be unpickled: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(obj, nn.Module):
@@ -225,14 +257,15 @@ def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: 
         if _is_decoder(state):
             raise BeitDataError(f"{path} holds DALL-E decoder weights; give the encoder file as the tokenizer")
         enc = _build("encoder", state, path)
-    decoder_path = Path(decoder) if decoder else path.with_name("decoder.pkl")
-    if dec is None and decoder_path.is_file() and decoder_path != path:
+    # OpenAI's decoder.pkl is found beside its encoder.pkl, never beside a state dict.
+    decoder_path = Path(decoder) if decoder else path.with_name("decoder.pkl") if name == "dall-e" else None
+    if dec is None and decoder_path is not None and decoder_path.is_file() and decoder_path != path:
         dec_obj = _read(decoder_path)
         dec_state = dec_obj.get("state", dec_obj) if isinstance(dec_obj, dict) else None
         if dec_state is None or not _is_decoder(dec_state):
             raise BeitDataError(f"{decoder_path} does not hold DALL-E decoder weights")
         dec = _build("decoder", dec_state, decoder_path)
-    elif decoder and not decoder_path.is_file():
+    elif decoder and not Path(decoder).is_file():
         raise BeitDataError(f"decoder file not found: {decoder_path}")
     return Tokenizer(enc, dec, name=name, input_size=input_size or 112).eval()
 

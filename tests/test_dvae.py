@@ -134,3 +134,50 @@ def test_train_dvae_checkpoints_resumes_and_reports(sample_shards, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(Path(str(out) + ".report.json").read_text())["steps"] == 9
     assert torch.load(out, weights_only=True)["step"] == 9
+
+
+class Payload:
+    """Runs a shell command when unpickled, as a hostile weights file would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_no_tokenizer_file_runs_code_when_loaded(tmp_path, openai_files):
+    import pickle
+    import shutil
+
+    marker = tmp_path / "ran"
+    enc = load_tokenizer(openai_files / "encoder.pkl").encoder.state_dict()
+    # A state dict with a payload, as .pt and as a train-dvae checkpoint: weights_only refuses it.
+    torch.save({**enc, "extra": Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(BeitDataError, match=r"evil.pt holds more than tensors, and only OpenAI's .pkl files"):
+        load_tokenizer(tmp_path / "evil.pt")
+    # The same payload as an encoder.pkl, in torch's format and as a bare pickle: the allow-list refuses it.
+    (tmp_path / "pkl").mkdir()
+    torch.save(Payload(marker), tmp_path / "pkl" / "encoder.pkl")
+    with pytest.raises(BeitDataError, match=r"encoder.pkl was not unpickled: it asks for posix.system, which no "
+                                            r"DALL-E file holds; only OpenAI's dall_e modules load this way$"):
+        load_tokenizer(tmp_path / "pkl" / "encoder.pkl")
+    with open(tmp_path / "pkl" / "encoder.pkl", "wb") as f:
+        pickle.dump(Payload(marker), f)
+    with pytest.raises(BeitDataError, match=r"encoder.pkl (was not unpickled|could not be unpickled)"):
+        load_tokenizer(tmp_path / "pkl" / "encoder.pkl")
+    # A hostile decoder.pkl beside a plain state dict is never opened ...
+    torch.save(enc, tmp_path / "pkl" / "enc.pt")
+    torch.save(Payload(marker), tmp_path / "pkl" / "decoder.pkl")
+    assert load_tokenizer(tmp_path / "pkl" / "enc.pt").decoder is None
+    # ... and beside OpenAI's encoder.pkl it is refused.
+    shutil.copy(openai_files / "encoder.pkl", tmp_path / "pkl" / "encoder.pkl")
+    with pytest.raises(BeitDataError, match=r"decoder.pkl was not unpickled: it asks for posix.system"):
+        load_tokenizer(tmp_path / "pkl" / "encoder.pkl")
+    assert not marker.exists()
+    # OpenAI's own files still load, with their decoder, and give the same tokens.
+    x = torch.load(openai_files / "expected.pt")["x"]
+    tok = load_tokenizer(openai_files / "encoder.pkl")
+    assert tok.decoder is not None and torch.equal(tok.encode(x), load_tokenizer(tmp_path / "pkl" / "enc.pt").encode(x))
