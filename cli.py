@@ -228,7 +228,8 @@ def train_dvae(shards, out, config, steps, batch_size, lr, checkpoint_every, res
 @click.option("--no-target-jitter", is_flag=True,
               help="Tokenize views without colour jitter; pretrain then draws fresh jitter each epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace token files made with another tokenizer or recipe.")
-@click.option("--strict", is_flag=True, help="Exit non-zero if any sample was rejected.")
+@click.option("--strict", is_flag=True,
+              help="Exit non-zero if any sample was rejected; a shard with a rejected sample is not written.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Compile the tokenizer with torch.compile (slow to start; faster over a long run on a GPU).")
 @NUM_THREADS_OPTION
@@ -242,7 +243,7 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
     summary = run_tokenize(TokenizeConfig(
         shards=shards, tokenizer=tokenizer, out=out, recipe=recipe, views=views, min_scale=min_scale, seed=seed,
         batch_size=batch_size,
-        target_jitter=not no_target_jitter, min_size=min_size, compile=compile_, overwrite=overwrite,
+        target_jitter=not no_target_jitter, min_size=min_size, compile=compile_, overwrite=overwrite, strict=strict,
         device=device, num_threads=num_threads, progress=not quiet))
     rejects = summary.pop("reject_list")
     if main_process():
@@ -253,7 +254,9 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
             click.echo(f"  ... {len(rejects) - 20} more in {out}/summary.json", err=True)
         click.echo(f"wrote {out}")
     if strict and rejects:
-        raise click.ClickException(f"{len(rejects)} samples were rejected (--strict)")
+        held = len({r["shard"] for r in rejects})
+        raise click.ClickException(f"{len(rejects)} samples were rejected (--strict); the {held} shards that hold them "
+                                   "were not written")
 
 
 @main.command(context_settings=CONTEXT)

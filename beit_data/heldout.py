@@ -76,6 +76,9 @@ def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
         by_key: dict[str, list[int]] = {}
         for i, key in enumerate(read_table(path, columns=["key"]).column("key").to_pylist()):
             by_key.setdefault(key, []).append(i)
+        views = read_meta(path)["views"]["views"]
+        if any(len(rows) != views for rows in by_key.values()):
+            raise BeitDataError(f"{path} does not hold {views} rows for each key, each key once; tokenize it again")
         for key in sorted(by_key):
             rows = by_key[key]
             pick = int(stable_rng(seed, "heldout", storage.basename(shard), key).integers(len(rows)))

@@ -43,7 +43,7 @@ from beit_data.order import (
     take_batches,
 )
 from beit_data.prefetch import prefetch
-from beit_data.shards import check_fingerprint, expand_shards, iter_samples, read_index
+from beit_data.shards import check_fingerprint, duplicate_keys, expand_shards, iter_samples, read_index
 from beit_data.tokens import VIEW_COLUMNS, read_consistent_footers, read_table, token_files, token_path
 from beit_data.views import stable_rng
 
@@ -339,8 +339,10 @@ class ReplaySource:
             return []
         keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, self.views)))
         repeated = pc.take(keys, pa.array(np.repeat(np.arange(len(keys)), self.views)))
-        if table.num_rows % self.views or not pc.all(pc.equal(table.column("key"), repeated)).as_py():
-            raise BeitDataError(f"{path} does not hold {self.views} rows for each key; tokenize it again")
+        if table.num_rows % self.views or not pc.all(pc.equal(table.column("key"), repeated)).as_py() \
+                or pc.count_distinct(keys).as_py() != len(keys):
+            raise BeitDataError(f"{path} does not hold {self.views} rows for each key, each key once; tokenize it "
+                                "again")
         return keys.to_pylist()
 
     def _load(self, index: int, epoch: int, *, read: bool) -> _Shard:
@@ -383,6 +385,11 @@ class ReplaySource:
         entries = read_index(location)
         check_fingerprint(location, self.fingerprints[index], self.token_files[index], index=entries, size=size)
         members = {s.key: s.members[s.image_ext] for s in entries if s.image_ext}
+        repeated = set(duplicate_keys(entries)).intersection(keys)
+        if repeated:
+            raise BeitDataError(f"{self.shards[index]} holds {len(repeated)} keys that name several samples (first: "
+                                f"{min(repeated)}), which {storage.basename(self.token_files[index])} lists; a key "
+                                "must name one image: tokenize it again")
         lost = [k for k in keys if k not in members]
         if lost:
             raise BeitDataError(f"{self.shards[index]} no longer holds {len(lost)} of the keys that "

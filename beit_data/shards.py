@@ -42,6 +42,8 @@ __all__ = [
     "index_path",
     "read_images",
     "iter_images",
+    "duplicate_keys",
+    "duplicate_reason",
 ]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -217,7 +219,7 @@ def scan_index(shard: Shard) -> list[IndexedSample]:
             for key, ext, info in sample_members(tar):
                 if info.offset_data + info.size > size:
                     break  # its data is cut off
-                if not samples or samples[-1].key != key:
+                if not samples or samples[-1].key != key or ext in samples[-1].members:
                     samples.append(IndexedSample(key, {}))
                 samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
         except (tarfile.TarError, EOFError):
@@ -269,6 +271,18 @@ def read_index(shard: Shard) -> list[IndexedSample]:
         raise BeitDataError(f"{shard}: unreadable tar: {exc}") from None
 
 
+def duplicate_keys(samples: Sequence[Sample | IndexedSample]) -> dict[str, int]:
+    """Keys that name more than one sample, with how many: a key must name one image."""
+    counts: dict[str, int] = {}
+    for sample in samples:
+        counts[sample.key] = counts.get(sample.key, 0) + 1
+    return {k: n for k, n in counts.items() if n > 1}
+
+
+def duplicate_reason(count: int) -> str:
+    return f"duplicate key: {count} samples of the shard have it, and a key must name one image"
+
+
 def read_images(samples: list[tuple[Shard, str]]) -> dict[tuple[Shard, str], bytes]:
     """The image of each ``(shard, key)`` that has one, read by its offset in its shard (one range
     request per image for an object, all of a shard's at once; a ``pipe:`` shard is read through)."""
@@ -278,7 +292,13 @@ def read_images(samples: list[tuple[Shard, str]]) -> dict[tuple[Shard, str], byt
         if storage.is_pipe(shard):  # no random access: the stream, read once
             out.update(((shard, s.key), s.image) for s in iter_samples(shard) if s.key in wanted and s.image)
             continue
-        found = [(sample.key, sample.members[sample.image_ext]) for sample in read_index(shard)
+        index = read_index(shard)
+        repeated = {k: n for k, n in duplicate_keys(index).items() if k in wanted}
+        if repeated:
+            key = min(repeated)
+            raise BeitDataError(f"{shard}: key {key} names {repeated[key]} samples; a key must name one image "
+                                "(tokenize rejects such keys)")
+        found = [(sample.key, sample.members[sample.image_ext]) for sample in index
                  if sample.key in wanted and sample.image_ext]
         data = storage.read_ranges(shard, [(m.offset, m.size) for _, m in found])
         out.update(((shard, key), d) for (key, _), d in zip(found, data))
@@ -348,9 +368,11 @@ def iter_samples(shard: Shard, rejects: list[Reject] | None = None,
                  index: list[IndexedSample] | None = None) -> Iterator[Sample]:
     """Yield the samples of one shard, in tar order, in one sequential read.
 
-    A sample without an image member, or a tar cut off mid-member, does not raise: it is
-    appended to ``rejects`` (when given) with its key and reason, and every complete sample
-    before it is still yielded. With ``index``, each sample's members and their offsets are
+    Members with one key make one sample while they follow each other and none repeats; a key
+    seen again later (or a member repeated) starts another sample under the same key, which
+    ``duplicate_keys`` finds. A sample without an image member, or a tar cut off mid-member,
+    does not raise: it is appended to ``rejects`` (when given) with its key and reason, and
+    every complete sample before it is still yielded. With ``index``, each sample's members and their offsets are
     appended to it as they are read (what ``scan_index`` would give). A shard that cannot be
     opened (a missing object, a failing ``pipe:`` command) raises ``BeitDataError``.
     """
@@ -372,7 +394,8 @@ def iter_samples(shard: Shard, rejects: list[Reject] | None = None,
         try:
             with tarfile.open(fileobj=f, mode="r|*") as stream:
                 for key, ext, info in sample_members(stream):
-                    if current is not None and current.key != key:
+                    # A member that repeats one of the sample's is another sample under the same key.
+                    if current is not None and (current.key != key or ext in current.members):
                         yield from finish(current)
                         current = None
                     if current is None:

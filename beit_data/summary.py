@@ -64,21 +64,27 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
             continue
         if counts is None:
             counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)
+        name, file_rows = storage.basename(path), 0
         try:
             for batch in file.iter_batches(batch_size=batch_rows, columns=["key", "tokens"]):
-                keys.setdefault(storage.basename(path), set()).update(batch.column("key").to_pylist())
+                keys.setdefault(name, set()).update(batch.column("key").to_pylist())
                 flat = batch.column("tokens").flatten().to_numpy()
                 counts += np.bincount(flat, minlength=len(counts))[: len(counts)]
-                rows += batch.num_rows
+                file_rows += batch.num_rows
         except (pa.ArrowException, OSError, ValueError) as exc:
-            errors.append(f"{storage.basename(path)}: unreadable: {exc}")
+            errors.append(f"{name}: unreadable: {exc}")
             continue
+        rows += file_rows
+        if file_rows != len(keys.get(name, ())) * meta["views"]["views"]:
+            errors.append(f"{name}: {file_rows} rows for {len(keys.get(name, ()))} keys, not "
+                          f"{meta['views']['views']} rows for each key once; tokenize it again")
         rejects += [{**r, "file": storage.basename(path)} for r in meta.get("rejects", [])]
         readable.append(path)
         fingerprints[storage.basename(path)] = meta.get("shard")
     if reference is None:
         raise BeitDataError(f"no readable token files in {folder}: " + "; ".join(errors))
-    views, images = reference["views"]["views"], len(set().union(*keys.values()))
+    # Images are counted by (token file, key): separate `shards` runs reuse keys.
+    views, images = reference["views"]["views"], sum(len(k) for k in keys.values())
     summary = {
         "folder": str(folder), "files": len(files), "readable_files": len(readable), "rows": rows,
         "images": images, "views_per_image": round(rows / max(images, 1), 3), "recipe_views": views,
@@ -100,29 +106,30 @@ def _by_reason(rejects: list[dict]) -> dict[str, int]:
 
 def _coverage(folder: Path | str, spec: str, keys: dict[str, set[str]], rejects: list[dict], fingerprints: dict,
               errors: list[str], present: set[str]) -> dict:
-    """Keys of the shards against the token files' keys. An unreadable shard, or one that has
-    changed since it was tokenized, becomes an error line and is left out, with its token file."""
-    tar_keys: set[str] = set()
+    """Keys of the shards against the token files' keys, by (token file, key). An unreadable
+    shard, or one that has changed since it was tokenized, becomes an error line and is left
+    out, with its token file."""
+    tar_keys: set[tuple[str, str]] = set()
     no_file, unusable = [], []
-    parquet_keys = set().union(*keys.values())
+    parquet_keys = {(name, k) for name, found in keys.items() for k in found}
     for shard in expand_shards(spec):
-        target = token_path(folder, shard)
+        name = storage.basename(token_path(folder, shard))
         try:
             index = read_index(shard)
-            if storage.basename(target) in fingerprints:
-                check_fingerprint(shard, fingerprints[storage.basename(target)], target, index=index)
+            if name in fingerprints:
+                check_fingerprint(shard, fingerprints[name], token_path(folder, shard), index=index)
         except BeitDataError as exc:
             errors.append(str(exc))
             unusable.append(storage.basename(shard))
-            parquet_keys -= keys.get(storage.basename(target), set())
+            parquet_keys -= {(name, k) for k in keys.get(name, set())}
             continue
-        if storage.basename(target) not in present:
+        if name not in present:
             no_file.append(storage.basename(shard))
-        tar_keys |= {s.key for s in index if s.image_ext is not None}
-    rejected = {r["key"] for r in rejects}
+        tar_keys |= {(name, s.key) for s in index if s.image_ext is not None}
+    rejected = {(r["file"], r["key"]) for r in rejects}
     missing = sorted(tar_keys - parquet_keys - rejected)
     extra = sorted(parquet_keys - tar_keys)
     return {"shard_keys": len(tar_keys), "shards_without_token_file": no_file, "unusable_shards": unusable,
-            "keys_missing_from_parquet": len(missing), "missing_examples": missing[:20],
+            "keys_missing_from_parquet": len(missing), "missing_examples": [k for _, k in missing[:20]],
             "rejected_keys": len(rejected & tar_keys),
-            "keys_not_in_shards": len(extra), "not_in_shards_examples": extra[:20]}
+            "keys_not_in_shards": len(extra), "not_in_shards_examples": [k for _, k in extra[:20]]}

@@ -130,6 +130,7 @@ class TokenizeConfig:
     min_size: int | None = None  # shorter sides under it are rejected; None: the tokenizer's input size
     compile: bool = False  # torch.compile the tokenizer (worth it on a GPU for long runs)
     overwrite: bool = False
+    strict: bool = False  # a shard with any rejected sample is not written, and the run fails
     device: str = "auto"
     num_threads: int = 4
     progress: bool = True

@@ -30,6 +30,8 @@ from beit_data.shards import (
     Reject,
     Shard,
     check_fingerprint,
+    duplicate_keys,
+    duplicate_reason,
     expand_shards,
     index_count,
     iter_images,
@@ -157,8 +159,8 @@ def tokenize_shard(shard: Shard, cfg: TokenizeConfig, tokenizer: Tokenizer, view
     # A local shard's fingerprint is taken before reading: a shard that changes meanwhile no
     # longer matches. A remote one's comes from the members the one read finds (an object is
     # read pinned to the ETag it had when opened), so that no object is read twice.
-    members = [] if storage.is_remote(shard) else None
-    fingerprint = None if members is not None else shard_fingerprint(shard)
+    members: list = []
+    fingerprint = None if storage.is_remote(shard) else shard_fingerprint(shard)
     prepared = prefetch(_prepared_batches(shard, cfg, _min_size(cfg, tokenizer), rejects, members))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
         ids = _encode(tokenizer, pixels.to(device, non_blocking=True), device,
@@ -168,12 +170,28 @@ def tokenize_shard(shard: Shard, cfg: TokenizeConfig, tokenizer: Tokenizer, view
         bar.update(len(rows) // cfg.views)
     grid = tokenizer.grid
     tokens = np.concatenate(all_tokens) if all_tokens else np.zeros((0, grid, grid), np.int16)
-    if members is not None:
+    all_rows, tokens, rejects = _without_duplicates(shard, members, all_rows, tokens, rejects)
+    if fingerprint is None:
         fingerprint = shard_fingerprint(shard, members)
+    if cfg.strict and rejects:  # nothing a rerun would take as finished
+        return len(all_rows) // cfg.views, len(all_rows), rejects
     meta = {**run_meta(tokenizer, cfg), "source": storage.basename(shard), "shard": fingerprint,
             "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
     write_tokens(token_path(cfg.out, shard), build_table(all_rows, tokens, grid), meta)
     return len(all_rows) // cfg.views, len(all_rows), rejects
+
+
+def _without_duplicates(shard: Shard, members: list, rows: list[dict], tokens: np.ndarray, rejects: list[Reject]):
+    """Rows, tokens and rejects with every sample of a key that names several samples rejected:
+    which of them a key means cannot be known, so none is kept."""
+    repeated = duplicate_keys(members)
+    if not repeated:
+        return rows, tokens, rejects
+    keep = np.array([row["key"] not in repeated for row in rows], bool)
+    rejects = [r for r in rejects if r.key not in repeated] + [
+        Reject(key=key, reason=duplicate_reason(count), shard=str(shard))
+        for key, count in sorted(repeated.items()) for _ in range(count)]
+    return [row for row, k in zip(rows, keep) if k], tokens[keep], rejects
 
 
 def _check_out_beside_shards(shards: list[Shard], out) -> None:

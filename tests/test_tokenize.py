@@ -108,7 +108,45 @@ def test_bad_samples_become_rejects_and_good_ones_are_kept(tmp_path, tiny_tokeni
     strict = run_cli("tokenize", "--shards", str(tmp_path / "shards"), "--tokenizer", str(tiny_tokenizer),
                      "--out", str(tmp_path / "tok2"), "--views", "2", "--device", "cpu", "--quiet", "--strict")
     assert strict.returncode != 0 and "5 samples were rejected" in strict.stderr
-    assert (tmp_path / "tok2" / "bad.parquet").exists()
+    # A strict failure leaves nothing a rerun would take as finished: the rerun fails again.
+    assert not (tmp_path / "tok2" / "bad.parquet").exists()
+    again = run_cli("tokenize", "--shards", str(tmp_path / "shards"), "--tokenizer", str(tiny_tokenizer),
+                    "--out", str(tmp_path / "tok2"), "--views", "2", "--device", "cpu", "--quiet", "--strict")
+    assert again.returncode != 0 and "5 samples were rejected" in again.stderr
+
+
+def test_every_sample_of_a_duplicate_key_is_rejected(tmp_path, tiny_tokenizer):
+    """Two images under one key: which one the key means cannot be known, so neither is trained on."""
+    from beit_data.stream import StreamConfig, TrainStream
+
+    (tmp_path / "s").mkdir()
+    write_tar(tmp_path / "s" / "dup.tar", [
+        ("a.jpg", jpeg_bytes((160, 130), seed=1)), ("b.jpg", jpeg_bytes((150, 120), seed=2)),
+        ("a.jpg", jpeg_bytes((240, 200), seed=3)),  # a again, another size, not next to the first
+        ("c.jpg", jpeg_bytes((150, 150), seed=4)), ("c.jpg", jpeg_bytes((150, 150), seed=5)),  # c twice in a row
+        ("d.jpg", jpeg_bytes((170, 130), seed=6)), ("d.cls", b"1")])
+    summary = run_tokenize(TokenizeConfig(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer),
+                                          out=str(tmp_path / "t"), views=2, device="cpu", progress=False))
+    assert sorted(set(pq.read_table(tmp_path / "t" / "dup.parquet").column("key").to_pylist())) == ["b", "d"]
+    rejects = [(r["key"], r["reason"]) for r in summary["reject_list"]]
+    assert sorted(k for k, _ in rejects) == ["a", "a", "c", "c"] and summary["images"] == 2
+    assert all(reason == "duplicate key: 2 samples of the shard have it, and a key must name one image"
+               for _, reason in rejects)
+    stream = TrainStream(StreamConfig(shards=str(tmp_path / "s"), tokens=str(tmp_path / "t"), batch_size=2,
+                                      num_threads=1))
+    it = stream.batches()
+    assert sorted(next(it).keys) == ["b", "d"]
+    it.close()
+    # A token file that lists a key twice (an older beit-data wrote such files) is refused by every reader.
+    table = pq.read_table(tmp_path / "t" / "dup.parquet")
+    doubled = pa.concat_tables([table, table.slice(0, 2)]).sort_by([("key", "ascending"), ("view", "ascending")])
+    pq.write_table(doubled.replace_schema_metadata(table.schema.metadata), tmp_path / "t" / "dup.parquet")
+    with pytest.raises(BeitDataError, match=r"dup.parquet does not hold 2 rows for each key, each key once"):
+        next(TrainStream(StreamConfig(shards=str(tmp_path / "s"), tokens=str(tmp_path / "t"), batch_size=2,
+                                      num_threads=1)).batches())
+    from beit_data.summary import summarise
+
+    assert any("dup.parquet: 6 rows for 2 keys" in e for e in summarise(tmp_path / "t")["errors"])
 
 
 def test_cli_errors(tmp_path, sample_shards, tiny_tokenizer):
