@@ -21,7 +21,7 @@ import torch
 from beit_common import BeitDataError, storage
 from beit_data.masking import BlockMaskGenerator
 from beit_data.shards import expand_shards, read_images
-from beit_data.tokens import VIEW_COLUMNS, read_meta, read_table, row_view, token_path
+from beit_data.tokens import VIEW_COLUMNS, read_meta, read_table, row_view, token_paths
 from beit_data.views import stable_rng
 
 __all__ = ["HeldOut", "load_heldout", "select_heldout"]
@@ -68,8 +68,7 @@ def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
             (``reference``'s metadata), or no tokenized image at all.
     """
     candidates, paths = [], []
-    for shard in shards:
-        path = token_path(tokens_dir, shard)
+    for shard, path in zip(shards, token_paths(tokens_dir, shards)):
         if not storage.exists(path):
             raise BeitDataError(f"validation shard {shard} has no token file {path}; tokenize it first")
         _check_same_targets(read_meta(path), reference, path)

@@ -44,7 +44,7 @@ from beit_data.order import (
 )
 from beit_data.prefetch import prefetch
 from beit_data.shards import check_fingerprint, duplicate_keys, expand_shards, iter_samples, read_index
-from beit_data.tokens import VIEW_COLUMNS, read_consistent_footers, read_table, token_files, token_path
+from beit_data.tokens import VIEW_COLUMNS, read_consistent_footers, read_table, token_files, token_paths
 from beit_data.views import stable_rng
 
 __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch", "outlive_job_signals"]
@@ -231,8 +231,8 @@ class ReplaySource:
         shards, paths, missing = [], [], []
         # One listing, not a request per shard.
         have = {storage.basename(p) for p in token_files(cfg.tokens, allow_empty=True)}
-        for shard in expand_shards(cfg.shards):
-            path = token_path(cfg.tokens, shard)
+        listed = expand_shards(cfg.shards)
+        for shard, path in zip(listed, token_paths(cfg.tokens, listed)):
             if storage.basename(path) in have:
                 shards.append(str(shard))
                 paths.append(str(path))

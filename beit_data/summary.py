@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from beit_common import BeitDataError, storage
 from beit_data.shards import check_fingerprint, expand_shards, read_index
-from beit_data.tokens import check_recipe, parquet_file, read_meta, schema, token_files, token_path
+from beit_data.tokens import check_recipe, parquet_file, read_meta, schema, token_files, token_paths
 
 __all__ = ["summarise"]
 
@@ -112,12 +112,13 @@ def _coverage(folder: Path | str, spec: str, keys: dict[str, set[str]], rejects:
     tar_keys: set[tuple[str, str]] = set()
     no_file, unusable = [], []
     parquet_keys = {(name, k) for name, found in keys.items() for k in found}
-    for shard in expand_shards(spec):
-        name = storage.basename(token_path(folder, shard))
+    listed = expand_shards(spec)
+    for shard, path in zip(listed, token_paths(folder, listed)):
+        name = storage.basename(path)
         try:
             index = read_index(shard)
             if name in fingerprints:
-                check_fingerprint(shard, fingerprints[name], token_path(folder, shard), index=index)
+                check_fingerprint(shard, fingerprints[name], path, index=index)
         except BeitDataError as exc:
             errors.append(str(exc))
             unusable.append(storage.basename(shard))

@@ -56,6 +56,24 @@ def token_path(out_dir: str | os.PathLike, shard: str | os.PathLike) -> Path | s
     return storage.join(out_dir, storage.stem(shard) + ".parquet")
 
 
+def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> list[Path | str]:
+    """The token file of each shard; two shards that would share one are refused, naming both.
+
+    Raises:
+        BeitDataError: ``a/train-000000.tar`` and ``b/train-000000.tar`` in one spec.
+    """
+    paths, seen = [], {}
+    for shard in shards:
+        path = token_path(out_dir, shard)
+        name = storage.basename(path)
+        if name in seen:
+            raise BeitDataError(f"shards {seen[name]} and {shard} have one name, so both would have the token file "
+                                f"{name}; give each shard a name of its own")
+        seen[name] = shard
+        paths.append(path)
+    return paths
+
+
 def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list[Path | str]:
     """The token files of a folder or object-storage prefix, sorted by name (with ``allow_empty``,
     none is not an error)."""

@@ -45,6 +45,7 @@ from beit_data.tokens import (
     read_meta,
     token_files,
     token_path,
+    token_paths,
     view_rows,
     write_tokens,
 )
@@ -210,6 +211,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     """Tokenize this rank's shards; returns the summary, written to ``OUT/summary.json`` by rank 0."""
     start = time.perf_counter()
     shards = expand_shards(cfg.shards)
+    token_paths(cfg.out, shards)  # two shards of one name would write one file
     _check_out_beside_shards(shards, cfg.out)
     tokenizer = load_tokenizer(cfg.tokenizer)
     cfg = cfg.for_tokenizer(tokenizer.kind)

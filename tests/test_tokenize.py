@@ -230,3 +230,21 @@ def test_a_compiled_tokenizer_writes_the_same_tokens(sample_shards, tiny_tokeniz
     run_tokenize(TokenizeConfig(out=str(tmp_path / "compiled"), compile=True, **cfg))
     eager, compiled = (pq.read_table(tmp_path / name / "sample-000001.parquet") for name in ("eager", "compiled"))
     assert eager.num_rows == 6 and eager.equals(compiled)
+
+
+def test_two_shards_with_one_name_are_refused_before_any_work(sample_shards, tiny_tokenizer, tmp_path):
+    import shutil
+
+    from beit_data.replay import ReplaySource, StreamConfig
+
+    for part in ("a", "b"):
+        shutil.copytree(sample_shards, tmp_path / part)
+    spec = str(tmp_path / "{a,b}" / "sample-000000.tar")
+    message = (rf"shards {tmp_path}/a/sample-000000.tar and {tmp_path}/b/sample-000000.tar have one name, so both "
+               r"would have the token file sample-000000.parquet; give each shard a name of its own$")
+    with pytest.raises(BeitDataError, match=message):
+        run_tokenize(TokenizeConfig(shards=spec, tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"), views=1,
+                                    device="cpu", progress=False))
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(BeitDataError, match=message):
+        ReplaySource.open(StreamConfig(shards=spec, tokens=str(tmp_path), batch_size=1))
