@@ -129,18 +129,22 @@ def main_process() -> bool:
          help="Write the images in a seeded random order; --no-shuffle keeps the listing order "
               "(class by class for ImageFolder trees).")
 @setting(ShardsConfig, "--seed", type=int, help="Seed of the write order.")
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Number the classes by this class map (another run's shards.json or classes.json), so that an id "
+                   "means the same class in every set [default: this tree's class folders in name order].")
 @QUIET_OPTION
-def shards(sources, out, maxcount, prefix, shuffle, seed, quiet):
+def shards(sources, out, maxcount, prefix, shuffle, seed, classes, quiet):
     """Write WebDataset shards and DALI .idx files from image folders or path lists.
 
     Each SOURCE is a flat folder of images, an ImageFolder tree (class sub-folders become
-    .cls members and classes.json) or a text file with one image path per line. Each sample's
-    .json member names its source file; shards.json records the order's seed.
+    .cls members) or a text file with one image path per line. Each sample's .json member names
+    its source file (and class); shards.json records the order's seed and the class map, which
+    --classes reuses for a validation or probe set.
     """
     from pipelines.shards import run_shards
 
     result = run_shards(ShardsConfig(sources=sources, out=out, maxcount=maxcount, prefix=prefix,
-                                     shuffle=shuffle, seed=seed, progress=not quiet))
+                                     shuffle=shuffle, seed=seed, classes=classes, progress=not quiet))
     echo_summary("shards", result.summary())
     for reject in result.rejects:
         click.echo(f"  rejected {reject.key}: {reject.reason}", err=True)

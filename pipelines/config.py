@@ -60,6 +60,9 @@ class ShardsConfig:
         shuffle: Write the images (all sources together) in a seeded random order. Off, they
             are written in listing order, which for ImageFolder trees is class by class.
         seed: Seed of that order; the same seed and listing give the same shards.
+        classes: A class map to number the classes by (another run's ``shards.json`` or
+            ``classes.json``), so that an id means the same class in every set; None numbers
+            this tree's class folders in name order.
         progress: Show a progress bar.
     """
 
@@ -69,6 +72,7 @@ class ShardsConfig:
     prefix: str = "shard"
     shuffle: bool = True
     seed: int = 0
+    classes: str | os.PathLike | None = None
     progress: bool = True
 
     def __post_init__(self):

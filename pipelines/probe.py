@@ -32,6 +32,47 @@ __all__ = ["ProbeConfig", "run_probe", "labeled_features", "encoder_features", "
 CROP = 224 / 256  # the centre crop's side, as a fraction of the shorter side
 
 
+class ClassMaps:
+    """What a set's samples say of their class ids: the class maps they were written with
+    (``class_map`` in their ``.json``) and the name of each id."""
+
+    def __init__(self, spec: str):
+        self.spec, self.maps, self.names = spec, set(), {}
+
+    def add(self, sample, label: int) -> None:
+        raw = sample.members.get("json")
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError:
+            return
+        if not isinstance(meta, dict):
+            return
+        if meta.get("class_map"):
+            self.maps.add(meta["class_map"])
+        if isinstance(meta.get("class"), str):
+            self.names.setdefault(label, meta["class"])
+
+
+def check_class_maps(train: ClassMaps, val: ClassMaps) -> None:
+    """Refuse labeled sets whose class ids mean different classes.
+
+    Raises:
+        BeitDataError: When the sets were written with different class maps, or an id names
+            another class in each.
+    """
+    hint = "; write both with one class map (beit-data shards VAL --classes TRAIN/shards.json)"
+    for found in (train, val):
+        if len(found.maps) > 1:
+            raise BeitDataError(f"the shards {found.spec} were written with {len(found.maps)} class maps{hint}")
+    if train.maps and val.maps and train.maps != val.maps:
+        raise BeitDataError(f"the train shards ({train.spec}) and the val shards ({val.spec}) were written with "
+                            f"different class maps ({min(train.maps)} and {min(val.maps)}){hint}")
+    for label in sorted(set(train.names) & set(val.names)):
+        if train.names[label] != val.names[label]:
+            raise BeitDataError(f"class {label} is {train.names[label]!r} in the train shards and "
+                                f"{val.names[label]!r} in the val shards{hint}")
+
+
 def _label(sample, shard) -> int:
     raw = sample.members.get("cls")
     if raw is None:
@@ -45,10 +86,10 @@ def _label(sample, shard) -> int:
 
 def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], device: torch.device, *,
                      batch_size: int = 64, image_size: int = 224, num_threads: int = 4, progress: bool = False,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (n, D) float32 on the CPU and labels (n,) of every decodable, labeled image of
-    the shards. Each batch is decoded by DALI, encoded, and dropped: only the features stay.
-    The model is in eval mode meanwhile."""
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor, ClassMaps]:
+    """Features (n, D) float32 on the CPU, labels (n,) of every decodable, labeled image of the
+    shards, and what the samples say of their class map. Each batch is decoded by DALI,
+    encoded, and dropped: only the features stay. The model is in eval mode meanwhile."""
     from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
     from beit_data.views import View
 
@@ -57,7 +98,7 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
                        num_threads=num_threads)
     was_training = model.training
     model.eval()
-    feats, labels, pending = [], [], []
+    feats, labels, pending, maps = [], [], [], ClassMaps(spec)
     bar = progress_bar(desc=desc, unit="img", disable=not progress)
 
     def flush():
@@ -74,6 +115,7 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
     for shard in expand_shards(spec):
         for sample, info in iter_images(shard):
             labels.append(_label(sample, shard))
+            maps.add(sample, labels[-1])
             pending.append((sample, info))
             if len(pending) == batch_size:
                 flush()
@@ -83,7 +125,7 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
     model.train(was_training)
     if not labels:
         raise BeitDataError(f"no decodable image in {spec}")
-    return torch.cat(feats), torch.tensor(labels, dtype=torch.int64)
+    return torch.cat(feats), torch.tensor(labels, dtype=torch.int64), maps
 
 
 def _blocks_and_input(model: torch.nn.Module, images: torch.Tensor):
@@ -195,10 +237,11 @@ def run_probe(cfg: ProbeConfig) -> dict:
     model, kind = load_encoder(cfg.model)
     model = model.to(device).eval()
     layers = check_layers(cfg.layers, len(model.blocks))
-    (train, train_labels), (val, val_labels) = (
+    (train, train_labels, train_maps), (val, val_labels, val_maps) = (
         labeled_features(model, spec, layers, device, batch_size=cfg.batch_size, image_size=cfg.image_size,
                          num_threads=cfg.num_threads, progress=cfg.progress, desc=f"features {name}")
         for name, spec in (("train", cfg.train_shards), ("val", cfg.val_shards)))
+    check_class_maps(train_maps, val_maps)
     result = {"model": str(cfg.model), "kind": kind, "layers": layers, "train_images": len(train_labels),
               "val_images": len(val_labels), "classes": int(max(train_labels.max(), val_labels.max())) + 1,
               "knn": knn(train, train_labels, val, val_labels, k=cfg.k, temperature=cfg.temperature),

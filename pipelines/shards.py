@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from beit_data.shards import IMAGE_EXTS, Reject, expand_shards, index_path, writ
 from beit_data.views import stable_rng
 from pipelines.config import ShardsConfig
 
-__all__ = ["ShardsConfig", "ShardsResult", "ListedImage", "collect_images", "write_order", "run_shards"]
+__all__ = ["ShardsConfig", "ShardsResult", "ListedImage", "collect_images", "write_order", "run_shards",
+           "load_class_map", "class_map_digest"]
 
 LISTED_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")
 
@@ -102,12 +104,52 @@ def _read_image(path: Path) -> tuple[bytes, str]:
     return data, FORMAT_EXT[probe_image(data, decode=True).format]
 
 
-def _sample(key: str, item: ListedImage, data: bytes, ext: str, class_index: dict[str, int]) -> dict:
-    """One WebDataset sample: the image, its ``.json`` provenance and, in a tree, its ``.cls``."""
+def load_class_map(path: str | os.PathLike) -> list[str]:
+    """The class names, in id order, from a ``shards.json`` or ``classes.json`` a ``shards`` run
+    wrote (or any JSON list of names).
+
+    Raises:
+        BeitDataError: For a missing file, or one that holds no list of distinct names.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BeitDataError(f"class map not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BeitDataError(f"{path} is not a class map (JSON): {exc}") from None
+    classes = data.get("classes") if isinstance(data, dict) else data
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or \
+            len(set(classes)) != len(classes):
+        raise BeitDataError(f"{path} holds no class map: expected a list of distinct class names, or a shards.json "
+                            "with one under \"classes\"")
+    return classes
+
+
+def class_map_digest(classes: list[str]) -> str:
+    """A short identity of a class map: shards written with the same map share it."""
+    return hashlib.sha256(json.dumps(classes).encode()).hexdigest()[:16]
+
+
+def _class_map(listing: list[ListedImage], classes_file: str | os.PathLike | None) -> list[str]:
+    """The class names in id order: the file's, or the tree's folders sorted by name."""
+    found = sorted({item.cls for item in listing if item.cls is not None})
+    if classes_file is None:
+        return found
+    classes = load_class_map(classes_file)
+    unknown = [c for c in found if c not in set(classes)]
+    if unknown:
+        raise BeitDataError(f"class folder {unknown[0]} is not in the class map {classes_file} ({len(unknown)} "
+                            "such); the ids must mean the same classes in every set")
+    return classes
+
+
+def _sample(key: str, item: ListedImage, data: bytes, ext: str, class_index: dict[str, int], digest: str) -> dict:
+    """One WebDataset sample: the image, its ``.json`` provenance and, in a tree, its ``.cls``
+    and class name, with the identity of the class map its id belongs to."""
     meta = {"source": item.source}
     sample = {"__key__": key, ext: data}
     if item.cls is not None:
-        meta["class"] = item.cls
+        meta.update({"class": item.cls, "class_map": digest})
         sample["cls"] = str(class_index[item.cls]).encode()
     sample["json"] = json.dumps(meta).encode()
     return sample
@@ -122,8 +164,9 @@ def _write_reports(out: Path, result: ShardsResult) -> None:
     if result.classes:
         _write_json(out / "classes.json", result.classes)
     _write_json(out / "rejects.json", [{"path": r.key, "reason": r.reason} for r in result.rejects])
+    classes = {"classes": result.classes, "class_map": class_map_digest(result.classes)} if result.classes else {}
     _write_json(out / "shards.json", {"shuffle": result.shuffled, "seed": result.seed, "images": result.images,
-                                      "shards": [p.name for p in result.shards]})
+                                      "shards": [p.name for p in result.shards], **classes})
 
 
 def run_shards(config: ShardsConfig) -> ShardsResult:
@@ -134,10 +177,11 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
     WebP is skipped and listed in ``rejects.json`` with its reason; every other file is written.
     """
     listing = [item for source in config.sources for item in collect_images(source)]
+    classes = _class_map(listing, config.classes)
     out = ensure_writable_dir(config.out)
-    result = ShardsResult(classes=sorted({item.cls for item in listing if item.cls is not None}),
-                          shuffled=config.shuffle, seed=config.seed)
+    result = ShardsResult(classes=classes, shuffled=config.shuffle, seed=config.seed)
     class_index = {name: i for i, name in enumerate(result.classes)}
+    digest = class_map_digest(classes)
     ordered = write_order(listing, shuffle=config.shuffle, seed=config.seed)
     # Each shard is written under a hidden temporary name and renamed when it is complete, so
     # a killed run never leaves a half shard under a final name.
@@ -157,7 +201,7 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 result.rejects.append(Reject(key=str(item.path), reason=reason))
                 continue
-            writer.write(_sample(f"{result.images:09d}", item, data, ext, class_index))
+            writer.write(_sample(f"{result.images:09d}", item, data, ext, class_index, digest))
             result.images += 1
     _write_reports(out, result)
     return result

@@ -143,11 +143,12 @@ class QualityChecks:
 
     def _probe(self, model: torch.nn.Module) -> dict:
         """The k-NN probe at ``probe_layers``; both sets are decoded again each time, batch by batch."""
-        from pipelines.probe import knn, labeled_features
+        from pipelines.probe import check_class_maps, knn, labeled_features
 
         layers = self.probe_layers
-        (train, train_labels), (val, val_labels) = (
+        (train, train_labels, train_maps), (val, val_labels, val_maps) = (
             labeled_features(model, spec, layers, self.device, num_threads=self.cfg.num_threads)
             for spec in (self.cfg.probe_train, self.cfg.probe_val))
+        check_class_maps(train_maps, val_maps)  # the first probe runs at step 0
         result = knn(train, train_labels, val, val_labels)
         return {"probe_top1": result["top1"], "probe_top5": result["top5"], "probe_k": result["k"]}

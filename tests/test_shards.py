@@ -6,7 +6,7 @@ import pytest
 from beit_common import BeitDataError
 from beit_data.sample import sample_images
 from beit_data.shards import expand_shards, iter_samples, split_key
-from pipelines.shards import ShardsConfig, collect_images, run_shards
+from pipelines.shards import ShardsConfig, class_map_digest, collect_images, run_shards
 from tests.conftest import jpeg_bytes, run_cli, write_tar
 
 
@@ -158,7 +158,8 @@ def test_json_member_traces_each_key_to_its_file_and_class(tmp_path):
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
     for sample in written(result.shards):
         meta = json.loads(sample.members["json"])
-        assert set(meta) == {"source", "class"}
+        assert set(meta) == {"source", "class", "class_map"}
+        assert meta["class_map"] == json.loads((tmp_path / "out" / "shards.json").read_text())["class_map"]
         assert meta["source"] == f"{meta['class']}/{Path(meta['source']).name}"  # relative to the tree
         assert sample.image == (tree / meta["source"]).read_bytes()
         assert classes[int(sample.members["cls"])] == meta["class"]
@@ -185,6 +186,7 @@ def test_shards_json_records_the_order_and_reports_are_atomic(tmp_path):
     assert json.loads((out / "shards.json").read_text()) == {
         "shuffle": True, "seed": 3, "images": 24,
         "shards": ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"],
+        "classes": ["c0", "c1", "c2", "c3"], "class_map": class_map_digest(["c0", "c1", "c2", "c3"]),
     }
     assert [p.name for p in result.shards] == json.loads((out / "shards.json").read_text())["shards"]
     assert result.summary() == {"images": 24, "shards": 3, "rejects": 0, "shuffled": True}
@@ -345,3 +347,37 @@ def test_an_index_with_meta_members_follows_the_member_rule(tmp_path):
     (tmp_path / "m.idx").write_text(f"v1.2 2\njson {meta.offset_data} {meta.size} __meta__.json\n"
                                     f"jpg {a.offset_data} {a.size} a.jpg\n")
     assert read_index(shard) == scan_index(shard) and [s.key for s in read_index(shard)] == ["a"]
+
+
+def class_tree(root: Path, classes: dict[str, int]) -> Path:
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i}.jpg").write_bytes(jpeg_bytes((32, 32), seed=hash(name) % 1000 + i))
+    return root
+
+
+def test_a_class_map_is_recorded_and_reused_so_ids_mean_the_same_classes(tmp_path):
+    train = run_shards(ShardsConfig(sources=[class_tree(tmp_path / "train", {"cat": 2, "dog": 2})],
+                                    out=tmp_path / "train_shards", progress=False))
+    recorded = json.loads((tmp_path / "train_shards" / "shards.json").read_text())
+    assert recorded["classes"] == train.classes == ["cat", "dog"] and len(recorded["class_map"]) == 16
+    # Alone, a set with a class the training set lacks numbers the classes its own way ...
+    alone = run_shards(ShardsConfig(sources=[class_tree(tmp_path / "val", {"ant": 1, "dog": 1})],
+                                    out=tmp_path / "val_alone", progress=False))
+    assert alone.classes == ["ant", "dog"]
+    # ... with the training set's map, an id means the same class, and a class it lacks is refused.
+    (tmp_path / "val" / "ant").rename(tmp_path / "ant")
+    reused = run_shards(ShardsConfig(sources=[tmp_path / "val"], out=tmp_path / "val_shards",
+                                     classes=tmp_path / "train_shards" / "shards.json", progress=False))
+    assert reused.classes == ["cat", "dog"]
+    sample = written(reused.shards)[0]
+    assert sample.members["cls"] == b"1" and json.loads(sample.members["json"])["class_map"] == recorded["class_map"]
+    (tmp_path / "ant").rename(tmp_path / "val" / "ant")
+    with pytest.raises(BeitDataError, match=r"class folder ant is not in the class map .*classes.json \(1 such\)"):
+        run_shards(ShardsConfig(sources=[tmp_path / "val"], out=tmp_path / "v2",
+                                classes=tmp_path / "train_shards" / "classes.json", progress=False))
+    (tmp_path / "bad.json").write_text('{"seed": 0}')
+    with pytest.raises(BeitDataError, match="bad.json holds no class map"):
+        run_shards(ShardsConfig(sources=[tmp_path / "val"], out=tmp_path / "v3", classes=tmp_path / "bad.json",
+                                progress=False))

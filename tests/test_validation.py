@@ -102,7 +102,7 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
     assert table[2].startswith("k-NN          top-1") and table[3].startswith("linear        top-1")
     assert f"{100 * result['knn']['top1']:5.1f}%" in table[2]
     # The same features with the training labels shuffled: near chance.
-    (train, labels), (val, val_labels) = (labeled_features(model, str(labeled_shards / p), [4], torch.device("cpu"))
+    (train, labels, _), (val, val_labels, _) = (labeled_features(model, str(labeled_shards / p), [4], torch.device("cpu"))
                                           for p in ("train", "val"))
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
     assert knn(train, labels, val, val_labels)["top1"] >= 0.9
@@ -111,3 +111,36 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
                         "--val-shards", str(labeled_shards / "val"), "--device", "cpu", "--quiet")
     assert unlabeled.returncode != 0 and "Traceback" not in unlabeled.stderr
     assert "has no .cls member" in unlabeled.stderr and len(unlabeled.stderr.strip().splitlines()) == 1
+
+
+def test_the_probe_refuses_sets_whose_class_ids_mean_other_classes(tmp_path):
+    import timm
+
+    import beit_model  # noqa: F401
+    from beit_model.beit_mim import encoder_state_dict
+    from pipelines.export import timm_args
+    from pipelines.probe import ProbeConfig, run_probe
+    from pipelines.shards import ShardsConfig, run_shards
+    from tests.test_shards import class_tree
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
+    torch.save(encoder_state_dict(model), tmp_path / "enc.pth")
+    (tmp_path / "enc.json").write_text(json.dumps({"timm_model": "beit_base_patch16_224", "timm_kwargs": {
+        **timm_args({"embed_dim": 96, "depth": 4, "num_heads": 3}), "num_classes": 0}}))
+    run_shards(ShardsConfig(sources=[class_tree(tmp_path / "train", {"cat": 2, "dog": 2})], out=tmp_path / "t",
+                            progress=False))
+    val = class_tree(tmp_path / "val", {"bird": 1, "dog": 1})  # dog is 1 in train, and 1 here only by chance
+    run_shards(ShardsConfig(sources=[val], out=tmp_path / "v", progress=False))
+
+    def probe(val_shards):
+        return run_probe(ProbeConfig(model=str(tmp_path / "enc.pth"), train_shards=str(tmp_path / "t"),
+                                     val_shards=str(val_shards), k=2, device="cpu", progress=False))
+
+    with pytest.raises(BeitDataError, match=r"the train shards \(.*\) and the val shards \(.*\) were written with "
+                                            r"different class maps .*; write both with one class map"):
+        probe(tmp_path / "v")
+    (val / "bird").rename(tmp_path / "bird")
+    run_shards(ShardsConfig(sources=[val], out=tmp_path / "v2", classes=tmp_path / "t" / "shards.json",
+                            progress=False))
+    assert probe(tmp_path / "v2")["val_images"] == 1
