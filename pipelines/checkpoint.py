@@ -80,6 +80,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 ADDED_SETTINGS = {"recipe": "beit", "partitions": None, "record_batches": False}
 
 
+def changed_settings(saved: dict, config: dict, resumable: tuple[str, ...], added: dict | None = None) -> dict:
+    """The settings that differ from a checkpoint's, ``{name: (old, new)}``; any of them that is
+    not ``resumable`` is refused.
+
+    Args:
+        added: Settings newer than some checkpoints, with the value those runs had.
+
+    Raises:
+        BeitDataError: Naming the setting, its value in the run and the new one.
+    """
+    added = ADDED_SETTINGS if added is None else added
+    changed = {}
+    for name, new in config.items():
+        old = saved.get(name, added.get(name))
+        old, new = (tuple(old) if isinstance(old, list) else old), (tuple(new) if isinstance(new, list) else new)
+        if old == new or name == "resume":
+            continue
+        if name not in resumable:
+            raise BeitDataError(f"`{name}` is {old!r} in the run being resumed, not {new!r}; a resumed run keeps "
+                                "it (start a new run to change it)")
+        changed[name] = (old, new)
+    return changed
+
+
 def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_size: int, data: dict) -> dict:
     """Refuse to resume with settings or data that change what the run computes.
 
@@ -94,16 +118,7 @@ def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_siz
     Raises:
         BeitDataError: Naming the setting, its value in the run and the new one.
     """
-    saved, changed = ckpt["config"], {}
-    for name, new in config.items():
-        old = saved.get(name, ADDED_SETTINGS.get(name))
-        old, new = (tuple(old) if isinstance(old, list) else old), (tuple(new) if isinstance(new, list) else new)
-        if old == new or name == "resume":
-            continue
-        if name not in resumable:
-            raise BeitDataError(f"`{name}` is {old!r} in the run being resumed, not {new!r}; a resumed run keeps "
-                                "it (start a new run to change it)")
-        changed[name] = (old, new)
+    changed = changed_settings(ckpt["config"], config, resumable)
     if ckpt["world_size"] != world_size:
         raise BeitDataError(f"the run being resumed has {ckpt['world_size']} ranks, not {world_size}; the order of "
                             "its batches depends on it")

@@ -86,6 +86,9 @@ class ShardsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainDVAEConfig:
+    """``beit-data train-dvae``. A resumed run may change only ``RESUMABLE``: every other setting
+    decides what the run computes."""
+
     shards: str
     out: str
     config: str = "tiny"
@@ -105,6 +108,8 @@ class TrainDVAEConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+
+    RESUMABLE = ("shards", "out", "checkpoint_every", "device", "resume", "overwrite", "progress")
 
     def __post_init__(self):
         if self.config not in DVAE_CONFIGS:

@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,7 @@ from beit_data.shards import expand_shards, iter_images
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.dall_e import Decoder, Encoder, map_pixels
 from beit_model.dvae import CHECKPOINT_FORMAT, CONFIGS, DVAEConfig, reconstruct, save_checkpoint
+from pipelines.checkpoint import changed_settings
 from pipelines.config import TrainDVAEConfig
 from pipelines.runtime import resolve_device
 
@@ -142,6 +144,10 @@ def _restore(out: Path, cfg: TrainDVAEConfig, encoder, decoder, optimizer, devic
     trained = state.get("train", {}).get("config") if isinstance(state, dict) else None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or trained != cfg.config:
         raise BeitDataError(f"{out} is not a {cfg.config} dVAE training checkpoint")
+    changed = changed_settings(state["train"], asdict(cfg), TrainDVAEConfig.RESUMABLE, added={})
+    if changed:
+        print("train-dvae: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+              file=sys.stderr)
     encoder.load_state_dict(state["encoder"]), decoder.load_state_dict(state["decoder"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])

@@ -113,27 +113,46 @@ def test_bad_image_batches_are_refused(openai_files):
         load_tokenizer(openai_files / "encoder.pkl", input_size=100)
 
 
-def test_train_dvae_checkpoints_resumes_and_reports(sample_shards, tmp_path):
+def test_train_dvae_checkpoints_resumes_exactly_and_reports(sample_shards, tmp_path, monkeypatch):
+    import pipelines.train_dvae as train_dvae
+    from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
     from tests.conftest import run_cli
 
-    out = tmp_path / "dvae.pt"
-    args = ["train-dvae", "--shards", str(sample_shards), "--out", str(out), "--config", "tiny", "--batch-size", "4",
-            "--device", "cpu"]
-    first = run_cli(*args, "--steps", "6", "--checkpoint-every", "3")
-    assert first.returncode == 0, first.stderr
-    assert "train-dvae" in first.stderr  # the progress bar
-    report = json.loads(Path(str(out) + ".report.json").read_text())
-    assert report["steps"] == 6 and report["images"] == 16
-    assert set(report) >= {"psnr", "psnr_mean_colour", "perplexity", "codes_used"}
-    assert 0 < report["codes_used"] <= 1 and report["perplexity"] >= 1
-    tok = load_tokenizer(out)
+    common = dict(shards=str(sample_shards), config="tiny", batch_size=4, steps=6, checkpoint_every=3, device="cpu",
+                  progress=False)
+    straight = run_train_dvae(TrainDVAEConfig(out=str(tmp_path / "a.pt"), **common))
+    assert straight["steps"] == 6 and straight["images"] == 16
+    assert set(straight) >= {"psnr", "psnr_mean_colour", "perplexity", "codes_used"}
+    assert 0 < straight["codes_used"] <= 1 and straight["perplexity"] >= 1
+    assert json.loads(Path(str(tmp_path / "a.pt") + ".report.json").read_text())["psnr"] == straight["psnr"]
+    tok = load_tokenizer(tmp_path / "a.pt")
     assert (tok.name, tok.vocab_size, tok.input_size, tok.decoder is not None) == ("dvae", 512, 112, True)
-    again = run_cli(*args, "--steps", "6")
+    # A run that dies at step 5, after its checkpoint at step 3.
+    real, calls = train_dvae._train_step, []
+
+    def dies_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_dvae, "_train_step", dies_at_step_5)
+    out = tmp_path / "b.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_train_dvae(TrainDVAEConfig(out=str(out), **common))
+    monkeypatch.undo()
+    assert torch.load(out, weights_only=True)["step"] == 3
+    for name, value in {"steps": 9, "batch_size": 2, "lr": 1e-3, "seed": 1, "kl_weight": 0.1}.items():
+        with pytest.raises(BeitDataError, match=rf"^`{name}` is .* in the run being resumed, not {value!r}; a resumed "
+                                                r"run keeps it"):
+            run_train_dvae(TrainDVAEConfig(out=str(out), resume=True, **{**common, name: value}))
+    resumed = run_train_dvae(TrainDVAEConfig(out=str(out), resume=True, **{**common, "checkpoint_every": 2}))
+    assert {k: v for k, v in resumed.items() if k not in ("seconds", "out")} == \
+        {k: v for k, v in straight.items() if k not in ("seconds", "out")}
+    a, b = (torch.load(p, weights_only=True) for p in (tmp_path / "a.pt", out))
+    assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in a["encoder"])  # the same run
+    again = run_cli("train-dvae", "--shards", str(sample_shards), "--out", str(out), "--device", "cpu")
     assert again.returncode != 0 and "pass --resume" in again.stderr and "Traceback" not in again.stderr
-    resumed = run_cli(*args, "--steps", "9", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(Path(str(out) + ".report.json").read_text())["steps"] == 9
-    assert torch.load(out, weights_only=True)["step"] == 9
 
 
 class Payload:

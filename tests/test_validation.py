@@ -102,8 +102,8 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
     assert table[2].startswith("k-NN          top-1") and table[3].startswith("linear        top-1")
     assert f"{100 * result['knn']['top1']:5.1f}%" in table[2]
     # The same features with the training labels shuffled: near chance.
-    (train, labels, _), (val, val_labels, _) = (labeled_features(model, str(labeled_shards / p), [4], torch.device("cpu"))
-                                          for p in ("train", "val"))
+    (train, labels, _), (val, val_labels, _) = (
+        labeled_features(model, str(labeled_shards / p), [4], torch.device("cpu")) for p in ("train", "val"))
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
     assert knn(train, labels, val, val_labels)["top1"] >= 0.9
     assert knn(train, shuffled, val, val_labels)["top1"] < 0.55
