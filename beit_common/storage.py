@@ -227,12 +227,17 @@ def read_ranges(location: str | os.PathLike, ranges: Sequence[tuple[int, int]]) 
         return [_whole(location, os.pread(f.fileno(), size, offset), offset, size) for offset, size in ranges]
 
 
-def read_many(requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
+def read_many(requests: Sequence[tuple[str, int, int]], etags: Sequence[str | None] | None = None) -> list[bytes]:
     """The bytes at each ``(url, offset, size)``, by concurrent range requests: one call per file
-    system for all of them (fsspec's ``cat_ranges``), so a batch's images arrive together.
+    system for all of them, so a batch's images arrive together.
+
+    Args:
+        etags: The ETag each object had when the run started. On S3 and HTTP each request is
+            then pinned to it (``If-Match``): an object replaced since is refused, never read
+            at offsets that belonged to the old one.
 
     Raises:
-        BeitDataError: When a range comes back short or an object is gone, naming it.
+        BeitDataError: When a range comes back short, an object is gone or has changed, naming it.
     """
     out: list[bytes | None] = [None] * len(requests)
     by_fs: dict[int, tuple[object, list[int], list[str]]] = {}
@@ -245,17 +250,76 @@ def read_many(requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
         first = requests[idx[0]][0]
         starts = [requests[j][1] for j in idx]
         ends = [requests[j][1] + requests[j][2] for j in idx]
+        pins = [etags[j] for j in idx] if etags is not None else None
         with remote_errors(first):
-            got = fs.cat_ranges(paths, starts, ends, on_error="return")
+            if pins is not None and any(pins) and _pinnable(fs):
+                got = _pinned_ranges(fs, paths, starts, ends, pins)
+            else:
+                got = fs.cat_ranges(paths, starts, ends, on_error="return")
         for j, data in zip(idx, got):
             url, offset, size = requests[j]
             if isinstance(data, BaseException):
+                if _precondition_failed(data):
+                    raise BeitDataError(f"{url} changed during the run (its ETag is no longer {etags[j]}); a shard "
+                                        "must stay as it was tokenized")
                 with remote_errors(url):
                     if not url.lower().startswith("http"):  # s3fs and gcsfs have retried it already
                         raise data
                     data = _retrying(url, fs.cat_file, filesystem(url)[1], offset, offset + size)
             out[j] = _whole(url, data, offset, size)
     return out
+
+
+def _pinnable(fs) -> bool:
+    """Whether range reads on ``fs`` can carry ``If-Match`` (S3 and HTTP; not gcsfs)."""
+    return type(fs).__name__ in ("S3FileSystem", "HTTPFileSystem")
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """An ``If-Match`` that did not hold: HTTP 412, which s3fs turns into an EINVAL OSError."""
+    return getattr(exc, "status", None) == 412 or (
+        isinstance(exc, OSError) and "pre-condition" in str(exc).lower())
+
+
+def _pinned_ranges(fs, paths: list[str], starts: list[int], ends: list[int], etags: list[str | None]) -> list:
+    """``cat_ranges`` with each request pinned to its object's ETag; a failed request is retried
+    with backoff unless it failed for good (gone, denied, changed). Returns the bytes, or the
+    exception, of each."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def fetch(path: str, start: int, end: int, etag: str | None) -> bytes:
+        if type(fs).__name__ == "HTTPFileSystem":
+            return await fs._cat_file(path, start=start, end=end,
+                                      **({"headers": {"If-Match": f'"{etag}"'}} if etag else {}))
+        bucket, key, _ = fs.split_path(path)
+        pin = {"IfMatch": f'"{etag}"'} if etag else {}
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pin)
+        try:
+            return await resp["Body"].read()
+        finally:
+            resp["Body"].close()
+
+    etags = [e if e and not e.startswith("W/") else None for e in etags]  # a weak ETag cannot pin a range
+
+    async def one(*request) -> bytes:
+        for attempt in range(HTTP_ATTEMPTS):
+            try:
+                return await fetch(*request)
+            except (FileNotFoundError, PermissionError):
+                raise
+            except Exception as exc:
+                status = getattr(exc, "status", None)
+                final = _precondition_failed(exc) or (status is not None and status < 500 and status != 429)
+                if final or attempt == HTTP_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * 2 ** attempt)
+
+    async def every() -> list:
+        return await asyncio.gather(*(one(*r) for r in zip(paths, starts, ends, etags)), return_exceptions=True)
+
+    return sync(fs.loop, every)
 
 
 def read_text_if_there(location: str | os.PathLike, limit: int | None = None) -> str | None:

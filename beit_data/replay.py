@@ -114,6 +114,7 @@ class _Shard:
     images: list | None = None  # (offset, size) of each key's image member
     file: BinaryIO | None = None  # a local shard, open
     url: str | None = None  # an object's URL
+    etag: str | None = None  # the object's ETag when the run started: its reads are pinned to it
     reader: _Sequential | None = None  # a pipe: shard, read from the start
     rejected: int = 0  # keys of the shard without token rows
 
@@ -368,7 +369,7 @@ class ReplaySource:
             return shard
         shard.images, shard.rejected = self._offsets(index, keys)
         if storage.is_url(location):
-            shard.url = location
+            shard.url, shard.etag = location, self.etags[index]
         else:
             shard.file = open(location, "rb", buffering=0)  # closed when its window is done
         return shard
@@ -416,7 +417,8 @@ class ReplaySource:
                 out[j] = os.pread(shard.file.fileno(), size, offset)
         if remote:
             requests = [(picked[j][1].url, *picked[j][1].images[picked[j][2]]) for j in remote]
-            for j, data in zip(remote, storage.read_many(requests)):
+            etags = [picked[j][1].etag for j in remote]
+            for j, data in zip(remote, storage.read_many(requests, etags)):
                 out[j] = data
         self.bytes_read += sum(len(d) for d in out)
         return [np.frombuffer(d, np.uint8) for d in out]
