@@ -61,6 +61,9 @@ PARTITIONS_OPTION = setting(PlanConfig, "--partitions", type=click.IntRange(min=
                             help="Partitions of each epoch: a global step takes its share of samples from each. A "
                                  "rank reads whole partitions when the number of ranks divides them.")
 QUIET_OPTION = click.option("--quiet", is_flag=True, help="Hide progress bars.")
+MAX_PIXELS_OPTION = click.option(
+    "--max-pixels", type=click.IntRange(min=1), default=None,
+    help="Reject images with more pixels, as likely decompression bombs [default: Pillow's limit, 178,956,970].")
 DEVICE_OPTION = setting(PretrainConfig, "--device",
                         help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
 NUM_THREADS_OPTION = setting(PretrainConfig, "--num-threads", type=click.IntRange(min=1),
@@ -132,8 +135,12 @@ def main_process() -> bool:
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Number the classes by this class map (another run's shards.json or classes.json), so that an id "
                    "means the same class in every set [default: this tree's class folders in name order].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the shards and reports of an earlier run in --out (a folder that is not empty is refused "
+                   "otherwise).")
+@MAX_PIXELS_OPTION
 @QUIET_OPTION
-def shards(sources, out, maxcount, prefix, shuffle, seed, classes, quiet):
+def shards(sources, out, maxcount, prefix, shuffle, seed, classes, overwrite, max_pixels, quiet):
     """Write WebDataset shards and DALI .idx files from image folders or path lists.
 
     Each SOURCE is a flat folder of images, an ImageFolder tree (class sub-folders become
@@ -144,7 +151,8 @@ def shards(sources, out, maxcount, prefix, shuffle, seed, classes, quiet):
     from pipelines.shards import run_shards
 
     result = run_shards(ShardsConfig(sources=sources, out=out, maxcount=maxcount, prefix=prefix,
-                                     shuffle=shuffle, seed=seed, classes=classes, progress=not quiet))
+                                     shuffle=shuffle, seed=seed, classes=classes, overwrite=overwrite,
+                                     max_pixels=max_pixels, progress=not quiet))
     echo_summary("shards", result.summary())
     for reject in result.rejects:
         click.echo(f"  rejected {reject.key}: {reject.reason}", err=True)
@@ -236,11 +244,12 @@ def train_dvae(shards, out, config, steps, batch_size, lr, checkpoint_every, res
               help="Exit non-zero if any sample was rejected; a shard with a rejected sample is not written.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Compile the tokenizer with torch.compile (slow to start; faster over a long run on a GPU).")
+@MAX_PIXELS_OPTION
 @NUM_THREADS_OPTION
 @DEVICE_OPTION
 @QUIET_OPTION
 def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size, min_size, no_target_jitter,
-             overwrite, strict, compile_, num_threads, device, quiet):
+             overwrite, strict, compile_, max_pixels, num_threads, device, quiet):
     """Tokenize every image's views once and write one Parquet file per shard."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
@@ -248,7 +257,7 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
         shards=shards, tokenizer=tokenizer, out=out, recipe=recipe, views=views, min_scale=min_scale, seed=seed,
         batch_size=batch_size,
         target_jitter=not no_target_jitter, min_size=min_size, compile=compile_, overwrite=overwrite, strict=strict,
-        device=device, num_threads=num_threads, progress=not quiet))
+        max_pixels=max_pixels, device=device, num_threads=num_threads, progress=not quiet))
     rejects = summary.pop("reject_list")
     if main_process():
         echo_summary("tokenize", summary)

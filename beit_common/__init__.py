@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "BeitDataError", "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir",
-           "describe_file", "folder_lock", "os_error"]
+           "describe_file", "folder_lock", "os_error", "output_location", "remove_stale_temps"]
 
 
 class BeitDataError(Exception):
@@ -88,6 +88,49 @@ def save_atomic(obj, path: str | os.PathLike) -> Path:
                 raise
 
     return write_atomic(path, save)
+
+
+def output_location(location: str | os.PathLike, what: str, *, remote: bool = True) -> Path | str:
+    """Where ``what`` is to be written: a local ``Path``, or an object-storage URL where ``remote``.
+
+    Raises:
+        BeitDataError: For a ``pipe:`` command (a shell command is never run to write), or a URL
+            where only a local path will do, in one line naming ``what``.
+    """
+    from beit_common import storage
+
+    if storage.is_pipe(location):
+        raise BeitDataError(f"`out` {location}: {what} is not written through a pipe: command; give a folder or a "
+                            "file")
+    if storage.is_url(location):
+        if not remote:
+            raise BeitDataError(f"`out` {location}: {what} is written to a local path only; write it here and copy "
+                                "it to object storage")
+        return str(location)
+    return Path(location)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that killed processes left in ``folder`` (``.NAME.tmp-PID``,
+    written by ``write_atomic``, whose process is gone); returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path | str:

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageInfo", "ImageError", "probe_image", "jpeg_end", "FORMAT_EXT", "EXIF_RULE"]
+__all__ = ["ImageInfo", "ImageError", "probe_image", "jpeg_end", "FORMAT_EXT", "EXIF_RULE", "MAX_PIXELS"]
+
+# Images over this many pixels are rejected as likely decompression bombs: Pillow's own limit
+# (twice its warning level). beit-data checks it itself, so that ``max_pixels`` can raise it;
+# Pillow's global check is turned off for that reason.
+MAX_PIXELS = 2 * 89_478_485
+Image.MAX_IMAGE_PIXELS = None
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Recorded in the token metadata. DALI's decoders apply EXIF orientation by default, and
@@ -96,12 +102,13 @@ def _check_complete(fmt: str, data: bytes) -> None:
             raise ImageError("truncated WebP (shorter than its RIFF size)")
 
 
-def probe_image(data: bytes, *, decode: bool = False) -> ImageInfo:
+def probe_image(data: bytes, *, decode: bool = False, max_pixels: int | None = None) -> ImageInfo:
     """Read an encoded image's format and displayed size, and check that it is whole.
 
     Args:
         data: The encoded bytes.
         decode: Also decode every pixel (slow, thorough).
+        max_pixels: Larger images are rejected before any pixel is decoded (default ``MAX_PIXELS``).
 
     Raises:
         ImageError: With a reject reason, for empty, unknown, unsupported or damaged data.
@@ -114,6 +121,10 @@ def probe_image(data: bytes, *, decode: bool = False) -> ImageInfo:
             if fmt not in FORMAT_EXT:
                 raise ImageError(f"unsupported image format {fmt} (JPEG, PNG or WebP expected)")
             width, height = im.size
+            limit = MAX_PIXELS if max_pixels is None else max_pixels
+            if width * height > limit:
+                raise ImageError(f"{width}x{height} is {width * height:,} pixels, over the limit of {limit:,} that "
+                                 "guards against decompression bombs; raise it with --max-pixels")
             orientation = int(im.getexif().get(_ORIENTATION_TAG, 1)) if fmt == "JPEG" else 1
             if decode:
                 im.load()

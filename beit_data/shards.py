@@ -224,7 +224,7 @@ def scan_index(shard: Shard) -> list[IndexedSample]:
                 samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
         except (tarfile.TarError, EOFError):
             pass  # a damaged header after the complete members
-    if cached is not None and samples:
+    if cached is not None and samples and not _unindexable(samples):
         write_text_atomic(cached, _index_text(samples))
     return samples
 
@@ -420,6 +420,11 @@ def index_path(shard: Shard) -> Path | str | None:
     return storage.sibling(shard, ".idx")
 
 
+def _unindexable(samples: list[IndexedSample]) -> str | None:
+    """The first member name an index line cannot hold: its fields are separated by white space."""
+    return next((m.name for s in samples for m in s.members.values() if len(m.name.split()) != 1), None)
+
+
 def _index_text(samples: list[IndexedSample]) -> str:
     lines = [f"{INDEX_VERSION} {len(samples)}"]
     for sample in samples:
@@ -436,21 +441,25 @@ def write_index(shard: Shard) -> Path | str:
     samples = scan_index(shard)
     if not samples:
         raise BeitDataError(f"shard has no members to index: {shard}")
+    bad = _unindexable(samples)
+    if bad is not None:
+        raise BeitDataError(f"{shard}: member {bad!r} has white space in its name, which a DALI index cannot hold; "
+                            "rename the members (beit-data reads the shard from its tar headers meanwhile)")
     return write_text_atomic(index_path(shard), _index_text(samples))
 
 
 def iter_images(shard: Shard, rejects: list[Reject] | None = None, *, min_size: int = 1,
-                index: list[IndexedSample] | None = None):
+                index: list[IndexedSample] | None = None, max_pixels: int | None = None):
     """Yield ``(sample, ImageInfo)`` for each sample of ``shard`` whose image passes the probe.
 
-    Samples with no image, a damaged image, or a side shorter than ``min_size`` pixels go to
-    ``rejects`` with their reason.
+    Samples with no image, a damaged image, more than ``max_pixels`` pixels, or a side shorter
+    than ``min_size`` pixels go to ``rejects`` with their reason.
     """
     from beit_data.images import ImageError, probe_image
 
     for sample in iter_samples(shard, rejects, index):
         try:
-            info = probe_image(sample.image)
+            info = probe_image(sample.image, max_pixels=max_pixels)
         except ImageError as exc:
             if rejects is not None:
                 rejects.append(Reject(key=sample.key, reason=str(exc), shard=str(shard)))

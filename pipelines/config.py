@@ -63,6 +63,9 @@ class ShardsConfig:
         classes: A class map to number the classes by (another run's ``shards.json`` or
             ``classes.json``), so that an id means the same class in every set; None numbers
             this tree's class folders in name order.
+        max_pixels: Larger images are rejected (decompression bombs); None: Pillow's limit.
+        overwrite: Replace the shards an earlier run wrote into ``out``; without it a folder
+            that is not empty is refused.
         progress: Show a progress bar.
     """
 
@@ -73,6 +76,8 @@ class ShardsConfig:
     shuffle: bool = True
     seed: int = 0
     classes: str | os.PathLike | None = None
+    max_pixels: int | None = None  # None: beit_data.images.MAX_PIXELS
+    overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -137,6 +142,7 @@ class TokenizeConfig:
     batch_size: int = 64
     target_jitter: bool = True
     min_size: int | None = None  # shorter sides under it are rejected; None: the tokenizer's input size
+    max_pixels: int | None = None  # larger images are rejected (decompression bombs); None: Pillow's limit
     compile: bool = False  # torch.compile the tokenizer (worth it on a GPU for long runs)
     overwrite: bool = False
     strict: bool = False  # a shard with any rejected sample is not written, and the run fails

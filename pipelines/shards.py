@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import webdataset as wds
 
-from beit_common import BeitDataError, ensure_writable_dir, storage, write_text_atomic
+from beit_common import BeitDataError, ensure_writable_dir, output_location, storage, write_text_atomic
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
 from beit_data.progress import progress_bar
 from beit_data.shards import IMAGE_EXTS, Reject, expand_shards, index_path, write_index
@@ -59,8 +59,13 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower().lstrip(".") in LISTED_EXTS
 
 
+def _is_listed_file(f: Path) -> bool:
+    """A visible file, or a symbolic link that points nowhere (listed, to be rejected with its reason)."""
+    return not f.name.startswith(".") and (f.is_file() or (f.is_symlink() and not f.exists()))
+
+
 def _visible_files(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return sorted(f for f in folder.rglob("*") if _is_listed_file(f))
 
 
 def collect_images(source: str | os.PathLike) -> list[ListedImage]:
@@ -77,7 +82,7 @@ def collect_images(source: str | os.PathLike) -> list[ListedImage]:
         return [ListedImage(Path(ln) if os.path.isabs(ln) else src.parent / ln, None, ln) for ln in lines if ln]
     entries = sorted(src.iterdir())
     subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
-    files = [f for f in entries if f.is_file() and not f.name.startswith(".")]
+    files = [f for f in entries if _is_listed_file(f)]
     if subdirs and not any(_is_image_name(f) for f in files):
         return [ListedImage(f, d.name, f.relative_to(src).as_posix()) for d in subdirs for f in _visible_files(d)]
     return [ListedImage(f, None, f.name) for f in files]
@@ -94,14 +99,16 @@ def write_order(listing: list[ListedImage], *, shuffle: bool, seed: int) -> list
     return [listing[i] for i in stable_rng(seed, "shards").permutation(len(listing))]
 
 
-def _read_image(path: Path) -> tuple[bytes, str]:
+def _read_image(path: Path, max_pixels: int | None) -> tuple[bytes, str]:
     """The file's bytes and the member extension of its real format.
 
     Raises:
         OSError, ImageError: If it cannot be read or is not a decodable JPEG, PNG or WebP.
     """
+    if path.is_symlink() and not path.exists():
+        raise ImageError(f"broken symbolic link to {os.readlink(path)}")
     data = path.read_bytes()
-    return data, FORMAT_EXT[probe_image(data, decode=True).format]
+    return data, FORMAT_EXT[probe_image(data, decode=True, max_pixels=max_pixels).format]
 
 
 def load_class_map(path: str | os.PathLike) -> list[str]:
@@ -169,41 +176,83 @@ def _write_reports(out: Path, result: ShardsResult) -> None:
                                       "shards": [p.name for p in result.shards], **classes})
 
 
+REPORTS = ("shards.json", "rejects.json", "classes.json")
+
+
+def _clear_earlier_run(out: Path, overwrite: bool) -> None:
+    """Refuse a folder that is not empty; with ``overwrite``, remove an earlier run's shards,
+    indexes and reports first (a folder that holds anything else is still refused)."""
+    present = sorted(p for p in out.iterdir()) if out.is_dir() else []
+    if not present:
+        return
+    if not overwrite:
+        raise BeitDataError(f"{out} is not empty ({len(present)} files, such as {present[0].name}): every --shards "
+                            f"{out} would read what is there too; pass `overwrite` to replace an earlier shards run, "
+                            "or choose an empty folder")
+    ours = [p for p in present if p.suffix in (".tar", ".idx") or p.name in REPORTS
+            or (p.name.startswith(".") and p.name.endswith(".tar.tmp"))]
+    others = [p for p in present if p not in ours]
+    if others:
+        raise BeitDataError(f"{out} holds {others[0].name}, which no shards run wrote; `overwrite` replaces shards "
+                            "and their reports only: choose another folder")
+    for path in ours:
+        path.unlink()
+
+
 def run_shards(config: ShardsConfig) -> ShardsResult:
     """Write every decodable image into shards, with a ``.idx`` beside each shard.
 
     Images go in a seeded random order unless ``config.shuffle`` is off; keys count up in
     write order. Image bytes are stored unchanged. A file that is not a decodable JPEG, PNG or
     WebP is skipped and listed in ``rejects.json`` with its reason; every other file is written.
+
+    Raises:
+        BeitDataError: For an output folder that is not empty (without ``overwrite``) or not
+            local, a source without images, or when every file was rejected (the reasons
+            are in ``rejects.json`` then, and no shard is left).
     """
+    out = output_location(config.out, "shards", remote=False)
     listing = [item for source in config.sources for item in collect_images(source)]
+    if not listing:
+        raise BeitDataError(f"no files in {', '.join(map(str, config.sources))}")
     classes = _class_map(listing, config.classes)
-    out = ensure_writable_dir(config.out)
+    _clear_earlier_run(out, config.overwrite)
+    out = ensure_writable_dir(out)
     result = ShardsResult(classes=classes, shuffled=config.shuffle, seed=config.seed)
     class_index = {name: i for i, name in enumerate(result.classes)}
     digest = class_map_digest(classes)
     ordered = write_order(listing, shuffle=config.shuffle, seed=config.seed)
     # Each shard is written under a hidden temporary name and renamed when it is complete, so
-    # a killed run never leaves a half shard under a final name.
+    # a killed run never leaves a half shard under a final name; one that got no sample is removed.
     pattern = str(out / f".{config.prefix}-%06d.tar.tmp")
+    in_shard = [0]
 
     def finish(tmp: str) -> None:
+        if not in_shard[0]:
+            os.remove(tmp)
+            return
         final = out / Path(tmp).name[1:-len(".tmp")]
         os.replace(tmp, final)
         write_index(final)
         result.shards.append(final)
+        in_shard[0] = 0
 
     with wds.ShardWriter(pattern, maxcount=config.maxcount, verbose=0, post=finish) as writer:
         for item in progress_bar(ordered, desc="shards", unit="img", disable=not config.progress):
             try:
-                data, ext = _read_image(item.path)
+                data, ext = _read_image(item.path, config.max_pixels)
             except (OSError, ImageError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 result.rejects.append(Reject(key=str(item.path), reason=reason))
                 continue
             writer.write(_sample(f"{result.images:09d}", item, data, ext, class_index, digest))
             result.images += 1
+            in_shard[0] += 1
     _write_reports(out, result)
+    if not result.images:
+        first = result.rejects[0]
+        raise BeitDataError(f"no image was written: all {len(result.rejects)} files were rejected (first: "
+                            f"{first.key}: {first.reason}); every reason is in {out / 'rejects.json'}")
     return result
 
 

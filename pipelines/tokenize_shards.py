@@ -126,7 +126,8 @@ def _expected_images(shards: list[Shard]) -> int | None:
 def _prepared_batches(shard: Shard, cfg: TokenizeConfig, min_size: int, rejects: list[Reject], members=None):
     """Batches of (sample, info) with their views: the Python half of the loading."""
     recipe = cfg.view_recipe
-    for batch in batched(iter_images(shard, rejects, min_size=min_size, index=members), cfg.batch_size):
+    for batch in batched(iter_images(shard, rejects, min_size=min_size, index=members, max_pixels=cfg.max_pixels),
+                         cfg.batch_size):
         yield batch, [sample_views(recipe, s.key, info.width, info.height) for s, info in batch]
 
 

@@ -49,6 +49,16 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
     )
 
 
+def invoke(*args: str):
+    """Run ``beit-data ARGS`` in this process (click's ``CliRunner``): exit code, stdout and stderr
+    as the command line gives them, without starting an interpreter."""
+    from click.testing import CliRunner
+
+    import cli
+
+    return CliRunner().invoke(cli.main, [str(a) for a in args], prog_name="beit-data")
+
+
 def jpeg_bytes(size=(64, 48), seed=0, **save_kw) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)

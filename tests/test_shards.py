@@ -5,7 +5,7 @@ import pytest
 
 from beit_common import BeitDataError
 from beit_data.sample import sample_images
-from beit_data.shards import expand_shards, iter_samples, split_key
+from beit_data.shards import expand_shards, iter_samples, read_index, split_key
 from pipelines.shards import ShardsConfig, class_map_digest, collect_images, run_shards
 from tests.conftest import jpeg_bytes, run_cli, write_tar
 
@@ -381,3 +381,74 @@ def test_a_class_map_is_recorded_and_reused_so_ids_mean_the_same_classes(tmp_pat
     with pytest.raises(BeitDataError, match="bad.json holds no class map"):
         run_shards(ShardsConfig(sources=[tmp_path / "val"], out=tmp_path / "v3", classes=tmp_path / "bad.json",
                                 progress=False))
+
+
+def test_a_folder_holding_an_earlier_run_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    run_shards(ShardsConfig(sources=[make_tree(tmp_path / "big")], out=out, maxcount=3, progress=False))
+    assert len(expand_shards(str(out))) == 8
+    small = class_tree(tmp_path / "small", {"a": 2})
+    with pytest.raises(BeitDataError, match=r"out is not empty \(19 files, such as classes.json\): every --shards "
+                                            r".* would read what is there too; pass `overwrite`"):
+        run_shards(ShardsConfig(sources=[small], out=out, progress=False))
+    assert len(expand_shards(str(out))) == 8  # nothing was lost
+    run_shards(ShardsConfig(sources=[small], out=out, overwrite=True, progress=False))
+    assert [p.name for p in expand_shards(str(out))] == json.loads((out / "shards.json").read_text())["shards"] \
+        == ["shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "rejects.json", "shard-000000.idx",
+                                                     "shard-000000.tar", "shards.json"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BeitDataError, match="holds notes.txt, which no shards run wrote"):
+        run_shards(ShardsConfig(sources=[small], out=out, overwrite=True, progress=False))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "shard-000000.tar").exists()
+
+
+def test_a_source_whose_files_are_all_rejected_leaves_no_shard_and_writes_why(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "src" / "b.jpg").symlink_to(tmp_path / "gone.jpg")  # a link to nothing is listed, and rejected
+    with pytest.raises(BeitDataError, match=r"no image was written: all 2 files were rejected \(first: .*a.jpg: "
+                                            r"not a decodable image\); every reason is in .*rejects.json$"):
+        run_shards(ShardsConfig(sources=[tmp_path / "src"], out=tmp_path / "out", progress=False))
+    assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*"))
+    reasons = {Path(r["path"]).name: r["reason"] for r in json.loads((tmp_path / "out" / "rejects.json").read_text())}
+    assert reasons == {"a.jpg": "not a decodable image", "b.jpg": f"broken symbolic link to {tmp_path / 'gone.jpg'}"}
+
+
+def test_huge_images_are_rejected_as_decompression_bombs_unless_max_pixels_allows(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "src").mkdir()
+    Image.new("1", (14000, 14000)).save(tmp_path / "src" / "huge.png")
+    (tmp_path / "src" / "small.jpg").write_bytes(jpeg_bytes((32, 32)))
+    result = run_shards(ShardsConfig(sources=[tmp_path / "src"], out=tmp_path / "a", progress=False))
+    assert result.images == 1 and [r.reason for r in result.rejects] == [
+        "14000x14000 is 196,000,000 pixels, over the limit of 178,956,970 that guards against decompression bombs; "
+        "raise it with --max-pixels"]
+    assert run_shards(ShardsConfig(sources=[tmp_path / "src"], out=tmp_path / "b", max_pixels=200_000_000,
+                                   progress=False)).images == 2
+
+
+@pytest.mark.parametrize("command", ["shards", "sample"])
+def test_outputs_shards_cannot_be_written_to_are_refused_in_one_line(tmp_path, command):
+    from tests.conftest import invoke
+
+    source = [] if command == "sample" else [str(make_tree(tmp_path / "tree", classes=1, per_class=1))]
+    for out, message in (("s3://bucket/shards", "shards is written to a local path only"),
+                         ("pipe:cat > x.tar", "shards is not written through a pipe: command")):
+        result = invoke(command, *source, "--out", out)
+        assert result.exit_code == 1 and message in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and result.exception.__class__ is SystemExit
+    assert not (tmp_path / "s3:").exists() and not list(tmp_path.glob("pipe*"))
+
+
+def test_index_refuses_member_names_an_index_cannot_hold(tmp_path):
+    from tests.conftest import invoke
+
+    shard = write_tar(tmp_path / "s.tar", [("my photo.jpg", jpeg_bytes()), ("b.jpg", jpeg_bytes(seed=2))])
+    result = invoke("index", "--shards", str(shard), "--quiet")
+    assert result.exit_code == 1 and not (tmp_path / "s.idx").exists()
+    assert result.stderr.strip() == (f"Error: {shard}: member 'my photo.jpg' has white space in its name, which a DALI "
+                                     "index cannot hold; rename the members (beit-data reads the shard from its tar "
+                                     "headers meanwhile)")
+    assert [s.key for s in read_index(shard)] == ["my photo", "b"]
