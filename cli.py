@@ -434,12 +434,14 @@ def probe(model, train_shards, val_shards, k, temperature, layers, linear, batch
 
 @main.command(context_settings=CONTEXT)
 @click.argument("run", type=Location(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Encoder state dict to write.")
-def export(run, out):
+@click.option("--out", required=True, type=Location(dir_okay=False),
+              help="Encoder state dict to write (.pth or .safetensors; local, or an s3:// or gs:// URL).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out and its JSON.")
+def export(run, out, overwrite):
     """Write a pretrain run's encoder as weights that timm's Beit loads."""
     from pipelines.export import run_export
 
-    info = run_export(run, out)
+    info = run_export(run, out, overwrite=overwrite)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in info["timm_kwargs"].items())
     click.echo(f"wrote {out}")
     click.echo(f"load it with: timm.create_model({info['timm_model']!r}, {kwargs}, checkpoint_path={out!r})")

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "BeitDataError", "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir",
-           "describe_file", "folder_lock", "os_error", "output_location", "remove_stale_temps"]
+           "describe_file", "folder_lock", "os_error", "output_location", "output_file", "remove_stale_temps"]
 
 
 class BeitDataError(Exception):
@@ -108,6 +108,23 @@ def output_location(location: str | os.PathLike, what: str, *, remote: bool = Tr
                                 "it to object storage")
         return str(location)
     return Path(location)
+
+
+def output_file(location: str | os.PathLike, what: str, *, remote: bool = True,
+                overwrite: bool = True) -> Path | str:
+    """Where the file ``what`` is to be written, with its folder made and proven writable.
+
+    Raises:
+        BeitDataError: For a location ``output_location`` refuses, an existing file without
+            ``overwrite``, or a folder that cannot be written.
+    """
+    from beit_common import storage
+
+    location = output_location(location, what, remote=remote)
+    if not overwrite and storage.exists(location):
+        raise BeitDataError(f"{location} exists; pass `overwrite` to replace it")
+    ensure_writable_dir(str(location).rsplit("/", 1)[0] if storage.is_url(location) else location.parent)
+    return location
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

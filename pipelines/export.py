@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from beit_common import ensure_writable_dir, save_atomic, write_atomic, write_text_atomic
+from beit_common import output_file, save_atomic, storage, write_atomic, write_text_atomic
 from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 
 __all__ = ["run_export", "timm_args"]
@@ -21,16 +21,21 @@ def timm_args(model_args: dict) -> dict:
             "use_abs_pos_emb": False, "use_rel_pos_bias": True}
 
 
-def run_export(run: str | Path, out: str | Path) -> dict:
-    """Write the encoder of ``RUN/checkpoint.pt`` to ``out``; returns how to load it in timm."""
+def run_export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """Write the encoder of ``RUN/checkpoint.pt`` to ``out`` (a local path or an object URL),
+    with its JSON beside it; returns how to load it in timm.
+
+    Raises:
+        BeitDataError: For an ``out`` that exists (without ``overwrite``) or cannot be written.
+    """
     from beit_model.beit_mim import TIMM_EQUIVALENT, encoder_state_dict
 
     ckpt = load_checkpoint(checkpoint_path(run))
+    out = output_file(out, "the encoder", overwrite=overwrite)
+    info_path = output_file(storage.sibling(out, ".json"), "the encoder's JSON", overwrite=overwrite)
     model = model_from_checkpoint(ckpt)
-    out = Path(out)
-    ensure_writable_dir(out.parent)
     state = encoder_state_dict(model)
-    if out.suffix == ".safetensors":  # timm's create_model(checkpoint_path=...) reads either
+    if str(out).endswith(".safetensors"):  # timm's create_model(checkpoint_path=...) reads either
         from safetensors.torch import save_file
 
         write_atomic(out, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
@@ -39,5 +44,5 @@ def run_export(run: str | Path, out: str | Path) -> dict:
     args = timm_args(ckpt["model_args"])
     info = {"timm_model": TIMM_EQUIVALENT.get(ckpt["model_name"], "beit_base_patch16_224"),
             "timm_kwargs": {**args, "num_classes": 0}, "checkpoint_path": str(out), "step": ckpt["step"]}
-    write_text_atomic(out.with_suffix(".json"), json.dumps(info, indent=1))
+    write_text_atomic(info_path, json.dumps(info, indent=1))
     return info

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beit_common import BeitDataError, ensure_writable_dir, write_atomic
+from beit_common import BeitDataError, output_file, write_atomic
 from beit_data.shards import expand_shards, read_images
 from beit_data.summary import summarise
 from beit_data.tokens import read_meta, read_table, row_view, token_files
@@ -121,8 +121,7 @@ def render_view(cfg: InspectConfig) -> Path:
         axes[3].set_title("dVAE reconstruction", fontsize=9)
     for ax in axes:
         ax.set_xticks([]), ax.set_yticks([])
-    out = Path(cfg.out)
-    ensure_writable_dir(out.parent)
+    out = output_file(cfg.out, "the picture")
     fig.tight_layout()
     write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -145,10 +144,10 @@ def render_histogram(summary: dict, path: str | Path) -> Path:
     ax.set_ylabel("count")
     ax.set_title(f"{cb['codes_used']}/{cb['vocab']} codes used, perplexity {cb['perplexity']}", fontsize=10)
     fig.tight_layout()
-    ensure_writable_dir(Path(path).parent)
+    path = output_file(path, "the histogram")
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def run_inspect(cfg: InspectConfig) -> dict:

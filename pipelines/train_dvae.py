@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, ensure_writable_dir, write_text_atomic
+from beit_common import BeitDataError, ensure_writable_dir, output_location, write_text_atomic
 from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
@@ -126,7 +126,7 @@ def _loss(encoder, decoder, x: torch.Tensor, tau: float, beta: float, cfg: Train
 
 
 def _open_checkpoint(cfg: TrainDVAEConfig) -> Path:
-    out = Path(cfg.out)
+    out = output_location(cfg.out, "the dVAE checkpoint", remote=False)
     if out.exists() and not (cfg.resume or cfg.overwrite):
         raise BeitDataError(f"{out} exists; pass `resume` to continue training it or `overwrite` to replace it")
     if cfg.resume and not out.is_file():

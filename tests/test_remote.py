@@ -322,3 +322,28 @@ def test_the_cli_says_one_line_for_a_missing_bucket(s3):
                    "--batch-size", "2", env=env)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and "s3://no-such-bucket/" in done.stderr
+
+
+def test_every_out_writes_where_it_names_or_refuses(s3, sample_shards, sample_tokens, tmp_path, monkeypatch):
+    """tokenize and pretrain --out on S3 are tested above; export and inspect write there too, and
+    the commands that write local files only refuse a URL in one line, leaving nothing behind."""
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+    from tests.conftest import invoke
+    from tests.test_pretrain import TINY
+
+    monkeypatch.chdir(tmp_path)  # a URL taken for a path would land here, as ./s3:/...
+    run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "run"),
+                                steps=1, **TINY))
+    encoder = f"s3://{BUCKET}/out/encoder.safetensors"
+    assert invoke("export", tmp_path / "run", "--out", encoder).exit_code == 0
+    assert storage.exists(encoder) and json.loads(storage.read_bytes(f"s3://{BUCKET}/out/encoder.json"))["step"] == 1
+    refused = invoke("export", tmp_path / "run", "--out", encoder)
+    assert refused.exit_code == 1 and "encoder.safetensors exists; pass --overwrite" in refused.stderr
+    picture = f"s3://{BUCKET}/out/histogram.png"
+    assert invoke("inspect", sample_tokens, "--histogram", picture).exit_code == 0
+    assert storage.read_bytes(picture)[:4] == b"\x89PNG"
+    dvae = invoke("train-dvae", "--shards", sample_shards, "--out", f"s3://{BUCKET}/out/dvae.pt", "--steps", "1")
+    assert dvae.exit_code == 1 and dvae.stderr.strip() == (f"Error: --out s3://{BUCKET}/out/dvae.pt: the dVAE "
+                                                           "checkpoint is written to a local path only; write it here "
+                                                           "and copy it to object storage")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
