@@ -512,6 +512,21 @@ def temp_file(like: str | os.PathLike) -> Path:
     return Path(name)
 
 
+def inside(folder: Path, name: str, source: str) -> Path:
+    """``folder / name`` for a name read from ``source`` (an object listing, a tar), refused
+    unless it stays inside ``folder``: no absolute name, no ``..`` that climbs out of it.
+
+    Raises:
+        BeitDataError: Naming ``source`` and ``name``.
+    """
+    root = folder.resolve()
+    target = (root / name).resolve()
+    if os.path.isabs(name) or not name or target == root or root not in target.parents:
+        raise BeitDataError(f"{source}: the name {name!r} would be written outside {folder}; refused (no name read "
+                            "from a listing or a tar may leave the folder it is written into)")
+    return target
+
+
 class Mirror:
     """A local folder that stands for an object-storage prefix: a run writes (and appends to
     its logs) locally, and ``push`` uploads each file that changed since the last push, one
@@ -551,8 +566,8 @@ class Mirror:
             with remote_errors(self.url, "listing"):
                 fs.invalidate_cache()
                 names = [n[len(path.rstrip("/")) + 1:] for n in fs.find(path)]
-        for name in names:
-            target = self.local / name
+        targets = [inside(self.local, name, self.url) for name in names]  # all checked before any is written
+        for name, target in zip(names, targets):
             target.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(target, lambda tmp, name=name: download(f"{self.url}/{name}", tmp))
         self._pushed = {self._name(p): self._state(p) for p in self._files()}

@@ -347,3 +347,21 @@ def test_every_out_writes_where_it_names_or_refuses(s3, sample_shards, sample_to
                                                            "checkpoint is written to a local path only; write it here "
                                                            "and copy it to object storage")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
+
+
+@pytest.mark.parametrize("name", ["../../../../escaped.txt", "a/../../escaped.txt", "/abs.txt"])
+def test_no_object_name_leaves_the_mirror_folder(s3, tmp_path, name):
+    from beit_common.storage import Mirror
+
+    client = s3.client()
+    client.put_object(Bucket=BUCKET, Key="runs/r5/checkpoint.pt", Body=b"ok")
+    client.put_object(Bucket=BUCKET, Key=f"runs/r5/{name}", Body=b"hostile")
+    mirror = Mirror(f"s3://{BUCKET}/runs/r5", tmp_path / "deep" / "er" / "mirror")
+    try:
+        with pytest.raises(BeitDataError, match=r"s3://beit-test/runs/r5: the name .* would be written outside .*"
+                                                r"mirror; refused"):
+            mirror.pull()
+        assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # not even the good file
+    finally:
+        for key in [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/")["Contents"]]:
+            client.delete_object(Bucket=BUCKET, Key=key)
