@@ -90,9 +90,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except BeitDataError as exc:
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-            raise click.ClickException(as_flags(str(exc), command)) from None
+            raise click.ClickException(storage.redact(as_flags(str(exc), command))) from None
         except OSError as exc:  # a full disk, a missing permission: the file and the reason
-            raise click.ClickException(str(os_error(exc))) from None
+            raise click.ClickException(storage.redact(str(os_error(exc)))) from None
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -111,8 +111,13 @@ def layer_numbers(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"expected block numbers such as 8,9,10, got {value}") from None
 
 
+def say(text: str, err: bool = False) -> None:
+    """``click.echo`` with every URL's credentials redacted: nothing printed holds a secret."""
+    click.echo(storage.redact(text), err=err)
+
+
 def echo_summary(title: str, summary: dict) -> None:
-    click.echo(f"{title}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    say(f"{title}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
 
 
 def main_process() -> bool:
@@ -155,8 +160,8 @@ def shards(sources, out, maxcount, prefix, shuffle, seed, classes, overwrite, ma
                                      max_pixels=max_pixels, progress=not quiet))
     echo_summary("shards", result.summary())
     for reject in result.rejects:
-        click.echo(f"  rejected {reject.key}: {reject.reason}", err=True)
-    click.echo(f"wrote {out}")
+        say(f"  rejected {reject.key}: {reject.reason}", err=True)
+    say(f"wrote {out}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -186,7 +191,7 @@ def sample(out, maxcount, holdout, holdout_out):
             result = run_shards(ShardsConfig(sources=[listing], out=folder, maxcount=maxcount, prefix=prefix,
                                              progress=False))
             echo_summary(prefix, result.summary())
-            click.echo(f"wrote {folder}")
+            say(f"wrote {folder}")
 
 
 @main.command("train-dvae", context_settings=CONTEXT)
@@ -215,7 +220,7 @@ def train_dvae(shards, out, config, steps, batch_size, lr, checkpoint_every, res
         progress=not quiet))
     echo_summary("held-out report", {k: report[k] for k in
                                      ("psnr", "psnr_mean_colour", "perplexity", "codes_used", "steps", "seconds")})
-    click.echo(f"wrote {out}")
+    say(f"wrote {out}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -262,10 +267,10 @@ def tokenize(shards, tokenizer, out, recipe, views, min_scale, seed, batch_size,
     if main_process():
         echo_summary("tokenize", summary)
         for r in rejects[:20]:
-            click.echo(f"  rejected {r['shard']}:{r['key']}: {r['reason']}", err=True)
+            say(f"  rejected {r['shard']}:{r['key']}: {r['reason']}", err=True)
         if len(rejects) > 20:
-            click.echo(f"  ... {len(rejects) - 20} more in {out}/summary.json", err=True)
-        click.echo(f"wrote {out}")
+            say(f"  ... {len(rejects) - 20} more in {out}/summary.json", err=True)
+        say(f"wrote {out}")
     if strict and rejects:
         held = len({r["shard"] for r in rejects})
         raise click.ClickException(f"{len(rejects)} samples were rejected (--strict); the {held} shards that hold them "
@@ -285,7 +290,7 @@ def index(shards, overwrite, quiet):
     from pipelines.shards import run_index
 
     result = run_index(shards, overwrite=overwrite, progress=not quiet)
-    click.echo(f"indexed {len(result['written'])} of {result['shards']} shards ({result['skipped']} had an index)")
+    say(f"indexed {len(result['written'])} of {result['shards']} shards ({result['skipped']} had an index)")
 
 
 @main.command(context_settings=CONTEXT)
@@ -364,7 +369,7 @@ def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, 
     if main_process():
         echo_summary("pretrain", summary)
     if held_out and main_process():
-        click.echo("held-out masked-token accuracy: " + " -> ".join(
+        say("held-out masked-token accuracy: " + " -> ".join(
             f"step {r['step']} top-1 {100 * r['val_top1']:.1f}% top-5 {100 * r['val_top5']:.1f}% "
             f"(loss {r['val_loss']:.3f})" for r in held_out))
     if stopped:  # the conventional exit status of a process ended by that signal
@@ -400,7 +405,7 @@ def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, ran
                      mix_shards=mix_shards,
                      skip_missing=skip_missing)
     for batch in run_plan(cfg):
-        click.echo(json.dumps(batch.as_dict()) if as_json else format_batch(batch))
+        say(json.dumps(batch.as_dict()) if as_json else format_batch(batch))
 
 
 @main.command(context_settings=CONTEXT)
@@ -429,7 +434,7 @@ def probe(model, train_shards, val_shards, k, temperature, layers, linear, batch
     result = run_probe(ProbeConfig(model=model, train_shards=train_shards, val_shards=val_shards, k=k,
                                    temperature=temperature, layers=layers, linear=linear, batch_size=batch_size,
                                    num_threads=num_threads, device=device, progress=not quiet))
-    click.echo(json.dumps(result, indent=1) if as_json else format_probe(result))
+    say(json.dumps(result, indent=1) if as_json else format_probe(result))
 
 
 @main.command(context_settings=CONTEXT)
@@ -443,8 +448,8 @@ def export(run, out, overwrite):
 
     info = run_export(run, out, overwrite=overwrite)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in info["timm_kwargs"].items())
-    click.echo(f"wrote {out}")
-    click.echo(f"load it with: timm.create_model({info['timm_model']!r}, {kwargs}, checkpoint_path={out!r})")
+    say(f"wrote {out}")
+    say(f"load it with: timm.create_model({info['timm_model']!r}, {kwargs}, checkpoint_path={out!r})")
 
 
 @main.command(context_settings=CONTEXT)
@@ -465,15 +470,15 @@ def inspect(tokens, shards, as_json, render, view, tokenizer, out, histogram):
     result = run_inspect(InspectConfig(tokens=tokens, shards=shards, render=render, view=view,
                                        tokenizer=tokenizer, out=out, histogram=histogram))
     if render is not None:
-        click.echo(f"wrote {out}")
+        say(f"wrote {out}")
         return
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        say(json.dumps(result, indent=1))
     else:
         result["codebook"].pop("counts")
-        click.echo(format_summary(result))
+        say(format_summary(result))
         if histogram:
-            click.echo(f"wrote {histogram}")
+            say(f"wrote {histogram}")
     if result["errors"]:
         raise SystemExit(1)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ __all__ = ["URL_SCHEMES", "is_url", "is_pipe", "is_remote", "join", "basename", 
            "remote_errors", "stat", "exists", "read_bytes", "read_text_if_there", "read_ranges", "read_many",
            "list_files", "glob", "upload", "open_stream", "open_random", "arrow_source", "cache_dir",
            "cache_key", "temp_file", "is_prefix", "map_concurrently", "download", "probe_writable", "Mirror",
-           "EXTRAS"]
+           "EXTRAS", "redact", "redacted", "inside"]
 
 URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 # The pip extra that brings each scheme's file system.
@@ -88,6 +89,49 @@ def sibling(location: str | os.PathLike, suffix: str) -> str | Path | None:
         head, _, name = text.rpartition("/")
         return f"{head}/{name.rsplit('.', 1)[0] if '.' in name else name}{suffix}"
     return Path(location).with_suffix(suffix)
+
+
+_URL = re.compile(r"\b(?:https?|s3|gs|gcs)://[^\s'\"`]+", re.IGNORECASE)
+# Query parameters that carry a secret: presigned S3 and GCS URLs, SAS tokens, API keys.
+_SECRET_PARAM = re.compile(r"signature|credential|token|secret|password|passwd|^sig$|^key$|apikey|api_key|"
+                           r"awsaccesskeyid|^auth", re.IGNORECASE)
+REDACTED = "REDACTED"
+
+
+def redact(text: str) -> str:
+    """``text`` with the secrets of every URL in it replaced: the user and password before the
+    host, and query parameters that carry a signature, credential, token or key. For messages,
+    logs and stored configs: what is printed or written never holds a credential."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    def clean(match: re.Match) -> str:
+        url = match.group(0)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return url
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(_SECRET_PARAM.search(k) for k, _ in pairs):
+                query = urlencode([(k, REDACTED if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="/:")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+    return _URL.sub(clean, str(text))
+
+
+def redacted(value):
+    """``value`` (a config: strings in dicts, lists and tuples) with every URL's secrets redacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redacted(v) for v in value)
+    return value
 
 
 def filesystem(url: str):

@@ -43,6 +43,7 @@ def run_export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> 
         save_atomic(state, out)
     args = timm_args(ckpt["model_args"])
     info = {"timm_model": TIMM_EQUIVALENT.get(ckpt["model_name"], "beit_base_patch16_224"),
-            "timm_kwargs": {**args, "num_classes": 0}, "checkpoint_path": str(out), "step": ckpt["step"]}
+            "timm_kwargs": {**args, "num_classes": 0}, "checkpoint_path": storage.redact(str(out)),
+            "step": ckpt["step"]}
     write_text_atomic(info_path, json.dumps(info, indent=1))
     return info

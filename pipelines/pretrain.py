@@ -154,7 +154,8 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, 
                          rank=dist.rank, world_size=dist.world_size, device=device)
     cfg = cfg.for_tokens(stream.meta["views"])
     if checkpoint is not None:
-        changed = check_resume(checkpoint, asdict(cfg), PretrainConfig.RESUMABLE, dist.world_size, run_data(stream))
+        changed = check_resume(checkpoint, storage.redacted(asdict(cfg)), PretrainConfig.RESUMABLE, dist.world_size,
+                               run_data(stream))
         if changed and dist.rank == 0:
             print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
                   file=sys.stderr)
@@ -174,7 +175,7 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, 
     else:
         torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop path differs per rank
     if run.is_main:
-        config = {**asdict(cfg), "total_steps": total, "warmup_steps": warmup,
+        config = {**storage.redacted(asdict(cfg)), "total_steps": total, "warmup_steps": warmup,
                   "steps_per_epoch": stream.steps_per_epoch(0)}
         write_text_atomic(out / "config.json", json.dumps(config, indent=1))
     return run
@@ -205,7 +206,8 @@ def save(run: Run) -> None:
         save_checkpoint(checkpoint_path(run.out), model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                         step=run.step, stream=run.stream.position, rng_cpu=rng_cpu,
                         rng_cuda=[r["cuda"] for r in ranks] if run.device.type == "cuda" else [],
-                        config=asdict(run.cfg), model_name=run.cfg.model, world_size=run.dist.world_size,
+                        config=storage.redacted(asdict(run.cfg)), model_name=run.cfg.model,
+                        world_size=run.dist.world_size,
                         data=run.data)
         push(run)
 

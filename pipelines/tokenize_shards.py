@@ -264,7 +264,7 @@ def _gather_and_write(summary: TokenizeSummary, out: Path | str, dist) -> dict:
     # A rerun that finds every shard done keeps the summary of the run that did the work.
     summary_file = storage.join(out, "summary.json")
     if dist.rank == 0 and (total.skipped < total.shards or not storage.exists(summary_file)):
-        write_text_atomic(summary_file, json.dumps(result, indent=1))
+        write_text_atomic(summary_file, json.dumps(storage.redacted(result), indent=1))
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

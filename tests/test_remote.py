@@ -365,3 +365,30 @@ def test_no_object_name_leaves_the_mirror_folder(s3, tmp_path, name):
     finally:
         for key in [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/")["Contents"]]:
             client.delete_object(Bucket=BUCKET, Key=key)
+
+
+def test_credentials_in_urls_are_never_printed_or_stored(sample_shards, sample_tokens, tmp_path):
+    import torch
+
+    from tests.conftest import invoke
+
+    server = serve_folder(sample_shards)
+    base = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
+    signed = "X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=d34db33f"
+    try:
+        missing = invoke("plan", "--shards", f"{base}/nothing-000000.tar?{signed}", "--tokens", sample_tokens)
+        assert missing.exit_code == 1 and "shard not found: http://REDACTED@127.0.0.1" in missing.stderr
+        run = tmp_path / "run"
+        done = invoke("pretrain", "--shards", f"{base}/sample-{{000000..000001}}.tar", "--tokens", sample_tokens,
+                      "--out", run, "--model", "beit_mim_tiny_patch16_224", "--steps", "1", "--batch-size", "2",
+                      "--device", "cpu", "--num-threads", "1", "--quiet")
+        assert done.exit_code == 0, done.output
+        again = invoke("pretrain", "--shards", f"{base}/sample-{{000000..000001}}.tar", "--tokens", sample_tokens,
+                       "--out", run, "--model", "beit_mim_tiny_patch16_224", "--steps", "1", "--batch-size", "2")
+        assert again.exit_code == 1 and "already holds a run" in again.stderr
+    finally:
+        server.shutdown()
+    stored = [(run / "config.json").read_text(), str(torch.load(run / "checkpoint.pt", weights_only=True)["config"])]
+    for text in [missing.output, done.output, again.output, *stored]:
+        assert "s3cret" not in text and "d34db33f" not in text and "AKIAEXAMPLE" not in text
+    assert "http://REDACTED@127.0.0.1" in stored[0] and "http://REDACTED@127.0.0.1" in stored[1]
