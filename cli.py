@@ -404,7 +404,10 @@ def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, ran
                      start_epoch=start_epoch, steps=steps, rank=rank, seed=seed, partitions=partitions,
                      mix_shards=mix_shards,
                      skip_missing=skip_missing)
-    for batch in run_plan(cfg):
+    planned = run_plan(cfg)
+    if planned.note:
+        say(f"plan: {planned.note}", err=True)
+    for batch in planned:
         say(json.dumps(batch.as_dict()) if as_json else format_batch(batch))
 
 

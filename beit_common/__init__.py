@@ -127,12 +127,13 @@ def output_file(location: str | os.PathLike, what: str, *, remote: bool = True,
     return location
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[Path]:
     """Remove the temporary files that killed processes left in ``folder`` (``.NAME.tmp-PID``,
-    written by ``write_atomic``, whose process is gone); returns what was removed."""
+    written by ``write_atomic``, whose process is gone), of ``name`` only where given; returns
+    what was removed."""
     removed = []
     folder = Path(folder)
-    for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+    for tmp in folder.glob(f".{name}.tmp-*") if folder.is_dir() else ():
         pid = tmp.name.rsplit("-", 1)[1]
         if pid.isdigit() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)

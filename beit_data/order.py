@@ -41,7 +41,7 @@ from beit_common import BeitDataError
 from beit_data.views import stable_rng
 
 __all__ = ["MIX_SHARDS", "PARTITIONS", "OrderSpec", "Piece", "Layout", "Window", "epoch_layout", "rank_slices",
-           "partition_spans", "take_batches", "steps_from", "check_steps", "rank_batches"]
+           "partition_spans", "take_batches", "steps_from", "check_steps", "rank_batches", "left_out_note"]
 
 MIX_SHARDS = 16  # pieces a partition reads at once, by default
 PARTITIONS = 8  # partitions of each epoch, by default; a rank reads whole ones on 1, 2, 4 or 8 ranks
@@ -279,6 +279,21 @@ def check_steps(layout: Layout, spec: OrderSpec, epoch: int) -> int:
                             f"({layout.samples} in all over {spec.partitions} ranks); lower `batch_size`")
     raise BeitDataError(f"the shards hold {layout.samples} tokenized images, fewer than one global batch of "
                         f"{spec.global_batch}; lower `batch_size` or tokenize more shards")
+
+
+LEFT_OUT_NOTE = 0.02  # a share of the images left out of each epoch worth saying
+
+
+def left_out_note(layout: Layout, spec: OrderSpec) -> str | None:
+    """One line on the images each epoch leaves out, where they are more than ``LEFT_OUT_NOTE``."""
+    if not layout.samples or layout.left_out <= LEFT_OUT_NOTE * layout.samples:
+        return None
+    why = (f"an epoch is {layout.steps:,} global steps of {spec.global_batch:,} images, and the rest are fewer than "
+           "one more step (the next epoch leaves out others); a smaller batch leaves out fewer")
+    if spec.dealt:
+        why = "every rank takes as many steps as the rank with the fewest images can fill (shards dealt to ranks)"
+    return (f"each epoch leaves out {layout.left_out:,} of {layout.samples:,} tokenized images "
+            f"({100 * layout.left_out / layout.samples:.1f}%): {why}")
 
 
 def rank_batches(counts: Sequence[int], spec: OrderSpec, *, world_size: int, rank: int,

@@ -7,29 +7,45 @@ The plan walks the training stream's own order (``ReplaySource.plan``), so the k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
 
+from beit_data.order import left_out_note
 from beit_data.replay import PlannedBatch, ReplaySource, StreamConfig
 from pipelines.config import PlanConfig
 
-__all__ = ["PlanConfig", "run_plan", "format_batch"]
+__all__ = ["PlanConfig", "Plan", "run_plan", "format_batch"]
 
 
-def run_plan(cfg: PlanConfig) -> Iterator[PlannedBatch]:
-    """The batches of epochs ``start_epoch`` .. ``start_epoch + epochs - 1``, ordered by epoch, step, rank."""
+@dataclass
+class Plan:
+    """The batches of a plan (iterate it), and a note on the images each epoch leaves out."""
+
+    cfg: PlanConfig
+    source: ReplaySource
+    note: str | None
+
+    def __iter__(self) -> Iterator[PlannedBatch]:
+        """Epochs ``start_epoch`` .. ``start_epoch + epochs - 1``, ordered by epoch, step, rank."""
+        cfg, source = self.cfg, self.source
+        ranks = [cfg.rank] if cfg.rank is not None else range(cfg.world_size)
+        for epoch in range(cfg.start_epoch, cfg.start_epoch + cfg.epochs):
+            steps = source.check_epoch(epoch)
+            if cfg.steps is not None:
+                steps = min(steps, cfg.steps)
+            plans = [islice(source.for_rank(r).at(epoch, 0).plan(), steps) for r in ranks]
+            for batches in zip(*plans):
+                yield from batches
+
+
+def run_plan(cfg: PlanConfig) -> Plan:
+    """The plan of ``cfg``'s epochs: the shards and token files are opened and checked now, the
+    batches are walked as the plan is iterated."""
     stream = StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
                           partitions=cfg.partitions, mix_shards=cfg.mix_shards, skip_missing=cfg.skip_missing)
     source = ReplaySource.open(stream, world_size=cfg.world_size)
-    ranks = [cfg.rank] if cfg.rank is not None else range(cfg.world_size)
-    for epoch in range(cfg.start_epoch, cfg.start_epoch + cfg.epochs):
-        source.check_epoch(epoch)
-        steps = source.steps_per_epoch(epoch)
-        if cfg.steps is not None:
-            steps = min(steps, cfg.steps)
-        plans = [islice(source.for_rank(r).at(epoch, 0).plan(), steps) for r in ranks]
-        for batches in zip(*plans):
-            yield from batches
+    return Plan(cfg, source, left_out_note(source.layout(cfg.start_epoch), source.spec))
 
 
 def format_batch(batch: PlannedBatch) -> str:

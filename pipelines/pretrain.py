@@ -24,8 +24,17 @@ from typing import Iterator
 
 import torch
 
-from beit_common import LOCK_NAME, BeitDataError, ensure_writable_dir, folder_lock, storage, write_text_atomic
+from beit_common import (
+    LOCK_NAME,
+    BeitDataError,
+    ensure_writable_dir,
+    folder_lock,
+    remove_stale_temps,
+    storage,
+    write_text_atomic,
+)
 from beit_common.storage import Mirror
+from beit_data.order import left_out_note
 from beit_data.progress import progress_bar
 from beit_data.stream import StreamConfig, TrainStream
 from pipelines.checkpoint import CHECKPOINT, check_resume, checkpoint_path, load_checkpoint, save_checkpoint
@@ -107,6 +116,8 @@ def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirr
     try:
         # The lock first: a second run into the same out must not touch this one's mirror.
         with folder_lock(cfg.out, "beit-data pretrain") if dist.rank == 0 else nullcontext():
+            if dist.rank == 0:
+                remove_stale_temps(out)  # a checkpoint half-written when the last run was killed
             if mirror is not None and not cfg.resume:
                 mirror.reset()
             elif mirror is not None:
@@ -118,9 +129,12 @@ def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirr
         raise
 
 
-def _schedule(cfg: PretrainConfig, stream: TrainStream) -> tuple[int, int]:
+def _schedule(cfg: PretrainConfig, stream: TrainStream, dist: DistInfo) -> tuple[int, int]:
     """Total and warmup steps."""
     stream.source.check_epoch(0)
+    note = left_out_note(stream.source.layout(0), stream.source.spec)
+    if note and dist.rank == 0:
+        print(f"pretrain: {note}", file=sys.stderr)
     steps_per_epoch = stream.steps_per_epoch(0)
     total = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
@@ -164,7 +178,7 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, 
                         drop_path=cfg.drop_path, layer_scale=cfg.layer_scale)
     _check_model(model, stream)
     model.to(device)
-    total, warmup = _schedule(cfg, stream)
+    total, warmup = _schedule(cfg, stream, dist)
     optimizer, scheduler = build_optimizer(model, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                                            betas=cfg.betas, warmup=warmup, total=total)
     run = Run(cfg=cfg, device=device, dist=dist, out=out, stream=stream, model=model, optimizer=optimizer,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit_common import BeitDataError, ensure_writable_dir, folder_lock, storage, write_text_atomic
+from beit_common import BeitDataError, ensure_writable_dir, folder_lock, remove_stale_temps, storage, write_text_atomic
 from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
@@ -87,18 +87,20 @@ def _min_size(cfg: TokenizeConfig, tokenizer: Tokenizer) -> int:
 
 
 def _plan(shards: list[Shard], out: Path | str, meta: dict, overwrite: bool) -> tuple[list[Shard], int]:
-    """The shards still to tokenize; finished ones made from the same shard and recipe are skipped.
+    """The shards still to tokenize. A finished file made from the same shard and recipe is
+    skipped, also with ``overwrite`` (it would be written again byte for byte), so a run with
+    ``overwrite`` that was killed keeps what it rewrote when it runs again.
 
     Raises:
         BeitDataError: For a finished file that is unreadable, from another recipe, or made
-            from a shard that has changed since; each names ``overwrite``.
+            from a shard that has changed since, without ``overwrite``; each names it.
     """
     todo, skipped = [], 0
     hint = "; pass `overwrite` to replace it"
     done = _finished(out)
     for shard in shards:
         target = token_path(out, shard)
-        if storage.basename(target) not in done or overwrite:
+        if storage.basename(target) not in done:
             todo.append(shard)
             continue
         try:
@@ -107,6 +109,9 @@ def _plan(shards: list[Shard], out: Path | str, meta: dict, overwrite: bool) -> 
             # On object storage, the size (and the .idx where there is one): not a scan of the tar.
             check_fingerprint(shard, have.get("shard"), target, full=not storage.is_remote(shard))
         except BeitDataError as exc:
+            if overwrite:
+                todo.append(shard)
+                continue
             raise BeitDataError(str(exc) if "`overwrite`" in str(exc) else f"{exc}{hint}") from None
         skipped += 1
     return todo, skipped
@@ -221,6 +226,8 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     dist = init_distributed(device)
     # Rank 0 holds the folder for the whole run; a second run into it is refused at once.
     with folder_lock(out, "beit-data tokenize") if dist.rank == 0 else nullcontext():
+        if dist.rank == 0 and not storage.is_url(out):
+            remove_stale_temps(out)  # token files half-written when the last run was killed
         return _tokenize(cfg, shards, tokenizer, out, device, dist, start)
 
 

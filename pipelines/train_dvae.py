@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, ensure_writable_dir, output_location, storage, write_text_atomic
+from beit_common import (
+    BeitDataError,
+    ensure_writable_dir,
+    output_location,
+    remove_stale_temps,
+    storage,
+    write_text_atomic,
+)
 from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
@@ -132,6 +139,7 @@ def _open_checkpoint(cfg: TrainDVAEConfig) -> Path:
     if cfg.resume and not out.is_file():
         raise BeitDataError(f"`resume`: no checkpoint at {out}")
     ensure_writable_dir(out.parent)
+    remove_stale_temps(out.parent, out.name)  # a checkpoint half-written when the last run was killed
     return out
 
 

@@ -167,3 +167,14 @@ def test_distinct_classes_per_batch_match_a_uniform_shuffle(world_size):
         ranks = epoch_of(counts, spec, world_size, 0)
         distinct = [len({label(s, i) for s, i in b}) for batches in ranks for b in batches]
         assert low * expectation <= np.mean(distinct) <= high * expectation, (shuffled, np.mean(distinct))
+
+
+def test_an_epoch_that_leaves_out_more_than_a_few_percent_says_why():
+    from beit_data.order import left_out_note
+
+    spec = OrderSpec(seed=0, global_batch=2048)  # 256 a rank on 8 ranks
+    note = left_out_note(epoch_layout([500] * 10, spec, 0), spec)
+    assert note == ("each epoch leaves out 904 of 5,000 tokenized images (18.1%): an epoch is 2 global steps of "
+                    "2,048 images, and the rest are fewer than one more step (the next epoch leaves out others); a "
+                    "smaller batch leaves out fewer")
+    assert left_out_note(epoch_layout([1000] * 1281, spec, 0), spec) is None  # 1,177 of 1,281,000: 0.09%

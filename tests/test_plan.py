@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines.plan import PlanConfig, run_plan
-from tests.conftest import run_cli
+from tests.conftest import invoke, run_cli
 
 CLASSES, PER_CLASS = 4, 12
 
@@ -104,6 +104,11 @@ def test_cli_prints_text_and_json(class_folders):
     assert text.stdout.startswith("epoch 0  rank 1  step 0  ") and key == rows[1]["keys"][0]
     bad = run_cli(*args, "--rank", "2")
     assert bad.returncode != 0 and "--rank must be in [0, 2), got 2" in bad.stderr
+    # 48 images in global batches of 40: one step an epoch, and the plan says what that leaves out.
+    wide = invoke("plan", "--shards", folder / "shards", "--tokens", folder / "tokens", "--batch-size", "20",
+                  "--world-size", "2", "--steps", "1")
+    assert wide.exit_code == 0 and wide.stderr.startswith("plan: each epoch leaves out 8 of 48 tokenized images "
+                                                          "(16.7%): an epoch is 1 global steps of 40 images")
 
 
 def test_resume_reads_no_byte_before_its_position(class_folders):

@@ -42,10 +42,14 @@ def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_pat
     straight = run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **common))
     first = run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=4, **common))
     assert first["steps"] == 4 and len(losses(tmp_path / "resumed")) == 4
+    # What a SIGKILL during a checkpoint write leaves: the next start of the run removes it.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "resumed" / f".checkpoint.pt.tmp-{gone.stdout.strip()}"
+    stale.write_bytes(b"half a checkpoint")
     with pytest.raises(BeitDataError, match="`resume`"):
         run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), **common))
     second = run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), resume=True, **common))
-    assert straight["steps"] == second["steps"] == 8
+    assert straight["steps"] == second["steps"] == 8 and not stale.exists()
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # bitwise: exact float equality
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]

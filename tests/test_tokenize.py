@@ -71,6 +71,7 @@ def test_rerun_skips_refuses_other_recipe_and_overwrites(sample_shards, tiny_tok
     cfg = dict(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(tmp_path), views=2,
                device="cpu", progress=False)
     first = run_tokenize(TokenizeConfig(**cfg))
+    seed_0 = (tmp_path / "sample-000001.parquet").read_bytes()
     mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.parquet")}
     again = run_tokenize(TokenizeConfig(**cfg))
     assert (first["images"], again["images"], again["skipped"]) == (14, 0, 2)
@@ -82,6 +83,13 @@ def test_rerun_skips_refuses_other_recipe_and_overwrites(sample_shards, tiny_tok
     assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
     over = run_tokenize(TokenizeConfig(**{**cfg, "seed": 5, "overwrite": True}))
     assert over["images"] == 14 and read_meta(tmp_path / "sample-000000.parquet")["views"]["seed"] == 5
+    # An --overwrite run killed after its first file, run again: what it rewrote is kept.
+    (tmp_path / "sample-000001.parquet").write_bytes(seed_0)
+    kept = (tmp_path / "sample-000000.parquet").stat().st_mtime_ns
+    rerun = run_tokenize(TokenizeConfig(**{**cfg, "seed": 5, "overwrite": True}))
+    assert (rerun["images"], rerun["skipped"]) == (6, 1)
+    assert (tmp_path / "sample-000000.parquet").stat().st_mtime_ns == kept
+    assert read_meta(tmp_path / "sample-000001.parquet")["views"]["seed"] == 5
 
 
 def test_bad_samples_become_rejects_and_good_ones_are_kept(tmp_path, tiny_tokenizer):
