@@ -141,3 +141,17 @@ def test_readme_query_snippets_run(sample_tokens):
 def test_summary_streams_by_row_group(sample_tokens):
     small = summarise(sample_tokens, batch_rows=5)
     assert small["rows"] == summarise(sample_tokens)["rows"] == 56
+
+
+def test_images_are_counted_by_shard_and_key(known, tmp_path):
+    """Separate `shards` runs reuse keys (000000000 and up): a key in two shards is two images."""
+    import shutil
+
+    shutil.copytree(known / "s", tmp_path / "s")
+    shutil.copytree(known / "t", tmp_path / "t")
+    shutil.copy(known / "s" / "a.tar", tmp_path / "s" / "copy.tar")
+    shutil.copy(known / "t" / "a.parquet", tmp_path / "t" / "copy.parquet")
+    s = summarise(tmp_path / "t", str(tmp_path / "s"))
+    assert (s["images"], s["rows"], s["views_per_image"]) == (8, 24, 3.0)
+    assert s["coverage"]["shard_keys"] == 11 and s["coverage"]["keys_missing_from_parquet"] == 1  # c0, untokenized
+    assert s["coverage"]["rejected_keys"] == 2 and s["errors"] == []  # the empty a3.jpg of a.tar and of copy.tar
