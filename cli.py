@@ -19,7 +19,7 @@ import click
 # set before torch loads, which the commands do later.
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
-from beit_common import BeitDataError, __version__, os_error, storage  # noqa: E402
+from beit_common import BeitDataError, Location, __version__, os_error, redact  # noqa: E402
 from pipelines.config import (
     DVAE_CONFIGS,
     RECIPES,
@@ -41,12 +41,13 @@ def setting(config: type, *decls: str, name: str | None = None, **kwargs):
     return click.option(*decls, default=default(config, name), show_default=True, **kwargs)
 
 
-class Location(click.Path):
+class LocationType(click.Path):
     """A local path, checked as ``click.Path`` checks it, or an object-storage URL (``s3://``,
     ``gs://``), checked when it is used (a missing bucket or prefix is one line then)."""
 
     def convert(self, value, param, ctx):
-        return value if storage.is_url(value) else super().convert(value, param, ctx)
+        location = Location(value)
+        return location if not location.is_local else Location(super().convert(value, param, ctx))
 
 
 SHARDS_OPTION = click.option(
@@ -90,9 +91,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except BeitDataError as exc:
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-            raise click.ClickException(storage.redact(as_flags(str(exc), command))) from None
+            raise click.ClickException(redact(as_flags(str(exc), command))) from None
         except OSError as exc:  # a full disk, a missing permission: the file and the reason
-            raise click.ClickException(storage.redact(str(os_error(exc)))) from None
+            raise click.ClickException(redact(str(os_error(exc)))) from None
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -113,7 +114,7 @@ def layer_numbers(value: str | None) -> tuple[int, ...] | None:
 
 def say(text: str, err: bool = False) -> None:
     """``click.echo`` with every URL's credentials redacted: nothing printed holds a secret."""
-    click.echo(storage.redact(text), err=err)
+    click.echo(redact(text), err=err)
 
 
 def echo_summary(title: str, summary: dict) -> None:
@@ -228,7 +229,7 @@ def train_dvae(shards, out, config, steps, batch_size, lr, checkpoint_every, res
 @click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
               help="Tokenizer file: OpenAI's encoder.pkl, a dVAE state dict, a train-dvae checkpoint or a "
                    "BEiT v2 VQ-KD .pth.")
-@click.option("--out", required=True, type=Location(file_okay=False),
+@click.option("--out", required=True, type=LocationType(file_okay=False),
               help="Folder (or s3:// / gs:// prefix) for the token Parquet files.")
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
               help="The paper whose views to draw: beit (crops from 8%, 112-px Lanczos tokenizer view) or beitv2 "
@@ -295,9 +296,9 @@ def index(shards, overwrite, quiet):
 
 @main.command(context_settings=CONTEXT)
 @SHARDS_OPTION
-@click.option("--tokens", required=True, type=Location(exists=True, file_okay=False),
+@click.option("--tokens", required=True, type=LocationType(exists=True, file_okay=False),
               help="Folder of token Parquet files written by beit-data tokenize.")
-@click.option("--out", required=True, type=Location(file_okay=False),
+@click.option("--out", required=True, type=LocationType(file_okay=False),
               help="Run folder (or s3:// / gs:// prefix): checkpoints and logs.")
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
               help="The paper's settings for the options marked [recipe]: beit (800 epochs) or beitv2 (1600 epochs, "
@@ -327,7 +328,7 @@ def index(shards, overwrite, quiet):
 @click.option("--compile", "compile_", is_flag=True, help="Compile the model with torch.compile.")
 @click.option("--val-shards", default=None,
               help="Held-out shards (not read by training): masked-token loss, top-1/top-5 and perplexity on them.")
-@click.option("--val-tokens", default=None, type=Location(exists=True, file_okay=False),
+@click.option("--val-tokens", default=None, type=LocationType(exists=True, file_okay=False),
               help="The token Parquet files of --val-shards, made by the same tokenizer.")
 @setting(PretrainConfig, "--val-every", type=click.IntRange(min=1),
          help="Evaluate the held-out set at step 0, every N steps and at the end.")
@@ -378,7 +379,7 @@ def pretrain(shards, tokens, out, recipe, model, epochs, steps, batch_size, lr, 
 
 @main.command(context_settings=CONTEXT)
 @SHARDS_OPTION
-@click.option("--tokens", required=True, type=Location(exists=True, file_okay=False),
+@click.option("--tokens", required=True, type=LocationType(exists=True, file_okay=False),
               help="Folder of token Parquet files written by beit-data tokenize.")
 @setting(PlanConfig, "--batch-size", type=click.IntRange(min=1), help="Images per rank per step, as in pretrain.")
 @setting(PlanConfig, "--world-size", type=click.IntRange(min=1), help="Ranks of the run.")
@@ -412,7 +413,7 @@ def plan(shards, tokens, batch_size, world_size, epochs, start_epoch, steps, ran
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=Location(exists=True))
+@click.argument("model", type=LocationType(exists=True))
 @click.option("--train-shards", required=True, help="Labeled shards (.cls members) the k-NN votes with.")
 @click.option("--val-shards", required=True, help="Labeled shards the probe is scored on.")
 @setting(ProbeConfig, "--k", type=click.IntRange(min=1), help="Neighbours of the k-NN.")
@@ -441,8 +442,8 @@ def probe(model, train_shards, val_shards, k, temperature, layers, linear, batch
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("run", type=Location(exists=True, file_okay=False))
-@click.option("--out", required=True, type=Location(dir_okay=False),
+@click.argument("run", type=LocationType(exists=True, file_okay=False))
+@click.option("--out", required=True, type=LocationType(dir_okay=False),
               help="Encoder state dict to write (.pth or .safetensors; local, or an s3:// or gs:// URL).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out and its JSON.")
 def export(run, out, overwrite):

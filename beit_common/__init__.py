@@ -1,241 +1,34 @@
 """The ground of beit-data: what every part may use, and which imports none of them.
 
-It holds the version, the project's one error type, atomic writes and the writable-folder
-check. ``beit_data``, ``beit_model``, ``pipelines`` and ``cli`` all build on it; it imports
-nothing of theirs.
+- ``errors``: the project's one error type, ``BeitDataError``;
+- ``location``: ``Location``, one kind of value for a local path, an object URL and a ``pipe:``
+  command; redaction of credentials; names kept inside their folder;
+- ``storage``: reading and listing any location; ``ranges``: reading byte ranges of many files;
+- ``files``: atomic writes, writable folders, output checks, the run lock.
+
+``beit_data``, ``beit_model``, ``pipelines`` and ``cli`` all build on it; it imports nothing of
+theirs. This module is its face: the version and the names most code needs.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import socket
-import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator
+from beit_common.errors import BeitDataError, os_error
+from beit_common.files import (
+    LOCK_NAME,
+    describe_file,
+    ensure_writable_dir,
+    folder_lock,
+    output_file,
+    output_location,
+    remove_stale_temps,
+    save_atomic,
+    write_atomic,
+    write_text_atomic,
+)
+from beit_common.location import Location, redact, redacted
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "BeitDataError", "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir",
-           "describe_file", "folder_lock", "os_error", "output_location", "output_file", "remove_stale_temps"]
-
-
-class BeitDataError(Exception):
-    """A user-facing error: bad input, a missing file, a refused overwrite.
-
-    The CLI prints its message on one line and exits non-zero, without a traceback.
-    """
-
-
-def os_error(exc: OSError, path: str | os.PathLike | None = None) -> BeitDataError:
-    """One line for an operating-system error: the file and the reason (no space, permission...)."""
-    where = path if path is not None else exc.filename
-    return BeitDataError(f"{where}: {exc.strerror or exc}" if where is not None else str(exc.strerror or exc))
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path | str:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    A process killed mid-write leaves the old file (or none), never half a file. For an object
-    storage URL, ``tmp`` is a local file that is then uploaded in one call (``storage.upload``).
-
-    Raises:
-        BeitDataError: When the write fails (a full disk, no permission), naming ``path``;
-            the temporary file is removed and ``path`` is left as it was.
-    """
-    from beit_common import storage
-
-    remote = storage.is_url(path)
-    if remote:  # written here, then uploaded whole: the object appears complete or not at all
-        tmp = storage.temp_file(path)
-    else:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        if remote:
-            storage.upload(tmp, str(path))
-        else:
-            os.replace(tmp, path)
-    except OSError as exc:
-        raise BeitDataError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # the folder itself went away; there is nothing left to clean
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
-    import torch
-
-    def save(tmp: Path) -> None:
-        # Through a file object, so that a full disk raises OSError (ENOSPC) rather than an
-        # "unexpected pos" error from torch's own writer.
-        with open(tmp, "wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as exc:  # torch's writer fails again while closing after an OSError
-                if isinstance(exc.__context__, OSError):
-                    raise exc.__context__ from None
-                raise
-
-    return write_atomic(path, save)
-
-
-def output_location(location: str | os.PathLike, what: str, *, remote: bool = True) -> Path | str:
-    """Where ``what`` is to be written: a local ``Path``, or an object-storage URL where ``remote``.
-
-    Raises:
-        BeitDataError: For a ``pipe:`` command (a shell command is never run to write), or a URL
-            where only a local path will do, in one line naming ``what``.
-    """
-    from beit_common import storage
-
-    if storage.is_pipe(location):
-        raise BeitDataError(f"`out` {location}: {what} is not written through a pipe: command; give a folder or a "
-                            "file")
-    if storage.is_url(location):
-        if not remote:
-            raise BeitDataError(f"`out` {location}: {what} is written to a local path only; write it here and copy "
-                                "it to object storage")
-        return str(location)
-    return Path(location)
-
-
-def output_file(location: str | os.PathLike, what: str, *, remote: bool = True,
-                overwrite: bool = True) -> Path | str:
-    """Where the file ``what`` is to be written, with its folder made and proven writable.
-
-    Raises:
-        BeitDataError: For a location ``output_location`` refuses, an existing file without
-            ``overwrite``, or a folder that cannot be written.
-    """
-    from beit_common import storage
-
-    location = output_location(location, what, remote=remote)
-    if not overwrite and storage.exists(location):
-        raise BeitDataError(f"{location} exists; pass `overwrite` to replace it")
-    ensure_writable_dir(str(location).rsplit("/", 1)[0] if storage.is_url(location) else location.parent)
-    return location
-
-
-def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[Path]:
-    """Remove the temporary files that killed processes left in ``folder`` (``.NAME.tmp-PID``,
-    written by ``write_atomic``, whose process is gone), of ``name`` only where given; returns
-    what was removed."""
-    removed = []
-    folder = Path(folder)
-    for tmp in folder.glob(f".{name}.tmp-*") if folder.is_dir() else ():
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def ensure_writable_dir(folder: str | os.PathLike) -> Path | str:
-    """Create ``folder`` if needed and prove a file can be written in it.
-
-    Raises:
-        BeitDataError: With the operating system's reason, before any work is done.
-    """
-    from beit_common import storage
-
-    if storage.is_url(folder):  # a prefix: one small object written and deleted
-        storage.probe_writable(str(folder))
-        return str(folder)
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".beit-data-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BeitDataError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
-    return folder
-
-
-def describe_file(path: str | os.PathLike) -> str:
-    """What a file looks like from its first bytes, for error messages: ``a text file``, ``a zip archive``..."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-    if not head:
-        return "an empty file"
-    kinds = ((b"PK\x03\x04", "a zip archive"), (b"PAR1", "a Parquet file"), (b"\xff\xd8\xff", "a JPEG image"),
-             (b"\x89PNG", "a PNG image"), (b"\x80", "a Python pickle"), (b"{", "a JSON or text file"))
-    for magic, kind in kinds:
-        if head.startswith(magic):
-            return kind
-    if head[257:262] == b"ustar":
-        return "a tar archive"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"binary data starting {head[:8].hex()}"
-    return f"a text file starting {head[:24].decode('utf-8', 'replace')!r}"
-
-
-LOCK_NAME = ".beit-data.lock"
-
-
-@contextmanager
-def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` while the block runs; refuse if another run holds it.
-
-    The lock is an ``flock`` on ``folder/.beit-data.lock``: the kernel releases it when the
-    process ends, however it ends, so a crashed run never leaves a stale lock. It is only as
-    good as the file system's ``flock``: local disks and most cluster file systems.
-
-    Object storage has no lock that its holder's death releases, so for a prefix the lock is
-    a local file named after the URL (under ``$BEIT_DATA_CACHE/locks``): it keeps a second run
-    on the same machine out, not a run on another machine.
-
-    Raises:
-        BeitDataError: Naming the run that holds the folder.
-    """
-    from beit_common import storage
-
-    if storage.is_url(folder):
-        path = storage.cache_dir("locks") / f"{storage.cache_key(folder)}.lock"
-    else:
-        path = Path(folder) / LOCK_NAME
-    try:
-        handle = open(path, "a+")
-    except OSError as exc:
-        raise BeitDataError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise BeitDataError(f"{folder} is in use by another beit-data run ({holder}); wait for it to finish "
-                                "or choose another output folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{what}, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
+__all__ = ["__version__", "BeitDataError", "os_error", "Location", "redact", "redacted", "write_atomic",
+           "write_text_atomic", "save_atomic", "ensure_writable_dir", "describe_file", "folder_lock", "LOCK_NAME",
+           "output_location", "output_file", "remove_stale_temps"]

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit_common import BeitDataError, storage
+from beit_common import BeitDataError, Location, storage
 from beit_data.masking import BlockMaskGenerator
-from beit_data.shards import expand_shards, read_images
+from beit_data.shard_index import read_images
+from beit_data.shards import expand_shards
 from beit_data.tokens import VIEW_COLUMNS, read_meta, read_table, row_view, token_paths
 from beit_data.views import stable_rng
 
@@ -80,7 +81,7 @@ def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
             raise BeitDataError(f"{path} does not hold {views} rows for each key, each key once; tokenize it again")
         for key in sorted(by_key):
             rows = by_key[key]
-            pick = int(stable_rng(seed, "heldout", storage.basename(shard), key).integers(len(rows)))
+            pick = int(stable_rng(seed, "heldout", Location(shard).name, key).integers(len(rows)))
             candidates.append((shard, key, len(paths), rows[pick]))
         paths.append(path)
     if not candidates:

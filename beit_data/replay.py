@@ -16,19 +16,17 @@ an image.
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
-import threading
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from beit_common import BeitDataError, storage
+from beit_common import BeitDataError, Location, storage
+from beit_common.ranges import RangeFile
+from beit_data.loader_signals import outlive_job_signals
 from beit_data.masking import BlockMaskGenerator
 from beit_data.order import (
     MIX_SHARDS,
@@ -43,11 +41,13 @@ from beit_data.order import (
     take_batches,
 )
 from beit_data.prefetch import prefetch
-from beit_data.shards import check_fingerprint, duplicate_keys, expand_shards, iter_samples, read_index
+from beit_data.shard_index import check_fingerprint, read_index
+from beit_data.shard_rows import LoadedShard, SequentialReader, close_all, read_images_of, table_keys
+from beit_data.shards import duplicate_keys, expand_shards
 from beit_data.tokens import VIEW_COLUMNS, read_consistent_footers, read_table, token_files, token_paths
 from beit_data.views import stable_rng
 
-__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch", "outlive_job_signals"]
+__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
@@ -103,87 +103,6 @@ class PlannedBatch:
         return {"epoch": self.epoch, "rank": self.rank, "step": self.step, "keys": self.keys, "views": self.views}
 
 
-@dataclass
-class _Shard:
-    """One shard of a loaded window: its keys in sample order, the view each key replays, and
-    (when the images are to be read) that view's row, the image offsets and the open file."""
-
-    keys: list[str]
-    views: np.ndarray  # (n,) picked view per key
-    rows: dict[str, np.ndarray] | None = None  # VIEW_COLUMNS and tokens (n, grid*grid) of the picked views
-    images: list | None = None  # (offset, size) of each key's image member
-    file: BinaryIO | None = None  # a local shard, open
-    url: str | None = None  # an object's URL
-    etag: str | None = None  # the object's ETag when the run started: its reads are pinned to it
-    reader: _Sequential | None = None  # a pipe: shard, read from the start
-    rejected: int = 0  # keys of the shard without token rows
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.reader is not None:
-            self.reader.close()
-
-
-class _Sequential:
-    """A shard read once from its start (a ``pipe:`` command): the images of its token file's
-    keys, in tar order; the shard's other samples (rejected when it was tokenized) are passed."""
-
-    def __init__(self, shard: str, keys: list[str], token_file: str):
-        self.shard, self.keys, self.token_file = shard, keys, token_file
-        self.samples = iter_samples(shard)
-
-    def read(self, i: int) -> bytes:
-        key = self.keys[i]
-        for sample in self.samples:
-            if sample.key == key:
-                return sample.image
-        raise BeitDataError(f"{self.shard} no longer holds key {key} that {storage.basename(self.token_file)} "
-                            "lists, in that order; was it rewritten?")
-
-    def close(self) -> None:
-        self.samples.close()
-
-
-def _close(shards: list[_Shard]) -> None:
-    """Close ``shards`` and empty the list."""
-    for shard in shards:
-        shard.close()
-    shards.clear()
-
-
-LOADER_GRACE_S = 20.0
-
-
-def outlive_job_signals(grace: float = LOADER_GRACE_S) -> None:
-    """Keep DALI's loader process alive while its trainer finishes the step it is on.
-
-    Ctrl-C and a closed terminal reach the whole process group, Slurm's ``scancel`` every
-    process of the job, and torchrun each worker's process group, so under Slurm and torchrun
-    a preemption brings this process two SIGTERMs. The trainer answers all of them by finishing
-    its step (which may still need a batch from here), saving, and closing this process itself.
-    So SIGINT and SIGHUP are ignored here, and SIGTERMs end this process ``grace`` seconds after
-    the first one, or at once when the trainer is gone. (DALI itself sends SIGTERM only to a
-    loader that is still busy a second after the trainer closed the pipeline; that one waits out
-    the grace too.)
-    """
-    for sig in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    parent = os.getppid()
-    timer: threading.Timer | None = None
-
-    def on_sigterm(signum, frame) -> None:
-        nonlocal timer
-        if os.getppid() != parent:
-            os._exit(128 + signum)
-        if timer is None:
-            timer = threading.Timer(grace, os._exit, (128 + signum,))
-            timer.daemon = True
-            timer.start()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
 @dataclass(kw_only=True)
 class ReplaySource:
     """Batches of one rank from ``start = (epoch, step)`` on, forever; picklable.
@@ -204,8 +123,8 @@ class ReplaySource:
     """
 
     cfg: StreamConfig
-    shards: list[str]
-    token_files: list[str]
+    shards: list[Location]
+    token_files: list[Location]
     images_per_shard: list[int]
     views: int
     grid: int
@@ -214,7 +133,7 @@ class ReplaySource:
     rank: int = 0
     world_size: int = 1
     start: tuple[int, int] = (0, 0)
-    missing: list[str] = field(default_factory=list)
+    missing: list[Location] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     fingerprints: list[dict] = field(default_factory=list)  # of each shard, as its token file records it
     etags: list[str | None] = field(default_factory=list)  # of each object when the run started
@@ -231,14 +150,14 @@ class ReplaySource:
         """
         shards, paths, missing = [], [], []
         # One listing, not a request per shard.
-        have = {storage.basename(p) for p in token_files(cfg.tokens, allow_empty=True)}
+        have = {p.name for p in token_files(cfg.tokens, allow_empty=True)}
         listed = expand_shards(cfg.shards)
         for shard, path in zip(listed, token_paths(cfg.tokens, listed)):
-            if storage.basename(path) in have:
-                shards.append(str(shard))
-                paths.append(str(path))
+            if path.name in have:
+                shards.append(shard)
+                paths.append(path)
             elif cfg.skip_missing:
-                missing.append(str(shard))
+                missing.append(shard)
             else:
                 raise BeitDataError(f"no token file for shard {shard} (expected {path}); "
                                     "tokenize it or pass `skip_missing`")
@@ -248,12 +167,12 @@ class ReplaySource:
         metas = [m for m, _ in footers]
         # Size, and the .idx where there is one. Objects were listed (sizes, ETags) when the spec
         # was expanded; their .idx files are read many at once.
-        storage.map_concurrently(lambda i: check_fingerprint(shards[i], metas[i].get("shard"), paths[i], full=False),
-                                 range(len(shards)), concurrent=any(map(storage.is_url, shards)))
+        storage.map_concurrently(lambda s: check_fingerprint(s[0], s[1].get("shard"), s[2], full=False),
+                                 list(zip(shards, metas, paths)))
         meta, views = metas[0], metas[0]["views"]
         return cls(cfg=cfg, shards=shards, token_files=paths, missing=missing, meta=meta,
                    fingerprints=[m["shard"] for m in metas],
-                   etags=[storage.stat(s, fresh=False)["etag"] if storage.is_url(s) else None for s in shards],
+                   etags=[storage.stat(s, fresh=False)["etag"] for s in shards],
                    images_per_shard=[rows // views["views"] for _, rows in footers],
                    views=views["views"], grid=meta["tokenizer"]["grid"], target_jitter=views["target_jitter"],
                    jitter=views["jitter"], rank=rank, world_size=world_size)
@@ -280,7 +199,7 @@ class ReplaySource:
     @property
     def sequential(self) -> bool:
         """Whether the shards are read from their start only (some are ``pipe:`` commands)."""
-        return any(storage.is_pipe(s) for s in self.shards)
+        return not all(s.seekable for s in self.shards)
 
     def positions(self) -> Iterator[tuple[int, int]]:
         """``(epoch, step)`` of each batch this source yields, in order."""
@@ -288,8 +207,8 @@ class ReplaySource:
 
     # ---- the order ----------------------------------------------------------------------
 
-    def _partition(self, partition: int, *, read: bool, done: list[_Shard] | None
-                   ) -> Iterator[tuple[int, _Shard, int]]:
+    def _partition(self, partition: int, *, read: bool, done: list[LoadedShard] | None
+                   ) -> Iterator[tuple[int, LoadedShard, int]]:
         """``(epoch, shard, i)`` for each sample of ``partition`` in order from ``start`` on,
         forever, with its next window loading meanwhile.
 
@@ -303,7 +222,7 @@ class ReplaySource:
                                                                 self.start))
         if read:
             windows = prefetch(windows, depth=1)
-        loaded: list[_Shard] = []
+        loaded: list[LoadedShard] = []
         try:
             for epoch, window, loaded, lo, hi in windows:
                 for j in range(lo, hi):
@@ -312,11 +231,11 @@ class ReplaySource:
                     done.extend(loaded)
                 loaded = []
         finally:
-            _close(loaded)  # a window left part way, by an error or an early close
+            close_all(loaded)  # a window left part way, by an error or an early close
             windows.close()  # stops the loading thread now, not when the garbage collector finds it
 
-    def _picked(self, *, read: bool, done: list[_Shard] | None = None
-                ) -> Iterator[tuple[tuple[int, int], list[tuple[int, _Shard, int]]]]:
+    def _picked(self, *, read: bool, done: list[LoadedShard] | None = None
+                ) -> Iterator[tuple[tuple[int, int], list[tuple[int, LoadedShard, int]]]]:
         """``((epoch, step), samples)`` of each batch of this rank from ``start`` on, forever."""
         slices = rank_slices(self.spec, self.world_size, self.rank)
         streams = {p: self._partition(p, read=read, done=done) for p, _, _ in slices}
@@ -334,26 +253,14 @@ class ReplaySource:
 
     # ---- loading ------------------------------------------------------------------------
 
-    def _keys(self, table: pa.Table, path: str) -> list[str]:
-        """The token file's keys in order; each must have exactly ``views`` rows."""
-        if table.num_rows == 0:  # every image of the shard was rejected
-            return []
-        keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, self.views)))
-        repeated = pc.take(keys, pa.array(np.repeat(np.arange(len(keys)), self.views)))
-        if table.num_rows % self.views or not pc.all(pc.equal(table.column("key"), repeated)).as_py() \
-                or pc.count_distinct(keys).as_py() != len(keys):
-            raise BeitDataError(f"{path} does not hold {self.views} rows for each key, each key once; tokenize it "
-                                "again")
-        return keys.to_pylist()
-
-    def _load(self, index: int, epoch: int, *, read: bool) -> _Shard:
+    def _load(self, index: int, epoch: int, *, read: bool) -> LoadedShard:
         """A shard's keys and picked views for ``epoch``; with ``read``, also their rows and
         image offsets, and the shard opened for reading."""
         path = self.token_files[index]
         table = read_table(path, columns=None if read else ["key"])
-        keys = self._keys(table, path)
+        keys = table_keys(table, self.views, path)
         picks = np.array([stable_rng(self.cfg.seed, epoch, k).integers(self.views) for k in keys], np.int64)
-        shard = _Shard(keys, picks)
+        shard = LoadedShard(keys, picks)
         if not read:
             return shard
         first = np.arange(len(keys)) * self.views
@@ -364,37 +271,33 @@ class ReplaySource:
         shard.rows["tokens"] = (table.column("tokens").take(pa.array(first + picks)).combine_chunks().flatten()
                                 .to_numpy().reshape(len(keys), self.grid ** 2))
         location = self.shards[index]
-        if storage.is_pipe(location):
-            shard.reader = _Sequential(location, keys, path)
+        if not location.seekable:
+            shard.reader = SequentialReader(location, keys, path)
             return shard
         shard.images, shard.rejected = self._offsets(index, keys)
-        if storage.is_url(location):
-            shard.url, shard.etag = location, self.etags[index]
-        else:
-            shard.file = open(location, "rb", buffering=0)  # closed when its window is done
+        shard.file = RangeFile.open(location, self.etags[index])  # closed when its window is done
         return shard
 
     def _offsets(self, index: int, keys: list[str]) -> tuple[list, int]:
         """Each key's image (offset, size) in the shard, and how many shard keys have no tokens."""
-        location, size = self.shards[index], None
-        if storage.is_url(location):  # once per window: an object replaced during the run is refused
-            info, was = storage.stat(location), self.etags[index]
-            if was is not None and info["etag"] != was:
-                raise BeitDataError(f"{location} changed during the run (ETag {info['etag']}, {was} when it "
-                                    "started); a shard must stay as it was tokenized")
-            size = info["size"]
+        location = self.shards[index]
+        info, was = storage.stat(location), self.etags[index]  # an object replaced during the run is refused
+        if was is not None and info["etag"] != was:
+            raise BeitDataError(f"{location} changed during the run (ETag {info['etag']}, {was} when it started); "
+                                "a shard must stay as it was tokenized")
         entries = read_index(location)
-        check_fingerprint(location, self.fingerprints[index], self.token_files[index], index=entries, size=size)
+        check_fingerprint(location, self.fingerprints[index], self.token_files[index], index=entries,
+                          size=info["size"])
         members = {s.key: s.members[s.image_ext] for s in entries if s.image_ext}
         repeated = set(duplicate_keys(entries)).intersection(keys)
         if repeated:
             raise BeitDataError(f"{self.shards[index]} holds {len(repeated)} keys that name several samples (first: "
-                                f"{min(repeated)}), which {storage.basename(self.token_files[index])} lists; a key "
+                                f"{min(repeated)}), which {self.token_files[index].name} lists; a key "
                                 "must name one image: tokenize it again")
         lost = [k for k in keys if k not in members]
         if lost:
             raise BeitDataError(f"{self.shards[index]} no longer holds {len(lost)} of the keys that "
-                                f"{storage.basename(self.token_files[index])} lists (first: {lost[0]}); "
+                                f"{self.token_files[index].name} lists (first: {lost[0]}); "
                                 "was it rewritten?")
         rejected = 0
         if index not in self._counted:  # once per process, not once per epoch
@@ -402,30 +305,14 @@ class ReplaySource:
             rejected = len(set(members) - set(keys))
         return [members[k][:2] for k in keys], rejected
 
-    def _read(self, picked: list[tuple[int, _Shard, int]]) -> list[np.ndarray]:
-        """The images of a batch: local files by ``pread``, objects by concurrent range requests
-        (one per image, all of the batch's at once), ``pipe:`` shards from their streams."""
-        out: list[bytes | None] = [None] * len(picked)
-        remote = []
-        for j, (_, shard, i) in enumerate(picked):
-            if shard.reader is not None:
-                out[j] = shard.reader.read(i)
-            elif shard.url is not None:
-                remote.append(j)
-            else:
-                offset, size = shard.images[i]
-                out[j] = os.pread(shard.file.fileno(), size, offset)
-        if remote:
-            requests = [(picked[j][1].url, *picked[j][1].images[picked[j][2]]) for j in remote]
-            etags = [picked[j][1].etag for j in remote]
-            for j, data in zip(remote, storage.read_many(requests, etags)):
-                out[j] = data
-        self.bytes_read += sum(len(d) for d in out)
-        return [np.frombuffer(d, np.uint8) for d in out]
+    def _read(self, picked: list[tuple[int, LoadedShard, int]]) -> list[np.ndarray]:
+        images = read_images_of(picked)
+        self.bytes_read += sum(len(d) for d in images)
+        return [np.frombuffer(d, np.uint8) for d in images]
 
     # ---- batches ------------------------------------------------------------------------
 
-    def _item(self, masker: BlockMaskGenerator, image: np.ndarray, epoch: int, shard: _Shard, i: int
+    def _item(self, masker: BlockMaskGenerator, image: np.ndarray, epoch: int, shard: LoadedShard, i: int
               ) -> list[np.ndarray]:
         """One row of ``OUTPUTS``: one generator from (seed, epoch, key) picks the view (again),
         draws fresh jitter where the tokens have none, and draws the mask."""
@@ -448,17 +335,17 @@ class ReplaySource:
         if multiprocessing.parent_process() is not None:
             outlive_job_signals()
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
-        done: list[_Shard] = []
+        done: list[LoadedShard] = []
         try:
             with closing(self._picked(read=True, done=done)) as batches:
                 for _, picked in batches:
                     rows = [self._item(masker, image, *p) for image, p in zip(self._read(picked), picked)]
-                    _close(done)  # the windows this batch finished: their last images are read
+                    close_all(done)  # the windows this batch finished: their last images are read
                     # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
                     yield tuple(list(column) if name in _RAGGED else np.stack(column)
                                 for name, column in zip(OUTPUTS, zip(*rows)))
         finally:
-            _close(done)
+            close_all(done)
 
     def for_rank(self, rank: int) -> ReplaySource:
         """The same source as another rank sees it."""

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from beit_common import BeitDataError, storage
-from beit_data.shards import check_fingerprint, expand_shards, read_index
+from beit_common import BeitDataError, Location
+from beit_data.shard_index import check_fingerprint, read_index
+from beit_data.shards import expand_shards
 from beit_data.tokens import check_recipe, parquet_file, read_meta, schema, token_files, token_paths
 
 __all__ = ["summarise"]
@@ -53,18 +54,18 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
             continue
         grid = meta.get("tokenizer", {}).get("grid")
         if grid is None or not file.schema_arrow.equals(schema(grid), check_metadata=False):
-            errors.append(f"{storage.basename(path)}: schema does not match the token format: {file.schema_arrow}")
+            errors.append(f"{Location(path).name}: schema does not match the token format: {file.schema_arrow}")
             continue
         if reference is None:
             reference, ref_file = meta, path
         try:
-            check_recipe(meta, reference, f"{storage.basename(path)} and {storage.basename(ref_file)}")
+            check_recipe(meta, reference, f"{Location(path).name} and {Location(ref_file).name}")
         except BeitDataError as exc:
             errors.append(str(exc))
             continue
         if counts is None:
             counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)
-        name, file_rows = storage.basename(path), 0
+        name, file_rows = Location(path).name, 0
         try:
             for batch in file.iter_batches(batch_size=batch_rows, columns=["key", "tokens"]):
                 keys.setdefault(name, set()).update(batch.column("key").to_pylist())
@@ -78,9 +79,9 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
         if file_rows != len(keys.get(name, ())) * meta["views"]["views"]:
             errors.append(f"{name}: {file_rows} rows for {len(keys.get(name, ()))} keys, not "
                           f"{meta['views']['views']} rows for each key once; tokenize it again")
-        rejects += [{**r, "file": storage.basename(path)} for r in meta.get("rejects", [])]
+        rejects += [{**r, "file": Location(path).name} for r in meta.get("rejects", [])]
         readable.append(path)
-        fingerprints[storage.basename(path)] = meta.get("shard")
+        fingerprints[Location(path).name] = meta.get("shard")
     if reference is None:
         raise BeitDataError(f"no readable token files in {folder}: " + "; ".join(errors))
     # Images are counted by (token file, key): separate `shards` runs reuse keys.
@@ -95,7 +96,7 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
     }
     if shards is not None:
         summary["coverage"] = _coverage(folder, shards, keys, rejects, fingerprints, errors,
-                                        {storage.basename(p) for p in files})
+                                        {Location(p).name for p in files})
     return summary
 
 
@@ -114,18 +115,18 @@ def _coverage(folder: Path | str, spec: str, keys: dict[str, set[str]], rejects:
     parquet_keys = {(name, k) for name, found in keys.items() for k in found}
     listed = expand_shards(spec)
     for shard, path in zip(listed, token_paths(folder, listed)):
-        name = storage.basename(path)
+        name = Location(path).name
         try:
             index = read_index(shard)
             if name in fingerprints:
                 check_fingerprint(shard, fingerprints[name], path, index=index)
         except BeitDataError as exc:
             errors.append(str(exc))
-            unusable.append(storage.basename(shard))
+            unusable.append(Location(shard).name)
             parquet_keys -= {(name, k) for k in keys.get(name, set())}
             continue
         if name not in present:
-            no_file.append(storage.basename(shard))
+            no_file.append(Location(shard).name)
         tar_keys |= {(name, s.key) for s in index if s.image_ext is not None}
     rejected = {(r["file"], r["key"]) for r in rejects}
     missing = sorted(tar_keys - parquet_keys - rejected)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from beit_common import BeitDataError, __version__, storage, write_atomic
+from beit_common import BeitDataError, Location, __version__, storage, write_atomic
 from beit_data.views import JITTER_ORDER, View
 
 __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
@@ -51,12 +51,12 @@ def schema(grid: int) -> pa.Schema:
     ])
 
 
-def token_path(out_dir: str | os.PathLike, shard: str | os.PathLike) -> Path | str:
+def token_path(out_dir: str | os.PathLike, shard: str | os.PathLike) -> Location:
     """``train-000001.tar`` -> ``OUT/train-000001.parquet`` (``OUT`` may be an ``s3://`` or ``gs://`` prefix)."""
-    return storage.join(out_dir, storage.stem(shard) + ".parquet")
+    return Location(out_dir) / (Location(shard).stem + ".parquet")
 
 
-def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> list[Path | str]:
+def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> list[Location]:
     """The token file of each shard; two shards that would share one are refused, naming both.
 
     Raises:
@@ -65,7 +65,7 @@ def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike])
     paths, seen = [], {}
     for shard in shards:
         path = token_path(out_dir, shard)
-        name = storage.basename(path)
+        name = path.name
         if name in seen:
             raise BeitDataError(f"shards {seen[name]} and {shard} have one name, so both would have the token file "
                                 f"{name}; give each shard a name of its own")
@@ -74,16 +74,10 @@ def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike])
     return paths
 
 
-def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list[Path | str]:
+def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list[Location]:
     """The token files of a folder or object-storage prefix, sorted by name (with ``allow_empty``,
     none is not an error)."""
-    if storage.is_url(folder):
-        files = storage.list_files(str(folder).rstrip("/") + "/", ".parquet")
-    else:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise BeitDataError(f"token folder not found: {folder}")
-        files = sorted(folder.glob("*.parquet"))
+    files = storage.list_files(folder, ".parquet", what="token folder")
     if not files and not allow_empty:
         raise BeitDataError(f"no .parquet files in {folder}")
     return files

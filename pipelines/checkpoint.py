@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from beit_common import BeitDataError, describe_file, save_atomic, storage
+from beit_common import BeitDataError, Location, describe_file, save_atomic, storage
 from beit_data.tokens import with_defaults
 
 __all__ = ["CHECKPOINT", "checkpoint_path", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
@@ -30,8 +30,8 @@ KEYS = ("model", "optimizer", "scheduler", "step", "stream", "rng", "config", "m
         "model_args", "world_size", "data")
 
 
-def checkpoint_path(run: str | os.PathLike) -> Path | str:
-    return storage.join(run, CHECKPOINT)
+def checkpoint_path(run: str | os.PathLike) -> Location:
+    return Location(run) / CHECKPOINT
 
 
 def save_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler, step: int,
@@ -52,24 +52,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     Raises:
         BeitDataError: If it is missing, unreadable or not a beit-data pretrain checkpoint.
     """
-    if storage.is_url(path):  # downloaded whole to a local temporary file, read, and removed
-        if not storage.exists(path):
-            raise BeitDataError(f"no checkpoint at {path}")
-        tmp = storage.temp_file(path)
-        try:
-            storage.download(str(path), tmp)
-            return load_checkpoint(tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
-    path = Path(path)
-    if not path.is_file():
+    if not storage.exists(path):
         raise BeitDataError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a damaged file
-        what = describe_file(path)
-        detail = what if "zip" not in what else f"a damaged one ({str(exc).strip().splitlines()[0][:160]})"
-        raise BeitDataError(f"{path} is not a readable checkpoint: it is {detail}") from None
+    with storage.local_copy(path) as local:  # an object is downloaded whole, read, and removed
+        try:
+            ckpt = torch.load(local, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds for a damaged file
+            what = describe_file(local)
+            detail = what if "zip" not in what else f"a damaged one ({str(exc).strip().splitlines()[0][:160]})"
+            raise BeitDataError(f"{path} is not a readable checkpoint: it is {detail}") from None
     missing = [k for k in KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(KEYS)
     if missing:
         raise BeitDataError(f"{path} is not a beit-data pretrain checkpoint (missing {', '.join(missing)})")

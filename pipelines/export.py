@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from beit_common import output_file, save_atomic, storage, write_atomic, write_text_atomic
+from beit_common import Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
 from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 
 __all__ = ["run_export", "timm_args"]
@@ -32,7 +32,7 @@ def run_export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> 
 
     ckpt = load_checkpoint(checkpoint_path(run))
     out = output_file(out, "the encoder", overwrite=overwrite)
-    info_path = output_file(storage.sibling(out, ".json"), "the encoder's JSON", overwrite=overwrite)
+    info_path = output_file(Location(out).sibling(".json"), "the encoder's JSON", overwrite=overwrite)
     model = model_from_checkpoint(ckpt)
     state = encoder_state_dict(model)
     if str(out).endswith(".safetensors"):  # timm's create_model(checkpoint_path=...) reads either

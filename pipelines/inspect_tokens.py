@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from beit_common import BeitDataError, output_file, write_atomic
-from beit_data.shards import expand_shards, read_images
+from beit_data.shard_index import read_images
+from beit_data.shards import expand_shards
 from beit_data.summary import summarise
 from beit_data.tokens import read_meta, read_table, row_view, token_files
 from pipelines.config import InspectConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from beit_common import BeitDataError, write_text_atomic
+from beit_common import BeitDataError, storage, write_text_atomic
 
 __all__ = ["Logger", "BatchRecorder", "LossReader"]
 
@@ -111,7 +111,7 @@ class LossReader:
         for (at, _), value in zip(self.pending, values):
             if not math.isfinite(value):
                 raise BeitDataError(f"loss is {value} at step {at}; stopped. The last good checkpoint is "
-                                    f"{self.ckpt}" + ("" if self.ckpt.exists() else " (none was written yet)"))
+                                    f"{self.ckpt}" + ("" if storage.exists(self.ckpt) else " (none was written yet)"))
         self.pending.clear()
         self.first = values[0] if self.first is None else self.first
         self.last = values[-1]

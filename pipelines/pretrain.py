@@ -14,26 +14,14 @@ SIGINT and SIGHUP end the loop after the current step, with a checkpoint.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from beit_common import (
-    LOCK_NAME,
-    BeitDataError,
-    ensure_writable_dir,
-    folder_lock,
-    remove_stale_temps,
-    storage,
-    write_text_atomic,
-)
-from beit_common.storage import Mirror
+from beit_common import BeitDataError, Location, redacted, write_text_atomic
 from beit_data.order import left_out_note
 from beit_data.progress import progress_bar
 from beit_data.stream import StreamConfig, TrainStream
@@ -41,6 +29,7 @@ from pipelines.checkpoint import CHECKPOINT, check_resume, checkpoint_path, load
 from pipelines.config import PretrainConfig
 from pipelines.logs import BatchRecorder, Logger, LossReader
 from pipelines.preemption import Preemption
+from pipelines.run_folder import Mirror, run_folder
 from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
 from pipelines.training import build_model, build_optimizer, train_step
 from pipelines.validation import QualityChecks
@@ -89,46 +78,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                 torch.distributed.destroy_process_group()
 
 
-@contextmanager
-def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirror | None]]:
-    """The run folder, locked by rank 0 for the run; a new folder is removed again if the run
-    fails before it holds anything.
-
-    For an object-storage ``out``, each rank works in a local folder that mirrors the prefix
-    (see ``storage.Mirror``): a resumed run downloads the checkpoint first (rank 0: the logs
-    too), and rank 0 uploads what changed at every checkpoint, the checkpoint last.
-    """
-    remote = storage.is_url(cfg.out)
-    ckpt = checkpoint_path(cfg.out)
-    has_checkpoint = storage.exists(ckpt)
-    if has_checkpoint and not cfg.resume:
-        raise BeitDataError(f"{cfg.out} already holds a run; pass `resume` to continue it or choose another `out`")
-    if cfg.resume and not has_checkpoint:
-        raise BeitDataError(f"`resume`: no checkpoint at {ckpt}")
-    mirror = None
-    if remote:
-        ensure_writable_dir(cfg.out)
-        mirror = Mirror(str(cfg.out), storage.cache_dir("runs", storage.cache_key(cfg.out), f"rank{dist.rank}"),
-                        skip=(LOCK_NAME,))
-    out = mirror.local if mirror is not None else Path(cfg.out)
-    created = not out.exists()
-    ensure_writable_dir(out)
-    try:
-        # The lock first: a second run into the same out must not touch this one's mirror.
-        with folder_lock(cfg.out, "beit-data pretrain") if dist.rank == 0 else nullcontext():
-            if dist.rank == 0:
-                remove_stale_temps(out)  # a checkpoint half-written when the last run was killed
-            if mirror is not None and not cfg.resume:
-                mirror.reset()
-            elif mirror is not None:
-                mirror.pull(None if dist.rank == 0 else [CHECKPOINT])  # the other ranks need the checkpoint alone
-            yield out, mirror
-    except BaseException:
-        if created and dist.rank == 0 and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
 def _schedule(cfg: PretrainConfig, stream: TrainStream, dist: DistInfo) -> tuple[int, int]:
     """Total and warmup steps."""
     stream.source.check_epoch(0)
@@ -151,7 +100,7 @@ def _check_model(model, stream: TrainStream) -> None:
 def run_data(stream: TrainStream) -> dict:
     """What a run trains on, as its checkpoint records it: shard names (not paths, which may
     move), their tokenized images, and the tokenizer and view recipe."""
-    return {"shards": [storage.basename(s) for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
+    return {"shards": [Location(s).name for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
             "tokenizer": stream.meta["tokenizer"], "views": stream.meta["views"]}
 
 
@@ -168,7 +117,7 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, 
                          rank=dist.rank, world_size=dist.world_size, device=device)
     cfg = cfg.for_tokens(stream.meta["views"])
     if checkpoint is not None:
-        changed = check_resume(checkpoint, storage.redacted(asdict(cfg)), PretrainConfig.RESUMABLE, dist.world_size,
+        changed = check_resume(checkpoint, redacted(asdict(cfg)), PretrainConfig.RESUMABLE, dist.world_size,
                                run_data(stream))
         if changed and dist.rank == 0:
             print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
@@ -189,7 +138,7 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, 
     else:
         torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop path differs per rank
     if run.is_main:
-        config = {**storage.redacted(asdict(cfg)), "total_steps": total, "warmup_steps": warmup,
+        config = {**redacted(asdict(cfg)), "total_steps": total, "warmup_steps": warmup,
                   "steps_per_epoch": stream.steps_per_epoch(0)}
         write_text_atomic(out / "config.json", json.dumps(config, indent=1))
     return run
@@ -220,7 +169,7 @@ def save(run: Run) -> None:
         save_checkpoint(checkpoint_path(run.out), model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                         step=run.step, stream=run.stream.position, rng_cpu=rng_cpu,
                         rng_cuda=[r["cuda"] for r in ranks] if run.device.type == "cuda" else [],
-                        config=storage.redacted(asdict(run.cfg)), model_name=run.cfg.model,
+                        config=redacted(asdict(run.cfg)), model_name=run.cfg.model,
                         world_size=run.dist.world_size,
                         data=run.data)
         push(run)

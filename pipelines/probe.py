@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, storage
+from beit_common import BeitDataError, Location, storage
 from beit_data.progress import progress_bar
 from beit_data.shards import expand_shards, iter_images
 from pipelines.config import ProbeConfig
@@ -211,23 +211,28 @@ def linear_probe(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Ten
 
 
 def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str]:
-    """A pretrain run folder's model, or an exported encoder (``.pth`` / ``.safetensors`` with its ``.json``)."""
-    if storage.is_url(source) or Path(source).is_dir():
-        from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+    """A pretrain run folder's model, or an exported encoder (``.pth`` / ``.safetensors`` with its
+    ``.json``), local or on object storage."""
+    from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 
+    source = Location(source)
+    if source.kind == "pipe":
+        raise BeitDataError(f"{source}: give a run folder or an exported encoder, not a pipe: command")
+    if storage.exists(checkpoint_path(source)):
         return model_from_checkpoint(load_checkpoint(checkpoint_path(source))), "run"
-    source = Path(source)
-    info_path = source.with_suffix(".json")
-    if not source.is_file() or not info_path.is_file():
+    info_path = source.sibling(".json")
+    if not storage.exists(source) or not storage.exists(info_path):
         raise BeitDataError(f"{source} is neither a pretrain run folder nor an exported encoder with its "
                             f"{info_path.name} beside it")
     import timm
 
-    info = json.loads(info_path.read_text())
-    try:
-        model = timm.create_model(info["timm_model"], checkpoint_path=str(source), **info["timm_kwargs"])
-    except (KeyError, RuntimeError) as exc:
-        raise BeitDataError(f"{source}: not an encoder `beit-data export` wrote: {str(exc).splitlines()[0]}") from None
+    info = json.loads(storage.read_bytes(info_path))
+    with storage.local_copy(source) as local:
+        try:
+            model = timm.create_model(info["timm_model"], checkpoint_path=str(local), **info["timm_kwargs"])
+        except (KeyError, RuntimeError) as exc:
+            raise BeitDataError(f"{source}: not an encoder `beit-data export` wrote: "
+                                f"{str(exc).splitlines()[0]}") from None
     return model, "encoder"
 
 

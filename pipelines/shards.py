@@ -14,7 +14,8 @@ import webdataset as wds
 from beit_common import BeitDataError, ensure_writable_dir, output_location, storage, write_text_atomic
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
 from beit_data.progress import progress_bar
-from beit_data.shards import IMAGE_EXTS, Reject, expand_shards, index_path, write_index
+from beit_data.shard_index import index_path, write_index
+from beit_data.shards import IMAGE_EXTS, Reject, expand_shards
 from beit_data.views import stable_rng
 from pipelines.config import ShardsConfig
 
@@ -268,7 +269,7 @@ def run_index(spec: str, *, overwrite: bool = False, progress: bool = True) -> d
         ``{"shards": N, "written": [...], "skipped": M}``.
     """
     shards = expand_shards(spec)
-    if any(storage.is_pipe(s) for s in shards):
+    if not all(s.seekable for s in shards):
         raise BeitDataError("pipe: shards cannot be indexed (they are read from the start only); index the files "
                             "or objects the commands read")
     bar = progress_bar(total=len(shards), desc="index", unit="shard", disable=not progress)

@@ -17,26 +17,25 @@ import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from beit_common import BeitDataError, ensure_writable_dir, folder_lock, remove_stale_temps, storage, write_text_atomic
+from beit_common import (
+    BeitDataError,
+    Location,
+    ensure_writable_dir,
+    folder_lock,
+    redacted,
+    remove_stale_temps,
+    storage,
+    write_text_atomic,
+)
 from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
-from beit_data.shards import (
-    Reject,
-    Shard,
-    check_fingerprint,
-    duplicate_keys,
-    duplicate_reason,
-    expand_shards,
-    index_count,
-    iter_images,
-    shard_fingerprint,
-)
+from beit_data.shard_index import check_fingerprint, index_count, shard_fingerprint
+from beit_data.shards import Reject, duplicate_keys, duplicate_reason, expand_shards, iter_images
 from beit_data.tokens import (
     build_table,
     check_recipe,
@@ -86,7 +85,7 @@ def _min_size(cfg: TokenizeConfig, tokenizer: Tokenizer) -> int:
     return tokenizer.input_size if cfg.min_size is None else cfg.min_size
 
 
-def _plan(shards: list[Shard], out: Path | str, meta: dict, overwrite: bool) -> tuple[list[Shard], int]:
+def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool) -> tuple[list[Location], int]:
     """The shards still to tokenize. A finished file made from the same shard and recipe is
     skipped, also with ``overwrite`` (it would be written again byte for byte), so a run with
     ``overwrite`` that was killed keeps what it rewrote when it runs again.
@@ -100,14 +99,14 @@ def _plan(shards: list[Shard], out: Path | str, meta: dict, overwrite: bool) -> 
     done = _finished(out)
     for shard in shards:
         target = token_path(out, shard)
-        if storage.basename(target) not in done:
+        if Location(target).name not in done:
             todo.append(shard)
             continue
         try:
             have = read_meta(target)
             check_recipe(have, meta, f"{target} and this run", hint)
             # On object storage, the size (and the .idx where there is one): not a scan of the tar.
-            check_fingerprint(shard, have.get("shard"), target, full=not storage.is_remote(shard))
+            check_fingerprint(shard, have.get("shard"), target, full=storage.scan_is_cheap(shard))
         except BeitDataError as exc:
             if overwrite:
                 todo.append(shard)
@@ -119,16 +118,16 @@ def _plan(shards: list[Shard], out: Path | str, meta: dict, overwrite: bool) -> 
 
 def _finished(out) -> set[str]:
     """Names of the token files already in ``out``: one listing (a local folder or a prefix)."""
-    return {storage.basename(p) for p in token_files(out, allow_empty=True)}
+    return {Location(p).name for p in token_files(out, allow_empty=True)}
 
 
-def _expected_images(shards: list[Shard]) -> int | None:
+def _expected_images(shards: list[Location]) -> int | None:
     """Sample count from the shards' .idx headers, for the progress bar, where all exist."""
     counts = [index_count(shard) for shard in shards]
     return None if None in counts else sum(counts)
 
 
-def _prepared_batches(shard: Shard, cfg: TokenizeConfig, min_size: int, rejects: list[Reject], members=None):
+def _prepared_batches(shard: Location, cfg: TokenizeConfig, min_size: int, rejects: list[Reject], members=None):
     """Batches of (sample, info) with their views: the Python half of the loading."""
     recipe = cfg.view_recipe
     for batch in batched(iter_images(shard, rejects, min_size=min_size, index=members, max_pixels=cfg.max_pixels),
@@ -136,7 +135,7 @@ def _prepared_batches(shard: Shard, cfg: TokenizeConfig, min_size: int, rejects:
         yield batch, [sample_views(recipe, s.key, info.width, info.height) for s, info in batch]
 
 
-def _decoded_batches(prepared, shard: Shard, views: DaliViews, rejects: list[Reject]):
+def _decoded_batches(prepared, shard: Location, views: DaliViews, rejects: list[Reject]):
     """(rows, tensors (N*V, 3, S, S)) per batch, decoded and augmented by DALI."""
     for batch, batch_views in prepared:
         pixels, good, bad = views.decode_or_reject([s.image for s, _ in batch], batch_views)
@@ -157,17 +156,17 @@ def _encode(tokenizer: Tokenizer, pixels: torch.Tensor, device, pad_to: int | No
         return tokenizer.encode(pixels.float())[:n]
 
 
-def tokenize_shard(shard: Shard, cfg: TokenizeConfig, tokenizer: Tokenizer, views: DaliViews, device,
+def tokenize_shard(shard: Location, cfg: TokenizeConfig, tokenizer: Tokenizer, views: DaliViews, device,
                    bar) -> tuple[int, int, list[Reject]]:
     """Tokenize one shard and write its Parquet file. Returns (images, views, rejects)."""
     rejects: list[Reject] = []
     all_rows, all_tokens = [], []
     # Three threads overlap: Python reads and prepares batches, DALI decodes, the dVAE encodes.
-    # A local shard's fingerprint is taken before reading: a shard that changes meanwhile no
-    # longer matches. A remote one's comes from the members the one read finds (an object is
-    # read pinned to the ETag it had when opened), so that no object is read twice.
+    # The shard's fingerprint comes from the members its one read finds (an object is read
+    # pinned to the ETag it had when opened) and its size before that read: nothing is read
+    # twice, and a shard that changes meanwhile no longer matches.
     members: list = []
-    fingerprint = None if storage.is_remote(shard) else shard_fingerprint(shard)
+    size = storage.size(shard)
     prepared = prefetch(_prepared_batches(shard, cfg, _min_size(cfg, tokenizer), rejects, members))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
         ids = _encode(tokenizer, pixels.to(device, non_blocking=True), device,
@@ -178,17 +177,16 @@ def tokenize_shard(shard: Shard, cfg: TokenizeConfig, tokenizer: Tokenizer, view
     grid = tokenizer.grid
     tokens = np.concatenate(all_tokens) if all_tokens else np.zeros((0, grid, grid), np.int16)
     all_rows, tokens, rejects = _without_duplicates(shard, members, all_rows, tokens, rejects)
-    if fingerprint is None:
-        fingerprint = shard_fingerprint(shard, members)
+    fingerprint = shard_fingerprint(shard, members, size=size)
     if cfg.strict and rejects:  # nothing a rerun would take as finished
         return len(all_rows) // cfg.views, len(all_rows), rejects
-    meta = {**run_meta(tokenizer, cfg), "source": storage.basename(shard), "shard": fingerprint,
+    meta = {**run_meta(tokenizer, cfg), "source": Location(shard).name, "shard": fingerprint,
             "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
     write_tokens(token_path(cfg.out, shard), build_table(all_rows, tokens, grid), meta)
     return len(all_rows) // cfg.views, len(all_rows), rejects
 
 
-def _without_duplicates(shard: Shard, members: list, rows: list[dict], tokens: np.ndarray, rejects: list[Reject]):
+def _without_duplicates(shard: Location, members: list, rows: list[dict], tokens: np.ndarray, rejects: list[Reject]):
     """Rows, tokens and rejects with every sample of a key that names several samples rejected:
     which of them a key means cannot be known, so none is kept."""
     repeated = duplicate_keys(members)
@@ -201,16 +199,14 @@ def _without_duplicates(shard: Shard, members: list, rows: list[dict], tokens: n
     return [row for row, k in zip(rows, keep) if k], tokens[keep], rejects
 
 
-def _check_out_beside_shards(shards: list[Shard], out) -> None:
+def _check_out_beside_shards(shards: list[Location], out) -> None:
     """Refuse token files written beside their shards: img2dataset keeps ``00000.parquet`` (its
     metadata) beside ``00000.tar``, the very name the token file would get."""
-    folder = str(out).rstrip("/")
-    for shard in shards:
-        if not storage.is_pipe(shard):
-            parent = str(shard).rsplit("/", 1)[0] if storage.is_url(shard) else str(Path(shard).resolve().parent)
-            if parent == (folder if storage.is_url(folder) else str(Path(folder).resolve())):
-                raise BeitDataError(f"`out` {out} is the folder of the shards: give the token files a folder of "
-                                    f"their own (img2dataset keeps {storage.stem(shard)}.parquet beside {shard})")
+    folder = Location(str(out).rstrip("/")).identity()
+    for shard in map(Location, shards):
+        if shard.seekable and shard.parent.identity() == folder:
+            raise BeitDataError(f"`out` {out} is the folder of the shards: give the token files a folder of "
+                                f"their own (img2dataset keeps {shard.stem}.parquet beside {shard})")
 
 
 def run_tokenize(cfg: TokenizeConfig) -> dict:
@@ -226,12 +222,12 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     dist = init_distributed(device)
     # Rank 0 holds the folder for the whole run; a second run into it is refused at once.
     with folder_lock(out, "beit-data tokenize") if dist.rank == 0 else nullcontext():
-        if dist.rank == 0 and not storage.is_url(out):
+        if dist.rank == 0:
             remove_stale_temps(out)  # token files half-written when the last run was killed
         return _tokenize(cfg, shards, tokenizer, out, device, dist, start)
 
 
-def _tokenize(cfg: TokenizeConfig, shards: list[Shard], tokenizer: Tokenizer, out: Path | str, device, dist,
+def _tokenize(cfg: TokenizeConfig, shards: list[Location], tokenizer: Tokenizer, out: Location, device, dist,
               start: float) -> dict:
     mine = shards[dist.rank :: dist.world_size]
     todo, skipped = _plan(mine, out, run_meta(tokenizer, cfg), cfg.overwrite)
@@ -255,7 +251,7 @@ def _tokenize(cfg: TokenizeConfig, shards: list[Shard], tokenizer: Tokenizer, ou
     return _gather_and_write(summary, out, dist)
 
 
-def _gather_and_write(summary: TokenizeSummary, out: Path | str, dist) -> dict:
+def _gather_and_write(summary: TokenizeSummary, out: Location, dist) -> dict:
     parts = [summary]
     if dist.world_size > 1:
         parts = [None] * dist.world_size
@@ -269,9 +265,9 @@ def _gather_and_write(summary: TokenizeSummary, out: Path | str, dist) -> dict:
         total.rejects += p.rejects
     result = {**total.as_dict(), "reject_list": total.rejects}
     # A rerun that finds every shard done keeps the summary of the run that did the work.
-    summary_file = storage.join(out, "summary.json")
+    summary_file = Location(out) / "summary.json"
     if dist.rank == 0 and (total.skipped < total.shards or not storage.exists(summary_file)):
-        write_text_atomic(summary_file, json.dumps(storage.redacted(result), indent=1))
+        write_text_atomic(summary_file, json.dumps(redacted(result), indent=1))
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -34,8 +34,8 @@ from beit_common import (
     BeitDataError,
     ensure_writable_dir,
     output_location,
+    redacted,
     remove_stale_temps,
-    storage,
     write_text_atomic,
 )
 from beit_data.dali_views import DaliViews, ViewSpec
@@ -152,7 +152,7 @@ def _restore(out: Path, cfg: TrainDVAEConfig, encoder, decoder, optimizer, devic
     trained = state.get("train", {}).get("config") if isinstance(state, dict) else None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or trained != cfg.config:
         raise BeitDataError(f"{out} is not a {cfg.config} dVAE training checkpoint")
-    changed = changed_settings(state["train"], storage.redacted(asdict(cfg)), TrainDVAEConfig.RESUMABLE, added={})
+    changed = changed_settings(state["train"], redacted(asdict(cfg)), TrainDVAEConfig.RESUMABLE, added={})
     if changed:
         print("train-dvae: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
               file=sys.stderr)
@@ -202,7 +202,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
 
     def save(**extra):
         save_checkpoint(out, arch, encoder, decoder, step=step, optimizer=optimizer.state_dict(),
-                        rng=torch.get_rng_state(), train={"config": cfg.config, **storage.redacted(asdict(cfg))},
+                        rng=torch.get_rng_state(), train={"config": cfg.config, **redacted(asdict(cfg))},
                         **extra)
 
     start = time.perf_counter()

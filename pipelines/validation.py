@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, storage
+from beit_common import BeitDataError, Location, storage
 from beit_data.heldout import HeldOut
-from beit_data.shards import read_images
+from beit_data.shard_index import read_images
 from beit_data.tokens import read_table, token_path
 from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.runtime import autocast
@@ -58,11 +57,6 @@ def evaluate(model: torch.nn.Module, heldout: HeldOut, *, max_masked: int, devic
             "val_perplexity": math.exp(mean), "val_images": heldout.total}
 
 
-def _identity(shard) -> str:
-    """One name for one shard however it is spelled: a local file's resolved path, a URL as it is."""
-    return str(shard) if storage.is_remote(shard) else str(Path(shard).resolve())
-
-
 def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> None:
     """Refuse validation images that training reads.
 
@@ -74,9 +68,9 @@ def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> N
     Raises:
         BeitDataError: Naming the first shard or key that training also reads.
     """
-    train = {_identity(p): p for p in train_shards}
+    train = {Location(p).identity(): p for p in train_shards}
     for shard in heldout.shards:
-        if _identity(shard) in train:
+        if Location(shard).identity() in train:
             raise BeitDataError(f"validation shard {shard} is also a training shard: the figures would not be "
                                 "held out; give `val_shards` that training does not read")
     wanted = {k for _, k in heldout.chosen}
@@ -93,7 +87,7 @@ def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> N
         theirs = read_images([(s, k) for s, k in heldout.chosen if k in shared])
         for (s, key), data in theirs.items():
             if mine.get((shard, key)) == data:
-                raise BeitDataError(f"validation sample {storage.basename(s)}:{key} is also a training sample "
+                raise BeitDataError(f"validation sample {Location(s).name}:{key} is also a training sample "
                                     f"(in {shard}): hold the validation images out of the training shards")
 
 

@@ -172,7 +172,7 @@ def write_shards(folder: Path, sizes: list[int], *, indexed=True, image_size: in
             whose index is in the collection.
         corrupt: Shards whose images are all undecodable (tokenize rejects them: empty token files).
     """
-    from beit_data.shards import write_index
+    from beit_data.shard_index import write_index
 
     folder.mkdir(parents=True, exist_ok=True)
     for s, size in enumerate(sizes):

@@ -113,7 +113,8 @@ def test_cli_prints_text_and_json(class_folders):
 
 def test_resume_reads_no_byte_before_its_position(class_folders):
     from beit_data.replay import OUTPUTS, ReplaySource, StreamConfig
-    from beit_data.shards import expand_shards, read_index
+    from beit_data.shard_index import read_index
+    from beit_data.shards import expand_shards
 
     folder = class_folders["shuffled"]
     source = ReplaySource.open(StreamConfig(shards=str(folder / "shards"), tokens=str(folder / "tokens"),

@@ -15,8 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from beit_common import BeitDataError, storage, write_text_atomic
-from beit_data.shards import expand_shards, read_index, scan_index
+from beit_common import BeitDataError, Location, storage, write_text_atomic
+from beit_data.shard_index import read_index, scan_index
+from beit_data.shards import expand_shards
 from beit_data.tokens import read_meta
 from tests.conftest import run_cli
 from tests.object_store import S3Server, serve_folder
@@ -76,7 +77,7 @@ def tables(folder) -> dict[str, tuple]:
     """Each token file's rows and metadata, by name."""
     from beit_data.tokens import read_table, token_files
 
-    return {storage.basename(p): (read_table(p).replace_schema_metadata(None), read_meta(p))
+    return {Location(p).name: (read_table(p).replace_schema_metadata(None), read_meta(p))
             for p in token_files(folder)}
 
 
@@ -172,7 +173,7 @@ def test_http_and_pipe_shards_tokenize_to_the_local_rows(sample_shards, sample_t
     server = serve_folder(sample_shards)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/sample-{{000000..000001}}.tar"
-        assert [storage.basename(s) for s in expand_shards(url)] == ["sample-000000.tar", "sample-000001.tar"]
+        assert [Location(s).name for s in expand_shards(url)] == ["sample-000000.tar", "sample-000001.tar"]
         tokenize(url, str(tmp_path / "http"), tiny_tokenizer)
         assert read_index(expand_shards(url)[1]) == read_index(sample_shards / "sample-000001.tar")
     finally:
@@ -351,7 +352,7 @@ def test_every_out_writes_where_it_names_or_refuses(s3, sample_shards, sample_to
 
 @pytest.mark.parametrize("name", ["../../../../escaped.txt", "a/../../escaped.txt", "/abs.txt"])
 def test_no_object_name_leaves_the_mirror_folder(s3, tmp_path, name):
-    from beit_common.storage import Mirror
+    from pipelines.run_folder import Mirror
 
     client = s3.client()
     client.put_object(Bucket=BUCKET, Key="runs/r5/checkpoint.pt", Body=b"ok")

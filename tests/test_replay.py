@@ -35,7 +35,7 @@ def test_the_loader_process_outlives_a_job_wide_sigterm_only_for_its_grace():
 
     from tests.conftest import REPO
 
-    code = ("import sys, time; from beit_data.replay import outlive_job_signals; outlive_job_signals(1.5); "
+    code = ("import sys, time; from beit_data.loader_signals import outlive_job_signals; outlive_job_signals(1.5); "
             "print('ready', flush=True); time.sleep(60)")
 
     def started() -> subprocess.Popen:

@@ -5,7 +5,8 @@ import pytest
 
 from beit_common import BeitDataError
 from beit_data.sample import sample_images
-from beit_data.shards import expand_shards, iter_samples, read_index, split_key
+from beit_data.shard_index import read_index
+from beit_data.shards import expand_shards, iter_samples, split_key
 from pipelines.shards import ShardsConfig, class_map_digest, collect_images, run_shards
 from tests.conftest import jpeg_bytes, run_cli, write_tar
 
@@ -53,7 +54,7 @@ def test_dali_cpu_reader_reads_shards_with_idx(sample_shards):
     @pipeline_def(batch_size=len(expected), num_threads=1, device_id=None)
     def reader():
         image = fn.readers.webdataset(
-            paths=[str(p) for p in shards], index_paths=[str(p.with_suffix(".idx")) for p in shards],
+            paths=[str(p) for p in shards], index_paths=[str(p.sibling(".idx")) for p in shards],
             ext=["jpg;jpeg;png;webp"], missing_component_behavior="error",
         )
         return image, fn.get_property(image, key="source_info")
@@ -226,7 +227,7 @@ def test_img2dataset_layout_reads_unchanged(tmp_path):
     (folder / "00000.parquet").write_bytes(b"PAR1")
     (folder / "00000_stats.json").write_text("{}")
     shards = expand_shards(str(folder))
-    assert shards == [folder / "00000.tar"]
+    assert shards == [str(folder / "00000.tar")]
     samples = list(iter_samples(shards[0]))
     assert [s.key for s in samples] == ["000000000", "000000001", "000000002"]
     assert all(set(s.members) == {"jpg", "txt", "json"} for s in samples)
@@ -292,7 +293,7 @@ def test_cli_sample_writes_shards(tmp_path):
 
 
 def test_one_index_from_idx_files_or_tar_headers(sample_shards, tmp_path):
-    from beit_data.shards import index_count, index_path, read_index, scan_index
+    from beit_data.shard_index import index_count, index_path, read_index, scan_index
 
     for shard in sorted(sample_shards.glob("*.tar")):
         from_idx = read_index(shard)
@@ -307,12 +308,12 @@ def test_one_index_from_idx_files_or_tar_headers(sample_shards, tmp_path):
     bare.mkdir()
     shard = bare / "x.tar"
     shard.write_bytes((sample_shards / "sample-000000.tar").read_bytes())
-    assert not index_path(shard).exists() and index_count(shard) is None
+    assert not Path(index_path(shard)).exists() and index_count(shard) is None
     assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")
 
 
 def test_every_reader_counts_the_same_members(tmp_path):
-    from beit_data.shards import read_index, write_index
+    from beit_data.shard_index import read_index, write_index
 
     image = jpeg_bytes(seed=1)
     shard = write_tar(tmp_path / "m.tar", [("__meta__.json", b"{}"), (".hidden.jpg", image), ("a.jpg", image),
@@ -326,7 +327,7 @@ def test_every_reader_counts_the_same_members(tmp_path):
 
 
 def test_a_damaged_index_is_a_clear_error(sample_shards, tmp_path):
-    from beit_data.shards import read_index
+    from beit_data.shard_index import read_index
 
     shard = tmp_path / "x.tar"
     shard.write_bytes((sample_shards / "sample-000000.tar").read_bytes())
@@ -338,7 +339,7 @@ def test_a_damaged_index_is_a_clear_error(sample_shards, tmp_path):
 def test_an_index_with_meta_members_follows_the_member_rule(tmp_path):
     import tarfile
 
-    from beit_data.shards import read_index, scan_index
+    from beit_data.shard_index import read_index, scan_index
 
     shard = write_tar(tmp_path / "m.tar", [("__meta__.json", b"{}"), ("a.jpg", jpeg_bytes(seed=1))])
     with tarfile.open(shard) as tar:

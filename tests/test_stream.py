@@ -51,7 +51,7 @@ def reordered_copy(shard, out, *, index: bool):
     import io
     import tarfile
 
-    from beit_data.shards import write_index
+    from beit_data.shard_index import write_index
 
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]

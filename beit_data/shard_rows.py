@@ -1,0 +1,100 @@
+"""A shard as a window of the training stream holds it: its keys, the token rows of the views
+picked for an epoch, each image's offset, and the file its images are read from.
+
+``ReplaySource`` loads one ``LoadedShard`` per shard of a window and closes it when the batch
+holding its last sample has been read. Seekable shards (local files, objects) are read by the
+images' offsets (``beit_common.ranges``); a ``pipe:`` shard is read once from its start, in
+its own order (``SequentialReader``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from beit_common import BeitDataError, Location
+from beit_common.ranges import RangeFile, read_batch
+from beit_data.shards import iter_samples
+
+__all__ = ["LoadedShard", "SequentialReader", "close_all", "table_keys", "read_images_of"]
+
+
+class SequentialReader:
+    """A shard read once from its start (a ``pipe:`` command): the images of its token file's
+    keys, in tar order; the shard's other samples (rejected when it was tokenized) are passed."""
+
+    def __init__(self, shard: Location, keys: list[str], token_file: Location):
+        self.shard, self.keys, self.token_file = shard, keys, token_file
+        self.samples = iter_samples(shard)
+
+    def read(self, i: int) -> bytes:
+        key = self.keys[i]
+        for sample in self.samples:
+            if sample.key == key:
+                return sample.image
+        raise BeitDataError(f"{self.shard} no longer holds key {key} that {Location(self.token_file).name} lists, in "
+                            "that order; was it rewritten?")
+
+    def close(self) -> None:
+        self.samples.close()
+
+
+@dataclass
+class LoadedShard:
+    """One shard of a loaded window: its keys in sample order, the view each key replays, and
+    (when the images are to be read) that view's row, the image offsets and the open file."""
+
+    keys: list[str]
+    views: np.ndarray  # (n,) picked view per key
+    rows: dict[str, np.ndarray] | None = None  # VIEW_COLUMNS and tokens (n, grid*grid) of the picked views
+    images: list | None = None  # (offset, size) of each key's image member
+    file: RangeFile | None = None  # a seekable shard, opened for range reads
+    reader: SequentialReader | None = None  # a pipe: shard, read from the start
+    rejected: int = 0  # keys of the shard without token rows
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.reader is not None:
+            self.reader.close()
+
+
+def close_all(shards: list[LoadedShard]) -> None:
+    """Close ``shards`` and empty the list."""
+    for shard in shards:
+        shard.close()
+    shards.clear()
+
+
+def table_keys(table: pa.Table, views: int, path: str) -> list[str]:
+    """A token file's keys in order; each must have exactly ``views`` rows, and appear once.
+
+    Raises:
+        BeitDataError: Naming the file, for any other layout.
+    """
+    if table.num_rows == 0:  # every image of the shard was rejected
+        return []
+    keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, views)))
+    repeated = pc.take(keys, pa.array(np.repeat(np.arange(len(keys)), views)))
+    if table.num_rows % views or not pc.all(pc.equal(table.column("key"), repeated)).as_py() \
+            or pc.count_distinct(keys).as_py() != len(keys):
+        raise BeitDataError(f"{path} does not hold {views} rows for each key, each key once; tokenize it again")
+    return keys.to_pylist()
+
+
+def read_images_of(picked: list[tuple[int, LoadedShard, int]]) -> list[bytes]:
+    """The images of a batch's ``(epoch, shard, i)``: seekable shards by their offsets, all of the
+    batch's at once (local files by ``pread``, objects by concurrent range requests), ``pipe:``
+    shards from their streams."""
+    out: list[bytes | None] = [None] * len(picked)
+    ranged = [j for j, (_, shard, _) in enumerate(picked) if shard.reader is None]
+    for j, (_, shard, i) in enumerate(picked):
+        if shard.reader is not None:
+            out[j] = shard.reader.read(i)
+    requests = [(picked[j][1].file, *picked[j][1].images[picked[j][2]]) for j in ranged]
+    for j, data in zip(ranged, read_batch(requests)):
+        out[j] = data
+    return out
