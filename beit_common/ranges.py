@@ -16,9 +16,11 @@ from typing import Sequence
 
 from beit_common.errors import BeitDataError
 from beit_common.location import Location
-from beit_common.storage import HTTP_ATTEMPTS, filesystem, remote_errors, transient
+from beit_common.storage import filesystem, remote_errors
 
 __all__ = ["RangeFile", "read_batch", "read_ranges"]
+
+READ_ATTEMPTS = 5  # an object's body cut off mid-read is read again, with backoff
 
 
 @dataclass
@@ -110,7 +112,8 @@ def _precondition_failed(exc: BaseException) -> bool:
 def _pinned_ranges(fs, paths: list[str], starts: list[int], ends: list[int], etags: list[str | None]) -> list:
     """The bytes, or the exception, of each range: concurrent requests, each pinned to its
     object's ETag on S3 and HTTP (gcsfs ranges are not pinned: a changed object is caught at
-    the stream's next look at it), retried with backoff unless they failed for good."""
+    the stream's next look at it). The clients retry transient failures: botocore and gcsfs
+    their own, HTTP's session (``storage._http_client``) every request."""
     import asyncio
 
     from fsspec.asyn import sync
@@ -125,23 +128,21 @@ def _pinned_ranges(fs, paths: list[str], starts: list[int], ends: list[int], eta
         if kind == "HTTPFileSystem":
             return await fs._cat_file(path, start=start, end=end, headers={"If-Match": f'"{etag}"'})
         bucket, key, _ = fs.split_path(path)
-        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
-                                 IfMatch=f'"{etag}"')
-        try:
-            return await resp["Body"].read()
-        finally:
-            resp["Body"].close()
-
-    async def one(*request) -> bytes:
-        for attempt in range(HTTP_ATTEMPTS):
+        for attempt in range(READ_ATTEMPTS):  # botocore retries the request; a body cut off is read again here
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                     IfMatch=f'"{etag}"')
             try:
-                return await fetch(*request)
+                return await resp["Body"].read()
             except Exception as exc:
-                if _precondition_failed(exc) or not transient(exc) or attempt == HTTP_ATTEMPTS - 1:
+                cut = isinstance(exc, (ConnectionError, asyncio.TimeoutError)) or "aiohttp" in type(exc).__module__ \
+                    or type(exc).__name__ in ("ResponseStreamingError", "IncompleteReadError")
+                if not cut or attempt == READ_ATTEMPTS - 1:
                     raise
-                await asyncio.sleep(0.2 * 2 ** attempt)
+            finally:
+                resp["Body"].close()
+            await asyncio.sleep(0.2 * 2 ** attempt)
 
     async def every() -> list:
-        return await asyncio.gather(*(one(*r) for r in zip(paths, starts, ends, etags)), return_exceptions=True)
+        return await asyncio.gather(*(fetch(*r) for r in zip(paths, starts, ends, etags)), return_exceptions=True)
 
     return sync(fs.loop, every)

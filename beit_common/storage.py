@@ -11,7 +11,7 @@ Credentials and endpoints come the usual way: for S3, the AWS environment variab
 ``AWS_MAX_ATTEMPTS``...) and ``~/.aws/config`` / ``~/.aws/credentials``; for GCS, Google's
 application default credentials. Every request to an object store is retried with backoff
 on a transient failure (a dropped connection, a 5xx, a 429): S3's and GCS's by their
-clients, HTTP's by ``retrying`` here.
+clients, HTTP's by the aiohttp session given to fsspec (``_http_client``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import glob as _glob
 import hashlib
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence
@@ -28,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 from beit_common.errors import BeitDataError
 from beit_common.location import Location, redact
 
-__all__ = ["filesystem", "remote_errors", "retrying", "stat", "size", "scan_is_cheap", "local_copy", "exists",
+__all__ = ["filesystem", "remote_errors", "stat", "size", "scan_is_cheap", "local_copy", "exists",
            "read_bytes", "read_text_if_there",
            "list_files", "expand", "upload", "download", "probe_writable", "open_stream", "open_random",
            "arrow_source", "map_concurrently", "cache_dir", "cache_key", "cache_file", "temp_file", "EXTRAS"]
@@ -54,11 +53,37 @@ def filesystem(location: str | os.PathLike):
     location = Location(location)
     if location.kind == "pipe":
         raise BeitDataError(f"{location}: a pipe: command is read from its start only")
+    options = {"get_client": _http_client} if location.scheme in ("http", "https") else {}
     try:
-        return fsspec.core.url_to_fs(str(location))
+        return fsspec.core.url_to_fs(str(location), **options)
     except ImportError:
         raise BeitDataError(f"{redact(location)}: reading {location.scheme}:// needs an extra: pip install "
                             f"'beit-data[{EXTRAS[location.scheme]}]'") from None
+
+
+async def _http_client(**kwargs):
+    """fsspec's aiohttp session, with every request retried: a dropped connection, a timeout, a
+    5xx or a 429 is tried again with backoff (0.2, 0.4, 0.8, 1.6 s), ``HTTP_ATTEMPTS`` times in
+    all, whatever asked for it (a range read, a HEAD, a read-ahead of a file)."""
+    import asyncio
+
+    import aiohttp
+
+    async def retry(request, handler):
+        for attempt in range(HTTP_ATTEMPTS):
+            last = attempt == HTTP_ATTEMPTS - 1
+            try:
+                response = await handler(request)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError):
+                if last:
+                    raise
+            else:
+                if last or not (response.status >= 500 or response.status == 429):
+                    return response
+                response.release()
+            await asyncio.sleep(0.2 * 2 ** attempt)
+
+    return aiohttp.ClientSession(middlewares=(retry,), **kwargs)
 
 
 def _message(exc: BaseException) -> str:
@@ -101,30 +126,6 @@ def remote_errors(location: str | os.PathLike, doing: str = "", *, local: bool =
         raise
 
 
-def transient(exc: BaseException) -> bool:
-    """A failure worth another try: a dropped connection, a timeout, a 5xx or a 429."""
-    if isinstance(exc, (FileNotFoundError, PermissionError)):
-        return False
-    status = getattr(exc, "status", None)
-    if status is not None:
-        return status >= 500 or status == 429
-    return isinstance(exc, (ConnectionError, TimeoutError)) or "aiohttp" in type(exc).__module__
-
-
-def retrying(location: str | os.PathLike, call: Callable, *args, **kwargs):
-    """``call(*args, **kwargs)``, tried again with backoff after a transient failure of an HTTP
-    request. S3's and GCS's clients retry their own requests; local calls are not retried."""
-    if Location(location).scheme not in ("http", "https"):
-        return call(*args, **kwargs)
-    for attempt in range(HTTP_ATTEMPTS):
-        try:
-            return call(*args, **kwargs)
-        except Exception as exc:
-            if not transient(exc) or attempt == HTTP_ATTEMPTS - 1:
-                raise
-            time.sleep(0.2 * 2 ** attempt)
-
-
 def stat(location: str | os.PathLike, *, fresh: bool = True) -> dict:
     """``{"size": bytes, "etag": str | None}`` (no ETag for a local file; neither for a ``pipe:``
     command). With ``fresh``, asked of the server; otherwise an object listed a moment ago costs
@@ -138,7 +139,7 @@ def stat(location: str | os.PathLike, *, fresh: bool = True) -> dict:
     with remote_errors(location):
         if fresh:
             fs.invalidate_cache(path)
-        info = retrying(location, fs.info, path)
+        info = fs.info(path)
     if info.get("type") == "directory":
         raise BeitDataError(f"{location}: is a prefix (a folder), not an object")
     etag = info.get("ETag") or info.get("etag") or info.get("generation")
@@ -155,7 +156,7 @@ def exists(location: str | os.PathLike) -> bool:
     with remote_errors(location):
         if location.scheme.startswith("http"):  # fsspec's exists() says False for a 503 too
             try:
-                retrying(location, fs.info, path)
+                fs.info(path)
                 return True
             except FileNotFoundError:
                 return False
@@ -165,7 +166,7 @@ def exists(location: str | os.PathLike) -> bool:
 def read_bytes(location: str | os.PathLike) -> bytes:
     fs, path = filesystem(location)
     with remote_errors(location):
-        return retrying(location, fs.cat_file, path)
+        return fs.cat_file(path)
 
 
 def read_text_if_there(location: str | os.PathLike, limit: int | None = None) -> str | None:
@@ -174,7 +175,7 @@ def read_text_if_there(location: str | os.PathLike, limit: int | None = None) ->
     fs, path = filesystem(location)
     with remote_errors(location):
         try:
-            data = retrying(location, fs.cat_file, path, 0, limit)
+            data = fs.cat_file(path, 0, limit)
         except (FileNotFoundError, IsADirectoryError):
             return None
     return data.decode("utf-8", errors="strict")
@@ -199,11 +200,11 @@ def list_files(folder: str | os.PathLike, suffix: str, what: str | None = None) 
     with remote_errors(folder, "listing"):
         fs.invalidate_cache(path)
         try:
-            entries = retrying(folder, fs.ls, path.rstrip("/"), detail=True)
+            entries = fs.ls(path.rstrip("/"), detail=True)
         except FileNotFoundError:
             if "/" not in path.strip("/") or folder.scheme.startswith("http"):
                 raise
-            retrying(folder, fs.ls, path.split("/", 1)[0])  # the bucket is there: an empty prefix
+            fs.ls(path.split("/", 1)[0])  # the bucket is there: an empty prefix
             entries = []
     return _urls(folder, [e["name"] for e in entries if e.get("type") != "directory" and e["name"].endswith(suffix)])
 
@@ -224,7 +225,7 @@ def _is_folder(location: Location) -> bool:
     fs, path = filesystem(location)
     with remote_errors(location):
         fs.invalidate_cache(path)
-        return bool(retrying(location, fs.isdir, path))
+        return bool(fs.isdir(path))
 
 
 def expand(spec: str, suffix: str, what: str) -> list[Location]:
@@ -263,9 +264,9 @@ def _glob_files(pattern: Location) -> list[Location]:
     fs, path = filesystem(pattern)
     with remote_errors(pattern, "listing"):
         fs.invalidate_cache()
-        found = retrying(pattern, fs.glob, path)
+        found = fs.glob(path)
         if not found and not pattern.scheme.startswith("http"):  # a missing bucket globs to nothing: say so
-            retrying(pattern, fs.ls, path.split("/", 1)[0])
+            fs.ls(path.split("/", 1)[0])
     return _urls(pattern, found)
 
 

@@ -230,11 +230,40 @@ class _Limited:
         self.f.close()
 
 
-def serve_folder(folder: Path) -> ThreadingHTTPServer:
+class FlakyHandler(RangeHandler):
+    """Fails the first try of every request (a 503, or a dropped connection for every third one),
+    and serves the second: a client that does not retry every request fails."""
+
+    seen: dict = {}
+    failed: list = []
+
+    def _flaky(self) -> bool:
+        request = (self.command, self.path, self.headers.get("Range"))
+        if request in self.seen:
+            return False
+        self.seen[request] = True
+        self.failed.append(request)
+        if len(self.failed) % 3 == 0:
+            self.close_connection = True
+            self.connection.shutdown(2)
+        else:
+            self.send_error(503, "SlowDown")
+        return True
+
+    def do_GET(self):
+        if not self._flaky():
+            super().do_GET()
+
+    def do_HEAD(self):
+        if not self._flaky():
+            super().do_HEAD()
+
+
+def serve_folder(folder: Path, handler: type = RangeHandler) -> ThreadingHTTPServer:
     """An HTTP server for ``folder`` on loopback, in a daemon thread."""
     import functools
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(folder)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

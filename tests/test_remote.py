@@ -393,3 +393,73 @@ def test_credentials_in_urls_are_never_printed_or_stored(sample_shards, sample_t
     for text in [missing.output, done.output, again.output, *stored]:
         assert "s3cret" not in text and "d34db33f" not in text and "AKIAEXAMPLE" not in text
     assert "http://REDACTED@127.0.0.1" in stored[0] and "http://REDACTED@127.0.0.1" in stored[1]
+
+
+def test_every_http_request_is_retried(sample_shards, sample_tokens, tmp_path):
+    """Every first try fails (503 or a dropped connection): listings, sizes, indexes, a tar read
+    through and a batch's range reads all succeed on the next, as the HTTP client retries them."""
+    from beit_data.replay import ReplaySource, StreamConfig
+    from beit_data.shard_index import read_index
+    from beit_data.shards import iter_samples
+    from tests.object_store import FlakyHandler
+
+    server = serve_folder(sample_shards, FlakyHandler)
+    FlakyHandler.seen.clear()
+    FlakyHandler.failed.clear()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        shard = f"{base}/sample-000000.tar"
+        assert storage.stat(shard)["size"] == (sample_shards / "sample-000000.tar").stat().st_size
+        assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")
+        here = sample_shards / "sample-000000.tar"
+        assert [s.key for s in iter_samples(shard)] == [s.key for s in iter_samples(here)]
+        source = ReplaySource.open(StreamConfig(shards=f"{base}/sample-{{000000..000001}}.tar",
+                                                tokens=str(sample_tokens), batch_size=4))
+        local = ReplaySource.open(StreamConfig(shards=str(sample_shards), tokens=str(sample_tokens), batch_size=4))
+        assert [k.tobytes() for k in next(iter(source))[6]] == [k.tobytes() for k in next(iter(local))[6]]
+    finally:
+        server.shutdown()
+    assert len(FlakyHandler.failed) >= 10 and {m for m, _, _ in FlakyHandler.failed} == {"GET", "HEAD"}
+
+
+def test_held_out_shards_render_and_probe_read_objects_and_commands(s3, sample_shards, sample_tokens, labeled_shards,
+                                                                    labeled_val_tokens, tmp_path):
+    import timm
+    import torch
+
+    import beit_model  # noqa: F401
+    from beit_model.beit_mim import encoder_state_dict
+    from pipelines.export import timm_args
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+    from pipelines.probe import ProbeConfig, run_probe
+    from tests.conftest import invoke
+    from tests.test_pretrain import TINY, evaluate_untrained
+
+    val = {"s3": upload_folder(s3, labeled_shards / "val", "held"),
+           "pipe": f"pipe:cat {labeled_shards}/val/val-000000.tar"}
+    expected = evaluate_untrained(sample_tokens, labeled_shards / "val", labeled_val_tokens, count=5)
+    for kind, shards in val.items():
+        run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / kind),
+                                    steps=1, val_shards=shards, val_tokens=str(labeled_val_tokens), val_images=5,
+                                    **TINY))
+        first = json.loads((tmp_path / kind / "log.jsonl").read_text().splitlines()[0])
+        assert first["event"] == "val" and first["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6), kind
+        key = "000000003"
+        picture = tmp_path / f"{kind}.png"
+        done = invoke("inspect", labeled_val_tokens, "--shards", shards, "--render", key, "--out", picture)
+        assert done.exit_code == 0, done.output
+        assert picture.read_bytes()[:4] == b"\x89PNG"
+    torch.manual_seed(0)
+    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
+    torch.save(encoder_state_dict(model), tmp_path / "enc.pth")
+    (tmp_path / "enc.json").write_text(json.dumps({"timm_model": "beit_base_patch16_224", "timm_kwargs": {
+        **timm_args({"embed_dim": 96, "depth": 4, "num_heads": 3}), "num_classes": 0}}))
+    storage.upload(tmp_path / "enc.pth", f"s3://{BUCKET}/enc/enc.pth")
+    storage.upload(tmp_path / "enc.json", f"s3://{BUCKET}/enc/enc.json")
+    results = [run_probe(ProbeConfig(model=model_at, train_shards=train, val_shards=held, k=3, device="cpu",
+                                     progress=False))["knn"]
+               for model_at, train, held in ((str(tmp_path / "enc.pth"), str(labeled_shards / "train"),
+                                              str(labeled_shards / "val")),
+                                             (f"s3://{BUCKET}/enc/enc.pth", upload_folder(s3, labeled_shards / "train",
+                                                                                           "train"), val["pipe"]))]
+    assert results[0] == results[1]
