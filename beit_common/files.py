@@ -16,19 +16,42 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from beit_common import storage
+from beit_common import cache, storage
 from beit_common.errors import BeitDataError
 from beit_common.location import Location
 
-__all__ = ["write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir", "output_location",
-           "output_file", "remove_stale_temps", "describe_file", "folder_lock", "LOCK_NAME"]
+__all__ = ["upload", "probe_writable", "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir",
+           "output_location", "output_file", "remove_stale_temps", "describe_file", "folder_lock", "LOCK_NAME"]
+
+
+def upload(local: str | os.PathLike, url: str, chunk_size: int | None = None) -> None:
+    """Put a finished local file at ``url`` in one call: a single PUT, or (past ``chunk_size``,
+    s3fs's 50 MiB by default) a multipart upload that is completed only after its last part, so
+    the object appears whole or not at all."""
+    fs, path = storage.filesystem(url)
+    with storage.remote_errors(url, "upload"):
+        fs.put_file(str(local), path, **({"chunksize": chunk_size} if chunk_size else {}))
+        fs.invalidate_cache(path)
+
+
+def probe_writable(prefix: str) -> None:
+    """Write and delete one small object under ``prefix``: a missing bucket, missing credentials
+    or a denied write show before any work is done."""
+    import socket
+    import uuid
+
+    probe = Location(prefix) / f".beit-data-write-test-{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+    fs, path = storage.filesystem(probe)
+    with storage.remote_errors(prefix, "writing"):
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path | str:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A process killed mid-write leaves the old file (or none), never half a file. For an object
-    storage URL, ``tmp`` is a local file that is then uploaded in one call (``storage.upload``).
+    storage URL, ``tmp`` is a local file that is then uploaded in one call (``upload``).
 
     Raises:
         BeitDataError: When the write fails (a full disk, no permission), naming ``path``;
@@ -36,14 +59,14 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """
     remote = not Location(path).is_local
     if remote:  # written here, then uploaded whole: the object appears complete or not at all
-        tmp = storage.temp_file(path)
+        tmp = cache.temp_file(path)
     else:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         if remote:
-            storage.upload(tmp, str(path))
+            upload(tmp, str(path))
         else:
             os.replace(tmp, path)
     except OSError as exc:
@@ -145,7 +168,7 @@ def ensure_writable_dir(folder: str | os.PathLike) -> Path | str:
         BeitDataError: With the operating system's reason, before any work is done.
     """
     if not Location(folder).is_local:  # a prefix: one small object written and deleted
-        storage.probe_writable(folder)
+        probe_writable(folder)
         return Location(folder)
     folder = Path(folder)
     try:
@@ -200,7 +223,7 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
         BeitDataError: Naming the run that holds the folder.
     """
     if not Location(folder).is_local:
-        path = storage.cache_dir("locks") / f"{storage.cache_key(folder)}.lock"
+        path = cache.cache_dir("locks") / f"{cache.cache_key(folder)}.lock"
     else:
         path = Path(folder) / LOCK_NAME
     try:

@@ -16,21 +16,18 @@ clients, HTTP's by the aiohttp session given to fsspec (``_http_client``).
 
 from __future__ import annotations
 
-import glob as _glob
-import hashlib
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence
 
+from beit_common.cache import temp_file
 from beit_common.errors import BeitDataError
 from beit_common.location import Location, redact
 
 __all__ = ["filesystem", "remote_errors", "stat", "size", "scan_is_cheap", "local_copy", "exists",
-           "read_bytes", "read_text_if_there",
-           "list_files", "expand", "upload", "download", "probe_writable", "open_stream", "open_random",
-           "arrow_source", "map_concurrently", "cache_dir", "cache_key", "cache_file", "temp_file", "EXTRAS"]
+           "read_bytes", "read_text_if_there", "download", "open_stream", "open_random",
+           "arrow_source", "map_concurrently", "EXTRAS"]
 
 # The pip extra that brings each scheme's file system.
 EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
@@ -181,131 +178,10 @@ def read_text_if_there(location: str | os.PathLike, limit: int | None = None) ->
     return data.decode("utf-8", errors="strict")
 
 
-def list_files(folder: str | os.PathLike, suffix: str, what: str | None = None) -> list[Location]:
-    """The files directly in ``folder`` (a local folder or a prefix) whose names end in
-    ``suffix``, sorted.
-
-    Raises:
-        BeitDataError: ``{what} not found`` for a local folder that is not there, where ``what``
-            is given (otherwise there is nothing in it). A prefix is never missing, only empty.
-    """
-    folder = Location(folder)
-    if folder.is_local:
-        if not Path(folder).is_dir():
-            if what is not None:
-                raise BeitDataError(f"{what} not found: {folder}")
-            return []
-        return sorted(Location(p) for p in Path(folder).glob(f"*{suffix}") if p.is_file())
-    fs, path = filesystem(folder)
-    with remote_errors(folder, "listing"):
-        fs.invalidate_cache(path)
-        try:
-            entries = fs.ls(path.rstrip("/"), detail=True)
-        except FileNotFoundError:
-            if "/" not in path.strip("/") or folder.scheme.startswith("http"):
-                raise
-            fs.ls(path.split("/", 1)[0])  # the bucket is there: an empty prefix
-            entries = []
-    return _urls(folder, [e["name"] for e in entries if e.get("type") != "directory" and e["name"].endswith(suffix)])
-
-
-def _urls(like: Location, names: Sequence[str]) -> list[Location]:
-    """A file system's names (``bucket/key``) as sorted locations of ``like``'s scheme."""
-    return sorted(Location(n if Location(n).kind == "url" else f"{like.scheme}://{n}") for n in names)
-
-
-def _is_folder(location: Location) -> bool:
-    """Whether a location names a folder (a URL ending in ``/``, or a prefix with objects under it)."""
-    if location.is_local:
-        return os.path.isdir(location)
-    if location.endswith("/"):
-        return True
-    if location.scheme.startswith("http"):
-        return False
-    fs, path = filesystem(location)
-    with remote_errors(location):
-        fs.invalidate_cache(path)
-        return bool(fs.isdir(path))
-
-
-def expand(spec: str, suffix: str, what: str) -> list[Location]:
-    """The files a spec names: a folder (its ``suffix`` files), a brace pattern, a glob or one
-    file; local or URLs (a prefix is listed once, named objects are checked against one listing
-    of their folder, HTTP servers, which cannot be listed, are asked object by object);
-    ``pipe:`` commands brace-expanded as they are.
-
-    Raises:
-        BeitDataError: ``{what} not found: ...`` for a named file that is not there.
-    """
-    from braceexpand import braceexpand
-
-    location = Location(spec)
-    if location.kind == "pipe":
-        return [Location(c) for c in braceexpand(spec)]
-    magic = "*[" if location.scheme.startswith("http") else "*?["  # an HTTP URL's ? starts its query
-    if not any(c in spec for c in "{" + magic) and _is_folder(location):
-        return list_files(location, suffix)
-    found: list[Location] = []
-    listings: dict[str, set[str]] = {}
-    for expanded in map(Location, braceexpand(spec)):
-        body = expanded.partition("://")[2] if expanded.kind == "url" else expanded
-        if any(c in body for c in magic):
-            found += _glob_files(expanded)
-        elif _named_file_exists(expanded, listings):
-            found.append(expanded)
-        else:
-            raise BeitDataError(f"{what} not found: {expanded}")
-    return found
-
-
-def _glob_files(pattern: Location) -> list[Location]:
-    if pattern.is_local:
-        return sorted(Location(p) for p in _glob.glob(pattern))
-    fs, path = filesystem(pattern)
-    with remote_errors(pattern, "listing"):
-        fs.invalidate_cache()
-        found = fs.glob(path)
-        if not found and not pattern.scheme.startswith("http"):  # a missing bucket globs to nothing: say so
-            fs.ls(path.split("/", 1)[0])
-    return _urls(pattern, found)
-
-
-def _named_file_exists(location: Location, listings: dict[str, set[str]]) -> bool:
-    if location.is_local or location.scheme.startswith("http"):
-        return os.path.isfile(location) if location.is_local else exists(location)
-    parent = location.parent
-    if parent not in listings:
-        listings[parent] = set(list_files(parent, ""))
-    return location in listings[parent]
-
-
-def upload(local: str | os.PathLike, url: str, chunk_size: int | None = None) -> None:
-    """Put a finished local file at ``url`` in one call: a single PUT, or (past ``chunk_size``,
-    s3fs's 50 MiB by default) a multipart upload that is completed only after its last part, so
-    the object appears whole or not at all."""
-    fs, path = filesystem(url)
-    with remote_errors(url, "upload"):
-        fs.put_file(str(local), path, **({"chunksize": chunk_size} if chunk_size else {}))
-        fs.invalidate_cache(path)
-
-
 def download(url: str, local: str | os.PathLike) -> None:
     fs, path = filesystem(url)
     with remote_errors(url, "download"):
         fs.get_file(path, str(local))
-
-
-def probe_writable(prefix: str) -> None:
-    """Write and delete one small object under ``prefix``: a missing bucket, missing credentials
-    or a denied write show before any work is done."""
-    import socket
-    import uuid
-
-    probe = Location(prefix) / f".beit-data-write-test-{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
-    fs, path = filesystem(probe)
-    with remote_errors(prefix, "writing"):
-        fs.pipe_file(path, b"")
-        fs.rm_file(path)
 
 
 @contextmanager
@@ -403,31 +279,3 @@ def map_concurrently(function: Callable, items: Sequence, *, concurrent: bool | 
 
     with ThreadPoolExecutor(min(workers, len(items))) as pool:
         return list(pool.map(function, items))
-
-
-def cache_dir(*parts: str) -> Path:
-    """``$BEIT_DATA_CACHE`` (default ``~/.cache/beit-data``)/parts, created."""
-    root = Path(os.environ.get("BEIT_DATA_CACHE") or Path.home() / ".cache" / "beit-data")
-    folder = root.joinpath(*parts)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def cache_key(*parts: object) -> str:
-    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:24]
-
-
-def cache_file(location: Location, info: dict, kind: str, suffix: str) -> Path | None:
-    """Where to keep what was learnt of a remote object at great cost (its scanned tar index), under
-    its URL, ETag and size, so that a changed object is learnt again; ``None`` for a local file,
-    which is read again as cheaply."""
-    if location.is_local:
-        return None
-    return cache_dir(kind) / f"{cache_key(location, info['etag'], info['size'])}{suffix}"
-
-
-def temp_file(like: str | os.PathLike) -> Path:
-    """A fresh local temporary file for an object on its way up."""
-    fd, name = tempfile.mkstemp(prefix=f".{Location(like).name}.", suffix=".part", dir=cache_dir("uploads"))
-    os.close(fd)
-    return Path(name)

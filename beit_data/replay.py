@@ -28,22 +28,13 @@ from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile
 from beit_data.loader_signals import outlive_job_signals
 from beit_data.masking import BlockMaskGenerator
-from beit_data.order import (
-    MIX_SHARDS,
-    PARTITIONS,
-    Layout,
-    OrderSpec,
-    check_steps,
-    epoch_layout,
-    partition_spans,
-    rank_slices,
-    steps_from,
-    take_batches,
-)
+from beit_data.order import Layout, OrderSpec, check_steps, epoch_layout, rank_slices
+from beit_data.order_walk import partition_spans, steps_from, take_batches
 from beit_data.prefetch import prefetch
-from beit_data.shard_index import check_fingerprint, read_index
-from beit_data.shard_rows import LoadedShard, SequentialReader, close_all, read_images_of, table_keys
-from beit_data.shards import duplicate_keys, expand_shards
+from beit_data.shard_index import check_fingerprint
+from beit_data.shard_rows import LoadedShard, SequentialReader, close_all, image_members, read_images_of, table_keys
+from beit_data.shards import expand_shards
+from beit_data.stream_config import StreamConfig
 from beit_data.tokens import VIEW_COLUMNS, read_consistent_footers, read_table, token_files, token_paths
 from beit_data.views import stable_rng
 
@@ -52,41 +43,6 @@ __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch"]
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
 _RAGGED = ("encoded", "key")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StreamConfig:
-    """What the training stream reads and how it orders it (see ``beit_data.order``).
-
-    Attributes:
-        batch_size: Samples per rank per step; the global batch is that times the world size.
-        partitions: Partitions of each epoch. A rank reads whole partitions when the world
-            size divides them, and reads the windows of every partition it takes a part of.
-        mix_shards: Shards a partition reads at once; their samples are permuted together.
-            Memory per partition read grows with it (one token row and one offset per sample
-            of a window, up to three windows at a time: the one being read, the next one and
-            the one loading); reads are random within those shards.
-        dealt: The order of runs started before partitions: shards dealt to ranks.
-    """
-
-    shards: str
-    tokens: str
-    batch_size: int
-    seed: int = 0
-    image_size: int = 224
-    num_masked: int = 75
-    min_block: int = 16
-    partitions: int = PARTITIONS
-    mix_shards: int = MIX_SHARDS
-    dealt: bool = False
-    skip_missing: bool = False
-    num_threads: int = 4
-    # Control experiment only: pair every image with another image's tokens.
-    shuffle_targets: bool = False
-
-    def __post_init__(self):
-        if min(self.batch_size, self.mix_shards, self.partitions) < 1:
-            raise BeitDataError("`batch_size`, `mix_shards` and `partitions` must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -280,25 +236,8 @@ class ReplaySource:
 
     def _offsets(self, index: int, keys: list[str]) -> tuple[list, int]:
         """Each key's image (offset, size) in the shard, and how many shard keys have no tokens."""
-        location = self.shards[index]
-        info, was = storage.stat(location), self.etags[index]  # an object replaced during the run is refused
-        if was is not None and info["etag"] != was:
-            raise BeitDataError(f"{location} changed during the run (ETag {info['etag']}, {was} when it started); "
-                                "a shard must stay as it was tokenized")
-        entries = read_index(location)
-        check_fingerprint(location, self.fingerprints[index], self.token_files[index], index=entries,
-                          size=info["size"])
-        members = {s.key: s.members[s.image_ext] for s in entries if s.image_ext}
-        repeated = set(duplicate_keys(entries)).intersection(keys)
-        if repeated:
-            raise BeitDataError(f"{self.shards[index]} holds {len(repeated)} keys that name several samples (first: "
-                                f"{min(repeated)}), which {self.token_files[index].name} lists; a key "
-                                "must name one image: tokenize it again")
-        lost = [k for k in keys if k not in members]
-        if lost:
-            raise BeitDataError(f"{self.shards[index]} no longer holds {len(lost)} of the keys that "
-                                f"{self.token_files[index].name} lists (first: {lost[0]}); "
-                                "was it rewritten?")
+        members = image_members(self.shards[index], keys, token_file=self.token_files[index],
+                                fingerprint=self.fingerprints[index], etag=self.etags[index])
         rejected = 0
         if index not in self._counted:  # once per process, not once per epoch
             self._counted.add(index)

@@ -15,7 +15,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from beit_common import BeitDataError, Location, storage, write_text_atomic
+from beit_common import BeitDataError, Location, cache, storage, write_text_atomic
 from beit_common.ranges import read_ranges
 from beit_data.shards import IndexedSample, Member, duplicate_keys, iter_samples, sample_members, split_key
 
@@ -37,7 +37,7 @@ def scan_index(shard: str | os.PathLike) -> list[IndexedSample]:
     if not shard.seekable:
         raise BeitDataError(f"{shard}: a pipe: command cannot be indexed (it is read from the start only)")
     info = storage.stat(shard)
-    cached = storage.cache_file(shard, info, "tar-index", ".idx")
+    cached = cache.cache_file(shard, info, "tar-index", ".idx")
     if cached is not None and cached.exists():
         return _parse_index(cached.read_text(), cached)
     size = info["size"]

@@ -15,11 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from beit_common import BeitDataError, Location
+from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile, read_batch
-from beit_data.shards import iter_samples
+from beit_data.shard_index import check_fingerprint, read_index
+from beit_data.shards import duplicate_keys, iter_samples
 
-__all__ = ["LoadedShard", "SequentialReader", "close_all", "table_keys", "read_images_of"]
+__all__ = ["LoadedShard", "SequentialReader", "close_all", "table_keys", "image_members", "read_images_of"]
 
 
 class SequentialReader:
@@ -83,6 +84,33 @@ def table_keys(table: pa.Table, views: int, path: str) -> list[str]:
             or pc.count_distinct(keys).as_py() != len(keys):
         raise BeitDataError(f"{path} does not hold {views} rows for each key, each key once; tokenize it again")
     return keys.to_pylist()
+
+
+def image_members(shard: Location, keys: list[str], *, token_file: Location, fingerprint: dict,
+                  etag: str | None) -> dict:
+    """The image member of each sample of a shard, by key, after checking that the shard is still
+    the one its token file was made from and holds each of ``keys`` once.
+
+    Raises:
+        BeitDataError: For an object replaced during the run (its ETag no longer ``etag``), a
+            shard rewritten since it was tokenized, or a key it lost or holds twice.
+    """
+    info = storage.stat(shard)
+    if etag is not None and info["etag"] != etag:
+        raise BeitDataError(f"{shard} changed during the run (ETag {info['etag']}, {etag} when it started); a shard "
+                            "must stay as it was tokenized")
+    entries = read_index(shard)
+    check_fingerprint(shard, fingerprint, token_file, index=entries, size=info["size"])
+    members = {s.key: s.members[s.image_ext] for s in entries if s.image_ext}
+    repeated = set(duplicate_keys(entries)).intersection(keys)
+    if repeated:
+        raise BeitDataError(f"{shard} holds {len(repeated)} keys that name several samples (first: {min(repeated)}), "
+                            f"which {token_file.name} lists; a key must name one image: tokenize it again")
+    lost = [k for k in keys if k not in members]
+    if lost:
+        raise BeitDataError(f"{shard} no longer holds {len(lost)} of the keys that {token_file.name} lists (first: "
+                            f"{lost[0]}); was it rewritten?")
+    return members
 
 
 def read_images_of(picked: list[tuple[int, LoadedShard, int]]) -> list[bytes]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 from beit_common import BeitDataError, Location, storage
+from beit_common.listing import expand
 
 __all__ = ["IMAGE_EXTS", "Sample", "Reject", "Member", "IndexedSample", "expand_shards", "split_key", "member_key",
            "sample_members", "iter_samples", "iter_images", "duplicate_keys", "duplicate_reason"]
@@ -85,7 +86,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[Location]:
         BeitDataError: If a named shard does not exist or the spec matches nothing.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    paths = [shard for item in specs for shard in storage.expand(str(item), ".tar", "shard")]
+    paths = [shard for item in specs for shard in expand(str(item), ".tar", "shard")]
     if not paths:
         raise BeitDataError(f"shard spec matches no .tar files: {' '.join(map(str, specs))}")
     return list(dict.fromkeys(paths))

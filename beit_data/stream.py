@@ -17,7 +17,8 @@ import torch
 
 from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec, types
 from beit_data.prefetch import prefetch
-from beit_data.replay import ReplaySource, StreamConfig
+from beit_data.replay import ReplaySource
+from beit_data.stream_config import StreamConfig
 
 __all__ = ["StreamConfig", "TrainStream", "Batch", "model_view_spec"]
 
@@ -70,6 +71,13 @@ class TrainStream:
     def seek(self, epoch: int, step: int) -> None:
         """Make ``(epoch, step)`` the position of the next batch."""
         self.position = (epoch, step)
+
+    def state_dict(self) -> dict:
+        """The stream's state in a checkpoint: the position of its next batch."""
+        return {"epoch": self.position[0], "step": self.position[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seek(state["epoch"], state["step"])
 
     def steps_per_epoch(self, epoch: int) -> int:
         """Full batches every rank can make in ``epoch``: the same number on each rank."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,68 +35,77 @@ def _codebook(counts: np.ndarray, top: int = 10) -> dict:
             "counts": [int(c) for c in counts]}
 
 
+@dataclass
+class _Tally:
+    """What the token files of a folder add up to, read one row group at a time."""
+
+    errors: list[str] = field(default_factory=list)
+    reference: dict | None = None
+    ref_file: str | None = None
+    keys: dict[str, set[str]] = field(default_factory=dict)  # by token file
+    rows: int = 0
+    counts: np.ndarray | None = None
+    rejects: list[dict] = field(default_factory=list)
+    readable: int = 0
+    fingerprints: dict[str, dict | None] = field(default_factory=dict)
+
+    def add(self, path, batch_rows: int) -> None:
+        """Read one token file into the tally; what is wrong with it becomes an error line."""
+        name = Location(path).name
+        try:
+            meta, file = read_meta(path), parquet_file(path)
+            grid = meta.get("tokenizer", {}).get("grid")
+            if grid is None or not file.schema_arrow.equals(schema(grid), check_metadata=False):
+                raise BeitDataError(f"{name}: schema does not match the token format: {file.schema_arrow}")
+            if self.reference is None:
+                self.reference, self.ref_file = meta, name
+            check_recipe(meta, self.reference, f"{name} and {self.ref_file}")
+        except BeitDataError as exc:
+            self.errors.append(str(exc))
+            return
+        if self.counts is None:
+            self.counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)
+        keys, rows = self.keys.setdefault(name, set()), 0
+        try:
+            for batch in file.iter_batches(batch_size=batch_rows, columns=["key", "tokens"]):
+                keys.update(batch.column("key").to_pylist())
+                flat = batch.column("tokens").flatten().to_numpy()
+                self.counts += np.bincount(flat, minlength=len(self.counts))[: len(self.counts)]
+                rows += batch.num_rows
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            self.errors.append(f"{name}: unreadable: {exc}")
+            return
+        self.rows += rows
+        if rows != len(keys) * meta["views"]["views"]:
+            self.errors.append(f"{name}: {rows} rows for {len(keys)} keys, not {meta['views']['views']} rows for each "
+                               "key once; tokenize it again")
+        self.rejects += [{**r, "file": name} for r in meta.get("rejects", [])]
+        self.readable += 1
+        self.fingerprints[name] = meta.get("shard")
+
+
 def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8192) -> dict:
     """The whole summary as one JSON-ready dict; ``errors`` lists what failed validation."""
     files = token_files(folder)
-    errors: list[str] = []
-    reference, ref_file = None, None
-    keys: dict[str, set[str]] = {}  # by token file
-    rows = 0
-    counts = None
-    rejects: list[dict] = []
-    readable: list[Path] = []
-    fingerprints: dict[str, dict | None] = {}
+    tally = _Tally()
     for path in files:
-        try:
-            meta = read_meta(path)
-            file = parquet_file(path)
-        except BeitDataError as exc:
-            errors.append(str(exc))
-            continue
-        grid = meta.get("tokenizer", {}).get("grid")
-        if grid is None or not file.schema_arrow.equals(schema(grid), check_metadata=False):
-            errors.append(f"{Location(path).name}: schema does not match the token format: {file.schema_arrow}")
-            continue
-        if reference is None:
-            reference, ref_file = meta, path
-        try:
-            check_recipe(meta, reference, f"{Location(path).name} and {Location(ref_file).name}")
-        except BeitDataError as exc:
-            errors.append(str(exc))
-            continue
-        if counts is None:
-            counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)
-        name, file_rows = Location(path).name, 0
-        try:
-            for batch in file.iter_batches(batch_size=batch_rows, columns=["key", "tokens"]):
-                keys.setdefault(name, set()).update(batch.column("key").to_pylist())
-                flat = batch.column("tokens").flatten().to_numpy()
-                counts += np.bincount(flat, minlength=len(counts))[: len(counts)]
-                file_rows += batch.num_rows
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            errors.append(f"{name}: unreadable: {exc}")
-            continue
-        rows += file_rows
-        if file_rows != len(keys.get(name, ())) * meta["views"]["views"]:
-            errors.append(f"{name}: {file_rows} rows for {len(keys.get(name, ()))} keys, not "
-                          f"{meta['views']['views']} rows for each key once; tokenize it again")
-        rejects += [{**r, "file": Location(path).name} for r in meta.get("rejects", [])]
-        readable.append(path)
-        fingerprints[Location(path).name] = meta.get("shard")
-    if reference is None:
-        raise BeitDataError(f"no readable token files in {folder}: " + "; ".join(errors))
+        tally.add(path, batch_rows)
+    if tally.reference is None:
+        raise BeitDataError(f"no readable token files in {folder}: " + "; ".join(tally.errors))
+    ref = tally.reference
     # Images are counted by (token file, key): separate `shards` runs reuse keys.
-    views, images = reference["views"]["views"], sum(len(k) for k in keys.values())
+    images = sum(len(k) for k in tally.keys.values())
     summary = {
-        "folder": str(folder), "files": len(files), "readable_files": len(readable), "rows": rows,
-        "images": images, "views_per_image": round(rows / max(images, 1), 3), "recipe_views": views,
-        "tokenizer": reference["tokenizer"], "views": reference["views"], "decoder": reference.get("decoder"),
-        "codebook": _codebook(counts if counts is not None else np.zeros(1, np.int64)),
-        "rejects": {"total": len(rejects), "by_reason": _by_reason(rejects)},
-        "errors": errors,
+        "folder": str(folder), "files": len(files), "readable_files": tally.readable, "rows": tally.rows,
+        "images": images, "views_per_image": round(tally.rows / max(images, 1), 3),
+        "recipe_views": ref["views"]["views"], "tokenizer": ref["tokenizer"], "views": ref["views"],
+        "decoder": ref.get("decoder"),
+        "codebook": _codebook(tally.counts if tally.counts is not None else np.zeros(1, np.int64)),
+        "rejects": {"total": len(tally.rejects), "by_reason": _by_reason(tally.rejects)},
+        "errors": tally.errors,
     }
     if shards is not None:
-        summary["coverage"] = _coverage(folder, shards, keys, rejects, fingerprints, errors,
+        summary["coverage"] = _coverage(folder, shards, tally.keys, tally.rejects, tally.fingerprints, tally.errors,
                                         {Location(p).name for p in files})
     return summary
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from beit_common import BeitDataError, Location, __version__, storage, write_atomic
+from beit_common.listing import list_files
 from beit_data.views import JITTER_ORDER, View
 
 __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
@@ -77,7 +78,7 @@ def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike])
 def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list[Location]:
     """The token files of a folder or object-storage prefix, sorted by name (with ``allow_empty``,
     none is not an error)."""
-    files = storage.list_files(folder, ".parquet", what="token folder")
+    files = list_files(folder, ".parquet", what="token folder")
     if not files and not allow_empty:
         raise BeitDataError(f"no .parquet files in {folder}")
     return files

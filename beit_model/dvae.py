@@ -1,18 +1,13 @@
-"""dVAE tokenizers: loading OpenAI's DALL-E files and the project's own checkpoints.
+"""dVAE tokenizers: OpenAI's DALL-E encoder (and decoder) and the project's own checkpoints.
 
-``load_tokenizer`` also recognises BEiT v2's VQ-KD checkpoints and hands them to ``beit_model.vqkd``.
-
-Any tokenizer maps a [0,1] image batch (B,3,H,W) to logits (B,vocab,H/8,W/8); ``encode``
-returns the argmax ids. OpenAI's ``encoder.pkl``/``decoder.pkl`` are whole pickled modules of
-the ``dall_e`` package; they load here without that package, by mapping its classes onto
-plain modules while unpickling and copying the weights into ``beit_model.dall_e``.
+A dVAE maps a [0,1] image batch (B,3,H,W) to logits (B,vocab,H/8,W/8); ``encode`` returns the
+argmax ids. Its architecture is ``beit_model.dall_e``'s; the sizes of a file's encoder and
+decoder are read off its weights (``from_state``). ``beit_model.tokenizer.load_tokenizer``
+reads the files and hands dVAE weights here.
 """
 
 from __future__ import annotations
 
-import argparse
-import pickle
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, describe_file, save_atomic
+from beit_common import BeitDataError, save_atomic
 from beit_model.dall_e import Decoder, Encoder, map_pixels
-from beit_model.tokenizer import TokenizerBase, fingerprint
-from beit_model.vqkd import from_state as vqkd_from_state
-from beit_model.vqkd import is_vqkd
+from beit_model.tokenizer import Tokenizer, fingerprint
+from beit_model.weights import read_weights
 
-__all__ = ["DVAEConfig", "CONFIGS", "Tokenizer", "load_tokenizer", "fingerprint", "CHECKPOINT_FORMAT"]
+__all__ = ["DVAEConfig", "CONFIGS", "DVAETokenizer", "from_state", "reconstruct", "save_checkpoint",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "beit-data-dvae/1"
 
@@ -62,7 +57,7 @@ CONFIGS = {
 }
 
 
-class Tokenizer(TokenizerBase):
+class DVAETokenizer(Tokenizer):
     """A dVAE encoder (and optional decoder) behind the tokenizer contract.
 
     Attributes:
@@ -112,76 +107,6 @@ def reconstruct(decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
 # ---- loading -------------------------------------------------------------------------------
 
 
-class _PickledModule(nn.Module):
-    """Stands in for any ``dall_e`` class while unpickling; only its weights are used."""
-
-    def __setstate__(self, state):
-        nn.Module.__setstate__(self, state)
-
-
-# What OpenAI's encoder.pkl / decoder.pkl (whole pickled ``dall_e`` modules) refer to, and nothing
-# more: the dall_e classes (replaced by a plain module), tensors, and torch's own modules.
-_DALL_E_CLASSES = {"Encoder", "Decoder", "EncoderBlock", "DecoderBlock", "Conv2d"}
-_DALL_E_MODULES = {"dall_e", "dall_e.encoder", "dall_e.decoder", "dall_e.utils"}
-_ALLOWED = {("collections", "OrderedDict"), ("torch", "device"), ("torch", "Size"),
-            ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-            ("torch._utils", "_rebuild_parameter_with_state"),
-            *((builtins, name) for builtins in ("builtins", "__builtin__") for name in ("set", "frozenset"))}
-
-
-class _DallEUnpickler(pickle.Unpickler):
-    """Unpickles OpenAI's dall_e modules from an allow-list; any other global is refused, so a
-    file cannot run code while it loads."""
-
-    def find_class(self, module, name):
-        if module in _DALL_E_MODULES and name in _DALL_E_CLASSES:
-            return _PickledModule
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module.startswith("torch.nn.modules."):
-            found = super().find_class(module, name)
-            if isinstance(found, type) and issubclass(found, nn.Module):
-                return found
-        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no DALL-E file holds")
-
-
-def _safe_load(file, **kwargs):
-    return _DallEUnpickler(file, **kwargs).load()
-
-
-_dall_e_pickle = types.SimpleNamespace(Unpickler=_DallEUnpickler, load=_safe_load, __name__="dall_e_pickle")
-
-
-def _read(path: Path):
-    """A file's tensors: ``weights_only`` for every file, and for OpenAI's ``.pkl`` modules the
-    allow-list above."""
-    kind = describe_file(path)
-    if kind not in ("a zip archive", "a Python pickle"):  # what torch.save and pickle write
-        raise BeitDataError(f"{path} is not a PyTorch file: it is {kind}")
-    try:
-        # Training checkpoints (BEiT v2's among them) may keep their argparse settings beside the tensors.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if path.suffix != ".pkl":  # only OpenAI's encoder.pkl / decoder.pkl hold whole modules
-            detail = str(exc).strip().splitlines()[0][:160]
-            raise BeitDataError(f"{path} holds more than tensors, and only OpenAI's .pkl files are unpickled beyond "
-                                f"them (weights_only: {detail})") from None
-    except Exception as exc:
-        raise BeitDataError(f"{path} is not a readable PyTorch file: {str(exc).splitlines()[0][:200]}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_dall_e_pickle)
-    except pickle.UnpicklingError as exc:
-        raise BeitDataError(f"{path} was not unpickled: {exc}; only OpenAI's dall_e modules load this way") from None
-    except Exception as exc:
-        raise BeitDataError(f"{path} could not be unpickled: {str(exc).splitlines()[0][:200]}") from None
-    if not isinstance(obj, nn.Module):
-        raise BeitDataError(f"{path} holds a {type(obj).__name__}, not a module or state dict")
-    return {"__dall_e__": True, "state": obj.state_dict()}
-
-
 def _count_blocks(state: dict) -> int:
     return len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
 
@@ -211,39 +136,21 @@ def _is_decoder(state: dict) -> bool:
     return w is not None and w.shape[2] == 1 and w.shape[1] != 3
 
 
-def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: str | Path | None = None
-                   ) -> Tokenizer:
-    """Load a tokenizer from OpenAI's ``encoder.pkl``, a state dict, a project checkpoint or a
-    released BEiT v2 VQ-KD checkpoint.
-
-    Args:
-        path: The encoder file (a ``decoder.pkl`` beside an ``encoder.pkl`` is found by itself),
-            an encoder/decoder state dict (keys ``blocks.*``, or ``encoder.*``/``decoder.*``), a
-            checkpoint written by ``beit-data train-dvae``, or a VQ-KD ``.pth`` (see ``beit_model.vqkd``).
-        input_size: Square input side; default 112 (BEiT's), or the checkpoint's own.
-        decoder: An explicit decoder file.
+def from_state(obj, path: Path, *, input_size: int | None = None, decoder: str | Path | None = None
+               ) -> DVAETokenizer:
+    """The dVAE of what ``read_weights`` read from ``path``: a project checkpoint, an encoder (or
+    encoder and decoder) state dict, or OpenAI's pickled encoder (its ``decoder.pkl`` beside it is
+    found by itself).
 
     Raises:
-        BeitDataError: For a missing file, or a file of the wrong kind or shape.
+        BeitDataError: For weights of another shape, or a decoder file that holds none.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BeitDataError(f"tokenizer file not found: {path}")
-    obj = _read(path)
-    if is_vqkd(obj):
-        if decoder:
-            raise BeitDataError(f"{path} is a VQ-KD tokenizer, which has no pixel decoder; drop the decoder file")
-        tokenizer = vqkd_from_state(obj, path)
-        if input_size not in (None, tokenizer.input_size):
-            raise BeitDataError(f"{path}: a VQ-KD tokenizer takes {tokenizer.input_size}-pixel inputs, "
-                                f"not {input_size}")
-        return tokenizer
     dec = None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         cfg = DVAEConfig(**obj["config"])
         enc = _build("encoder", obj["encoder"], path)
         dec = _build("decoder", obj["decoder"], path) if obj.get("decoder") else None
-        return Tokenizer(enc, dec, name="dvae", input_size=input_size or cfg.input_size).eval()
+        return DVAETokenizer(enc, dec, name="dvae", input_size=input_size or cfg.input_size).eval()
     if not isinstance(obj, dict):
         raise BeitDataError(f"{path} holds a {type(obj).__name__}, not a tokenizer")
     name = "dall-e" if obj.pop("__dall_e__", False) else "dvae"
@@ -260,14 +167,16 @@ def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: 
     # OpenAI's decoder.pkl is found beside its encoder.pkl, never beside a state dict.
     decoder_path = Path(decoder) if decoder else path.with_name("decoder.pkl") if name == "dall-e" else None
     if dec is None and decoder_path is not None and decoder_path.is_file() and decoder_path != path:
-        dec_obj = _read(decoder_path)
+        dec_obj = read_weights(decoder_path)
         dec_state = dec_obj.get("state", dec_obj) if isinstance(dec_obj, dict) else None
         if dec_state is None or not _is_decoder(dec_state):
             raise BeitDataError(f"{decoder_path} does not hold DALL-E decoder weights")
         dec = _build("decoder", dec_state, decoder_path)
     elif decoder and not Path(decoder).is_file():
         raise BeitDataError(f"decoder file not found: {decoder_path}")
-    return Tokenizer(enc, dec, name=name, input_size=input_size or 112).eval()
+    return DVAETokenizer(enc, dec, name=name, input_size=input_size or 112).eval()
+
+
 
 
 def save_checkpoint(path: str | Path, tokenizer_config: DVAEConfig, encoder: Encoder, decoder: Decoder,

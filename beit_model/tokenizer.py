@@ -1,22 +1,25 @@
-"""What every visual tokenizer offers the stages: the contract that dVAEs and VQ-KD share.
+"""Visual tokenizers: the contract every one offers the stages, and the loader of their files.
 
-A tokenizer maps a batch of [0,1] RGB images (B,3,S,S), S its ``input_size``, to token ids
+A ``Tokenizer`` maps a batch of [0,1] RGB images (B,3,S,S), S its ``input_size``, to token ids
 (B, grid, grid) over ``vocab_size`` codes. ``describe()`` is what a token file records of it:
 ``kind`` (``dvae`` or ``vqkd``), ``name``, the weights' ``fingerprint``, the vocabulary, input
-size and grid.
+size and grid. ``DVAETokenizer`` (``beit_model.dvae``) and ``VQKDTokenizer`` (``beit_model.vqkd``)
+are the two kinds; ``load_tokenizer`` reads a file (``beit_model.weights``, which runs no code
+from it) and gives the one it holds.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from beit_common import BeitDataError
 
-__all__ = ["TokenizerBase", "fingerprint"]
+__all__ = ["Tokenizer", "fingerprint", "load_tokenizer"]
 
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -28,7 +31,7 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-class TokenizerBase(nn.Module, ABC):
+class Tokenizer(nn.Module, ABC):
     """The shared half of a tokenizer; subclasses set the attributes and define ``encode``.
 
     Attributes:
@@ -75,3 +78,35 @@ class TokenizerBase(nn.Module, ABC):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Images in [0,1] from ids (B, grid, grid), where the tokenizer has a pixel decoder."""
         raise BeitDataError(f"tokenizer {self.name} has no pixel decoder")
+
+
+def load_tokenizer(path: str | Path, *, input_size: int | None = None, decoder: str | Path | None = None
+                   ) -> Tokenizer:
+    """Load a tokenizer from OpenAI's ``encoder.pkl``, a state dict, a project checkpoint or a
+    released BEiT v2 VQ-KD checkpoint.
+
+    Args:
+        path: The encoder file (a ``decoder.pkl`` beside an ``encoder.pkl`` is found by itself),
+            an encoder/decoder state dict (keys ``blocks.*``, or ``encoder.*``/``decoder.*``), a
+            checkpoint written by ``beit-data train-dvae``, or a VQ-KD ``.pth`` (see ``beit_model.vqkd``).
+        input_size: Square input side; default 112 (BEiT's), or the checkpoint's own.
+        decoder: An explicit decoder file.
+
+    Raises:
+        BeitDataError: For a missing file, or a file of the wrong kind or shape.
+    """
+    from beit_model import dvae, vqkd
+    from beit_model.weights import read_weights
+
+    path = Path(path)
+    if not path.is_file():
+        raise BeitDataError(f"tokenizer file not found: {path}")
+    obj = read_weights(path)
+    if not vqkd.is_vqkd(obj):
+        return dvae.from_state(obj, path, input_size=input_size, decoder=decoder)
+    if decoder:
+        raise BeitDataError(f"{path} is a VQ-KD tokenizer, which has no pixel decoder; drop the decoder file")
+    tokenizer = vqkd.from_state(obj, path)
+    if input_size not in (None, tokenizer.input_size):
+        raise BeitDataError(f"{path}: a VQ-KD tokenizer takes {tokenizer.input_size}-pixel inputs, not {input_size}")
+    return tokenizer

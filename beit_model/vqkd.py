@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from beit_common import BeitDataError
-from beit_model.tokenizer import TokenizerBase, fingerprint
+from beit_model.tokenizer import Tokenizer, fingerprint
 
 __all__ = ["VQKDConfig", "VQKDTokenizer", "is_vqkd", "from_state", "released_layout", "random_tokenizer", "HEAD_DIM"]
 
@@ -53,7 +53,7 @@ class VQKDConfig:
         return self.img_size // self.patch_size
 
 
-class VQKDTokenizer(TokenizerBase):
+class VQKDTokenizer(Tokenizer):
     """The VQ-KD encoder, task layer and codebook behind the tokenizer contract."""
 
     kind = "vqkd"

@@ -35,7 +35,8 @@ def main():
         shards, _, tokens = make_tokens(tmp, args.images, per_shard=256, tokenizer_config="dalle",
                                         device=args.device)
         start = time.perf_counter()
-        run_pretrain(PretrainConfig(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"), model=args.model,
+        run_pretrain(PretrainConfig.from_flat(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"),
+                                              model=args.model,
                                     batch_size=args.batch_size, steps=args.steps, log_every=100,
                                     checkpoint_every=args.steps, compile=args.compile, device=args.device,
                                     num_threads=args.num_threads, progress=False))

@@ -24,9 +24,9 @@ import torch
 
 from beit_data.masking import BlockMaskGenerator
 from beit_data.shards import expand_shards, iter_samples
-from beit_data.stream import StreamConfig, TrainStream
-from beit_model.dvae import load_tokenizer
+from beit_data.stream import TrainStream
 from beit_model.flex_attention import use_flex_attention
+from beit_model.tokenizer import load_tokenizer
 from benchmarks.common import device_name, emit, make_tokens
 from pipelines.pretrain import PretrainConfig
 from pipelines.runtime import autocast
@@ -38,13 +38,14 @@ def make_step(model, cfg: PretrainConfig, device, args):
     variants under trial: FlexAttention for the relative-position bias, fused AdamW, a compile mode."""
     if args.flex_attention:
         use_flex_attention(model)
-    optimizer, scheduler = build_optimizer(model, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                           betas=cfg.betas, warmup=10, total=1000, fused=args.fused_adamw)
+    optim = cfg.optim
+    optimizer, scheduler = build_optimizer(model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                                           betas=optim.betas, warmup=10, total=1000, fused=args.fused_adamw)
     forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     def step(images, tokens, mask):
-        return train_step(model, optimizer, scheduler, images, tokens, mask, max_masked=cfg.num_masked,
-                          clip_grad=cfg.clip_grad, device=device, forward=forward).loss
+        return train_step(model, optimizer, scheduler, images, tokens, mask, max_masked=cfg.data.num_masked,
+                          clip_grad=optim.clip_grad, device=device, forward=forward).loss
 
     return step
 
@@ -115,7 +116,7 @@ def reference_batches(shards, tokenizer, batch_size, workers, device, dtype, *, 
         yield big.to(device, dtype, non_blocking=True), tokens, mask.to(device, non_blocking=True)
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="beit_mim_tiny_patch16_224")
@@ -135,7 +136,39 @@ def main():
     p.add_argument("--imagenet-like", action="store_true", help="JPEG q90 at 500x375, ~110 KB, not 512-pixel photos")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--reference-loader", action="store_true", help="also time the reference's loader alone")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def synthetic_batches(tokenizer, batch_size: int, device, dtype):
+    """The same batch forever: the model's speed with no loader at all."""
+    images = torch.randn(batch_size, 3, 224, 224, device=device, dtype=dtype)
+    tokens = torch.randint(0, tokenizer.vocab_size, (batch_size, tokenizer.grid ** 2), device=device)
+    masks = np.stack([BlockMaskGenerator((tokenizer.grid,) * 2)(np.random.default_rng(i)).reshape(-1)
+                      for i in range(batch_size)])
+    mask = torch.from_numpy(masks).to(device)
+    while True:
+        yield images, tokens, mask
+
+
+def reference_figures(args, shards, tokenizer, step, e2e: float, device, dtype) -> dict:
+    """The reference recipe (PIL loader, online dVAE) and, with ``reference_loader``, its loader alone."""
+    record = {}
+    B = args.batch_size
+    if not args.skip_reference:
+        ref = timed(reference_batches(expand_shards(str(shards)), tokenizer, B, args.workers, device, dtype),
+                    step, args.warmup, args.steps, device)
+        record.update({"reference_img_per_s": round(ref, 1), "reference_workers": args.workers,
+                       "end_to_end_over_reference": round(e2e / ref, 3)})
+    if args.reference_loader:  # what limits the reference: its loader, with no model and no dVAE
+        ref_loader = timed(reference_batches(expand_shards(str(shards)), tokenizer, B, args.workers, device,
+                                             dtype, online_tokenizer=False),
+                           lambda images, tokens, mask: images.sum(), args.warmup, args.steps, device)
+        record["reference_loader_only_img_per_s"] = round(ref_loader, 1)
+    return record
+
+
+def main():
+    args = parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -147,48 +180,29 @@ def main():
                                                views=args.views, device=args.device,
                                                imagenet_like_images=args.imagenet_like)
         tokenizer = load_tokenizer(tok_path).to(device)
-        cfg = PretrainConfig(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"), model=args.model,
-                             recipe="beit")  # the dVAE tokens' recipe, as pretrain would take it from them
-        model = build_model(cfg.model, tokenizer.vocab_size, drop_path=cfg.drop_path,
-                            layer_scale=cfg.layer_scale).to(device).train()
+        # The dVAE tokens' recipe, as pretrain would take it from them.
+        cfg = PretrainConfig.from_flat(shards=str(shards), tokens=str(tokens), out=str(tmp / "run"),
+                                       model=args.model, recipe="beit", batch_size=args.batch_size,
+                                       num_threads=args.num_threads)
+        model = build_model(cfg.arch.model, tokenizer.vocab_size, drop_path=cfg.arch.drop_path,
+                            layer_scale=cfg.arch.layer_scale).to(device).train()
         step = make_step(model, cfg, device, args)
-        B, N = args.batch_size, tokenizer.grid ** 2
-
-        def synthetic():
-            images = torch.randn(B, 3, 224, 224, device=device, dtype=dtype)
-            tokens = torch.randint(0, tokenizer.vocab_size, (B, N), device=device)
-            masks = np.stack([BlockMaskGenerator((tokenizer.grid,) * 2)(np.random.default_rng(i)).reshape(-1)
-                              for i in range(B)])
-            mask = torch.from_numpy(masks).to(device)
-            while True:
-                yield images, tokens, mask
-
-        model_only = timed(synthetic(), step, args.warmup, args.steps, device)
-        stream = TrainStream(StreamConfig(shards=str(shards), tokens=str(tokens), batch_size=B,
-                                          num_threads=args.num_threads), device=device)
+        model_only = timed(synthetic_batches(tokenizer, args.batch_size, device, dtype), step, args.warmup,
+                           args.steps, device)
+        stream = TrainStream(cfg.data, device=device)
         e2e = timed(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)), step, args.warmup,
                     args.steps, device)
         loader = timed(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)),
                        lambda images, tokens, mask: images.sum(), args.warmup, args.steps, device)
-        record = {"benchmark": "pretrain", "device": device_name(device), "model": args.model, "batch_size": B,
-                  "dtype": str(dtype).replace("torch.", ""), "compiled": args.compile,
+        record = {"benchmark": "pretrain", "device": device_name(device), "model": args.model,
+                  "batch_size": args.batch_size, "dtype": str(dtype).replace("torch.", ""), "compiled": args.compile,
                   "compile_mode": args.compile_mode, "flex_attention": args.flex_attention,
                   "fused_adamw": args.fused_adamw, "imagenet_like": args.imagenet_like,
                   "model_only_img_per_s": round(model_only, 1), "end_to_end_img_per_s": round(e2e, 1),
                   "loader_only_img_per_s": round(loader, 1),
                   "end_to_end_over_model_only": round(e2e / model_only, 3)}
-        if not args.skip_reference:
-            ref = timed(reference_batches(expand_shards(str(shards)), tokenizer, B, args.workers, device, dtype),
-                        step, args.warmup, args.steps, device)
-            record.update({"reference_img_per_s": round(ref, 1), "reference_workers": args.workers,
-                           "end_to_end_over_reference": round(e2e / ref, 3)})
-        if args.reference_loader:  # what limits the reference: its loader, with no model and no dVAE
-            ref_loader = timed(reference_batches(expand_shards(str(shards)), tokenizer, B, args.workers, device,
-                                                 dtype, online_tokenizer=False),
-                               lambda images, tokens, mask: images.sum(), args.warmup, args.steps, device)
-            record["reference_loader_only_img_per_s"] = round(ref_loader, 1)
+        record.update(reference_figures(args, shards, tokenizer, step, e2e, device, dtype))
         emit({**record, "torch": torch.__version__})
-
 
 if __name__ == "__main__":
     main()

@@ -65,7 +65,7 @@ def main():
         size = sum(f.stat().st_size for f in Path(tmp).glob("*.parquet"))
         out = subprocess.run([sys.executable, "-c", MEASURE, tmp], capture_output=True, text=True, check=True)
         result = json.loads(out.stdout)
-    print(json.dumps({"benchmark": "inspect_summary", "rows": result["rows"], "images": result["images"],
+    print(json.dumps({"benchmark": "inspect_summary", "rows": result["rows"], "images": result.images,
                       "files": args.files, "parquet_mb": round(size / 2**20, 1),
                       "seconds": round(result["seconds"], 2), "peak_rss_mb": round(result["peak_rss_mb"], 1),
                       "rss_after_imports_mb": round(result["rss_after_imports_mb"], 1),

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from beit_model.dvae import load_tokenizer
+from beit_model.tokenizer import load_tokenizer
 from benchmarks.common import TOKENIZER_CONFIGS, device_name, emit, make_shards, make_tokenizer
 from pipelines.runtime import autocast
-from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+from pipelines.tokenize_shards import TokenizeConfig, TokenizeJob, run_tokenize
 
 
 def tokenizer_only(tokenizer, n_views: int, batch: int, device, compile_: bool) -> float:
@@ -42,18 +42,19 @@ def tokenizer_only(tokenizer, n_views: int, batch: int, device, compile_: bool) 
     return done / (time.perf_counter() - start)
 
 
-def loader_only(shards, cfg: TokenizeConfig, input_size: int, device) -> float:
+def loader_only(shards, job, input_size: int, device) -> float:
     """Views/s of reading, probing, view sampling and DALI decode + crops, with no dVAE."""
     from beit_data.dali_views import DaliViews, ViewSpec
     from beit_data.prefetch import prefetch
     from beit_data.shards import expand_shards
     from pipelines.tokenize_shards import _decoded_batches, _prepared_batches
 
-    views = DaliViews(ViewSpec(views=cfg.views, size=input_size, interp=cfg.view_recipe.interp),
+    cfg = job.cfg
+    views = DaliViews(ViewSpec(views=cfg.views, size=input_size, interp=job.recipe.interp),
                       batch_size=cfg.batch_size, device=device, num_threads=cfg.num_threads)
     start, n = None, 0
     for shard in expand_shards(shards):
-        prepared = prefetch(_prepared_batches(shard, cfg, input_size, []))
+        prepared = prefetch(_prepared_batches(shard, job, []))
         for rows, _pixels in prefetch(_decoded_batches(prepared, shard, views, [])):
             if start is None:  # the first batch builds the pipeline
                 if device.type == "cuda":
@@ -94,13 +95,13 @@ def main():
         for name, spec in (("one", str(shards / "bench-000000.tar")), ("all", str(shards))):
             start = time.perf_counter()
             summary = run_tokenize(TokenizeConfig(shards=spec, out=str(tmp / name), **cfg))
-            timings[name] = (summary["views"], time.perf_counter() - start)
+            timings[name] = (summary.views, time.perf_counter() - start)
         (v1, t1), (v4, t4) = timings["one"], timings["all"]
         steady = (v4 - v1) / (t4 - t1)
         tokenizer = load_tokenizer(tok_path).to(device)
         only = tokenizer_only(tokenizer, v4, args.batch_size * args.views, device, args.compile)
-        loader = loader_only(str(shards), TokenizeConfig(shards=str(shards), out=str(tmp / "x"), **cfg)
-                             .for_tokenizer(tokenizer.kind), tokenizer.input_size, device)
+        job = TokenizeJob.resolve(TokenizeConfig(shards=str(shards), out=str(tmp / "x"), **cfg), tokenizer)
+        loader = loader_only(str(shards), job, tokenizer.input_size, device)
     emit({"benchmark": "tokenize", "device": device_name(device), "tokenizer": args.tokenizer_config,
           "images": args.images, "views": v4, "batch_views": args.batch_size * args.views,
           "end_to_end_views_per_s": round(v4 / t4, 1), "end_to_end_steady_views_per_s": round(steady, 1),

@@ -1,53 +1,92 @@
-"""The pretrain checkpoint: one file, one layout, read by ``--resume`` and ``export`` alike.
+"""The pretrain checkpoint: the state of a run's parts, in one file read by ``--resume`` and ``export``.
 
-``RUN/checkpoint.pt`` is a dict of plain tensors and Python values (it loads with
-``weights_only=True``):
+A run is made of parts that each give their state (``state_dict``) and take it back
+(``load_state_dict``): the model, the optimizer, the scheduler, the stream's position and every
+rank's random generators (``RNGState``). Saving and restoring are a loop over them
+(``save_checkpoint``, ``restore_parts``), so a new piece of state is one more part.
 
-- ``model``, ``optimizer``, ``scheduler``: state dicts;
-- ``step``: optimizer steps taken; ``stream``: the stream's next position ``(epoch, step)``;
-- ``rng``: ``cpu`` and ``cuda``, one torch generator state per rank each (``cuda`` empty on the CPU);
-- ``config``: the resolved ``PretrainConfig`` as a dict;
+``RUN/checkpoint.pt`` is one ``torch.save`` of a dict of plain tensors and Python values (it
+loads with ``weights_only=True``): each part's state under its name, and
+
+- ``step``: optimizer steps taken;
+- ``config``: the resolved settings, by their flat names;
 - ``model_name``, ``vocab_size`` and ``model_args`` (embed_dim, depth, num_heads): what
   rebuilds the model without the config;
 - ``world_size`` and ``data``: the ranks, and what the run trains on (shard names, their
   tokenized images, the tokenizer and view recipe), which a resumed run must match.
+
+Checkpoints written before keep loading: their stream state is an ``(epoch, step)`` pair.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from beit_common import BeitDataError, Location, describe_file, save_atomic, storage
 from beit_data.tokens import with_defaults
 
-__all__ = ["CHECKPOINT", "checkpoint_path", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "save_checkpoint", "load_checkpoint",
+           "restore_parts", "changed_settings", "check_resume", "model_from_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
-KEYS = ("model", "optimizer", "scheduler", "step", "stream", "rng", "config", "model_name", "vocab_size",
-        "model_args", "world_size", "data")
+META = ("step", "config", "model_name", "vocab_size", "model_args", "world_size", "data")
+PARTS = ("model", "optimizer", "scheduler", "stream", "rng")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RNGState:
+    """The torch generators of every rank (drop path differs per rank), saved together by rank 0
+    and given back to each rank; gathering them is a collective: every rank saves."""
+
+    def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.device, self.rank, self.world_size = device, rank, world_size
+
+    def state_dict(self) -> dict:
+        mine = {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        ranks = [mine]
+        if self.world_size > 1:
+            ranks = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"cpu": [r["cpu"] for r in ranks],
+                "cuda": [r["cuda"] for r in ranks] if self.device.type == "cuda" else []}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"][self.rank % len(state["cpu"])])
+        if self.device.type == "cuda" and state.get("cuda"):
+            torch.cuda.set_rng_state(state["cuda"][self.rank % len(state["cuda"])], self.device)
 
 
 def checkpoint_path(run: str | os.PathLike) -> Location:
     return Location(run) / CHECKPOINT
 
 
-def save_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler, step: int,
-                    stream: tuple[int, int], rng_cpu: list, rng_cuda: list, config: dict, model_name: str,
-                    world_size: int, data: dict) -> Path:
-    """Write the checkpoint atomically: a kill never leaves half a file."""
-    return save_atomic({"world_size": world_size, "data": data,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "step": step, "stream": tuple(stream), "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "config": config,
-        "model_name": model_name, "vocab_size": model.vocab_size,
-        "model_args": {"embed_dim": model.embed_dim, "depth": model.depth, "num_heads": model.num_heads},
-    }, path)
+def save_checkpoint(path: str | os.PathLike, parts: dict[str, Stateful], meta: dict, *, write: bool = True) -> None:
+    """Each part's state and ``meta``, written atomically (a kill never leaves half a file).
+
+    Every rank calls it (a part's state may take a collective); only where ``write`` is the file
+    written."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    if write:
+        save_atomic({**meta, **state}, path)
+
+
+def restore_parts(checkpoint: dict, parts: dict[str, Stateful]) -> None:
+    """Give each part its state back."""
+    for name, part in parts.items():
+        part.load_state_dict(checkpoint[name])
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint at ``path``, on the CPU.
+    """The checkpoint at ``path`` (local or an object), on the CPU.
 
     Raises:
         BeitDataError: If it is missing, unreadable or not a beit-data pretrain checkpoint.
@@ -61,14 +100,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             what = describe_file(local)
             detail = what if "zip" not in what else f"a damaged one ({str(exc).strip().splitlines()[0][:160]})"
             raise BeitDataError(f"{path} is not a readable checkpoint: it is {detail}") from None
-    missing = [k for k in KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(KEYS)
+    missing = [k for k in (*PARTS, *META) if k not in ckpt] if isinstance(ckpt, dict) else list(PARTS)
     if missing:
         raise BeitDataError(f"{path} is not a beit-data pretrain checkpoint (missing {', '.join(missing)})")
+    if isinstance(ckpt["stream"], (tuple, list)):  # written before the stream gave its own state
+        ckpt["stream"] = {"epoch": ckpt["stream"][0], "step": ckpt["stream"][1]}
     return ckpt
 
 
 # Settings added since the first checkpoints, with the value a run that predates them had.
-ADDED_SETTINGS = {"recipe": "beit", "partitions": None, "record_batches": False}
+ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False}
+
+
+def saved_settings(ckpt: dict) -> dict:
+    """The checkpoint's settings, completed for runs from before a setting existed: a run from
+    before partitions dealt its shards to its ranks."""
+    saved = {**ADDED_SETTINGS, **ckpt["config"]}
+    if ckpt["config"].get("partitions") is None:
+        saved.update(partitions=ckpt["world_size"], dealt=True)
+    return saved
 
 
 def changed_settings(saved: dict, config: dict, resumable: tuple[str, ...], added: dict | None = None) -> dict:
@@ -99,9 +149,9 @@ def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_siz
     """Refuse to resume with settings or data that change what the run computes.
 
     Args:
-        config: This invocation's settings.
+        config: This invocation's settings, by their flat names.
         resumable: The settings that may change (they only change how the run goes).
-        data: What this invocation would train on, as ``save_checkpoint`` records it.
+        data: What this invocation would train on, as the checkpoint records it.
 
     Returns:
         The settings that changed, ``{name: (old, new)}``, for the log.
@@ -109,7 +159,7 @@ def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_siz
     Raises:
         BeitDataError: Naming the setting, its value in the run and the new one.
     """
-    changed = changed_settings(ckpt["config"], config, resumable)
+    changed = changed_settings(saved_settings(ckpt), config, resumable)
     if ckpt["world_size"] != world_size:
         raise BeitDataError(f"the run being resumed has {ckpt['world_size']} ranks, not {world_size}; the order of "
                             "its batches depends on it")

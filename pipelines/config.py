@@ -1,4 +1,5 @@
-"""The settings of every stage, one keyword-only dataclass each, validated when built.
+"""The settings of every stage, one keyword-only dataclass each, validated when built
+(pretrain's, in sections, in ``pipelines.pretrain_config``).
 
 They live apart from the stages so that the command line can take its defaults from them
 without importing torch or DALI (``beit-data --help`` stays instant). Each stage module
@@ -8,43 +9,17 @@ re-exports its own config beside its ``run_*()`` function.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 from beit_common import BeitDataError
-from beit_data.order import MIX_SHARDS, PARTITIONS
+from beit_data.stream_config import StreamConfig
 from beit_data.views import ViewRecipe
+from pipelines.recipes import DVAE_CONFIGS, RECIPES, TOKENIZER_RECIPE, check_recipe_name
+from pipelines.sections import Sectioned
 
-# The dVAE architectures of ``beit_model.dvae.CONFIGS`` (named here so this module needs no torch).
-DVAE_CONFIGS = ("tiny", "dalle")
-
-# The papers' recipes for ViT-B/16, in one place. ``beit``: BEiT (Bao et al., ICLR 2022), 800
-# epochs, DALL-E tokens of a 112-pixel Lanczos view. ``beitv2``: BEiT v2 (Peng et al., 2022) as in
-# unilm's beit2/PRETRAINING.md, 1600 epochs, VQ-KD tokens of the model's own 224-pixel bicubic
-# view, crops of at least 20% of the image, and the extra head after block 9. Both: batch 2048
-# in all, AdamW (0.9, 0.999), weight decay 0.05, clip 3.0, 75 masked patches, colour jitter 0.4.
-RECIPES = {
-    "beit": {"min_scale": 0.08, "tokenizer_filter": "lanczos", "model": "beit_mim_base_patch16_224",
-             "epochs": 800, "lr": 1.5e-3, "warmup_epochs": 10.0, "layer_scale": 0.1, "drop_path": 0.1},
-    "beitv2": {"min_scale": 0.2, "tokenizer_filter": "bicubic", "model": "beitv2_mim_base_patch16_224",
-               "epochs": 1600, "lr": 1.5e-3, "warmup_epochs": 10.0, "layer_scale": 0.1, "drop_path": 0.1},
-}
-# The recipe tokenize follows when none is named: the one each kind of tokenizer was made for.
-TOKENIZER_RECIPE = {"dvae": "beit", "vqkd": "beitv2"}
-PRETRAIN_RECIPE_KEYS = ("model", "epochs", "lr", "warmup_epochs", "layer_scale", "drop_path")
-
-
-def check_recipe_name(name: str | None) -> None:
-    if name is not None and name not in RECIPES:
-        raise BeitDataError(f"`recipe` must be one of {sorted(RECIPES)}, got {name}")
-
-__all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "PretrainConfig", "ProbeConfig", "InspectConfig",
-           "PlanConfig", "RECIPES", "default"]
-
-
-def default(config: type, name: str):
-    """The default of setting ``name`` of a config class, for the command line."""
-    return config.__dataclass_fields__[name].default
+__all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "InspectConfig", "IndexConfig",
+           "ExportConfig", "PlanConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +95,7 @@ class TrainDVAEConfig:
         if self.config not in DVAE_CONFIGS:
             raise BeitDataError(f"`config` must be one of {list(DVAE_CONFIGS)}, got {self.config}")
         if self.steps < 1 or self.batch_size < 1 or self.holdout < 1:
-            raise BeitDataError("`steps`, `batch_size` and the hold-out count must be at least 1")
+            raise BeitDataError("`steps`, `batch_size` and the held-out count must be at least 1")
         if self.gumbel_noise is None:
             object.__setattr__(self, "gumbel_noise", 1.0 if self.config == "dalle" else 0.0)
         if self.resume and self.overwrite:
@@ -130,7 +105,7 @@ class TrainDVAEConfig:
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
     """``recipe`` (None: the tokenizer kind's, see ``TOKENIZER_RECIPE``) sets ``min_scale`` where it
-    is None and the filter of the tokenizer's view; ``for_tokenizer`` fills them in."""
+    is None and the filter of the tokenizer's view (``view_recipe_for``)."""
 
     shards: str
     tokenizer: str
@@ -159,98 +134,13 @@ class TokenizeConfig:
         if self.min_scale is not None and not 0 < self.min_scale <= 1:
             raise BeitDataError(f"`min_scale` must be in (0, 1], got {self.min_scale}")
 
-    def for_tokenizer(self, kind: str) -> TokenizeConfig:
-        """This config with the recipe, and what it sets, filled in for a tokenizer of ``kind``."""
+    def view_recipe_for(self, kind: str) -> ViewRecipe:
+        """The views drawn for a tokenizer of ``kind``: this config's recipe, or the one that kind of
+        tokenizer was made for, which also sets ``min_scale`` where it is None."""
         recipe = self.recipe or TOKENIZER_RECIPE[kind]
         min_scale = RECIPES[recipe]["min_scale"] if self.min_scale is None else self.min_scale
-        return replace(self, recipe=recipe, min_scale=min_scale)
-
-    @property
-    def view_recipe(self) -> ViewRecipe:
-        if self.recipe is None or self.min_scale is None:
-            raise RuntimeError("call for_tokenizer() first")
-        return ViewRecipe(views=self.views, seed=self.seed, target_jitter=self.target_jitter,
-                          scale=(self.min_scale, 1.0), interp=RECIPES[self.recipe]["tokenizer_filter"],
-                          recipe=self.recipe)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
-    """``recipe`` sets each of ``PRETRAIN_RECIPE_KEYS`` left at None; with no recipe named, the
-    token files' own recipe is used (``for_tokens``)."""
-
-    shards: str
-    tokens: str
-    out: str
-    recipe: str | None = None
-    model: str | None = None
-    epochs: int | None = None
-    steps: int | None = None  # overrides epochs
-    stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
-    batch_size: int = 256  # per rank
-    lr: float | None = None
-    min_lr: float = 1e-5
-    warmup_epochs: float | None = None
-    warmup_steps: int | None = None  # overrides warmup_epochs
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0
-    drop_path: float | None = None
-    layer_scale: float | None = None
-    num_masked: int = 75
-    seed: int = 0
-    # Partitions of each epoch (see beit_data.order); None: shards dealt to ranks, the order of runs
-    # from before partitions, which a resumed old run keeps.
-    partitions: int | None = PARTITIONS
-    mix_shards: int = MIX_SHARDS  # shards a partition reads at once, their samples permuted together
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    resume: bool = False
-    skip_missing: bool = False
-    compile: bool = False
-    device: str = "auto"
-    num_threads: int = 4
-    progress: bool = True
-    shuffle_targets: bool = False  # control experiment: targets from other images
-    record_batches: bool = False  # each rank writes the keys of its every step to RUN/batches-rank{R}.jsonl
-    val_shards: str | None = None  # held-out shards, tokenized into val_tokens
-    val_tokens: str | None = None
-    val_every: int = 1000  # evaluate at step 0, every N steps and at the end
-    val_images: int = 1024  # the fixed held-out set, over all ranks
-    probe_every: int | None = None  # a k-NN probe on rank 0 every N steps (and at 0 and the end); off by default
-    probe_train: str | None = None  # labeled shards (.cls) the k-NN votes with
-    probe_val: str | None = None  # labeled shards it is scored on
-    probe_layers: tuple[int, ...] | None = None  # blocks (1-based) whose features it averages; None: the last
-
-    # Settings a resumed run may change: they decide how the run goes, not what it computes.
-    # The shards and tokens may move (their paths may change); what they hold is checked.
-    # Every other setting must equal the checkpoint's, the step count and epochs included: the
-    # cosine schedule is a function of the total, so extending a run would change its past.
-    RESUMABLE = ("shards", "tokens", "out", "stop_after", "checkpoint_every", "log_every", "resume", "compile",
-                 "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
-                 "probe_every", "probe_train", "probe_val", "probe_layers", "record_batches")
-
-    def __post_init__(self):
-        check_recipe_name(self.recipe)
-        for key in PRETRAIN_RECIPE_KEYS:
-            if getattr(self, key) is None and self.recipe is not None:
-                object.__setattr__(self, key, RECIPES[self.recipe][key])
-        if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs < 1:
-            raise BeitDataError("`steps` and `epochs` must be at least 1")
-        if self.batch_size < 1 or self.lr is not None and self.lr <= 0:
-            raise BeitDataError("`batch_size` and `lr` must be positive")
-        if self.partitions is not None and self.partitions < 1:
-            raise BeitDataError(f"`partitions` must be at least 1, got {self.partitions}")
-        if (self.val_shards is None) != (self.val_tokens is None):
-            raise BeitDataError("`val_shards` and `val_tokens` go together: the held-out shards and their tokens")
-        if self.val_every < 1 or self.val_images < 1:
-            raise BeitDataError("`val_every` and `val_images` must be at least 1")
-        if self.probe_every is not None and (self.probe_every < 1 or not self.probe_train or not self.probe_val):
-            raise BeitDataError("`probe_every` needs a positive step count, `probe_train` and `probe_val`")
-
-    def for_tokens(self, views: dict) -> PretrainConfig:
-        """This config with the recipe filled in from the token files' ``views`` metadata, if none was named."""
-        return self if self.recipe is not None else replace(self, recipe=views.get("recipe", "beit"))
+        return ViewRecipe(views=self.views, seed=self.seed, target_jitter=self.target_jitter, scale=(min_scale, 1.0),
+                          interp=RECIPES[recipe]["tokenizer_filter"], recipe=recipe)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,6 +174,24 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """``beit-data index``: a DALI ``.idx`` beside each shard that has none (every one with ``overwrite``)."""
+
+    shards: str
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """``beit-data export``: a run's encoder, for timm."""
+
+    run: str
+    out: str
+    overwrite: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class InspectConfig:
     tokens: str
     shards: str | None = None
@@ -299,8 +207,8 @@ class InspectConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PlanConfig:
-    """Which batches ``beit-data plan`` prints; the order settings must be the run's own.
+class PlanConfig(Sectioned):
+    """Which batches ``beit-data plan`` prints; ``data`` (the order's settings) must be the run's own.
 
     Attributes:
         world_size: Ranks of the run (torchrun's ``WORLD_SIZE``).
@@ -309,23 +217,17 @@ class PlanConfig:
         rank: Only this rank; all ranks when None.
     """
 
-    shards: str
-    tokens: str
-    batch_size: int = PretrainConfig.batch_size
+    data: StreamConfig
     world_size: int = 1
     epochs: int = 1
     start_epoch: int = 0
     steps: int | None = None
     rank: int | None = None
-    seed: int = PretrainConfig.seed
-    partitions: int = PARTITIONS
-    mix_shards: int = PretrainConfig.mix_shards
-    skip_missing: bool = False
+
+    SECTION_TYPES = {"data": StreamConfig}
 
     def __post_init__(self):
-        if min(self.batch_size, self.world_size, self.epochs, self.mix_shards, self.partitions) < 1 \
-                or self.start_epoch < 0:
-            raise BeitDataError("`batch_size`, `world_size`, `epochs`, `partitions` and `mix_shards` must be at "
-                                "least 1")
+        if min(self.world_size, self.epochs) < 1 or self.start_epoch < 0:
+            raise BeitDataError("`world_size` and `epochs` must be at least 1, `start_epoch` 0 or more")
         if self.rank is not None and not 0 <= self.rank < self.world_size:
             raise BeitDataError(f"`rank` must be in [0, {self.world_size}), got {self.rank}")

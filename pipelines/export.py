@@ -7,12 +7,12 @@ JSON beside it that names the timm model of the same size and the arguments that
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from beit_common import Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
 from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from pipelines.config import ExportConfig
 
-__all__ = ["run_export", "timm_args"]
+__all__ = ["ExportConfig", "run_export", "timm_args"]
 
 
 def timm_args(model_args: dict) -> dict:
@@ -21,7 +21,7 @@ def timm_args(model_args: dict) -> dict:
             "use_abs_pos_emb": False, "use_rel_pos_bias": True}
 
 
-def run_export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+def run_export(cfg: ExportConfig) -> dict:
     """Write the encoder of ``RUN/checkpoint.pt`` to ``out`` (a local path or an object URL),
     with its JSON beside it; returns how to load it in timm.
 
@@ -30,7 +30,8 @@ def run_export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     """
     from beit_model.beit_mim import TIMM_EQUIVALENT, encoder_state_dict
 
-    ckpt = load_checkpoint(checkpoint_path(run))
+    out, overwrite = cfg.out, cfg.overwrite
+    ckpt = load_checkpoint(checkpoint_path(cfg.run))
     out = output_file(out, "the encoder", overwrite=overwrite)
     info_path = output_file(Location(out).sibling(".json"), "the encoder's JSON", overwrite=overwrite)
     model = model_from_checkpoint(ckpt)

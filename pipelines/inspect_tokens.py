@@ -111,7 +111,7 @@ def render_view(cfg: InspectConfig) -> Path:
     if cfg.tokenizer:
         import torch
 
-        from beit_model.dvae import load_tokenizer
+        from beit_model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(cfg.tokenizer)
         if tok.fingerprint != meta["tokenizer"]["fingerprint"]:

@@ -12,7 +12,7 @@ from itertools import islice
 from typing import Iterator
 
 from beit_data.order import left_out_note
-from beit_data.replay import PlannedBatch, ReplaySource, StreamConfig
+from beit_data.replay import PlannedBatch, ReplaySource
 from pipelines.config import PlanConfig
 
 __all__ = ["PlanConfig", "Plan", "run_plan", "format_batch"]
@@ -42,9 +42,7 @@ class Plan:
 def run_plan(cfg: PlanConfig) -> Plan:
     """The plan of ``cfg``'s epochs: the shards and token files are opened and checked now, the
     batches are walked as the plan is iterated."""
-    stream = StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                          partitions=cfg.partitions, mix_shards=cfg.mix_shards, skip_missing=cfg.skip_missing)
-    source = ReplaySource.open(stream, world_size=cfg.world_size)
+    source = ReplaySource.open(cfg.data, world_size=cfg.world_size)
     return Plan(cfg, source, left_out_note(source.layout(cfg.start_epoch), source.spec))
 
 

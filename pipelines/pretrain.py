@@ -6,40 +6,47 @@ lr 1.5e-3 with a per-step linear warmup over 10 epochs and cosine decay to 1e-5,
 0.1, LayerScale 0.1, gradient clipping at 3.0, 75 block-masked patches, 800 epochs.
 One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast, nccl) under torchrun.
 
-A run reads top to bottom: ``build`` (stream, model, optimizer), ``restore`` (from the
-checkpoint, with ``--resume``), ``loop`` (steps, logs, checkpoints), ``save``. SIGTERM,
-SIGINT and SIGHUP end the loop after the current step, with a checkpoint.
+A run reads top to bottom: ``resolve`` (the config completed before anything is built),
+``build`` (stream, model, optimizer, and the run's parts restored from the checkpoint with
+``--resume``), then ``pipelines.train_loop.loop`` (steps, logs, checkpoints). SIGTERM, SIGINT
+and SIGHUP end the loop after the current step, with a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from beit_common import BeitDataError, Location, redacted, write_text_atomic
 from beit_data.order import left_out_note
-from beit_data.progress import progress_bar
-from beit_data.stream import StreamConfig, TrainStream
-from pipelines.checkpoint import CHECKPOINT, check_resume, checkpoint_path, load_checkpoint, save_checkpoint
-from pipelines.config import PretrainConfig
-from pipelines.logs import BatchRecorder, Logger, LossReader
-from pipelines.preemption import Preemption
+from beit_data.stream import TrainStream
+from beit_data.tokens import read_meta, token_files
+from pipelines.checkpoint import (
+    CHECKPOINT,
+    RNGState,
+    check_resume,
+    checkpoint_path,
+    load_checkpoint,
+    restore_parts,
+    save_checkpoint,
+    saved_settings,
+)
+from pipelines.pretrain_config import PretrainConfig
 from pipelines.run_folder import Mirror, run_folder
 from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
-from pipelines.training import build_model, build_optimizer, train_step
+from pipelines.training import build_model, build_optimizer
 from pipelines.validation import QualityChecks
 
-__all__ = ["PretrainConfig", "run_pretrain"]
+__all__ = ["PretrainConfig", "PretrainResult", "Run", "run_pretrain", "resolve", "build", "save"]
 
 
 @dataclass
 class Run:
-    """Everything a training run holds while it goes."""
+    """Everything a training run holds while it goes; ``parts`` are what its checkpoint saves."""
 
     cfg: PretrainConfig
     device: torch.device
@@ -52,6 +59,7 @@ class Run:
     total: int
     warmup: int
     data: dict
+    parts: dict = field(default_factory=dict)
     step: int = 0
     resumed_at: int | None = None
     checks: QualityChecks | None = None
@@ -62,20 +70,53 @@ class Run:
         return self.dist.rank == 0
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict:
-    """Train (or resume) a BEiT MIM model; returns a summary of the run.
+@dataclass
+class PretrainResult:
+    """What a run did: its steps, first and last losses, where its checkpoint is, what it passed
+    over, the signal that stopped it (if one did), and its first and last held-out figures."""
 
-    The summary's ``stopped`` names the signal that ended the run early, if one did.
-    """
-    device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    checkpoint: str
+    skipped_rejected: int
+    skipped_missing_shards: int
+    stopped: str | None = None
+    holdout: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "first_loss": self.first_loss, "last_loss": self.last_loss,
+                "checkpoint": self.checkpoint, "skipped_rejected": self.skipped_rejected,
+                "skipped_missing_shards": self.skipped_missing_shards}
+
+
+def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Train (or resume) a BEiT MIM model."""
+    from pipelines.train_loop import loop
+
+    device = resolve_device(cfg.runtime.device, local_rank=dist_info().local_rank)
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
         try:
-            with run_folder(cfg, dist) as (out, mirror):
-                return loop(build(cfg, out, device, dist, mirror))
+            with run_folder(cfg.runtime, dist) as (out, mirror):
+                checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.runtime.resume else None
+                return loop(build(resolve(cfg, checkpoint), out, device, dist, mirror, checkpoint))
         finally:
             if dist.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+
+def resolve(cfg: PretrainConfig, checkpoint: dict | None) -> PretrainConfig:
+    """The config complete, before anything is built: the order of a run from before partitions
+    (shards dealt to its ranks), and the recipe of the token files where none was named."""
+    if checkpoint is not None:
+        saved = saved_settings(checkpoint)
+        if saved["dealt"]:
+            cfg = cfg.with_settings(dealt=True, partitions=saved["partitions"])
+    if cfg.recipe is None:  # (no token file at all is said by the stream, naming the shard)
+        files = token_files(cfg.data.tokens, allow_empty=True)
+        cfg = cfg.resolved(read_meta(files[0])["views"].get("recipe", "beit") if files else "beit")
+    return cfg
 
 
 def _schedule(cfg: PretrainConfig, stream: TrainStream, dist: DistInfo) -> tuple[int, int]:
@@ -84,17 +125,10 @@ def _schedule(cfg: PretrainConfig, stream: TrainStream, dist: DistInfo) -> tuple
     note = left_out_note(stream.source.layout(0), stream.source.spec)
     if note and dist.rank == 0:
         print(f"pretrain: {note}", file=sys.stderr)
-    steps_per_epoch = stream.steps_per_epoch(0)
-    total = cfg.steps or cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
+    steps_per_epoch, optim = stream.steps_per_epoch(0), cfg.optim
+    total = optim.steps or optim.epochs * steps_per_epoch
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_epochs * steps_per_epoch)
     return total, min(total, warmup) or 1
-
-
-def _check_model(model, stream: TrainStream) -> None:
-    grid = tuple(model.grid)
-    if grid != (stream.grid, stream.grid):
-        raise BeitDataError(f"model grid {grid[0]}x{grid[1]} does not match the tokens' grid "
-                            f"{stream.grid}x{stream.grid} ({stream.token_files[0]})")
 
 
 def run_data(stream: TrainStream) -> dict:
@@ -104,75 +138,57 @@ def run_data(stream: TrainStream) -> dict:
             "tokenizer": stream.meta["tokenizer"], "views": stream.meta["views"]}
 
 
-def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, mirror: Mirror | None = None) -> Run:
-    """The stream, the model and its optimizer, restored from the checkpoint with ``resume``."""
-    checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.resume else None
-    if checkpoint is not None and "partitions" not in checkpoint["config"]:
-        cfg = replace(cfg, partitions=None)  # a run from before partitions keeps its order
-    stream = TrainStream(StreamConfig(shards=cfg.shards, tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                                      partitions=cfg.partitions or dist.world_size, dealt=cfg.partitions is None,
-                                      mix_shards=cfg.mix_shards, num_masked=cfg.num_masked,
-                                      skip_missing=cfg.skip_missing, num_threads=cfg.num_threads,
-                                      shuffle_targets=cfg.shuffle_targets),
-                         rank=dist.rank, world_size=dist.world_size, device=device)
-    cfg = cfg.for_tokens(stream.meta["views"])
+def _model(cfg: PretrainConfig, stream: TrainStream, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(cfg.data.seed)
+    model = build_model(cfg.arch.model, stream.vocab, drop_path=cfg.arch.drop_path, layer_scale=cfg.arch.layer_scale)
+    grid = tuple(model.grid)
+    if grid != (stream.grid, stream.grid):
+        raise BeitDataError(f"model grid {grid[0]}x{grid[1]} does not match the tokens' grid "
+                            f"{stream.grid}x{stream.grid} ({stream.token_files[0]})")
+    return model.to(device)
+
+
+def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, mirror: Mirror | None = None,
+          checkpoint: dict | None = None) -> Run:
+    """The stream, the model and its optimizer, with the run's parts restored from ``checkpoint``."""
+    stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device)
     if checkpoint is not None:
-        changed = check_resume(checkpoint, redacted(asdict(cfg)), PretrainConfig.RESUMABLE, dist.world_size,
+        changed = check_resume(checkpoint, redacted(cfg.flat()), PretrainConfig.RESUMABLE, dist.world_size,
                                run_data(stream))
         if changed and dist.rank == 0:
             print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
                   file=sys.stderr)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, stream.vocab,
-                        drop_path=cfg.drop_path, layer_scale=cfg.layer_scale)
-    _check_model(model, stream)
-    model.to(device)
+    model = _model(cfg, stream, device)
     total, warmup = _schedule(cfg, stream, dist)
-    optimizer, scheduler = build_optimizer(model, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                           betas=cfg.betas, warmup=warmup, total=total)
+    optim = cfg.optim
+    optimizer, scheduler = build_optimizer(model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                                           betas=optim.betas, warmup=warmup, total=total)
     run = Run(cfg=cfg, device=device, dist=dist, out=out, stream=stream, model=model, optimizer=optimizer,
               scheduler=scheduler, total=total, warmup=warmup, data=run_data(stream),
-              checks=QualityChecks(cfg, stream, dist, device, depth=len(model.blocks)), mirror=mirror)
+              checks=QualityChecks(cfg.eval, stream, dist, device, depth=len(model.blocks)), mirror=mirror)
+    run.parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "stream": stream,
+                 "rng": RNGState(device, dist.rank, dist.world_size)}
     if checkpoint is not None:
-        restore(run, checkpoint)
+        restore_parts(checkpoint, run.parts)
+        run.step = run.resumed_at = checkpoint["step"]
     else:
-        torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop path differs per rank
+        torch.manual_seed(cfg.data.seed + 1000 * dist.rank)  # drop path differs per rank
     if run.is_main:
-        config = {**redacted(asdict(cfg)), "total_steps": total, "warmup_steps": warmup,
+        config = {**redacted(cfg.flat()), "total_steps": total, "warmup_steps": warmup,
                   "steps_per_epoch": stream.steps_per_epoch(0)}
         write_text_atomic(out / "config.json", json.dumps(config, indent=1))
     return run
 
 
-def restore(run: Run, checkpoint: dict) -> None:
-    """Model, optimizer, scheduler, stream position and RNG as the checkpoint left them."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.step = run.resumed_at = checkpoint["step"]
-    run.stream.seek(*checkpoint["stream"])
-    rng = checkpoint["rng"]
-    torch.set_rng_state(rng["cpu"][run.dist.rank % len(rng["cpu"])])
-    if run.device.type == "cuda" and rng.get("cuda"):
-        torch.cuda.set_rng_state(rng["cuda"][run.dist.rank % len(rng["cuda"])])
-
-
 def save(run: Run) -> None:
-    """Every rank's RNG state, and rank 0 writes the checkpoint."""
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None}
-    ranks = [rng]
-    if run.dist.world_size > 1:  # every rank's generators: drop path differs per rank
-        ranks = [None] * run.dist.world_size
-        torch.distributed.all_gather_object(ranks, rng)
-    rng_cpu = [r["cpu"] for r in ranks]
-    if run.is_main:
-        save_checkpoint(checkpoint_path(run.out), model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                        step=run.step, stream=run.stream.position, rng_cpu=rng_cpu,
-                        rng_cuda=[r["cuda"] for r in ranks] if run.device.type == "cuda" else [],
-                        config=redacted(asdict(run.cfg)), model_name=run.cfg.model,
-                        world_size=run.dist.world_size,
-                        data=run.data)
-        push(run)
+    """Every rank gives its parts' state (the RNG states are gathered), rank 0 writes the checkpoint
+    and uploads the run folder of an object-storage ``out``."""
+    meta = {"step": run.step, "config": redacted(run.cfg.flat()), "model_name": run.cfg.arch.model,
+            "vocab_size": run.model.vocab_size, "world_size": run.dist.world_size, "data": run.data,
+            "model_args": {"embed_dim": run.model.embed_dim, "depth": run.model.depth,
+                           "num_heads": run.model.num_heads}}
+    save_checkpoint(checkpoint_path(run.out), run.parts, meta, write=run.is_main)
+    push(run)
 
 
 def push(run: Run) -> None:
@@ -180,93 +196,3 @@ def push(run: Run) -> None:
     last: each object appears whole, and a resumed run drops log lines past the checkpoint."""
     if run.mirror is not None and run.is_main:
         run.mirror.push(last=(CHECKPOINT,))
-
-
-def _forward_module(run: Run) -> torch.nn.Module:
-    """The model as the step calls it: wrapped in DDP under torchrun, compiled with ``compile``."""
-    forward = run.model
-    if run.dist.world_size > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    return torch.compile(forward) if run.cfg.compile else forward
-
-
-class Meter:
-    """Images per second between two logs."""
-
-    def __init__(self):
-        self.tick, self.seen = time.perf_counter(), 0
-
-    def rate(self) -> float:
-        elapsed = time.perf_counter() - self.tick
-        rate = self.seen / elapsed if elapsed > 0 else 0.0
-        self.tick, self.seen = time.perf_counter(), 0
-        return rate
-
-
-def _log_step(run: Run, logger: Logger, losses: LossReader, out, epoch: int, meter: Meter, bar) -> None:
-    img_s, acc = meter.rate(), out.accuracy()
-    record = {"step": run.step, "epoch": epoch, "loss": losses.last, "acc": acc,
-              "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s}
-    if run.device.type == "cuda":  # the peak so far: a leak shows as growth between logs
-        record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
-    logger.log(record)
-    # Not refreshed here: the bar redraws at its own interval (every 30 s into a log file).
-    bar.set_postfix(loss=f"{losses.last:.3f}", acc=f"{acc:.3f}", img_s=f"{img_s:.0f}", refresh=False)
-
-
-def loop(run: Run) -> dict:
-    """Train from ``run.step`` to the end, for ``stop_after`` steps, or until a signal; log and
-    save on the way."""
-    cfg = run.cfg
-    forward = _forward_module(run)
-    logger = Logger(run.out, run.is_main, resumed_at=run.resumed_at or 0)
-    recorder = BatchRecorder(run.out, run.dist.rank, cfg.record_batches, resumed_at=run.resumed_at or 0)
-    losses = LossReader(checkpoint_path(run.out))
-    stop_at = min(run.total, run.step + cfg.stop_after if cfg.stop_after else run.total)
-    bar = progress_bar(total=run.total, initial=run.step, desc="pretrain", unit="step",
-                       disable=not (cfg.progress and run.is_main))
-    dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
-    meter, stopped = Meter(), 0
-    if run.step == 0:
-        run.checks(run.model, 0, run.total, logger)  # the held-out figures before training
-    run.model.train()
-    with Preemption(run.dist.world_size) as preemption:
-        for batch in (run.stream.batches(dtype=dtype) if run.step < stop_at else ()):
-            out = train_step(run.model, run.optimizer, run.scheduler, batch.images, batch.tokens, batch.mask,
-                             max_masked=cfg.num_masked, clip_grad=cfg.clip_grad, device=run.device, forward=forward)
-            run.step += 1
-            recorder.record(run.step, batch.epoch, batch.step, batch.keys)
-            losses.add(run.step - 1, out.loss)
-            meter.seen += batch.images.shape[0] * run.dist.world_size
-            stopped = preemption.requested()
-            log_now = run.step % cfg.log_every == 0 or run.step == run.total
-            save_now = run.step % cfg.checkpoint_every == 0 or run.step == stop_at or stopped
-            if log_now or save_now:
-                losses.read()
-            if log_now:
-                _log_step(run, logger, losses, out, batch.epoch, meter, bar)
-            bar.update()
-            if not stopped:  # a preempted run saves first: the job may have seconds left
-                run.checks(run.model, run.step, run.total, logger)
-            if save_now:
-                recorder.flush()
-                save(run)
-            if run.step >= stop_at or stopped:
-                break
-    bar.close()
-    if stopped:
-        logger.log({"step": run.step, "event": "stopped", "signal": Preemption.name(stopped)})
-        if run.is_main:
-            print(f"pretrain: stopped by {Preemption.name(stopped)} after step {run.step}; "
-                  f"{checkpoint_path(run.cfg.out)} holds it, resume to continue", file=sys.stderr)
-    logger.close()
-    recorder.close()
-    push(run)  # the logs written after the last checkpoint
-    if run.dist.world_size > 1:
-        torch.distributed.barrier()
-    return {"steps": run.step, "first_loss": losses.first, "last_loss": losses.last,
-            "checkpoint": str(checkpoint_path(run.cfg.out)), "skipped_rejected": run.stream.skipped_rejected,
-            "skipped_missing_shards": len(run.stream.missing),
-            "stopped": Preemption.name(stopped) if stopped else None,
-            "held_out": [r for r in (run.checks.first, run.checks.last) if r is not None]}

@@ -16,15 +16,17 @@ from beit_common import (
     LOCK_NAME,
     BeitDataError,
     Location,
+    cache,
     ensure_writable_dir,
     folder_lock,
     remove_stale_temps,
     storage,
     write_atomic,
 )
+from beit_common.files import upload
 from beit_common.location import inside
 from pipelines.checkpoint import CHECKPOINT, checkpoint_path
-from pipelines.config import PretrainConfig
+from pipelines.pretrain_config import RuntimeConfig
 from pipelines.runtime import DistInfo
 
 __all__ = ["Mirror", "run_folder"]
@@ -90,14 +92,14 @@ class Mirror:
         for path in files:
             name, state = self._name(path), self._state(path)
             if self._pushed.get(name) != state:
-                storage.upload(path, f"{self.url}/{name}")
+                upload(path, f"{self.url}/{name}")
                 self._pushed[name] = state
                 sent.append(name)
         return sent
 
 
 @contextmanager
-def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirror | None]]:
+def run_folder(cfg: RuntimeConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirror | None]]:
     """The run folder, locked by rank 0 for the run; a new folder is removed again if the run
     fails before it holds anything.
 
@@ -115,7 +117,7 @@ def run_folder(cfg: PretrainConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirr
     mirror = None
     if not target.is_local:
         ensure_writable_dir(target)
-        mirror = Mirror(target, storage.cache_dir("runs", storage.cache_key(target), f"rank{dist.rank}"),
+        mirror = Mirror(target, cache.cache_dir("runs", cache.cache_key(target), f"rank{dist.rank}"),
                         skip=(LOCK_NAME,))
     out = mirror.local if mirror is not None else target.path
     created = not out.exists()

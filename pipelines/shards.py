@@ -7,15 +7,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import webdataset as wds
 
-from beit_common import BeitDataError, ensure_writable_dir, output_location, storage, write_text_atomic
+from beit_common import BeitDataError, ensure_writable_dir, output_location, write_text_atomic
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
 from beit_data.progress import progress_bar
-from beit_data.shard_index import index_path, write_index
-from beit_data.shards import IMAGE_EXTS, Reject, expand_shards
+from beit_data.shard_index import write_index
+from beit_data.shards import IMAGE_EXTS, Reject
 from beit_data.views import stable_rng
 from pipelines.config import ShardsConfig
 
@@ -257,30 +257,20 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
     return result
 
 
-INDEX_WORKERS = 16  # shards scanned at once on object storage
+def write_sample(out: str | os.PathLike, *, maxcount: int = 8, holdout: int = 0,
+                 holdout_out: str | os.PathLike | None = None) -> Iterator[tuple[str, Path, ShardsResult]]:
+    """The embedded photographs as shards in ``out``, the last ``holdout`` (by name) in
+    ``holdout_out``: ``(prefix, folder, result)`` of each part as it is written."""
+    import tempfile
 
+    from beit_data.sample import sample_images, write_sample_list
 
-def run_index(spec: str, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write a DALI ``.idx`` beside each shard of ``spec`` that has none (with ``overwrite``, beside
-    every one), local or on object storage. The training order reads images by these offsets;
-    without them each node scans the tar headers once.
-
-    Returns:
-        ``{"shards": N, "written": [...], "skipped": M}``.
-    """
-    shards = expand_shards(spec)
-    if not all(s.seekable for s in shards):
-        raise BeitDataError("pipe: shards cannot be indexed (they are read from the start only); index the files "
-                            "or objects the commands read")
-    bar = progress_bar(total=len(shards), desc="index", unit="shard", disable=not progress)
-
-    def one(shard) -> str | None:  # many shards at once on object storage: each scan waits on requests
-        done = None
-        if overwrite or not storage.exists(index_path(shard)):
-            done = str(write_index(shard))
-        bar.update()
-        return done
-
-    written = [w for w in storage.map_concurrently(one, shards, workers=INDEX_WORKERS) if w is not None]
-    bar.close()
-    return {"shards": len(shards), "written": written, "skipped": len(shards) - len(written)}
+    photos = sample_images()
+    parts = [(out, photos[:len(photos) - holdout], "sample")]
+    if holdout:
+        parts.append((holdout_out, photos[len(photos) - holdout:], "holdout"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for folder, chosen, prefix in parts:
+            listing = write_sample_list(f"{tmp}/{prefix}.txt", chosen)
+            yield prefix, Path(folder), run_shards(ShardsConfig(sources=[listing], out=folder, maxcount=maxcount,
+                                                                prefix=prefix, progress=False))

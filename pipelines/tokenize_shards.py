@@ -48,19 +48,20 @@ from beit_data.tokens import (
     view_rows,
     write_tokens,
 )
-from beit_data.views import sample_views
-from beit_model.dvae import load_tokenizer
-from beit_model.tokenizer import TokenizerBase as Tokenizer
+from beit_data.views import ViewRecipe, sample_views
+from beit_model.tokenizer import Tokenizer, load_tokenizer
 from pipelines.config import TokenizeConfig
 from pipelines.runtime import autocast, dist_info, init_distributed, resolve_device
 
-__all__ = ["TokenizeConfig", "run_tokenize", "run_meta"]
+__all__ = ["TokenizeConfig", "TokenizeJob", "TokenizeResult", "run_tokenize"]
 
 RESIZE_FILTER = {"lanczos": "lanczos3", "bicubic": "bicubic", "bilinear": "bilinear"}  # as the metadata names them
 
 
 @dataclass
-class TokenizeSummary:
+class TokenizeResult:
+    """What a tokenize run did, over all ranks; ``rejects`` names each sample left out and why."""
+
     shards: int = 0
     skipped: int = 0
     images: int = 0
@@ -68,21 +69,28 @@ class TokenizeSummary:
     rejects: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
-    def as_dict(self) -> dict:
+    def summary(self) -> dict:
         ips = self.images / self.seconds if self.seconds else 0.0
         return {"shards": self.shards, "skipped": self.skipped, "images": self.images, "views": self.views,
                 "rejects": len(self.rejects), "seconds": round(self.seconds, 2), "img_per_s": round(ips, 1)}
 
 
-def run_meta(tokenizer: Tokenizer, cfg: TokenizeConfig) -> dict:
-    """The metadata every token file of this run shares."""
-    recipe = cfg.view_recipe
-    return file_meta(tokenizer.describe(), recipe.as_dict(), decoder_meta(RESIZE_FILTER[recipe.interp]),
-                     _min_size(cfg, tokenizer))
+@dataclass(frozen=True)
+class TokenizeJob:
+    """A tokenize run's settings, complete before anything is built: the config, the views its
+    tokenizer's recipe draws, the smallest side kept, and what every token file records."""
 
+    cfg: TokenizeConfig
+    recipe: ViewRecipe
+    min_size: int
+    meta: dict
 
-def _min_size(cfg: TokenizeConfig, tokenizer: Tokenizer) -> int:
-    return tokenizer.input_size if cfg.min_size is None else cfg.min_size
+    @classmethod
+    def resolve(cls, cfg: TokenizeConfig, tokenizer: Tokenizer) -> TokenizeJob:
+        recipe = cfg.view_recipe_for(tokenizer.kind)
+        min_size = tokenizer.input_size if cfg.min_size is None else cfg.min_size
+        meta = file_meta(tokenizer.describe(), recipe.as_dict(), decoder_meta(RESIZE_FILTER[recipe.interp]), min_size)
+        return cls(cfg, recipe, min_size, meta)
 
 
 def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool) -> tuple[list[Location], int]:
@@ -127,12 +135,11 @@ def _expected_images(shards: list[Location]) -> int | None:
     return None if None in counts else sum(counts)
 
 
-def _prepared_batches(shard: Location, cfg: TokenizeConfig, min_size: int, rejects: list[Reject], members=None):
+def _prepared_batches(shard: Location, job: TokenizeJob, rejects: list[Reject], members=None):
     """Batches of (sample, info) with their views: the Python half of the loading."""
-    recipe = cfg.view_recipe
-    for batch in batched(iter_images(shard, rejects, min_size=min_size, index=members, max_pixels=cfg.max_pixels),
-                         cfg.batch_size):
-        yield batch, [sample_views(recipe, s.key, info.width, info.height) for s, info in batch]
+    images = iter_images(shard, rejects, min_size=job.min_size, index=members, max_pixels=job.cfg.max_pixels)
+    for batch in batched(images, job.cfg.batch_size):
+        yield batch, [sample_views(job.recipe, s.key, info.width, info.height) for s, info in batch]
 
 
 def _decoded_batches(prepared, shard: Location, views: DaliViews, rejects: list[Reject]):
@@ -156,7 +163,7 @@ def _encode(tokenizer: Tokenizer, pixels: torch.Tensor, device, pad_to: int | No
         return tokenizer.encode(pixels.float())[:n]
 
 
-def tokenize_shard(shard: Location, cfg: TokenizeConfig, tokenizer: Tokenizer, views: DaliViews, device,
+def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, views: DaliViews, device,
                    bar) -> tuple[int, int, list[Reject]]:
     """Tokenize one shard and write its Parquet file. Returns (images, views, rejects)."""
     rejects: list[Reject] = []
@@ -167,7 +174,8 @@ def tokenize_shard(shard: Location, cfg: TokenizeConfig, tokenizer: Tokenizer, v
     # twice, and a shard that changes meanwhile no longer matches.
     members: list = []
     size = storage.size(shard)
-    prepared = prefetch(_prepared_batches(shard, cfg, _min_size(cfg, tokenizer), rejects, members))
+    cfg = job.cfg
+    prepared = prefetch(_prepared_batches(shard, job, rejects, members))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
         ids = _encode(tokenizer, pixels.to(device, non_blocking=True), device,
                       pad_to=cfg.batch_size * cfg.views if cfg.compile else None)  # (N*V, grid, grid)
@@ -180,7 +188,7 @@ def tokenize_shard(shard: Location, cfg: TokenizeConfig, tokenizer: Tokenizer, v
     fingerprint = shard_fingerprint(shard, members, size=size)
     if cfg.strict and rejects:  # nothing a rerun would take as finished
         return len(all_rows) // cfg.views, len(all_rows), rejects
-    meta = {**run_meta(tokenizer, cfg), "source": Location(shard).name, "shard": fingerprint,
+    meta = {**job.meta, "source": Location(shard).name, "shard": fingerprint,
             "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
     write_tokens(token_path(cfg.out, shard), build_table(all_rows, tokens, grid), meta)
     return len(all_rows) // cfg.views, len(all_rows), rejects
@@ -209,14 +217,14 @@ def _check_out_beside_shards(shards: list[Location], out) -> None:
                                 f"their own (img2dataset keeps {shard.stem}.parquet beside {shard})")
 
 
-def run_tokenize(cfg: TokenizeConfig) -> dict:
-    """Tokenize this rank's shards; returns the summary, written to ``OUT/summary.json`` by rank 0."""
+def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
+    """Tokenize this rank's shards; the result, over all ranks, goes to ``OUT/summary.json`` (rank 0)."""
     start = time.perf_counter()
     shards = expand_shards(cfg.shards)
     token_paths(cfg.out, shards)  # two shards of one name would write one file
     _check_out_beside_shards(shards, cfg.out)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    cfg = cfg.for_tokenizer(tokenizer.kind)
+    job = TokenizeJob.resolve(cfg, tokenizer)
     out = ensure_writable_dir(cfg.out)
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     dist = init_distributed(device)
@@ -224,25 +232,26 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     with folder_lock(out, "beit-data tokenize") if dist.rank == 0 else nullcontext():
         if dist.rank == 0:
             remove_stale_temps(out)  # token files half-written when the last run was killed
-        return _tokenize(cfg, shards, tokenizer, out, device, dist, start)
+        return _tokenize(job, shards, tokenizer, out, device, dist, start)
 
 
-def _tokenize(cfg: TokenizeConfig, shards: list[Location], tokenizer: Tokenizer, out: Location, device, dist,
-              start: float) -> dict:
+def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, out: Location, device, dist,
+              start: float) -> TokenizeResult:
+    cfg = job.cfg
     mine = shards[dist.rank :: dist.world_size]
-    todo, skipped = _plan(mine, out, run_meta(tokenizer, cfg), cfg.overwrite)
+    todo, skipped = _plan(mine, out, job.meta, cfg.overwrite)
     tokenizer = tokenizer.to(device)
     if cfg.compile:  # the fingerprint was taken from the weights before; compiling does not change them
         tokenizer.compile_encoder()
-    views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp=cfg.view_recipe.interp,
+    views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp=job.recipe.interp,
                                 jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
                       num_threads=cfg.num_threads)
-    summary = TokenizeSummary(shards=len(mine), skipped=skipped)
+    summary = TokenizeResult(shards=len(mine), skipped=skipped)
     desc = f"tokenize[{dist.rank}]" if dist.world_size > 1 else "tokenize"
     bar = progress_bar(total=_expected_images(todo), desc=desc, unit="img", disable=not cfg.progress,
                        position=dist.rank)
     for shard in todo:
-        images, n_views, rejects = tokenize_shard(shard, cfg, tokenizer, views, device, bar)
+        images, n_views, rejects = tokenize_shard(shard, job, tokenizer, views, device, bar)
         summary.images += images
         summary.views += n_views
         summary.rejects += [r.as_dict() for r in rejects]
@@ -251,24 +260,24 @@ def _tokenize(cfg: TokenizeConfig, shards: list[Location], tokenizer: Tokenizer,
     return _gather_and_write(summary, out, dist)
 
 
-def _gather_and_write(summary: TokenizeSummary, out: Location, dist) -> dict:
+def _gather_and_write(summary: TokenizeResult, out: Location, dist) -> TokenizeResult:
     parts = [summary]
     if dist.world_size > 1:
         parts = [None] * dist.world_size
         torch.distributed.all_gather_object(parts, summary)
-    total = TokenizeSummary(seconds=max(p.seconds for p in parts))
+    total = TokenizeResult(seconds=max(p.seconds for p in parts))
     for p in parts:
         total.shards += p.shards
         total.skipped += p.skipped
         total.images += p.images
         total.views += p.views
         total.rejects += p.rejects
-    result = {**total.as_dict(), "reject_list": total.rejects}
     # A rerun that finds every shard done keeps the summary of the run that did the work.
     summary_file = Location(out) / "summary.json"
     if dist.rank == 0 and (total.skipped < total.shards or not storage.exists(summary_file)):
-        write_text_atomic(summary_file, json.dumps(redacted(result), indent=1))
+        record = {**total.summary(), "reject_list": total.rejects}
+        write_text_atomic(summary_file, json.dumps(redacted(record), indent=1))
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return result
+    return total

@@ -1,6 +1,6 @@
 """Held-out masked-token figures during pretraining: loss, top-1 and top-5 accuracy, perplexity.
 
-Every evaluation sees the same images, views and masks (``beit_data.heldout``), with the model
+Every evaluation sees the same images, views and masks (``beit_data.holdout``), with the model
 in eval mode (no dropout, no drop path) and no random draw, so it never changes the training
 trajectory. Under torchrun each rank evaluates its share and the sums are reduced, so the
 figures equal a one-process evaluation up to the order of the float additions. For BEiT v2
@@ -18,19 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from beit_common import BeitDataError, Location, storage
-from beit_data.heldout import HeldOut
+from beit_data.holdout import Holdout
 from beit_data.shard_index import read_images
 from beit_data.tokens import read_table, token_path
 from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.runtime import autocast
 
-__all__ = ["evaluate", "check_held_out", "EVAL_BATCH"]
+__all__ = ["evaluate", "check_holdout", "EVAL_BATCH"]
 
 EVAL_BATCH = 64
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, heldout: HeldOut, *, max_masked: int, device: torch.device,
+def evaluate(model: torch.nn.Module, holdout: Holdout, *, max_masked: int, device: torch.device,
              world_size: int = 1) -> dict:
     """The held-out figures, reduced over the ranks: ``val_loss``, ``val_top1``, ``val_top5``,
     ``val_perplexity`` and ``val_images``."""
@@ -38,8 +38,8 @@ def evaluate(model: torch.nn.Module, heldout: HeldOut, *, max_masked: int, devic
     model.eval()
     # loss sum, top-1 hits, top-5 hits, masked patches: summed in float64 on every rank
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for i in range(0, len(heldout.images), EVAL_BATCH):
-        images, tokens, mask = (t[i:i + EVAL_BATCH] for t in (heldout.images, heldout.tokens, heldout.mask))
+    for i in range(0, len(holdout.images), EVAL_BATCH):
+        images, tokens, mask = (t[i:i + EVAL_BATCH] for t in (holdout.images, holdout.tokens, holdout.mask))
         positions, real = masked_positions(mask, max_masked)
         with autocast(device):  # BeitMIM's forward: a BEiT v2 model's main head, without the extra one
             logits = BeitMIM.forward(model, images.float(), mask, positions).float()  # (B, K, vocab)
@@ -54,10 +54,10 @@ def evaluate(model: torch.nn.Module, heldout: HeldOut, *, max_masked: int, devic
     loss_sum, top1, top5, count = sums.tolist()
     mean = loss_sum / max(count, 1)
     return {"val_loss": mean, "val_top1": top1 / max(count, 1), "val_top5": top5 / max(count, 1),
-            "val_perplexity": math.exp(mean), "val_images": heldout.total}
+            "val_perplexity": math.exp(mean), "val_images": holdout.total}
 
 
-def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> None:
+def check_holdout(holdout: Holdout, train_shards: list, train_tokens: str) -> None:
     """Refuse validation images that training reads.
 
     A validation shard may not be a training shard. Keys repeat across shards written by
@@ -69,11 +69,11 @@ def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> N
         BeitDataError: Naming the first shard or key that training also reads.
     """
     train = {Location(p).identity(): p for p in train_shards}
-    for shard in heldout.shards:
+    for shard in holdout.shards:
         if Location(shard).identity() in train:
             raise BeitDataError(f"validation shard {shard} is also a training shard: the figures would not be "
                                 "held out; give `val_shards` that training does not read")
-    wanted = {k for _, k in heldout.chosen}
+    wanted = {k for _, k in holdout.chosen}
     keys = pa.array(sorted(wanted), pa.string())
     for shard in train.values():
         path = token_path(train_tokens, shard)
@@ -84,7 +84,7 @@ def check_held_out(heldout: HeldOut, train_shards: list, train_tokens: str) -> N
         if not shared:
             continue
         mine = read_images([(shard, k) for k in sorted(shared)])
-        theirs = read_images([(s, k) for s, k in heldout.chosen if k in shared])
+        theirs = read_images([(s, k) for s, k in holdout.chosen if k in shared])
         for (s, key), data in theirs.items():
             if mine.get((shard, key)) == data:
                 raise BeitDataError(f"validation sample {Location(s).name}:{key} is also a training sample "
@@ -101,20 +101,21 @@ class QualityChecks:
     """
 
     def __init__(self, cfg, stream, dist, device: torch.device, depth: int):
-        self.cfg, self.dist, self.device = cfg, dist, device
+        """``cfg``: pretrain's ``eval`` section; the seed, masking and threads are the stream's."""
+        self.cfg, self.stream_cfg, self.dist, self.device = cfg, stream.cfg, dist, device
         if cfg.probe_every:
             from pipelines.probe import check_layers
 
             self.probe_layers = check_layers(cfg.probe_layers, depth, "probe_layers")  # refused before the run
-        self.heldout = None
+        self.holdout = None
         if cfg.val_shards:
-            from beit_data.heldout import load_heldout
+            from beit_data.holdout import load_holdout
 
-            self.heldout = load_heldout(cfg.val_shards, cfg.val_tokens, count=cfg.val_images, seed=cfg.seed,
+            self.holdout = load_holdout(cfg.val_shards, cfg.val_tokens, count=cfg.val_images, seed=stream.cfg.seed,
                                         meta=stream.meta, image_size=stream.cfg.image_size,
-                                        num_masked=cfg.num_masked, min_block=stream.cfg.min_block,
+                                        num_masked=stream.cfg.num_masked, min_block=stream.cfg.min_block,
                                         rank=dist.rank, world_size=dist.world_size, device=device)
-            check_held_out(self.heldout, stream.shards, cfg.tokens)
+            check_holdout(self.holdout, stream.shards, stream.cfg.tokens)
         self.group = None
         if cfg.probe_every and dist.world_size > 1:  # the others wait on the CPU, without a GPU timeout
             self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=6))
@@ -124,8 +125,8 @@ class QualityChecks:
     def __call__(self, model: torch.nn.Module, step: int, total: int, logger) -> None:
         """Run what is due at ``step``."""
         cfg = self.cfg
-        if self.heldout is not None and (step % cfg.val_every == 0 or step == total):
-            figures = evaluate(model, self.heldout, max_masked=cfg.num_masked, device=self.device,
+        if self.holdout is not None and (step % cfg.val_every == 0 or step == total):
+            figures = evaluate(model, self.holdout, max_masked=self.stream_cfg.num_masked, device=self.device,
                                world_size=self.dist.world_size)
             self.first, self.last = self.first or {"step": step, **figures}, {"step": step, **figures}
             logger.log({"step": step, "event": "val", **figures})
@@ -141,7 +142,7 @@ class QualityChecks:
 
         layers = self.probe_layers
         (train, train_labels, train_maps), (val, val_labels, val_maps) = (
-            labeled_features(model, spec, layers, self.device, num_threads=self.cfg.num_threads)
+            labeled_features(model, spec, layers, self.device, num_threads=self.stream_cfg.num_threads)
             for spec in (self.cfg.probe_train, self.cfg.probe_val))
         check_class_maps(train_maps, val_maps)  # the first probe runs at step 0
         result = knn(train, train_labels, val, val_labels)

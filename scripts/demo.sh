@@ -7,7 +7,7 @@ rm -rf "$out"
 mkdir -p "$out"
 
 echo "== 1/7 shards of the embedded photographs, in a seeded random order"
-beit-data sample --out "$out/shards" --holdout 2 --holdout-out "$out/heldout"   # 12 to train on, 2 held out
+beit-data sample --out "$out/shards" --holdout 2 --holdout-out "$out/holdout"   # 12 to train on, 2 held out
 python - "$out/shards" <<'PY'
 import json, sys
 from beit_data.shards import expand_shards, iter_samples
@@ -21,7 +21,7 @@ beit-data train-dvae --shards "$out/shards" --out "$out/dvae_tiny.pt" --config t
 
 echo "== 3/7 tokenize: 10 views per image, the dVAE run once"
 beit-data tokenize --shards "$out/shards" --tokenizer "$out/dvae_tiny.pt" --out "$out/tokens" --views 10
-beit-data tokenize --shards "$out/heldout" --tokenizer "$out/dvae_tiny.pt" --out "$out/heldout_tokens" --views 1
+beit-data tokenize --shards "$out/holdout" --tokenizer "$out/dvae_tiny.pt" --out "$out/holdout_tokens" --views 1
 
 echo "== 4/7 the training order: the first two batches pretrain will see (key/stored view)"
 beit-data plan --shards "$out/shards" --tokens "$out/tokens" --batch-size 8 --epochs 2 --steps 1
@@ -29,7 +29,7 @@ beit-data plan --shards "$out/shards" --tokens "$out/tokens" --batch-size 8 --ep
 echo "== 5/7 pretrain the tiny BEiT on the stored tokens, evaluated on the 2 held-out photographs"
 beit-data pretrain --shards "$out/shards" --tokens "$out/tokens" --out "$out/run" \
     --model beit_mim_tiny_patch16_224 --steps 200 --batch-size 8 --warmup-steps 20 --lr 2e-3 --drop-path 0 \
-    --log-every 10 --checkpoint-every 100 --val-shards "$out/heldout" --val-tokens "$out/heldout_tokens" --val-every 50
+    --log-every 10 --checkpoint-every 100 --val-shards "$out/holdout" --val-tokens "$out/holdout_tokens" --val-every 50
 python - "$out/run/log.jsonl" <<'PY'
 import json, sys
 log = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]
@@ -47,9 +47,9 @@ beit-data inspect "$out/tokens" --shards "$out/shards" --render 000000000 --view
 
 echo
 echo "demo outputs in $out/:"
-echo "  shards/, heldout/  WebDataset shards + .idx of 12 sample photographs, and of the 2 held out"
+echo "  shards/, holdout/  WebDataset shards + .idx of 12 sample photographs, and of the 2 held out"
 echo "  dvae_tiny.pt       the trained tokenizer (report: dvae_tiny.pt.report.json)"
-echo "  tokens/            one token Parquet per shard + summary.json (heldout_tokens/: the held-out shard's)"
+echo "  tokens/            one token Parquet per shard + summary.json (holdout_tokens/: the held-out shard's)"
 echo "  run/               pretrain checkpoint.pt, log.jsonl, tb/ (TensorBoard)"
 echo "  encoder.pth        the encoder for timm (encoder.json says how to load it)"
 echo "  view_000000000.png image, crop, tokens and reconstruction of one view"

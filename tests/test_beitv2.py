@@ -33,7 +33,7 @@ def test_vqkd_tokens_record_the_recipe_and_are_the_ids_of_the_models_own_view(sa
     from beit_data.shards import iter_samples
     from beit_data.stream import model_view_spec
     from beit_data.tokens import row_view
-    from beit_model.dvae import load_tokenizer
+    from beit_model.tokenizer import load_tokenizer
 
     tokenizer_path, tokens = v2_tokens
     meta = read_meta(tokens / "sample-000000.parquet")
@@ -68,9 +68,9 @@ def test_beitv2_pretrain_resumes_exactly_and_exports_to_timm(sample_shards, v2_t
 
     _, tokens = v2_tokens
     common = dict(shards=str(sample_shards), tokens=str(tokens), steps=4, checkpoint_every=100, **V2)
-    run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **common))
-    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=2, **common))
-    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), resume=True, **common))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), stop_after=2, **common))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), resume=True, **common))
 
     def losses(run):
         return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]

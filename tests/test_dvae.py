@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from beit_common import BeitDataError
-from beit_model.dvae import CONFIGS, DVAEConfig, load_tokenizer, save_checkpoint
+from beit_model.dvae import CONFIGS, DVAEConfig, save_checkpoint
+from beit_model.tokenizer import load_tokenizer
 
 FAKE = Path(__file__).parent / "fake_dall_e"
 

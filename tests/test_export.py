@@ -13,7 +13,8 @@ from tests.test_pretrain import TINY
 def test_cli_export_of_a_run_loads_in_timm(sample_shards, sample_tokens, tmp_path):
     import timm
 
-    run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "run"),
+    run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens),
+                                          out=str(tmp_path / "run"),
                                 steps=2, **TINY))
     result = invoke("export", tmp_path / "run", "--out", tmp_path / "enc.pth")
     assert result.exit_code == 0, result.output
@@ -52,7 +53,8 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
 def test_safetensors_export_loads_in_timm(sample_shards, sample_tokens, tmp_path):
     import timm
 
-    run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "run"),
+    run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens),
+                                          out=str(tmp_path / "run"),
                                 steps=1, **TINY))
     result = run_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "sub" / "enc.safetensors"))
     assert result.returncode == 0, result.stderr

@@ -69,10 +69,10 @@ def test_pretrain_on_gpu_resumes_and_learns(sample_shards, sample_tokens, tmp_pa
 
     cfg = dict(shards=str(sample_shards), tokens=str(sample_tokens), model="beit_mim_tiny_patch16_224",
                batch_size=4, steps=12, warmup_steps=2, lr=1e-3, log_every=1, device="cuda", progress=False)
-    first = run_pretrain(PretrainConfig(out=str(tmp_path / "r"), stop_after=6, **cfg))
-    second = run_pretrain(PretrainConfig(out=str(tmp_path / "r"), resume=True, **cfg))
-    assert first["steps"] == 6 and second["steps"] == 12
-    assert np.isfinite(second["last_loss"]) and second["last_loss"] < first["first_loss"]
+    first = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "r"), stop_after=6, **cfg))
+    second = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "r"), resume=True, **cfg))
+    assert first.steps == 6 and second.steps == 12
+    assert np.isfinite(second.last_loss) and second.last_loss < first.first_loss
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert ckpt["rng"]["cuda"]
 
@@ -154,9 +154,9 @@ def test_a_resumed_gpu_run_follows_the_uninterrupted_one(sample_shards, sample_t
 
     cfg = dict(shards=str(sample_shards), tokens=str(sample_tokens), model="beit_mim_tiny_patch16_224",
                batch_size=4, steps=12, warmup_steps=2, lr=1e-3, log_every=1, device="cuda", progress=False)
-    run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **cfg))
-    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=6, **cfg))
-    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), resume=True, **cfg))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **cfg))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), stop_after=6, **cfg))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), resume=True, **cfg))
 
     def losses(run):
         return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beit_common import BeitDataError
-from beit_data.order import OrderSpec, epoch_layout, rank_batches, rank_slices
+from beit_data.order import OrderSpec, epoch_layout, rank_slices
+from beit_data.order_walk import rank_batches
 from beit_data.views import stable_rng
 
 SETTINGS = settings(max_examples=150, deadline=None)

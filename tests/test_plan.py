@@ -43,7 +43,7 @@ def labels(shards) -> dict[str, int]:
 
 
 def plan(folder, **kwargs):
-    return list(run_plan(PlanConfig(shards=str(folder / "shards"), tokens=str(folder / "tokens"), **kwargs)))
+    return list(run_plan(PlanConfig.from_flat(shards=str(folder / "shards"), tokens=str(folder / "tokens"), **kwargs)))
 
 
 def test_shuffled_shards_mix_classes_as_a_uniform_shuffle(class_folders):
@@ -164,10 +164,10 @@ def test_a_shard_with_no_tokenized_image_and_too_many_ranks(tmp_path, tiny_token
                                 views=1, device="cpu", progress=False))
     folder = tmp_path
     shards, tokens = str(folder / "s"), str(folder / "t")
-    planned = list(run_plan(PlanConfig(shards=shards, tokens=tokens, batch_size=2, epochs=2)))
+    planned = list(run_plan(PlanConfig.from_flat(shards=shards, tokens=tokens, batch_size=2, epochs=2)))
     assert [len(b.keys) for b in planned] == [2, 2, 2, 2]
     it = TrainStream(StreamConfig(shards=shards, tokens=tokens, batch_size=2, num_threads=1)).batches()
     assert next(it).keys == planned[0].keys
     it.close()
     with pytest.raises(BeitDataError, match=r"the shards hold 5 tokenized images, fewer than one global batch of 6"):
-        list(run_plan(PlanConfig(shards=shards, tokens=tokens, batch_size=2, world_size=3)))
+        list(run_plan(PlanConfig.from_flat(shards=shards, tokens=tokens, batch_size=2, world_size=3)))

@@ -25,13 +25,13 @@ def losses(run):
 
 def evaluate_untrained(tokens, val_shards, val_tokens, count: int) -> dict:
     """The held-out figures of the model a run with seed 0 starts from, in this one process."""
-    from beit_data.heldout import load_heldout
+    from beit_data.holdout import load_holdout
     from beit_data.tokens import read_meta, token_files
     from pipelines.training import build_model
     from pipelines.validation import evaluate
 
     meta = read_meta(token_files(tokens)[0])
-    held = load_heldout(str(val_shards), val_tokens, count=count, seed=0, meta=meta, image_size=224, num_masked=75)
+    held = load_holdout(str(val_shards), val_tokens, count=count, seed=0, meta=meta, image_size=224, num_masked=75)
     torch.manual_seed(0)
     model = build_model("beit_mim_tiny_patch16_224", meta["tokenizer"]["vocab"], drop_path=0.1, layer_scale=0.1)
     return evaluate(model, held, max_masked=75, device=torch.device("cpu"))
@@ -39,17 +39,17 @@ def evaluate_untrained(tokens, val_shards, val_tokens, count: int) -> dict:
 
 def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_path):
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=8, checkpoint_every=100, **TINY)
-    straight = run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **common))
-    first = run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=4, **common))
-    assert first["steps"] == 4 and len(losses(tmp_path / "resumed")) == 4
+    straight = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common))
+    first = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), stop_after=4, **common))
+    assert first.steps == 4 and len(losses(tmp_path / "resumed")) == 4
     # What a SIGKILL during a checkpoint write leaves: the next start of the run removes it.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / "resumed" / f".checkpoint.pt.tmp-{gone.stdout.strip()}"
     stale.write_bytes(b"half a checkpoint")
     with pytest.raises(BeitDataError, match="`resume`"):
-        run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), **common))
-    second = run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), resume=True, **common))
-    assert straight["steps"] == second["steps"] == 8 and not stale.exists()
+        run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), **common))
+    second = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), resume=True, **common))
+    assert straight.steps == second.steps == 8 and not stale.exists()
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # bitwise: exact float equality
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
@@ -80,15 +80,16 @@ def test_grid_and_vocab_mismatch_are_refused(sample_shards, sample_tokens, tmp_p
                                 out=str(tmp_path / "t96"), views=1, device="cpu", progress=False))
     common = dict(shards=str(sample_shards), steps=1, **TINY)
     with pytest.raises(BeitDataError, match="model grid 14x14 does not match the tokens' grid 12x12"):
-        run_pretrain(PretrainConfig(tokens=str(tmp_path / "t96"), out=str(tmp_path / "r0"), **common))
+        run_pretrain(PretrainConfig.from_flat(tokens=str(tmp_path / "t96"), out=str(tmp_path / "r0"), **common))
     small = DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=128, n_init=16)
     save_checkpoint(tmp_path / "t112.pt", small, *small.build())
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tmp_path / "t112.pt"),
                                 out=str(tmp_path / "t112"), views=1, device="cpu", progress=False))
-    run_pretrain(PretrainConfig(tokens=str(sample_tokens), out=str(tmp_path / "r1"), **common))
+    run_pretrain(PretrainConfig.from_flat(tokens=str(sample_tokens), out=str(tmp_path / "r1"), **common))
     with pytest.raises(BeitDataError, match=r"^`tokens` holds other data than the run being resumed \(tokenizer "
                                             r"differ\); resume with the same shards and token files$"):
-        run_pretrain(PretrainConfig(tokens=str(tmp_path / "t112"), out=str(tmp_path / "r1"), resume=True, **common))
+        run_pretrain(PretrainConfig.from_flat(tokens=str(tmp_path / "t112"), out=str(tmp_path / "r1"), resume=True,
+                                              **common))
 
 
 def test_rejected_keys_are_skipped_and_counted(tmp_path, tiny_tokenizer):
@@ -100,17 +101,18 @@ def test_rejected_keys_are_skipped_and_counted(tmp_path, tiny_tokenizer):
               + [("5.jpg", b""), ("6.jpg", jpeg_bytes((160, 140), seed=6))])
     run_tokenize(TokenizeConfig(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"),
                                 views=2, device="cpu", progress=False))
-    summary = run_pretrain(PretrainConfig(shards=str(tmp_path / "s"), tokens=str(tmp_path / "t"),
+    summary = run_pretrain(PretrainConfig.from_flat(shards=str(tmp_path / "s"), tokens=str(tmp_path / "t"),
                                           out=str(tmp_path / "r"), steps=3, **{**TINY, "batch_size": 3}))
     # Key 5 has no rows; of the batches (0,1,2), (3,4,6) and (0,1,2), only the second passes it.
-    assert summary["steps"] == 3 and summary["skipped_rejected"] == 1
+    assert summary.steps == 3 and summary.skipped_rejected == 1
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, sample_tokens, tmp_path):
     import re
 
-    cfg = PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"), steps=50,
-                         checkpoint_every=1, clip_grad=1e30, **{**TINY, "lr": 1e12, "warmup_steps": 0})
+    cfg = PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"),
+                                   steps=50, checkpoint_every=1, clip_grad=1e30,
+                                   **{**TINY, "lr": 1e12, "warmup_steps": 0})
     with pytest.raises(BeitDataError, match=r"loss is (nan|inf) at step \d+; stopped. The last good checkpoint") as exc:
         run_pretrain(cfg)
     failed_at = int(re.search(r"at step (\d+)", str(exc.value)).group(1))
@@ -132,7 +134,8 @@ def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, tr
     accuracy = {}
     for shuffle in (False, True):
         out = tmp_path / f"run-{shuffle}"
-        run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(tmp_path / "t"), out=str(out), steps=150,
+        run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(tmp_path / "t"), out=str(out),
+                                              steps=150,
                                     drop_path=0.0, shuffle_targets=shuffle,
                                     **{**TINY, "batch_size": 8, "warmup_steps": 20, "lr": 2e-3}))
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -146,23 +149,23 @@ def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, tr
 def test_resume_refuses_settings_that_change_the_run_and_logs_the_others(sample_shards, sample_tokens, tmp_path,
                                                                        capfd):
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"), steps=4, **TINY)
-    run_pretrain(PretrainConfig(stop_after=2, **common))
+    run_pretrain(PretrainConfig.from_flat(stop_after=2, **common))
     refused = {"batch_size": 2, "seed": 3, "drop_path": 0.0, "lr": 5e-4, "model": "beit_mim_base_patch16_224",
                "steps": 6, "mix_shards": 4, "recipe": "beitv2"}
-    ran = PretrainConfig(**common).for_tokens({})  # the tokens' recipe (beit), as the run took it
+    ran = PretrainConfig.from_flat(**common).resolved("beit")  # the tokens' recipe, as the run took it
     for name, value in refused.items():
-        old = getattr(ran, name)
+        old = ran.setting(name)
         with pytest.raises(BeitDataError, match=rf"^`{name}` is {old!r} in the run being resumed, not {value!r}"):
-            run_pretrain(PretrainConfig(resume=True, **{**common, name: value}))
+            run_pretrain(PretrainConfig.from_flat(resume=True, **{**common, name: value}))
     sub = tmp_path / "one_shard"
     sub.mkdir()
     (sub / "sample-000000.tar").write_bytes((sample_shards / "sample-000000.tar").read_bytes())
     with pytest.raises(BeitDataError, match=r"^`shards` holds other data than the run being resumed \(shards differ"):
-        run_pretrain(PretrainConfig(resume=True, **{**common, "shards": str(sub)}))
+        run_pretrain(PretrainConfig.from_flat(resume=True, **{**common, "shards": str(sub)}))
     capfd.readouterr()
-    done = run_pretrain(PretrainConfig(resume=True, **{**common, "log_every": 2, "num_threads": 2}))
-    assert done["steps"] == 4
-    assert "pretrain: resuming with stop_after 2 -> None, log_every 1 -> 2, num_threads 1 -> 2" in \
+    done = run_pretrain(PretrainConfig.from_flat(resume=True, **{**common, "log_every": 2, "num_threads": 2}))
+    assert done.steps == 4
+    assert "pretrain: resuming with num_threads 1 -> 2, stop_after 2 -> None, log_every 1 -> 2" in \
         capfd.readouterr().err.splitlines()
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["lr"] == TINY["lr"] and config["log_every"] == 2
@@ -173,13 +176,14 @@ def test_a_failed_start_leaves_no_empty_run_folder_and_a_busy_folder_is_refused(
     from beit_common import folder_lock
 
     with pytest.raises(BeitDataError, match="no token file for shard"):
-        run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(tmp_path), out=str(tmp_path / "new"),
+        run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(tmp_path),
+                                              out=str(tmp_path / "new"),
                                     steps=1, **TINY))
     assert not (tmp_path / "new").exists()
     (tmp_path / "busy").mkdir()
     with folder_lock(tmp_path / "busy", "beit-data pretrain"):
         with pytest.raises(BeitDataError, match=r"busy is in use by another beit-data run \(beit-data pretrain"):
-            run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens),
+            run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens),
                                         out=str(tmp_path / "busy"), steps=1, **TINY))
 
 
@@ -198,10 +202,10 @@ def test_too_few_images_says_what_would_help(tmp_path, tiny_tokenizer, sample_sh
     for batch_size in (1, 4):  # no batch size helps when there is no image at all
         with pytest.raises(BeitDataError, match=r"the shards hold no tokenized image \(every sample was rejected\); "
                                                 r"no batch size helps"):
-            run_pretrain(PretrainConfig(out=str(tmp_path / "r"), **{**common, "batch_size": batch_size}))
+            run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "r"), **{**common, "batch_size": batch_size}))
     with pytest.raises(BeitDataError, match=r"hold 3 tokenized images, fewer than one global batch of 4; lower "
                                             r"`batch_size`"):
-        run_pretrain(PretrainConfig(out=str(tmp_path / "r"), **{**common, "shards": str(tmp_path / "s3"),
+        run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "r"), **{**common, "shards": str(tmp_path / "s3"),
                                                                 "tokens": str(tmp_path / "ts3")}))
 
 
@@ -209,14 +213,14 @@ def test_a_resume_drops_what_was_logged_after_the_last_checkpoint(sample_shards,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"), steps=6, **TINY)
-    run_pretrain(PretrainConfig(stop_after=3, **common))
+    run_pretrain(PretrainConfig.from_flat(stop_after=3, **common))
     log = tmp_path / "r" / "log.jsonl"
     # What a run killed at step 5 would leave: two steps logged after its checkpoint at step 3,
     # and half a line.
     with log.open("a") as f:
         f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n")
         f.write('{"step": 6, "lo')
-    run_pretrain(PretrainConfig(resume=True, **common))
+    run_pretrain(PretrainConfig.from_flat(resume=True, **common))
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6] and 9.0 not in losses(tmp_path / "r")
     events = EventAccumulator(str(tmp_path / "r" / "tb"))
@@ -224,7 +228,7 @@ def test_a_resume_drops_what_was_logged_after_the_last_checkpoint(sample_shards,
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     # A run that died before its first checkpoint leaves logs; a new run into the folder starts them anew.
     (tmp_path / "r" / "checkpoint.pt").unlink()
-    run_pretrain(PretrainConfig(**{**common, "steps": 2}))
+    run_pretrain(PretrainConfig.from_flat(**{**common, "steps": 2}))
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
@@ -242,3 +246,20 @@ def test_importing_the_package_registers_the_timm_variants():
     done = subprocess.run([sys.executable, "-c", "import timm, beit_model; print(timm.list_models('beit_mim_*'))"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "beit_mim_base_patch16_224" in done.stdout and "beit_mim_tiny_patch16_224" in done.stdout, done.stderr
+
+
+def test_a_checkpoint_from_before_partitions_and_parts_still_resumes(sample_shards, sample_tokens, tmp_path):
+    """A checkpoint in the old layout (the stream as an (epoch, step) pair, settings without
+    partitions) resumes in the order it was made with: shards dealt to its ranks."""
+    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=6, checkpoint_every=100, **TINY)
+    old_order = dict(dealt=True, partitions=1)
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common, **old_order))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), stop_after=3, **common, **old_order))
+    ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    ckpt["stream"] = (ckpt["stream"]["epoch"], ckpt["stream"]["step"])
+    for name in ("partitions", "dealt", "image_size", "min_block", "record_batches"):
+        ckpt["config"].pop(name)
+    torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
+    resumed = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), resume=True, **common))
+    assert resumed.steps == 6 and losses(tmp_path / "old") == losses(tmp_path / "straight")
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["dealt"] is True

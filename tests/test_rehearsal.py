@@ -98,7 +98,7 @@ def trained_keys(run) -> list[list[str]]:
 def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, tmp_path):
     import torch
 
-    from beit_data.order import partition_windows
+    from beit_data.order_walk import partition_windows
     from beit_data.replay import ReplaySource, StreamConfig
     from tests.test_pretrain import evaluate_untrained
 
@@ -120,7 +120,7 @@ def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, t
     assert proc.returncode != 0 and err.count("stopped by SIGTERM after step") == 1, err[-3000:]
 
     ckpt = torch.load(stopped / "checkpoint.pt", weights_only=True)
-    epoch, step = ckpt["stream"]
+    epoch, step = ckpt["stream"]["epoch"], ckpt["stream"]["step"]
     source = ReplaySource.open(StreamConfig(shards=str(imagenet_shaped["shards"]),
                                             tokens=str(imagenet_shaped["tokens"]), batch_size=5), world_size=2)
     assert source.steps_per_epoch(0) == imagenet_shaped["images"] // 10

@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from beit_common import BeitDataError, Location, storage, write_text_atomic
+from beit_common import BeitDataError, Location, cache, storage, write_text_atomic
+from beit_common.files import upload
 from beit_data.shard_index import read_index, scan_index
 from beit_data.shards import expand_shards
 from beit_data.tokens import read_meta
@@ -98,7 +99,7 @@ def test_tokenize_from_s3_to_s3_gives_the_local_rows_through_faults(s3, sample_s
     s3.proxy.inject("slowdown", 1, "PUT")
     summary = tokenize(shards, f"s3://{BUCKET}/tokens", tiny_tokenizer)
     assert s3.proxy.queue == [] and sum(s3.proxy.injected.values()) == 5  # each fault was met, and retried
-    assert summary["shards"] == 2 and summary["skipped"] == 0 and summary["images"] == 14
+    assert summary.shards == 2 and summary.skipped == 0 and summary.images == 14
     remote, local = tables(f"s3://{BUCKET}/tokens"), tables(sample_tokens)
     assert remote.keys() == local.keys() == {"sample-000000.parquet", "sample-000001.parquet"}
     for name in local:
@@ -107,7 +108,7 @@ def test_tokenize_from_s3_to_s3_gives_the_local_rows_through_faults(s3, sample_s
     assert json.loads(storage.read_bytes(f"s3://{BUCKET}/tokens/summary.json"))["images"] == 14
     # A re-run skips the finished files, as on disk.
     again = tokenize(shards, f"s3://{BUCKET}/tokens", tiny_tokenizer)
-    assert again["skipped"] == 2 and again["images"] == 0
+    assert again.skipped == 2 and again.images == 0
     with pytest.raises(BeitDataError, match="is the folder of the shards"):  # img2dataset's NNNNN.parquet live there
         tokenize(shards, shards, tiny_tokenizer)
 
@@ -120,7 +121,8 @@ def test_inspect_and_plan_read_a_remote_prefix_like_a_folder(s3, sample_shards, 
     remote, local = summarise(tokens, shards), summarise(str(sample_tokens), str(sample_shards))
     assert remote.pop("folder") == tokens and local.pop("folder") == str(sample_tokens)
     assert remote == local and remote["coverage"]["keys_missing_from_parquet"] == 0 and not remote["errors"]
-    plan = {name: [b.as_dict() for b, _ in zip(run_plan(PlanConfig(shards=s, tokens=t, batch_size=3, epochs=2)),
+    plan = {name: [b.as_dict() for b, _ in zip(run_plan(PlanConfig.from_flat(shards=s, tokens=t, batch_size=3,
+                                                                             epochs=2)),
                                                  range(8))]
             for name, (s, t) in {"remote": (shards, tokens), "local": (str(sample_shards), str(sample_tokens))}.items()}
     assert plan["remote"] == plan["local"] and len(plan["local"]) == 8
@@ -136,19 +138,19 @@ def test_pretrain_from_s3_to_s3_resumes_exactly_like_a_local_run(s3, sample_shar
     shards, tokens = upload_folder(s3, sample_shards, "r/shards"), upload_folder(s3, sample_tokens, "r/tokens")
     run = f"s3://{BUCKET}/r/run"
     common = dict(steps=6, checkpoint_every=100, **TINY)
-    straight = run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens),
+    straight = run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens),
                                            out=str(tmp_path / "local"), **common))
-    first = run_pretrain(PretrainConfig(shards=shards, tokens=tokens, out=run, stop_after=3, **common))
-    assert first["steps"] == 3 and first["checkpoint"] == f"{run}/checkpoint.pt"
+    first = run_pretrain(PretrainConfig.from_flat(shards=shards, tokens=tokens, out=run, stop_after=3, **common))
+    assert first.steps == 3 and first.checkpoint == f"{run}/checkpoint.pt"
     assert storage.exists(f"{run}/checkpoint.pt") and storage.exists(f"{run}/log.jsonl")
     with pytest.raises(BeitDataError, match="`resume`"):
-        run_pretrain(PretrainConfig(shards=shards, tokens=tokens, out=run, **common))
+        run_pretrain(PretrainConfig.from_flat(shards=shards, tokens=tokens, out=run, **common))
     shutil.rmtree(tmp_path / "cache")  # a fresh node: the run folder comes back from the bucket
     s3.proxy.inject("slowdown", 2, "GET")  # on the way back: listings, token files, image ranges
     s3.proxy.inject("drop", 1, "GET")
-    second = run_pretrain(PretrainConfig(shards=shards, tokens=tokens, out=run, resume=True, **common))
+    second = run_pretrain(PretrainConfig.from_flat(shards=shards, tokens=tokens, out=run, resume=True, **common))
     assert s3.proxy.queue == [] and sum(s3.proxy.injected.values()) == 3
-    assert second["steps"] == straight["steps"] == 6
+    assert second.steps == straight.steps == 6
     log = [json.loads(line) for line in storage.read_bytes(f"{run}/log.jsonl").decode().splitlines()]
     local = [json.loads(line) for line in (tmp_path / "local" / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log if "loss" in r] == [r["loss"] for r in local if "loss" in r]  # bitwise
@@ -160,10 +162,11 @@ def test_a_second_run_into_a_busy_prefix_leaves_the_first_ones_folder_alone(s3, 
     from tests.test_pretrain import TINY
 
     run = f"s3://{BUCKET}/busy/run"
-    mirror = storage.cache_dir("runs", storage.cache_key(run), "rank0")
+    mirror = cache.cache_dir("runs", cache.cache_key(run), "rank0")
     (mirror / "log.jsonl").write_text("{}\n")  # what the run that holds the prefix has written so far
     with folder_lock(run, "beit-data pretrain"), pytest.raises(BeitDataError, match="in use by another"):
-        run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=run, steps=2, **TINY))
+        run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens), out=run, steps=2,
+                                              **TINY))
     assert (mirror / "log.jsonl").read_text() == "{}\n"
 
 
@@ -204,11 +207,13 @@ def test_pipe_shards_train_reading_each_shard_from_its_start(sample_shards, samp
                                         .to_pylist()[::4])}
     first = [k for k in keys if k in order][:8]
     assert [order[k] for k in first] == sorted(order[k] for k in first)  # in the shard's own order
-    summary = run_pretrain(PretrainConfig(shards=pipe, tokens=str(sample_tokens), out=str(tmp_path / "run"), steps=3,
+    summary = run_pretrain(PretrainConfig.from_flat(shards=pipe, tokens=str(sample_tokens),
+                                                    out=str(tmp_path / "run"), steps=3,
                                           stop_after=2, **TINY))
-    resumed = run_pretrain(PretrainConfig(shards=pipe, tokens=str(sample_tokens), out=str(tmp_path / "run"), steps=3,
+    resumed = run_pretrain(PretrainConfig.from_flat(shards=pipe, tokens=str(sample_tokens),
+                                                    out=str(tmp_path / "run"), steps=3,
                                           resume=True, **TINY))
-    assert summary["steps"] == 2 and resumed["steps"] == 3
+    assert summary.steps == 2 and resumed.steps == 3
 
 
 def test_a_pipe_closed_early_is_quiet_and_a_failing_command_is_one_line(sample_shards, sample_tokens, tiny_tokenizer,
@@ -234,18 +239,19 @@ def test_a_shard_without_index_is_scanned_once_and_cached(s3, sample_shards):
     before = s3.proxy.requests["GET"]
     assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")  # from the cache now
     assert s3.proxy.requests["GET"] - before <= 1  # at most the listing that finds no .idx, no scan
-    assert len(list((storage.cache_dir("tar-index")).glob("*.idx"))) == 1
+    assert len(list((cache.cache_dir("tar-index")).glob("*.idx"))) == 1
 
 
 def test_index_writes_the_missing_idx_objects(s3, sample_shards):
-    from pipelines.shards import run_index
+    from pipelines.config import IndexConfig
+    from pipelines.index import run_index
 
     shards = upload_folder(s3, sample_shards, "ix", suffixes=(".tar",))
-    result = run_index(shards, progress=False)
+    result = run_index(IndexConfig(shards=shards, progress=False))
     assert result["written"] == [f"{shards}sample-000000.idx", f"{shards}sample-000001.idx"]
     for name in ("sample-000000.idx", "sample-000001.idx"):
         assert storage.read_bytes(shards + name) == (sample_shards / name).read_bytes()  # DALI's format, byte for byte
-    assert run_index(shards, progress=False) == {"shards": 2, "written": [], "skipped": 2}
+    assert run_index(IndexConfig(shards=shards, progress=False)) == {"shards": 2, "written": [], "skipped": 2}
 
 
 def test_a_shard_changed_or_gone_during_a_run_is_refused(s3, sample_shards, sample_tokens):
@@ -294,9 +300,9 @@ def test_a_failed_upload_leaves_no_object(s3, tmp_path):
     s3.proxy.inject("pass", 1, "PUT")
     s3.proxy.inject("denied", 1, "PUT")
     with pytest.raises(BeitDataError, match="big.bin"):
-        storage.upload(big, f"s3://{BUCKET}/atomic/big.bin", chunk_size=5 * 2**20)
+        upload(big, f"s3://{BUCKET}/atomic/big.bin", chunk_size=5 * 2**20)
     assert s3.proxy.queue == [] and not storage.exists(f"s3://{BUCKET}/atomic/big.bin")
-    storage.upload(big, f"s3://{BUCKET}/atomic/big.bin", chunk_size=5 * 2**20)
+    upload(big, f"s3://{BUCKET}/atomic/big.bin", chunk_size=5 * 2**20)
     assert storage.stat(f"s3://{BUCKET}/atomic/big.bin")["size"] == 11 * 2**20
 
 
@@ -333,7 +339,8 @@ def test_every_out_writes_where_it_names_or_refuses(s3, sample_shards, sample_to
     from tests.test_pretrain import TINY
 
     monkeypatch.chdir(tmp_path)  # a URL taken for a path would land here, as ./s3:/...
-    run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "run"),
+    run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens),
+                                          out=str(tmp_path / "run"),
                                 steps=1, **TINY))
     encoder = f"s3://{BUCKET}/out/encoder.safetensors"
     assert invoke("export", tmp_path / "run", "--out", encoder).exit_code == 0
@@ -439,7 +446,8 @@ def test_held_out_shards_render_and_probe_read_objects_and_commands(s3, sample_s
            "pipe": f"pipe:cat {labeled_shards}/val/val-000000.tar"}
     expected = evaluate_untrained(sample_tokens, labeled_shards / "val", labeled_val_tokens, count=5)
     for kind, shards in val.items():
-        run_pretrain(PretrainConfig(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / kind),
+        run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens),
+                                              out=str(tmp_path / kind),
                                     steps=1, val_shards=shards, val_tokens=str(labeled_val_tokens), val_images=5,
                                     **TINY))
         first = json.loads((tmp_path / kind / "log.jsonl").read_text().splitlines()[0])
@@ -454,8 +462,8 @@ def test_held_out_shards_render_and_probe_read_objects_and_commands(s3, sample_s
     torch.save(encoder_state_dict(model), tmp_path / "enc.pth")
     (tmp_path / "enc.json").write_text(json.dumps({"timm_model": "beit_base_patch16_224", "timm_kwargs": {
         **timm_args({"embed_dim": 96, "depth": 4, "num_heads": 3}), "num_classes": 0}}))
-    storage.upload(tmp_path / "enc.pth", f"s3://{BUCKET}/enc/enc.pth")
-    storage.upload(tmp_path / "enc.json", f"s3://{BUCKET}/enc/enc.json")
+    upload(tmp_path / "enc.pth", f"s3://{BUCKET}/enc/enc.pth")
+    upload(tmp_path / "enc.json", f"s3://{BUCKET}/enc/enc.json")
     results = [run_probe(ProbeConfig(model=model_at, train_shards=train, val_shards=held, k=3, device="cpu",
                                      progress=False))["knn"]
                for model_at, train, held in ((str(tmp_path / "enc.pth"), str(labeled_shards / "train"),

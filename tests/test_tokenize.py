@@ -12,7 +12,7 @@ from beit_common import BeitDataError
 from beit_data.shards import iter_samples
 from beit_data.tokens import read_meta
 from beit_data.views import ViewRecipe, sample_view
-from beit_model.dvae import load_tokenizer
+from beit_model.tokenizer import load_tokenizer
 from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 from tests.conftest import jpeg_bytes, run_cli, write_tar
 
@@ -74,7 +74,7 @@ def test_rerun_skips_refuses_other_recipe_and_overwrites(sample_shards, tiny_tok
     seed_0 = (tmp_path / "sample-000001.parquet").read_bytes()
     mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.parquet")}
     again = run_tokenize(TokenizeConfig(**cfg))
-    assert (first["images"], again["images"], again["skipped"]) == (14, 0, 2)
+    assert (first.images, again.images, again.skipped) == (14, 0, 2)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.parquet")} == mtimes
     result = run_cli("tokenize", "--shards", str(sample_shards), "--tokenizer", str(tiny_tokenizer),
                      "--out", str(tmp_path), "--views", "2", "--seed", "5", "--device", "cpu", "--quiet")
@@ -82,12 +82,12 @@ def test_rerun_skips_refuses_other_recipe_and_overwrites(sample_shards, tiny_tok
     assert "different tokenizers or recipes" in result.stderr and "views.seed: 0 != 5" in result.stderr
     assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
     over = run_tokenize(TokenizeConfig(**{**cfg, "seed": 5, "overwrite": True}))
-    assert over["images"] == 14 and read_meta(tmp_path / "sample-000000.parquet")["views"]["seed"] == 5
+    assert over.images == 14 and read_meta(tmp_path / "sample-000000.parquet")["views"]["seed"] == 5
     # An --overwrite run killed after its first file, run again: what it rewrote is kept.
     (tmp_path / "sample-000001.parquet").write_bytes(seed_0)
     kept = (tmp_path / "sample-000000.parquet").stat().st_mtime_ns
     rerun = run_tokenize(TokenizeConfig(**{**cfg, "seed": 5, "overwrite": True}))
-    assert (rerun["images"], rerun["skipped"]) == (6, 1)
+    assert (rerun.images, rerun.skipped) == (6, 1)
     assert (tmp_path / "sample-000000.parquet").stat().st_mtime_ns == kept
     assert read_meta(tmp_path / "sample-000001.parquet")["views"]["seed"] == 5
 
@@ -136,8 +136,8 @@ def test_every_sample_of_a_duplicate_key_is_rejected(tmp_path, tiny_tokenizer):
     summary = run_tokenize(TokenizeConfig(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer),
                                           out=str(tmp_path / "t"), views=2, device="cpu", progress=False))
     assert sorted(set(pq.read_table(tmp_path / "t" / "dup.parquet").column("key").to_pylist())) == ["b", "d"]
-    rejects = [(r["key"], r["reason"]) for r in summary["reject_list"]]
-    assert sorted(k for k, _ in rejects) == ["a", "a", "c", "c"] and summary["images"] == 2
+    rejects = [(r["key"], r["reason"]) for r in summary.rejects]
+    assert sorted(k for k, _ in rejects) == ["a", "a", "c", "c"] and summary.images == 2
     assert all(reason == "duplicate key: 2 samples of the shard have it, and a key must name one image"
                for _, reason in rejects)
     stream = TrainStream(StreamConfig(shards=str(tmp_path / "s"), tokens=str(tmp_path / "t"), batch_size=2,
@@ -186,7 +186,7 @@ def test_stale_or_damaged_token_files_are_refused_with_overwrite(sample_shards, 
     first = run_tokenize(TokenizeConfig(**cfg))
     summary = (tmp_path / "t" / "summary.json").read_text()
     again = run_tokenize(TokenizeConfig(**cfg))  # every shard done: the summary of the real work stays
-    assert again["skipped"] == 2 and again["images"] == 0 and first["images"] == 14
+    assert again.skipped == 2 and again.images == 0 and first.images == 14
     assert (tmp_path / "t" / "summary.json").read_text() == summary
     reordered_copy(sample_shards / "sample-000001.tar", tmp_path / "s" / "sample-000001.tar", index=True)
     result = run_cli("tokenize", *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "progress"],
@@ -200,7 +200,7 @@ def test_stale_or_damaged_token_files_are_refused_with_overwrite(sample_shards, 
                                             r"`overwrite` to replace it$"):
         run_tokenize(TokenizeConfig(**cfg))
     redone = run_tokenize(TokenizeConfig(**cfg, overwrite=True))
-    assert redone["images"] == 14
+    assert redone.images == 14
 
 
 def test_a_second_run_into_a_busy_folder_is_refused(sample_shards, tiny_tokenizer, tmp_path):
@@ -220,9 +220,9 @@ def test_min_size_keeps_small_images_when_asked(tmp_path, tiny_tokenizer):
                                          ("small.jpg", jpeg_bytes((64, 48), seed=2))])
     cfg = dict(shards=str(tmp_path / "s"), tokenizer=str(tiny_tokenizer), views=2, device="cpu", progress=False)
     default = run_tokenize(TokenizeConfig(out=str(tmp_path / "d"), **cfg))
-    assert default["images"] == 1 and "image too small: 64x48" in default["reject_list"][0]["reason"]
+    assert default.images == 1 and "image too small: 64x48" in default.rejects[0]["reason"]
     kept = run_tokenize(TokenizeConfig(out=str(tmp_path / "k"), min_size=0, **cfg))
-    assert kept["images"] == 2 and kept["rejects"] == 0
+    assert kept.images == 2 and kept.rejects == []
     table = pq.read_table(tmp_path / "k" / "a.parquet").to_pylist()
     small = [r for r in table if r["key"] == "small"]
     assert len(small) == 2 and all(r["w"] <= 64 and r["h"] <= 48 for r in small)

@@ -27,14 +27,14 @@ def test_held_out_figures_are_fixed_and_leave_training_alone(sample_shards, samp
     checks = dict(val_shards=str(sample_shards / "sample-000001.tar"), val_tokens=str(sample_tokens), val_every=2,
                   probe_every=2, probe_train=str(labeled_shards / "train"), probe_val=str(labeled_shards / "val"),
                   probe_layers=(3, 4))
-    plain = run_pretrain(PretrainConfig(out=str(tmp_path / "plain"), **common))
-    straight = run_pretrain(PretrainConfig(out=str(tmp_path / "straight"), **common, **checks))
-    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), stop_after=2, **common, **checks))
-    run_pretrain(PretrainConfig(out=str(tmp_path / "resumed"), resume=True, **common, **checks))
+    plain = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "plain"), **common))
+    straight = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common, **checks))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), stop_after=2, **common, **checks))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), resume=True, **common, **checks))
     # Validating and probing change nothing in the training, bit for bit.
     losses = [[r["loss"] for r in records(tmp_path / n)] for n in ("plain", "straight", "resumed")]
     assert len(losses[0]) == 4 and losses[0] == losses[1] == losses[2]
-    assert plain["held_out"] == [] and [r["step"] for r in straight["held_out"]] == [0, 4]
+    assert plain.holdout == [] and [r["step"] for r in straight.holdout] == [0, 4]
     # The same set, views and masks at every evaluation: two runs, and a resumed one, agree exactly.
     val = records(tmp_path / "straight", "val")
     assert [r["step"] for r in val] == [0, 2, 4] and val == records(tmp_path / "resumed", "val")
@@ -59,7 +59,8 @@ def test_held_out_figures_are_fixed_and_leave_training_alone(sample_shards, samp
 def test_held_out_images_that_training_reads_are_refused(sample_shards, sample_tokens, tmp_path):
     common = dict(shards=str(sample_shards / "sample-000000.tar"), tokens=str(sample_tokens), **TINY)
     with pytest.raises(BeitDataError, match="validation shard .*sample-000000.tar is also a training shard"):
-        run_pretrain(PretrainConfig(out=str(tmp_path / "a"), val_shards=str(sample_shards / "sample-000000.tar"),
+        run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "a"),
+                                              val_shards=str(sample_shards / "sample-000000.tar"),
                                     val_tokens=str(sample_tokens), **common))
     # A copy under another name in the same shards folder: the same keys are the same samples.
     for name in ("sample-000000.tar", "sample-000000.idx"):
@@ -68,14 +69,14 @@ def test_held_out_images_that_training_reads_are_refused(sample_shards, sample_t
     shutil.copytree(sample_tokens, tmp_path / "tokens")
     shutil.copy(tmp_path / "tokens" / "sample-000000.parquet", tmp_path / "tokens" / "copy-000000.parquet")
     with pytest.raises(BeitDataError, match="validation sample copy-000000.tar:0000000.. is also a training sample"):
-        run_pretrain(PretrainConfig(out=str(tmp_path / "b"), shards=str(tmp_path / "sample-000000.tar"),
+        run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "b"), shards=str(tmp_path / "sample-000000.tar"),
                                     tokens=str(tmp_path / "tokens"), val_shards=str(tmp_path / "copy-000000.tar"),
                                     val_tokens=str(tmp_path / "tokens"), **TINY))
     with pytest.raises(BeitDataError, match=r"`probe_layers` must be block numbers from 1 to 4, got \[9\]"):
-        run_pretrain(PretrainConfig(out=str(tmp_path / "d"), probe_every=2, probe_train=str(sample_shards),
+        run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "d"), probe_every=2, probe_train=str(sample_shards),
                                     probe_val=str(sample_shards), probe_layers=(9,), **common))
     with pytest.raises(BeitDataError, match="has no token file"):
-        run_pretrain(PretrainConfig(out=str(tmp_path / "c"), val_shards=str(tmp_path / "copy-000000.tar"),
+        run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "c"), val_shards=str(tmp_path / "copy-000000.tar"),
                                     val_tokens=str(sample_tokens), **common))
     assert not any((tmp_path / n).exists() for n in "abd")  # nothing half-made is left
 

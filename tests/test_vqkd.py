@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from beit_common import BeitDataError
-from beit_model.dvae import load_tokenizer
+from beit_model.tokenizer import load_tokenizer
 from beit_model.vqkd import VQKDConfig, VQKDTokenizer, random_tokenizer, released_layout
 
 SMALL = VQKDConfig(embed_dim=128, depth=2, num_heads=2, vocab_size=512, code_dim=8)

@@ -25,13 +25,13 @@ from beit_data.shards import expand_shards
 from beit_data.tokens import VIEW_COLUMNS, read_meta, read_table, row_view, token_paths
 from beit_data.views import stable_rng
 
-__all__ = ["HeldOut", "load_heldout", "select_heldout"]
+__all__ = ["Holdout", "load_holdout", "select_holdout"]
 
 DECODE_BATCH = 32
 
 
 @dataclass
-class HeldOut:
+class Holdout:
     """One rank's share of the held-out set, ready for the model."""
 
     images: torch.Tensor  # (n, 3, S, S) float16, normalised
@@ -58,7 +58,7 @@ def _check_same_targets(meta: dict, reference: dict, path: Path) -> None:
                                 f"tokens with {reference['views'].get(key)!r}; tokenize it with the training recipe")
 
 
-def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int, seed: int,
+def select_holdout(shards: list[Path], tokens_dir: str | os.PathLike, count: int, seed: int,
                    reference: dict) -> list[tuple[Path, str, dict]]:
     """The whole held-out set, in evaluation order: ``(shard, key, row)`` with the picked view's row.
 
@@ -95,9 +95,9 @@ def select_heldout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
     return [(shard, key, rows[f, i]) for shard, key, f, i in chosen]
 
 
-def load_heldout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int, seed: int, meta: dict,
+def load_holdout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int, seed: int, meta: dict,
                  image_size: int, num_masked: int, min_block: int = 16, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu") -> HeldOut:
+                 device: torch.device | str = "cpu") -> Holdout:
     """This rank's share of the held-out set, decoded.
 
     Args:
@@ -107,7 +107,7 @@ def load_heldout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int,
     from beit_data.stream import model_view_spec
 
     shards = expand_shards(shards_spec)
-    chosen = select_heldout(shards, tokens_dir, count, seed, meta)
+    chosen = select_holdout(shards, tokens_dir, count, seed, meta)
     mine = chosen[rank::world_size]
     grid = meta["tokenizer"]["grid"]
     masker = BlockMaskGenerator((grid, grid), num_masked, min_block)
@@ -124,7 +124,7 @@ def load_heldout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int,
         images.append(decode(encoded[i:i + DECODE_BATCH], views)[:, 0].to(torch.float16))
     device = torch.device(device)
     empty = torch.zeros((0, 3, image_size, image_size), dtype=torch.float16, device=device)
-    return HeldOut(images=torch.cat(images) if images else empty,
+    return Holdout(images=torch.cat(images) if images else empty,
                    tokens=torch.from_numpy(np.array([row["tokens"] for _, _, row in mine], np.int64)
                                            .reshape(-1, grid * grid)).to(device),
                    mask=torch.from_numpy(np.array(masks, bool).reshape(-1, grid * grid)).to(device),

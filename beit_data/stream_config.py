@@ -1,0 +1,51 @@
+"""The settings of the training stream: what it reads and how it orders it.
+
+Kept apart from the stream (and light: no numpy, torch or DALI) so that the stages' configs and
+the command line can hold one without importing what the stream needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from beit_common import BeitDataError
+
+__all__ = ["StreamConfig", "MIX_SHARDS", "PARTITIONS"]
+
+MIX_SHARDS = 16  # pieces a partition reads at once, by default
+PARTITIONS = 8  # partitions of each epoch, by default; a rank reads whole ones on 1, 2, 4 or 8 ranks
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    """What the training stream reads and how it orders it (see ``beit_data.order``).
+
+    Attributes:
+        batch_size: Samples per rank per step; the global batch is that times the world size.
+        partitions: Partitions of each epoch. A rank reads whole partitions when the world
+            size divides them, and reads the windows of every partition it takes a part of.
+        mix_shards: Shards a partition reads at once; their samples are permuted together.
+            Memory per partition read grows with it (one token row and one offset per sample
+            of a window, up to three windows at a time: the one being read, the next one and
+            the one loading); reads are random within those shards.
+        dealt: The order of runs started before partitions: shards dealt to ranks.
+    """
+
+    shards: str
+    tokens: str
+    batch_size: int = 256
+    seed: int = 0
+    image_size: int = 224
+    num_masked: int = 75
+    min_block: int = 16
+    partitions: int = PARTITIONS
+    mix_shards: int = MIX_SHARDS
+    dealt: bool = False
+    skip_missing: bool = False
+    num_threads: int = 4
+    # Control experiment only: pair every image with another image's tokens.
+    shuffle_targets: bool = False
+
+    def __post_init__(self):
+        if min(self.batch_size, self.mix_shards, self.partitions) < 1:
+            raise BeitDataError("`batch_size`, `mix_shards` and `partitions` must be at least 1")

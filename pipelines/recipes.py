@@ -1,0 +1,29 @@
+"""The papers' recipes: the settings each one fixes, named once for every stage that follows them."""
+
+from __future__ import annotations
+
+from beit_common import BeitDataError
+
+__all__ = ["RECIPES", "TOKENIZER_RECIPE", "DVAE_CONFIGS", "check_recipe_name"]
+
+# The dVAE architectures of ``beit_model.dvae.CONFIGS`` (named here so this module needs no torch).
+DVAE_CONFIGS = ("tiny", "dalle")
+
+# The papers' recipes for ViT-B/16, in one place. ``beit``: BEiT (Bao et al., ICLR 2022), 800
+# epochs, DALL-E tokens of a 112-pixel Lanczos view. ``beitv2``: BEiT v2 (Peng et al., 2022) as in
+# unilm's beit2/PRETRAINING.md, 1600 epochs, VQ-KD tokens of the model's own 224-pixel bicubic
+# view, crops of at least 20% of the image, and the extra head after block 9. Both: batch 2048
+# in all, AdamW (0.9, 0.999), weight decay 0.05, clip 3.0, 75 masked patches, colour jitter 0.4.
+RECIPES = {
+    "beit": {"min_scale": 0.08, "tokenizer_filter": "lanczos", "model": "beit_mim_base_patch16_224",
+             "epochs": 800, "lr": 1.5e-3, "warmup_epochs": 10.0, "layer_scale": 0.1, "drop_path": 0.1},
+    "beitv2": {"min_scale": 0.2, "tokenizer_filter": "bicubic", "model": "beitv2_mim_base_patch16_224",
+               "epochs": 1600, "lr": 1.5e-3, "warmup_epochs": 10.0, "layer_scale": 0.1, "drop_path": 0.1},
+}
+# The recipe tokenize follows when none is named: the one each kind of tokenizer was made for.
+TOKENIZER_RECIPE = {"dvae": "beit", "vqkd": "beitv2"}
+
+
+def check_recipe_name(name: str | None) -> None:
+    if name is not None and name not in RECIPES:
+        raise BeitDataError(f"`recipe` must be one of {sorted(RECIPES)}, got {name}")
