@@ -19,7 +19,7 @@ from beit_data.shard_index import check_fingerprint, read_index
 from beit_data.shards import expand_shards
 from beit_data.tokens import check_recipe, parquet_file, read_meta, schema, token_files, token_paths
 
-__all__ = ["summarise"]
+__all__ = ["summarise", "codebook_warnings"]
 
 
 def _codebook(counts: np.ndarray, top: int = 10) -> dict:
@@ -84,8 +84,27 @@ class _Tally:
         self.fingerprints[name] = meta.get("shard")
 
 
-def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8192) -> dict:
-    """The whole summary as one JSON-ready dict; ``errors`` lists what failed validation."""
+def codebook_warnings(codebook: dict, max_share: float = 0.1, max_dead: float = 0.5) -> list[str]:
+    """One line for each sign of a codebook that gives poor targets, with its figure and threshold:
+    one code holding more than ``max_share`` of the tokens, or more than ``max_dead`` of the
+    codes never used."""
+    warnings = []
+    top = codebook["top_codes"][0] if codebook["top_codes"] else None
+    if top is not None and top["share"] > max_share:
+        warnings.append(f"code {top['code']} holds {100 * top['share']:.1f}% of the tokens (more than "
+                        f"{100 * max_share:g}%): a model can score that top-1 by always predicting it")
+    dead = codebook["dead_codes"] / max(codebook["vocab"], 1)
+    if dead > max_dead:
+        warnings.append(f"{codebook['dead_codes']:,} of {codebook['vocab']:,} codes ({100 * dead:.1f}%) never occur "
+                        f"(more than {100 * max_dead:g}%): the tokenizer uses little of its codebook here (expected "
+                        "on a few images; on a large set, a collapsed tokenizer)")
+    return warnings
+
+
+def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8192, max_share: float = 0.1,
+              max_dead: float = 0.5) -> dict:
+    """The whole summary as one JSON-ready dict; ``errors`` lists what failed validation and
+    ``warnings`` what says the targets will train poorly (see ``codebook_warnings``)."""
     files = token_files(folder)
     tally = _Tally()
     for path in files:
@@ -104,6 +123,7 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
         "rejects": {"total": len(tally.rejects), "by_reason": _by_reason(tally.rejects)},
         "errors": tally.errors,
     }
+    summary["warnings"] = codebook_warnings(summary["codebook"], max_share, max_dead)
     if shards is not None:
         summary["coverage"] = _coverage(folder, shards, tally.keys, tally.rejects, tally.fingerprints, tally.errors,
                                         {Location(p).name for p in files})

@@ -48,6 +48,8 @@ def format_summary(s: dict) -> str:
         for name, examples in (("missing", c["missing_examples"]), ("not in shards", c["not_in_shards_examples"])):
             if examples:
                 lines.append(f"  {name}: {', '.join(examples[:10])}")
+    for warning in s.get("warnings", []):
+        lines.append(f"WARNING       {warning}")
     for err in s["errors"]:
         lines.append(f"ERROR         {err}")
     return "\n".join(lines)
@@ -130,7 +132,9 @@ def render_view(cfg: InspectConfig) -> Path:
 
 
 def render_histogram(summary: dict, path: str | Path) -> Path:
-    """Token frequencies from ``summary``, sorted by rank, on a log scale."""
+    """Token frequencies from ``summary``, sorted by rank: as shares on a linear scale (where a
+    dominant code shows as it is), then counts on a log scale; the dead codes, which never
+    occur, are marked in red at the tail of both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,12 +142,22 @@ def render_histogram(summary: dict, path: str | Path) -> Path:
 
     cb = summary["codebook"]
     ranked = np.sort(np.array(cb["counts"]))[::-1]
-    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
-    ax.bar(np.arange(len(ranked)), np.maximum(ranked, 0.8), width=1.0, color="tab:blue")
-    ax.set_yscale("log")
-    ax.set_xlabel("code rank")
-    ax.set_ylabel("count")
-    ax.set_title(f"{cb['codes_used']}/{cb['vocab']} codes used, perplexity {cb['perplexity']}", fontsize=10)
+    share = ranked / max(ranked.sum(), 1)
+    used = int((ranked > 0).sum())
+    fig, (linear, log) = plt.subplots(2, 1, figsize=(8, 5.5), dpi=100, sharex=True)
+    linear.bar(np.arange(len(ranked)), 100 * share, width=1.0, color="tab:blue")
+    linear.set_ylabel("share of tokens (%)")
+    log.bar(np.arange(len(ranked)), np.maximum(ranked, 0.8), width=1.0, color="tab:blue")
+    log.set_yscale("log")
+    log.set_ylabel("count (log)")
+    log.set_xlabel("code rank")
+    if used < len(ranked):
+        for ax in (linear, log):
+            ax.axvspan(used - 0.5, len(ranked) - 0.5, color="tab:red", alpha=0.25, lw=0)
+        linear.text(used + (len(ranked) - used) / 2, linear.get_ylim()[1] * 0.9, f"{len(ranked) - used:,} dead",
+                    ha="center", va="top", color="tab:red", fontsize=9)
+    linear.set_title(f"{cb['codes_used']}/{cb['vocab']} codes used, {cb['dead_codes']} dead, perplexity "
+                     f"{cb['perplexity']}", fontsize=10)
     fig.tight_layout()
     path = output_file(path, "the histogram")
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -156,7 +170,7 @@ def run_inspect(cfg: InspectConfig) -> dict:
     if cfg.render is not None:
         render_view(cfg)
         return {"rendered": cfg.out}
-    summary = summarise(cfg.tokens, cfg.shards)
+    summary = summarise(cfg.tokens, cfg.shards, max_share=cfg.max_code_share, max_dead=cfg.max_dead_codes)
     if cfg.histogram:
         render_histogram(summary, cfg.histogram)
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class Logger:
             step appears twice.
     """
 
-    def __init__(self, out: Path, enabled: bool, resumed_at: int = 0):
+    def __init__(self, out: Path, enabled: bool, resumed_at: int = 0, config: dict | None = None):
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
@@ -44,13 +45,18 @@ class Logger:
             warnings.warn("tensorboard is not installed; logging to log.jsonl only", stacklevel=2)
         else:
             self.tb = SummaryWriter(str(out / "tb"), purge_step=resumed_at + 1)
+            if config is not None:  # the resolved settings, beside the curves they made
+                self.tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", resumed_at)
 
     def log(self, record: dict) -> None:
-        """One record: a step's figures, or an event (``{"step": N, "event": ...}``); the
-        ``val`` and ``probe`` events go to TensorBoard as ``val/*`` and ``probe/*``."""
+        """One record: a step's figures (event ``train``), or an event (``{"step": N, "event":
+        ...}``), each with its wall-clock ``time`` (Unix seconds); the ``val`` and ``probe``
+        events go to TensorBoard as ``val/*`` and ``probe/*``."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        row = {"step": record["step"], "event": record.get("event", "train"), "time": round(time.time(), 3),
+               **record}
+        self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         group = record.get("event") if record.get("event") in ("val", "probe") else "train"
         for k, v in record.items():

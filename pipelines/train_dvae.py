@@ -107,6 +107,15 @@ def evaluate(encoder: Encoder, decoder: Decoder, images: torch.Tensor) -> dict:
             "images": images.shape[0]}
 
 
+def report_warnings(report: dict) -> list[str]:
+    """One line for each figure that says the tokenizer will not serve, with its baseline."""
+    if report["psnr"] >= report["psnr_mean_colour"]:
+        return []
+    return [f"held-out PSNR {report['psnr']:.2f} dB is below the mean-colour baseline {report['psnr_mean_colour']:.2f} "
+            "dB (each image painted its mean colour): the codes carry less than that; train longer (--steps) or on "
+            "more images"]
+
+
 def _schedules(cfg: TrainDVAEConfig, step: int) -> tuple[float, float, float]:
     t = step / max(1, cfg.steps - 1)
     tau = cfg.tau_end + 0.5 * (cfg.tau_start - cfg.tau_end) * (1 + math.cos(math.pi * t))
@@ -221,6 +230,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     bar.close()
     report = {**evaluate(encoder, decoder, held_images), "steps": step,
               "seconds": round(time.perf_counter() - start, 1), "config": cfg.config, "out": str(out)}
+    report["warnings"] = report_warnings(report)
     save(report=report)
     write_text_atomic(Path(str(out) + ".report.json"), json.dumps(report, indent=1))
     return report

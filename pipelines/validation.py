@@ -33,11 +33,13 @@ EVAL_BATCH = 64
 def evaluate(model: torch.nn.Module, holdout: Holdout, *, max_masked: int, device: torch.device,
              world_size: int = 1) -> dict:
     """The held-out figures, reduced over the ranks: ``val_loss``, ``val_top1``, ``val_top5``,
-    ``val_perplexity`` and ``val_images``."""
+    ``val_perplexity``, ``val_images``, and ``val_majority``: the share of the most common code
+    in the held-out targets, the top-1 of a model that always predicts it (its baseline)."""
     was_training = model.training
     model.eval()
     # loss sum, top-1 hits, top-5 hits, masked patches: summed in float64 on every rank
     sums = torch.zeros(4, dtype=torch.float64, device=device)
+    codes = torch.zeros(model.vocab_size, dtype=torch.float64, device=device)  # how often each code is a target
     for i in range(0, len(holdout.images), EVAL_BATCH):
         images, tokens, mask = (t[i:i + EVAL_BATCH] for t in (holdout.images, holdout.tokens, holdout.mask))
         positions, real = masked_positions(mask, max_masked)
@@ -48,13 +50,16 @@ def evaluate(model: torch.nn.Module, holdout: Holdout, *, max_masked: int, devic
         hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == targets.unsqueeze(-1)  # (B, K, 5)
         sums += torch.stack([loss[real].sum(), hits[..., 0][real].sum(), hits.any(-1)[real].sum(),
                              real.sum()]).double()
+        codes += torch.bincount(targets[real], minlength=len(codes)).double()
     if world_size > 1:
         torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(codes)
     model.train(was_training)
     loss_sum, top1, top5, count = sums.tolist()
     mean = loss_sum / max(count, 1)
     return {"val_loss": mean, "val_top1": top1 / max(count, 1), "val_top5": top5 / max(count, 1),
-            "val_perplexity": math.exp(mean), "val_images": holdout.total}
+            "val_perplexity": math.exp(mean), "val_images": holdout.total,
+            "val_majority": codes.max().item() / max(count, 1)}
 
 
 def check_holdout(holdout: Holdout, train_shards: list, train_tokens: str) -> None:

@@ -201,3 +201,20 @@ def test_no_tokenizer_file_runs_code_when_loaded(tmp_path, openai_files):
     x = torch.load(openai_files / "expected.pt")["x"]
     tok = load_tokenizer(openai_files / "encoder.pkl")
     assert tok.decoder is not None and torch.equal(tok.encode(x), load_tokenizer(tmp_path / "pkl" / "enc.pt").encode(x))
+
+
+def test_train_dvae_warns_below_the_mean_colour_psnr(sample_shards, tmp_path):
+    from pipelines.train_dvae import report_warnings
+    from tests.conftest import invoke
+
+    assert report_warnings({"psnr": 14.0, "psnr_mean_colour": 15.25}) == [
+        "held-out PSNR 14.00 dB is below the mean-colour baseline 15.25 dB (each image painted its mean colour): "
+        "the codes carry less than that; train longer (--steps) or on more images"]
+    assert report_warnings({"psnr": 15.25, "psnr_mean_colour": 15.25}) == []
+    result = invoke("train-dvae", "--shards", sample_shards, "--out", tmp_path / "d.pt", "--config", "tiny",
+                    "--steps", "1", "--batch-size", "2", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d.pt.report.json").read_text())
+    printed = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert printed == [f"train-dvae: warning: {w}" for w in report_warnings(report)] and report["warnings"] == \
+        report_warnings(report)

@@ -123,7 +123,7 @@ def test_render_and_histogram_pngs_have_content(known, tmp_path, trained_tokeniz
     hist = tmp_path / "hist.png"
     assert run_cli("inspect", str(tokens), "--histogram", str(hist)).returncode == 0
     h = np.asarray(Image.open(hist).convert("RGB")).astype(float)
-    assert h.shape == (350, 800, 3) and h.std() > 5
+    assert h.shape == (550, 800, 3) and h.std() > 5
 
 
 def test_readme_query_snippets_run(sample_tokens):
@@ -155,3 +155,42 @@ def test_images_are_counted_by_shard_and_key(known, tmp_path):
     assert (s["images"], s["rows"], s["views_per_image"]) == (8, 24, 3.0)
     assert s["coverage"]["shard_keys"] == 11 and s["coverage"]["keys_missing_from_parquet"] == 1  # c0, untokenized
     assert s["coverage"]["rejected_keys"] == 2 and s["errors"] == []  # the empty a3.jpg of a.tar and of copy.tar
+
+
+def test_codebook_warnings_name_their_figure_and_threshold(known):
+    """One code above ``--max-code-share`` and dead codes above ``--max-dead-codes`` each warn in
+    one line with the figure; just under the figures, nothing is said."""
+    s = json.loads(run_cli("inspect", str(known / "t"), "--json").stdout)
+    cb = s["codebook"]
+    share, dead = cb["top_codes"][0]["share"], cb["dead_codes"] / cb["vocab"]
+    loud = run_cli("inspect", str(known / "t"), "--max-code-share", str(share - 1e-4), "--max-dead-codes",
+                   str(dead - 1e-4))
+    assert loud.returncode == 0, loud.stderr
+    warnings = [line for line in loud.stdout.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2
+    assert f"code {cb['top_codes'][0]['code']} holds {100 * share:.1f}% of the tokens" in warnings[0]
+    assert f"{cb['dead_codes']:,} of 512 codes ({100 * dead:.1f}%) never occur" in warnings[1]
+    quiet = json.loads(run_cli("inspect", str(known / "t"), "--json", "--max-code-share", str(min(1.0, share + 1e-4)),
+                               "--max-dead-codes", str(min(1.0, dead + 1e-4))).stdout)
+    assert quiet["warnings"] == []
+
+
+def test_the_histogram_reads_on_a_linear_scale_and_marks_the_dead_codes(known, tmp_path):
+    from beit_data.summary import summarise
+    from pipelines.inspect_tokens import render_histogram
+
+    summary = summarise(known / "t")
+    dead = summary["codebook"]["dead_codes"]
+    assert dead > 0
+    render_histogram(summary, tmp_path / "hist.png")
+    h = np.asarray(Image.open(tmp_path / "hist.png").convert("RGB")).astype(int)
+    assert h.shape == (550, 800, 3)
+    # The dead codes' band: light red (tab:red at a quarter over white), across both panels.
+    red = (np.abs(h - [245, 201, 202]).max(-1) <= 6)
+    columns = np.flatnonzero(red.sum(0) > 100)
+    assert len(columns) > 0 and red.sum() > 0
+    summary["codebook"]["counts"] = [1] * 512  # every code used: no band
+    summary["codebook"].update(dead_codes=0, codes_used=512)
+    render_histogram(summary, tmp_path / "full.png")
+    full = np.asarray(Image.open(tmp_path / "full.png").convert("RGB")).astype(int)
+    assert (np.abs(full - [245, 201, 202]).max(-1) <= 6).sum() == 0

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,8 +18,10 @@ TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, lr=
 
 
 def records(run, event=None):
+    """The log's rows of ``event`` (the training steps' by default), without their wall-clock time."""
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("event") == event] if event else [r for r in rows if "loss" in r]
+    assert all(isinstance(r.pop("time"), float) and "event" in r for r in rows)  # every row has both
+    return [r for r in rows if r["event"] == (event or "train")]
 
 
 def test_held_out_figures_are_fixed_and_leave_training_alone(sample_shards, sample_tokens, labeled_shards, tmp_path):
@@ -39,7 +42,7 @@ def test_held_out_figures_are_fixed_and_leave_training_alone(sample_shards, samp
     val = records(tmp_path / "straight", "val")
     assert [r["step"] for r in val] == [0, 2, 4] and val == records(tmp_path / "resumed", "val")
     for r in val:
-        assert r["val_images"] == 6 and 0 <= r["val_top1"] <= r["val_top5"] <= 1
+        assert r["val_images"] == 6 and 0 <= r["val_top1"] <= r["val_top5"] <= 1 and 0 < r["val_majority"] <= 1
         assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]))
     assert val[-1]["val_loss"] < val[0]["val_loss"]  # the tiny dVAE's targets are learnable
     probes = records(tmp_path / "straight", "probe")
@@ -145,3 +148,49 @@ def test_the_probe_refuses_sets_whose_class_ids_mean_other_classes(tmp_path):
     run_shards(ShardsConfig(sources=[val], out=tmp_path / "v2", classes=tmp_path / "t" / "shards.json",
                             progress=False))
     assert probe(tmp_path / "v2")["val_images"] == 1
+
+
+def test_held_out_top1_is_printed_beside_the_most_common_code_and_warned_when_no_better(sample_shards, sample_tokens,
+                                                                                         tmp_path):
+    """``val_majority`` is the top-1 of always predicting the most common held-out target; pretrain
+    prints it beside the top-1, and warns in one line when the top-1 does not beat it."""
+    from beit_data.holdout import load_holdout
+    from beit_data.tokens import read_meta, token_files
+    from beit_model.beit_mim import masked_positions
+    from tests.conftest import invoke
+    from tests.test_pretrain import evaluate_untrained
+
+    val = sample_shards / "sample-000001.tar"
+    figures = evaluate_untrained(sample_tokens, val, sample_tokens, count=6)
+    held = load_holdout(str(val), sample_tokens, count=6, seed=0, meta=read_meta(token_files(sample_tokens)[0]),
+                        image_size=224, num_masked=75)
+    positions, real = masked_positions(held.mask, 75)
+    targets = held.tokens.gather(1, positions)[real].numpy()
+    assert figures["val_majority"] == pytest.approx(np.bincount(targets).max() / len(targets))
+
+    result = invoke("pretrain", "--shards", sample_shards / "sample-000000.tar", "--tokens", sample_tokens,
+                    "--out", tmp_path / "run", "--val-shards", val, "--val-tokens", sample_tokens, "--val-images", "6",
+                    "--model", "beit_mim_tiny_patch16_224", "--batch-size", "4", "--steps", "2", "--warmup-steps",
+                    "1", "--device", "cpu", "--num-threads", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    last = records(tmp_path / "run", "val")[-1]
+    assert f"always predicting the most common code: top-1 {100 * last['val_majority']:.1f}%" in result.stdout
+    warning = [line for line in result.stderr.splitlines() if "warning" in line]
+    if last["val_top1"] <= last["val_majority"]:
+        assert warning == [f"pretrain: warning: held-out top-1 {100 * last['val_top1']:.1f}% at step 2 is no better "
+                           f"than always predicting the most common code ({100 * last['val_majority']:.1f}%): the "
+                           "model has learned nothing beyond the code frequencies yet; train longer, or check the "
+                           "tokens with beit-data inspect"]
+    else:
+        assert warning == []
+    from pipelines.pretrain import PretrainResult
+
+    def result(top1: float) -> PretrainResult:
+        rows = [{"step": 0, "val_top1": 0.0, "val_majority": 0.05},
+                {"step": 100, "val_top1": top1, "val_majority": 0.05}]
+        return PretrainResult(steps=100, first_loss=None, last_loss=None, checkpoint="", skipped_rejected=0,
+                              skipped_missing_shards=0, holdout=rows)
+
+    assert result(0.05).warnings()[0].startswith("held-out top-1 5.0% at step 100 is no better than always "
+                                                 "predicting the most common code (5.0%)")
+    assert result(0.051).warnings() == []
