@@ -1,50 +1,102 @@
 """``beit-data export``: the pretrained encoder as timm ``Beit`` weights.
 
-The weights go to a ``.pth`` (torch) or ``.safetensors`` file, by the name's suffix, with a
-JSON beside it that names the timm model of the same size and the arguments that rebuild it.
+Two forms, by the name of ``out``:
+
+- a folder (no ``.pth`` or ``.safetensors`` suffix): ``config.json`` and ``model.safetensors``,
+  written by timm's own ``save_config_for_hf``, which ``timm.create_model('local-dir:OUT',
+  pretrained=True, num_classes=N)`` opens as it is (and timm's ``train.py --model
+  local-dir:OUT --pretrained``), with a new classifier for any ``N``;
+- one ``.pth`` or ``.safetensors`` file, with a JSON beside it that names the timm model of the
+  same size and the arguments that rebuild it.
+
+Both record the input the encoder was pretrained on (size, bicubic interpolation, ImageNet's
+mean and std), which timm's BEiT defaults (mean and std 0.5) would otherwise replace silently.
 """
 
 from __future__ import annotations
 
 import json
 
-from beit_common import Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
+from beit_common import BeitDataError, Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
+from beit_common.files import ensure_writable_dir, output_location
 from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from pipelines.config import ExportConfig
 
-__all__ = ["ExportConfig", "run_export", "timm_args"]
+__all__ = ["ExportConfig", "run_export", "timm_args", "input_config", "FILE_SUFFIXES"]
+
+FILE_SUFFIXES = (".pth", ".safetensors")
+FOLDER_FILES = ("model.safetensors", "config.json")  # timm's local-dir layout, the config last
 
 
-def timm_args(model_args: dict) -> dict:
+def timm_args(model_args: dict, img_size: int = 224) -> dict:
     """The timm ``Beit`` arguments that rebuild this encoder."""
-    return {"embed_dim": model_args["embed_dim"], "depth": model_args["depth"], "num_heads": model_args["num_heads"],
-            "use_abs_pos_emb": False, "use_rel_pos_bias": True}
+    return {"img_size": img_size, "embed_dim": model_args["embed_dim"], "depth": model_args["depth"],
+            "num_heads": model_args["num_heads"], "use_abs_pos_emb": False, "use_rel_pos_bias": True}
+
+
+def input_config(img_size: int) -> dict:
+    """What the encoder saw in pretraining, in timm's ``pretrained_cfg`` terms (the training
+    stream's view: bicubic, ImageNet-normalised)."""
+    from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"input_size": [3, img_size, img_size], "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD)}
 
 
 def run_export(cfg: ExportConfig) -> dict:
-    """Write the encoder of ``RUN/checkpoint.pt`` to ``out`` (a local path or an object URL),
-    with its JSON beside it; returns how to load it in timm.
+    """Write the encoder of ``RUN/checkpoint.pt`` to ``out`` (a folder or a file; local or an
+    object URL); returns how to load it in timm.
 
     Raises:
         BeitDataError: For an ``out`` that exists (without ``overwrite``) or cannot be written.
     """
     from beit_model.beit_mim import TIMM_EQUIVALENT, encoder_state_dict
 
-    out, overwrite = cfg.out, cfg.overwrite
     ckpt = load_checkpoint(checkpoint_path(cfg.run))
-    out = output_file(out, "the encoder", overwrite=overwrite)
-    info_path = output_file(Location(out).sibling(".json"), "the encoder's JSON", overwrite=overwrite)
+    folder = not str(cfg.out).endswith(FILE_SUFFIXES)
+    out = _folder(cfg.out, cfg.overwrite) if folder else output_file(cfg.out, "the encoder", overwrite=cfg.overwrite)
     model = model_from_checkpoint(ckpt)
+    name = TIMM_EQUIVALENT.get(ckpt["model_name"], "beit_base_patch16_224")
+    img_size = model.patch_embed.img_size[0]
+    args, data = timm_args(ckpt["model_args"], img_size), input_config(img_size)
     state = encoder_state_dict(model)
+    info = {"timm_model": name, "timm_kwargs": {**args, "num_classes": 0}, "pretrained_cfg": data,
+            "step": ckpt["step"]}
+    if folder:
+        _write_folder(out, name, args, data, state)
+        return {**info, "folder": storage.redact(str(out))}
+    info_path = output_file(Location(out).sibling(".json"), "the encoder's JSON", overwrite=cfg.overwrite)
     if str(out).endswith(".safetensors"):  # timm's create_model(checkpoint_path=...) reads either
         from safetensors.torch import save_file
 
         write_atomic(out, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
     else:
         save_atomic(state, out)
-    args = timm_args(ckpt["model_args"])
-    info = {"timm_model": TIMM_EQUIVALENT.get(ckpt["model_name"], "beit_base_patch16_224"),
-            "timm_kwargs": {**args, "num_classes": 0}, "checkpoint_path": storage.redact(str(out)),
-            "step": ckpt["step"]}
+    info["checkpoint_path"] = storage.redact(str(out))
     write_text_atomic(info_path, json.dumps(info, indent=1))
     return info
+
+
+def _folder(out: str, overwrite: bool):
+    """The export folder, made and proven writable; one that holds files is refused without
+    ``overwrite`` (and then only its export files are replaced)."""
+    out = output_location(out, "the encoder folder")
+    existing = [n for n in FOLDER_FILES if storage.exists(Location(out) / n)]
+    if Location(out).is_local and Location(out).path.is_file():
+        raise BeitDataError(f"{out} is a file; give a folder, or a name ending in .pth or .safetensors")
+    if existing and not overwrite:
+        raise BeitDataError(f"{Location(out) / existing[0]} exists; pass `overwrite` to replace it")
+    return ensure_writable_dir(out)
+
+
+def _write_folder(out, name: str, args: dict, data: dict, state: dict) -> None:
+    """timm's ``Beit`` with the encoder's weights and no classifier, saved by timm's own writer."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf  # what timm's own push_to_hf_hub writes with
+
+    model = timm.create_model(name, pretrained=False, num_classes=0, pretrained_cfg_overlay=data, **args)
+    model.load_state_dict(state)  # strict: every weight of timm's model comes from the encoder
+    weights, config = (Location(out) / n for n in FOLDER_FILES)
+    write_atomic(weights, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp)))
+    write_atomic(config, lambda tmp: save_config_for_hf(model, str(tmp), model_args=args))
