@@ -11,9 +11,24 @@ import numpy as np
 from beit_data.order import Layout, OrderSpec, Piece, check_steps, epoch_layout, rank_slices
 from beit_data.views import stable_rng
 
-__all__ = ["Window", "partition_windows", "partition_spans", "take_batches", "steps_from", "rank_batches"]
+__all__ = ["Window", "PlannedBatch", "partition_windows", "partition_spans", "take_batches", "steps_from",
+           "rank_batches"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """What one step of one rank sees: its keys and the stored view of each."""
+
+    epoch: int
+    rank: int
+    step: int
+    keys: list[str]
+    views: list[int]
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "rank": self.rank, "step": self.step, "keys": self.keys, "views": self.views}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from beit_common.ranges import RangeFile
 from beit_data.loader_signals import outlive_job_signals
 from beit_data.masking import BlockMaskGenerator
 from beit_data.order import Layout, OrderSpec, check_steps, epoch_layout, rank_slices
-from beit_data.order_walk import partition_spans, steps_from, take_batches
+from beit_data.order_walk import PlannedBatch, partition_spans, steps_from, take_batches
 from beit_data.prefetch import prefetch
 from beit_data.shard_index import check_fingerprint
 from beit_data.shard_rows import LoadedShard, SequentialReader, close_all, image_members, read_images_of, table_keys
@@ -43,20 +43,6 @@ __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch"]
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
 _RAGGED = ("encoded", "key")
-
-
-@dataclass(frozen=True)
-class PlannedBatch:
-    """What one step of one rank sees: its keys and the stored view of each."""
-
-    epoch: int
-    rank: int
-    step: int
-    keys: list[str]
-    views: list[int]
-
-    def as_dict(self) -> dict:
-        return {"epoch": self.epoch, "rank": self.rank, "step": self.step, "keys": self.keys, "views": self.views}
 
 
 @dataclass(kw_only=True)
@@ -136,7 +122,7 @@ class ReplaySource:
     @cached_property
     def spec(self) -> OrderSpec:
         """What fixes the order: the same on any number of ranks (but for ``dealt`` runs)."""
-        return OrderSpec(seed=self.cfg.seed, global_batch=self.cfg.batch_size * self.world_size,
+        return OrderSpec(seed=self.cfg.seed, global_batch=self.cfg.global_batch(self.world_size),
                          partitions=self.world_size if self.cfg.dealt else self.cfg.partitions,
                          mix_shards=self.cfg.mix_shards, sequential=self.sequential, dealt=self.cfg.dealt)
 
@@ -157,9 +143,12 @@ class ReplaySource:
         """Whether the shards are read from their start only (some are ``pipe:`` commands)."""
         return not all(s.seekable for s in self.shards)
 
-    def positions(self) -> Iterator[tuple[int, int]]:
-        """``(epoch, step)`` of each batch this source yields, in order."""
-        return steps_from(self.start, self.check_epoch)
+    def positions(self) -> Iterator[tuple[int, int, int]]:
+        """``(epoch, step, micro)`` of each batch this source yields, in order: ``grad_accum``
+        micro-batches for each step."""
+        for epoch, step in steps_from(self.start, self.check_epoch):
+            for micro in range(self.cfg.grad_accum):
+                yield epoch, step, micro
 
     # ---- the order ----------------------------------------------------------------------
 
@@ -192,17 +181,19 @@ class ReplaySource:
 
     def _picked(self, *, read: bool, done: list[LoadedShard] | None = None
                 ) -> Iterator[tuple[tuple[int, int], list[tuple[int, LoadedShard, int]]]]:
-        """``((epoch, step), samples)`` of each batch of this rank from ``start`` on, forever."""
+        """``((epoch, step), samples)`` of each step of this rank from ``start`` on, forever: its
+        share of the global step, ``batch_size * grad_accum`` samples."""
         slices = rank_slices(self.spec, self.world_size, self.rank)
         streams = {p: self._partition(p, read=read, done=done) for p, _, _ in slices}
         try:
-            yield from zip(self.positions(), take_batches(streams, slices, self.spec.shares))
+            yield from zip(steps_from(self.start, self.check_epoch), take_batches(streams, slices, self.spec.shares))
         finally:
             for stream in streams.values():
                 stream.close()
 
     def plan(self) -> Iterator[PlannedBatch]:
-        """What each batch from ``start`` on holds, forever, without reading an image."""
+        """What each step of this rank from ``start`` on holds (all its micro-batches), forever,
+        without reading an image."""
         for (epoch, step), picked in self._picked(read=False):
             yield PlannedBatch(epoch, self.rank, step, [s.keys[i] for _, s, i in picked],
                                [int(s.views[i]) for _, s, i in picked])
@@ -269,20 +260,24 @@ class ReplaySource:
                 masker(rng).reshape(-1), np.frombuffer(key.encode(), np.uint8), np.array([rejected], np.int32)]
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray] | np.ndarray, ...]]:
-        """One tuple per batch with each of ``OUTPUTS``: a list of per-sample arrays for the
+        """One tuple per micro-batch with each of ``OUTPUTS``: a list of per-sample arrays for the
         encoded images and keys, a dense (B, ...) array for the rest."""
         if multiprocessing.parent_process() is not None:
             outlive_job_signals()
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
         done: list[LoadedShard] = []
+        size = self.cfg.batch_size
         try:
-            with closing(self._picked(read=True, done=done)) as batches:
-                for _, picked in batches:
-                    rows = [self._item(masker, image, *p) for image, p in zip(self._read(picked), picked)]
-                    close_all(done)  # the windows this batch finished: their last images are read
-                    # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
-                    yield tuple(list(column) if name in _RAGGED else np.stack(column)
-                                for name, column in zip(OUTPUTS, zip(*rows)))
+            with closing(self._picked(read=True, done=done)) as steps:
+                for _, step in steps:
+                    for i in range(0, len(step), size):  # the step's micro-batches
+                        picked = step[i:i + size]
+                        rows = [self._item(masker, image, *p) for image, p in zip(self._read(picked), picked)]
+                        if i + size >= len(step):  # the windows this step finished: their last images are read
+                            close_all(done)
+                        # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
+                        yield tuple(list(column) if name in _RAGGED else np.stack(column)
+                                    for name, column in zip(OUTPUTS, zip(*rows)))
         finally:
             close_all(done)
 

@@ -31,6 +31,12 @@ class Batch:
     epoch: int
     step: int  # within the epoch, counting from 0
     keys: list[str] = field(default_factory=list)
+    micro: int = 0  # which of the step's ``accum`` micro-batches
+    accum: int = 1
+
+    @property
+    def ends_step(self) -> bool:
+        return self.micro + 1 == self.accum
 
 
 def model_view_spec(meta: dict, image_size: int) -> ViewSpec:
@@ -88,15 +94,16 @@ class TrainStream:
         views = DaliViews(self.spec, batch_size=self.cfg.batch_size, device=self.device,
                           num_threads=self.cfg.num_threads)
         extras = (types.INT64, types.BOOL, types.UINT8, types.INT32)  # tokens, mask, key, rejected
-        for (epoch, step), (images, (tokens, mask, keys, rejected)) in zip(
+        for (epoch, step, micro), (images, (tokens, mask, keys, rejected)) in zip(
                 source.positions(), views.stream(source, extras)):
             tokens = torch.from_numpy(np.array(tokens.as_tensor()))  # (B, N)
             mask = torch.from_numpy(np.array(mask.as_tensor()))  # (B, N)
             if self.device.type == "cuda":
                 # A copy from pageable memory waits for the GPU to drain; from pinned memory it does not.
                 tokens, mask = tokens.pin_memory(), mask.pin_memory()
-            yield Batch(images=images[:, 0], tokens=tokens, mask=mask, epoch=epoch, step=step,
-                        keys=[np.array(k).tobytes().decode() for k in keys]), int(np.array(rejected.as_tensor()).sum())
+            yield Batch(images=images[:, 0], tokens=tokens, mask=mask, epoch=epoch, step=step, micro=micro,
+                        accum=self.cfg.grad_accum, keys=[np.array(k).tobytes().decode() for k in keys]), \
+                int(np.array(rejected.as_tensor()).sum())
 
     def batches(self, epoch: int | None = None, step: int | None = None, *, dtype: torch.dtype | None = None):
         """Batches on the device from ``position`` on (or from ``(epoch, step)``), forever.
@@ -116,6 +123,7 @@ class TrainStream:
             batch.images = batch.images.to(self.device, dtype or batch.images.dtype, non_blocking=True)
             batch.tokens = batch.tokens.to(self.device, non_blocking=True)
             batch.mask = batch.mask.to(self.device, non_blocking=True)
-            last = batch.step + 1 >= self.steps_per_epoch(batch.epoch)
-            self.position = (batch.epoch + 1, 0) if last else (batch.epoch, batch.step + 1)
+            if batch.ends_step:
+                last = batch.step + 1 >= self.steps_per_epoch(batch.epoch)
+                self.position = (batch.epoch + 1, 0) if last else (batch.epoch, batch.step + 1)
             yield batch

@@ -21,7 +21,11 @@ class StreamConfig:
     """What the training stream reads and how it orders it (see ``beit_data.order``).
 
     Attributes:
-        batch_size: Samples per rank per step; the global batch is that times the world size.
+        batch_size: Samples per rank per micro-batch; the global batch of a step is that times
+            the world size times ``grad_accum``.
+        grad_accum: Micro-batches per step: each rank's share of a global step comes as
+            ``grad_accum`` batches of ``batch_size``. The order is a function of the global
+            batch alone, so 8 ranks and 1 rank with ``grad_accum`` 8 see the same steps.
         partitions: Partitions of each epoch. A rank reads whole partitions when the world
             size divides them, and reads the windows of every partition it takes a part of.
         mix_shards: Shards a partition reads at once; their samples are permuted together.
@@ -34,6 +38,7 @@ class StreamConfig:
     shards: str
     tokens: str
     batch_size: int = 256
+    grad_accum: int = 1
     seed: int = 0
     image_size: int = 224
     num_masked: int = 75
@@ -47,5 +52,9 @@ class StreamConfig:
     shuffle_targets: bool = False
 
     def __post_init__(self):
-        if min(self.batch_size, self.mix_shards, self.partitions) < 1:
-            raise BeitDataError("`batch_size`, `mix_shards` and `partitions` must be at least 1")
+        if min(self.batch_size, self.grad_accum, self.mix_shards, self.partitions) < 1:
+            raise BeitDataError("`batch_size`, `grad_accum`, `mix_shards` and `partitions` must be at least 1")
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per global step over ``world_size`` ranks."""
+        return self.batch_size * world_size * self.grad_accum

@@ -148,8 +148,13 @@ def tokenize(**options):
 @SHARDS
 @click.option("--tokens", required=True, type=LocationType(exists=True, file_okay=False),
               help="Folder of token Parquet files written by beit-data tokenize.")
-@setting(PlanConfig, "--batch-size", type=click.IntRange(min=1), help="Images per rank per step, as in pretrain.")
-@setting(PlanConfig, "--world-size", type=click.IntRange(min=1), help="Ranks of the run.")
+@setting(PlanConfig, "--batch-size", type=click.IntRange(min=1),
+         help="Images per rank per micro-batch, as in pretrain.")
+@setting(PlanConfig, "--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step, as in pretrain.")
+@setting(PlanConfig, "--world-size", type=click.IntRange(min=1),
+         help="Ranks of the run: they split each global step.")
+@setting(PlanConfig, "--global-batch", type=click.IntRange(min=1),
+         help="Images per global step (sets --batch-size to it / ranks / --grad-accum).")
 @setting(PlanConfig, "--epochs", type=click.IntRange(min=1), help="Epochs to print.")
 @setting(PlanConfig, "--start-epoch", type=click.IntRange(min=0), help="First epoch to print.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Print at most N steps of each epoch.")
@@ -162,8 +167,10 @@ def tokenize(**options):
 def plan(as_json, **options):
     """Print the keys and stored views of every batch that pretrain will see, without decoding images.
 
-    Batches come ordered by epoch, step and rank, from the same code as the training stream:
-    use the run's --batch-size, --world-size, --partitions, --mix-shards and --seed.
+    Batches come ordered by epoch, global step and rank, from the same code as the training stream:
+    use the run's --batch-size (or --global-batch), --world-size, --grad-accum, --partitions,
+    --mix-shards and --seed. A global step holds the same images on any --world-size: the ranks
+    only split it.
     """
     from pipelines.plan import format_batch, run_plan
 
@@ -184,7 +191,11 @@ def plan(as_json, **options):
               help="Tokenizer with a decoder, to add the reconstruction panel to --render.")
 @click.option("--out", default=None, type=LocationType(dir_okay=False), help="PNG file for --render.")
 @click.option("--histogram", default=None, type=LocationType(dir_okay=False),
-              help="Also draw token frequencies to this PNG.")
+              help="Also draw token frequencies to this PNG (linear and log scales, dead codes marked).")
+@setting(InspectConfig, "--max-code-share", type=click.FloatRange(0, 1, min_open=True),
+         help="Warn when one code holds more than this share of the tokens.")
+@setting(InspectConfig, "--max-dead-codes", type=click.FloatRange(0, 1),
+         help="Warn when more than this share of the codebook never occurs.")
 def inspect(as_json, **options):
     """Summarise, validate and draw token Parquet files (exit 1 when validation finds errors)."""
     from pipelines.inspect_tokens import format_summary, run_inspect

@@ -51,6 +51,28 @@ def train_dvae(**options):
     echo_summary("held-out report", {k: report[k] for k in
                                      ("psnr", "psnr_mean_colour", "perplexity", "codes_used", "steps", "seconds")})
     say(f"wrote {options['out']}")
+    for warning in report["warnings"]:
+        say(f"train-dvae: warning: {warning}", err=True)
+
+
+# pretrain's held-out figures and k-NN probe, in the order --help lists them.
+QUALITY_OPTIONS = [
+    click.option("--val-shards", default=None, help="Held-out shards (not read by training): masked-token loss, "
+                                                     "top-1/top-5 and perplexity on them."),
+    click.option("--val-tokens", default=None, type=LocationType(exists=True, file_okay=False),
+                 help="The token Parquet files of --val-shards, made by the same tokenizer."),
+    setting(PretrainConfig, "--val-every", type=click.IntRange(min=1),
+            help="Evaluate the held-out set at step 0, every N steps and at the end."),
+    setting(PretrainConfig, "--val-images", type=click.IntRange(min=1),
+            help="Size of the fixed held-out set, over all ranks."),
+    click.option("--probe-every", type=click.IntRange(min=1), default=None,
+                 help="Run a k-NN probe on rank 0 every N steps (off by default); needs --probe-train and "
+                      "--probe-val."),
+    click.option("--probe-train", default=None, help="Labeled shards (.cls) the probe's k-NN votes with."),
+    click.option("--probe-val", default=None, help="Labeled shards the probe is scored on."),
+    click.option("--probe-layers", default=None, callback=layer_numbers,
+                 help="Blocks (1-based, comma-separated) whose features the probe averages [default: the last]."),
+]
 
 
 def pretrain_options(command):
@@ -68,13 +90,19 @@ def pretrain_options(command):
                      help="beit_mim_{tiny,base,large}_patch16_224, or beitv2_mim_* for BEiT v2's extra head [recipe]."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs to train [recipe]."),
         click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps to train (overrides --epochs)."),
-        setting(PretrainConfig, "--batch-size", type=click.IntRange(min=1), help="Images per rank per step."),
+        setting(PretrainConfig, "--batch-size", type=click.IntRange(min=1),
+                help="Images per rank per micro-batch; a step's global batch is this x ranks x --grad-accum."),
+        setting(PretrainConfig, "--grad-accum", type=click.IntRange(min=1),
+                help="Micro-batches per optimizer step (timm's --grad-accum-steps, unilm's --update_freq): "
+                     "the paper's 2048 on one GPU is --batch-size 256 --grad-accum 8."),
         click.option("--lr", type=float, default=None, help="Peak learning rate, not rescaled [recipe]."),
         setting(PretrainConfig, "--min-lr", type=float, help="Learning rate at the end of the cosine."),
         click.option("--warmup-epochs", type=float, default=None, help="Linear warmup, per step [recipe]."),
         click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
                      help="Warmup steps (overrides --warmup-epochs)."),
         setting(PretrainConfig, "--weight-decay", type=float, help="AdamW weight decay."),
+        setting(PretrainConfig, "--adam-betas", name="betas", type=(float, float),
+                help="AdamW's beta1 and beta2 (BEiT v2's 1600-epoch recipe lowers beta2 to 0.98)."),
         click.option("--drop-path", type=float, default=None, help="Stochastic depth rate [recipe]."),
         click.option("--layer-scale", type=float, default=None, help="LayerScale initial value [recipe]."),
         setting(PretrainConfig, "--clip-grad", type=float, help="Gradient-norm clipping."),
@@ -88,21 +116,7 @@ def pretrain_options(command):
                      help="Stop after N steps of this invocation, with a checkpoint (for time-limited jobs)."),
         click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, instead of failing."),
         click.option("--compile", is_flag=True, help="Compile the model with torch.compile."),
-        click.option("--val-shards", default=None, help="Held-out shards (not read by training): masked-token loss, "
-                                                         "top-1/top-5 and perplexity on them."),
-        click.option("--val-tokens", default=None, type=LocationType(exists=True, file_okay=False),
-                     help="The token Parquet files of --val-shards, made by the same tokenizer."),
-        setting(PretrainConfig, "--val-every", type=click.IntRange(min=1),
-                help="Evaluate the held-out set at step 0, every N steps and at the end."),
-        setting(PretrainConfig, "--val-images", type=click.IntRange(min=1),
-                help="Size of the fixed held-out set, over all ranks."),
-        click.option("--probe-every", type=click.IntRange(min=1), default=None,
-                     help="Run a k-NN probe on rank 0 every N steps (off by default); needs --probe-train and "
-                          "--probe-val."),
-        click.option("--probe-train", default=None, help="Labeled shards (.cls) the probe's k-NN votes with."),
-        click.option("--probe-val", default=None, help="Labeled shards the probe is scored on."),
-        click.option("--probe-layers", default=None, callback=layer_numbers,
-                     help="Blocks (1-based, comma-separated) whose features the probe averages [default: the last]."),
+        *QUALITY_OPTIONS,
         click.option("--record-batches", is_flag=True,
                      help="Each rank writes the keys of every step it trains to RUN/batches-rankR.jsonl, for audits."),
         PARTITIONS, MIX_SHARDS, NUM_THREADS, SEED, DEVICE, QUIET,
@@ -122,9 +136,13 @@ def pretrain(**options):
     if main_process():
         echo_summary("pretrain", result.summary())
         if result.holdout:
+            last = result.holdout[-1]
             say("held-out masked-token accuracy: " + " -> ".join(
                 f"step {r['step']} top-1 {100 * r['val_top1']:.1f}% top-5 {100 * r['val_top5']:.1f}% "
-                f"(loss {r['val_loss']:.3f})" for r in result.holdout))
+                f"(loss {r['val_loss']:.3f})" for r in result.holdout)
+                + f"; always predicting the most common code: top-1 {100 * last['val_majority']:.1f}%")
+        for warning in result.warnings():
+            say(f"pretrain: warning: {warning}", err=True)
     if result.stopped:  # the conventional exit status of a process ended by that signal
         raise SystemExit(128 + int(getattr(signal, result.stopped)))
 
@@ -157,15 +175,20 @@ def probe(as_json, **options):
 
 @main.command(context_settings=CONTEXT)
 @click.argument("run", type=LocationType(exists=True, file_okay=False))
-@click.option("--out", required=True, type=LocationType(dir_okay=False),
-              help="Encoder state dict to write (.pth or .safetensors; local, or an s3:// or gs:// URL).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out and its JSON.")
+@click.option("--out", required=True, type=LocationType(),
+              help="A folder timm opens as local-dir:OUT (config.json, model.safetensors), or one .pth or "
+                   ".safetensors file with a JSON beside it; local, or an s3:// or gs:// URL.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export.")
 def export(**options):
-    """Write a pretrain run's encoder as weights that timm's Beit loads."""
+    """Write a pretrain run's encoder as weights that timm's Beit loads, with the mean and std it saw."""
     from pipelines.export import run_export
 
     cfg = config_of(ExportConfig, options)
     info = run_export(cfg)
+    say(f"wrote {info.get('folder') or info['checkpoint_path']}")
+    if "folder" in info:
+        say(f"fine-tune it with: timm.create_model('local-dir:{info['folder']}', pretrained=True, num_classes=N)")
+        return
     kwargs = ", ".join(f"{k}={v!r}" for k, v in info["timm_kwargs"].items())
-    say(f"wrote {cfg.out}")
-    say(f"load it with: timm.create_model({info['timm_model']!r}, {kwargs}, checkpoint_path={str(cfg.out)!r})")
+    say(f"load it with: timm.create_model({info['timm_model']!r}, {kwargs}, checkpoint_path="
+        f"{info['checkpoint_path']!r}, pretrained_cfg_overlay=JSON['pretrained_cfg'])")

@@ -109,7 +109,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # Settings added since the first checkpoints, with the value a run that predates them had.
-ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False}
+ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False,
+                  "grad_accum": 1}
 
 
 def saved_settings(ckpt: dict) -> dict:
@@ -159,10 +160,18 @@ def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_siz
     Raises:
         BeitDataError: Naming the setting, its value in the run and the new one.
     """
-    changed = changed_settings(saved_settings(ckpt), config, resumable)
+    saved = saved_settings(ckpt)
+    changed = changed_settings(saved, config, resumable)
+    before, after = (c["batch_size"] * w * c.get("grad_accum", 1) for c, w in ((saved, ckpt["world_size"]),
+                                                                                (config, world_size)))
+    if before != after:
+        raise BeitDataError(f"the global batch (`batch_size` x ranks x `grad_accum`) is {before} in the run being "
+                            f"resumed, not {after}; a resumed run keeps it")
     if ckpt["world_size"] != world_size:
-        raise BeitDataError(f"the run being resumed has {ckpt['world_size']} ranks, not {world_size}; the order of "
-                            "its batches depends on it")
+        if saved["dealt"]:
+            raise BeitDataError(f"the run being resumed has {ckpt['world_size']} ranks, not {world_size}; its order "
+                                "deals shards to its ranks")
+        changed = {"ranks": (ckpt["world_size"], world_size), **changed}
     with_defaults(ckpt["data"])  # runs saved before the BEiT v2 recipe
     for key, setting in (("tokenizer", "tokens"), ("views", "tokens"), ("shards", "shards"),
                          ("images_per_shard", "tokens")):

@@ -9,7 +9,7 @@ re-exports its own config beside its ``run_*()`` function.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from beit_common import BeitDataError
@@ -200,10 +200,14 @@ class InspectConfig:
     tokenizer: str | None = None
     out: str | None = None
     histogram: str | None = None
+    max_code_share: float = 0.1  # warn when one code holds more of the tokens
+    max_dead_codes: float = 0.5  # warn when more of the codebook never occurs
 
     def __post_init__(self):
         if self.render is not None and self.out is None:
             raise BeitDataError("`render` needs `out` (a .png file)")
+        if not (0 < self.max_code_share <= 1 and 0 <= self.max_dead_codes <= 1):
+            raise BeitDataError("`max_code_share` must be in (0, 1] and `max_dead_codes` in [0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +216,8 @@ class PlanConfig(Sectioned):
 
     Attributes:
         world_size: Ranks of the run (torchrun's ``WORLD_SIZE``).
+        global_batch: Samples of each global step; ``batch_size`` is then this split over the
+            ranks and ``grad_accum``, so the steps are the same on any ``world_size``.
         epochs, start_epoch: The epochs to print.
         steps: At most this many steps of each epoch.
         rank: Only this rank; all ranks when None.
@@ -219,6 +225,7 @@ class PlanConfig(Sectioned):
 
     data: StreamConfig
     world_size: int = 1
+    global_batch: int | None = None
     epochs: int = 1
     start_epoch: int = 0
     steps: int | None = None
@@ -231,3 +238,9 @@ class PlanConfig(Sectioned):
             raise BeitDataError("`world_size` and `epochs` must be at least 1, `start_epoch` 0 or more")
         if self.rank is not None and not 0 <= self.rank < self.world_size:
             raise BeitDataError(f"`rank` must be in [0, {self.world_size}), got {self.rank}")
+        if self.global_batch is not None:
+            per_rank, rest = divmod(self.global_batch, self.world_size * self.data.grad_accum)
+            if rest or not per_rank:
+                raise BeitDataError(f"a `global_batch` of {self.global_batch} does not split over {self.world_size} "
+                                    f"ranks x `grad_accum` {self.data.grad_accum}")
+            object.__setattr__(self, "data", replace(self.data, batch_size=per_rank))

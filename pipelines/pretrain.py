@@ -60,6 +60,7 @@ class Run:
     warmup: int
     data: dict
     parts: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the resolved settings, as config.json holds them
     step: int = 0
     resumed_at: int | None = None
     checks: QualityChecks | None = None
@@ -84,6 +85,15 @@ class PretrainResult:
     stopped: str | None = None
     holdout: list = field(default_factory=list)
 
+    def warnings(self) -> list[str]:
+        """One line for each figure that says the run will not train well, with its baseline."""
+        last = self.holdout[-1] if self.holdout else None
+        if last is None or last["step"] == 0 or last["val_top1"] > last["val_majority"]:
+            return []
+        return [f"held-out top-1 {100 * last['val_top1']:.1f}% at step {last['step']} is no better than always "
+                f"predicting the most common code ({100 * last['val_majority']:.1f}%): the model has learned nothing "
+                "beyond the code frequencies yet; train longer, or check the tokens with beit-data inspect"]
+
     def summary(self) -> dict:
         return {"steps": self.steps, "first_loss": self.first_loss, "last_loss": self.last_loss,
                 "checkpoint": self.checkpoint, "skipped_rejected": self.skipped_rejected,
@@ -100,23 +110,42 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         try:
             with run_folder(cfg.runtime, dist) as (out, mirror):
                 checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.runtime.resume else None
-                return loop(build(resolve(cfg, checkpoint), out, device, dist, mirror, checkpoint))
+                return loop(build(resolve(cfg, checkpoint, dist.world_size), out, device, dist, mirror, checkpoint))
         finally:
             if dist.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
 
-def resolve(cfg: PretrainConfig, checkpoint: dict | None) -> PretrainConfig:
+def resolve(cfg: PretrainConfig, checkpoint: dict | None, world_size: int = 1) -> PretrainConfig:
     """The config complete, before anything is built: the order of a run from before partitions
-    (shards dealt to its ranks), and the recipe of the token files where none was named."""
+    (shards dealt to its ranks), the per-rank batch of a run resumed on another number of ranks,
+    and the recipe of the token files where none was named."""
     if checkpoint is not None:
         saved = saved_settings(checkpoint)
         if saved["dealt"]:
             cfg = cfg.with_settings(dealt=True, partitions=saved["partitions"])
+        cfg = _same_global_batch(cfg, saved, checkpoint["world_size"], world_size)
     if cfg.recipe is None:  # (no token file at all is said by the stream, naming the shard)
         files = token_files(cfg.data.tokens, allow_empty=True)
         cfg = cfg.resolved(read_meta(files[0])["views"].get("recipe", "beit") if files else "beit")
     return cfg
+
+
+def _same_global_batch(cfg: PretrainConfig, saved: dict, saved_world: int, world_size: int) -> PretrainConfig:
+    """A run resumed on ``world_size`` ranks, or with another ``grad_accum``, keeps its global
+    batch: the per-rank batch follows. A changed ``batch_size`` on the same ranks and
+    accumulation is left for ``check_resume`` to refuse."""
+    data, before = cfg.data, saved["batch_size"] * saved_world * saved["grad_accum"]
+    if data.global_batch(world_size) == before or (world_size, data.grad_accum) == (saved_world, saved["grad_accum"]):
+        return cfg
+    per_rank, rest = divmod(before, world_size * data.grad_accum)
+    if rest or saved["dealt"]:
+        raise BeitDataError(f"the run being resumed trains global batches of {before} ({saved_world} ranks x "
+                            f"`grad_accum` {saved['grad_accum']} x `batch_size` {saved['batch_size']}); "
+                            + ("its order deals shards to its ranks, so it resumes on them only" if saved["dealt"]
+                               else f"they do not split over {world_size} ranks x `grad_accum` {data.grad_accum}; "
+                                    "choose a `grad_accum` that divides them"))
+    return cfg.with_settings(batch_size=per_rank)
 
 
 def _schedule(cfg: PretrainConfig, stream: TrainStream, dist: DistInfo) -> tuple[int, int]:
@@ -173,10 +202,11 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, 
         run.step = run.resumed_at = checkpoint["step"]
     else:
         torch.manual_seed(cfg.data.seed + 1000 * dist.rank)  # drop path differs per rank
+    run.config = {**redacted(cfg.flat()), "ranks": dist.world_size,
+                  "global_batch": cfg.data.global_batch(dist.world_size), "total_steps": total,
+                  "warmup_steps": warmup, "steps_per_epoch": stream.steps_per_epoch(0)}
     if run.is_main:
-        config = {**redacted(cfg.flat()), "total_steps": total, "warmup_steps": warmup,
-                  "steps_per_epoch": stream.steps_per_epoch(0)}
-        write_text_atomic(out / "config.json", json.dumps(config, indent=1))
+        write_text_atomic(out / "config.json", json.dumps(run.config, indent=1))
     return run
 
 

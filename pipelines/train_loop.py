@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
@@ -14,7 +16,7 @@ from pipelines.checkpoint import checkpoint_path
 from pipelines.logs import BatchRecorder, Logger, LossReader
 from pipelines.preemption import Preemption
 from pipelines.pretrain import PretrainResult, Run, push, save
-from pipelines.training import train_step
+from pipelines.training import accumulated_step
 
 __all__ = ["loop"]
 
@@ -45,7 +47,7 @@ class Logs:
     @classmethod
     def open(cls, run: Run) -> Logs:
         runtime, resumed_at = run.cfg.runtime, run.resumed_at or 0
-        return cls(Logger(run.out, run.is_main, resumed_at=resumed_at),
+        return cls(Logger(run.out, run.is_main, resumed_at=resumed_at, config=run.config),
                    BatchRecorder(run.out, run.dist.rank, runtime.record_batches, resumed_at=resumed_at),
                    LossReader(checkpoint_path(run.out)), Meter(),
                    progress_bar(total=run.total, initial=run.step, desc="pretrain", unit="step",
@@ -77,18 +79,35 @@ def _log_step(run: Run, logs: Logs, out, epoch: int) -> None:
     logs.bar.set_postfix(loss=f"{logs.losses.last:.3f}", acc=f"{acc:.3f}", img_s=f"{img_s:.0f}", refresh=False)
 
 
-def _after_step(run: Run, logs: Logs, out, batch, stop_at: int, stopped: int) -> None:
+@dataclass
+class StepRecord:
+    """Where a step's samples came from: its place in the order and the keys of its micro-batches."""
+
+    epoch: int = 0
+    step: int = 0
+    keys: list = field(default_factory=list)
+    images: int = 0
+
+    def micro_batches(self, stream):
+        """``(images, tokens, mask)`` of each micro-batch from ``stream``, noting where each came from."""
+        for batch in stream:
+            self.epoch, self.step, self.images = batch.epoch, batch.step, self.images + batch.images.shape[0]
+            self.keys.extend(batch.keys)
+            yield batch.images, batch.tokens, batch.mask
+
+
+def _after_step(run: Run, logs: Logs, out, done: StepRecord, stop_at: int, stopped: int) -> None:
     """Record, log, evaluate and save what is due after a step."""
     runtime = run.cfg.runtime
-    logs.recorder.record(run.step, batch.epoch, batch.step, batch.keys)
+    logs.recorder.record(run.step, done.epoch, done.step, done.keys)
     logs.losses.add(run.step - 1, out.loss)
-    logs.meter.seen += batch.images.shape[0] * run.dist.world_size
+    logs.meter.seen += done.images * run.dist.world_size
     log_now = run.step % runtime.log_every == 0 or run.step == run.total
     save_now = run.step % runtime.checkpoint_every == 0 or run.step == stop_at or stopped
     if log_now or save_now:
         logs.losses.read()
     if log_now:
-        _log_step(run, logs, out, batch.epoch)
+        _log_step(run, logs, out, done.epoch)
     logs.bar.update()
     if not stopped:  # a preempted run saves first: the job may have seconds left
         run.checks(run.model, run.step, run.total, logs.logger)
@@ -107,15 +126,18 @@ def loop(run: Run) -> PretrainResult:
     if run.step == 0:
         run.checks(run.model, 0, run.total, logs.logger)  # the held-out figures before training
     run.model.train()
-    with Preemption(run.dist.world_size) as preemption:
-        for batch in (run.stream.batches(dtype=dtype) if run.step < stop_at else ()):
-            out = train_step(run.model, run.optimizer, run.scheduler, batch.images, batch.tokens, batch.mask,
-                             max_masked=cfg.data.num_masked, clip_grad=cfg.optim.clip_grad, device=run.device,
-                             forward=forward)
+    accum = cfg.data.grad_accum
+    with Preemption(run.dist.world_size) as preemption, closing(run.stream.batches(dtype=dtype)) as stream:
+        while run.step < stop_at:
+            done = StepRecord()
+            out = accumulated_step(run.model, run.optimizer, run.scheduler,
+                                   done.micro_batches(islice(stream, accum)), accum=accum,
+                                   max_masked=cfg.data.num_masked, clip_grad=cfg.optim.clip_grad, device=run.device,
+                                   forward=forward, world_size=run.dist.world_size)
             run.step += 1
             stopped = preemption.requested()
-            _after_step(run, logs, out, batch, stop_at, stopped)
-            if run.step >= stop_at or stopped:
+            _after_step(run, logs, out, done, stop_at, stopped)
+            if stopped:
                 break
     return _finish(run, logs, stopped)
 

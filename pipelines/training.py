@@ -7,8 +7,10 @@ benchmark measures exactly the step that ``beit-data pretrain`` runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from beit_model.beit_mim import masked_positions
 from pipelines.runtime import autocast
 
 __all__ = ["IGNORE", "build_model", "param_groups", "lr_factor", "build_optimizer", "mim_loss", "StepOutput",
-           "train_step"]
+           "train_step", "accumulated_step"]
 
 IGNORE = -100  # target of the padding entries of the fixed-shape masked positions
 
@@ -68,51 +70,81 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, min_lr: float, weight_
 
 
 def mim_loss(model, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, max_masked: int,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             device: torch.device, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MIM cross-entropy over the masked patches, with fixed shapes and no host sync.
 
     Returns the loss, the logits (B, K, vocab) and the targets (B, K), where padding entries
-    are ``IGNORE``; the loss is the mean over the masked patches, as with boolean indexing.
-    A model with more than one head (BEiT v2's) returns a tuple of logits: the loss is the
-    sum of their cross-entropies, and the logits returned are the first (the last block's).
+    are ``IGNORE``; the loss is the mean over the masked patches, as with boolean indexing
+    (their sum with ``reduction="sum"``). A model with more than one head (BEiT v2's) returns
+    a tuple of logits: the loss is the sum of their cross-entropies, and the logits returned are
+    the first (the last block's).
     """
     positions, real = masked_positions(mask, max_masked)
     with autocast(device):
         outputs = model(images, mask, positions)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     targets = tokens.gather(1, positions).masked_fill(~real, IGNORE).flatten()
-    loss = sum(F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE) for logits in outputs)
+    loss = sum(F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE, reduction=reduction)
+               for logits in outputs)
     return loss, outputs[0], targets.view(positions.shape)
 
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, detached; reading it waits for the device
-    logits: torch.Tensor  # (B, K, vocab)
+    logits: torch.Tensor  # (B, K, vocab), of the step's last micro-batch
     targets: torch.Tensor  # (B, K), IGNORE on padding
     grad_norm: torch.Tensor
 
     def accuracy(self) -> float:
-        """Masked-token top-1 accuracy of this step (reads back from the device)."""
+        """Masked-token top-1 accuracy of the step's last micro-batch (reads back from the device)."""
         return ((self.logits.argmax(-1) == self.targets).sum() / (self.targets != IGNORE).sum()).item()
 
 
 def train_step(model: torch.nn.Module, optimizer, scheduler, images: torch.Tensor, tokens: torch.Tensor,
-               mask: torch.Tensor, *, max_masked: int, clip_grad: float, device: torch.device,
-               forward: torch.nn.Module | None = None) -> StepOutput:
-    """One optimizer step of masked image modeling; never waits for the device.
+               mask: torch.Tensor, **kwargs) -> StepOutput:
+    """One optimizer step of masked image modeling on one batch (``accumulated_step``'s arguments)."""
+    return accumulated_step(model, optimizer, scheduler, [(images, tokens, mask)], accum=1, **kwargs)
+
+
+def accumulated_step(model: torch.nn.Module, optimizer, scheduler, batches: Iterable[tuple[torch.Tensor, ...]], *,
+                     accum: int, max_masked: int, clip_grad: float, device: torch.device,
+                     forward: torch.nn.Module | None = None, world_size: int = 1) -> StepOutput:
+    """One optimizer step of masked image modeling over ``accum`` micro-batches; never waits for
+    the device.
+
+    The gradient is that of the mean cross-entropy over every masked patch of the global step
+    (all micro-batches of all ranks): each micro-batch's backward adds its sum, and the sum is
+    divided once by the step's masked patches (gathered over the ranks), times the world size
+    that DDP's mean divides by. So one step of batch ``2B`` and two accumulated micro-batches of
+    ``B`` (or two ranks of ``B``) give the same update, up to float rounding. DDP syncs the
+    gradients on the last micro-batch only. The loss returned is the step's, over all ranks.
 
     Args:
+        batches: ``(images, tokens, mask)`` of each micro-batch, taken one at a time.
         model: The model whose parameters are clipped.
         scheduler: Stepped after the optimizer; ``None`` keeps the learning rate.
         forward: What to call for the forward pass when it is not ``model`` itself: its DDP
             or ``torch.compile`` wrapper.
     """
-    loss, logits, targets = mim_loss(model if forward is None else forward, images, tokens, mask, max_masked, device)
+    forward = model if forward is None else forward
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total, masked = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i, (images, tokens, mask) in enumerate(batches):
+        sync = i + 1 == accum or not hasattr(forward, "no_sync")
+        with contextlib.nullcontext() if sync else forward.no_sync():
+            loss, logits, targets = mim_loss(forward, images, tokens, mask, max_masked, device, reduction="sum")
+            loss.backward()
+        total += loss.detach()
+        masked += (targets != IGNORE).sum()
+    sums = torch.stack([total, masked])
+    if world_size > 1:  # one collective for the step's loss and its masked patches, over the ranks
+        torch.distributed.all_reduce(sums)
+    masked = sums[1].clamp(min=1)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, world_size / masked)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepOutput(loss.detach(), logits, targets, grad_norm)
+    return StepOutput(sums[0] / masked, logits, targets, grad_norm)

@@ -36,8 +36,9 @@ COMMANDS = {"shards": (ShardsConfig, "pipelines.shards", "run_shards"),
             "inspect": (InspectConfig, "pipelines.inspect_tokens", "run_inspect")}
 
 
-# Options that exclude another the test gives (checked with it off).
-EXCLUSIVE = {("train-dvae", "overwrite")}
+# Options that exclude another the test gives (checked with it off); plan's --global-batch sets
+# --batch-size from the ranks (tests/test_plan.py checks it).
+EXCLUSIVE = {("train-dvae", "overwrite"), ("plan", "global_batch")}
 
 
 class Caught(Exception):
@@ -55,6 +56,8 @@ def value_for(param: click.Parameter, tmp_path) -> tuple[list[str], object]:
     if param.callback is not None:  # block numbers
         words = ["2,3"]
         expected = (2, 3)
+    elif isinstance(kind, click.Tuple):  # two floats (--adam-betas)
+        words, expected = ["0.8", "0.95"], (0.8, 0.95)
     elif isinstance(kind, click.Choice):
         expected = next(c for c in kind.choices if c != param.default)
         words = [expected]

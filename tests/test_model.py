@@ -211,3 +211,52 @@ def test_train_step_takes_a_compiled_module():
     out = train_step(model, opt, sched, *batch, max_masked=75, clip_grad=3.0, device=torch.device("cpu"),
                      forward=torch.compile(model, backend="eager"))
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("accum", [2, 3])
+def test_accumulated_micro_batches_give_the_step_of_their_union(accum):
+    """One step of batch ``accum * B`` and ``accum`` accumulated micro-batches of ``B`` give the
+    same loss and weights (drop path 0), even where the micro-batches mask different numbers of
+    patches: the loss is the mean over every masked patch of the step, not a mean of means."""
+    import copy
+
+    from pipelines.training import accumulated_step, build_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).train()
+    n = 2 * accum
+    x, tokens = torch.rand(n, 3, 224, 224), torch.randint(0, 64, (n, 196))
+    mask = torch.zeros(n, 196, dtype=torch.bool)
+    for i in range(n):
+        mask[i, : 10 + 13 * i] = True  # each image its own count: 10, 23, 36, ...
+    models = {"whole": model, "micro": copy.deepcopy(model)}
+    micro = [(x[i:i + 2], tokens[i:i + 2], mask[i:i + 2]) for i in range(0, n, 2)]
+    losses, grads = {}, {}
+    for name, m in models.items():
+        opt, sched = build_optimizer(m, lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), warmup=1,
+                                     total=10)
+        common = dict(max_masked=75, clip_grad=3.0, device=torch.device("cpu"))
+        losses[name] = []
+        for step in range(2):
+            if name == "whole":
+                out = train_step(m, opt, sched, x, tokens, mask, **common)
+            else:
+                out = accumulated_step(m, opt, sched, iter(micro), accum=accum, **common)
+            losses[name].append(out.loss.item())
+            if step == 0:  # the gradients of the first step, from the same weights
+                grads[name] = [p.grad.clone() for p in m.parameters()]
+    assert losses["micro"] == pytest.approx(losses["whole"], rel=1e-5)
+    names = [name for name, _ in model.named_parameters()]
+    for name, a, b in zip(names, grads["whole"], grads["micro"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * a.abs().max().item()), name
+    # The weights after two steps agree far below one update (Adam turns the rounding of
+    # near-zero gradients into updates of up to the learning rate).
+    for name, a, b in zip(names, models["whole"].parameters(), models["micro"].parameters()):
+        assert torch.allclose(a, b, atol=1e-4), name
+    # What a mean of per-micro-batch means would have given instead: a different loss.
+    from pipelines.training import mim_loss
+
+    with torch.no_grad():
+        means = [mim_loss(models["micro"], *batch, 75, torch.device("cpu"))[0] for batch in micro]
+        whole = mim_loss(models["micro"], x, tokens, mask, 75, torch.device("cpu"))[0]
+    assert abs(sum(means).item() / accum - whole.item()) > 1e-4

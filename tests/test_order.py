@@ -1,6 +1,6 @@
 """The training order on its own, over random shapes: every sample at most once per epoch, ranks
 disjoint, equal steps, what is left out, the same global steps on any number of ranks, resume
-anywhere, and the order of runs from before partitions."""
+anywhere (on the same number of ranks or another), and the order of runs from before partitions."""
 
 from __future__ import annotations
 
@@ -88,6 +88,30 @@ def test_resuming_anywhere_gives_the_rest_of_the_sequence(shape, data):
     resumed = list(islice(rank_batches(counts, spec, world_size=world_size, rank=rank, start=(epoch, step)),
                           total - at))
     assert resumed == straight[at:]
+
+
+def global_steps(counts, spec, world_size: int, start: tuple[int, int], steps: int) -> list:
+    """``(epoch, step, pairs)`` of each global step from ``start``: the ranks' batches in rank order."""
+    ranks = [islice(rank_batches(counts, spec, world_size=world_size, rank=r, start=start), steps)
+             for r in range(world_size)]
+    return [(parts[0][0], parts[0][1], [pair for _, _, b in parts for pair in b]) for parts in zip(*ranks)]
+
+
+@SETTINGS
+@given(shapes(), st.data())
+def test_a_resume_on_another_number_of_ranks_continues_the_same_global_steps(shape, data):
+    """Stopped anywhere on one number of ranks and resumed on another that splits the global batch:
+    every remaining global step holds the samples, in order, of the uninterrupted run."""
+    counts, spec, world_size = shape
+    steps = epoch_layout(counts, spec, 0).steps
+    if not steps:
+        return
+    other = data.draw(st.sampled_from([w for w in range(1, 9) if spec.global_batch % w == 0]))
+    total = data.draw(st.integers(1, 3 * steps))  # up to three epochs
+    straight = global_steps(counts, spec, world_size, (0, 0), total)
+    at = data.draw(st.integers(0, total - 1))
+    epoch, step, _ = straight[at]
+    assert global_steps(counts, spec, other, (epoch, step), total - at) == straight[at:]
 
 
 @SETTINGS

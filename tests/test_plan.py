@@ -171,3 +171,27 @@ def test_a_shard_with_no_tokenized_image_and_too_many_ranks(tmp_path, tiny_token
     it.close()
     with pytest.raises(BeitDataError, match=r"the shards hold 5 tokenized images, fewer than one global batch of 6"):
         list(run_plan(PlanConfig.from_flat(shards=shards, tokens=tokens, batch_size=2, world_size=3)))
+
+
+def test_a_global_step_holds_the_same_images_and_views_on_any_number_of_ranks(class_folders):
+    """``plan --global-batch``: the ranks only split each global step; the union of their batches
+    (and the view of each image) is the same on 1, 2 and 3 ranks, and on 1 rank with
+    accumulation, whose steps hold all their micro-batches."""
+    folder = class_folders["shuffled"]
+    steps = {}
+    for ranks, accum in ((1, 1), (2, 1), (3, 1), (1, 3), (2, 3)):
+        batches = plan(folder, global_batch=6, world_size=ranks, grad_accum=accum, epochs=2, partitions=2,
+                       mix_shards=2)
+        by_step: dict = {}
+        for b in batches:
+            assert len(b.keys) == 6 // ranks  # the rank's share of the step: all its micro-batches
+            by_step.setdefault((b.epoch, b.step), []).append((b.rank, list(zip(b.keys, b.views))))
+        steps[ranks, accum] = {pos: [kv for _, part in sorted(parts) for kv in part] for pos, parts in by_step.items()}
+    first = steps[1, 1]
+    assert len(first) == 2 * (CLASSES * PER_CLASS // 6)
+    for shape, found in steps.items():
+        assert found == first, shape  # the same images, views and order within the step
+    result = invoke("plan", "--shards", folder / "shards", "--tokens", folder / "tokens", "--global-batch", "6",
+                    "--world-size", "4", "--partitions", "2", "--mix-shards", "2")
+    assert result.exit_code == 1 and "a --global-batch of 6 does not split over 4 ranks x --grad-accum 1" in \
+        result.stderr

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -150,13 +151,17 @@ def test_resume_refuses_settings_that_change_the_run_and_logs_the_others(sample_
                                                                        capfd):
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=str(tmp_path / "r"), steps=4, **TINY)
     run_pretrain(PretrainConfig.from_flat(stop_after=2, **common))
-    refused = {"batch_size": 2, "seed": 3, "drop_path": 0.0, "lr": 5e-4, "model": "beit_mim_base_patch16_224",
-               "steps": 6, "mix_shards": 4, "recipe": "beitv2"}
+    refused = {"seed": 3, "drop_path": 0.0, "lr": 5e-4, "model": "beit_mim_base_patch16_224",
+               "steps": 6, "mix_shards": 4, "recipe": "beitv2", "betas": (0.9, 0.98), "num_masked": 78}
     ran = PretrainConfig.from_flat(**common).resolved("beit")  # the tokens' recipe, as the run took it
     for name, value in refused.items():
         old = ran.setting(name)
-        with pytest.raises(BeitDataError, match=rf"^`{name}` is {old!r} in the run being resumed, not {value!r}"):
+        with pytest.raises(BeitDataError, match=rf"^`{name}` is {re.escape(repr(old))} in the run being resumed, "
+                                                rf"not {re.escape(repr(value))}"):
             run_pretrain(PretrainConfig.from_flat(resume=True, **{**common, name: value}))
+    with pytest.raises(BeitDataError, match=r"^the global batch \(`batch_size` x ranks x `grad_accum`\) is 4 in the "
+                                            r"run being resumed, not 2; a resumed run keeps it"):
+        run_pretrain(PretrainConfig.from_flat(resume=True, **{**common, "batch_size": 2}))
     sub = tmp_path / "one_shard"
     sub.mkdir()
     (sub / "sample-000000.tar").write_bytes((sample_shards / "sample-000000.tar").read_bytes())
@@ -232,14 +237,28 @@ def test_a_resume_drops_what_was_logged_after_the_last_checkpoint(sample_shards,
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
-def test_progress_bars_redraw_at_most_every_30_seconds_into_a_log(sample_shards, sample_tokens, tmp_path):
+def test_progress_into_a_log_is_a_plain_line_at_most_every_30_seconds(sample_shards, sample_tokens, tmp_path):
     result = run_cli("pretrain", "--shards", str(sample_shards), "--tokens", str(sample_tokens), "--out",
                      str(tmp_path / "r"), "--model", "beit_mim_tiny_patch16_224", "--steps", "6", "--batch-size", "2",
                      "--log-every", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    # Not a terminal: the bar is drawn when it starts and when it closes, not at each of the 6 logs.
-    draws = result.stderr.count("/6 [")
-    assert draws in (1, 2), result.stderr
+    # Not a terminal: the bar is a line when it starts and when it closes, not at each of the 6
+    # logs, and a line is a line: no carriage-return redraws, no empty lines.
+    assert "\r" not in result.stderr and "\n\n" not in result.stderr
+    draws = [line for line in result.stderr.splitlines() if "/6 [" in line]
+    assert len(draws) in (1, 2) and all(line.startswith("pretrain: ") for line in draws), result.stderr
+    assert draws[-1].startswith("pretrain: 100%") and "6/6 [" in draws[-1]
+    # Every log row has its event and its wall-clock time; the resolved config went to TensorBoard.
+    rows = records(tmp_path / "r")
+    assert [r["event"] for r in rows] == ["train"] * 6
+    assert all(abs(r["time"] - rows[0]["time"]) < 600 and r["time"] > 1.7e9 for r in rows)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    config = json.loads(text.strip("`\n"))
+    assert (config["global_batch"], config["total_steps"], config["model"]) == (2, 6, "beit_mim_tiny_patch16_224")
 
 
 def test_importing_the_package_registers_the_timm_variants():
@@ -263,3 +282,48 @@ def test_a_checkpoint_from_before_partitions_and_parts_still_resumes(sample_shar
     resumed = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), resume=True, **common))
     assert resumed.steps == 6 and losses(tmp_path / "old") == losses(tmp_path / "straight")
     assert json.loads((tmp_path / "old" / "config.json").read_text())["dealt"] is True
+
+
+def step_keys(run, rank: int = 0) -> list[list[str]]:
+    """The keys of each step of ``rank``, from its record of its batches."""
+    rows = [json.loads(line) for line in (run / f"batches-rank{rank}.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["keys"] for r in rows]
+
+
+def test_grad_accum_trains_the_steps_of_the_whole_batch_and_resumes_at_any_step(sample_shards, sample_tokens,
+                                                                                tmp_path):
+    """Two micro-batches of 2 per step read the images of one batch of 4, step for step (across
+    the epoch end: 14 images make 3 steps an epoch), train to the same losses within float
+    rounding, resume bit for bit, and resume with the accumulation changed (the per-rank batch
+    follows the global batch); a changed global batch is refused."""
+    tiny = {**TINY, "drop_path": 0.0, "record_batches": True}
+    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=5, checkpoint_every=100, **tiny)
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "whole"), **common))
+    micro = {**common, "batch_size": 2, "grad_accum": 2}
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "micro"), **micro))
+    assert step_keys(tmp_path / "micro") == step_keys(tmp_path / "whole") and len(step_keys(tmp_path / "whole")) == 5
+    assert losses(tmp_path / "micro") == pytest.approx(losses(tmp_path / "whole"), rel=1e-4)
+    config = json.loads((tmp_path / "micro" / "config.json").read_text())
+    assert (config["global_batch"], config["steps_per_epoch"], config["total_steps"]) == (4, 3, 5)
+
+    first = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "stopped"), stop_after=2, **micro))
+    assert first.steps == 2
+    with pytest.raises(BeitDataError, match=r"the global batch .* is 4 in the run being resumed, not 6"):
+        run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "stopped"), resume=True,
+                                              **{**micro, "batch_size": 3}))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "stopped"), resume=True, **micro))
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "micro")  # bit for bit
+    assert step_keys(tmp_path / "stopped") == step_keys(tmp_path / "micro")
+
+    # The same run resumed without accumulation: batch 4 in one pass, the same steps.
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "switched"), stop_after=2, **micro))
+    result = run_cli("pretrain", "--shards", str(sample_shards), "--tokens", str(sample_tokens), "--out",
+                     str(tmp_path / "switched"), "--resume", "--model", TINY["model"], "--batch-size", "2",
+                     "--grad-accum", "1", "--steps", "5", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1",
+                     "--checkpoint-every", "100", "--drop-path", "0", "--record-batches", "--device", "cpu",
+                     "--num-threads", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "pretrain: resuming with batch_size 2 -> 4, grad_accum 2 -> 1" in result.stderr
+    assert step_keys(tmp_path / "switched") == step_keys(tmp_path / "micro")
+    assert losses(tmp_path / "switched") == pytest.approx(losses(tmp_path / "micro"), rel=1e-4)

@@ -22,6 +22,7 @@ from tests.test_preemption import descendants
 
 SHARDS = 400
 ENV = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # the command sets what it needs itself
+BEIT_DATA = os.path.join(os.path.dirname(sys.executable), "beit-data")  # the console script
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,9 @@ def imagenet_shaped(tmp_path_factory, tiny_tokenizer):
 
 
 def torchrun(port: int, *args: str) -> list[str]:
+    """torchrun on 2 ranks of the ``beit-data`` console script (``--no-python``), as the README runs it."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "-m", "cli", *args]
+            "--no-python", BEIT_DATA, *args]
 
 
 def wait_for(condition, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -95,29 +97,48 @@ def trained_keys(run) -> list[list[str]]:
     return [[r0["epoch"], *r0["keys"], *r1["keys"]] for r0, r1 in zip(*ranks)]
 
 
-def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, tmp_path):
+def pretrain_args(imagenet_shaped) -> list[str]:
+    return ["pretrain", "--shards", str(imagenet_shaped["shards"]), "--tokens", str(imagenet_shaped["tokens"]),
+            "--val-shards", str(imagenet_shaped["val"]), "--val-tokens", str(imagenet_shaped["val_tokens"]),
+            *PRETRAIN]
+
+
+@pytest.fixture(scope="module")
+def straight(imagenet_shaped, tmp_path_factory):
+    """The run uninterrupted, on 2 ranks."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    done = subprocess.run(torchrun(29621, *pretrain_args(imagenet_shaped), "--out", str(out)), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("pretrain: steps") == 1  # the summary, from rank 0 only
+    return out
+
+
+def stop_with_sigterm(command: list[str], out, at: int = 25) -> int:
+    """Run ``command``, SIGTERM it (torchrun passes it on to the ranks) once ``at`` steps are logged;
+    returns the checkpoint's step."""
+    import torch
+
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for(lambda: (out / "log.jsonl").exists()
+             and sum('"loss"' in line for line in (out / "log.jsonl").read_text().splitlines()) >= at, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and err.count("stopped by SIGTERM after step") == 1, err[-3000:]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+
+
+def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, straight, tmp_path):
     import torch
 
     from beit_data.order_walk import partition_windows
     from beit_data.replay import ReplaySource, StreamConfig
     from tests.test_pretrain import evaluate_untrained
 
-    data = ["pretrain", "--shards", str(imagenet_shaped["shards"]), "--tokens", str(imagenet_shaped["tokens"]),
-            "--val-shards", str(imagenet_shaped["val"]), "--val-tokens", str(imagenet_shaped["val_tokens"]),
-            *PRETRAIN]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    done = subprocess.run(torchrun(29621, *data, "--out", str(straight)), cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("pretrain: steps") == 1  # the summary, from rank 0 only
-
-    proc = subprocess.Popen(torchrun(29622, *data, "--out", str(stopped)), cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: (stopped / "log.jsonl").exists()
-             and sum('"loss"' in line for line in (stopped / "log.jsonl").read_text().splitlines()) >= 25, proc)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and err.count("stopped by SIGTERM after step") == 1, err[-3000:]
+    data = pretrain_args(imagenet_shaped)
+    stopped = tmp_path / "stopped"
+    stop_with_sigterm(torchrun(29622, *data, "--out", str(stopped)), stopped)
 
     ckpt = torch.load(stopped / "checkpoint.pt", weights_only=True)
     epoch, step = ckpt["stream"]["epoch"], ckpt["stream"]["step"]
@@ -136,7 +157,7 @@ def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, t
     a, b = records(straight), records(stopped)
     losses = [[r["loss"] for r in rows if "loss" in r] for rows in (a, b)]
     assert losses[0] == losses[1] and len(losses[0]) == 2 * source.steps_per_epoch(0)  # bit for bit
-    val = [[r for r in rows if r.get("event") == "val"] for rows in (a, b)]
+    val = [[{k: v for k, v in r.items() if k != "time"} for r in rows if r.get("event") == "val"] for rows in (a, b)]
     assert val[0] == val[1] and [r["step"] for r in val[0]] == [*range(0, len(losses[0]), 20), len(losses[0])]
     # The ranks' shares of the held-out set reduce to one process's figures.
     one = evaluate_untrained(imagenet_shaped["tokens"], imagenet_shaped["val"], imagenet_shaped["val_tokens"],
@@ -149,3 +170,35 @@ def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, t
     for e in (0, 1):
         keys = [k for s in steps if s[0] == e for k in s[1:]]
         assert len(keys) == len(set(keys)) == source.steps_per_epoch(e) * 10  # each key at most once an epoch
+
+
+def global_steps(run, ranks: int, after: int = 0) -> list[list[str]]:
+    """``[epoch, keys...]`` of each global step past ``after``, from the ranks' records in rank order
+    (rank ``r`` reads positions ``r * G / W ..`` of each step)."""
+    rows = [[json.loads(line) for line in (run / f"batches-rank{r}.jsonl").read_text().splitlines()]
+            for r in range(ranks)]
+    steps = zip(*[[row for row in rank if row["step"] > after] for rank in rows])
+    return [[parts[0]["epoch"], *(k for p in parts for k in p["keys"])] for parts in steps]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumed_on_another_number_of_ranks_trains_the_same_global_steps(imagenet_shaped, straight, tmp_path,
+                                                                               before, after):
+    """SIGTERM on ``before`` ranks, resume on ``after``: the same command (the per-rank batch
+    follows the global batch of 10), and the remaining global steps hold exactly the keys (so
+    the views and masks, drawn from seed, epoch and key) of the uninterrupted 2-rank run, with
+    its losses to float rounding (drop path 0: with drop path, each rank draws its own)."""
+    data, out = pretrain_args(imagenet_shaped), tmp_path / "run"
+    start = {2: lambda: torchrun(29631, *data, "--out", str(out)),
+             1: lambda: [BEIT_DATA, *data, "--batch-size", "10", "--out", str(out)]}
+    step = stop_with_sigterm(start[before](), out)
+    command = torchrun(29632, *data, "--out", str(out), "--resume") if after == 2 else \
+        [BEIT_DATA, *data, "--out", str(out), "--resume"]
+    resumed = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    per_rank = (5, 10) if before == 2 else (10, 5)
+    assert f"pretrain: resuming with ranks {before} -> {after}, batch_size {per_rank[0]} -> {per_rank[1]}" in \
+        resumed.stderr
+    assert global_steps(out, after, after=step) == global_steps(straight, 2, after=step)
+    a, b = ([r["loss"] for r in records(run) if "loss" in r] for run in (straight, out))
+    assert len(a) == len(b) and b[step:] == pytest.approx(a[step:], rel=1e-3)
