@@ -10,7 +10,8 @@ import torch
 
 from beit_common import BeitDataError
 
-__all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "DistInfo", "dist_info", "init_distributed"]
+__all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "DistInfo", "dist_info", "init_distributed",
+           "slurm_env", "first_host"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -60,17 +61,45 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
-    """This process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+    """This process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), under ``srun`` (see
+    ``slurm_env``), or a single process."""
+    env = {**slurm_env(os.environ), **os.environ}
     try:
-        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                        int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
     except ValueError as exc:
         raise BeitDataError(f"bad RANK/WORLD_SIZE/LOCAL_RANK in the environment: {exc}") from None
 
 
+def slurm_env(environ) -> dict[str, str]:
+    """torchrun's variables for a task that ``srun`` started, where torchrun's own are absent:
+    RANK, WORLD_SIZE and LOCAL_RANK from the step's task id, task count and local id, and the
+    rendezvous (MASTER_ADDR: the step's first node; MASTER_PORT: from the job id) unless set.
+    Empty outside an ``srun`` step of more than one task, or under torchrun."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
+    if tasks == "1":
+        return {}
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": tasks, "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodes),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu-[003-010,012],cpu01`` -> ``gpu-003``."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when launched by torchrun: nccl on GPUs, gloo on the CPU."""
+    """Join the process group when launched by torchrun or ``srun``: nccl on GPUs, gloo on the CPU."""
     info = dist_info()
     if info.world_size > 1 and not torch.distributed.is_initialized():
+        for name, value in slurm_env(os.environ).items():  # env:// reads them from the environment
+            os.environ.setdefault(name, value)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info
