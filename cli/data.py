@@ -42,23 +42,37 @@ from pipelines.recipes import RECIPES
 @click.option("--overwrite", is_flag=True,
               help="Replace the shards and reports of an earlier run in --out (a folder that is not empty is refused "
                    "otherwise).")
+@click.option("--image-column", default=None,
+              help="Parquet sources: the column of image bytes (or a struct with bytes) [default: found by name: "
+                   "image, jpg, png, webp, ...].")
+@click.option("--label-column", default=None,
+              help="Parquet sources: the column of class ids [default: found by name: label, cls, ...].")
+@click.option("--holdout-per-class", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also write a held-out set: this many images of each class (or this share, below 1), drawn "
+                   "from --seed, disjoint from the training shards, with the same class map.")
+@click.option("--holdout-out", type=click.Path(file_okay=False), default=None,
+              help="Folder for the held-out shards [default: OUT-holdout].")
 @MAX_PIXELS
 @QUIET
 def shards(**options):
-    """Write WebDataset shards and DALI .idx files from image folders or path lists.
+    """Write WebDataset shards and DALI .idx files from image folders, path lists or Parquet.
 
     Each SOURCE is a flat folder of images, an ImageFolder tree (class sub-folders become
-    .cls members) or a text file with one image path per line. Each sample's .json member names
-    its source file (and class); shards.json records the order's seed and the class map, which
-    --classes reuses for a validation or probe set.
+    .cls members), a text file with one image path per line, or a Parquet image dataset (a
+    .parquet file, a folder of them, a glob or an s3:// / gs:// prefix: the Hugging Face layout,
+    an image struct and a label whose class names the metadata holds, or img2dataset's jpg
+    column), read a row group at a time. Each sample's .json member names where it came from
+    (the file, or the Parquet file and row) and its class; shards.json records the order's seed
+    and the class map, which --classes reuses for a validation or probe set.
     """
     from pipelines.shards import run_shards
 
     result = run_shards(config_of(ShardsConfig, options))
     echo_summary("shards", result.summary())
-    for reject in result.rejects:
+    for reject in result.rejects + (result.holdout.rejects if result.holdout else []):
         say(f"  rejected {reject.key}: {reject.reason}", err=True)
-    say(f"wrote {options['out']}")
+    say(f"wrote {options['out']}" + (f" and {result.holdout.shards[0].parent}" if result.holdout and
+                                      result.holdout.shards else ""))
 
 
 @main.command(context_settings=CONTEXT)

@@ -170,7 +170,8 @@ def probe(as_json, **options):
     from pipelines.probe import format_probe, run_probe
 
     result = run_probe(config_of(ProbeConfig, options))
-    say(json.dumps(result, indent=1) if as_json else format_probe(result))
+    if result is not None:  # rank 0 under torchrun or srun
+        say(json.dumps(result, indent=1) if as_json else format_probe(result))
 
 
 @main.command(context_settings=CONTEXT)

@@ -39,6 +39,12 @@ class ShardsConfig:
             ``classes.json``), so that an id means the same class in every set; None numbers
             this tree's class folders in name order.
         max_pixels: Larger images are rejected (decompression bombs); None: Pillow's limit.
+        image_column, label_column: The columns of Parquet sources that hold the image bytes
+            (a bytes column, or a struct with ``bytes``) and the class id; None finds them by
+            name (``image``, ``jpg``, ...; ``label``, ``cls``, ...).
+        holdout_per_class: Set apart this many images of each class (or this share, below 1)
+            as a held-out shard set, disjoint from the training shards, with the same class map.
+        holdout_out: Where the held-out shards go; None: ``OUT-holdout`` beside ``out``.
         overwrite: Replace the shards an earlier run wrote into ``out``; without it a folder
             that is not empty is refused.
         progress: Show a progress bar.
@@ -52,6 +58,10 @@ class ShardsConfig:
     seed: int = 0
     classes: str | os.PathLike | None = None
     max_pixels: int | None = None  # None: beit_data.images.MAX_PIXELS
+    image_column: str | None = None
+    label_column: str | None = None
+    holdout_per_class: float | None = None
+    holdout_out: str | os.PathLike | None = None
     overwrite: bool = False
     progress: bool = True
 
@@ -62,6 +72,10 @@ class ShardsConfig:
             raise BeitDataError(f"`maxcount` must be at least 1, got {self.maxcount}")
         if not self.prefix or "/" in self.prefix:
             raise BeitDataError(f"`prefix` must be a plain file-name prefix, got {self.prefix!r}")
+        if self.holdout_per_class is not None and not (self.holdout_per_class > 0 and (
+                self.holdout_per_class < 1 or float(self.holdout_per_class).is_integer())):
+            raise BeitDataError(f"`holdout_per_class` is a count of images (1, 2, ...) or a share below 1, got "
+                                f"{self.holdout_per_class}")
 
 
 @dataclass(frozen=True, kw_only=True)

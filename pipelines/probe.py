@@ -24,7 +24,7 @@ from beit_common import BeitDataError, Location, storage
 from beit_data.progress import progress_bar
 from beit_data.shards import expand_shards, iter_images
 from pipelines.config import ProbeConfig
-from pipelines.runtime import autocast, resolve_device
+from pipelines.runtime import DistInfo, autocast, dist_info, gather_dealt, init_distributed, resolve_device
 
 __all__ = ["ProbeConfig", "run_probe", "labeled_features", "encoder_features", "knn", "linear_probe",
            "format_probe", "load_encoder"]
@@ -86,10 +86,13 @@ def _label(sample, shard) -> int:
 
 def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], device: torch.device, *,
                      batch_size: int = 64, image_size: int = 224, num_threads: int = 4, progress: bool = False,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor, ClassMaps]:
+                     desc: str = "features", dist: DistInfo | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, ClassMaps]:
     """Features (n, D) float32 on the CPU, labels (n,) of every decodable, labeled image of the
     shards, and what the samples say of their class map. Each batch is decoded by DALI,
-    encoded, and dropped: only the features stay. The model is in eval mode meanwhile."""
+    encoded, and dropped: only the features stay. The model is in eval mode meanwhile. With
+    ``dist`` of several ranks, each encodes shards ``rank, rank + W, ...`` and every rank gets
+    them all back, in shard order."""
     from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
     from beit_data.views import View
 
@@ -112,20 +115,30 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
         bar.update(len(pending))
         pending.clear()
 
-    for shard in expand_shards(spec):
+    shards, sizes = expand_shards(spec), []
+    for shard in shards[dist.rank::dist.world_size] if dist else shards:
+        sizes.append(len(labels))
         for sample, info in iter_images(shard):
             labels.append(_label(sample, shard))
             maps.add(sample, labels[-1])
             pending.append((sample, info))
             if len(pending) == batch_size:
                 flush()
+        sizes[-1] = len(labels) - sizes[-1]
     if pending:
         flush()
     bar.close()
     model.train(was_training)
-    if not labels:
+    feats, labels = (torch.cat(feats) if feats else torch.zeros(0, 0)), torch.tensor(labels, dtype=torch.int64)
+    if dist and dist.world_size > 1:  # every rank's shards back in shard order, on every rank
+        chunks = gather_dealt(list(zip(feats.split(sizes), labels.split(sizes))), len(shards), dist)
+        feats = torch.cat([f for f, _ in chunks if f.numel()] or [feats])
+        labels = torch.cat([y for _, y in chunks])
+        for theirs in gather_dealt([maps], dist.world_size, dist):
+            maps.maps.update(theirs.maps), maps.names.update(theirs.names)
+    if not len(labels):
         raise BeitDataError(f"no decodable image in {spec}")
-    return torch.cat(feats), torch.tensor(labels, dtype=torch.int64), maps
+    return feats, labels, maps
 
 
 def _blocks_and_input(model: torch.nn.Module, images: torch.Tensor):
@@ -236,17 +249,26 @@ def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str]:
     return model, "encoder"
 
 
-def run_probe(cfg: ProbeConfig) -> dict:
-    """Features of both sets from the frozen encoder, then k-NN (and the linear probe)."""
-    device = resolve_device(cfg.device)
-    model, kind = load_encoder(cfg.model)
-    model = model.to(device).eval()
-    layers = check_layers(cfg.layers, len(model.blocks))
-    (train, train_labels, train_maps), (val, val_labels, val_maps) = (
-        labeled_features(model, spec, layers, device, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                         num_threads=cfg.num_threads, progress=cfg.progress, desc=f"features {name}")
-        for name, spec in (("train", cfg.train_shards), ("val", cfg.val_shards)))
+def run_probe(cfg: ProbeConfig) -> dict | None:
+    """Features of both sets from the frozen encoder, then k-NN (and the linear probe). Under
+    torchrun or srun the ranks share the encoding, and rank 0 alone scores (the others return None)."""
+    device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
+    dist = init_distributed(device)
+    try:
+        model, kind = load_encoder(cfg.model)
+        model = model.to(device).eval()
+        layers = check_layers(cfg.layers, len(model.blocks))
+        (train, train_labels, train_maps), (val, val_labels, val_maps) = (
+            labeled_features(model, spec, layers, device, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                             num_threads=cfg.num_threads, progress=cfg.progress and dist.rank == 0,
+                             desc=f"features {name}", dist=dist)
+            for name, spec in (("train", cfg.train_shards), ("val", cfg.val_shards)))
+    finally:
+        if dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     check_class_maps(train_maps, val_maps)
+    if dist.rank:
+        return None
     result = {"model": str(cfg.model), "kind": kind, "layers": layers, "train_images": len(train_labels),
               "val_images": len(val_labels), "classes": int(max(train_labels.max(), val_labels.max())) + 1,
               "knn": knn(train, train_labels, val, val_labels, k=cfg.k, temperature=cfg.temperature),

@@ -11,7 +11,7 @@ import torch
 from beit_common import BeitDataError
 
 __all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "DistInfo", "dist_info", "init_distributed",
-           "slurm_env", "first_host"]
+           "slurm_env", "first_host", "gather_dealt"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -103,3 +103,13 @@ def init_distributed(device: torch.device) -> DistInfo:
             os.environ.setdefault(name, value)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info
+
+
+def gather_dealt(mine: list, count: int, dist: DistInfo) -> list:
+    """The ``count`` items dealt to the ranks (rank ``r`` holds items ``r, r + W, ...``, in
+    ``mine``) back in their order, on every rank."""
+    if dist.world_size == 1:
+        return mine
+    parts = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, mine)
+    return [parts[i % dist.world_size][i // dist.world_size] for i in range(count)]

@@ -471,3 +471,18 @@ def test_held_out_shards_render_and_probe_read_objects_and_commands(s3, sample_s
                                              (f"s3://{BUCKET}/enc/enc.pth", upload_folder(s3, labeled_shards / "train",
                                                                                            "train"), val["pipe"]))]
     assert results[0] == results[1]
+
+
+def test_shards_from_parquet_on_s3_read_row_groups_by_range(s3, tmp_path):
+    """A Parquet image dataset under an S3 prefix is read as a local one is, a row group at a time."""
+    from beit_data.shards import expand_shards, iter_samples
+    from pipelines.shards import ShardsConfig, run_shards
+    from tests.test_parquet_shards import hf_parquet
+
+    (tmp_path / "hf").mkdir()
+    data = hf_parquet(tmp_path / "hf" / "train-00000.parquet", rows=7)
+    prefix = upload_folder(s3, tmp_path / "hf", "hf")
+    result = run_shards(ShardsConfig(sources=[prefix], out=tmp_path / "out", shuffle=False, progress=False))
+    written = [s for shard in expand_shards(str(tmp_path / "out")) for s in iter_samples(shard)]
+    assert result.images == 7 and [s.image for s in written] == [b for b, _ in data]
+    assert [int(s.members["cls"]) for s in written] == [label for _, label in data]

@@ -375,7 +375,7 @@ def test_a_class_map_is_recorded_and_reused_so_ids_mean_the_same_classes(tmp_pat
     sample = written(reused.shards)[0]
     assert sample.members["cls"] == b"1" and json.loads(sample.members["json"])["class_map"] == recorded["class_map"]
     (tmp_path / "ant").rename(tmp_path / "val" / "ant")
-    with pytest.raises(BeitDataError, match=r"class folder ant is not in the class map .*classes.json \(1 such\)"):
+    with pytest.raises(BeitDataError, match=r"class ant is not in the class map .*classes.json \(1 such\)"):
         run_shards(ShardsConfig(sources=[tmp_path / "val"], out=tmp_path / "v2",
                                 classes=tmp_path / "train_shards" / "classes.json", progress=False))
     (tmp_path / "bad.json").write_text('{"seed": 0}')

@@ -84,3 +84,31 @@ def test_pretrain_with_srun_alone_and_with_torchrun_per_node(sample_shards, samp
     # The job requeued after the run ended resumes its checkpoint (and has nothing left to do).
     again = sbatch("pretrain-srun.sbatch", job_env(2, OUT=str(tmp_path / "srun"), **data))
     assert "pretrain: steps 3" in again.stdout
+
+
+def test_probe_with_srun_alone_shares_the_encoding_and_scores_once(labeled_shards, tmp_path):
+    """Two tasks encode every other shard each (5 and 5 shards: uneven images a rank), rank 0
+    scores: the same figures as one process."""
+    import timm
+
+    import beit_model  # noqa: F401
+    from beit_model.beit_mim import encoder_state_dict
+    from pipelines.export import timm_args
+    from pipelines.shards import ShardsConfig, run_shards
+
+    for part, count in (("train", 7), ("val", 4)):
+        run_shards(ShardsConfig(sources=[labeled_shards / "images" / part], out=tmp_path / part, maxcount=count,
+                                progress=False))
+    torch.manual_seed(0)
+    model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
+    torch.save(encoder_state_dict(model), tmp_path / "enc.pth")
+    (tmp_path / "enc.json").write_text(json.dumps({"timm_model": "beit_base_patch16_224", "timm_kwargs": {
+        **timm_args({"embed_dim": 96, "depth": 4, "num_heads": 3}), "num_classes": 0}}))
+    command = ["beit-data", "probe", str(tmp_path / "enc.pth"), "--train-shards", str(tmp_path / "train"),
+               "--val-shards", str(tmp_path / "val"), "--linear", "--json", "--device", "cpu", "--quiet"]
+    one = subprocess.run(command, env=job_env(1), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([str(FAKE / "srun"), *command], env=job_env(2), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    assert json.loads(two.stdout) == json.loads(one.stdout)  # printed once, by rank 0
+    assert json.loads(one.stdout)["train_images"] == 30

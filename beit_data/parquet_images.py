@@ -1,0 +1,165 @@
+"""Image datasets stored as Parquet, read a row group at a time, never a whole file.
+
+Two layouts are common: the Hugging Face one (a struct column ``image`` of ``bytes`` and
+``path``, a ``label`` column whose class names the schema's ``huggingface`` metadata holds as a
+``ClassLabel``: the hub's ``imagenet-1k`` conversions, ``timm/imagenet-*``), and img2dataset's
+``--output_format parquet`` (a ``jpg`` bytes column). The image and label columns are found by
+name, or given. Rows come out in a seeded order that never holds more than ``window`` row
+groups: the row groups are permuted, and the rows of each ``window`` of them are permuted
+together (the training stream mixes across shards again).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from beit_common import BeitDataError, Location
+from beit_common.listing import expand
+from beit_data.tokens import parquet_file
+from beit_data.views import stable_rng
+
+__all__ = ["ParquetImages", "ParquetRow", "is_parquet_source", "IMAGE_COLUMNS", "LABEL_COLUMNS"]
+
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
+LABEL_COLUMNS = ("label", "labels", "cls", "class", "class_id")
+WINDOW = 4  # row groups whose rows are permuted together
+
+
+def is_parquet_source(source: str) -> bool:
+    """Whether a ``shards`` source names Parquet: a ``.parquet`` file or pattern, a URL, or a
+    folder that holds Parquet files and no images."""
+    text = str(source)
+    if text.endswith(".parquet") or not Location(text).is_local:
+        return True
+    path = Location(text).path
+    if path.is_dir():
+        names = [p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        return bool(names) and all(n.endswith(".parquet") for n in names)
+    return False
+
+
+@dataclass(frozen=True)
+class ParquetRow:
+    """One row: where it came from, its image bytes (None with the reason in ``error``), its label."""
+
+    source: str
+    index: int  # the row's place among all rows of the files, in file order
+    data: bytes | None
+    label: int | None
+    error: str | None = None
+
+
+def _pick(names: Sequence[str], given: str | None, known: tuple[str, ...], what: str, file: Location,
+          required: bool) -> str | None:
+    if given is not None:
+        if given not in names:
+            raise BeitDataError(f"{file} has no column {given!r} (`{what}_column`); its columns: {', '.join(names)}")
+        return given
+    found = next((n for n in known if n in names), None)
+    if found is None and required:
+        raise BeitDataError(f"{file}: no image column among {', '.join(names)}; name it with `image_column`")
+    return found
+
+
+def _class_names(schema: pa.Schema, column: str | None) -> list[str] | None:
+    """The ClassLabel names of ``column`` in the Hugging Face metadata, where there are some."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    if column is None or raw is None:
+        return None
+    try:
+        feature = json.loads(raw)["info"]["features"][column]
+    except (ValueError, KeyError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+@dataclass(frozen=True)
+class ParquetImages:
+    """The Parquet files of some sources, their image and label columns, class names, and row groups."""
+
+    files: list[Location]
+    image_column: str
+    label_column: str | None
+    names: list[str] | None
+    row_groups: list[tuple[int, int]]  # (file, row group), in file order
+    offsets: list[int]  # rows before each file
+
+    @property
+    def count(self) -> int:
+        return self.offsets[-1]
+
+    @classmethod
+    def open(cls, sources: Sequence[str], image_column: str | None = None,
+             label_column: str | None = None) -> ParquetImages:
+        """Every Parquet file of ``sources`` (files, folders, globs or prefixes; local or object
+        URLs), checked to share the image and label columns.
+
+        Raises:
+            BeitDataError: For no Parquet file, a file without the columns, or files that differ.
+        """
+        files = [f for source in sources for f in expand(str(source), ".parquet", "Parquet source")]
+        if not files:
+            raise BeitDataError(f"no Parquet file in {', '.join(map(str, sources))}")
+        first = parquet_file(files[0])
+        schema = first.schema_arrow
+        image = _pick(schema.names, image_column, IMAGE_COLUMNS, "image", files[0], True)
+        label = _pick(schema.names, label_column, LABEL_COLUMNS, "label", files[0], False)
+        groups, offsets = [], [0]
+        for i, f in enumerate(files):
+            meta = (first if i == 0 else parquet_file(f)).metadata
+            names = meta.schema.to_arrow_schema().names
+            for wanted in (image, label):
+                if wanted is not None and wanted not in names:
+                    raise BeitDataError(f"{f} has no column {wanted!r}, which {files[0]} has")
+            groups += [(i, g) for g in range(meta.num_row_groups)]
+            offsets.append(offsets[-1] + meta.num_rows)
+        return cls(files, image, label, _class_names(schema, label), groups, offsets)
+
+    def labels(self) -> np.ndarray:
+        """Every row's label (the label column alone is read), -1 where it is null."""
+        if self.label_column is None:
+            return np.zeros(0, np.int64)
+        parts = [parquet_file(f).read(columns=[self.label_column]).column(0) for f in self.files]
+        return np.concatenate([p.fill_null(-1).to_numpy().astype(np.int64) for p in parts]) if parts else \
+            np.zeros(0, np.int64)
+
+    def rows(self, *, shuffle: bool, seed: int, window: int = WINDOW) -> Iterator[ParquetRow]:
+        """Every row, in file order, or shuffled in windows of ``window`` row groups."""
+        order = list(self.row_groups)
+        if shuffle:
+            order = [order[i] for i in stable_rng(seed, "parquet-row-groups").permutation(len(order))]
+        step = window if shuffle else 1
+        for w, first in enumerate(range(0, len(order), step)):
+            rows = [row for group in order[first:first + step] for row in self._group(*group)]
+            picks = stable_rng(seed, "parquet-rows", w).permutation(len(rows)) if shuffle else range(len(rows))
+            for i in picks:
+                yield rows[i]
+
+    def _group(self, file: int, group: int) -> list[ParquetRow]:
+        """The rows of one row group, with where each came from (file and row)."""
+        reader = parquet_file(self.files[file])
+        start = sum(reader.metadata.row_group(g).num_rows for g in range(group))
+        columns = [self.image_column] + ([self.label_column] if self.label_column else [])
+        table = reader.read_row_group(group, columns=columns)
+        images = table.column(self.image_column).to_pylist()
+        labels = table.column(self.label_column).to_pylist() if self.label_column else [None] * len(images)
+        name, first = self.files[file].name, self.offsets[file] + start
+        return [_row(f"{name}:{start + i}", first + i, image, label)
+                for i, (image, label) in enumerate(zip(images, labels))]
+
+
+def _row(source: str, index: int, image, label) -> ParquetRow:
+    """A row's image bytes: the ``bytes`` of a Hugging Face image struct, or a bytes column's value."""
+    if isinstance(image, dict):
+        image = image.get("bytes")
+    if not isinstance(image, (bytes, bytearray)) or not image:
+        return ParquetRow(source, index, None, label, "no image bytes in the row")
+    if label is not None and not isinstance(label, int):
+        return ParquetRow(source, index, None, None, f"label {label!r} is not a class id")
+    return ParquetRow(source, index, bytes(image), label)

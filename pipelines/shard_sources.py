@@ -1,0 +1,241 @@
+"""What ``beit-data shards`` reads, as one stream of items in write order, with their class map.
+
+Sources are image files (flat folders, ImageFolder trees with a folder per class, text files
+listing paths) or Parquet image datasets (``beit_data.parquet_images``): one kind per run. Each
+item says where it came from (stored in its sample's ``.json``), its class, and how to get its
+bytes; a held-out share of each class can be set apart (``holdout_per_class``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+from beit_common import BeitDataError
+from beit_data.images import FORMAT_EXT, ImageError, probe_image
+from beit_data.parquet_images import ParquetImages, is_parquet_source
+from beit_data.shards import IMAGE_EXTS
+from beit_data.views import stable_rng
+from pipelines.config import ShardsConfig
+
+__all__ = ["ListedImage", "Item", "Source", "collect_images", "write_order", "open_source", "load_class_map",
+           "class_map_digest", "held_out"]
+
+LISTED_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")
+
+
+class ListedImage(NamedTuple):
+    """One image file found in a source.
+
+    Attributes:
+        path: Where to read it.
+        cls: Its class (the ImageFolder sub-folder), or None.
+        source: How the user names it: the path relative to the source folder, or the line
+            of a text-file list as written. Stored in the sample's ``.json`` member.
+    """
+
+    path: Path
+    cls: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to write: its provenance, class name (None: unlabeled), place in the listing
+    (for the held-out choice) and its bytes, read when called (raising ``OSError`` or
+    ``ImageError`` for one that cannot be written)."""
+
+    source: str
+    cls: str | None
+    index: int
+    read: Callable[[], bytes]
+    where: str = ""  # what a reject names: the file's path, or the Parquet file and row
+
+    def __post_init__(self):
+        if not self.where:
+            object.__setattr__(self, "where", self.source)
+
+
+@dataclass
+class Source:
+    """A run's items in write order, their class map, and how many there are."""
+
+    items: Iterator[Item]
+    classes: list[str]
+    labels: list[str | None]  # each item's class, in listing order (the held-out choice draws from it)
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower().lstrip(".") in LISTED_EXTS
+
+
+def _is_listed_file(f: Path) -> bool:
+    """A visible file, or a symbolic link that points nowhere (listed, to be rejected with its reason)."""
+    return not f.name.startswith(".") and (f.is_file() or (f.is_symlink() and not f.exists()))
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if _is_listed_file(f))
+
+
+def collect_images(source: str | os.PathLike) -> list[ListedImage]:
+    """List the images of one source, in a stable order (by class, then by name).
+
+    Raises:
+        BeitDataError: If the source does not exist.
+    """
+    src = Path(source)
+    if not src.exists():
+        raise BeitDataError(f"image source not found: {src}")
+    if src.is_file():
+        try:
+            lines = [ln.strip() for ln in src.read_text().splitlines()]
+        except UnicodeDecodeError:
+            raise BeitDataError(f"{src} is neither a text list of image paths nor a Parquet file") from None
+        return [ListedImage(Path(ln) if os.path.isabs(ln) else src.parent / ln, None, ln) for ln in lines if ln]
+    entries = sorted(src.iterdir())
+    subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+    files = [f for f in entries if _is_listed_file(f)]
+    if subdirs and not any(_is_image_name(f) for f in files):
+        return [ListedImage(f, d.name, f.relative_to(src).as_posix()) for d in subdirs for f in _visible_files(d)]
+    return [ListedImage(f, None, f.name) for f in files]
+
+
+def write_order(listing: list, *, shuffle: bool, seed: int) -> list:
+    """The listing in the order its images are written: a permutation drawn from ``seed`` alone.
+
+    Sharded training reads a shard's samples close together, so class-sorted shards give
+    class-sorted batches; shuffling here is what prevents that.
+    """
+    if not shuffle:
+        return list(listing)
+    return [listing[i] for i in stable_rng(seed, "shards").permutation(len(listing))]
+
+
+def read_image(data: bytes, max_pixels: int | None) -> tuple[bytes, str]:
+    """The bytes and the member extension of their real format.
+
+    Raises:
+        ImageError: If they are not a decodable JPEG, PNG or WebP.
+    """
+    return data, FORMAT_EXT[probe_image(data, decode=True, max_pixels=max_pixels).format]
+
+
+def _file_bytes(path: Path) -> bytes:
+    if path.is_symlink() and not path.exists():
+        raise ImageError(f"broken symbolic link to {os.readlink(path)}")
+    return path.read_bytes()
+
+
+def load_class_map(path: str | os.PathLike) -> list[str]:
+    """The class names, in id order, from a ``shards.json`` or ``classes.json`` a ``shards`` run
+    wrote (or any JSON list of names).
+
+    Raises:
+        BeitDataError: For a missing file, or one that holds no list of distinct names.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BeitDataError(f"class map not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BeitDataError(f"{path} is not a class map (JSON): {exc}") from None
+    classes = data.get("classes") if isinstance(data, dict) else data
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or \
+            len(set(classes)) != len(classes):
+        raise BeitDataError(f"{path} holds no class map: expected a list of distinct class names, or a shards.json "
+                            "with one under \"classes\"")
+    return classes
+
+
+def class_map_digest(classes: list[str]) -> str:
+    """A short identity of a class map: shards written with the same map share it."""
+    return hashlib.sha256(json.dumps(classes).encode()).hexdigest()[:16]
+
+
+def _class_map(found: list[str], classes_file: str | os.PathLike | None) -> list[str]:
+    """The class names in id order: the file's, or ``found`` (already in id order)."""
+    if classes_file is None:
+        return found
+    classes = load_class_map(classes_file)
+    unknown = [c for c in found if c not in set(classes)]
+    if unknown:
+        raise BeitDataError(f"class {unknown[0]} is not in the class map {classes_file} ({len(unknown)} such); the "
+                            "ids must mean the same classes in every set")
+    return classes
+
+
+def open_source(config: ShardsConfig) -> Source:
+    """The items of ``config.sources`` in write order, and their class map.
+
+    Raises:
+        BeitDataError: For a missing source, sources of both kinds, or no item at all.
+    """
+    parquet = [is_parquet_source(str(s)) for s in config.sources]
+    if any(parquet) and not all(parquet):
+        raise BeitDataError("the sources mix Parquet with image files; write them in separate runs (with one class "
+                            "map: `classes`)")
+    return _parquet_source(config) if all(parquet) else _file_source(config)
+
+
+def _file_source(config: ShardsConfig) -> Source:
+    listing = [item for source in config.sources for item in collect_images(source)]
+    if not listing:
+        raise BeitDataError(f"no files in {', '.join(map(str, config.sources))}")
+    classes = _class_map(sorted({item.cls for item in listing if item.cls is not None}), config.classes)
+    items = (Item(f.source, f.cls, i, lambda f=f: _file_bytes(f.path), str(f.path))
+             for i, f in write_order(list(enumerate(listing)), shuffle=config.shuffle, seed=config.seed))
+    return Source(items, classes, [f.cls for f in listing])
+
+
+def _parquet_source(config: ShardsConfig) -> Source:
+    """Rows of Parquet files; a label becomes its ClassLabel name where the file's metadata has
+    names, else the id itself (``"0"`` .. ``"N-1"``, so that the ids stay the dataset's)."""
+    images = ParquetImages.open([str(s) for s in config.sources], config.image_column, config.label_column)
+    labels = images.labels() if images.label_column else None
+    names = images.names
+    if labels is not None and names is None:
+        names = [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+    if labels is not None and len(labels) and labels.max() >= len(names):
+        raise BeitDataError(f"label {int(labels.max())} in {images.files[0].parent} is past the {len(names)} class "
+                            "names of the dataset's metadata")
+    classes = _class_map(names, config.classes) if names is not None else []
+
+    def name(label: int | None) -> str | None:
+        return None if label is None or label < 0 else names[label]
+
+    def read(row) -> bytes:
+        if row.error:
+            raise ImageError(row.error)
+        return row.data
+
+    items = (Item(row.source, name(row.label), row.index, lambda row=row: read(row))
+             for row in images.rows(shuffle=config.shuffle, seed=config.seed))
+    return Source(items, classes, [name(int(x)) for x in labels] if labels is not None else [None] * images.count)
+
+
+def held_out(labels: list[str | None], per_class: float, seed: int) -> set[int]:
+    """The listing positions set apart, drawn from ``seed`` within each class: ``per_class``
+    images of each (a count), or that share of each (below 1), at least one of every class
+    with two or more.
+
+    Raises:
+        BeitDataError: For unlabeled images.
+    """
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        if label is None:
+            raise BeitDataError("`holdout_per_class` needs labeled images (class folders or a label column)")
+        by_class.setdefault(label, []).append(i)
+    chosen = set()
+    for label in sorted(by_class):
+        members = by_class[label]
+        count = int(per_class) if per_class >= 1 else max(1, round(per_class * len(members)))
+        count = min(count, len(members) - 1)  # the training set keeps one of every class
+        picks = stable_rng(seed, "holdout", label).permutation(len(members))[:count]
+        chosen.update(members[int(p)] for p in picks)
+    return chosen
