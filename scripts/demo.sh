@@ -37,8 +37,15 @@ print("loss curve: " + "  ".join(f"step {r['step']}: {r['loss']:.3f}" for r in l
 print(f"training masked-token accuracy: {log[0]['acc']:.3f} at step {log[0]['step']}, {log[-1]['acc']:.3f} at step {log[-1]['step']}")
 PY
 
-echo "== 6/7 export the encoder for timm"
-beit-data export "$out/run" --out "$out/encoder.pth"
+echo "== 6/7 export the encoder as a folder timm fine-tunes as it is"
+beit-data export "$out/run" --out "$out/encoder"
+python - "$out/encoder" <<'PY'
+import sys, timm
+model = timm.create_model(f"local-dir:{sys.argv[1]}", pretrained=True, num_classes=10)
+config = timm.data.resolve_data_config({}, model=model)
+print(f"timm opened it with a new 10-class head; its input: {config['input_size']}, {config['interpolation']}, "
+      f"mean {tuple(config['mean'])}, std {tuple(config['std'])}")
+PY
 
 echo "== 7/7 inspect the token files"
 beit-data inspect "$out/tokens" --shards "$out/shards" --histogram "$out/token_histogram.png"
@@ -51,6 +58,6 @@ echo "  shards/, holdout/  WebDataset shards + .idx of 12 sample photographs, an
 echo "  dvae_tiny.pt       the trained tokenizer (report: dvae_tiny.pt.report.json)"
 echo "  tokens/            one token Parquet per shard + summary.json (holdout_tokens/: the held-out shard's)"
 echo "  run/               pretrain checkpoint.pt, log.jsonl, tb/ (TensorBoard)"
-echo "  encoder.pth        the encoder for timm (encoder.json says how to load it)"
+echo "  encoder/           the encoder for timm: timm.create_model('local-dir:$out/encoder', pretrained=True, num_classes=N)"
 echo "  view_000000000.png image, crop, tokens and reconstruction of one view"
 echo "  token_histogram.png"
