@@ -20,7 +20,8 @@ from beit_common import BeitDataError, Location, storage
 from beit_common.listing import expand
 
 __all__ = ["IMAGE_EXTS", "Sample", "Reject", "Member", "IndexedSample", "expand_shards", "split_key", "member_key",
-           "sample_members", "iter_samples", "iter_images", "duplicate_keys", "duplicate_reason"]
+           "sample_members", "iter_samples", "iter_images", "duplicate_keys", "duplicate_reason",
+           "without_duplicates"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -207,3 +208,16 @@ def iter_images(shard: str | os.PathLike, rejects: list[Reject] | None = None, *
                     f"image too small: {info.width}x{info.height}, shorter side under {min_size}")))
             continue
         yield sample, info
+
+
+def without_duplicates(shard, members: list, rows: list[dict], tokens, rejects: list[Reject]):
+    """Rows, tokens and rejects with every sample of a key that names several samples rejected:
+    which of them a key means cannot be known, so none is kept."""
+    repeated = duplicate_keys(members)
+    if not repeated:
+        return rows, tokens, rejects
+    keep = [i for i, row in enumerate(rows) if row["key"] not in repeated]
+    rejects = [r for r in rejects if r.key not in repeated] + [
+        Reject(key=key, reason=duplicate_reason(count), shard=str(shard))
+        for key, count in sorted(repeated.items()) for _ in range(count)]
+    return [rows[i] for i in keep], tokens[keep], rejects

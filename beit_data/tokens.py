@@ -29,7 +29,8 @@ from beit_common.listing import list_files
 from beit_data.views import JITTER_ORDER, View
 
 __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
-           "view_rows", "row_view", "build_table", "write_tokens", "read_meta", "read_footer", "read_table",
+           "view_rows", "with_more_views", "grows_to", "row_view", "build_table", "write_tokens", "read_meta",
+           "read_footer", "read_table",
            "parquet_file", "with_defaults", "recipe_signature", "recipe_mismatch", "check_recipe",
            "read_consistent_meta", "read_consistent_footers"]
 
@@ -125,11 +126,35 @@ def row_view(row: dict) -> View:
                 row["saturation"])
 
 
-def view_rows(key: str, views: Sequence[View], width: int, height: int) -> list[dict]:
-    """The rows (every column but ``tokens``) of one image's views."""
-    return [{"key": key, "view": v, "x": view.x, "y": view.y, "w": view.w, "h": view.h, "flip": view.flip,
+def view_rows(key: str, views: Sequence[View], width: int, height: int, first: int = 0) -> list[dict]:
+    """The rows (every column but ``tokens``) of one image's views, numbered from ``first``."""
+    return [{"key": key, "view": first + v, "x": view.x, "y": view.y, "w": view.w, "h": view.h, "flip": view.flip,
              "brightness": view.brightness, "contrast": view.contrast, "saturation": view.saturation,
              "width": width, "height": height} for v, view in enumerate(views)]
+
+
+def with_more_views(old: pa.Table, new: pa.Table, path) -> pa.Table:
+    """A token file's rows and the rows of further views of the same images, sorted by key and
+    view as a fresh run's: the old rows are kept as they are.
+
+    Raises:
+        BeitDataError: When the two do not hold the same images (the shard changed).
+    """
+    keys = (set(t.column("key").to_pylist()) for t in (old, new))
+    if next(keys) != next(keys):
+        raise BeitDataError(f"{path} holds other images than its shard gives now; pass `overwrite` to replace it")
+    both = pa.concat_tables([old.replace_schema_metadata(None).select(new.schema.names).cast(new.schema), new])
+    return both.sort_by([("key", "ascending"), ("view", "ascending")])
+
+
+def grows_to(meta: dict, reference: dict) -> int | None:
+    """The views of a token file that a run of ``reference``'s recipe with more views extends:
+    the file's view count where all else matches and it is smaller; None otherwise."""
+    have, want = meta.get("views", {}).get("views"), reference["views"]["views"]
+    if not isinstance(have, int) or have >= want:
+        return None
+    same = {**reference, "views": {**reference["views"], "views": have}}
+    return have if not recipe_mismatch(meta, same) else None
 
 
 def build_table(rows: list[dict], tokens: np.ndarray, grid: int) -> pa.Table:

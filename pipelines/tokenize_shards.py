@@ -35,17 +35,20 @@ from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
 from beit_data.shard_index import check_fingerprint, index_count, shard_fingerprint
-from beit_data.shards import Reject, duplicate_keys, duplicate_reason, expand_shards, iter_images
+from beit_data.shards import Reject, expand_shards, iter_images, without_duplicates
 from beit_data.tokens import (
     build_table,
     check_recipe,
     decoder_meta,
     file_meta,
+    grows_to,
     read_meta,
+    read_table,
     token_files,
     token_path,
     token_paths,
     view_rows,
+    with_more_views,
     write_tokens,
 )
 from beit_data.views import ViewRecipe, sample_views
@@ -93,16 +96,18 @@ class TokenizeJob:
         return cls(cfg, recipe, min_size, meta)
 
 
-def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool) -> tuple[list[Location], int]:
-    """The shards still to tokenize. A finished file made from the same shard and recipe is
-    skipped, also with ``overwrite`` (it would be written again byte for byte), so a run with
-    ``overwrite`` that was killed keeps what it rewrote when it runs again.
+def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool
+          ) -> tuple[list[Location], int, dict[str, int]]:
+    """The shards still to tokenize, how many are done, and the views each file with fewer views
+    of the same recipe holds (it gets the missing ones only). A finished file made from the same
+    shard and recipe is skipped, also with ``overwrite`` (it would be written again byte for
+    byte), so a run with ``overwrite`` that was killed keeps what it rewrote when it runs again.
 
     Raises:
         BeitDataError: For a finished file that is unreadable, from another recipe, or made
             from a shard that has changed since, without ``overwrite``; each names it.
     """
-    todo, skipped = [], 0
+    todo, skipped, grow = [], 0, {}
     hint = "; pass `overwrite` to replace it"
     done = _finished(out)
     for shard in shards:
@@ -112,6 +117,11 @@ def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool) ->
             continue
         try:
             have = read_meta(target)
+            if grows_to(have, meta) and not overwrite:  # views 0 .. V-1 are kept; V .. are added
+                check_fingerprint(shard, have.get("shard"), target, full=storage.scan_is_cheap(shard))
+                todo.append(shard)
+                grow[str(shard)] = grows_to(have, meta)
+                continue
             check_recipe(have, meta, f"{target} and this run", hint)
             # On object storage, the size (and the .idx where there is one): not a scan of the tar.
             check_fingerprint(shard, have.get("shard"), target, full=storage.scan_is_cheap(shard))
@@ -121,7 +131,7 @@ def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool) ->
                 continue
             raise BeitDataError(str(exc) if "`overwrite`" in str(exc) else f"{exc}{hint}") from None
         skipped += 1
-    return todo, skipped
+    return todo, skipped, grow
 
 
 def _finished(out) -> set[str]:
@@ -135,20 +145,20 @@ def _expected_images(shards: list[Location]) -> int | None:
     return None if None in counts else sum(counts)
 
 
-def _prepared_batches(shard: Location, job: TokenizeJob, rejects: list[Reject], members=None):
-    """Batches of (sample, info) with their views: the Python half of the loading."""
+def _prepared_batches(shard: Location, job: TokenizeJob, rejects: list[Reject], members=None, first: int = 0):
+    """Batches of (sample, info) with their views from ``first`` on: the Python half of the loading."""
     images = iter_images(shard, rejects, min_size=job.min_size, index=members, max_pixels=job.cfg.max_pixels)
     for batch in batched(images, job.cfg.batch_size):
-        yield batch, [sample_views(job.recipe, s.key, info.width, info.height) for s, info in batch]
+        yield batch, [sample_views(job.recipe, s.key, info.width, info.height)[first:] for s, info in batch]
 
 
-def _decoded_batches(prepared, shard: Location, views: DaliViews, rejects: list[Reject]):
+def _decoded_batches(prepared, shard: Location, views: DaliViews, rejects: list[Reject], first: int = 0):
     """(rows, tensors (N*V, 3, S, S)) per batch, decoded and augmented by DALI."""
     for batch, batch_views in prepared:
         pixels, good, bad = views.decode_or_reject([s.image for s, _ in batch], batch_views)
         rejects.extend(Reject(key=batch[i][0].key, reason=reason, shard=str(shard)) for i, reason in bad)
         rows = [row for i in good for row in view_rows(batch[i][0].key, batch_views[i], batch[i][1].width,
-                                                        batch[i][1].height)]
+                                                        batch[i][1].height, first)]
         if rows:
             yield rows, pixels.flatten(0, 1)
 
@@ -164,8 +174,9 @@ def _encode(tokenizer: Tokenizer, pixels: torch.Tensor, device, pad_to: int | No
 
 
 def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, views: DaliViews, device,
-                   bar) -> tuple[int, int, list[Reject]]:
-    """Tokenize one shard and write its Parquet file. Returns (images, views, rejects)."""
+                   bar, first: int = 0) -> tuple[int, int, list[Reject]]:
+    """Tokenize one shard and write its Parquet file; from view ``first`` on, added to the file's
+    views ``0 .. first - 1``, which are kept as they are. Returns (images, views, rejects)."""
     rejects: list[Reject] = []
     all_rows, all_tokens = [], []
     # Three threads overlap: Python reads and prepares batches, DALI decodes, the dVAE encodes.
@@ -174,37 +185,27 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     # twice, and a shard that changes meanwhile no longer matches.
     members: list = []
     size = storage.size(shard)
-    cfg = job.cfg
-    prepared = prefetch(_prepared_batches(shard, job, rejects, members))
-    for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects)):
+    cfg, per_image = job.cfg, job.cfg.views - first
+    prepared = prefetch(_prepared_batches(shard, job, rejects, members, first))
+    for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects, first)):
         ids = _encode(tokenizer, pixels.to(device, non_blocking=True), device,
-                      pad_to=cfg.batch_size * cfg.views if cfg.compile else None)  # (N*V, grid, grid)
+                      pad_to=cfg.batch_size * per_image if cfg.compile else None)  # (N*V, grid, grid)
         all_rows += rows
         all_tokens.append(ids.to("cpu", torch.int16).numpy())
-        bar.update(len(rows) // cfg.views)
+        bar.update(len(rows) // per_image)
     grid = tokenizer.grid
     tokens = np.concatenate(all_tokens) if all_tokens else np.zeros((0, grid, grid), np.int16)
-    all_rows, tokens, rejects = _without_duplicates(shard, members, all_rows, tokens, rejects)
+    all_rows, tokens, rejects = without_duplicates(shard, members, all_rows, tokens, rejects)
     fingerprint = shard_fingerprint(shard, members, size=size)
     if cfg.strict and rejects:  # nothing a rerun would take as finished
         return len(all_rows) // cfg.views, len(all_rows), rejects
     meta = {**job.meta, "source": Location(shard).name, "shard": fingerprint,
             "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
-    write_tokens(token_path(cfg.out, shard), build_table(all_rows, tokens, grid), meta)
-    return len(all_rows) // cfg.views, len(all_rows), rejects
-
-
-def _without_duplicates(shard: Location, members: list, rows: list[dict], tokens: np.ndarray, rejects: list[Reject]):
-    """Rows, tokens and rejects with every sample of a key that names several samples rejected:
-    which of them a key means cannot be known, so none is kept."""
-    repeated = duplicate_keys(members)
-    if not repeated:
-        return rows, tokens, rejects
-    keep = np.array([row["key"] not in repeated for row in rows], bool)
-    rejects = [r for r in rejects if r.key not in repeated] + [
-        Reject(key=key, reason=duplicate_reason(count), shard=str(shard))
-        for key, count in sorted(repeated.items()) for _ in range(count)]
-    return [row for row, k in zip(rows, keep) if k], tokens[keep], rejects
+    path, table = token_path(cfg.out, shard), build_table(all_rows, tokens, grid)
+    if first:
+        table = with_more_views(read_table(path), table, path)
+    write_tokens(path, table, meta)
+    return len(all_rows) // per_image, len(all_rows), rejects
 
 
 def _check_out_beside_shards(shards: list[Location], out) -> None:
@@ -239,19 +240,26 @@ def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, ou
               start: float) -> TokenizeResult:
     cfg = job.cfg
     mine = shards[dist.rank :: dist.world_size]
-    todo, skipped = _plan(mine, out, job.meta, cfg.overwrite)
+    todo, skipped, grow = _plan(mine, out, job.meta, cfg.overwrite)
     tokenizer = tokenizer.to(device)
     if cfg.compile:  # the fingerprint was taken from the weights before; compiling does not change them
         tokenizer.compile_encoder()
-    views = DaliViews(ViewSpec(views=cfg.views, size=tokenizer.input_size, interp=job.recipe.interp,
-                                jitter=cfg.target_jitter), batch_size=cfg.batch_size, device=device,
-                      num_threads=cfg.num_threads)
+    pipelines: dict[int, DaliViews] = {}  # by the views each image gets: all of them, or those a file lacks
+
+    def views_from(first: int) -> DaliViews:
+        if first not in pipelines:
+            pipelines[first] = DaliViews(ViewSpec(views=cfg.views - first, size=tokenizer.input_size,
+                                                  interp=job.recipe.interp, jitter=cfg.target_jitter),
+                                         batch_size=cfg.batch_size, device=device, num_threads=cfg.num_threads)
+        return pipelines[first]
+
     summary = TokenizeResult(shards=len(mine), skipped=skipped)
     desc = f"tokenize[{dist.rank}]" if dist.world_size > 1 else "tokenize"
     bar = progress_bar(total=_expected_images(todo), desc=desc, unit="img", disable=not cfg.progress,
                        position=dist.rank)
     for shard in todo:
-        images, n_views, rejects = tokenize_shard(shard, job, tokenizer, views, device, bar)
+        first = grow.get(str(shard), 0)
+        images, n_views, rejects = tokenize_shard(shard, job, tokenizer, views_from(first), device, bar, first)
         summary.images += images
         summary.views += n_views
         summary.rejects += [r.as_dict() for r in rejects]

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -256,3 +257,31 @@ def test_two_shards_with_one_name_are_refused_before_any_work(sample_shards, tin
     assert not (tmp_path / "t").exists()
     with pytest.raises(BeitDataError, match=message):
         ReplaySource.open(StreamConfig(shards=spec, tokens=str(tmp_path), batch_size=1))
+
+
+def test_more_views_over_a_folder_add_the_missing_views_only(sample_shards, sample_tokens, tiny_tokenizer, tmp_path):
+    """``--views 4`` over files made with ``--views 2`` computes views 2 and 3 only and keeps the
+    old rows as they are: the files equal a fresh ``--views 4`` run's. A file grown already is
+    skipped, so a killed growth resumes."""
+    import shutil
+
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+
+    out = tmp_path / "tokens"
+    common = dict(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(out), batch_size=8,
+                  device="cpu", progress=False)
+    run_tokenize(TokenizeConfig(views=2, **common))
+    names = sorted(p.name for p in out.glob("*.parquet"))
+    before = {n: pq.read_table(out / n) for n in names}
+    shutil.copy(sample_tokens / names[0], out / names[0])  # grown before a kill: done
+    result = run_tokenize(TokenizeConfig(views=4, **common))
+    assert (result.skipped, result.views) == (1, 2 * result.images)  # only the views the other file lacked
+    for name in names:
+        grown, fresh = pq.read_table(out / name), pq.read_table(sample_tokens / name)
+        assert grown.equals(fresh) and grown.schema.metadata == fresh.schema.metadata, name
+        old = before[name].replace_schema_metadata(None)
+        kept = grown.filter(pc.less(grown.column("view"), 2)).replace_schema_metadata(None)
+        assert kept.equals(old), name  # bit for bit
+    # Fewer views than a folder holds is another recipe: refused, as before.
+    with pytest.raises(BeitDataError, match="different tokenizers or recipes: views.views: 4 != 3"):
+        run_tokenize(TokenizeConfig(views=3, **common))
