@@ -7,7 +7,9 @@ set -u
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 : > "$out/summary.txt"
-steps=${STEPS:-env gpu_tests tokenize_compiled pretrain pretrain_compiled pretrain_512 pretrain_flex_fused memory}
+# The default steps' limits add up to 12 minutes; pretrain (eager, with the reference), pretrain_512,
+# pretrain_flex_fused, vqkd and tokenize_vqkd are named in STEPS for a second call.
+steps=${STEPS:-env gpu_tests tokenize_compiled pretrain_compiled profile memory}
 B="--device cuda --model beit_mim_base_patch16_224 --batch-size 256 --tokenizer-config dalle --num-threads 8"
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
@@ -34,6 +36,10 @@ step pretrain 120 python -m benchmarks.pretrain $B --imagenet-like --images 2048
 step pretrain_compiled 120 python -m benchmarks.pretrain $B --imagenet-like --images 2048 --steps 20 --warmup 8 \
   --compile --skip-reference
 step pretrain_512 60 python -m benchmarks.pretrain $B --images 2048 --steps 20 --warmup 5 --skip-reference
+# Issue 27 item 1: where the end-to-end step's time goes (torch.profiler over 5 compiled steps, every
+# kernel of the process: the model's, DALI's, and the copies).
+step profile 120 python -m benchmarks.pretrain $B --imagenet-like --images 2048 --steps 10 --warmup 8 \
+  --compile --skip-reference --profile 5
 # Item 4: the faster step, compiled: FlexAttention for the bias, fused AdamW, CUDA graphs.
 step pretrain_flex_fused 120 python -m benchmarks.pretrain $B --images 1024 --steps 20 --warmup 8 --compile \
   --flex-attention --fused-adamw --compile-mode max-autotune-no-cudagraphs --skip-reference
@@ -42,7 +48,7 @@ step vqkd 150 python -m benchmarks.tokenizer --tokenizer vqkd --device cuda --ba
 step tokenize_vqkd 150 python -m benchmarks.tokenize_shards --device cuda --images 1024 --views 10 \
   --batch-size 32 --tokenizer-config vqkd --num-threads 8 --compile
 # Item 3: memory over 2,000 steps of the real trainer.
-step memory 90 python -m benchmarks.memory --device cuda --model beit_mim_base_patch16_224 --batch-size 64 \
+step memory 180 python -m benchmarks.memory --device cuda --model beit_mim_base_patch16_224 --batch-size 64 \
   --steps 2000
 python - "$out/summary.txt" <<'PY'
 import json, sys

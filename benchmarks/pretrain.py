@@ -9,7 +9,7 @@ reference. Prints one JSON object.
 
     python -m benchmarks.pretrain                                        # CPU, tiny model
     python -m benchmarks.pretrain --device cuda --model beit_mim_base_patch16_224 --batch-size 256 \\
-        --tokenizer-config dalle --workers 15 --images 4096 [--compile]
+        --tokenizer-config dalle --workers 15 --images 4096 [--compile] [--profile 5]
 """
 
 from __future__ import annotations
@@ -136,7 +136,35 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--imagenet-like", action="store_true", help="JPEG q90 at 500x375, ~110 KB, not 512-pixel photos")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--reference-loader", action="store_true", help="also time the reference's loader alone")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N end-to-end steps (torch.profiler) and report where the time goes")
     return p.parse_args()
+
+
+def profile_figures(batches, step, steps: int, device) -> dict:
+    """The operators and kernels that take the most time over ``steps`` end-to-end steps (after two
+    unprofiled ones): device time on a GPU (every kernel of the process, DALI's included, and the
+    copies), CPU time on the CPU; each with its share and its milliseconds per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    it = iter(batches)
+    for _ in range(2):
+        step(*next(it))
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            loss = step(*next(it))
+        loss.item()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = ("self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total") \
+        if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1
+    top = sorted(events, key=lambda e: -getattr(e, key))[:15]
+    return {"profile_steps": steps, "profile_by": key, "profile_total_ms_per_step": round(total / 1000 / steps, 2),
+            "profile_top": [{"name": e.key[:90], "share": round(getattr(e, key) / total, 4),
+                             "ms_per_step": round(getattr(e, key) / 1000 / steps, 3)} for e in top]}
 
 
 def synthetic_batches(tokenizer, batch_size: int, device, dtype):
@@ -202,6 +230,9 @@ def main():
                   "loader_only_img_per_s": round(loader, 1),
                   "end_to_end_over_model_only": round(e2e / model_only, 3)}
         record.update(reference_figures(args, shards, tokenizer, step, e2e, device, dtype))
+        if args.profile:
+            record.update(profile_figures(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)), step,
+                                          args.profile, device))
         emit({**record, "torch": torch.__version__})
 
 if __name__ == "__main__":
