@@ -110,6 +110,9 @@ class ParquetImages:
         schema = first.schema_arrow
         image = _pick(schema.names, image_column, IMAGE_COLUMNS, "image", files[0], True)
         label = _pick(schema.names, label_column, LABEL_COLUMNS, "label", files[0], False)
+        if label is not None and not pa.types.is_integer(schema.field(label).type):
+            raise BeitDataError(f"{files[0]}: the label column {label!r} holds {schema.field(label).type}, not class "
+                                "ids (integers); name the class-id column with `label_column`")
         groups, offsets = [], [0]
         for i, f in enumerate(files):
             meta = (first if i == 0 else parquet_file(f)).metadata

@@ -32,5 +32,7 @@ def progress_bar(iterable=None, **kwargs):
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
-    return tqdm(iterable, mininterval=0.5 if interactive else 30.0, dynamic_ncols=interactive,
-                file=None if interactive else PlainLines(sys.stderr), **kwargs)
+    if interactive:
+        return tqdm(iterable, mininterval=0.5, dynamic_ncols=True, **kwargs)
+    # tqdm's monitor thread would redraw a slow bar every maxinterval (10 s): not into a log.
+    return tqdm(iterable, mininterval=30.0, maxinterval=60.0, file=PlainLines(sys.stderr), **kwargs)

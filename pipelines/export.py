@@ -53,7 +53,10 @@ def run_export(cfg: ExportConfig) -> dict:
     from beit_model.beit_mim import TIMM_EQUIVALENT, encoder_state_dict
 
     ckpt = load_checkpoint(checkpoint_path(cfg.run))
-    folder = not str(cfg.out).endswith(FILE_SUFFIXES)
+    suffix = "." + Location(cfg.out).name.rsplit(".", 1)[-1].lower() if "." in Location(cfg.out).name else ""
+    if suffix and suffix not in FILE_SUFFIXES:
+        raise BeitDataError(f"`out` {cfg.out}: name a folder (no suffix), or a .pth or .safetensors file")
+    folder = not suffix
     out = _folder(cfg.out, cfg.overwrite) if folder else output_file(cfg.out, "the encoder", overwrite=cfg.overwrite)
     model = model_from_checkpoint(ckpt)
     name = TIMM_EQUIVALENT.get(ckpt["model_name"], "beit_base_patch16_224")
@@ -66,7 +69,7 @@ def run_export(cfg: ExportConfig) -> dict:
         _write_folder(out, name, args, data, state)
         return {**info, "folder": storage.redact(str(out))}
     info_path = output_file(Location(out).sibling(".json"), "the encoder's JSON", overwrite=cfg.overwrite)
-    if str(out).endswith(".safetensors"):  # timm's create_model(checkpoint_path=...) reads either
+    if suffix == ".safetensors":  # timm's create_model(checkpoint_path=...) reads either
         from safetensors.torch import save_file
 
         write_atomic(out, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))

@@ -139,7 +139,7 @@ def _same_global_batch(cfg: PretrainConfig, saved: dict, saved_world: int, world
     if data.global_batch(world_size) == before or (world_size, data.grad_accum) == (saved_world, saved["grad_accum"]):
         return cfg
     per_rank, rest = divmod(before, world_size * data.grad_accum)
-    if rest or saved["dealt"]:
+    if rest or (saved["dealt"] and world_size != saved_world):
         raise BeitDataError(f"the run being resumed trains global batches of {before} ({saved_world} ranks x "
                             f"`grad_accum` {saved['grad_accum']} x `batch_size` {saved['batch_size']}); "
                             + ("its order deals shards to its ranks, so it resumes on them only" if saved["dealt"]
@@ -200,6 +200,8 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, 
     if checkpoint is not None:
         restore_parts(checkpoint, run.parts)
         run.step = run.resumed_at = checkpoint["step"]
+        if checkpoint["world_size"] != dist.world_size:  # no saved generator is this rank's own: a fresh one
+            torch.manual_seed(cfg.data.seed + 1000 * dist.rank + 1_000_003 * run.step)
     else:
         torch.manual_seed(cfg.data.seed + 1000 * dist.rank)  # drop path differs per rank
     run.config = {**redacted(cfg.flat()), "ranks": dist.world_size,

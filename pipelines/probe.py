@@ -23,54 +23,22 @@ import torch.nn.functional as F
 from beit_common import BeitDataError, Location, storage
 from beit_data.progress import progress_bar
 from beit_data.shards import expand_shards, iter_images
+from pipelines.class_maps import ClassMaps, check_class_maps, merged
 from pipelines.config import ProbeConfig
-from pipelines.runtime import DistInfo, autocast, dist_info, gather_dealt, init_distributed, resolve_device
+from pipelines.runtime import (
+    DistInfo,
+    all_ranks_ok,
+    autocast,
+    dist_info,
+    gather_dealt,
+    init_distributed,
+    resolve_device,
+)
 
 __all__ = ["ProbeConfig", "run_probe", "labeled_features", "encoder_features", "knn", "linear_probe",
            "format_probe", "load_encoder"]
 
 CROP = 224 / 256  # the centre crop's side, as a fraction of the shorter side
-
-
-class ClassMaps:
-    """What a set's samples say of their class ids: the class maps they were written with
-    (``class_map`` in their ``.json``) and the name of each id."""
-
-    def __init__(self, spec: str):
-        self.spec, self.maps, self.names = spec, set(), {}
-
-    def add(self, sample, label: int) -> None:
-        raw = sample.members.get("json")
-        try:
-            meta = json.loads(raw) if raw else {}
-        except ValueError:
-            return
-        if not isinstance(meta, dict):
-            return
-        if meta.get("class_map"):
-            self.maps.add(meta["class_map"])
-        if isinstance(meta.get("class"), str):
-            self.names.setdefault(label, meta["class"])
-
-
-def check_class_maps(train: ClassMaps, val: ClassMaps) -> None:
-    """Refuse labeled sets whose class ids mean different classes.
-
-    Raises:
-        BeitDataError: When the sets were written with different class maps, or an id names
-            another class in each.
-    """
-    hint = "; write both with one class map (beit-data shards VAL --classes TRAIN/shards.json)"
-    for found in (train, val):
-        if len(found.maps) > 1:
-            raise BeitDataError(f"the shards {found.spec} were written with {len(found.maps)} class maps{hint}")
-    if train.maps and val.maps and train.maps != val.maps:
-        raise BeitDataError(f"the train shards ({train.spec}) and the val shards ({val.spec}) were written with "
-                            f"different class maps ({min(train.maps)} and {min(val.maps)}){hint}")
-    for label in sorted(set(train.names) & set(val.names)):
-        if train.names[label] != val.names[label]:
-            raise BeitDataError(f"class {label} is {train.names[label]!r} in the train shards and "
-                                f"{val.names[label]!r} in the val shards{hint}")
 
 
 def _label(sample, shard) -> int:
@@ -91,8 +59,8 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
     """Features (n, D) float32 on the CPU, labels (n,) of every decodable, labeled image of the
     shards, and what the samples say of their class map. Each batch is decoded by DALI,
     encoded, and dropped: only the features stay. The model is in eval mode meanwhile. With
-    ``dist`` of several ranks, each encodes shards ``rank, rank + W, ...`` and every rank gets
-    them all back, in shard order."""
+    ``dist`` of several ranks, each encodes shards ``rank, rank + W, ...`` and rank 0 gets them
+    all, in shard order (the others return their own part)."""
     from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
     from beit_data.views import View
 
@@ -115,30 +83,45 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
         bar.update(len(pending))
         pending.clear()
 
-    shards, sizes = expand_shards(spec), []
-    for shard in shards[dist.rank::dist.world_size] if dist else shards:
-        sizes.append(len(labels))
-        for sample, info in iter_images(shard):
-            labels.append(_label(sample, shard))
-            maps.add(sample, labels[-1])
-            pending.append((sample, info))
-            if len(pending) == batch_size:
-                flush()
-        sizes[-1] = len(labels) - sizes[-1]
-    if pending:
-        flush()
-    bar.close()
-    model.train(was_training)
+    shards, sizes, error = expand_shards(spec), [], None
+    try:
+        for shard in shards[dist.rank::dist.world_size] if dist else shards:
+            sizes.append(len(labels))
+            for sample, info in iter_images(shard):
+                labels.append(_label(sample, shard))
+                maps.add(sample, labels[-1])
+                pending.append((sample, info))
+                if len(pending) == batch_size:
+                    flush()
+            sizes[-1] = len(labels) - sizes[-1]
+        if pending:
+            flush()
+    except Exception as exc:  # raised once every rank knows, so that none waits for this one
+        error = exc
+    finally:
+        bar.close()
+        model.train(was_training)
     feats, labels = (torch.cat(feats) if feats else torch.zeros(0, 0)), torch.tensor(labels, dtype=torch.int64)
-    if dist and dist.world_size > 1:  # every rank's shards back in shard order, on every rank
-        chunks = gather_dealt(list(zip(feats.split(sizes), labels.split(sizes))), len(shards), dist)
-        feats = torch.cat([f for f, _ in chunks if f.numel()] or [feats])
-        labels = torch.cat([y for _, y in chunks])
-        for theirs in gather_dealt([maps], dist.world_size, dist):
-            maps.maps.update(theirs.maps), maps.names.update(theirs.names)
-    if not len(labels):
+    if dist and dist.world_size > 1:
+        if not all_ranks_ok(error is None, dist, device):
+            raise error or BeitDataError(f"another rank could not read its shards of {spec} (its log says why)")
+        feats, labels, maps = _on_rank_zero(feats, labels, sizes, maps, len(shards), dist)
+    elif error is not None:
+        raise error
+    if not len(labels) and not (dist and dist.rank):
         raise BeitDataError(f"no decodable image in {spec}")
     return feats, labels, maps
+
+
+def _on_rank_zero(feats, labels, sizes: list[int], maps: ClassMaps, shards: int, dist: DistInfo):
+    """Every rank's features, labels and class maps, in shard order, on rank 0; the others keep
+    their own part (rank 0 scores)."""
+    chunks = gather_dealt(list(zip(feats.split(sizes), labels.split(sizes))), shards, dist)
+    parts = gather_dealt([maps], dist.world_size, dist)
+    if dist.rank:
+        return feats, labels, maps
+    return (torch.cat([f for f, _ in chunks if f.numel()] or [feats]), torch.cat([y for _, y in chunks]),
+            merged(parts))
 
 
 def _blocks_and_input(model: torch.nn.Module, images: torch.Tensor):
@@ -266,9 +249,9 @@ def run_probe(cfg: ProbeConfig) -> dict | None:
     finally:
         if dist.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    check_class_maps(train_maps, val_maps)
     if dist.rank:
         return None
+    check_class_maps(train_maps, val_maps)
     result = {"model": str(cfg.model), "kind": kind, "layers": layers, "train_images": len(train_labels),
               "val_images": len(val_labels), "classes": int(max(train_labels.max(), val_labels.max())) + 1,
               "knn": knn(train, train_labels, val, val_labels, k=cfg.k, temperature=cfg.temperature),

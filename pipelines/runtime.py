@@ -11,7 +11,7 @@ import torch
 from beit_common import BeitDataError
 
 __all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "DistInfo", "dist_info", "init_distributed",
-           "slurm_env", "first_host", "gather_dealt"]
+           "slurm_env", "first_host", "gather_dealt", "all_ranks_ok"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -75,24 +75,34 @@ def slurm_env(environ) -> dict[str, str]:
     RANK, WORLD_SIZE and LOCAL_RANK from the step's task id, task count and local id, and the
     rendezvous (MASTER_ADDR: the step's first node; MASTER_PORT: from the job id) unless set.
     Empty outside an ``srun`` step of more than one task, or under torchrun."""
-    if "RANK" in environ or "SLURM_PROCID" not in environ:
-        return {}
-    tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
-    if tasks == "1":
+    # SLURM_STEP_NUM_TASKS is srun's alone: a command the batch script runs itself (where
+    # SLURM_PROCID is 0 and SLURM_NTASKS the job's) is one process, not rank 0 of many.
+    tasks = environ.get("SLURM_STEP_NUM_TASKS", "1")
+    if "RANK" in environ or "SLURM_PROCID" not in environ or tasks == "1":
         return {}
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
+    # A port per job and step: two multi-task steps of one job at once do not collide.
+    port = 20000 + (int(environ.get("SLURM_JOB_ID", "0")) + 1000 * int(environ.get("SLURM_STEP_ID", "0") or 0)) % 20000
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": tasks, "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
             "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodes),
-            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)}
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(port)}
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: ``gpu-[003-010,012],cpu01`` -> ``gpu-003``."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
+    """The first host of a Slurm node list: ``gpu-[003-010,012],cpu01`` -> ``gpu-003``,
+    ``node[01-04]-ib`` -> ``node01-ib``."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first entry ends at the first comma outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    head = nodelist[:end]
     if "[" not in head:
         return head
-    prefix, ranges = head.split("[", 1)
-    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+    prefix, rest = head.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
 def init_distributed(device: torch.device) -> DistInfo:
@@ -105,11 +115,21 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
-def gather_dealt(mine: list, count: int, dist: DistInfo) -> list:
+def gather_dealt(mine: list, count: int, dist: DistInfo) -> list | None:
     """The ``count`` items dealt to the ranks (rank ``r`` holds items ``r, r + W, ...``, in
-    ``mine``) back in their order, on every rank."""
+    ``mine``) back in their order, on rank 0 (None on the others)."""
     if dist.world_size == 1:
         return mine
-    parts = [None] * dist.world_size
-    torch.distributed.all_gather_object(parts, mine)
-    return [parts[i % dist.world_size][i // dist.world_size] for i in range(count)]
+    parts = [None] * dist.world_size if dist.rank == 0 else None
+    torch.distributed.gather_object(mine, parts, dst=0)
+    return [parts[i % dist.world_size][i // dist.world_size] for i in range(count)] if dist.rank == 0 else None
+
+
+def all_ranks_ok(ok: bool, dist: DistInfo, device: torch.device) -> bool:
+    """Whether every rank got through its part (one small all-reduce), so that none waits in a
+    collective for a rank that failed."""
+    if dist.world_size == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())

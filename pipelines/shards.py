@@ -110,9 +110,8 @@ class _ShardSet:
         _clear_earlier_run(out, config.overwrite)
         self.out = ensure_writable_dir(out)
         self.result = ShardsResult(classes=classes, shuffled=config.shuffle, seed=config.seed)
-        self.in_shard = 0
-        self.writer = wds.ShardWriter(str(self.out / f".{prefix}-%06d.tar.tmp"), maxcount=config.maxcount,
-                                      verbose=0, post=self._finish)
+        self.in_shard, self.writer = 0, None
+        self.pattern, self.maxcount = str(self.out / f".{prefix}-%06d.tar.tmp"), config.maxcount
 
     def _finish(self, tmp: str) -> None:
         if not self.in_shard:
@@ -125,12 +124,15 @@ class _ShardSet:
         self.in_shard = 0
 
     def write(self, sample: dict) -> None:
+        if self.writer is None:  # opened with the first sample: a set that gets none leaves no file
+            self.writer = wds.ShardWriter(self.pattern, maxcount=self.maxcount, verbose=0, post=self._finish)
         self.writer.write(sample)
         self.result.images += 1
         self.in_shard += 1
 
     def close(self) -> ShardsResult:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         _write_reports(self.out, self.result)
         return self.result
 
@@ -154,9 +156,14 @@ def run_shards(config: ShardsConfig) -> ShardsResult:
     if not source.labels:
         raise BeitDataError(f"no files in {', '.join(map(str, config.sources))}")
     chosen = held_out(source.labels, config.holdout_per_class, config.seed) if config.holdout_per_class else set()
-    sets = [_ShardSet(out, config, config.prefix, source.classes)]
+    folder = None
     if config.holdout_per_class:
         folder = output_location(config.holdout_out or f"{out}-holdout", "held-out shards", remote=False)
+        if folder.resolve() == out.resolve() or out.resolve() in folder.resolve().parents:
+            raise BeitDataError(f"`holdout_out` {folder} is in `out` {out}: the held-out shards need a folder of "
+                                "their own, or every --shards OUT would read them too")
+    sets = [_ShardSet(out, config, config.prefix, source.classes)]
+    if folder is not None:
         sets.append(_ShardSet(folder, config, "holdout", source.classes))
     class_index = {name: i for i, name in enumerate(source.classes)}
     digest, written = class_map_digest(source.classes), 0

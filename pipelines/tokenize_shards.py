@@ -198,7 +198,7 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     all_rows, tokens, rejects = without_duplicates(shard, members, all_rows, tokens, rejects)
     fingerprint = shard_fingerprint(shard, members, size=size)
     if cfg.strict and rejects:  # nothing a rerun would take as finished
-        return len(all_rows) // cfg.views, len(all_rows), rejects
+        return len(all_rows) // per_image, len(all_rows), rejects
     meta = {**job.meta, "source": Location(shard).name, "shard": fingerprint,
             "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
     path, table = token_path(cfg.out, shard), build_table(all_rows, tokens, grid)

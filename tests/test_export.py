@@ -138,3 +138,12 @@ def test_folder_export_refuses_to_replace_without_overwrite(trained_run, tmp_pat
     assert invoke("export", trained_run, "--out", tmp_path / "encoder", "--overwrite").exit_code == 0
     assert json.loads((tmp_path / "encoder" / "config.json").read_text())["pretrained_cfg"]["mean"] == \
         list(IMAGENET_MEAN)
+
+
+def test_an_out_with_another_suffix_is_refused_not_made_a_folder(trained_run, tmp_path):
+    result = invoke("export", trained_run, "--out", tmp_path / "encoder.pt")
+    assert result.exit_code == 1 and result.stderr.strip() == \
+        f"Error: --out {tmp_path / 'encoder.pt'}: name a folder (no suffix), or a .pth or .safetensors file"
+    assert not (tmp_path / "encoder.pt").exists()
+    assert invoke("export", trained_run, "--out", tmp_path / "ENC.PTH").exit_code == 0
+    assert (tmp_path / "ENC.PTH").is_file() and (tmp_path / "ENC.json").is_file()

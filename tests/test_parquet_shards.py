@@ -147,3 +147,16 @@ def test_a_held_out_set_from_parquet_rows(tmp_path):
     held = samples(tmp_path / "v")
     assert result.holdout.images == 3 and sorted(int(s.members["cls"]) for s in held) == [0, 1, 2]
     assert result.images == 9
+
+
+def test_labels_that_are_not_class_ids_and_a_held_out_folder_inside_out_are_refused(tmp_path):
+    pq.write_table(pa.table({"image": [jpeg_bytes()], "label": ["cat"]}), tmp_path / "names.parquet")
+    result = invoke("shards", tmp_path / "names.parquet", "--out", tmp_path / "a")
+    assert result.exit_code == 1 and result.stderr.strip() == (
+        f"Error: {tmp_path / 'names.parquet'}: the label column 'label' holds string, not class ids (integers); name "
+        "the class-id column with --label-column")
+    tree = make_tree(tmp_path / "tree", 2, 3)
+    inside = invoke("shards", tree, "--out", tmp_path / "b", "--holdout-per-class", "1", "--holdout-out",
+                    tmp_path / "b" / "val")
+    assert inside.exit_code == 1 and "--holdout-out" in inside.stderr and "is in --out" in inside.stderr
+    assert not (tmp_path / "b").exists()  # nothing written

@@ -40,6 +40,7 @@ def sbatch(script: str, env: dict, cwd=REPO) -> subprocess.CompletedProcess:
 def test_a_task_takes_its_place_from_slurm_where_torchrun_says_nothing():
     assert first_host("gpu-[003-010,012],cpu01") == "gpu-003"
     assert (first_host("node7"), first_host("a01,a02"), first_host("n[1-2]")) == ("node7", "a01", "n1")
+    assert first_host("node[01-04]-ib,x[1-2]") == "node01-ib"
     env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16",
            "SLURM_STEP_NODELIST": "gpu-[01-02]", "SLURM_JOB_NODELIST": "gpu-[01-04]", "SLURM_JOB_ID": "123"}
     assert slurm_env(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-01",
@@ -47,6 +48,9 @@ def test_a_task_takes_its_place_from_slurm_where_torchrun_says_nothing():
     assert slurm_env({**env, "RANK": "0"}) == {}  # under torchrun, torchrun's
     assert slurm_env({**env, "SLURM_STEP_NUM_TASKS": "1"}) == {}  # one task: a single process
     assert slurm_env({k: v for k, v in env.items() if k != "SLURM_PROCID"}) == {}  # not an srun task
+    # The batch script itself (SLURM_PROCID 0 of the job's 16 tasks, no step): one process.
+    assert slurm_env({k: v for k, v in env.items() if k != "SLURM_STEP_NUM_TASKS"}) == {}
+    assert slurm_env({**env, "SLURM_STEP_ID": "2"})["MASTER_PORT"] == "22123"  # a port per step
     given = slurm_env({**env, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
     assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("head", "1234")
 
@@ -112,3 +116,30 @@ def test_probe_with_srun_alone_shares_the_encoding_and_scores_once(labeled_shard
     assert two.returncode == 0, two.stderr
     assert json.loads(two.stdout) == json.loads(one.stdout)  # printed once, by rank 0
     assert json.loads(one.stdout)["train_images"] == 30
+
+
+def test_near_the_time_limit_the_pretrain_job_checkpoints_and_requeues_itself(sample_shards, sample_tokens,
+                                                                              tmp_path):
+    """Slurm's USR1 (``--signal=B:USR1@300``) to the batch script: the run stops after a step with
+    its checkpoint, and the script requeues the job."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = job_env(2, OUT=str(out), SHARDS=str(sample_shards), TOKENS=str(sample_tokens),
+                  SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+                  EXTRA_ARGS=TINY_RUN.replace("--steps 3", "--steps 500") + " --log-every 1")
+    job = subprocess.Popen(["bash", str(REPO / "examples" / "slurm" / "pretrain-srun.sbatch")], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 2:
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    assert err.count("stopped by SIGTERM after step") == 1
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 4242"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 2 <= ckpt["step"] < 500 and ckpt["world_size"] == 2
