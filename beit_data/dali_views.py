@@ -84,33 +84,48 @@ def apply_jitter(img, brightness, contrast, saturation):
     return dmath.clamp(img * saturation + gray * (1.0 - saturation), 0.0, 255.0)
 
 
+def _resize(spec: ViewSpec, image, window):
+    """The window (x0, y0, x1, y1) of a decoded image, resized to the spec's side."""
+    return fn.resize(image, size=[spec.size, spec.size], roi_start=window[1::-1], roi_end=window[3:1:-1],
+                     roi_relative=False, interp_type=INTERP[spec.interp], antialias=True, dtype=types.FLOAT)
+
+
 def _crop_resize(spec: ViewSpec, encoded, decoder_device: str, roi):
-    """Decode and resize each view's window; ``roi`` is (V,4) rows of x0, y0, x1, y1."""
-    interp = INTERP[spec.interp]
+    """The decoded image (None for a ROI decode) and each view's window, decoded and resized;
+    ``roi`` is (V,4) rows of x0, y0, x1, y1."""
     if spec.roi_decode:
         window = roi[0]
         image = fn.decoders.image_slice(encoded, window[0:2], window[2:4] - window[0:2], device=decoder_device,
                                         output_type=types.RGB, axis_names="WH", normalized_anchor=False,
                                         normalized_shape=False)
-        return [fn.resize(image, size=[spec.size, spec.size], interp_type=interp, antialias=True,
-                          dtype=types.FLOAT)]
+        return None, [fn.resize(image, size=[spec.size, spec.size], interp_type=INTERP[spec.interp], antialias=True,
+                                dtype=types.FLOAT)]
     image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
-    return [
-        fn.resize(image, size=[spec.size, spec.size], roi_start=roi[v][1::-1], roi_end=roi[v][3:1:-1],
-                  roi_relative=False, interp_type=interp, antialias=True, dtype=types.FLOAT)
-        for v in range(spec.views)
-    ]
+    return image, [_resize(spec, image, roi[v]) for v in range(spec.views)]
+
+
+def _finish(spec: ViewSpec, view, flip, jitter):
+    """Jitter (or clamp), flip and normalise one resized view to CHW."""
+    if spec.jitter:
+        view = apply_jitter(view, jitter[0], jitter[1], jitter[2])
+    else:
+        view = dmath.clamp(view, 0.0, 255.0)  # Lanczos and bicubic overshoot at edges
+    return fn.crop_mirror_normalize(view, mirror=flip, mean=[255 * m for m in spec.mean],
+                                    std=[255 * s for s in spec.std], output_layout="CHW",
+                                    dtype=types.FLOAT16 if spec.half else types.FLOAT)
 
 
 _INPUTS = {"encoded": (types.UINT8, 1), "roi": (types.FLOAT, 2), "flips": (types.INT32, 1), "jitter": (types.FLOAT, 2)}
 
 
 @pipeline_def
-def view_pipeline(spec: ViewSpec, decoder_device: str, source=None, extra_dtypes=()):
+def view_pipeline(spec: ViewSpec, decoder_device: str, source=None, extra_dtypes=(), target: ViewSpec | None = None):
     """Per image: encoded bytes, roi (V, 4) rows of x0, y0, x1, y1, flips (V,), jitter (V, 3).
 
     With ``source``, one parallel external source yields those four and ``extra_dtypes``
-    more outputs, which pass through the graph untouched after the views.
+    more outputs, which pass through the graph untouched after the views. With ``target``,
+    the first view is also made to that spec from the same decoded image (the tokenizer's
+    view of the model's crop), and comes after the views.
     """
     if source is None:
         encoded, roi, flips, jitter = (fn.external_source(name=name, dtype=dtype, ndim=ndim)
@@ -120,15 +135,10 @@ def view_pipeline(spec: ViewSpec, decoder_device: str, source=None, extra_dtypes
         encoded, roi, flips, jitter, *extras = fn.external_source(
             source=source, num_outputs=len(_INPUTS) + len(extra_dtypes), batch=True, parallel=True,
             prefetch_queue_depth=2, dtype=[dtype for dtype, _ in _INPUTS.values()] + list(extra_dtypes))
-    outputs = []
-    for v, view in enumerate(_crop_resize(spec, encoded, decoder_device, roi)):
-        if spec.jitter:
-            view = apply_jitter(view, jitter[v][0], jitter[v][1], jitter[v][2])
-        else:
-            view = dmath.clamp(view, 0.0, 255.0)  # Lanczos and bicubic overshoot at edges
-        outputs.append(fn.crop_mirror_normalize(
-            view, mirror=flips[v], mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std],
-            output_layout="CHW", dtype=types.FLOAT16 if spec.half else types.FLOAT))
+    image, views = _crop_resize(spec, encoded, decoder_device, roi)
+    outputs = [_finish(spec, view, flips[v], jitter[v]) for v, view in enumerate(views)]
+    if target is not None:
+        outputs.append(_finish(target, _resize(target, image, roi[0]), flips[0], jitter[0]))
     return (*outputs, *extras)
 
 
@@ -160,11 +170,15 @@ class DaliViews:
         batch_size: Largest batch.
         device: ``cpu`` decodes on the CPU; ``cuda`` decodes with nvJPEG (``mixed``).
         num_threads: CPU threads of the pipeline.
+        target: Also the tokenizer's view of each image's first window, from the same decode
+            (``stream`` only).
     """
 
     def __init__(self, spec: ViewSpec, *, batch_size: int, device: torch.device | str = "cpu",
-                 num_threads: int = 2):
-        self.spec, self.batch_size = spec, batch_size
+                 num_threads: int = 2, target: ViewSpec | None = None):
+        if target is not None and (spec.roi_decode or target.views != 1):
+            raise ValueError("a target view needs the whole image decoded, and is one view")
+        self.spec, self.batch_size, self.target = spec, batch_size, target
         self.device = torch.device(device)
         self.num_threads = num_threads
         self._pipe = None
@@ -180,8 +194,8 @@ class DaliViews:
             # Pulled: one spawned worker process runs the source (fork is unsafe once CUDA is up).
             # It needs a pipelined executor: DALI's default, which runs ahead by two batches. A run's
             # outputs are copied out before the next run is asked for.
-            pipe = view_pipeline(self.spec, "mixed" if gpu else "cpu", source, extra_dtypes, py_num_workers=1,
-                                 py_start_method="spawn", prefetch_queue_depth=2, **common)
+            pipe = view_pipeline(self.spec, "mixed" if gpu else "cpu", source, extra_dtypes, self.target,
+                                 py_num_workers=1, py_start_method="spawn", prefetch_queue_depth=2, **common)
         try:
             pipe.build()
         except RuntimeError as exc:
@@ -194,13 +208,14 @@ class DaliViews:
         return pipe
 
     def stream(self, source, extra_dtypes=()):
-        """Yield ``(views, extras)`` forever for the batches of an endless iterable ``source``.
+        """Yield ``(views, targets, extras)`` forever for the batches of an endless iterable ``source``.
 
         ``source`` yields per batch a tuple: encoded, roi, flips and jitter as in the graph's
         inputs, then one output per ``extra_dtypes``; each is a list of per-sample arrays or
         one (B, ...) array. It must be picklable: DALI runs it in a worker process. ``views``
-        is (B, V, 3, S, S) on the device; ``extras`` are DALI CPU tensor lists, valid until
-        the next batch is asked for.
+        is (B, V, 3, S, S) on the device; ``targets`` the (B, 3, T, T) target views, or None
+        without ``target``; ``extras`` are DALI CPU tensor lists, valid until the next batch
+        is asked for.
         """
         pipe = self._build(source, extra_dtypes)
         try:
@@ -213,7 +228,9 @@ class DaliViews:
                     if last.startswith(prefix):
                         raise BeitDataError(last[len(prefix):]) from exc
                     raise
-                yield self._views_tensor(outputs[:self.spec.views]), outputs[self.spec.views:]
+                n = self.spec.views + (self.target is not None)
+                targets = _to_torch(outputs[n - 1], self.device) if self.target is not None else None
+                yield self._views_tensor(outputs[:self.spec.views]), targets, outputs[n:]
         finally:
             del pipe  # DALI stops the worker process when the pipeline goes
 

@@ -19,7 +19,7 @@ import multiprocessing
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +81,7 @@ class ReplaySource:
     etags: list[str | None] = field(default_factory=list)  # of each object when the run started
     bytes_read: int = field(default=0, compare=False)
     _counted: set = field(default_factory=set, repr=False, compare=False)
+    OUTPUTS: ClassVar[tuple[str, ...]] = OUTPUTS
 
     @classmethod
     def open(cls, cfg: StreamConfig, *, rank: int = 0, world_size: int = 1) -> ReplaySource:
@@ -277,9 +278,13 @@ class ReplaySource:
                             close_all(done)
                         # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
                         yield tuple(list(column) if name in _RAGGED else np.stack(column)
-                                    for name, column in zip(OUTPUTS, zip(*rows)))
+                                    for name, column in zip(self.OUTPUTS, zip(*rows)))
         finally:
             close_all(done)
+
+    def shard_keys(self, index: int) -> list[str]:
+        """The keys training reads of shard ``index``."""
+        return read_table(self.token_files[index], columns=["key"]).column("key").unique().to_pylist()
 
     def for_rank(self, rank: int) -> ReplaySource:
         """The same source as another rank sees it."""

@@ -55,6 +55,7 @@ class LoadedShard:
     file: RangeFile | None = None  # a seekable shard, opened for range reads
     reader: SequentialReader | None = None  # a pipe: shard, read from the start
     rejected: int = 0  # keys of the shard without token rows
+    location: Location | None = None  # the shard, where messages name it
 
     def close(self) -> None:
         if self.file is not None:

@@ -1,5 +1,8 @@
 """The training stream: shards joined to their token Parquet rows, replayed through DALI.
 
+(With a tokenizer instead, the targets are online: a fresh view each epoch, tokenized in the
+loop; see ``beit_data.online``.)
+
 Which samples, views, tokens and masks make each batch is decided by ``ReplaySource`` (see
 ``beit_data.replay``), which DALI runs in a worker process of its own. DALI then decodes
 exactly each stored crop (see ``model_view_spec``), resizes it to the model's input with bicubic, replays
@@ -19,6 +22,7 @@ from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpe
 from beit_data.prefetch import prefetch
 from beit_data.replay import ReplaySource
 from beit_data.stream_config import StreamConfig
+from beit_data.views import ViewRecipe
 
 __all__ = ["StreamConfig", "TrainStream", "Batch", "model_view_spec"]
 
@@ -39,15 +43,16 @@ class Batch:
         return self.micro + 1 == self.accum
 
 
-def model_view_spec(meta: dict, image_size: int) -> ViewSpec:
+def model_view_spec(meta: dict, image_size: int, *, online: bool = False) -> ViewSpec:
     """The model's view of a stored view: bicubic, ImageNet-normalised, float16.
 
     Where the tokenizer saw that same view (BEiT v2: a bicubic view at the model's size), the
     image is decoded whole and the window resized exactly as tokenize did, so the model's
     pixels are the tokenizer's. Otherwise only the window is decoded (ROI decode), which is
-    cheaper and differs from a whole decode by a few levels in the last bits.
+    cheaper and differs from a whole decode by a few levels in the last bits. Online targets
+    decode the whole image once for both views.
     """
-    same = meta["views"].get("interp") == "bicubic" and meta["tokenizer"]["input_size"] == image_size
+    same = online or meta["views"].get("interp") == "bicubic" and meta["tokenizer"]["input_size"] == image_size
     return ViewSpec(views=1, size=image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     half=True, roi_decode=not same)
 
@@ -59,18 +64,29 @@ class TrainStream:
         cfg: Stream settings.
         rank, world_size: This process's place among the ranks.
         device: Where the batches go.
+        tokenizer, recipe: For online targets (``cfg.targets``): the tokenizer run in the loop,
+            and the recipe of its views.
     """
 
     def __init__(self, cfg: StreamConfig, *, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", tokenizer=None, recipe: ViewRecipe | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
-        self.source = ReplaySource.open(cfg, rank=rank, world_size=world_size)
+        self.tokenizer, self.target = None, None
+        if cfg.online:
+            from beit_data.online import OnlineSource
+
+            self.source = OnlineSource.open(cfg, recipe=recipe, tokenizer=tokenizer.describe(), rank=rank,
+                                            world_size=world_size)
+            self.tokenizer = tokenizer.eval().to(self.device)
+            self.target = ViewSpec(size=tokenizer.input_size, interp=recipe.interp, jitter=recipe.target_jitter)
+        else:
+            self.source = ReplaySource.open(cfg, rank=rank, world_size=world_size)
         self.meta, self.missing = self.source.meta, self.source.missing
-        self.shards, self.token_files = self.source.shards, self.source.token_files
+        self.shards = self.source.shards
         self.grid = self.meta["tokenizer"]["grid"]
         self.vocab = self.meta["tokenizer"]["vocab"]
-        self.spec = model_view_spec(self.meta, cfg.image_size)
+        self.spec = model_view_spec(self.meta, cfg.image_size, online=cfg.online)
         self.skipped_rejected = 0  # keys without token rows, passed over by the batches delivered
         self.position = (0, 0)  # (epoch, step) of the next batch
 
@@ -92,15 +108,19 @@ class TrainStream:
     def _replay(self, source: ReplaySource):
         """Batches decoded and augmented by DALI; the source runs in DALI's worker process."""
         views = DaliViews(self.spec, batch_size=self.cfg.batch_size, device=self.device,
-                          num_threads=self.cfg.num_threads)
-        extras = (types.INT64, types.BOOL, types.UINT8, types.INT32)  # tokens, mask, key, rejected
-        for (epoch, step, micro), (images, (tokens, mask, keys, rejected)) in zip(
-                source.positions(), views.stream(source, extras)):
-            tokens = torch.from_numpy(np.array(tokens.as_tensor()))  # (B, N)
-            mask = torch.from_numpy(np.array(mask.as_tensor()))  # (B, N)
+                          num_threads=self.cfg.num_threads, target=self.target)
+        # tokens (stored only), mask, key, rejected
+        extras = (types.INT64,) * (not self.cfg.online) + (types.BOOL, types.UINT8, types.INT32)
+        for (epoch, step, micro), (images, targets, outputs) in zip(source.positions(),
+                                                                     views.stream(source, extras)):
+            *tokens, mask, keys, rejected = outputs
+            # (B, N) each; online, the tokens come from the target views, once on the device
+            tokens = torch.from_numpy(np.array(tokens[0].as_tensor())) if tokens else targets
+            mask = torch.from_numpy(np.array(mask.as_tensor()))
             if self.device.type == "cuda":
                 # A copy from pageable memory waits for the GPU to drain; from pinned memory it does not.
-                tokens, mask = tokens.pin_memory(), mask.pin_memory()
+                tokens = tokens if targets is not None else tokens.pin_memory()
+                mask = mask.pin_memory()
             yield Batch(images=images[:, 0], tokens=tokens, mask=mask, epoch=epoch, step=step, micro=micro,
                         accum=self.cfg.grad_accum, keys=[np.array(k).tobytes().decode() for k in keys]), \
                 int(np.array(rejected.as_tensor()).sum())
@@ -122,6 +142,8 @@ class TrainStream:
             self.skipped_rejected += rejected
             batch.images = batch.images.to(self.device, dtype or batch.images.dtype, non_blocking=True)
             batch.tokens = batch.tokens.to(self.device, non_blocking=True)
+            if self.tokenizer is not None:  # online: the target views become their ids here, in the loop
+                batch.tokens = self.tokenizer.ids(batch.tokens).flatten(1).clone()  # not an inference tensor
             batch.mask = batch.mask.to(self.device, non_blocking=True)
             if batch.ends_step:
                 last = batch.step + 1 >= self.steps_per_epoch(batch.epoch)

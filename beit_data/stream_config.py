@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from beit_common import BeitDataError
 
-__all__ = ["StreamConfig", "MIX_SHARDS", "PARTITIONS"]
+__all__ = ["StreamConfig", "MIX_SHARDS", "PARTITIONS", "TARGETS"]
 
 MIX_SHARDS = 16  # pieces a partition reads at once, by default
+TARGETS = ("stored", "online")
 PARTITIONS = 8  # partitions of each epoch, by default; a rank reads whole ones on 1, 2, 4 or 8 ranks
 
 
@@ -33,10 +34,15 @@ class StreamConfig:
             of a window, up to three windows at a time: the one being read, the next one and
             the one loading); reads are random within those shards.
         dealt: The order of runs started before partitions: shards dealt to ranks.
+        targets: ``stored``: the views and tokens of ``tokens`` (the default). ``online``: a
+            fresh view of every image each epoch, tokenized in the loop by ``tokenizer`` (the
+            reference recipe, for comparison; see ``beit_data.online``).
     """
 
     shards: str
-    tokens: str
+    tokens: str | None = None
+    targets: str = "stored"
+    tokenizer: str | None = None
     batch_size: int = 256
     grad_accum: int = 1
     seed: int = 0
@@ -54,6 +60,22 @@ class StreamConfig:
     def __post_init__(self):
         if min(self.batch_size, self.grad_accum, self.mix_shards, self.partitions) < 1:
             raise BeitDataError("`batch_size`, `grad_accum`, `mix_shards` and `partitions` must be at least 1")
+        if self.targets not in TARGETS:
+            raise BeitDataError(f"`targets` must be one of {', '.join(TARGETS)}, got {self.targets}")
+        if self.online:
+            if self.tokens is not None or self.tokenizer is None:
+                raise BeitDataError("`targets` online tokenizes fresh views in the loop: give `tokenizer` (the file "
+                                    "tokenize would use) and no `tokens`")
+            if self.shuffle_targets or self.skip_missing:
+                raise BeitDataError("`shuffle_targets` and `skip_missing` are for stored tokens, not `targets` online")
+        elif self.tokens is None or self.tokenizer is not None:
+            raise BeitDataError("training on stored targets needs `tokens` (the folder beit-data tokenize wrote); "
+                                "`tokenizer` is for `targets` online")
+
+    @property
+    def online(self) -> bool:
+        """Whether the targets are tokenized in the loop rather than read from ``tokens``."""
+        return self.targets == "online"
 
     def global_batch(self, world_size: int) -> int:
         """Samples per global step over ``world_size`` ranks."""

@@ -75,6 +75,18 @@ class Tokenizer(nn.Module, ABC):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (B, grid, grid) for images in [0,1]."""
 
+    def ids(self, pixels: torch.Tensor, *, pad_to: int | None = None) -> torch.Tensor:
+        """Token ids (N, grid, grid) of views in [0,1], without gradients, in bf16 on a GPU.
+
+        With ``pad_to``, a short batch is padded to that size, so that a compiled encoder sees
+        one shape and never recompiles.
+        """
+        n = len(pixels)
+        if pad_to is not None and n < pad_to:
+            pixels = torch.cat([pixels, pixels.new_zeros((pad_to - n, *pixels.shape[1:]))])
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda):
+            return self.encode(pixels.float())[:n]
+
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Images in [0,1] from ids (B, grid, grid), where the tokenizer has a pixel decoder."""
         raise BeitDataError(f"tokenizer {self.name} has no pixel decoder")

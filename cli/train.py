@@ -7,6 +7,7 @@ import signal
 
 import click
 
+from beit_data.stream_config import TARGETS
 from cli import CONTEXT, main
 from cli.options import (
     DEVICE,
@@ -79,8 +80,13 @@ def pretrain_options(command):
     """pretrain's options, in the order ``--help`` lists them."""
     options = [
         SHARDS,
-        click.option("--tokens", required=True, type=LocationType(exists=True, file_okay=False),
+        click.option("--tokens", default=None, type=LocationType(exists=True, file_okay=False),
                      help="Folder of token Parquet files written by beit-data tokenize."),
+        setting(PretrainConfig, "--targets", type=click.Choice(TARGETS),
+                help="stored: the views and tokens of --tokens. online: a fresh view of every image each epoch, "
+                     "tokenized in the loop by --tokenizer (the reference recipe, to compare with; no --tokens)."),
+        click.option("--tokenizer", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="With --targets online: the tokenizer file, as tokenize takes it."),
         click.option("--out", required=True, type=LocationType(file_okay=False),
                      help="Run folder (or s3:// / gs:// prefix): checkpoints and logs."),
         click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,

@@ -173,11 +173,13 @@ def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_siz
                                 "deals shards to its ranks")
         changed = {"ranks": (ckpt["world_size"], world_size), **changed}
     with_defaults(ckpt["data"])  # runs saved before the BEiT v2 recipe
-    for key, setting in (("tokenizer", "tokens"), ("views", "tokens"), ("shards", "shards"),
-                         ("images_per_shard", "tokens")):
+    online = config.get("targets") == "online"  # the tokenizer gives the targets, the shards the images
+    targets, what = ("tokenizer", "tokenizer") if online else ("tokens", "token files")
+    for key, setting in (("tokenizer", targets), ("views", targets), ("shards", "shards"),
+                         ("images_per_shard", "shards" if online else "tokens")):
         if ckpt["data"][key] != data[key]:
             raise BeitDataError(f"`{setting}` holds other data than the run being resumed ({key} differ); "
-                                "resume with the same shards and token files")
+                                f"resume with the same shards and {what}")
     return changed
 
 

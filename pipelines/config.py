@@ -15,7 +15,7 @@ from typing import Sequence
 from beit_common import BeitDataError
 from beit_data.stream_config import StreamConfig
 from beit_data.views import ViewRecipe
-from pipelines.recipes import DVAE_CONFIGS, RECIPES, TOKENIZER_RECIPE, check_recipe_name
+from pipelines.recipes import DVAE_CONFIGS, TOKENIZER_RECIPE, check_recipe_name, view_recipe
 from pipelines.sections import Sectioned
 
 __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "InspectConfig", "IndexConfig",
@@ -151,10 +151,8 @@ class TokenizeConfig:
     def view_recipe_for(self, kind: str) -> ViewRecipe:
         """The views drawn for a tokenizer of ``kind``: this config's recipe, or the one that kind of
         tokenizer was made for, which also sets ``min_scale`` where it is None."""
-        recipe = self.recipe or TOKENIZER_RECIPE[kind]
-        min_scale = RECIPES[recipe]["min_scale"] if self.min_scale is None else self.min_scale
-        return ViewRecipe(views=self.views, seed=self.seed, target_jitter=self.target_jitter, scale=(min_scale, 1.0),
-                          interp=RECIPES[recipe]["tokenizer_filter"], recipe=recipe)
+        return view_recipe(self.recipe or TOKENIZER_RECIPE[kind], views=self.views, seed=self.seed,
+                           target_jitter=self.target_jitter, min_scale=self.min_scale)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,7 @@ from pipelines.checkpoint import (
     saved_settings,
 )
 from pipelines.pretrain_config import PretrainConfig
+from pipelines.recipes import TOKENIZER_RECIPE, view_recipe
 from pipelines.run_folder import Mirror, run_folder
 from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
 from pipelines.training import build_model, build_optimizer
@@ -105,26 +106,39 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     from pipelines.train_loop import loop
 
     device = resolve_device(cfg.runtime.device, local_rank=dist_info().local_rank)
+    tokenizer = online_tokenizer(cfg)
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
         try:
             with run_folder(cfg.runtime, dist) as (out, mirror):
                 checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.runtime.resume else None
-                return loop(build(resolve(cfg, checkpoint, dist.world_size), out, device, dist, mirror, checkpoint))
+                cfg = resolve(cfg, checkpoint, dist.world_size, tokenizer)
+                return loop(build(cfg, out, device, dist, mirror, checkpoint, tokenizer))
         finally:
             if dist.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
 
-def resolve(cfg: PretrainConfig, checkpoint: dict | None, world_size: int = 1) -> PretrainConfig:
+def online_tokenizer(cfg: PretrainConfig):
+    """The tokenizer of a run with online targets, loaded (safely: ``beit_model.weights``); else None."""
+    if not cfg.data.online:
+        return None
+    from beit_model.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.data.tokenizer)
+
+
+def resolve(cfg: PretrainConfig, checkpoint: dict | None, world_size: int = 1, tokenizer=None) -> PretrainConfig:
     """The config complete, before anything is built: the order of a run from before partitions
     (shards dealt to its ranks), the per-rank batch of a run resumed on another number of ranks,
-    and the recipe of the token files where none was named."""
+    and the recipe of the token files (or of the online tokenizer) where none was named."""
     if checkpoint is not None:
         saved = saved_settings(checkpoint)
         if saved["dealt"]:
             cfg = cfg.with_settings(dealt=True, partitions=saved["partitions"])
         cfg = _same_global_batch(cfg, saved, checkpoint["world_size"], world_size)
+    if cfg.recipe is None and tokenizer is not None:
+        cfg = cfg.resolved(TOKENIZER_RECIPE[tokenizer.kind])
     if cfg.recipe is None:  # (no token file at all is said by the stream, naming the shard)
         files = token_files(cfg.data.tokens, allow_empty=True)
         cfg = cfg.resolved(read_meta(files[0])["views"].get("recipe", "beit") if files else "beit")
@@ -173,14 +187,17 @@ def _model(cfg: PretrainConfig, stream: TrainStream, device: torch.device) -> to
     grid = tuple(model.grid)
     if grid != (stream.grid, stream.grid):
         raise BeitDataError(f"model grid {grid[0]}x{grid[1]} does not match the tokens' grid "
-                            f"{stream.grid}x{stream.grid} ({stream.token_files[0]})")
+                            f"{stream.grid}x{stream.grid} ({stream.cfg.tokens or stream.cfg.tokenizer})")
     return model.to(device)
 
 
 def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, mirror: Mirror | None = None,
-          checkpoint: dict | None = None) -> Run:
-    """The stream, the model and its optimizer, with the run's parts restored from ``checkpoint``."""
-    stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device)
+          checkpoint: dict | None = None, tokenizer=None) -> Run:
+    """The stream, the model and its optimizer, with the run's parts restored from ``checkpoint``.
+    Online targets draw one fresh view per image each epoch, with the recipe's crop, flip and jitter."""
+    recipe = view_recipe(cfg.recipe, views=1, seed=cfg.data.seed) if cfg.data.online else None
+    stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device, tokenizer=tokenizer,
+                         recipe=recipe)
     if checkpoint is not None:
         changed = check_resume(checkpoint, redacted(cfg.flat()), PretrainConfig.RESUMABLE, dist.world_size,
                                run_data(stream))

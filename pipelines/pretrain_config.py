@@ -101,13 +101,13 @@ class PretrainConfig(Sectioned):
     SECTION_TYPES = {"data": StreamConfig, "arch": ArchConfig, "optim": OptimConfig, "eval": EvalConfig,
                      "runtime": RuntimeConfig}
     # Settings a resumed run may change: they decide how the run goes, not what it computes.
-    # The shards and tokens may move (their paths may change); what they hold is checked.
+    # The shards, tokens and tokenizer may move (their paths may change); what they hold is checked.
     # ``batch_size`` and ``grad_accum`` split the global batch over ranks and micro-batches:
     # they may change with the number of ranks, the global batch may not (``check_resume``).
     # Every other setting must equal the checkpoint's, the step count and epochs included: the
     # cosine schedule is a function of the total, so extending a run would change its past.
-    RESUMABLE = ("shards", "tokens", "out", "stop_after", "checkpoint_every", "log_every", "resume", "compile",
-                 "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
+    RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "log_every", "resume",
+                 "compile", "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
                  "probe_every", "probe_train", "probe_val", "probe_layers", "record_batches", "batch_size",
                  "grad_accum")
 

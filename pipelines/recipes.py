@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from beit_common import BeitDataError
+from beit_data.views import ViewRecipe
 
-__all__ = ["RECIPES", "TOKENIZER_RECIPE", "DVAE_CONFIGS", "check_recipe_name"]
+__all__ = ["RECIPES", "TOKENIZER_RECIPE", "DVAE_CONFIGS", "check_recipe_name", "view_recipe"]
 
 # The dVAE architectures of ``beit_model.dvae.CONFIGS`` (named here so this module needs no torch).
 DVAE_CONFIGS = ("tiny", "dalle")
@@ -27,3 +28,10 @@ TOKENIZER_RECIPE = {"dvae": "beit", "vqkd": "beitv2"}
 def check_recipe_name(name: str | None) -> None:
     if name is not None and name not in RECIPES:
         raise BeitDataError(f"`recipe` must be one of {sorted(RECIPES)}, got {name}")
+
+
+def view_recipe(recipe: str, *, views: int, seed: int, target_jitter: bool = True, min_scale: float | None = None):
+    """The views ``recipe`` draws: its crop scale (unless ``min_scale``) and its tokenizer's filter."""
+    min_scale = RECIPES[recipe]["min_scale"] if min_scale is None else min_scale
+    return ViewRecipe(views=views, seed=seed, target_jitter=target_jitter, scale=(min_scale, 1.0),
+                      interp=RECIPES[recipe]["tokenizer_filter"], recipe=recipe)

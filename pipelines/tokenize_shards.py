@@ -54,7 +54,7 @@ from beit_data.tokens import (
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.tokenizer import Tokenizer, load_tokenizer
 from pipelines.config import TokenizeConfig
-from pipelines.runtime import autocast, dist_info, init_distributed, resolve_device
+from pipelines.runtime import dist_info, init_distributed, resolve_device
 
 __all__ = ["TokenizeConfig", "TokenizeJob", "TokenizeResult", "run_tokenize"]
 
@@ -163,16 +163,6 @@ def _decoded_batches(prepared, shard: Location, views: DaliViews, rejects: list[
             yield rows, pixels.flatten(0, 1)
 
 
-def _encode(tokenizer: Tokenizer, pixels: torch.Tensor, device, pad_to: int | None) -> torch.Tensor:
-    """Token ids of the views (N*V, 3, S, S); with ``pad_to``, a short last batch is padded to
-    the full size, so that a compiled tokenizer sees one shape and never recompiles."""
-    n = len(pixels)
-    if pad_to is not None and n < pad_to:
-        pixels = torch.cat([pixels, pixels.new_zeros((pad_to - n, *pixels.shape[1:]))])
-    with torch.inference_mode(), autocast(device):
-        return tokenizer.encode(pixels.float())[:n]
-
-
 def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, views: DaliViews, device,
                    bar, first: int = 0) -> tuple[int, int, list[Reject]]:
     """Tokenize one shard and write its Parquet file; from view ``first`` on, added to the file's
@@ -188,8 +178,8 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     cfg, per_image = job.cfg, job.cfg.views - first
     prepared = prefetch(_prepared_batches(shard, job, rejects, members, first))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects, first)):
-        ids = _encode(tokenizer, pixels.to(device, non_blocking=True), device,
-                      pad_to=cfg.batch_size * per_image if cfg.compile else None)  # (N*V, grid, grid)
+        ids = tokenizer.ids(pixels.to(device, non_blocking=True),
+                            pad_to=cfg.batch_size * per_image if cfg.compile else None)  # (N*V, grid, grid)
         all_rows += rows
         all_tokens.append(ids.to("cpu", torch.int16).numpy())
         bar.update(len(rows) // per_image)

@@ -12,15 +12,12 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, Location, storage
+from beit_common import BeitDataError, Location
 from beit_data.holdout import Holdout
 from beit_data.shard_index import read_images
-from beit_data.tokens import read_table, token_path
 from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.runtime import autocast
 
@@ -62,30 +59,25 @@ def evaluate(model: torch.nn.Module, holdout: Holdout, *, max_masked: int, devic
             "val_majority": codes.max().item() / max(count, 1)}
 
 
-def check_holdout(holdout: Holdout, train_shards: list, train_tokens: str) -> None:
+def check_holdout(holdout: Holdout, source) -> None:
     """Refuse validation images that training reads.
 
     A validation shard may not be a training shard. Keys repeat across shards written by
     separate ``beit-data shards`` runs (each counts from 000000000), so a validation key that
-    the training tokens also hold is only refused when the two samples' images are the same
-    bytes; only those images are read.
+    training also reads (``source``, the training stream's) is only refused when the two
+    samples' images are the same bytes; only those images are read.
 
     Raises:
         BeitDataError: Naming the first shard or key that training also reads.
     """
-    train = {Location(p).identity(): p for p in train_shards}
+    train = {Location(p).identity() for p in source.shards}
     for shard in holdout.shards:
         if Location(shard).identity() in train:
             raise BeitDataError(f"validation shard {shard} is also a training shard: the figures would not be "
                                 "held out; give `val_shards` that training does not read")
     wanted = {k for _, k in holdout.chosen}
-    keys = pa.array(sorted(wanted), pa.string())
-    for shard in train.values():
-        path = token_path(train_tokens, shard)
-        if not storage.exists(path):
-            continue
-        column = read_table(path, columns=["key"]).column("key")
-        shared = set(pc.filter(column, pc.is_in(column, value_set=keys)).to_pylist())
+    for index, shard in enumerate(source.shards):
+        shared = wanted.intersection(source.shard_keys(index))
         if not shared:
             continue
         mine = read_images([(shard, k) for k in sorted(shared)])
@@ -120,7 +112,7 @@ class QualityChecks:
                                         meta=stream.meta, image_size=stream.cfg.image_size,
                                         num_masked=stream.cfg.num_masked, min_block=stream.cfg.min_block,
                                         rank=dist.rank, world_size=dist.world_size, device=device)
-            check_holdout(self.holdout, stream.shards, stream.cfg.tokens)
+            check_holdout(self.holdout, stream.source)
         self.group = None
         if cfg.probe_every and dist.world_size > 1:  # the others wait on the CPU, without a GPU timeout
             self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=6))

@@ -38,7 +38,8 @@ COMMANDS = {"shards": (ShardsConfig, "pipelines.shards", "run_shards"),
 
 # Options that exclude another the test gives (checked with it off); plan's --global-batch sets
 # --batch-size from the ranks (tests/test_plan.py checks it).
-EXCLUSIVE = {("train-dvae", "overwrite"), ("plan", "global_batch")}
+# Options that exclude one given beside them (online targets exclude --tokens: tests/test_online.py).
+EXCLUSIVE = {("train-dvae", "overwrite"), ("plan", "global_batch"), ("pretrain", "targets"), ("pretrain", "tokenizer")}
 
 
 class Caught(Exception):

@@ -218,3 +218,17 @@ def test_pretrain_on_gpu_with_grad_accum_resumes(sample_shards, sample_tokens, t
     assert done.steps == 6 and np.isfinite(done.last_loss)
     rows = (tmp_path / "a" / "batches-rank0.jsonl").read_text().splitlines()
     assert len(rows) == 6 and all(len(json.loads(r)["keys"]) == 4 for r in rows)
+
+
+def test_online_targets_on_the_gpu_match_the_cpu_stream(sample_shards, tiny_tokenizer):
+    """The same keys and masks on both devices; the target views mostly give the same ids (nvJPEG,
+    the resize kernels and bf16 move a few argmaxes), and the model's pixels agree as the graphs do."""
+    from tests.test_online import online_stream
+
+    cpu, _ = online_stream(sample_shards, tiny_tokenizer)
+    gpu, _ = online_stream(sample_shards, tiny_tokenizer, device="cuda")
+    for at in ((0, 0), (1, 2)):
+        a, b = next(cpu.batches(*at)), next(gpu.batches(*at))
+        assert a.keys == b.keys and torch.equal(a.mask, b.mask.cpu())
+        assert b.tokens.is_cuda and (a.tokens == b.tokens.cpu()).float().mean() > 0.9
+        assert (a.images.float() - b.images.float().cpu()).abs().mean() < 0.01 / 0.225
