@@ -2,6 +2,8 @@
 
 - end to end: the beit-data stream (DALI replay of stored views + stored tokens) + the step;
 - model only: the same step on synthetic tensors already on the device;
+- online targets: the same stream with ``--targets online`` (a fresh view each epoch, DALI
+  making both views from one decode, the dVAE run in the loop on the 112-pixel view), + the step;
 - reference recipe: a PIL/torchvision two-view loader in DataLoader workers, with the dVAE
   run online on the 112-pixel view every step, + the same step.
 GPU targets with ViT-B/16, batch 256, bf16: end to end >= 97% of model only and >= 2.0x the
@@ -29,6 +31,7 @@ from beit_model.flex_attention import use_flex_attention
 from beit_model.tokenizer import load_tokenizer
 from benchmarks.common import device_name, emit, make_tokens
 from pipelines.pretrain import PretrainConfig
+from pipelines.recipes import view_recipe
 from pipelines.runtime import autocast
 from pipelines.training import build_model, build_optimizer, train_step
 
@@ -135,6 +138,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fused-adamw", action="store_true")
     p.add_argument("--imagenet-like", action="store_true", help="JPEG q90 at 500x375, ~110 KB, not 512-pixel photos")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-online", action="store_true", help="do not time --targets online")
     p.add_argument("--reference-loader", action="store_true", help="also time the reference's loader alone")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N end-to-end steps (torch.profiler) and report where the time goes")
@@ -195,6 +199,17 @@ def reference_figures(args, shards, tokenizer, step, e2e: float, device, dtype) 
     return record
 
 
+def online_figure(args, shards, tok_path, step, device, dtype) -> float:
+    """img/s of pretrain's own stream with online targets: fresh views, the tokenizer in the loop."""
+    cfg = PretrainConfig.from_flat(shards=str(shards), targets="online", tokenizer=str(tok_path), out="unused",
+                                   model=args.model, recipe="beit", batch_size=args.batch_size,
+                                   num_threads=args.num_threads)
+    stream = TrainStream(cfg.data, device=device, tokenizer=load_tokenizer(tok_path),
+                         recipe=view_recipe(cfg.recipe, views=1, seed=cfg.data.seed))
+    return timed(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)), step, args.warmup, args.steps,
+                 device)
+
+
 def main():
     args = parse_args()
     device = torch.device(args.device)
@@ -229,6 +244,10 @@ def main():
                   "model_only_img_per_s": round(model_only, 1), "end_to_end_img_per_s": round(e2e, 1),
                   "loader_only_img_per_s": round(loader, 1),
                   "end_to_end_over_model_only": round(e2e / model_only, 3)}
+        if not args.skip_online:
+            online = online_figure(args, shards, tok_path, step, device, dtype)
+            record.update({"online_targets_img_per_s": round(online, 1),
+                           "end_to_end_over_online_targets": round(e2e / online, 3)})
         record.update(reference_figures(args, shards, tokenizer, step, e2e, device, dtype))
         if args.profile:
             record.update(profile_figures(((b.images, b.tokens, b.mask) for b in stream.batches(dtype=dtype)), step,
