@@ -276,7 +276,8 @@ def test_a_checkpoint_from_before_partitions_and_parts_still_resumes(sample_shar
     run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), stop_after=3, **common, **old_order))
     ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
     ckpt["stream"] = (ckpt["stream"]["epoch"], ckpt["stream"]["step"])
-    for name in ("partitions", "dealt", "image_size", "min_block", "record_batches"):
+    for name in ("partitions", "dealt", "image_size", "min_block", "record_batches", "grad_accum", "targets",
+                 "tokenizer"):
         ckpt["config"].pop(name)
     torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
     resumed = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), resume=True, **common))
