@@ -15,6 +15,7 @@ a worker process of its own (``DaliViews.stream``), off the calling process's GI
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,13 +33,21 @@ except ImportError as exc:
         f"NVIDIA DALI is not installed ({exc}): pip install 'beit-data[cuda13]' for CUDA 13, or "
         "'beit-data[cuda12]' for CUDA 12 (either runs on the CPU too)") from None
 
-__all__ = ["ViewSpec", "DaliViews", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
+__all__ = ["ViewSpec", "DaliViews", "UndecodableImage", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNIT_RANGE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std giving [0,1] pixels
 INTERP = {"lanczos": types.INTERP_LANCZOS3, "bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+
+
+class UndecodableImage(BeitDataError):
+    """DALI could not decode an image of a batch; ``sample`` is its place in the batch."""
+
+    def __init__(self, sample: int):
+        super().__init__(f"DALI could not decode sample #{sample} of the batch")
+        self.sample = sample
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,6 +236,9 @@ class DaliViews:
                     prefix = f"{BeitDataError.__module__}.{BeitDataError.__name__}: "
                     if last.startswith(prefix):
                         raise BeitDataError(last[len(prefix):]) from exc
+                    failed = re.search(r"Failed to decode sample #(\d+)", str(exc))
+                    if failed:  # the caller knows which image that is
+                        raise UndecodableImage(int(failed.group(1))) from exc
                     raise
                 n = self.spec.views + (self.target is not None)
                 targets = _to_torch(outputs[n - 1], self.device) if self.target is not None else None

@@ -19,6 +19,7 @@ __all__ = ["ImageInfo", "ImageError", "probe_image", "jpeg_end", "FORMAT_EXT", "
 # (twice its warning level). beit-data checks it itself, so that ``max_pixels`` can raise it;
 # Pillow's global check is turned off for that reason.
 MAX_PIXELS = 2 * 89_478_485
+RAISE_LIMIT = "; raise it with --max-pixels"  # the commands that read images for the first time have the setting
 Image.MAX_IMAGE_PIXELS = None
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -124,7 +125,7 @@ def probe_image(data: bytes, *, decode: bool = False, max_pixels: int | None = N
             limit = MAX_PIXELS if max_pixels is None else max_pixels
             if width * height > limit:
                 raise ImageError(f"{width}x{height} is {width * height:,} pixels, over the limit of {limit:,} that "
-                                 "guards against decompression bombs; raise it with --max-pixels")
+                                 f"guards against decompression bombs{RAISE_LIMIT}")
             orientation = int(im.getexif().get(_ORIENTATION_TAG, 1)) if fmt == "JPEG" else 1
             if decode:
                 im.load()

@@ -24,7 +24,7 @@ import numpy as np
 
 from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile
-from beit_data.images import ImageError, probe_image
+from beit_data.images import RAISE_LIMIT, ImageError, probe_image
 from beit_data.masking import BlockMaskGenerator
 from beit_data.replay import ReplaySource
 from beit_data.shard_index import read_index
@@ -109,7 +109,8 @@ class OnlineSource(ReplaySource):
         try:
             info = probe_image(image.tobytes())
         except ImageError as exc:
-            raise BeitDataError(f"{shard.location}: sample {key}: {exc}; online targets need every image to "
+            reason = str(exc).removesuffix(RAISE_LIMIT)  # pretrain has no such setting: the shards must hold it
+            raise BeitDataError(f"{shard.location}: sample {key}: {reason}; online targets need every image to "
                                 "decode (beit-data shards writes only such images)") from None
         view = online_view(self.recipe, epoch, key, info.width, info.height)
         rng = stable_rng(self.cfg.seed, epoch, key)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec, types
+from beit_common import BeitDataError
+from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, UndecodableImage, ViewSpec, types
 from beit_data.prefetch import prefetch
 from beit_data.replay import ReplaySource
 from beit_data.stream_config import StreamConfig
@@ -76,6 +77,11 @@ class TrainStream:
         if cfg.online:
             from beit_data.online import OnlineSource
 
+            if tokenizer is None or recipe is None:
+                raise BeitDataError("online targets are tokenized in the loop: give TrainStream the tokenizer and "
+                                    "the recipe of its views (pipelines.pretrain.online_tokenizer, "
+                                    "pipelines.recipes.view_recipe)")
+
             self.source = OnlineSource.open(cfg, recipe=recipe, tokenizer=tokenizer.describe(), rank=rank,
                                             world_size=world_size)
             self.tokenizer = tokenizer.eval().to(self.device)
@@ -111,19 +117,33 @@ class TrainStream:
                           num_threads=self.cfg.num_threads, target=self.target)
         # tokens (stored only), mask, key, rejected
         extras = (types.INT64,) * (not self.cfg.online) + (types.BOOL, types.UINT8, types.INT32)
-        for (epoch, step, micro), (images, targets, outputs) in zip(source.positions(),
-                                                                     views.stream(source, extras)):
-            *tokens, mask, keys, rejected = outputs
-            # (B, N) each; online, the tokens come from the target views, once on the device
-            tokens = torch.from_numpy(np.array(tokens[0].as_tensor())) if tokens else targets
-            mask = torch.from_numpy(np.array(mask.as_tensor()))
-            if self.device.type == "cuda":
-                # A copy from pageable memory waits for the GPU to drain; from pinned memory it does not.
-                tokens = tokens if targets is not None else tokens.pin_memory()
-                mask = mask.pin_memory()
-            yield Batch(images=images[:, 0], tokens=tokens, mask=mask, epoch=epoch, step=step, micro=micro,
-                        accum=self.cfg.grad_accum, keys=[np.array(k).tobytes().decode() for k in keys]), \
-                int(np.array(rejected.as_tensor()).sum())
+        batches = views.stream(source, extras)
+        try:
+            for epoch, step, micro in source.positions():
+                try:
+                    images, targets, outputs = next(batches)
+                except UndecodableImage as exc:
+                    raise self._undecodable(source, epoch, step, micro * self.cfg.batch_size + exc.sample) from None
+                *tokens, mask, keys, rejected = outputs
+                # (B, N) each; online, the tokens come from the target views, once on the device
+                tokens = torch.from_numpy(np.array(tokens[0].as_tensor())) if tokens else targets
+                mask = torch.from_numpy(np.array(mask.as_tensor()))
+                if self.device.type == "cuda":
+                    # A copy from pageable memory waits for the GPU to drain; from pinned memory it does not.
+                    tokens = tokens if targets is not None else tokens.pin_memory()
+                    mask = mask.pin_memory()
+                yield Batch(images=images[:, 0], tokens=tokens, mask=mask, epoch=epoch, step=step, micro=micro,
+                            accum=self.cfg.grad_accum, keys=[np.array(k).tobytes().decode() for k in keys]), \
+                    int(np.array(rejected.as_tensor()).sum())
+        finally:
+            batches.close()  # stops DALI's worker process now
+
+    def _undecodable(self, source: ReplaySource, epoch: int, step: int, i: int) -> BeitDataError:
+        """The error for sample ``i`` of this rank's step, which DALI could not decode, naming it."""
+        key = next(source.at(epoch, step).plan()).keys[i]
+        why = ("online targets need every image to decode (beit-data shards writes only such images)"
+               if self.cfg.online else "it decoded when it was tokenized: has its shard changed?")
+        return BeitDataError(f"sample {key} (epoch {epoch}, step {step}): DALI could not decode its image; {why}")
 
     def batches(self, epoch: int | None = None, step: int | None = None, *, dtype: torch.dtype | None = None):
         """Batches on the device from ``position`` on (or from ``(epoch, step)``), forever.
@@ -143,7 +163,9 @@ class TrainStream:
             batch.images = batch.images.to(self.device, dtype or batch.images.dtype, non_blocking=True)
             batch.tokens = batch.tokens.to(self.device, non_blocking=True)
             if self.tokenizer is not None:  # online: the target views become their ids here, in the loop
-                batch.tokens = self.tokenizer.ids(batch.tokens).flatten(1).clone()  # not an inference tensor
+                # ids of the loader's own views, in [0,1]: no range check waiting on the device; cloned, as
+                # an inference tensor cannot enter autograd
+                batch.tokens = self.tokenizer.ids(batch.tokens, trusted=True).flatten(1).clone()
             batch.mask = batch.mask.to(self.device, non_blocking=True)
             if batch.ends_step:
                 last = batch.step + 1 >= self.steps_per_epoch(batch.epoch)

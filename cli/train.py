@@ -85,13 +85,14 @@ def pretrain_options(command):
         setting(PretrainConfig, "--targets", type=click.Choice(TARGETS),
                 help="stored: the views and tokens of --tokens. online: a fresh view of every image each epoch, "
                      "tokenized in the loop by --tokenizer (the reference recipe, to compare with; no --tokens)."),
-        click.option("--tokenizer", default=None, type=click.Path(exists=True, dir_okay=False),
+        click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
                      help="With --targets online: the tokenizer file, as tokenize takes it."),
         click.option("--out", required=True, type=LocationType(file_okay=False),
                      help="Run folder (or s3:// / gs:// prefix): checkpoints and logs."),
         click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
                      help="The paper's settings for the options marked [recipe]: beit (800 epochs) or beitv2 (1600 "
-                          "epochs, the extra head) [default: the one the tokens were made with]."),
+                          "epochs, the extra head) [default: the one the tokens were made with; online, beit for a "
+                          "dVAE --tokenizer and beitv2 for VQ-KD]."),
         click.option("--model", default=None,
                      help="beit_mim_{tiny,base,large}_patch16_224, or beitv2_mim_* for BEiT v2's extra head [recipe]."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs to train [recipe]."),

@@ -114,6 +114,21 @@ def test_bad_image_batches_are_refused(openai_files):
         load_tokenizer(openai_files / "encoder.pkl", input_size=100)
 
 
+def test_trusted_views_skip_only_the_value_check_and_only_for_that_call(openai_files):
+    """Online pretraining passes its own loader's views as trusted: no wait on the device for
+    their range, the same ids; the shape check stays, and the next call checks again."""
+    tok = load_tokenizer(openai_files / "encoder.pkl")
+    views = torch.rand(2, 3, 16, 16)
+    assert torch.equal(tok.ids(views, trusted=True), tok.ids(views))
+    tok.ids(views * 255, trusted=True)
+    with pytest.raises(BeitDataError, match=r"in \[0,1\]"):
+        tok.ids(views * 255)
+    with pytest.raises(BeitDataError, match="divisible by 8"):
+        tok.ids(torch.rand(1, 3, 20, 16), trusted=True)
+    with pytest.raises(BeitDataError, match=r"in \[0,1\]"):
+        tok.ids(views * 255)
+
+
 def test_train_dvae_checkpoints_resumes_exactly_and_reports(sample_shards, tmp_path, monkeypatch):
     import pipelines.train_dvae as train_dvae
     from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae

@@ -62,6 +62,14 @@ def test_online_tokens_are_the_tokenizers_ids_of_each_samples_view_of_its_epoch(
     assert torch.equal(b.mask, batches[5].mask)
 
 
+def test_an_online_stream_without_its_tokenizer_is_refused(sample_shards):
+    from beit_data.stream import StreamConfig, TrainStream
+
+    cfg = StreamConfig(shards=str(sample_shards), targets="online", tokenizer="dvae.pt", batch_size=3)
+    with pytest.raises(BeitDataError, match="^online targets are tokenized in the loop: give TrainStream the token"):
+        TrainStream(cfg)
+
+
 def test_pretrain_with_online_targets_resumes_bitwise_and_refuses_another_tokenizer(
         sample_shards, tiny_tokenizer, trained_tokenizer, tmp_path):
     common = dict(shards=str(sample_shards), targets="online", tokenizer=str(tiny_tokenizer), steps=6,
@@ -83,10 +91,11 @@ def test_pretrain_with_online_targets_resumes_bitwise_and_refuses_another_tokeni
     (["--targets", "online", "--tokenizer", "TOK", "--tokens", "TOKENS"], "and no --tokens"),
     ([], "training on stored targets needs --tokens"),
     (["--tokens", "TOKENS", "--tokenizer", "TOK"], "--tokenizer is for --targets online"),
+    (["--targets", "online", "--tokenizer", "MISSING"], "tokenizer file not found: "),
 ])
 def test_targets_and_their_inputs_are_refused_in_one_line(sample_shards, sample_tokens, tiny_tokenizer, tmp_path,
                                                           args, message):
-    swap = {"TOK": str(tiny_tokenizer), "TOKENS": str(sample_tokens)}
+    swap = {"TOK": str(tiny_tokenizer), "TOKENS": str(sample_tokens), "MISSING": str(tmp_path / "dvae.pt")}
     result = invoke("pretrain", "--shards", sample_shards, "--out", tmp_path / "run", *[swap.get(a, a) for a in args])
     assert result.exit_code != 0 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
@@ -117,3 +126,32 @@ def test_online_targets_refuse_held_out_images_that_training_reads(sample_shards
     with pytest.raises(BeitDataError, match=r"validation sample held-000000.tar:\S+ is also a training sample"):
         run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "run"), **{
             **common, "val_shards": str(copy), "val_tokens": str(tmp_path / "val-tokens")}))
+
+
+def test_online_targets_name_an_image_only_dali_finds_damaged(tiny_tokenizer, tmp_path):
+    """A PNG whose header reads but whose pixel data is damaged passes the header check and
+    fails in DALI's decoder, mid-epoch: the error is one line naming that sample."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from beit_data.shard_index import write_index
+    from tests.conftest import jpeg_bytes, write_tar
+
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(png, "PNG")
+    damaged = bytearray(png.getvalue())
+    at = damaged.index(b"IDAT") + 40
+    damaged[at:at + 100] = bytes(100)
+    (tmp_path / "shards").mkdir()
+    for s in range(3):
+        members = [(f"k{s}{i}.png", bytes(damaged)) if (s, i) == (1, 2)
+                   else (f"k{s}{i}.jpg", jpeg_bytes((32, 32), seed=10 * s + i)) for i in range(5)]
+        write_index(write_tar(tmp_path / "shards" / f"s-{s}.tar", members))
+    common = dict(shards=str(tmp_path / "shards"), targets="online", tokenizer=str(tiny_tokenizer), steps=7, **{
+        **TINY, "batch_size": 2})
+    with pytest.raises(BeitDataError) as info:
+        run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "run"), **common))
+    assert str(info.value).startswith("sample k12 (epoch 0, step ") and "\n" not in str(info.value)
+    assert "DALI could not decode its image; online targets need every image to decode" in str(info.value)
