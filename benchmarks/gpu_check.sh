@@ -34,15 +34,15 @@ step tokenize_compiled 120 python -m benchmarks.tokenize_shards --device cuda --
 step pretrain 120 python -m benchmarks.pretrain $B --imagenet-like --images 2048 --workers 15 --steps 20 --warmup 5 \
   --reference-loader
 step pretrain_compiled 120 python -m benchmarks.pretrain $B --imagenet-like --images 2048 --steps 20 --warmup 8 \
-  --compile --skip-reference
-step pretrain_512 60 python -m benchmarks.pretrain $B --images 2048 --steps 20 --warmup 5 --skip-reference
+  --compile --skip-reference --skip-online
+step pretrain_512 60 python -m benchmarks.pretrain $B --images 2048 --steps 20 --warmup 5 --skip-reference --skip-online
 # Issue 27 item 1: where the end-to-end step's time goes (torch.profiler over 5 compiled steps, every
 # kernel of the process: the model's, DALI's, and the copies).
 step profile 120 python -m benchmarks.pretrain $B --imagenet-like --images 2048 --steps 10 --warmup 8 \
-  --compile --skip-reference --profile 5
+  --compile --skip-reference --skip-online --profile 5
 # Item 4: the faster step, compiled: FlexAttention for the bias, fused AdamW, CUDA graphs.
 step pretrain_flex_fused 120 python -m benchmarks.pretrain $B --images 1024 --steps 20 --warmup 8 --compile \
-  --flex-attention --fused-adamw --compile-mode max-autotune-no-cudagraphs --skip-reference
+  --flex-attention --fused-adamw --compile-mode max-autotune-no-cudagraphs --skip-reference --skip-online
 # Issue 13 (not in the default steps): BEiT v2's VQ-KD, eager and compiled, and the online reference's cost.
 step vqkd 150 python -m benchmarks.tokenizer --tokenizer vqkd --device cuda --batch-size 256 --compile
 step tokenize_vqkd 150 python -m benchmarks.tokenize_shards --device cuda --images 1024 --views 10 \
