@@ -11,7 +11,9 @@ import math
 
 import numpy as np
 
-__all__ = ["BlockMaskGenerator"]
+from beit_data.views import stable_rng
+
+__all__ = ["BlockMaskGenerator", "mask_rng"]
 
 
 class BlockMaskGenerator:
@@ -64,3 +66,10 @@ class BlockMaskGenerator:
                 break
             count += added
         return mask
+
+
+def mask_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The generator of image ``key``'s mask in ``epoch``. It draws nothing else, so an image has
+    the same mask whatever its targets (stored or online), V and jitter setting: arms of an
+    ablation differ by their views alone."""
+    return stable_rng(seed, epoch, key)

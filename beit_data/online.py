@@ -1,13 +1,15 @@
 """Online targets: a fresh view of every image each epoch, tokenized in the training loop.
 
 This is the reference recipe (BEiT's two-view loader, the dVAE run on every step), on the
-same stream as stored targets: the same order of samples (``beit_data.order``, from the
-shards' own indexes rather than token files), the same masks and the same checkpoints. Each
-epoch, image ``key`` gets the view ``sample_view(recipe, key, "epoch-E", width, height)``, a
-pure function of ``(seed, epoch, key)`` and the image's size, so a resumed run sees exactly
-the views it would have seen. DALI decodes each image once and makes both the model's view
-(bicubic, ImageNet-normalised) and the tokenizer's view of that same window, flip and jitter
-(``DaliViews(target=...)``); the stream then tokenizes the tokenizer's views on the device.
+same stream as stored targets: the same order over the samples (``beit_data.order``, over the
+shards' own indexes rather than token files, so every image with a key counts, where tokenize
+may have set small ones aside), the same masks (``beit_data.masking.mask_rng``) and the same
+checkpoints. Each epoch, image ``key`` gets the view ``sample_view(recipe, key, "epoch-E",
+width, height)``, a pure function of ``(seed, epoch, key)`` and the image's size, so a resumed
+run sees exactly the views it would have seen. DALI decodes each image once and makes both the
+model's view (bicubic, ImageNet-normalised) and the tokenizer's view of that same window, flip
+and jitter (``DaliViews(target=...)``); the stream then tokenizes the tokenizer's views on the
+device.
 
 It exists to answer whether stored views cost anything (``python -m benchmarks.views``); it
 pays the tokenizer on every step, which is what stored targets save. Images are upscaled
@@ -25,13 +27,13 @@ import numpy as np
 from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile
 from beit_data.images import RAISE_LIMIT, ImageError, probe_image
-from beit_data.masking import BlockMaskGenerator
+from beit_data.masking import BlockMaskGenerator, mask_rng
 from beit_data.replay import ReplaySource
 from beit_data.shard_index import read_index
 from beit_data.shard_rows import LoadedShard
 from beit_data.shards import duplicate_keys, expand_shards
 from beit_data.stream_config import StreamConfig
-from beit_data.views import ViewRecipe, sample_view, stable_rng
+from beit_data.views import ViewRecipe, sample_view
 
 __all__ = ["OnlineSource", "online_view"]
 
@@ -103,8 +105,8 @@ class OnlineSource(ReplaySource):
 
     def _item(self, masker: BlockMaskGenerator, image: np.ndarray, epoch: int, shard: LoadedShard, i: int
               ) -> list[np.ndarray]:
-        """One row of ``OUTPUTS``: the epoch's view of the image and the mask, drawn as the
-        stored path draws it, from (seed, epoch, key)."""
+        """One row of ``OUTPUTS``: the epoch's view of the image, and the mask a stored run
+        gives it (``mask_rng``)."""
         key = shard.keys[i]
         try:
             info = probe_image(image.tobytes())
@@ -113,8 +115,7 @@ class OnlineSource(ReplaySource):
             raise BeitDataError(f"{shard.location}: sample {key}: {reason}; online targets need every image to "
                                 "decode (beit-data shards writes only such images)") from None
         view = online_view(self.recipe, epoch, key, info.width, info.height)
-        rng = stable_rng(self.cfg.seed, epoch, key)
         jitter = np.array([[view.brightness, view.contrast, view.saturation]], np.float32)
         return [image, np.array([[view.x, view.y, view.x + view.w, view.y + view.h]], np.float32),
-                np.array([view.flip], np.int32), jitter, masker(rng).reshape(-1),
+                np.array([view.flip], np.int32), jitter, masker(mask_rng(self.cfg.seed, epoch, key)).reshape(-1),
                 np.frombuffer(key.encode(), np.uint8), np.array([0], np.int32)]

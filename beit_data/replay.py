@@ -27,7 +27,7 @@ import pyarrow as pa
 from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile
 from beit_data.loader_signals import outlive_job_signals
-from beit_data.masking import BlockMaskGenerator
+from beit_data.masking import BlockMaskGenerator, mask_rng
 from beit_data.order import Layout, OrderSpec, check_steps, epoch_layout, rank_slices
 from beit_data.order_walk import PlannedBatch, partition_spans, steps_from, take_batches
 from beit_data.prefetch import prefetch
@@ -42,6 +42,7 @@ __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
+
 _RAGGED = ("encoded", "key")
 
 
@@ -207,7 +208,7 @@ class ReplaySource:
         path = self.token_files[index]
         table = read_table(path, columns=None if read else ["key"])
         keys = table_keys(table, self.views, path)
-        picks = np.array([stable_rng(self.cfg.seed, epoch, k).integers(self.views) for k in keys], np.int64)
+        picks = np.array([stable_rng(self.cfg.seed, "view", epoch, k).integers(self.views) for k in keys], np.int64)
         shard = LoadedShard(keys, picks)
         if not read:
             return shard
@@ -245,20 +246,20 @@ class ReplaySource:
 
     def _item(self, masker: BlockMaskGenerator, image: np.ndarray, epoch: int, shard: LoadedShard, i: int
               ) -> list[np.ndarray]:
-        """One row of ``OUTPUTS``: one generator from (seed, epoch, key) picks the view (again),
-        draws fresh jitter where the tokens have none, and draws the mask."""
+        """One row of ``OUTPUTS``: the picked view's window and tokens, fresh jitter where the
+        tokens have none (from its own generator), and the mask (``mask_rng``)."""
         key, rows = shard.keys[i], shard.rows
-        rng = stable_rng(self.cfg.seed, epoch, key)
-        rng.integers(self.views)  # the view, picked when the shard was loaded
         if self.target_jitter:
             jitter = np.array([[rows["brightness"][i], rows["contrast"][i], rows["saturation"][i]]], np.float32)
         else:
+            rng = stable_rng(self.cfg.seed, "jitter", epoch, key)
             jitter = rng.uniform(1 - self.jitter, 1 + self.jitter, size=(1, 3)).astype(np.float32)
         x, y, w, h = (int(rows[c][i]) for c in ("x", "y", "w", "h"))
         rejected, shard.rejected = shard.rejected, 0
         return [image, np.array([[x, y, x + w, y + h]], np.float32),
                 np.array([rows["flip"][i]], np.int32), jitter, rows["tokens"][i].astype(np.int64),
-                masker(rng).reshape(-1), np.frombuffer(key.encode(), np.uint8), np.array([rejected], np.int32)]
+                masker(mask_rng(self.cfg.seed, epoch, key)).reshape(-1), np.frombuffer(key.encode(), np.uint8),
+                np.array([rejected], np.int32)]
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray] | np.ndarray, ...]]:
         """One tuple per micro-batch with each of ``OUTPUTS``: a list of per-sample arrays for the

@@ -4,8 +4,9 @@ On the embedded photographs (10 to train on, 4 held out), a tiny dVAE is trained
 folder is grown view by view (``tokenize --views V`` over fewer views computes only the views it
 lacks) and, at each V, a tiny BEiT is pretrained for the same steps with the same seed. The
 online arm (``pretrain --targets online``) trains the same model, order, masks and schedule on a
-fresh view of every image each epoch, tokenized in the loop. Every arm is evaluated on the same
-held-out views and masks (``--val-shards``, one stored view of each held-out photograph).
+fresh view of every image each epoch, tokenized in the loop: the arms differ by their views
+alone (every photograph is large enough for tokenize to keep it). Every arm is evaluated on the
+same held-out views and masks (``--val-shards``, one stored view of each held-out photograph).
 
 Per arm: the held-out masked-token loss and top-1 over the run, the share of the most common
 held-out code (the top-1 of always predicting it), the k-NN probe of the final encoder, the

@@ -62,6 +62,25 @@ def test_online_tokens_are_the_tokenizers_ids_of_each_samples_view_of_its_epoch(
     assert torch.equal(b.mask, batches[5].mask)
 
 
+def test_online_and_stored_arms_of_any_v_see_the_same_samples_and_masks(sample_shards, sample_tokens,
+                                                                        tiny_tokenizer, tmp_path):
+    """An ablation's arms differ by their views alone: online targets and stored ones, with 4
+    views or 1, give each step the same keys and each key the same mask, across the epoch's end."""
+    from beit_data.stream import StreamConfig, TrainStream
+    from tests.conftest import tokenize_folder
+
+    def stored(tokens):
+        return TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(tokens), batch_size=3, num_threads=1))
+
+    arms = [online_stream(sample_shards, tiny_tokenizer)[0], stored(sample_tokens),
+            stored(tokenize_folder(sample_shards, tmp_path / "one-view", tiny_tokenizer, views=1))]
+    runs = [[next(it) for _ in range(6)] for it in (arm.batches() for arm in arms)]
+    for batches in zip(*runs):
+        assert len({(b.epoch, b.step, tuple(b.keys)) for b in batches}) == 1
+        assert all(torch.equal(b.mask, batches[0].mask) for b in batches)
+    assert runs[0][0].mask.sum() > 0 and not torch.equal(runs[0][0].mask, runs[0][4].mask)
+
+
 def test_an_online_stream_without_its_tokenizer_is_refused(sample_shards):
     from beit_data.stream import StreamConfig, TrainStream
 

@@ -86,7 +86,7 @@ def test_the_plan_is_what_the_stream_delivers(class_folders):
         delivered = [next(it) for _ in mine]
         it.close()
         assert [(b.epoch, b.step, b.keys) for b in delivered] == [(p.epoch, p.step, p.keys) for p in mine]
-        assert all(v == stable_rng(0, p.epoch, k).integers(2) for p in mine for k, v in zip(p.keys, p.views))
+        assert all(v == stable_rng(0, "view", p.epoch, k).integers(2) for p in mine for k, v in zip(p.keys, p.views))
 
 
 def test_cli_prints_text_and_json(class_folders):

@@ -42,7 +42,7 @@ def test_stream_replays_the_stored_tokens_row(sample_shards, sample_tokens):
     rows = {(r["key"], r["view"]): r["tokens"] for p in sample_tokens.glob("*.parquet")
             for r in pq.read_table(p).to_pylist()}
     for key, tokens in zip(b.keys, b.tokens):
-        view = int(stable_rng(0, 0, key).integers(4))
+        view = int(stable_rng(0, "view", 0, key).integers(4))
         assert tokens.tolist() == rows[(key, view)]
 
 
