@@ -111,9 +111,11 @@ class OnlineSource(ReplaySource):
         try:
             info = probe_image(image.tobytes())
         except ImageError as exc:
-            reason = str(exc).removesuffix(RAISE_LIMIT)  # pretrain has no such setting: the shards must hold it
-            raise BeitDataError(f"{shard.location}: sample {key}: {reason}; online targets need every image to "
-                                "decode (beit-data shards writes only such images)") from None
+            reason = str(exc)
+            why = ("pretrain decodes images up to that size: resize it, or write the shards without it"
+                   if reason.endswith(RAISE_LIMIT) else "online targets need every image to decode (beit-data shards "
+                   "writes only such images)")
+            raise BeitDataError(f"{shard.location}: sample {key}: {reason.removesuffix(RAISE_LIMIT)}; {why}") from None
         view = online_view(self.recipe, epoch, key, info.width, info.height)
         jitter = np.array([[view.brightness, view.contrast, view.saturation]], np.float32)
         return [image, np.array([[view.x, view.y, view.x + view.w, view.y + view.h]], np.float32),

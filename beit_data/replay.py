@@ -7,10 +7,10 @@ GIL. It imports only numpy and pyarrow, so a spawned worker starts without torch
 The order of the samples is ``beit_data.order``'s: each epoch a rank reads its shards in
 windows of ``mix_shards`` shards, each window's samples permuted as a whole, each sample
 read by its offset in its shard (from the ``.idx`` file, or the tar headers without one).
-A sample is the ``i``-th key of its shard's token file. One stored view is picked from
-``(seed, epoch, key)``; the same generator draws fresh jitter (for tokens made with
-``--no-target-jitter``) and the block mask. ``plan`` walks the same order without reading
-an image.
+A sample is the ``i``-th key of its shard's token file. Its stored view, its fresh jitter
+(tokens made with ``--no-target-jitter``) and its mask each have a generator of ``(seed,
+epoch, key)`` (one for all three in runs from before, ``shared_draws``). ``plan`` walks the
+same order without reading an image.
 """
 
 from __future__ import annotations
@@ -60,9 +60,8 @@ class ReplaySource:
         jitter: Strength of fresh jitter: factors are uniform in [1 - jitter, 1 + jitter].
         bytes_read: Image bytes this source has read (in the process that iterates it).
 
-    Shards may be local files or objects (read by range requests, a batch's images at once).
-    ``pipe:`` shards cannot seek: the order then reads each shard from its start, in its own
-    order (``sequential``), and only the shard order mixes.
+    Shards may be local files or objects (a batch's images read by range requests at once);
+    ``pipe:`` shards cannot seek, so each is read from its start (``sequential``).
     """
 
     cfg: StreamConfig
@@ -109,8 +108,7 @@ class ReplaySource:
             raise BeitDataError(f"none of the shards has a token file in {cfg.tokens}")
         footers = read_consistent_footers(paths)
         metas = [m for m, _ in footers]
-        # Size, and the .idx where there is one. Objects were listed (sizes, ETags) when the spec
-        # was expanded; their .idx files are read many at once.
+        # Size, and the .idx if any (objects were listed when the spec was expanded; .idx read at once).
         storage.map_concurrently(lambda s: check_fingerprint(s[0], s[1].get("shard"), s[2], full=False),
                                  list(zip(shards, metas, paths)))
         meta, views = metas[0], metas[0]["views"]
@@ -146,8 +144,7 @@ class ReplaySource:
         return not all(s.seekable for s in self.shards)
 
     def positions(self) -> Iterator[tuple[int, int, int]]:
-        """``(epoch, step, micro)`` of each batch this source yields, in order: ``grad_accum``
-        micro-batches for each step."""
+        """``(epoch, step, micro)`` of each batch yielded, in order: ``grad_accum`` micro-batches a step."""
         for epoch, step in steps_from(self.start, self.check_epoch):
             for micro in range(self.cfg.grad_accum):
                 yield epoch, step, micro
@@ -208,7 +205,8 @@ class ReplaySource:
         path = self.token_files[index]
         table = read_table(path, columns=None if read else ["key"])
         keys = table_keys(table, self.views, path)
-        picks = np.array([stable_rng(self.cfg.seed, "view", epoch, k).integers(self.views) for k in keys], np.int64)
+        seeds = (self.cfg.seed,) if self.cfg.shared_draws else (self.cfg.seed, "view")
+        picks = np.array([stable_rng(*seeds, epoch, k).integers(self.views) for k in keys], np.int64)
         shard = LoadedShard(keys, picks)
         if not read:
             return shard
@@ -247,19 +245,21 @@ class ReplaySource:
     def _item(self, masker: BlockMaskGenerator, image: np.ndarray, epoch: int, shard: LoadedShard, i: int
               ) -> list[np.ndarray]:
         """One row of ``OUTPUTS``: the picked view's window and tokens, fresh jitter where the
-        tokens have none (from its own generator), and the mask (``mask_rng``)."""
+        tokens have none, and the mask (``mask_rng``)."""
         key, rows = shard.keys[i], shard.rows
+        rng = mask_rng(self.cfg.seed, epoch, key)
+        if self.cfg.shared_draws:  # the view was picked by the mask's generator, first
+            rng.integers(self.views)
         if self.target_jitter:
             jitter = np.array([[rows["brightness"][i], rows["contrast"][i], rows["saturation"][i]]], np.float32)
         else:
-            rng = stable_rng(self.cfg.seed, "jitter", epoch, key)
-            jitter = rng.uniform(1 - self.jitter, 1 + self.jitter, size=(1, 3)).astype(np.float32)
+            fresh = rng if self.cfg.shared_draws else stable_rng(self.cfg.seed, "jitter", epoch, key)
+            jitter = fresh.uniform(1 - self.jitter, 1 + self.jitter, size=(1, 3)).astype(np.float32)
         x, y, w, h = (int(rows[c][i]) for c in ("x", "y", "w", "h"))
         rejected, shard.rejected = shard.rejected, 0
         return [image, np.array([[x, y, x + w, y + h]], np.float32),
                 np.array([rows["flip"][i]], np.int32), jitter, rows["tokens"][i].astype(np.int64),
-                masker(mask_rng(self.cfg.seed, epoch, key)).reshape(-1), np.frombuffer(key.encode(), np.uint8),
-                np.array([rejected], np.int32)]
+                masker(rng).reshape(-1), np.frombuffer(key.encode(), np.uint8), np.array([rejected], np.int32)]
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray] | np.ndarray, ...]]:
         """One tuple per micro-batch with each of ``OUTPUTS``: a list of per-sample arrays for the

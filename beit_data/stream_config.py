@@ -34,6 +34,8 @@ class StreamConfig:
             of a window, up to three windows at a time: the one being read, the next one and
             the one loading); reads are random within those shards.
         dealt: The order of runs started before partitions: shards dealt to ranks.
+        shared_draws: The draws of stored runs started before masks had their own generator:
+            one generator per (seed, epoch, key) picked the view, drew fresh jitter and the mask.
         targets: ``stored``: the views and tokens of ``tokens`` (the default). ``online``: a
             fresh view of every image each epoch, tokenized in the loop by ``tokenizer`` (the
             reference recipe, for comparison; see ``beit_data.online``).
@@ -52,6 +54,7 @@ class StreamConfig:
     partitions: int = PARTITIONS
     mix_shards: int = MIX_SHARDS
     dealt: bool = False
+    shared_draws: bool = False
     skip_missing: bool = False
     num_threads: int = 4
     # Control experiment only: pair every image with another image's tokens.
@@ -66,8 +69,9 @@ class StreamConfig:
             if self.tokens is not None or self.tokenizer is None:
                 raise BeitDataError("`targets` online tokenizes fresh views in the loop: give `tokenizer` (the file "
                                     "tokenize would use) and no `tokens`")
-            if self.shuffle_targets or self.skip_missing:
-                raise BeitDataError("`shuffle_targets` and `skip_missing` are for stored tokens, not `targets` online")
+            if self.shuffle_targets or self.skip_missing or self.shared_draws:
+                raise BeitDataError("`shuffle_targets`, `skip_missing` and `shared_draws` are for stored tokens, not "
+                                    "`targets` online")
         elif self.tokens is None or self.tokenizer is not None:
             raise BeitDataError("training on stored targets needs `tokens` (the folder beit-data tokenize wrote); "
                                 "`tokenizer` is for `targets` online")

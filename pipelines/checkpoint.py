@@ -110,7 +110,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 # Settings added since the first checkpoints, with the value a run that predates them had.
 ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False,
-                  "grad_accum": 1, "targets": "stored", "tokenizer": None}
+                  "grad_accum": 1, "targets": "stored", "tokenizer": None, "shared_draws": True}
 
 
 def saved_settings(ckpt: dict) -> dict:

@@ -136,6 +136,8 @@ def resolve(cfg: PretrainConfig, checkpoint: dict | None, world_size: int = 1, t
         saved = saved_settings(checkpoint)
         if saved["dealt"]:
             cfg = cfg.with_settings(dealt=True, partitions=saved["partitions"])
+        if saved["shared_draws"]:
+            cfg = cfg.with_settings(shared_draws=True)
         cfg = _same_global_batch(cfg, saved, checkpoint["world_size"], world_size)
     if cfg.recipe is None and tokenizer is not None:
         cfg = cfg.resolved(TOKENIZER_RECIPE[tokenizer.kind])

@@ -147,30 +147,46 @@ def test_online_targets_refuse_held_out_images_that_training_reads(sample_shards
             **common, "val_shards": str(copy), "val_tokens": str(tmp_path / "val-tokens")}))
 
 
-def test_online_targets_name_an_image_only_dali_finds_damaged(tiny_tokenizer, tmp_path):
-    """A PNG whose header reads but whose pixel data is damaged passes the header check and
-    fails in DALI's decoder, mid-epoch: the error is one line naming that sample."""
+def png(damaged: bool = False, side: int | None = None) -> bytes:
+    """A 32-pixel PNG; ``damaged``: its pixel data zeroed in part (the header still reads);
+    ``side``: its header claims that size instead (its checksum mended)."""
     import io
+    import zlib
 
     import numpy as np
     from PIL import Image
 
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(out, "PNG")
+    data = bytearray(out.getvalue())
+    if damaged:
+        at = data.index(b"IDAT") + 40
+        data[at:at + 100] = bytes(100)
+    if side:
+        data[16:24] = side.to_bytes(4, "big") * 2
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("image, message", [
+    (png(damaged=True), r"^sample k12 \(epoch 0, step \d\): DALI could not decode its image; online targets need "
+                        "every image to decode"),
+    (png(side=20_000), r"s-1.tar: sample k12: 20000x20000 is 400,000,000 pixels, over the limit of [\d,]+ that "
+                       r"guards against decompression bombs; pretrain decodes images up to that size: resize it"),
+])
+def test_online_targets_name_an_image_they_cannot_use_in_one_line(tiny_tokenizer, tmp_path, image, message):
+    """A PNG whose header reads but whose pixel data is damaged fails in DALI's decoder, mid-epoch;
+    one too large fails the header check. Either way the error is one line naming the sample."""
     from beit_data.shard_index import write_index
     from tests.conftest import jpeg_bytes, write_tar
 
-    png = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(png, "PNG")
-    damaged = bytearray(png.getvalue())
-    at = damaged.index(b"IDAT") + 40
-    damaged[at:at + 100] = bytes(100)
     (tmp_path / "shards").mkdir()
     for s in range(3):
-        members = [(f"k{s}{i}.png", bytes(damaged)) if (s, i) == (1, 2)
+        members = [(f"k{s}{i}.png", image) if (s, i) == (1, 2)
                    else (f"k{s}{i}.jpg", jpeg_bytes((32, 32), seed=10 * s + i)) for i in range(5)]
         write_index(write_tar(tmp_path / "shards" / f"s-{s}.tar", members))
     common = dict(shards=str(tmp_path / "shards"), targets="online", tokenizer=str(tiny_tokenizer), steps=7, **{
         **TINY, "batch_size": 2})
-    with pytest.raises(BeitDataError) as info:
+    with pytest.raises(BeitDataError, match=message) as info:
         run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "run"), **common))
-    assert str(info.value).startswith("sample k12 (epoch 0, step ") and "\n" not in str(info.value)
-    assert "DALI could not decode its image; online targets need every image to decode" in str(info.value)
+    assert "\n" not in str(info.value) and "--max-pixels" not in str(info.value)

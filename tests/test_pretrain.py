@@ -269,20 +269,22 @@ def test_importing_the_package_registers_the_timm_variants():
 
 def test_a_checkpoint_from_before_partitions_and_parts_still_resumes(sample_shards, sample_tokens, tmp_path):
     """A checkpoint in the old layout (the stream as an (epoch, step) pair, settings without
-    partitions) resumes in the order it was made with: shards dealt to its ranks."""
+    partitions or the mask's own generator) resumes in the order and with the draws it was made
+    with: shards dealt to its ranks, one generator for each sample's view pick and mask."""
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=6, checkpoint_every=100, **TINY)
-    old_order = dict(dealt=True, partitions=1)
+    old_order = dict(dealt=True, partitions=1, shared_draws=True)
     run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common, **old_order))
     run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), stop_after=3, **common, **old_order))
     ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
     ckpt["stream"] = (ckpt["stream"]["epoch"], ckpt["stream"]["step"])
     for name in ("partitions", "dealt", "image_size", "min_block", "record_batches", "grad_accum", "targets",
-                 "tokenizer"):
+                 "tokenizer", "shared_draws"):
         ckpt["config"].pop(name)
     torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
     resumed = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), resume=True, **common))
     assert resumed.steps == 6 and losses(tmp_path / "old") == losses(tmp_path / "straight")
-    assert json.loads((tmp_path / "old" / "config.json").read_text())["dealt"] is True
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config["dealt"] is True and config["shared_draws"] is True
 
 
 def step_keys(run, rank: int = 0) -> list[list[str]]:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -32,18 +33,25 @@ def test_stream_batches_are_the_same_after_a_restart(sample_shards, sample_token
     assert seq[0].keys != seq[4].keys or not torch.equal(seq[0].mask, seq[4].mask)
 
 
-def test_stream_replays_the_stored_tokens_row(sample_shards, sample_tokens):
+@pytest.mark.parametrize("shared", [False, True])
+def test_stream_replays_the_picked_views_tokens_with_the_masks_generator_draw(sample_shards, sample_tokens, shared):
+    """The view pick and the mask each have their generator of (seed, epoch, key); a run from
+    before that (``shared_draws``, as its checkpoint says) draws both from one, the pick first."""
+    from beit_data.masking import BlockMaskGenerator
     from beit_data.stream import StreamConfig, TrainStream
     from beit_data.views import stable_rng
 
     stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(sample_tokens), batch_size=2,
-                                      num_threads=1))
-    b = next(stream.batches())
+                                      num_threads=1, shared_draws=shared))
+    b = next(stream.batches(1, 2))
     rows = {(r["key"], r["view"]): r["tokens"] for p in sample_tokens.glob("*.parquet")
             for r in pq.read_table(p).to_pylist()}
-    for key, tokens in zip(b.keys, b.tokens):
-        view = int(stable_rng(0, "view", 0, key).integers(4))
-        assert tokens.tolist() == rows[(key, view)]
+    masker = BlockMaskGenerator((14, 14), 75, 16)
+    for key, tokens, mask in zip(b.keys, b.tokens, b.mask):
+        rng = stable_rng(0, 1, key) if shared else stable_rng(0, "view", 1, key)
+        assert tokens.tolist() == rows[(key, int(rng.integers(4)))]
+        expected = masker(rng if shared else stable_rng(0, 1, key)).reshape(-1)
+        assert np.array_equal(mask.numpy(), expected), key
 
 
 def reordered_copy(shard, out, *, index: bool):
