@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageInfo", "ImageError", "probe_image", "jpeg_end", "FORMAT_EXT", "EXIF_RULE", "MAX_PIXELS"]
+__all__ = ["ImageInfo", "ImageError", "ImageTooLarge", "probe_image", "jpeg_end", "FORMAT_EXT", "EXIF_RULE",
+           "MAX_PIXELS"]
 
 # Images over this many pixels are rejected as likely decompression bombs: Pillow's own limit
 # (twice its warning level). beit-data checks it itself, so that ``max_pixels`` can raise it;
 # Pillow's global check is turned off for that reason.
 MAX_PIXELS = 2 * 89_478_485
-RAISE_LIMIT = "; raise it with --max-pixels"  # the commands that read images for the first time have the setting
 Image.MAX_IMAGE_PIXELS = None
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -32,6 +32,18 @@ _TRANSPOSED = {5, 6, 7, 8}
 
 class ImageError(ValueError):
     """An image that cannot be decoded; its message is the reject reason."""
+
+
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit. ``reason`` says so; the message adds the setting that
+    raises the limit, which the commands that first read images have."""
+
+    @property
+    def reason(self) -> str:
+        return self.args[0]
+
+    def __str__(self) -> str:
+        return f"{self.reason}; raise it with --max-pixels"
 
 
 @dataclass(frozen=True)
@@ -124,8 +136,8 @@ def probe_image(data: bytes, *, decode: bool = False, max_pixels: int | None = N
             width, height = im.size
             limit = MAX_PIXELS if max_pixels is None else max_pixels
             if width * height > limit:
-                raise ImageError(f"{width}x{height} is {width * height:,} pixels, over the limit of {limit:,} that "
-                                 f"guards against decompression bombs{RAISE_LIMIT}")
+                raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels, over the limit of {limit:,} "
+                                    "that guards against decompression bombs")
             orientation = int(im.getexif().get(_ORIENTATION_TAG, 1)) if fmt == "JPEG" else 1
             if decode:
                 im.load()

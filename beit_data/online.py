@@ -26,7 +26,7 @@ import numpy as np
 
 from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile
-from beit_data.images import RAISE_LIMIT, ImageError, probe_image
+from beit_data.images import ImageError, ImageTooLarge, probe_image
 from beit_data.masking import BlockMaskGenerator, mask_rng
 from beit_data.replay import ReplaySource
 from beit_data.shard_index import read_index
@@ -35,7 +35,9 @@ from beit_data.shards import duplicate_keys, expand_shards
 from beit_data.stream_config import StreamConfig
 from beit_data.views import ViewRecipe, sample_view
 
-__all__ = ["OnlineSource", "online_view"]
+__all__ = ["OnlineSource", "online_view", "NEEDS_DECODABLE"]
+
+NEEDS_DECODABLE = "online targets need every image to decode (beit-data shards writes only such images)"
 
 
 def online_view(recipe: ViewRecipe, epoch: int, key: str, width: int, height: int):
@@ -110,12 +112,11 @@ class OnlineSource(ReplaySource):
         key = shard.keys[i]
         try:
             info = probe_image(image.tobytes())
+        except ImageTooLarge as exc:  # pretrain has no --max-pixels
+            raise BeitDataError(f"{shard.location}: sample {key}: {exc.reason}; pretrain decodes images up to that "
+                                "size: resize it, or write the shards without it") from None
         except ImageError as exc:
-            reason = str(exc)
-            why = ("pretrain decodes images up to that size: resize it, or write the shards without it"
-                   if reason.endswith(RAISE_LIMIT) else "online targets need every image to decode (beit-data shards "
-                   "writes only such images)")
-            raise BeitDataError(f"{shard.location}: sample {key}: {reason.removesuffix(RAISE_LIMIT)}; {why}") from None
+            raise BeitDataError(f"{shard.location}: sample {key}: {exc}; {NEEDS_DECODABLE}") from None
         view = online_view(self.recipe, epoch, key, info.width, info.height)
         jitter = np.array([[view.brightness, view.contrast, view.saturation]], np.float32)
         return [image, np.array([[view.x, view.y, view.x + view.w, view.y + view.h]], np.float32),

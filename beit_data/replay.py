@@ -42,7 +42,6 @@ __all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
-
 _RAGGED = ("encoded", "key")
 
 

@@ -140,9 +140,10 @@ class TrainStream:
 
     def _undecodable(self, source: ReplaySource, epoch: int, step: int, i: int) -> BeitDataError:
         """The error for sample ``i`` of this rank's step, which DALI could not decode, naming it."""
+        from beit_data.online import NEEDS_DECODABLE
+
         key = next(source.at(epoch, step).plan()).keys[i]
-        why = ("online targets need every image to decode (beit-data shards writes only such images)"
-               if self.cfg.online else "it decoded when it was tokenized: has its shard changed?")
+        why = NEEDS_DECODABLE if self.cfg.online else "it decoded when it was tokenized: has its shard changed?"
         return BeitDataError(f"sample {key} (epoch {epoch}, step {step}): DALI could not decode its image; {why}")
 
     def batches(self, epoch: int | None = None, step: int | None = None, *, dtype: torch.dtype | None = None):
