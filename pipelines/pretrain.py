@@ -136,7 +136,7 @@ def resolve(cfg: PretrainConfig, checkpoint: dict | None, world_size: int = 1, t
         saved = saved_settings(checkpoint)
         if saved["dealt"]:
             cfg = cfg.with_settings(dealt=True, partitions=saved["partitions"])
-        if saved["shared_draws"]:
+        if saved["shared_draws"] and saved["targets"] == "stored":  # online runs never shared them
             cfg = cfg.with_settings(shared_draws=True)
         cfg = _same_global_batch(cfg, saved, checkpoint["world_size"], world_size)
     if cfg.recipe is None and tokenizer is not None:
