@@ -12,18 +12,21 @@ together (the training stream mixes across shards again).
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from beit_common import BeitDataError, Location
+from beit_common import BeitDataError, Location, storage
 from beit_common.listing import expand
 from beit_data.tokens import parquet_file
 from beit_data.views import stable_rng
 
-__all__ = ["ParquetImages", "ParquetRow", "is_parquet_source", "IMAGE_COLUMNS", "LABEL_COLUMNS"]
+__all__ = ["ParquetImages", "ParquetRow", "is_parquet_source", "file_identity", "IMAGE_COLUMNS", "LABEL_COLUMNS"]
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "class_id")
@@ -41,6 +44,46 @@ def is_parquet_source(source: str) -> bool:
         names = [p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
         return bool(names) and all(n.endswith(".parquet") for n in names)
     return False
+
+
+@contextmanager
+def _reading(file: Location, what: str) -> Iterator[None]:
+    """One line naming ``file`` for what reading it raised: the system's reason (a missing file, no
+    permission), or pyarrow's for a damaged file (a cut footer, a corrupt page), never a traceback."""
+    try:
+        with storage.remote_errors(file, what):
+            yield
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise BeitDataError(f"{file}: {exc.strerror or exc}") from None
+        reason = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in " ".join(str(exc).split()))
+        reason = reason[:300].rstrip(".")
+        raise BeitDataError(f"{file} ({what}): {reason}; the file is damaged or incomplete (a cut download?): "
+                            "fetch it again") from None
+
+
+def file_identity(location: str | os.PathLike) -> tuple[int, int] | str:
+    """What makes two names one file: a local file's device and inode (through symbolic and hard
+    links and any spelling of the path), the absolute path of one that is not there, or the URL."""
+    if not isinstance(location, Path):  # a listed image is a Path: a million of them are checked quickly
+        location = Location(location)
+        if not location.is_local:
+            return location.identity()
+    try:
+        st = os.stat(location)
+    except OSError:
+        return os.path.abspath(location)
+    return st.st_dev, st.st_ino
+
+
+def _refuse_overlap(files: Sequence[Location], sources: Sequence[str]) -> None:
+    """A file that two sources (or a file and its folder) both name would give every row twice."""
+    seen: dict = {}
+    for f in files:
+        first = seen.setdefault(file_identity(f), f)
+        if first is not f:
+            raise BeitDataError(f"{f} is named twice by the sources {', '.join(map(str, sources))} (as {first} "
+                                "too); the sources overlap: give each file once")
 
 
 @dataclass(frozen=True)
@@ -106,8 +149,10 @@ class ParquetImages:
         files = [f for source in sources for f in expand(str(source), ".parquet", "Parquet source")]
         if not files:
             raise BeitDataError(f"no Parquet file in {', '.join(map(str, sources))}")
-        first = parquet_file(files[0])
-        schema = first.schema_arrow
+        _refuse_overlap(files, sources)
+        with _reading(files[0], "footer"):
+            first = parquet_file(files[0])
+            schema = first.schema_arrow
         image = _pick(schema.names, image_column, IMAGE_COLUMNS, "image", files[0], True)
         label = _pick(schema.names, label_column, LABEL_COLUMNS, "label", files[0], False)
         if label is not None and not pa.types.is_integer(schema.field(label).type):
@@ -115,8 +160,9 @@ class ParquetImages:
                                 "ids (integers); name the class-id column with `label_column`")
         groups, offsets = [], [0]
         for i, f in enumerate(files):
-            meta = (first if i == 0 else parquet_file(f)).metadata
-            names = meta.schema.to_arrow_schema().names
+            with _reading(f, "footer"):
+                meta = (first if i == 0 else parquet_file(f)).metadata
+                names = meta.schema.to_arrow_schema().names
             for wanted in (image, label):
                 if wanted is not None and wanted not in names:
                     raise BeitDataError(f"{f} has no column {wanted!r}, which {files[0]} has")
@@ -128,7 +174,10 @@ class ParquetImages:
         """Every row's label (the label column alone is read), -1 where it is null."""
         if self.label_column is None:
             return np.zeros(0, np.int64)
-        parts = [parquet_file(f).read(columns=[self.label_column]).column(0) for f in self.files]
+        parts = []
+        for f in self.files:
+            with _reading(f, f"column {self.label_column}"):
+                parts.append(parquet_file(f).read(columns=[self.label_column]).column(0))
         return np.concatenate([p.fill_null(-1).to_numpy().astype(np.int64) for p in parts]) if parts else \
             np.zeros(0, np.int64)
 
@@ -146,10 +195,11 @@ class ParquetImages:
 
     def _group(self, file: int, group: int) -> list[ParquetRow]:
         """The rows of one row group, with where each came from (file and row)."""
-        reader = parquet_file(self.files[file])
-        start = sum(reader.metadata.row_group(g).num_rows for g in range(group))
         columns = [self.image_column] + ([self.label_column] if self.label_column else [])
-        table = reader.read_row_group(group, columns=columns)
+        with _reading(self.files[file], f"row group {group}"):
+            reader = parquet_file(self.files[file])
+            start = sum(reader.metadata.row_group(g).num_rows for g in range(group))
+            table = reader.read_row_group(group, columns=columns)
         images = table.column(self.image_column).to_pylist()
         labels = table.column(self.label_column).to_pylist() if self.label_column else [None] * len(images)
         name, first = self.files[file].name, self.offsets[file] + start

@@ -14,16 +14,17 @@ from __future__ import annotations
 import os
 import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from beit_common import BeitDataError, Location, storage
 from beit_common.listing import expand
 
 __all__ = ["IMAGE_EXTS", "Sample", "Reject", "Member", "IndexedSample", "expand_shards", "split_key", "member_key",
-           "sample_members", "iter_samples", "iter_images", "duplicate_keys", "duplicate_reason",
-           "without_duplicates"]
+           "sample_members", "is_utf8", "escaped_name", "iter_samples", "iter_images", "duplicate_keys",
+           "duplicate_reason", "without_duplicates", "SHARDS_REPORT", "REJECTS_REPORT", "check_finished_folders"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARDS_REPORT, REJECTS_REPORT = "shards.json", "rejects.json"  # what ``beit-data shards`` writes beside its shards
 
 
 @dataclass
@@ -93,6 +94,23 @@ def expand_shards(spec: str | Sequence[str]) -> list[Location]:
     return list(dict.fromkeys(paths))
 
 
+def check_finished_folders(shards: Sequence[str | os.PathLike]) -> None:
+    """Refuse shards from a local folder that a ``beit-data shards`` run began and did not finish.
+
+    That run moves its ``rejects.json`` in first and its ``shards.json`` last (and moves an
+    earlier run's out in the other order), so a folder holding the one without the other may
+    hold part of a set. Folders on object storage are not checked (``shards`` writes local ones).
+
+    Raises:
+        BeitDataError: Naming the folder and the fix.
+    """
+    for folder in sorted({Location(s).path.parent for s in shards if Location(s).is_local}):
+        if (folder / REJECTS_REPORT).is_file() and not (folder / SHARDS_REPORT).is_file():
+            raise BeitDataError(f"{folder} has the {REJECTS_REPORT} of a beit-data shards run but no {SHARDS_REPORT}: "
+                                "that run did not finish, and its shards may be part of the set; run beit-data "
+                                "shards into it again with --overwrite")
+
+
 def split_key(name: str) -> tuple[str, str]:
     """Split a member name into (key, extension) at the first dot of its base name."""
     dot = name.find(".", name.rfind("/") + 1)
@@ -104,10 +122,10 @@ def split_key(name: str) -> tuple[str, str]:
 def member_key(info: tarfile.TarInfo) -> tuple[str, str] | None:
     """``(key, ext)`` of a tar member that belongs to a sample, or ``None`` for one that does not.
 
-    The one rule for every reader: regular files only, and no hidden files or WebDataset
-    ``__meta__`` members.
+    The one rule for every reader: regular files with UTF-8 names only, and no hidden files or
+    WebDataset ``__meta__`` members.
     """
-    if not info.isreg():
+    if not info.isreg() or not is_utf8(info.name):
         return None
     key, ext = split_key(info.name)
     if not key or key.endswith("/") or "/__" in f"/{key}":
@@ -115,12 +133,38 @@ def member_key(info: tarfile.TarInfo) -> tuple[str, str] | None:
     return key, ext
 
 
-def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
-    """``(key, ext, info)`` for each member of ``tar`` that belongs to a sample, in tar order."""
+def sample_members(tar: tarfile.TarFile, reject: Callable[[str, str], None] | None = None
+                   ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """``(key, ext, info)`` for each member of ``tar`` that belongs to a sample, in tar order.
+
+    A member whose name is not UTF-8 belongs to none: no key, token file or ``.idx`` can hold
+    its name. With ``reject``, each run of such members is reported once as ``reject(key, reason)``,
+    the key escaped (``caf\\xe9``).
+    """
+    last_bad = None
     for info in tar:
         found = member_key(info)
         if found is not None:
             yield (*found, info)
+        elif reject is not None and info.isreg() and not is_utf8(info.name):
+            name = escaped_name(info.name)
+            if split_key(name)[0] != last_bad:
+                last_bad = split_key(name)[0]
+                reject(last_bad, f"member name {name} is not UTF-8 (other bytes shown as \\xNN); rename it in UTF-8")
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a member name came from UTF-8 bytes: tarfile decodes other bytes to lone surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escaped_name(name: str) -> str:
+    """A member name that is not UTF-8, printable: its other bytes as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def duplicate_keys(samples: Sequence[Sample | IndexedSample]) -> dict[str, int]:
@@ -164,7 +208,7 @@ def iter_samples(shard: str | os.PathLike, rejects: list[Reject] | None = None,
     with storage.open_stream(shard) as f:
         try:
             with tarfile.open(fileobj=f, mode="r|*") as stream:
-                for key, ext, info in sample_members(stream):
+                for key, ext, info in sample_members(stream, reject):
                     # A member that repeats one of the sample's is another sample under the same key.
                     if current is not None and (current.key != key or ext in current.members):
                         yield from finish(current)
@@ -187,17 +231,18 @@ def iter_samples(shard: str | os.PathLike, rejects: list[Reject] | None = None,
 
 
 def iter_images(shard: str | os.PathLike, rejects: list[Reject] | None = None, *, min_size: int = 1,
-                index: list[IndexedSample] | None = None, max_pixels: int | None = None):
+                index: list[IndexedSample] | None = None, max_pixels: int | None = None,
+                batch_pixels: int | None = None):
     """Yield ``(sample, ImageInfo)`` for each sample of ``shard`` whose image passes the probe.
 
-    Samples with no image, a damaged image, more than ``max_pixels`` pixels, or a side shorter
-    than ``min_size`` pixels go to ``rejects`` with their reason.
+    Samples with no image, a damaged image, more than ``max_pixels`` (or ``batch_pixels``)
+    pixels, or a side shorter than ``min_size`` pixels go to ``rejects`` with their reason.
     """
     from beit_data.images import ImageError, probe_image
 
     for sample in iter_samples(shard, rejects, index):
         try:
-            info = probe_image(sample.image, max_pixels=max_pixels)
+            info = probe_image(sample.image, max_pixels=max_pixels, batch_pixels=batch_pixels)
         except ImageError as exc:
             if rejects is not None:
                 rejects.append(Reject(key=sample.key, reason=str(exc), shard=str(shard)))

@@ -10,6 +10,7 @@ from cli import CONTEXT, main
 from cli.options import (
     DEVICE,
     MAX_PIXELS,
+    MAX_SEED,
     MIX_SHARDS,
     NUM_THREADS,
     PARTITIONS,
@@ -17,6 +18,7 @@ from cli.options import (
     SEED,
     SHARDS,
     LocationType,
+    Real,
     config_of,
     echo_summary,
     main_process,
@@ -35,21 +37,23 @@ from pipelines.recipes import RECIPES
 @setting(ShardsConfig, "--shuffle/--no-shuffle",
          help="Write the images in a seeded random order; --no-shuffle keeps the listing order "
               "(class by class for ImageFolder trees).")
-@setting(ShardsConfig, "--seed", type=int, help="Seed of the write order.")
+@setting(ShardsConfig, "--seed", type=click.IntRange(0, MAX_SEED), help="Seed of the write order.")
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Number the classes by this class map (another run's shards.json or classes.json), so that an id "
                    "means the same class in every set [default: this tree's class folders in name order].")
 @click.option("--overwrite", is_flag=True,
-              help="Replace the shards and reports of an earlier run in --out (a folder that is not empty is refused "
-                   "otherwise).")
+              help="Replace the shards and reports of an earlier run in --out (and in --holdout-out), only once the "
+                   "new run is complete: a failed run leaves the earlier one as it was (a folder that is not empty "
+                   "is refused otherwise).")
 @click.option("--image-column", default=None,
               help="Parquet sources: the column of image bytes (or a struct with bytes) [default: found by name: "
                    "image, jpg, png, webp, ...].")
 @click.option("--label-column", default=None,
               help="Parquet sources: the column of class ids [default: found by name: label, cls, ...].")
-@click.option("--holdout-per-class", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--holdout-per-class", type=Real(min=0, min_open=True), default=None,
               help="Also write a held-out set: this many images of each class (or this share, below 1), drawn "
-                   "from --seed, disjoint from the training shards, with the same class map.")
+                   "from --seed, disjoint from the training shards, with the same class map. A class gives at most "
+                   "half its images (rounded down), with a warning where that is fewer than asked.")
 @click.option("--holdout-out", type=click.Path(file_okay=False), default=None,
               help="Folder for the held-out shards [default: OUT-holdout].")
 @MAX_PIXELS
@@ -58,16 +62,21 @@ def shards(**options):
     """Write WebDataset shards and DALI .idx files from image folders, path lists or Parquet.
 
     Each SOURCE is a flat folder of images, an ImageFolder tree (class sub-folders become
-    .cls members), a text file with one image path per line, or a Parquet image dataset (a
+    .cls members; a folder with images both at its top and in sub-folders is refused), a text
+    file with one image path per line, or a Parquet image dataset (a
     .parquet file, a folder of them, a glob or an s3:// / gs:// prefix: the Hugging Face layout,
     an image struct and a label whose class names the metadata holds, or img2dataset's jpg
     column), read a row group at a time. Each sample's .json member names where it came from
     (the file, or the Parquet file and row) and its class; shards.json records the order's seed
-    and the class map, which --classes reuses for a validation or probe set.
+    and the class map, which --classes reuses for a validation or probe set. Sources that
+    overlap (a file reached twice, by two sources or through a link) are refused.
     """
+    from cli import as_flags
     from pipelines.shards import run_shards
 
     result = run_shards(config_of(ShardsConfig, options))
+    for warning in result.warnings:
+        say(f"shards: warning: {as_flags(warning, click.get_current_context().command)}", err=True)
     echo_summary("shards", result.summary())
     for reject in result.rejects + (result.holdout.rejects if result.holdout else []):
         say(f"  rejected {reject.key}: {reject.reason}", err=True)
@@ -120,7 +129,7 @@ def index(**options):
               help="The paper whose views to draw: beit (crops from 8%, 112-px Lanczos tokenizer view) or beitv2 "
                    "(crops from 20%, the model's 224-px bicubic view) [default: beit for a dVAE, beitv2 for VQ-KD].")
 @setting(TokenizeConfig, "--views", type=click.IntRange(min=1), help="Views per image.")
-@click.option("--min-scale", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
+@click.option("--min-scale", type=Real(min=0, min_open=True, max=1), default=None,
               help="Smallest crop area, as a fraction of the image [default: the recipe's, 0.08 or 0.2].")
 @SEED
 @setting(TokenizeConfig, "--batch-size", type=click.IntRange(min=1),
@@ -136,6 +145,9 @@ def index(**options):
 @click.option("--compile", is_flag=True,
               help="Compile the tokenizer with torch.compile (slow to start; faster over a long run on a GPU).")
 @MAX_PIXELS
+@click.option("--batch-pixels", type=click.IntRange(min=1), default=None,
+              help="Decoded pixels one batch may hold: a batch ends early rather than pass it, and a larger image "
+                   "is rejected, before any is decoded [default: 536,870,912, about 1.6 GB of 8-bit RGB].")
 @NUM_THREADS
 @DEVICE
 @QUIET
@@ -206,9 +218,9 @@ def plan(as_json, **options):
 @click.option("--out", default=None, type=LocationType(dir_okay=False), help="PNG file for --render.")
 @click.option("--histogram", default=None, type=LocationType(dir_okay=False),
               help="Also draw token frequencies to this PNG (linear and log scales, dead codes marked).")
-@setting(InspectConfig, "--max-code-share", type=click.FloatRange(0, 1, min_open=True),
+@setting(InspectConfig, "--max-code-share", type=Real(0, 1, min_open=True),
          help="Warn when one code holds more than this share of the tokens.")
-@setting(InspectConfig, "--max-dead-codes", type=click.FloatRange(0, 1),
+@setting(InspectConfig, "--max-dead-codes", type=Real(0, 1),
          help="Warn when more than this share of the codebook never occurs.")
 def inspect(as_json, **options):
     """Summarise, validate and draw token Parquet files (exit 1 when validation finds errors)."""

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from beit_common import BeitDataError
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
-from beit_data.parquet_images import ParquetImages, is_parquet_source
+from beit_data.parquet_images import ParquetImages, file_identity, is_parquet_source
 from beit_data.shards import IMAGE_EXTS
 from beit_data.views import stable_rng
 from pipelines.config import ShardsConfig
@@ -85,8 +85,13 @@ def _visible_files(folder: Path) -> list[Path]:
 def collect_images(source: str | os.PathLike) -> list[ListedImage]:
     """List the images of one source, in a stable order (by class, then by name).
 
+    A folder is an ImageFolder tree when its images are all in sub-folders (one per class;
+    files at its top that are not images are left out), else a flat folder of images. Images
+    at the top beside sub-folders that hold images are refused: one half would be skipped
+    (torchvision's ImageFolder skips the top without a word), or the classes lost.
+
     Raises:
-        BeitDataError: If the source does not exist.
+        BeitDataError: If the source does not exist, or mixes the two layouts.
     """
     src = Path(source)
     if not src.exists():
@@ -100,9 +105,35 @@ def collect_images(source: str | os.PathLike) -> list[ListedImage]:
     entries = sorted(src.iterdir())
     subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
     files = [f for f in entries if _is_listed_file(f)]
-    if subdirs and not any(_is_image_name(f) for f in files):
+    top = [f for f in files if _is_image_name(f)]
+    if subdirs and not top:
         return [ListedImage(f, d.name, f.relative_to(src).as_posix()) for d in subdirs for f in _visible_files(d)]
+    nested = next((d for d in subdirs if any(_is_image_name(f) and _is_listed_file(f) for f in d.rglob("*"))), None)
+    if nested is not None:
+        raise BeitDataError(f"{src} holds images at its top (such as {top[0].name}) and in sub-folders (such as "
+                            f"{nested.name}/): class folders and images without a class cannot be mixed; move the "
+                            "top images into a class folder, or list every path in a text file to write them all "
+                            "without classes")
     return [ListedImage(f, None, f.name) for f in files]
+
+
+def _refuse_overlap(listing: list[tuple[str, ListedImage]]) -> None:
+    """Refuse a file listed twice (overlapping sources, a link to a listed file, a repeated
+    line): it would be written twice, and could be held out and trained on at once.
+
+    Raises:
+        BeitDataError: Naming the first such file, both ways it was reached and the count.
+    """
+    seen: dict[tuple[int, int] | str, tuple[str, ListedImage]] = {}
+    twice = []
+    for source, image in listing:
+        first = seen.setdefault(file_identity(image.path), (source, image))
+        if first[1] is not image:
+            twice.append((first, (source, image)))
+    if twice:
+        (a, x), (b, y) = twice[0]
+        raise BeitDataError(f"{y.path} is listed twice: as {x.source} of source {a} and as {y.source} of source {b} "
+                            f"({len(twice)} files are); the sources overlap: give each image once")
 
 
 def write_order(listing: list, *, shuffle: bool, seed: int) -> list:
@@ -183,9 +214,11 @@ def open_source(config: ShardsConfig) -> Source:
 
 
 def _file_source(config: ShardsConfig) -> Source:
-    listing = [item for source in config.sources for item in collect_images(source)]
-    if not listing:
+    found = [(str(source), item) for source in config.sources for item in collect_images(source)]
+    if not found:
         raise BeitDataError(f"no files in {', '.join(map(str, config.sources))}")
+    _refuse_overlap(found)
+    listing = [item for _, item in found]
     classes = _class_map(sorted({item.cls for item in listing if item.cls is not None}), config.classes)
     items = (Item(f.source, f.cls, i, lambda f=f: _file_bytes(f.path), str(f.path))
              for i, f in write_order(list(enumerate(listing)), shuffle=config.shuffle, seed=config.seed))
@@ -218,10 +251,14 @@ def _parquet_source(config: ShardsConfig) -> Source:
     return Source(items, classes, [name(int(x)) for x in labels] if labels is not None else [None] * images.count)
 
 
-def held_out(labels: list[str | None], per_class: float, seed: int) -> set[int]:
+def held_out(labels: list[str | None], per_class: float, seed: int) -> tuple[set[int], str | None]:
     """The listing positions set apart, drawn from ``seed`` within each class: ``per_class``
     images of each (a count), or that share of each (below 1), at least one of every class
-    with two or more.
+    with two or more; and a warning where that was capped.
+
+    No class gives more images to the held-out set than it keeps for training: a request that
+    would is capped at half the class, rounded down (a class of one image keeps it), and the
+    warning says so.
 
     Raises:
         BeitDataError: For unlabeled images.
@@ -231,11 +268,21 @@ def held_out(labels: list[str | None], per_class: float, seed: int) -> set[int]:
         if label is None:
             raise BeitDataError("`holdout_per_class` needs labeled images (class folders or a label column)")
         by_class.setdefault(label, []).append(i)
-    chosen = set()
+    chosen, capped, asked = set(), [], 0
     for label in sorted(by_class):
         members = by_class[label]
-        count = int(per_class) if per_class >= 1 else max(1, round(per_class * len(members)))
-        count = min(count, len(members) - 1)  # the training set keeps one of every class
+        want = int(per_class) if per_class >= 1 else max(1, round(per_class * len(members)))
+        count = min(want, len(members) // 2)
+        if count < want:
+            capped.append(label)
+            asked += want
         picks = stable_rng(seed, "holdout", label).permutation(len(members))[:count]
         chosen.update(members[int(p)] for p in picks)
-    return chosen
+    warning = None
+    if capped:
+        held = sum(len(by_class[c]) // 2 for c in capped)
+        warning = (f"`holdout_per_class` {per_class:g} would leave {len(capped)} of {len(by_class)} classes with "
+                   f"fewer training than held-out images (such as {capped[0]}, which has {len(by_class[capped[0]])}): "
+                   f"held out half of each of those, rounded down ({held} images instead of {asked}), "
+                   f"{len(chosen)} in all")
+    return chosen, warning

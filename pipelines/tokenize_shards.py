@@ -8,7 +8,9 @@ By default, images whose shorter side is under the tokenizer's input size are re
 rather than upscaled: such an image cannot give a 224-pixel ViT view without inventing
 detail. ``min_size`` lowers the bar (0 keeps every decodable image and upscales its views,
 as the reference's RandomResizedCrop does). Each token file records its shard's fingerprint,
-so a shard rewritten since is refused rather than skipped as finished.
+so a shard rewritten since is refused rather than skipped as finished. A shard whose ``.idx``
+no longer lists its members (training reads the images by it) is refused before its file is
+written, naming ``beit-data index --overwrite``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from beit_common import (
     write_text_atomic,
 )
 from beit_data.dali_views import DaliViews, ViewSpec
+from beit_data.images import BATCH_PIXELS
 from beit_data.prefetch import batched, prefetch
 from beit_data.progress import progress_bar
-from beit_data.shard_index import check_fingerprint, index_count, shard_fingerprint
-from beit_data.shards import Reject, expand_shards, iter_images, without_duplicates
+from beit_data.shard_index import StaleIndex, check_fingerprint, index_count, shard_fingerprint, stale_index
+from beit_data.shards import Reject, check_finished_folders, expand_shards, iter_images, without_duplicates
 from beit_data.tokens import (
     build_table,
     check_recipe,
@@ -105,7 +108,8 @@ def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool
 
     Raises:
         BeitDataError: For a finished file that is unreadable, from another recipe, or made
-            from a shard that has changed since, without ``overwrite``; each names it.
+            from a shard that has changed since, without ``overwrite``; each names it. A shard
+            whose ``.idx`` is stale is refused also with ``overwrite``, naming ``index --overwrite``.
     """
     todo, skipped, grow = [], 0, {}
     hint = "; pass `overwrite` to replace it"
@@ -125,6 +129,8 @@ def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool
             check_recipe(have, meta, f"{target} and this run", hint)
             # On object storage, the size (and the .idx where there is one): not a scan of the tar.
             check_fingerprint(shard, have.get("shard"), target, full=storage.scan_is_cheap(shard))
+        except StaleIndex:
+            raise  # tokenizing again would not mend the index
         except BeitDataError as exc:
             if overwrite:
                 todo.append(shard)
@@ -146,9 +152,13 @@ def _expected_images(shards: list[Location]) -> int | None:
 
 
 def _prepared_batches(shard: Location, job: TokenizeJob, rejects: list[Reject], members=None, first: int = 0):
-    """Batches of (sample, info) with their views from ``first`` on: the Python half of the loading."""
-    images = iter_images(shard, rejects, min_size=job.min_size, index=members, max_pixels=job.cfg.max_pixels)
-    for batch in batched(images, job.cfg.batch_size):
+    """Batches of (sample, info) with their views from ``first`` on: the Python half of the loading.
+    A batch ends early rather than decode more than ``batch_pixels``; a larger image is rejected."""
+    budget = job.cfg.batch_pixels or BATCH_PIXELS
+    images = iter_images(shard, rejects, min_size=job.min_size, index=members, max_pixels=job.cfg.max_pixels,
+                         batch_pixels=budget)
+    for batch in batched(images, job.cfg.batch_size, cost=lambda item: item[1].width * item[1].height,
+                         budget=budget):
         yield batch, [sample_views(job.recipe, s.key, info.width, info.height)[first:] for s, info in batch]
 
 
@@ -186,6 +196,9 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     grid = tokenizer.grid
     tokens = np.concatenate(all_tokens) if all_tokens else np.zeros((0, grid, grid), np.int16)
     all_rows, tokens, rejects = without_duplicates(shard, members, all_rows, tokens, rejects)
+    stale = stale_index(shard, members)  # pretrain reads the images by the .idx: it must list these members
+    if stale is not None:
+        raise stale
     fingerprint = shard_fingerprint(shard, members, size=size)
     if cfg.strict and rejects:  # nothing a rerun would take as finished
         return len(all_rows) // per_image, len(all_rows), rejects
@@ -212,6 +225,7 @@ def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
     """Tokenize this rank's shards; the result, over all ranks, goes to ``OUT/summary.json`` (rank 0)."""
     start = time.perf_counter()
     shards = expand_shards(cfg.shards)
+    check_finished_folders(shards)  # not the part of a set an interrupted `shards` run left
     token_paths(cfg.out, shards)  # two shards of one name would write one file
     _check_out_beside_shards(shards, cfg.out)
     tokenizer = load_tokenizer(cfg.tokenizer)
