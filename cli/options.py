@@ -7,6 +7,9 @@ by several commands are defined here once.
 
 from __future__ import annotations
 
+import math
+import re
+
 import click
 
 from beit_common import Location, redact
@@ -14,8 +17,9 @@ from beit_data.stream_config import StreamConfig
 from pipelines.pretrain_config import RuntimeConfig
 from pipelines.sections import Sectioned, default
 
-__all__ = ["setting", "config_of", "say", "echo_summary", "main_process", "LocationType", "layer_numbers",
-           "DISPLAY", "SHARDS", "SEED", "MIX_SHARDS", "PARTITIONS", "QUIET", "MAX_PIXELS", "DEVICE", "NUM_THREADS"]
+__all__ = ["setting", "config_of", "say", "echo_summary", "main_process", "LocationType", "Real", "DeviceType",
+           "layer_numbers", "MAX_SEED", "DISPLAY", "SHARDS", "SEED", "MIX_SHARDS", "PARTITIONS", "QUIET", "MAX_PIXELS",
+           "DEVICE", "NUM_THREADS"]
 
 # Options that only choose how a command prints, not what it does.
 DISPLAY = ("as_json",)
@@ -59,14 +63,43 @@ class LocationType(click.Path):
         return location if not location.is_local else Location(super().convert(value, param, ctx))
 
 
+class Real(click.FloatRange):
+    """A float in a range, and a number: click's ``FloatRange`` lets ``nan`` through (every
+    comparison with it is false) and ``inf`` where there is no upper bound. Every float option
+    takes this type, so each has a range checked at parse time (``tests/test_integrity_settings.py``
+    walks every command's options)."""
+
+    name = "real"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return number
+
+
+class DeviceType(click.ParamType):
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``, checked at parse time (torch would raise later)."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            return value
+        self.fail(f"{value!r} is not cpu, cuda, cuda:N or auto", param, ctx)
+
+
 def layer_numbers(ctx, param, value: str | None) -> tuple[int, ...] | None:
-    """``8,9,10`` as block numbers, for --layers and --probe-layers."""
+    """``8,9,10`` as block numbers (1 or more), for --layers and --probe-layers."""
     if not value:
         return None
     try:
-        return tuple(int(x) for x in value.split(","))
+        layers = tuple(int(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected block numbers such as 8,9,10, got {value}") from None
+    if min(layers) < 1:
+        raise click.BadParameter(f"block numbers start at 1, got {value}")
+    return layers
 
 
 SHARDS = click.option(
@@ -74,7 +107,8 @@ SHARDS = click.option(
     help="Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob; local, or s3://, "
          "gs://, http(s):// URLs (a prefix is listed), or WebDataset pipe: commands.",
 )
-SEED = setting(StreamConfig, "--seed", type=int, help="Seed of every random choice.")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes the seed plus a rank and step offset: a 64-bit sum
+SEED = setting(StreamConfig, "--seed", type=click.IntRange(0, MAX_SEED), help="Seed of every random choice.")
 MIX_SHARDS = setting(StreamConfig, "--mix-shards", type=click.IntRange(min=1),
                      help="Shards each partition reads at once; their samples are permuted together.")
 PARTITIONS = setting(StreamConfig, "--partitions", type=click.IntRange(min=1),
@@ -84,5 +118,6 @@ QUIET = click.option("--quiet", "progress", is_flag=True, flag_value=False, defa
 MAX_PIXELS = click.option(
     "--max-pixels", type=click.IntRange(min=1), default=None,
     help="Reject images with more pixels, as likely decompression bombs [default: Pillow's limit, 178,956,970].")
-DEVICE = setting(RuntimeConfig, "--device", help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
+DEVICE = setting(RuntimeConfig, "--device", type=DeviceType(),
+                 help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
 NUM_THREADS = setting(StreamConfig, "--num-threads", type=click.IntRange(min=1), help="DALI CPU threads.")

@@ -18,6 +18,7 @@ from cli.options import (
     SEED,
     SHARDS,
     LocationType,
+    Real,
     config_of,
     echo_summary,
     layer_numbers,
@@ -26,7 +27,7 @@ from cli.options import (
     setting,
 )
 from pipelines.config import ExportConfig, ProbeConfig, TrainDVAEConfig
-from pipelines.pretrain_config import PretrainConfig
+from pipelines.pretrain_config import PATCHES, PretrainConfig
 from pipelines.recipes import DVAE_CONFIGS, RECIPES
 
 
@@ -37,7 +38,7 @@ from pipelines.recipes import DVAE_CONFIGS, RECIPES
          help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
 @setting(TrainDVAEConfig, "--steps", type=click.IntRange(min=1), help="Training steps.")
 @setting(TrainDVAEConfig, "--batch-size", type=click.IntRange(min=1), help="Images per step.")
-@setting(TrainDVAEConfig, "--lr", type=float, help="Peak learning rate (cosine decay).")
+@setting(TrainDVAEConfig, "--lr", type=Real(min=0, min_open=True), help="Peak learning rate (cosine decay).")
 @setting(TrainDVAEConfig, "--checkpoint-every", type=click.IntRange(min=1), help="Save a checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue training the checkpoint at --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at --out.")
@@ -55,6 +56,8 @@ def train_dvae(**options):
     for warning in report["warnings"]:
         say(f"train-dvae: warning: {warning}", err=True)
 
+
+BETA = Real(0, 1, max_open=True)  # each of AdamW's betas
 
 # pretrain's held-out figures and k-NN probe, in the order --help lists them.
 QUALITY_OPTIONS = [
@@ -102,19 +105,23 @@ def pretrain_options(command):
         setting(PretrainConfig, "--grad-accum", type=click.IntRange(min=1),
                 help="Micro-batches per optimizer step (timm's --grad-accum-steps, unilm's --update_freq): "
                      "the paper's 2048 on one GPU is --batch-size 256 --grad-accum 8."),
-        click.option("--lr", type=float, default=None, help="Peak learning rate, not rescaled [recipe]."),
-        setting(PretrainConfig, "--min-lr", type=float, help="Learning rate at the end of the cosine."),
-        click.option("--warmup-epochs", type=float, default=None, help="Linear warmup, per step [recipe]."),
+        click.option("--lr", type=Real(min=0, min_open=True), default=None,
+                     help="Peak learning rate, not rescaled [recipe]."),
+        setting(PretrainConfig, "--min-lr", type=Real(min=0), help="Learning rate at the end of the cosine."),
+        click.option("--warmup-epochs", type=Real(min=0), default=None, help="Linear warmup, per step [recipe]."),
         click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
                      help="Warmup steps (overrides --warmup-epochs)."),
-        setting(PretrainConfig, "--weight-decay", type=float, help="AdamW weight decay."),
-        setting(PretrainConfig, "--adam-betas", name="betas", type=(float, float),
+        setting(PretrainConfig, "--weight-decay", type=Real(min=0), help="AdamW weight decay."),
+        setting(PretrainConfig, "--adam-betas", name="betas", type=(BETA, BETA),
                 help="AdamW's beta1 and beta2 (BEiT v2's 1600-epoch recipe lowers beta2 to 0.98)."),
-        click.option("--drop-path", type=float, default=None, help="Stochastic depth rate [recipe]."),
-        click.option("--layer-scale", type=float, default=None, help="LayerScale initial value [recipe]."),
-        setting(PretrainConfig, "--clip-grad", type=float, help="Gradient-norm clipping."),
-        setting(PretrainConfig, "--num-masked", type=click.IntRange(min=1),
-                help="Patches masked per image, in blocks (BEiT: 75 of 196; BEiT-3 masks 40%, 78)."),
+        click.option("--drop-path", type=Real(0, 1, max_open=True), default=None,
+                     help="Stochastic depth rate [recipe]."),
+        click.option("--layer-scale", type=Real(min=0), default=None,
+                     help="LayerScale initial value; 0 turns LayerScale off [recipe]."),
+        setting(PretrainConfig, "--clip-grad", type=Real(min=0),
+                help="Clip the gradient's norm to this; 0 turns clipping off (as in DINO and iBOT)."),
+        setting(PretrainConfig, "--num-masked", type=click.IntRange(1, PATCHES),
+                help=f"Patches masked per image, in blocks (BEiT: 75 of {PATCHES}; BEiT-3 masks 40%, 78)."),
         setting(PretrainConfig, "--checkpoint-every", type=click.IntRange(min=1),
                 help="Save a checkpoint every N steps (and at the end)."),
         setting(PretrainConfig, "--log-every", type=click.IntRange(min=1), help="Log every N steps."),
@@ -159,7 +166,7 @@ def pretrain(**options):
 @click.option("--train-shards", required=True, help="Labeled shards (.cls members) the k-NN votes with.")
 @click.option("--val-shards", required=True, help="Labeled shards the probe is scored on.")
 @setting(ProbeConfig, "--k", type=click.IntRange(min=1), help="Neighbours of the k-NN.")
-@setting(ProbeConfig, "--temperature", type=click.FloatRange(min=0, min_open=True),
+@setting(ProbeConfig, "--temperature", type=Real(min=0, min_open=True),
          help="Temperature T of the k-NN's exp(cos / T) votes.")
 @click.option("--layers", default=None, callback=layer_numbers,
               help="Blocks (1-based, comma-separated) whose mean patch tokens are averaged [default: the last].")

@@ -22,9 +22,10 @@ from beit_data.stream_config import StreamConfig
 from pipelines.recipes import RECIPES, check_recipe_name
 from pipelines.sections import Sectioned, setting_names
 
-__all__ = ["PretrainConfig", "ArchConfig", "OptimConfig", "EvalConfig", "RuntimeConfig", "RECIPE_KEYS"]
+__all__ = ["PretrainConfig", "ArchConfig", "OptimConfig", "EvalConfig", "RuntimeConfig", "RECIPE_KEYS", "PATCHES"]
 
 RECIPE_KEYS = ("model", "epochs", "lr", "warmup_epochs", "layer_scale", "drop_path")
+PATCHES = (224 // 16) ** 2  # patches of every beit_mim_* model (16-pixel patches at 224): the most a mask holds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +45,7 @@ class OptimConfig:
     warmup_steps: int | None = None  # overrides warmup_epochs
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0
+    clip_grad: float = 3.0  # the gradient's largest norm; 0: no clipping
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs < 1:

@@ -123,6 +123,7 @@ def accumulated_step(model: torch.nn.Module, optimizer, scheduler, batches: Iter
     Args:
         batches: ``(images, tokens, mask)`` of each micro-batch, taken one at a time.
         model: The model whose parameters are clipped.
+        clip_grad: The largest norm of the gradient; 0 leaves it as it is.
         scheduler: Stepped after the optimizer; ``None`` keeps the learning rate.
         forward: What to call for the forward pass when it is not ``model`` itself: its DDP
             or ``torch.compile`` wrapper.
@@ -143,7 +144,10 @@ def accumulated_step(model: torch.nn.Module, optimizer, scheduler, batches: Iter
     masked = sums[1].clamp(min=1)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     torch._foreach_mul_(grads, world_size / masked)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if clip_grad > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    else:  # 0 is no clipping, as in DINO and iBOT; the norm is still measured, for the log
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else sums[1] * 0
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -8,7 +8,7 @@ import click
 import pytest
 
 import cli
-from cli.options import DISPLAY
+from cli.options import DISPLAY, DeviceType
 from pipelines.config import (
     ExportConfig,
     IndexConfig,
@@ -59,6 +59,8 @@ def value_for(param: click.Parameter, tmp_path) -> tuple[list[str], object]:
         expected = (2, 3)
     elif isinstance(kind, click.Tuple):  # two floats (--adam-betas)
         words, expected = ["0.8", "0.95"], (0.8, 0.95)
+    elif isinstance(kind, DeviceType):
+        words, expected = ["cuda:1"], "cuda:1"
     elif isinstance(kind, click.Choice):
         expected = next(c for c in kind.choices if c != param.default)
         words = [expected]
