@@ -41,15 +41,34 @@ __all__ = ["ProbeConfig", "run_probe", "labeled_features", "encoder_features", "
 CROP = 224 / 256  # the centre crop's side, as a fraction of the shorter side
 
 
-def _label(sample, shard) -> int:
+def _label(sample, shard, classes: tuple[int, Location] | None) -> int:
+    """The sample's class id, 0 or more and, where a class map lies beside its shard (``classes``:
+    its size and file), one of its ids: another would be a class of its own, with no images."""
     raw = sample.members.get("cls")
     if raw is None:
         raise BeitDataError(f"{shard}: sample {sample.key} has no .cls member; probing needs labeled shards "
                             "(`beit-data shards` writes them for an ImageFolder tree)")
     try:
-        return int(raw.decode().strip())
+        label = int(raw.decode().strip())
     except (UnicodeDecodeError, ValueError):
         raise BeitDataError(f"{shard}: sample {sample.key} has a .cls member that is not an integer") from None
+    if label < 0 or classes and label >= classes[0]:
+        bound = f"0 to {classes[0] - 1}, the {classes[0]} classes of {classes[1]}" if classes else "0 or more"
+        raise BeitDataError(f"{shard}: sample {sample.key} has class {label}; class ids are {bound}")
+    return label
+
+
+def class_map_size(shard: str) -> tuple[int, Location] | None:
+    """The number of classes of the class map recorded beside ``shard`` (the ``shards.json`` that
+    ``beit-data shards`` writes), and that file; None where there is none (img2dataset's shards)."""
+    shard = Location(shard)
+    if shard.kind == "pipe" or not storage.exists(path := shard.parent / "shards.json"):
+        return None
+    try:
+        classes = json.loads(storage.read_bytes(path)).get("classes")
+    except (ValueError, AttributeError):  # not one the shards command wrote: no class map to hold to
+        return None
+    return (len(classes), path) if isinstance(classes, list) and classes else None
 
 
 def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], device: torch.device, *,
@@ -87,8 +106,9 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
     try:
         for shard in shards[dist.rank::dist.world_size] if dist else shards:
             sizes.append(len(labels))
+            classes = class_map_size(shard)
             for sample, info in iter_images(shard):
-                labels.append(_label(sample, shard))
+                labels.append(_label(sample, shard, classes))
                 maps.add(sample, labels[-1])
                 pending.append((sample, info))
                 if len(pending) == batch_size:
@@ -222,14 +242,31 @@ def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str]:
                             f"{info_path.name} beside it")
     import timm
 
-    info = json.loads(storage.read_bytes(info_path))
+    info = _export_info(info_path)
     with storage.local_copy(source) as local:
         try:
             model = timm.create_model(info["timm_model"], checkpoint_path=str(local), **info["timm_kwargs"])
-        except (KeyError, RuntimeError) as exc:
+        except (KeyError, RuntimeError, TypeError) as exc:
             raise BeitDataError(f"{source}: not an encoder `beit-data export` wrote: "
                                 f"{str(exc).splitlines()[0]}") from None
     return model, "encoder"
+
+
+def _export_info(path: Location) -> dict:
+    """The JSON ``beit-data export`` wrote beside an encoder: its timm model and keyword arguments.
+
+    Raises:
+        BeitDataError: Naming the file, when it is not that JSON.
+    """
+    try:
+        info = json.loads(storage.read_bytes(path))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BeitDataError(f"{path} is not the JSON `beit-data export` writes: {exc}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("timm_model"), str) or \
+            not isinstance(info.get("timm_kwargs"), dict):
+        raise BeitDataError(f"{path} is not the JSON `beit-data export` writes: it needs timm_model (a name) and "
+                            "timm_kwargs (an object); export the run again")
+    return info
 
 
 def run_probe(cfg: ProbeConfig) -> dict | None:
