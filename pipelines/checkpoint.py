@@ -2,8 +2,8 @@
 
 A run is made of parts that each give their state (``state_dict``) and take it back
 (``load_state_dict``): the model, the optimizer, the scheduler, the stream's position and every
-rank's random generators (``RNGState``). Saving and restoring are a loop over them
-(``save_checkpoint``, ``restore_parts``), so a new piece of state is one more part.
+rank's random generators and CPU thread count (``RNGState``). Saving and restoring are a loop
+over them (``save_checkpoint``, ``restore_parts``), so a new piece of state is one more part.
 
 ``RUN/checkpoint.pt`` is one ``torch.save`` of a dict of plain tensors and Python values (it
 loads with ``weights_only=True``): each part's state under its name, and
@@ -21,12 +21,14 @@ Checkpoints written before keep loading: their stream state is an ``(epoch, step
 from __future__ import annotations
 
 import os
+import sys
 from typing import Protocol
 
 import torch
 
 from beit_common import BeitDataError, Location, describe_file, save_atomic, storage
 from beit_data.tokens import with_defaults
+from pipelines.runtime import same_threads
 
 __all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "save_checkpoint", "load_checkpoint",
            "restore_parts", "changed_settings", "check_resume", "model_from_checkpoint"]
@@ -43,26 +45,32 @@ class Stateful(Protocol):
 
 
 class RNGState:
-    """The torch generators of every rank (drop path differs per rank), saved together by rank 0
-    and given back to each rank; gathering them is a collective: every rank saves."""
+    """The torch generators of every rank (drop path differs per rank) and its CPU thread count
+    (on the CPU, the last bits of a sum depend on it: ``runtime.same_threads``), saved together by
+    rank 0 and given back to each rank; gathering them is a collective: every rank saves.
+    Checkpoints from before the thread count load as they are (a line says so on the CPU)."""
 
     def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1):
         self.device, self.rank, self.world_size = device, rank, world_size
 
     def state_dict(self) -> dict:
-        mine = {"cpu": torch.get_rng_state(),
+        mine = {"cpu": torch.get_rng_state(), "threads": torch.get_num_threads(),
                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         ranks = [mine]
         if self.world_size > 1:
             ranks = [None] * self.world_size
             torch.distributed.all_gather_object(ranks, mine)
-        return {"cpu": [r["cpu"] for r in ranks],
+        return {"cpu": [r["cpu"] for r in ranks], "threads": [r["threads"] for r in ranks],
                 "cuda": [r["cuda"] for r in ranks] if self.device.type == "cuda" else []}
 
     def load_state_dict(self, state: dict) -> None:
         torch.set_rng_state(state["cpu"][self.rank % len(state["cpu"])])
         if self.device.type == "cuda" and state.get("cuda"):
             torch.cuda.set_rng_state(state["cuda"][self.rank % len(state["cuda"])], self.device)
+        threads = state.get("threads")
+        note = same_threads(threads[self.rank % len(threads)] if threads else None, self.device)
+        if note and self.rank == 0:
+            print(f"pretrain: {note}", file=sys.stderr)
 
 
 def checkpoint_path(run: str | os.PathLike) -> Location:

@@ -225,7 +225,8 @@ def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, 
         torch.manual_seed(cfg.data.seed + 1000 * dist.rank)  # drop path differs per rank
     run.config = {**redacted(cfg.flat()), "ranks": dist.world_size,
                   "global_batch": cfg.data.global_batch(dist.world_size), "total_steps": total,
-                  "warmup_steps": warmup, "steps_per_epoch": stream.steps_per_epoch(0)}
+                  "warmup_steps": warmup, "steps_per_epoch": stream.steps_per_epoch(0),
+                  "torch_threads": torch.get_num_threads()}  # the checkpoint holds each rank's
     if run.is_main:
         write_text_atomic(out / "config.json", json.dumps(run.config, indent=1))
     return run

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from beit_common import BeitDataError
 
-__all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "DistInfo", "dist_info", "init_distributed",
-           "slurm_env", "first_host", "gather_dealt", "all_ranks_ok"]
+__all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "same_threads", "DistInfo", "dist_info",
+           "init_distributed", "slurm_env", "first_host", "gather_dealt", "all_ranks_ok"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -53,6 +54,31 @@ def deterministic_on_cpu(device: torch.device):
         torch.use_deterministic_algorithms(before)
 
 
+def same_threads(saved: int | None, device: torch.device) -> str | None:
+    """Set torch's CPU thread count to ``saved``, the count a run was saved with, for a resume on
+    the CPU to go on bit for bit: a float32 reduction splits its sum by thread, so another count
+    moves the last bits (torchrun sets OMP_NUM_THREADS=1; srun and a shell leave torch one
+    thread per core). GPU runs are left alone: their arithmetic is on the GPU.
+
+    Returns:
+        A line to tell the user, or None when nothing changed.
+    """
+    now = torch.get_num_threads()
+    if device.type != "cpu" or saved == now:
+        return None
+    if saved is None:
+        return (f"the checkpoint does not record torch's CPU thread count (it predates it); the run goes on with "
+                f"{now}, and its losses differ bitwise from an uninterrupted run's unless that had {now} too")
+    try:
+        torch.set_num_threads(saved)
+    except (RuntimeError, TypeError, ValueError):
+        pass
+    if torch.get_num_threads() != saved:
+        return (f"torch's CPU threads are {now}, not the {saved} the run was saved with, and cannot be set: the "
+                "losses will differ bitwise from an uninterrupted run's")
+    return f"torch's CPU threads set to {saved}, as the run was saved with (this process had {now}), to resume bitwise"
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -60,30 +86,81 @@ class DistInfo:
     local_rank: int = 0
 
 
-def dist_info() -> DistInfo:
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+SLURM = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")  # the same, as srun gives a task
+
+
+def dist_info(environ: Mapping[str, str] | None = None) -> DistInfo:
     """This process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), under ``srun`` (see
-    ``slurm_env``), or a single process."""
-    env = {**slurm_env(os.environ), **os.environ}
+    ``slurm_env``), or a single process: every command that reads ranks reads them here.
+
+    An environment that gives its place in part, or an impossible one, is refused: a process
+    that takes ``RANK=1`` alone for one process of one would skip the shards of rank 0, and one
+    that waits for ranks that never come would hang.
+
+    Raises:
+        BeitDataError: Naming the variable and what to set.
+    """
+    environ = os.environ if environ is None else environ
+    from_slurm = slurm_env(environ)
+    env, names = ({**environ, **from_slurm}, SLURM) if from_slurm else (environ, TORCHRUN)
+    rank_name, world_name, local_name = names
+    given = [name for name in TORCHRUN if name in env]
+    if not given:
+        return DistInfo()
+    for needed in ("RANK", "WORLD_SIZE"):
+        if needed not in env:
+            raise BeitDataError(f"{given[0]} is set ({env[given[0]]}) but {needed} is not: a process of several "
+                                "needs RANK and WORLD_SIZE (torchrun and srun set them, with LOCAL_RANK); set "
+                                "both, or neither for one process")
+    world = _whole(env["WORLD_SIZE"], world_name, least=1)
+    rank, local = _whole(env["RANK"], rank_name), _whole(env.get("LOCAL_RANK", "0"), local_name)
+    for name, value in ((rank_name, rank), (local_name, local)):
+        if value >= world:
+            raise BeitDataError(f"{name} is {value}, but {world_name} is {world}: a rank is 0 to {world - 1}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(name)]
+    if missing:
+        raise BeitDataError(f"{world_name} is {world} but {' and '.join(missing)} {'are' if missing[1:] else 'is'} "
+                            "not set: the ranks meet there (torchrun and srun set them); launch with torchrun or srun, "
+                            "or unset WORLD_SIZE for one process")
+    if world > 1:
+        _whole(env["MASTER_PORT"], "MASTER_PORT", least=1)
+    return DistInfo(rank, world, local)
+
+
+def _whole(value: str, name: str, least: int = 0) -> int:
+    """``value`` of the variable ``name``, a whole number of at least ``least``."""
     try:
-        return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-    except ValueError as exc:
-        raise BeitDataError(f"bad RANK/WORLD_SIZE/LOCAL_RANK in the environment: {exc}") from None
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < least:
+        raise BeitDataError(f"{name} is {value!r} in the environment; it must be a whole number of {least} or more")
+    return number
 
 
-def slurm_env(environ) -> dict[str, str]:
+def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
     """torchrun's variables for a task that ``srun`` started, where torchrun's own are absent:
     RANK, WORLD_SIZE and LOCAL_RANK from the step's task id, task count and local id, and the
     rendezvous (MASTER_ADDR: the step's first node; MASTER_PORT: from the job id) unless set.
-    Empty outside an ``srun`` step of more than one task, or under torchrun."""
+    Empty outside an ``srun`` step of more than one task, or under torchrun (any of its
+    variables set: ``dist_info`` checks them).
+
+    Raises:
+        BeitDataError: For a Slurm variable that is not a whole number.
+    """
     # SLURM_STEP_NUM_TASKS is srun's alone: a command the batch script runs itself (where
     # SLURM_PROCID is 0 and SLURM_NTASKS the job's) is one process, not rank 0 of many.
-    tasks = environ.get("SLURM_STEP_NUM_TASKS", "1")
-    if "RANK" in environ or "SLURM_PROCID" not in environ or tasks == "1":
+    if any(name in environ for name in TORCHRUN) or "SLURM_PROCID" not in environ:
+        return {}
+    tasks = _whole(environ.get("SLURM_STEP_NUM_TASKS", "1"), "SLURM_STEP_NUM_TASKS", least=1)
+    if tasks == 1:
         return {}
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
     # A port per job and step: two multi-task steps of one job at once do not collide.
-    port = 20000 + (int(environ.get("SLURM_JOB_ID", "0")) + 1000 * int(environ.get("SLURM_STEP_ID", "0") or 0)) % 20000
-    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": tasks, "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+    job, step = (_whole(environ.get(name) or "0", name) for name in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
+    port = 20000 + (job + 1000 * step) % 20000
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
             "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodes),
             "MASTER_PORT": environ.get("MASTER_PORT") or str(port)}
 
