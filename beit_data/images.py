@@ -14,13 +14,17 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["ImageInfo", "ImageError", "ImageTooLarge", "probe_image", "jpeg_end", "FORMAT_EXT", "EXIF_RULE",
-           "MAX_PIXELS"]
+           "MAX_PIXELS", "BATCH_PIXELS"]
 
 # Images over this many pixels are rejected as likely decompression bombs: Pillow's own limit
 # (twice its warning level). beit-data checks it itself, so that ``max_pixels`` can raise it;
 # Pillow's global check is turned off for that reason.
 MAX_PIXELS = 2 * 89_478_485
 Image.MAX_IMAGE_PIXELS = None
+# Decoded pixels one batch may hold (tokenize's ``batch_pixels``). Memory follows the pixels a
+# batch decodes, not its images: a 20 KB PNG of 13000 x 13000 decodes to 507 MB of RGB. About
+# 1.6 GB of 8-bit RGB, three such images; a batch of 64 photographs of 12 megapixels is split in two.
+BATCH_PIXELS = 2**29
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Recorded in the token metadata. DALI's decoders apply EXIF orientation by default, and
@@ -35,15 +39,23 @@ class ImageError(ValueError):
 
 
 class ImageTooLarge(ImageError):
-    """An image over the pixel limit. ``reason`` says so; the message adds the setting that
-    raises the limit, which the commands that first read images have."""
+    """An image over a pixel limit: the guard against decompression bombs (``--max-pixels``), or
+    what one batch may decode (``--batch-pixels``). ``reason`` says which; the message adds the
+    setting that raises it, which the commands that first read images have."""
+
+    def __init__(self, reason: str, setting: str = "--max-pixels"):
+        super().__init__(reason, setting)  # both in args: the exception pickles whole
 
     @property
     def reason(self) -> str:
         return self.args[0]
 
+    @property
+    def setting(self) -> str:
+        return self.args[1]
+
     def __str__(self) -> str:
-        return f"{self.reason}; raise it with --max-pixels"
+        return f"{self.reason}; raise it with {self.setting}"
 
 
 @dataclass(frozen=True)
@@ -115,13 +127,16 @@ def _check_complete(fmt: str, data: bytes) -> None:
             raise ImageError("truncated WebP (shorter than its RIFF size)")
 
 
-def probe_image(data: bytes, *, decode: bool = False, max_pixels: int | None = None) -> ImageInfo:
+def probe_image(data: bytes, *, decode: bool = False, max_pixels: int | None = None,
+                batch_pixels: int | None = None) -> ImageInfo:
     """Read an encoded image's format and displayed size, and check that it is whole.
 
     Args:
         data: The encoded bytes.
         decode: Also decode every pixel (slow, thorough).
         max_pixels: Larger images are rejected before any pixel is decoded (default ``MAX_PIXELS``).
+        batch_pixels: Larger images are rejected too, as more than a batch may decode (no limit
+            when None).
 
     Raises:
         ImageError: With a reject reason, for empty, unknown, unsupported or damaged data.
@@ -138,6 +153,9 @@ def probe_image(data: bytes, *, decode: bool = False, max_pixels: int | None = N
             if width * height > limit:
                 raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels, over the limit of {limit:,} "
                                     "that guards against decompression bombs")
+            if batch_pixels is not None and width * height > batch_pixels:
+                raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels, more than one batch may "
+                                    f"decode ({batch_pixels:,})", "--batch-pixels")
             orientation = int(im.getexif().get(_ORIENTATION_TAG, 1)) if fmt == "JPEG" else 1
             if decode:
                 im.load()

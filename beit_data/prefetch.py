@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
 
 
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+def batched(items: Iterable[T], size: int, *, cost: Callable[[T], int] | None = None,
+            budget: int | None = None) -> Iterator[list[T]]:
+    """Lists of ``size`` items (the last may hold fewer). With ``cost`` and ``budget``, a list
+    also ends before an item that would take its total cost past ``budget``: an item that costs
+    more than ``budget`` on its own still goes, alone (its caller refuses those beforehand)."""
     batch: list[T] = []
+    total = 0
     for item in items:
+        weight = cost(item) if cost is not None and budget is not None else 0
+        if batch and weight and total + weight > budget:
+            yield batch
+            batch, total = [], 0
         batch.append(item)
+        total += weight
         if len(batch) == size:
             yield batch
-            batch = []
+            batch, total = [], 0
     if batch:
         yield batch
 

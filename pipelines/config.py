@@ -132,6 +132,7 @@ class TokenizeConfig:
     target_jitter: bool = True
     min_size: int | None = None  # shorter sides under it are rejected; None: the tokenizer's input size
     max_pixels: int | None = None  # larger images are rejected (decompression bombs); None: Pillow's limit
+    batch_pixels: int | None = None  # decoded pixels a batch may hold; None: beit_data.images.BATCH_PIXELS
     compile: bool = False  # torch.compile the tokenizer (worth it on a GPU for long runs)
     overwrite: bool = False
     strict: bool = False  # a shard with any rejected sample is not written, and the run fails
@@ -144,6 +145,8 @@ class TokenizeConfig:
             raise BeitDataError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if self.min_size is not None and self.min_size < 0:
             raise BeitDataError(f"`min_size` must be 0 or more, got {self.min_size}")
+        if self.batch_pixels is not None and self.batch_pixels < 1:
+            raise BeitDataError(f"`batch_pixels` must be at least 1, got {self.batch_pixels}")
         check_recipe_name(self.recipe)
         if self.min_scale is not None and not 0 < self.min_scale <= 1:
             raise BeitDataError(f"`min_scale` must be in (0, 1], got {self.min_scale}")
