@@ -6,7 +6,7 @@ URL, or a WebDataset ``pipe:COMMAND`` whose standard output is the file. Everyth
 differs between the kinds (naming, joining, reading, writing) is answered here and in
 ``beit_common.storage``; the rest of the project passes locations along without asking which
 kind they are. Names read from elsewhere (an object listing, a tar) join a folder only through
-``inside``, and every URL printed or stored goes through ``redact``.
+``inside``, and every URL or command printed or stored goes through ``redact``.
 """
 
 from __future__ import annotations
@@ -119,11 +119,57 @@ _SECRET_PARAM = re.compile(r"signature|credential|token|secret|password|passwd|^
                            r"awsaccesskeyid|^auth", re.IGNORECASE)
 REDACTED = "REDACTED"
 
+# A ``pipe:`` command runs to the end of its line: a message that names one goes on with the
+# command's own error text (which repeats its arguments) on the same line.
+_PIPE = re.compile(r"(?<!\w)pipe:[^\n]*")
+_WORD = r"""'[^']*'|"[^"]*"|[^\s'"]+"""  # one shell word, quoted or bare
+# The words that, as a part of an option, variable or header name, say that its value is a
+# secret (``--password``, ``X_TOKEN``, ``X-Api-Key``, ``api_key``); ``tokens`` is no such part.
+_SECRET_PARTS = frozenset({"password", "passwd", "pass", "pwd", "secret", "token", "key", "apikey", "auth",
+                           "authorization", "credential", "credentials", "sig", "signature", "bearer", "cookie"})
+_USER_OPTION = re.compile(rf"(?<![\w-])(?P<name>-u|-U|--user|--proxy-user)(?P<sep>=|\s*)(?P<value>{_WORD})")
+_HEADER = re.compile(r"""(?P<quote>['"])?(?P<name>[A-Za-z][\w-]*):[ \t]*(?P<value>(?(quote)[^'"\n]*|"""
+                     r"""(?:(?:Bearer|Basic|Token|Digest|Negotiate)[ \t]+)?[^\s'"]+))""")
+_OPTION = re.compile(rf"(?<![\w-])(?P<name>--?[A-Za-z][\w-]*)(?P<sep>=|\s+(?!-))(?P<value>{_WORD})")
+_ASSIGNMENT = re.compile(r"""(?<![\w-])(?P<name>[A-Za-z_][\w.-]*)=(?P<value>'[^']*'|"[^"]*"|[^\s'"&;|]+)""")
+
+
+def _secret_name(name: str) -> bool:
+    return any(part in _SECRET_PARTS for part in re.split(r"[-_.]+", name.lower()))
+
+
+def _redact_command(command: str) -> str:
+    """A ``pipe:`` command with the values of its credential arguments replaced: ``-u user:pass``,
+    auth-looking headers (``Authorization: Bearer ...``, ``X-Api-Key: ...``), secret-named options
+    (``--password X``, ``--oauth2-bearer X``) and assignments (``X_TOKEN=...``, ``token=...``)."""
+
+    def value(match: re.Match) -> str:
+        text = match.group("value")
+        quote = text[0] if text[:1] in ("'", '"') and text[-1:] == text[0] and len(text) > 1 else ""
+        return match.group(0)[:match.start("value") - match.start(0)] + f"{quote}{REDACTED}{quote}"
+
+    def user(match: re.Match) -> str:
+        return value(match) if ":" in match.group("value") else match.group(0)
+
+    def named(match: re.Match) -> str:
+        return value(match) if _secret_name(match.group("name").lstrip("-")) else match.group(0)
+
+    def header(match: re.Match) -> str:
+        if not _secret_name(match.group("name")) or match.group("value") == REDACTED:
+            return match.group(0)
+        return match.group(0)[:match.start("value") - match.start(0)] + REDACTED
+
+    for pattern, clean in ((_USER_OPTION, user), (_HEADER, header), (_OPTION, named), (_ASSIGNMENT, named)):
+        command = pattern.sub(clean, command)
+    return command
+
 
 def redact(text: str) -> str:
-    """``text`` with the secrets of every URL in it replaced: the user and password before the
-    host, and query parameters that carry a signature, credential, token or key. For messages,
-    logs and stored configs: what is printed or written never holds a credential."""
+    """``text`` with every credential in it replaced by ``REDACTED``: in each URL, the user and
+    password before the host and the query parameters that carry a signature, credential,
+    token or key; in each ``pipe:`` command (to the end of its line), the values of its
+    credential arguments (``_redact_command``). For messages, logs and stored configs: what is
+    printed or written never holds a credential."""
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     def clean(match: re.Match) -> str:
@@ -142,11 +188,12 @@ def redact(text: str) -> str:
                 query = urlencode([(k, REDACTED if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="/:")
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
-    return _URL.sub(clean, str(text))
+    text = _URL.sub(clean, str(text))
+    return _PIPE.sub(lambda m: _redact_command(m.group(0)), text) if "pipe:" in text else text
 
 
 def redacted(value):
-    """``value`` (a config: strings in dicts, lists and tuples) with every URL's secrets redacted."""
+    """``value`` (a config: strings in dicts, lists and tuples) with every credential redacted (``redact``)."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
