@@ -21,7 +21,7 @@ from beit_common.errors import BeitDataError
 from beit_common.location import Location
 
 __all__ = ["upload", "probe_writable", "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir",
-           "output_location", "output_file", "remove_stale_temps", "describe_file", "folder_lock", "LOCK_NAME"]
+           "output_location", "output_file", "remove_stale_temps", "describe_file", "folder_lock", "umask", "LOCK_NAME"]
 
 
 def upload(local: str | os.PathLike, url: str, chunk_size: int | None = None) -> None:
@@ -51,7 +51,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A process killed mid-write leaves the old file (or none), never half a file. For an object
-    storage URL, ``tmp`` is a local file that is then uploaded in one call (``upload``).
+    storage URL, ``tmp`` is a local file that is then uploaded in one call (``upload``). A local
+    file gets the permissions ``open`` would give it (``0666`` less the umask), whatever
+    ``write`` created ``tmp`` with: safetensors, for one, writes ``0600``.
 
     Raises:
         BeitDataError: When the write fails (a full disk, no permission), naming ``path``;
@@ -68,6 +70,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         if remote:
             upload(tmp, str(path))
         else:
+            os.chmod(tmp, 0o666 & ~umask())
             os.replace(tmp, path)
     except OSError as exc:
         raise BeitDataError(f"cannot write {path}: {exc.strerror or exc}") from None
@@ -77,6 +80,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         except OSError:
             pass  # the folder itself went away; there is nothing left to clean
     return path
+
+
+def umask() -> int:
+    """This process's umask, read (from ``/proc`` on Linux) without setting it: setting and
+    restoring it would race the other threads' file creations."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -7,10 +7,12 @@ Two forms, by the name of ``out``:
   pretrained=True, num_classes=N)`` opens as it is (and timm's ``train.py --model
   local-dir:OUT --pretrained``), with a new classifier for any ``N``;
 - one ``.pth`` or ``.safetensors`` file, with a JSON beside it that names the timm model of the
-  same size and the arguments that rebuild it.
+  same size and the arguments that rebuild it, and the weights (``checkpoint_path``) by a path
+  relative to the JSON itself (an object by its URL), so the pair can be moved together.
 
 Both record the input the encoder was pretrained on (size, bicubic interpolation, ImageNet's
 mean and std), which timm's BEiT defaults (mean and std 0.5) would otherwise replace silently.
+Every file is written with the permissions of an ordinary file (``0666`` less the umask).
 """
 
 from __future__ import annotations
@@ -75,8 +77,11 @@ def run_export(cfg: ExportConfig) -> dict:
         write_atomic(out, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
     else:
         save_atomic(state, out)
-    info["checkpoint_path"] = storage.redact(str(out))
-    write_text_atomic(info_path, json.dumps(info, indent=1))
+    # The JSON names its weights as a path that holds wherever it is read from: the file beside
+    # it by name (relative to the JSON itself), an object by its URL; the caller gets an absolute path.
+    beside = Location(out).name if Location(out).is_local else storage.redact(str(out))
+    write_text_atomic(info_path, json.dumps({**info, "checkpoint_path": beside}, indent=1))
+    info["checkpoint_path"] = str(Location(out).path.resolve()) if Location(out).is_local else beside
     return info
 
 
