@@ -14,48 +14,87 @@ import hashlib
 import os
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 from beit_common import BeitDataError, Location, cache, storage, write_text_atomic
 from beit_common.ranges import read_ranges
-from beit_data.shards import IndexedSample, Member, duplicate_keys, iter_samples, sample_members, split_key
+from beit_data.shards import (
+    IndexedSample,
+    Member,
+    duplicate_keys,
+    is_utf8,
+    iter_samples,
+    sample_members,
+    split_key,
+)
 
-__all__ = ["INDEX_VERSION", "scan_index", "read_index", "index_count", "index_path", "write_index", "read_images",
-           "shard_fingerprint", "check_fingerprint"]
+__all__ = ["INDEX_VERSION", "StaleIndex", "scan_index", "read_index", "stale_index", "index_count", "index_path",
+           "write_index", "read_images", "shard_fingerprint", "check_fingerprint"]
 
 INDEX_VERSION = "v1.2"
 
 
-def scan_index(shard: str | os.PathLike) -> list[IndexedSample]:
+_REBUILD = "; rebuild it with beit-data index --overwrite"
+
+
+class StaleIndex(BeitDataError):
+    """A ``.idx`` that does not list the members of the tar beside it."""
+
+
+def scan_index(shard: str | os.PathLike, reject: Callable[[str, str], None] | None = None) -> list[IndexedSample]:
     """The shard's samples from its tar headers; seeks past the member data, never reads it.
 
-    A tar cut off mid-member gives the members before the cut, as ``iter_samples`` reads them.
-    An object is scanned by range requests once; the result is kept in the local cache
+    A tar cut off mid-member gives the samples complete before the cut, as ``iter_samples``
+    reads them. Members whose names are not UTF-8 are left out (``reject`` hears of them). An
+    object is scanned by range requests once; the result is kept in the local cache
     (``$BEIT_DATA_CACHE/tar-index``) under its URL, ETag and size, so a changed object is
     scanned again.
+
+    Raises:
+        BeitDataError: For a file that is not a tar (an empty one included), naming it.
     """
     shard = Location(shard)
     if not shard.seekable:
         raise BeitDataError(f"{shard}: a pipe: command cannot be indexed (it is read from the start only)")
     info = storage.stat(shard)
     cached = cache.cache_file(shard, info, "tar-index", ".idx")
-    if cached is not None and cached.exists():
+    if cached is not None and cached.exists() and reject is None:
         return _parse_index(cached.read_text(), cached)
     size = info["size"]
+    if size == 0:
+        raise BeitDataError(f"{shard}: unreadable tar: it is empty (0 bytes); write it again or leave it out")
     samples: list[IndexedSample] = []
-    with storage.remote_errors(shard, "scanning the tar headers"), storage.open_random(shard) as f, \
-            tarfile.open(fileobj=f, mode="r:") as tar:
+    with storage.remote_errors(shard, "scanning the tar headers"), storage.open_random(shard) as f:
         try:
-            for key, ext, info in sample_members(tar):
-                if info.offset_data + info.size > size:
-                    break  # its data is cut off
-                if not samples or samples[-1].key != key or ext in samples[-1].members:
-                    samples.append(IndexedSample(key, {}))
-                samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
-        except (tarfile.TarError, EOFError):
-            pass  # a damaged header after the complete members
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except (tarfile.TarError, EOFError) as exc:
+            raise BeitDataError(f"{shard}: unreadable tar: {exc}; write it again or leave it out") from None
+        with tar:
+            _scan_members(tar, size, samples, reject)
     if cached is not None and samples and not _unindexable(samples):
         write_text_atomic(cached, _index_text(samples))
     return samples
+
+
+def _scan_members(tar: tarfile.TarFile, size: int, samples: list[IndexedSample], reject) -> None:
+    """Append the complete samples of ``tar`` (``size`` bytes) to ``samples``, from its headers."""
+    try:
+        for key, ext, info in sample_members(tar, reject):
+            new = not samples or samples[-1].key != key or ext in samples[-1].members
+            if info.offset_data + _padded(info.size) > size:
+                if not new:  # the sample is cut off: tokenize's sequential read leaves it out too
+                    samples.pop()
+                return
+            if new:
+                samples.append(IndexedSample(key, {}))
+            samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
+    except (tarfile.TarError, EOFError):
+        pass  # a damaged header after the complete members
+
+
+def _padded(size: int) -> int:
+    """A member's data with the padding to the next 512-byte block, as a sequential read needs it."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def _parse_index(text: str, idx: Path) -> list[IndexedSample]:
@@ -73,10 +112,10 @@ def _parse_index(text: str, idx: Path) -> list[IndexedSample]:
                        for ext, off, size, name in zip(fields[::4], fields[1::4], fields[2::4], fields[3::4])}
             samples.append(IndexedSample(key, members))
     except (IndexError, ValueError):
-        raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION})") from None
+        raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION}){_REBUILD}") from None
     if version != INDEX_VERSION or int(count) != listed:
         raise BeitDataError(f"{idx} is not a complete DALI index (wds2idx {INDEX_VERSION}): header {lines[0]!r}, "
-                            f"{len(samples)} samples")
+                            f"{len(samples)} samples{_REBUILD}")
     return samples
 
 
@@ -88,17 +127,73 @@ def read_index(shard: str | os.PathLike) -> list[IndexedSample]:
         for _ in iter_samples(shard, index=index):
             pass
         return index
-    idx = index_path(shard)
-    try:
-        text = storage.read_text_if_there(idx)
-    except UnicodeDecodeError:
-        raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION}): it is binary") from None
-    if text is not None:
-        return _parse_index(text, idx)
+    listed = _listed_index(shard)
+    if listed is not None:
+        _check_headers(shard, listed)
+        return listed
     try:
         return scan_index(shard)
     except (tarfile.TarError, OSError) as exc:
         raise BeitDataError(f"{shard}: unreadable tar: {exc}") from None
+
+
+def _listed_index(shard: Location) -> list[IndexedSample] | None:
+    """The samples the ``.idx`` beside ``shard`` lists, or ``None`` where it has none."""
+    idx = index_path(shard)
+    try:
+        text = None if idx is None else storage.read_text_if_there(idx)
+    except UnicodeDecodeError:
+        raise BeitDataError(f"{idx} is not a DALI index (wds2idx {INDEX_VERSION}): it is binary{_REBUILD}") from None
+    return None if text is None else _parse_index(text, idx)
+
+
+def _check_headers(shard: Location, listed: list[IndexedSample]) -> None:
+    """Refuse an index that does not agree with its tar where a few images lie: the tar header
+    before the image data of the first, middle and last samples (three 512-byte reads at once).
+    A tar written again with other images gives them other sizes, so a stale index seldom
+    passes; ``stale_index`` compares every member.
+
+    Raises:
+        StaleIndex: Naming the index and ``beit-data index --overwrite``.
+    """
+    picked = {id(s): s for s in (listed[0], listed[len(listed) // 2], listed[-1])} if listed else {}
+    members = [s.members[s.image_ext or next(iter(s.members))] for s in picked.values() if s.members]
+    size = storage.stat(shard, fresh=False)["size"] if members else 0
+    if any(m.offset < tarfile.BLOCKSIZE or m.offset + m.size > size for m in members):
+        raise _stale(shard)
+    blocks = read_ranges(shard, [(m.offset - tarfile.BLOCKSIZE, tarfile.BLOCKSIZE) for m in members])
+    for member, block in zip(members, blocks):
+        try:
+            header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            raise _stale(shard) from None
+        # A name longer than its header's field is cut there, maybe inside a character: a prefix is enough.
+        if header.size != member.size or (is_utf8(header.name) and not member.name.startswith(header.name)):
+            raise _stale(shard)
+
+
+def _stale(shard: Location) -> StaleIndex:
+    return StaleIndex(f"{index_path(shard)} does not list the members of {shard} (the tar was written again after it "
+                      f"was indexed); rebuild it: beit-data index --overwrite --shards {shard}")
+
+
+def stale_index(shard: str | os.PathLike, members: list[IndexedSample] | None = None) -> StaleIndex | None:
+    """The error for a ``.idx`` that does not list the members of the tar beside it (a stale index
+    beside a tar written again), or ``None``.
+
+    The index is compared with what ``beit-data index --overwrite`` would write (the tar headers):
+    after that, this never finds it stale, so its advice cannot loop. Where ``members`` (a read
+    of the whole tar) agrees with the index, the headers are not scanned.
+    """
+    shard = Location(shard)
+    if not shard.seekable:
+        return None
+    listed = _listed_index(shard)
+    if listed is None or (members is not None and _members_digest(listed) == _members_digest(members)):
+        return None
+    if _members_digest(listed) == _members_digest(scan_index(shard)):
+        return None
+    return _stale(shard)
 
 
 def read_images(samples: list[tuple[Location, str]]) -> dict[tuple[Location, str], bytes]:
@@ -132,13 +227,18 @@ def shard_fingerprint(shard: str | os.PathLike, index: list[IndexedSample] | Non
     shard. A shard rewritten in another order, or with other images, gets another one. A
     ``pipe:`` shard passes the ``index`` and ``size`` its one sequential read found.
     """
-    digest = hashlib.sha256()
-    for sample in read_index(shard) if index is None else index:
-        for member in sample.members.values():
-            digest.update(f"{member.name} {member.offset} {member.size}\n".encode())
+    digest = _members_digest(read_index(shard) if index is None else index)
     if size is None and Location(shard).seekable:  # a pipe: command's size is not known
         size = storage.stat(shard)["size"]
-    return {"bytes": size, "members": digest.hexdigest()}
+    return {"bytes": size, "members": digest}
+
+
+def _members_digest(samples: list[IndexedSample]) -> str:
+    digest = hashlib.sha256()
+    for sample in samples:
+        for member in sample.members.values():
+            digest.update(f"{member.name} {member.offset} {member.size}\n".encode())
+    return digest.hexdigest()
 
 
 def check_fingerprint(shard: str | os.PathLike, recorded: dict | None, token_file: str | os.PathLike, *,
@@ -154,6 +254,8 @@ def check_fingerprint(shard: str | os.PathLike, recorded: dict | None, token_fil
             checked only with them (it cannot be asked for its size).
 
     Raises:
+        StaleIndex: Where the members differ because the shard's ``.idx`` is stale (the fix is
+            ``beit-data index --overwrite``, not tokenizing again).
         BeitDataError: Naming the shard and the token file.
     """
     shard = Location(shard)
@@ -165,12 +267,16 @@ def check_fingerprint(shard: str | os.PathLike, recorded: dict | None, token_fil
     if size is None and shard.seekable:
         size = storage.stat(shard, fresh=full)["size"]
     if size is not None and recorded["bytes"] is not None and size != recorded["bytes"]:
-        raise BeitDataError(f"{shard} has changed since it was tokenized ({size} bytes, "
-                            f"{recorded['bytes']} then){hint}")
+        changed = f"{shard} has changed since it was tokenized ({size} bytes, {recorded['bytes']} then)"
+        if stale_index(shard) is not None:  # the index first: tokenize refuses a shard whose .idx is stale
+            raise StaleIndex(f"{changed}, and {index_path(shard).name} no longer lists its members: run beit-data "
+                             f"index --overwrite --shards {shard}, then{hint[1:]}")
+        raise BeitDataError(changed + hint)
     idx = index_path(shard)
     if (full or index is not None or (idx is not None and storage.exists(idx))) and \
             shard_fingerprint(shard, index, size=size)["members"] != recorded["members"]:
-        raise BeitDataError(f"{shard} has changed since it was tokenized (its members differ){hint}")
+        raise stale_index(shard) or BeitDataError(f"{shard} has changed since it was tokenized (its members "
+                                                  f"differ){hint}")
 
 
 def index_count(shard: str | os.PathLike) -> int | None:
@@ -201,15 +307,17 @@ def _index_text(samples: list[IndexedSample]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_index(shard: str | os.PathLike) -> Location:
+def write_index(shard: str | os.PathLike, reject: Callable[[str, str], None] | None = None) -> Location:
     """Write the DALI ``wds2idx`` (format v1.2) index beside ``shard`` (a file or an object), atomically.
 
     Each line after the header lists, for one sample, ``ext offset size name`` per member,
-    where ``offset`` is the byte offset of the member's data.
+    where ``offset`` is the byte offset of the member's data. Members whose names are not
+    UTF-8 are left out, as every reader leaves them out (``reject`` hears of them).
     """
-    samples = scan_index(shard)
+    samples = scan_index(shard, reject)
     if not samples:
-        raise BeitDataError(f"shard has no members to index: {shard}")
+        raise BeitDataError(f"{shard}: no sample to index (a tar without members, or only members every reader "
+                            "leaves out); write it again or leave it out")
     bad = _unindexable(samples)
     if bad is not None:
         raise BeitDataError(f"{shard}: member {bad!r} has white space in its name, which a DALI index cannot hold; "
