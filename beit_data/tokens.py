@@ -22,15 +22,16 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from beit_common import BeitDataError, Location, __version__, storage, write_atomic
 from beit_common.listing import list_files
 from beit_data.views import JITTER_ORDER, View
 
-__all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "schema", "token_path", "token_files", "file_meta", "decoder_meta",
-           "view_rows", "with_more_views", "grows_to", "row_view", "build_table", "write_tokens", "read_meta",
-           "read_footer", "read_table",
+__all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "WINDOW_COLUMNS", "schema", "token_path", "token_files", "file_meta",
+           "decoder_meta", "view_rows", "with_more_views", "grows_to", "row_view", "build_table", "write_tokens",
+           "read_meta", "read_footer", "read_table", "check_schema", "check_footer", "check_rows",
            "parquet_file", "with_defaults", "recipe_signature", "recipe_mismatch", "check_recipe",
            "read_consistent_meta", "read_consistent_footers"]
 
@@ -40,6 +41,8 @@ META_PREFIX = "beit_data."
 SIGNATURE_KEYS = ("format_version", "tokenizer", "views", "decoder", "min_size")
 # The columns that describe a stored view, as the training stream replays it.
 VIEW_COLUMNS = ("view", "x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
+# A row's place and its crop window in its image, as ``check_rows`` checks them.
+WINDOW_COLUMNS = ("key", "view", "x", "y", "w", "h", "width", "height")
 
 
 def schema(grid: int) -> pa.Schema:
@@ -202,7 +205,126 @@ def read_footer(path: str | os.PathLike) -> tuple[dict, int]:
             if k.decode().startswith(META_PREFIX)}
     if "format_version" not in meta:
         raise BeitDataError(f"{path} is not a beit-data token file (no beit_data.* metadata)")
-    return with_defaults(meta), footer.num_rows
+    meta = with_defaults(meta)
+    check_footer(footer, meta, path)
+    return meta, footer.num_rows
+
+
+def _grid_and_vocab(meta: dict, path) -> tuple[int, int]:
+    tokenizer = meta.get("tokenizer")
+    grid, vocab = (tokenizer.get(k) if isinstance(tokenizer, dict) else None for k in ("grid", "vocab"))
+    if not (isinstance(grid, int) and isinstance(vocab, int) and grid > 0 and vocab > 0):
+        raise BeitDataError(f"{path} records no tokenizer grid and vocab (beit_data.tokenizer); tokenize its shard "
+                            f"again{_AGAIN}")
+    return grid, vocab
+
+
+_AGAIN = " with `--overwrite`"
+# Each column's smallest valid value, as row-group statistics can prove it for a whole file at once.
+_AT_LEAST = {"x": 0, "y": 0, "w": 1, "h": 1, "width": 1, "height": 1, "tokens": 0}
+
+
+def check_schema(arrow_schema: pa.Schema, grid: int, path) -> None:
+    """Refuse a token file without a column of the format, or with one of another type (a
+    ``tokens`` list of another length than ``grid * grid`` included); other columns may follow.
+
+    Raises:
+        BeitDataError: ``"{path}: schema does not match the token format: ..."``, naming the column.
+    """
+    for want in schema(grid):
+        at = arrow_schema.get_field_index(want.name)
+        if at < 0:
+            problem = f"no column {want.name}"
+        elif not arrow_schema.field(at).type.equals(want.type):
+            have = arrow_schema.field(at).type
+            problem = f"column {want.name} is {have}, not {want.type}"
+            if want.name == "tokens" and pa.types.is_fixed_size_list(have) and have.value_type == pa.int16():
+                problem = f"column tokens holds {have.list_size} ids a row, not {grid * grid} (the tokenizer's grid " \
+                          f"{grid}x{grid})"
+        else:
+            continue
+        raise BeitDataError(f"{path}: schema does not match the token format: {problem}; tokenize its shard "
+                            f"again{_AGAIN}")
+
+
+def check_footer(footer: pq.FileMetaData, meta: dict, path) -> None:
+    """Refuse what a token file's footer shows to be wrong, before its rows are read: the schema
+    (``check_schema``), and from each row group's statistics, nulls, ids outside ``0 .. vocab - 1``
+    and windows with a negative corner or an empty side. A row group whose statistics show a
+    fault, or that has none, is read and checked row by row (``check_rows``) to name the row.
+    Whether each window lies inside its image needs the rows: ``check_rows`` again, where they
+    are read.
+    """
+    grid, vocab = _grid_and_vocab(meta, path)
+    check_schema(footer.schema.to_arrow_schema(), grid, path)
+    start = 0
+    for g in range(footer.num_row_groups):
+        group = footer.row_group(g)
+        if group.num_rows and not all(_sound(group.column(j), vocab) for j in range(group.num_columns)):
+            table = parquet_file(path).read_row_group(g, columns=[f.name for f in schema(grid)])
+            check_rows(table, meta, path, start)
+        start += group.num_rows
+
+
+def _sound(column: pq.ColumnChunkMetaData, vocab: int) -> bool:
+    """Whether a column chunk's statistics prove it has no null and no value out of range."""
+    name, stats = column.path_in_schema.split(".")[0], column.statistics
+    if stats is None or not stats.has_null_count or stats.null_count:
+        return False
+    if name not in _AT_LEAST:
+        return True
+    return stats.has_min_max and stats.min >= _AT_LEAST[name] and (name != "tokens" or stats.max < vocab)
+
+
+def check_rows(table: pa.Table | pa.RecordBatch, meta: dict, path, start: int = 0) -> None:
+    """Refuse token rows that training cannot use, naming the first such row (counted from
+    ``start``, its first row's number in the file): a null, an id outside ``0 .. vocab - 1``, or
+    a crop window not inside its image. Only the columns ``table`` has are checked, each in a
+    few vectorised passes.
+
+    Raises:
+        BeitDataError: ``"{path}: row {i} (key {k}, view {v}): ..."``.
+    """
+    grid, vocab = _grid_and_vocab(meta, path)
+    names, n = set(table.schema.names), table.num_rows
+    faults: list[tuple[int, str]] = []  # (row, what is wrong), the first row of each kind
+    for name in table.schema.names:
+        if table.column(name).null_count:
+            faults.append((_first(np.asarray(pc.is_null(table.column(name)))), f"{name} is null"))
+    flat = pc.list_flatten(table.column("tokens")) if "tokens" in names else None
+    if flat is not None and flat.null_count:
+        faults.append((_first(np.asarray(pc.is_null(flat)).reshape(n, -1).any(axis=1)), "a token id is null"))
+    if faults:  # nothing below reads nulls well
+        _refuse(table, path, start, *min(faults))
+    if flat is not None and n:
+        ids = np.asarray(flat).reshape(n, -1)
+        low, high = ids.min(axis=1), ids.max(axis=1)
+        bad = (low < 0) | (high >= vocab)
+        if bad.any():
+            row = _first(bad)
+            value = low[row] if low[row] < 0 else high[row]
+            faults.append((row, f"token id {value} is outside the tokenizer's vocab 0..{vocab - 1}"))
+    window = ("x", "y", "w", "h", "width", "height")
+    if names.issuperset(window) and n:
+        x, y, w, h, width, height = (table.column(c).to_numpy().astype(np.int64) for c in window)
+        bad = (x < 0) | (y < 0) | (w < 1) | (h < 1) | (x + w > width) | (y + h > height)
+        if bad.any():
+            row = _first(bad)
+            faults.append((row, f"crop window x {x[row]} y {y[row]} w {w[row]} h {h[row]} is not inside its "
+                                f"{width[row]}x{height[row]} image"))
+    if faults:
+        _refuse(table, path, start, *min(faults))
+
+
+def _first(flags: np.ndarray) -> int:
+    return int(np.argmax(flags))
+
+
+def _refuse(table, path, start: int, row: int, problem: str) -> None:
+    names = table.schema.names
+    which = ", ".join(f"{c} {table.column(c)[row].as_py()}" for c in ("key", "view") if c in names)
+    raise BeitDataError(f"{path}: row {start + row}{f' ({which})' if which else ''}: {problem}; tokenize its shard "
+                        f"again{_AGAIN}")
 
 
 def with_defaults(meta: dict) -> dict:
