@@ -35,14 +35,61 @@ from beit_data.shard_index import check_fingerprint
 from beit_data.shard_rows import LoadedShard, SequentialReader, close_all, image_members, read_images_of, table_keys
 from beit_data.shards import expand_shards
 from beit_data.stream_config import StreamConfig
-from beit_data.tokens import VIEW_COLUMNS, read_consistent_footers, read_table, token_files, token_paths
+from beit_data.tokens import (
+    VIEW_COLUMNS,
+    WINDOW_COLUMNS,
+    check_rows,
+    read_consistent_footers,
+    read_table,
+    token_files,
+    token_paths,
+)
 from beit_data.views import stable_rng
 
-__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch"]
+__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch", "pair_token_files"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
 _RAGGED = ("encoded", "key")
+
+
+def pair_token_files(spec: str, tokens: str, *, skip_missing: bool = False, held_out: bool = False
+                     ) -> tuple[list[Location], list[Location], list[tuple[dict, int]], list[Location]]:
+    """``(shards, token_files, footers, missing)``: each shard of ``spec`` paired with its token
+    file in ``tokens``, checked as training checks them before its first step.
+
+    Every file shares the first one's tokenizer and recipe, its footer is sound (``read_footer``:
+    the schema, and ids and windows as its statistics show them), and each shard is still the
+    one its file was made from (its size, and its members where a ``.idx`` lists them; a stale
+    ``.idx`` is named as such). What needs the rows is checked when a shard is loaded
+    (``check_rows``, ``image_members``). The held-out set of ``pretrain --val-shards`` is paired
+    by this too (``held_out``: the messages name validation shards).
+
+    Raises:
+        BeitDataError: A shard without a token file (unless ``skip_missing``), or any of the above.
+    """
+    shards, paths, missing = [], [], []
+    # One listing, not a request per shard.
+    have = {p.name for p in token_files(tokens, allow_empty=True)}
+    listed = expand_shards(spec)
+    for shard, path in zip(listed, token_paths(tokens, listed)):
+        if path.name in have:
+            shards.append(shard)
+            paths.append(path)
+        elif skip_missing:
+            missing.append(shard)
+        elif held_out:
+            raise BeitDataError(f"validation shard {shard} has no token file {path}; tokenize it into `val_tokens`")
+        else:
+            raise BeitDataError(f"no token file for shard {shard} (expected {path}); "
+                                "tokenize it or pass `skip_missing`")
+    if not shards:
+        raise BeitDataError(f"none of the shards has a token file in {tokens}")
+    footers = read_consistent_footers(paths)
+    # Size, and the .idx if any (objects were listed when the spec was expanded; .idx read at once).
+    storage.map_concurrently(lambda s: check_fingerprint(s[0], s[1][0].get("shard"), s[2], full=False),
+                             list(zip(shards, footers, paths)))
+    return shards, paths, footers, missing
 
 
 @dataclass(kw_only=True)
@@ -80,36 +127,20 @@ class ReplaySource:
     etags: list[str | None] = field(default_factory=list)  # of each object when the run started
     bytes_read: int = field(default=0, compare=False)
     _counted: set = field(default_factory=set, repr=False, compare=False)
+    _checked: set = field(default_factory=set, repr=False, compare=False)  # token files whose rows were checked
     OUTPUTS: ClassVar[tuple[str, ...]] = OUTPUTS
 
     @classmethod
     def open(cls, cfg: StreamConfig, *, rank: int = 0, world_size: int = 1) -> ReplaySource:
-        """Pair each shard with its token file and check that they all share one recipe.
+        """Pair each shard with its token file and check them (``pair_token_files``).
 
         Raises:
-            BeitDataError: A shard without a token file (unless ``skip_missing``), or token
-                files from different tokenizers or recipes.
+            BeitDataError: A shard without a token file (unless ``skip_missing``), token files
+                from different tokenizers or recipes, or that are not sound, or a shard that
+                has changed since it was tokenized.
         """
-        shards, paths, missing = [], [], []
-        # One listing, not a request per shard.
-        have = {p.name for p in token_files(cfg.tokens, allow_empty=True)}
-        listed = expand_shards(cfg.shards)
-        for shard, path in zip(listed, token_paths(cfg.tokens, listed)):
-            if path.name in have:
-                shards.append(shard)
-                paths.append(path)
-            elif cfg.skip_missing:
-                missing.append(shard)
-            else:
-                raise BeitDataError(f"no token file for shard {shard} (expected {path}); "
-                                    "tokenize it or pass `skip_missing`")
-        if not shards:
-            raise BeitDataError(f"none of the shards has a token file in {cfg.tokens}")
-        footers = read_consistent_footers(paths)
+        shards, paths, footers, missing = pair_token_files(cfg.shards, cfg.tokens, skip_missing=cfg.skip_missing)
         metas = [m for m, _ in footers]
-        # Size, and the .idx if any (objects were listed when the spec was expanded; .idx read at once).
-        storage.map_concurrently(lambda s: check_fingerprint(s[0], s[1].get("shard"), s[2], full=False),
-                                 list(zip(shards, metas, paths)))
         meta, views = metas[0], metas[0]["views"]
         return cls(cfg=cfg, shards=shards, token_files=paths, missing=missing, meta=meta,
                    fingerprints=[m["shard"] for m in metas],
@@ -204,6 +235,9 @@ class ReplaySource:
         path = self.token_files[index]
         table = read_table(path, columns=None if read else ["key"])
         keys = table_keys(table, self.views, path)
+        if read and index not in self._checked:  # once per process: the windows, which need the rows
+            check_rows(table.select(WINDOW_COLUMNS), self.meta, path)
+            self._checked.add(index)
         seeds = (self.cfg.seed,) if self.cfg.shared_draws else (self.cfg.seed, "view")
         picks = np.array([stable_rng(*seeds, epoch, k).integers(self.views) for k in keys], np.int64)
         shard = LoadedShard(keys, picks)
@@ -296,4 +330,4 @@ class ReplaySource:
 
     def _fresh(self, **changes) -> ReplaySource:
         """A copy with ``changes`` that has read nothing yet."""
-        return replace(self, bytes_read=0, _counted=set(), **changes)
+        return replace(self, bytes_read=0, _counted=set(), _checked=set(), **changes)

@@ -92,11 +92,13 @@ def image_members(shard: Location, keys: list[str], *, token_file: Location, fin
     """The image member of each sample of a shard, by key, after checking that the shard is still
     the one its token file was made from and holds each of ``keys`` once.
 
+    A ``pipe:`` shard (read whole for its index) has no ETag or size to compare.
+
     Raises:
         BeitDataError: For an object replaced during the run (its ETag no longer ``etag``), a
             shard rewritten since it was tokenized, or a key it lost or holds twice.
     """
-    info = storage.stat(shard)
+    info = storage.stat(shard) if shard.seekable else {"etag": None, "size": None}
     if etag is not None and info["etag"] != etag:
         raise BeitDataError(f"{shard} changed during the run (ETag {info['etag']}, {etag} when it started); a shard "
                             "must stay as it was tokenized")

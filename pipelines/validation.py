@@ -15,13 +15,16 @@ from datetime import timedelta
 import torch
 import torch.nn.functional as F
 
-from beit_common import BeitDataError, Location
+from beit_common import BeitDataError, Location, storage
 from beit_data.holdout import Holdout
-from beit_data.shard_index import read_images
+from beit_data.replay import pair_token_files
+from beit_data.shard_index import read_images, stale_index
+from beit_data.shard_rows import image_members, table_keys
+from beit_data.tokens import WINDOW_COLUMNS, check_rows, read_table
 from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.runtime import autocast
 
-__all__ = ["evaluate", "check_holdout", "EVAL_BATCH"]
+__all__ = ["evaluate", "check_held_out_shards", "check_holdout", "EVAL_BATCH"]
 
 EVAL_BATCH = 64
 
@@ -57,6 +60,32 @@ def evaluate(model: torch.nn.Module, holdout: Holdout, *, max_masked: int, devic
     return {"val_loss": mean, "val_top1": top1 / max(count, 1), "val_top5": top5 / max(count, 1),
             "val_perplexity": math.exp(mean), "val_images": holdout.total,
             "val_majority": codes.max().item() / max(count, 1)}
+
+
+def check_held_out_shards(spec: str, tokens: str) -> None:
+    """Refuse held-out shards and token files as the training stream refuses its own, before an
+    image is decoded: what it checks before its first step (``pair_token_files``: a token file
+    for each shard, one recipe, sound footers, shard sizes) and what it checks as it loads a
+    shard (each key once with its views, ids and windows sound, every member as the token file
+    recorded it: ``table_keys``, ``check_rows``, ``image_members``). The held-out set is small,
+    so each shard gets all of it at once, and its ``.idx`` is compared with every tar header
+    (``stale_index``), where training compares a few.
+
+    Raises:
+        BeitDataError: Naming the shard (or the token file and row) that training would refuse.
+    """
+    shards, paths, footers, _ = pair_token_files(spec, tokens, held_out=True)
+
+    def check(shard: Location, path: Location, meta: dict) -> None:
+        table = read_table(path, columns=list(WINDOW_COLUMNS))
+        keys = table_keys(table, meta["views"]["views"], path)
+        check_rows(table, meta, path)
+        stale = stale_index(shard)  # every member against the tar headers, where training reads a few
+        if stale is not None:
+            raise stale
+        image_members(shard, keys, token_file=path, fingerprint=meta.get("shard"), etag=None)
+
+    storage.map_concurrently(lambda s: check(s[0], s[1], s[2][0]), list(zip(shards, paths, footers)))
 
 
 def check_holdout(holdout: Holdout, source) -> None:
@@ -108,6 +137,7 @@ class QualityChecks:
         if cfg.val_shards:
             from beit_data.holdout import load_holdout
 
+            check_held_out_shards(cfg.val_shards, cfg.val_tokens)  # as training checks its own, before decoding
             self.holdout = load_holdout(cfg.val_shards, cfg.val_tokens, count=cfg.val_images, seed=stream.cfg.seed,
                                         meta=stream.meta, image_size=stream.cfg.image_size,
                                         num_masked=stream.cfg.num_masked, min_block=stream.cfg.min_block,
