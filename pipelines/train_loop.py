@@ -127,18 +127,22 @@ def loop(run: Run) -> PretrainResult:
         run.checks(run.model, 0, run.total, logs.logger)  # the held-out figures before training
     run.model.train()
     accum = cfg.data.grad_accum
-    with Preemption(run.dist.world_size) as preemption, closing(run.stream.batches(dtype=dtype)) as stream:
-        while run.step < stop_at:
-            done = StepRecord()
-            out = accumulated_step(run.model, run.optimizer, run.scheduler,
-                                   done.micro_batches(islice(stream, accum)), accum=accum,
-                                   max_masked=cfg.data.num_masked, clip_grad=cfg.optim.clip_grad, device=run.device,
-                                   forward=forward, world_size=run.dist.world_size)
-            run.step += 1
-            stopped = preemption.requested()
-            _after_step(run, logs, out, done, stop_at, stopped)
-            if stopped:
-                break
+    try:
+        with Preemption(run.dist.world_size) as preemption, closing(run.stream.batches(dtype=dtype)) as stream:
+            while run.step < stop_at:
+                done = StepRecord()
+                out = accumulated_step(run.model, run.optimizer, run.scheduler,
+                                       done.micro_batches(islice(stream, accum)), accum=accum,
+                                       max_masked=cfg.data.num_masked, clip_grad=cfg.optim.clip_grad, device=run.device,
+                                       forward=forward, world_size=run.dist.world_size)
+                run.step += 1
+                stopped = preemption.requested()
+                _after_step(run, logs, out, done, stop_at, stopped)
+                if stopped:
+                    break
+    except BaseException:
+        logs.close()  # a failed run leaves no file open: a Python caller goes on
+        raise
     return _finish(run, logs, stopped)
 
 

@@ -1,4 +1,11 @@
-"""Fixtures that build tiny shards, tokenizers and token files in temporary folders."""
+"""Fixtures that build tiny shards, tokenizers and token files, and the kinds of test.
+
+A test's kind is its folder: ``unit/`` (pure functions and formats), ``cli/`` (commands and stages in
+this process) and ``system/`` (processes, servers, signals, torchrun, fake Slurm); each gets the
+marker of its name, so ``pytest -m "unit or cli"`` runs the fast kinds. The fixtures that cost
+seconds (a trained tokenizer, token folders) are built once per session and kept between runs
+under a key of everything they are made from (see ``cached``).
+"""
 
 from __future__ import annotations
 
@@ -8,139 +15,140 @@ import os
 # float32 result between otherwise identical runs. Exact-resume tests compare losses bitwise.
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
-import io  # noqa: E402
-import subprocess
-import sys
-import tarfile
-from pathlib import Path
+import hashlib  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import numpy as np
-import pytest
-from hypothesis import settings
-from PIL import Image
+import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
-from beit_data.sample import write_sample_list
-from pipelines.shards import ShardsConfig, run_shards
-
-REPO = Path(__file__).resolve().parents[1]
+from beit_data.sample import write_sample_list  # noqa: E402
+from helpers import REPO, class_image  # noqa: E402
+from pipelines.shards import ShardsConfig, run_shards  # noqa: E402
 
 # Property tests explore new shapes on every local run; CI (.ci/run) replays a fixed set.
 settings.register_profile("ci", derandomize=True, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+KINDS = ("unit", "cli", "system")
+
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
+        kind = Path(str(item.fspath)).parent.name
+        if kind in KINDS:
+            item.add_marker(getattr(pytest.mark, kind))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``beit-data ARGS`` in a fresh interpreter, as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=cwd or REPO, env=full_env,
-        capture_output=True, text=True, timeout=900,
-    )
+@pytest.fixture(autouse=True)
+def _same_torch_threads():
+    """A test that resumes a run may set torch's thread count to the run's; the next test in this
+    worker starts from the count it had."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
-def invoke(*args: str):
-    """Run ``beit-data ARGS`` in this process (click's ``CliRunner``): exit code, stdout and stderr
-    as the command line gives them, without starting an interpreter."""
-    from click.testing import CliRunner
+# -- fixtures kept between runs -------------------------------------------------------------------
 
-    import cli
-
-    return CliRunner().invoke(cli.main, [str(a) for a in args], prog_name="beit-data")
+SOURCES = ("beit_common", "beit_data", "beit_model", "pipelines")
 
 
-def jpeg_bytes(size=(64, 48), seed=0, **save_kw) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", **save_kw)
-    return buf.getvalue()
+def _code_key() -> str:
+    """A digest of the package's code: a cached fixture is made again whenever any of it changes."""
+    digest = hashlib.sha256()
+    for package in SOURCES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+CODE_KEY = _code_key()
+
+
+def cached(name: str, build, *parts: object) -> Path:
+    """``build(folder)`` run once for (``name``, the package's code, ``parts``) and kept in
+    ``$BEIT_DATA_TEST_CACHE`` (default ``.pytest_cache/beit-data`` in the repository): later runs and
+    the other xdist workers copy nothing and build nothing, they read the same folder. A build
+    that fails leaves nothing behind; workers that race for it wait on one lock."""
+    root = Path(os.environ.get("BEIT_DATA_TEST_CACHE") or REPO / ".pytest_cache" / "beit-data")
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(repr((name, CODE_KEY, parts)).encode()).hexdigest()[:16]
+    folder = root / f"{name}-{key}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            work = root / f".{folder.name}.partial"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            build(work)
+            (work / ".done").write_text("")
+            work.rename(folder)
+    return folder
+
+
+def _sample_shards(folder: Path) -> None:
+    listing = write_sample_list(folder / "list.txt")
+    run_shards(ShardsConfig(sources=[listing], out=folder / "shards", maxcount=8, prefix="sample", progress=False))
 
 
 @pytest.fixture(scope="session")
-def sample_shards(tmp_path_factory) -> Path:
+def sample_shards() -> Path:
     """The embedded photographs as two shards (8 + 6 samples) with .idx files."""
-    out = tmp_path_factory.mktemp("sample_shards")
-    listing = write_sample_list(out / "list.txt")
-    run_shards(ShardsConfig(sources=[listing], out=out / "shards", maxcount=8, prefix="sample",
-                            progress=False))
-    return out / "shards"
+    return cached("sample_shards", _sample_shards) / "shards"
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory) -> Path:
-    """An untrained tiny dVAE checkpoint: deterministic tokens that depend on the pixels."""
+def _tiny_tokenizer(folder: Path) -> None:
     import torch
 
     from beit_model.dvae import CONFIGS, save_checkpoint
 
     cfg = CONFIGS["tiny"]
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tokenizer") / "tiny.pt"
-    save_checkpoint(path, cfg, *cfg.build())
-    return path
+    save_checkpoint(folder / "tiny.pt", cfg, *cfg.build())
 
 
 @pytest.fixture(scope="session")
-def sample_tokens(sample_shards, tiny_tokenizer, tmp_path_factory) -> Path:
+def tiny_tokenizer() -> Path:
+    """An untrained tiny dVAE checkpoint: deterministic tokens that depend on the pixels."""
+    return cached("tiny_tokenizer", _tiny_tokenizer) / "tiny.pt"
+
+
+@pytest.fixture(scope="session")
+def sample_tokens(sample_shards, tiny_tokenizer) -> Path:
     """The sample shards tokenized with the tiny tokenizer, 4 views per image."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
-    out = tmp_path_factory.mktemp("tokens")
-    run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(out), views=4,
-                                batch_size=8, device="cpu", progress=False))
-    return out
+    def build(folder: Path) -> None:
+        run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(folder / "t"),
+                                    views=4, batch_size=8, device="cpu", progress=False))
+
+    return cached("sample_tokens", build, sample_shards, tiny_tokenizer) / "t"
 
 
 @pytest.fixture(scope="session")
-def trained_tokenizer(sample_shards, tmp_path_factory) -> Path:
-    """The tiny dVAE trained on the sample for 150 steps (half of `make demo`'s 300: about a minute on
-    two cores), enough for its tokens to carry the content (tests/test_pretrain.py's learning test)."""
+def trained_tokenizer(sample_shards) -> Path:
+    """The tiny dVAE trained on the sample for 150 steps (half of `make demo`'s 300), enough for its
+    tokens to carry the content (the learning test in tests/cli/test_pretrain.py)."""
     from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
 
-    out = tmp_path_factory.mktemp("trained") / "dvae.pt"
-    run_train_dvae(TrainDVAEConfig(shards=str(sample_shards), out=str(out), steps=150, batch_size=16, device="cpu",
-                                   progress=False))
-    return out
+    def build(folder: Path) -> None:
+        run_train_dvae(TrainDVAEConfig(shards=str(sample_shards), out=str(folder / "dvae.pt"), steps=150,
+                                       batch_size=16, device="cpu", progress=False))
+
+    return cached("trained_tokenizer", build, sample_shards) / "dvae.pt"
 
 
-def class_image(label: int, seed: int, size: int = 128) -> Image.Image:
-    """A picture of class ``label`` (0: red stripes, 1: green dots, 2: blue checks), varied by ``seed``."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:size, :size]
-    period = int(rng.integers(10, 20))
-    pattern = [(y // (period // 2)) % 2, ((x % period - period / 2) ** 2 + (y % period - period / 2) ** 2
-                                          < (period / 3) ** 2), ((x // period + y // period) % 2)][label]
-    colour = np.zeros(3)
-    colour[label] = rng.uniform(150, 255)
-    pixels = pattern[..., None] * colour + rng.normal(40, 15, (size, size, 3))
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-
-
-@pytest.fixture(scope="session")
-def labeled_shards(tmp_path_factory) -> Path:
-    """Labeled shards of three visibly different classes: ``train/`` (10 a class) and ``val/`` (6 a class),
-    each written from an ImageFolder tree, so their samples carry ``.cls`` members."""
-    root = tmp_path_factory.mktemp("labeled")
+def _labeled_shards(root: Path) -> None:
     for part, count, offset in (("train", 10, 0), ("val", 6, 1000)):
         for label, name in enumerate(("red_stripes", "green_dots", "blue_checks")):
             folder = root / "images" / part / name
@@ -149,47 +157,22 @@ def labeled_shards(tmp_path_factory) -> Path:
                 class_image(label, offset + 100 * label + i).save(folder / f"{i}.jpg", quality=90)
         run_shards(ShardsConfig(sources=[root / "images" / part], out=root / part, maxcount=64, prefix=part,
                                 progress=False))
-    return root
 
 
 @pytest.fixture(scope="session")
-def labeled_val_tokens(labeled_shards, tiny_tokenizer, tmp_path_factory) -> Path:
+def labeled_shards() -> Path:
+    """Labeled shards of three visibly different classes: ``train/`` (10 a class) and ``val/`` (6 a class),
+    each written from an ImageFolder tree, so their samples carry ``.cls`` members."""
+    return cached("labeled_shards", _labeled_shards)
+
+
+@pytest.fixture(scope="session")
+def labeled_val_tokens(labeled_shards, tiny_tokenizer) -> Path:
     """The labeled ``val/`` shards tokenized with the tiny tokenizer, 2 views per image: a held-out set."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
-    out = tmp_path_factory.mktemp("val_tokens")
-    run_tokenize(TokenizeConfig(shards=str(labeled_shards / "val"), tokenizer=str(tiny_tokenizer), out=str(out),
-                                views=2, batch_size=8, device="cpu", progress=False))
-    return out
+    def build(folder: Path) -> None:
+        run_tokenize(TokenizeConfig(shards=str(labeled_shards / "val"), tokenizer=str(tiny_tokenizer),
+                                    out=str(folder / "t"), views=2, batch_size=8, device="cpu", progress=False))
 
-
-def write_shards(folder: Path, sizes: list[int], *, indexed=True, image_size: int = 16, seed: int = 0,
-                 corrupt: tuple[int, ...] = ()) -> Path:
-    """Shards ``s-000000.tar``... holding ``sizes[i]`` tiny JPEGs each, keys unique across shards.
-
-    Args:
-        indexed: Write a ``.idx`` beside every shard (True), none (False), or beside the shards
-            whose index is in the collection.
-        corrupt: Shards whose images are all undecodable (tokenize rejects them: empty token files).
-    """
-    from beit_data.shard_index import write_index
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for s, size in enumerate(sizes):
-        members = []
-        for i in range(size):
-            image = b"not a jpeg" if s in corrupt else jpeg_bytes((image_size, image_size), seed=seed + 1000 * s + i)
-            members += [(f"k{s:04d}{i:03d}.jpg", image), (f"k{s:04d}{i:03d}.cls", str(i % 3).encode())]
-        shard = write_tar(folder / f"s-{s:06d}.tar", members)
-        if size and (indexed is True or (indexed is not False and s in indexed)):
-            write_index(shard)
-    return folder
-
-
-def tokenize_folder(shards: Path, out: Path, tokenizer: Path, views: int = 2) -> Path:
-    """Token files for ``shards``: the tiny tokenizer, every image kept however small."""
-    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
-
-    run_tokenize(TokenizeConfig(shards=str(shards), tokenizer=str(tokenizer), out=str(out), views=views,
-                                batch_size=32, min_size=0, device="cpu", progress=False))
-    return out
+    return cached("labeled_val_tokens", build, labeled_shards, tiny_tokenizer) / "t"
