@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DALI_EXTRA ?= cuda13
 DEMO_OUT ?= demo_out
+# pytest-xdist workers: one per core by default (`make test WORKERS=0` runs in one process).
+WORKERS ?= auto
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast docs docs-build lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +19,22 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_OUT)
 
+# Every test (unit, cli, system), in parallel over the cores, and the docs built strictly.
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(CURDIR)/build/site
+	$(PY) -m pytest -q -n $(WORKERS)
+
+# The unit and cli tests only: no servers, torchrun or signals.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -n $(WORKERS) -m "unit or cli"
+
+# The documentation site on http://127.0.0.1:8000 (loopback only), rebuilt as the pages change.
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) .pytest_cache build/site site

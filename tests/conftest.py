@@ -14,6 +14,10 @@ import os
 # MKL picks code paths by memory alignment unless told not to, which moves the last bits of a
 # float32 result between otherwise identical runs. Exact-resume tests compare losses bitwise.
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+# Under pytest-xdist each worker takes one core: torch's own threads on top of the workers would
+# ask the cores for twice what they have. Set before torch loads, which reads it once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
@@ -21,10 +25,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
+from helpers import REPO, class_image  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from beit_data.sample import write_sample_list  # noqa: E402
-from helpers import REPO, class_image  # noqa: E402
 from pipelines.shards import ShardsConfig, run_shards  # noqa: E402
 
 # Property tests explore new shapes on every local run; CI (.ci/run) replays a fixed set.

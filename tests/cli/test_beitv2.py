@@ -7,12 +7,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import SMALL, run_cli, save_released
 
 from beit_data.tokens import read_meta
 from beit_model.vqkd import random_tokenizer
 from pipelines.pretrain import PretrainConfig, run_pretrain
-from helpers import run_cli
-from helpers import SMALL, save_released
 
 V2 = dict(recipe="beitv2", model="beitv2_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, log_every=1,
           device="cpu", progress=False, num_threads=1)

@@ -6,6 +6,7 @@ import importlib
 
 import click
 import pytest
+from helpers import invoke
 
 import cli
 from cli.options import DISPLAY, DeviceType
@@ -22,7 +23,6 @@ from pipelines.config import (
 from pipelines.pretrain_config import PretrainConfig
 from pipelines.recipes import DVAE_CONFIGS
 from pipelines.sections import Sectioned, default
-from helpers import invoke
 
 # Each command's config, and the stage function its command calls (where the config is caught).
 COMMANDS = {"shards": (ShardsConfig, "pipelines.shards", "run_shards"),
@@ -37,8 +37,8 @@ COMMANDS = {"shards": (ShardsConfig, "pipelines.shards", "run_shards"),
 
 
 # Options that exclude another the test gives (checked with it off); plan's --global-batch sets
-# --batch-size from the ranks (tests/test_plan.py checks it).
-# Options that exclude one given beside them (online targets exclude --tokens: tests/test_online.py).
+# --batch-size from the ranks (tests/cli/test_plan.py checks it).
+# Options that exclude one given beside them (online targets exclude --tokens: tests/cli/test_online.py).
 EXCLUSIVE = {("train-dvae", "overwrite"), ("plan", "global_batch"), ("pretrain", "targets"), ("pretrain", "tokenizer")}
 
 

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from beit_common import BeitDataError
 from beit_model.dvae import CONFIGS, DVAEConfig, save_checkpoint
 from beit_model.tokenizer import load_tokenizer
 
-FAKE = Path(__file__).parent / "fake_dall_e"
+FAKE = REPO / "tests" / "fake_dall_e"
 
 MAKE_PICKLES = """
 import sys, torch
@@ -37,7 +38,8 @@ with torch.no_grad():
 @pytest.fixture(scope="module")
 def openai_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("openai")
-    subprocess.run([sys.executable, "-c", MAKE_PICKLES, str(out)], check=True, env={"PYTHONPATH": str(FAKE)})
+    subprocess.run([sys.executable, "-c", MAKE_PICKLES, str(out)], check=True,
+                   env={"PYTHONPATH": str(FAKE), "OMP_NUM_THREADS": str(torch.get_num_threads())})
     return out
 
 
@@ -130,9 +132,10 @@ def test_trusted_views_skip_only_the_value_check_and_only_for_that_call(openai_f
 
 
 def test_train_dvae_checkpoints_resumes_exactly_and_reports(sample_shards, tmp_path, monkeypatch):
+    from helpers import run_cli
+
     import pipelines.train_dvae as train_dvae
     from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
-    from helpers import run_cli
 
     common = dict(shards=str(sample_shards), config="tiny", batch_size=4, steps=6, checkpoint_every=3, device="cpu",
                   progress=False)
@@ -219,8 +222,9 @@ def test_no_tokenizer_file_runs_code_when_loaded(tmp_path, openai_files):
 
 
 def test_train_dvae_warns_below_the_mean_colour_psnr(sample_shards, tmp_path):
-    from pipelines.train_dvae import report_warnings
     from helpers import invoke
+
+    from pipelines.train_dvae import report_warnings
 
     assert report_warnings({"psnr": 14.0, "psnr_mean_colour": 15.25}) == [
         "held-out PSNR 14.00 dB is below the mean-colour baseline 15.25 dB (each image painted its mean colour): "

@@ -1,15 +1,13 @@
 """``beit-data export``: the encoder of a run loads in timm."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, TINY, invoke, run_cli
 
 from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.pretrain import PretrainConfig, run_pretrain
-from helpers import invoke, run_cli
-from helpers import TINY
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +109,7 @@ def test_folder_export_fine_tunes_in_timm_with_its_pretraining_normalisation(tra
     scales = sorted({round(g["lr_scale"], 6) for g in optimizer.param_groups})
     depth = len(model.blocks)
     assert scales[0] == pytest.approx(0.65 ** (depth + 1), rel=1e-5) and scales[-1] == 1.0
-    images_dir = Path(__file__).parents[1] / "beit_data" / "sample_images"
+    images_dir = REPO / "beit_data" / "sample_images"
     photos = sorted(images_dir.glob("*.jpg"))[:6]
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in photos])
     labels = torch.arange(len(photos)) % 7

@@ -4,11 +4,11 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import jpeg_bytes, run_cli, write_tar
 from PIL import Image
 
 from beit_data.summary import summarise
 from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
-from helpers import REPO, jpeg_bytes, run_cli, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +124,6 @@ def test_render_and_histogram_pngs_have_content(known, tmp_path, trained_tokeniz
     assert run_cli("inspect", str(tokens), "--histogram", str(hist)).returncode == 0
     h = np.asarray(Image.open(hist).convert("RGB")).astype(float)
     assert h.shape == (550, 800, 3) and h.std() > 5
-
-
-def test_readme_query_snippets_run(sample_tokens):
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Querying token files"):]
-    snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(snippets) >= 2
-    for code in snippets:
-        scope = {"TOKENS": str(sample_tokens)}
-        code = code.replace('"tokens/', f'"{sample_tokens}/').replace("'tokens/", f"'{sample_tokens}/")
-        exec(code, scope)
-        assert scope["result"] is not None
 
 
 def test_summary_streams_by_row_group(sample_tokens):

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import invoke, jpeg_bytes, tokenize_folder, write_shards, write_tar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -26,7 +27,6 @@ from beit_data.shards import iter_samples
 from beit_data.stream_config import StreamConfig
 from beit_data.tokens import build_table, check_rows, decoder_meta, file_meta, read_footer, view_rows, write_tokens
 from beit_data.views import View, ViewRecipe
-from helpers import invoke, jpeg_bytes, tokenize_folder, write_shards, write_tar
 
 TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=2, warmup_steps=1, lr=1e-3, device="cpu", progress=False,
             num_threads=1, steps=2, checkpoint_every=100)

@@ -8,23 +8,19 @@ import base64
 import json
 import os
 import shutil
-import signal
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
 import pytest
+from helpers import REPO, invoke, jpeg_bytes, write_tar
+from helpers.object_store import RangeHandler, serve_folder
 from hypothesis import given
 from hypothesis import strategies as st
 
 from beit_common import Location, redact, redacted, write_atomic, write_text_atomic
 from beit_data.images import BATCH_PIXELS, ImageTooLarge, probe_image
 from beit_data.prefetch import batched
-from helpers import REPO, invoke, jpeg_bytes, write_tar
-from helpers.object_store import RangeHandler, serve_folder
 
 # ---------------------------------------------------------------------------------------------
 # Item 6: pipe: commands are redacted like URLs.
@@ -357,64 +353,5 @@ def test_tokenize_within_a_pixel_budget_writes_the_rows_of_an_unsplit_run(tiny_t
         ("k06", "210x140 is 29,400 pixels, more than one batch may decode (20,000); raise it with --batch-pixels")]
     want, got = (pq.read_table(tmp_path / name / "p-000000.parquet") for name in ("whole", "split"))
     assert got.equals(want.filter(pc.not_equal(want.column("key"), "k06")))
-
-
-PARENT = """
-import multiprocessing, sys, threading, time
-
-
-def loader(ready, mode):
-    from beit_data.loader_signals import exit_with_parent
-
-    if mode == "signal":  # the kernel's signal alone: the getppid watch would take an hour
-        exit_with_parent(poll=3600)
-    else:  # armed off the main thread: the getppid watch alone
-        armer = threading.Thread(target=exit_with_parent, kwargs={"poll": 0.2})
-        armer.start()
-        armer.join()
-    ready.set()
-    time.sleep(60)
-
-
-if __name__ == "__main__":
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    loader_process = ctx.Process(target=loader, args=(ready, sys.argv[1]))
-    # Started from a thread that ends once the loader is armed, as a pipeline built off the main
-    # thread is: the kernel sends the parent-death signal then too, and the loader must live on.
-    starter = threading.Thread(target=lambda: (loader_process.start(), ready.wait(30)))
-    starter.start()
-    starter.join()
-    assert ready.is_set()
-    print(loader_process.pid, flush=True)
-    time.sleep(60)
-"""
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")  # a zombie no one has reaped yet has ended all the same
-
-
-TRAINER = """
-import sys, time
-
-from beit_data.stream import TrainStream
-from beit_data.stream_config import StreamConfig
-
-if __name__ == "__main__":
-    batches = TrainStream(StreamConfig(shards=sys.argv[1], tokens=sys.argv[2], batch_size=2, num_threads=1)).batches()
-    next(batches)
-    print("ready", flush=True)
-    time.sleep(60)
-"""
-
-
-def _children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-            for c in (task / "children").read_text().split()]
 
 

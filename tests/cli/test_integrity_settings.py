@@ -14,6 +14,7 @@ import math
 import click
 import pytest
 import torch
+from helpers import invoke, jpeg_bytes, write_tar
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,7 +22,6 @@ import cli
 from beit_common import BeitDataError
 from cli.options import Real
 from pipelines.runtime import DistInfo, dist_info
-from helpers import invoke, jpeg_bytes, write_tar
 
 
 def numeric_types(param: click.Parameter) -> list[click.ParamType]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import hf_parquet, invoke, jpeg_bytes, make_tree, samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,9 +21,6 @@ from beit_data.shards import check_finished_folders, expand_shards
 from pipelines import shards as shards_module
 from pipelines.shard_sources import held_out
 from pipelines.shards import ShardsConfig, run_shards
-from helpers import invoke, jpeg_bytes
-from helpers import hf_parquet, samples
-from helpers import make_tree
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

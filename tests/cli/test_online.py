@@ -5,11 +5,10 @@ import shutil
 
 import pytest
 import torch
+from helpers import TINY, invoke, losses, online_stream, write_shards
 
 from beit_common import BeitDataError
 from pipelines.pretrain import PretrainConfig, run_pretrain
-from helpers import invoke, write_shards
-from helpers import TINY, losses
 
 
 def test_online_tokens_are_the_tokenizers_ids_of_each_samples_view_of_its_epoch(sample_shards, tiny_tokenizer):
@@ -55,8 +54,9 @@ def test_online_and_stored_arms_of_any_v_see_the_same_samples_and_masks(sample_s
                                                                         tiny_tokenizer, tmp_path):
     """An ablation's arms differ by their views alone: online targets and stored ones, with 4
     views or 1, give each step the same keys and each key the same mask, across the epoch's end."""
-    from beit_data.stream import StreamConfig, TrainStream
     from helpers import tokenize_folder
+
+    from beit_data.stream import StreamConfig, TrainStream
 
     def stored(tokens):
         return TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(tokens), batch_size=3, num_threads=1))
@@ -166,8 +166,9 @@ def png(damaged: bool = False, side: int | None = None) -> bytes:
 def test_online_targets_name_an_image_they_cannot_use_in_one_line(tiny_tokenizer, tmp_path, image, message):
     """A PNG whose header reads but whose pixel data is damaged fails in DALI's decoder, mid-epoch;
     one too large fails the header check. Either way the error is one line naming the sample."""
-    from beit_data.shard_index import write_index
     from helpers import jpeg_bytes, write_tar
+
+    from beit_data.shard_index import write_index
 
     (tmp_path / "shards").mkdir()
     for s in range(3):

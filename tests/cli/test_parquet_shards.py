@@ -3,20 +3,16 @@ and held-out sets by class."""
 
 from __future__ import annotations
 
-import io
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from helpers import HF_NAMES, hf_parquet, invoke, jpeg_bytes, make_tree, samples
 
 from beit_common import BeitDataError
-from beit_data.shards import expand_shards, iter_samples
+from beit_data.shards import expand_shards
 from pipelines.shards import ShardsConfig, run_shards
-from helpers import invoke, jpeg_bytes
-from helpers import make_tree
 
 
 def test_hugging_face_parquet_becomes_labeled_shards_with_row_provenance(tmp_path):
@@ -32,10 +28,10 @@ def test_hugging_face_parquet_becomes_labeled_shards_with_row_provenance(tmp_pat
         name, row = meta["source"].split(":")
         image, label = data[int(row)]
         assert name == "train-00000.parquet" and s.image == image and int(s.members["cls"]) == label
-        assert meta["class"] == NAMES[label]
+        assert meta["class"] == HF_NAMES[label]
     assert {s.image_ext for s in written} == {"jpg", "png", "webp"}
     report = json.loads((tmp_path / "out" / "shards.json").read_text())
-    assert report["classes"] == NAMES and report["images"] == 9
+    assert report["classes"] == HF_NAMES and report["images"] == 9
     rejects = json.loads((tmp_path / "out" / "rejects.json").read_text())
     assert [r["path"] for r in rejects] == ["train-00000.parquet:4"]
     # Shuffled: every row but the reject once, in an order other than the file's, the same every time.

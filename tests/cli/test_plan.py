@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers import invoke, run_cli
 from PIL import Image
 
 from pipelines.plan import PlanConfig, run_plan
-from helpers import invoke, run_cli
 
 CLASSES, PER_CLASS = 4, 12
 
@@ -152,10 +152,11 @@ def test_shards_without_an_index_read_the_same_batches(class_folders, tmp_path):
 
 
 def test_a_shard_with_no_tokenized_image_and_too_many_ranks(tmp_path, tiny_tokenizer):
+    from helpers import jpeg_bytes, write_tar
+
     from beit_common import BeitDataError
     from beit_data.stream import StreamConfig, TrainStream
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
-    from helpers import jpeg_bytes, write_tar
 
     (tmp_path / "s").mkdir()
     write_tar(tmp_path / "s" / "a.tar", [("a0.jpg", b""), ("a1.jpg", jpeg_bytes((60, 50)))])  # both rejected

@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import TINY, losses, records, run_cli, write_tar
 
 from beit_common import BeitDataError
 from pipelines.pretrain import PretrainConfig, run_pretrain
-from helpers import REPO, run_cli, write_tar
 
 
 def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_path):
@@ -69,8 +69,9 @@ def test_grid_and_vocab_mismatch_are_refused(sample_shards, sample_tokens, tmp_p
 
 
 def test_rejected_keys_are_skipped_and_counted(tmp_path, tiny_tokenizer):
-    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
     from helpers import jpeg_bytes
+
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     (tmp_path / "s").mkdir()
     write_tar(tmp_path / "s" / "a.tar", [(f"{i}.jpg", jpeg_bytes((160, 140), seed=i)) for i in range(5)]
@@ -167,8 +168,9 @@ def test_a_failed_start_leaves_no_empty_run_folder_and_a_busy_folder_is_refused(
 
 
 def test_too_few_images_says_what_would_help(tmp_path, tiny_tokenizer, sample_shards):
-    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
     from helpers import jpeg_bytes
+
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
     (tmp_path / "s").mkdir()
     (tmp_path / "s3").mkdir()

@@ -2,13 +2,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import class_tree, jpeg_bytes, make_tree, run_cli, write_tar
 
 from beit_common import BeitDataError
 from beit_data.sample import sample_images
 from beit_data.shard_index import read_index
 from beit_data.shards import expand_shards, iter_samples, split_key
 from pipelines.shards import ShardsConfig, class_map_digest, collect_images, run_shards
-from helpers import jpeg_bytes, run_cli, write_tar
 
 
 def written(shards) -> list:

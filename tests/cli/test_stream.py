@@ -1,16 +1,13 @@
 """The training stream: batches, restarts, stored rows, fresh jitter and its errors."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import reordered_copy, write_tar
 
 from beit_common import BeitDataError
-from helpers import REPO, write_tar
 
 
 def test_stream_batches_are_the_same_after_a_restart(sample_shards, sample_tokens):

@@ -7,6 +7,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import jpeg_bytes, run_cli, write_tar
 from PIL import Image
 
 from beit_common import BeitDataError
@@ -15,7 +16,6 @@ from beit_data.tokens import read_meta
 from beit_data.views import ViewRecipe, sample_view
 from beit_model.tokenizer import load_tokenizer
 from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
-from helpers import jpeg_bytes, run_cli, write_tar
 
 
 def rows_of(folder):

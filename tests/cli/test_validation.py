@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 from beit_common import BeitDataError
 from pipelines.pretrain import PretrainConfig, run_pretrain
-from helpers import run_cli
 
 TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, lr=1e-3, log_every=1, device="cpu",
             progress=False, num_threads=1, steps=4, checkpoint_every=100)
@@ -119,13 +119,13 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
 
 def test_the_probe_refuses_sets_whose_class_ids_mean_other_classes(tmp_path):
     import timm
+    from helpers import class_tree
 
     import beit_model  # noqa: F401
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.export import timm_args
     from pipelines.probe import ProbeConfig, run_probe
     from pipelines.shards import ShardsConfig, run_shards
-    from helpers import class_tree
 
     torch.manual_seed(0)
     model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
@@ -154,11 +154,11 @@ def test_held_out_top1_is_printed_beside_the_most_common_code_and_warned_when_no
                                                                                          tmp_path):
     """``val_majority`` is the top-1 of always predicting the most common held-out target; pretrain
     prints it beside the top-1, and warns in one line when the top-1 does not beat it."""
+    from helpers import evaluate_untrained, invoke
+
     from beit_data.holdout import load_holdout
     from beit_data.tokens import read_meta, token_files
     from beit_model.beit_mim import masked_positions
-    from helpers import invoke
-    from helpers import evaluate_untrained
 
     val = sample_shards / "sample-000001.tar"
     figures = evaluate_untrained(sample_tokens, val, sample_tokens, count=6)

@@ -1,5 +1,5 @@
 """SIGTERM and Ctrl-C: pretrain finishes the step, saves, says why it stopped, leaves no child behind,
-and ``--resume`` continues bit for bit (under torchrun with two ranks: tests/test_rehearsal.py)."""
+and ``--resume`` continues bit for bit (under torchrun with two ranks: tests/system/test_rehearsal.py)."""
 
 import json
 import os
@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, descendants
 
-from helpers import REPO
+# torchrun and srun listen on fixed ports: these tests run one at a time, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("ports")
 
 ARGS = ["--model", "beit_mim_tiny_patch16_224", "--steps", "16", "--batch-size", "2", "--warmup-steps", "2",
         "--log-every", "1", "--checkpoint-every", "1000", "--device", "cpu", "--num-threads", "1", "--quiet"]

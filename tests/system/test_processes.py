@@ -3,61 +3,81 @@ must outlive or follow their parent, locks that die with their holder, views equ
 
 from __future__ import annotations
 
-from beit_common import BeitDataError
-from beit_common import BeitDataError, describe_file, folder_lock, save_atomic, write_atomic
-from beit_common import Location, redact, redacted, write_atomic, write_text_atomic
-from beit_data.images import BATCH_PIXELS, ImageTooLarge, probe_image
-from beit_data.prefetch import batched
-from beit_data.sample import sample_images
-from beit_data.shard_index import read_index
-from beit_data.shards import expand_shards, iter_samples, split_key
-from beit_data.views import ViewRecipe, sample_view, sample_views
-from cli.options import DISPLAY, DeviceType
-from hypothesis import given
-from hypothesis import strategies as st
-from pathlib import Path
-from pipelines.config import (
-    ExportConfig,
-    IndexConfig,
-    InspectConfig,
-    PlanConfig,
-    ProbeConfig,
-    ShardsConfig,
-    TokenizeConfig,
-    TrainDVAEConfig,
-)
-from pipelines.pretrain import PretrainConfig, run_pretrain
-from pipelines.pretrain_config import PretrainConfig
-from pipelines.recipes import DVAE_CONFIGS
-from pipelines.sections import Sectioned, default
-from pipelines.shards import ShardsConfig, class_map_digest, collect_images, run_shards
-from helpers import REPO
-from helpers import REPO, invoke, jpeg_bytes, write_tar
-from helpers import REPO, run_cli, write_tar
-from helpers import REPO, write_tar
-from helpers import invoke
-from helpers import jpeg_bytes, run_cli, write_tar
-from helpers.object_store import RangeHandler, serve_folder
-import base64
-import cli
-import click
-import errno
-import importlib
 import json
-import math
-import numpy as np
 import os
-import pyarrow.parquet as pq
-import pytest
-import re
-import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import torch
-import zlib
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from beit_common import (
+    BeitDataError,
+    folder_lock,
+)
+from beit_data.views import ViewRecipe, sample_views
+
+PARENT = """
+import multiprocessing, sys, threading, time
+
+
+def loader(ready, mode):
+    from beit_data.loader_signals import exit_with_parent
+
+    if mode == "signal":  # the kernel's signal alone: the getppid watch would take an hour
+        exit_with_parent(poll=3600)
+    else:  # armed off the main thread: the getppid watch alone
+        armer = threading.Thread(target=exit_with_parent, kwargs={"poll": 0.2})
+        armer.start()
+        armer.join()
+    ready.set()
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    loader_process = ctx.Process(target=loader, args=(ready, sys.argv[1]))
+    # Started from a thread that ends once the loader is armed, as a pipeline built off the main
+    # thread is: the kernel sends the parent-death signal then too, and the loader must live on.
+    starter = threading.Thread(target=lambda: (loader_process.start(), ready.wait(30)))
+    starter.start()
+    starter.join()
+    assert ready.is_set()
+    print(loader_process.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie no one has reaped yet has ended all the same
+
+
+TRAINER = """
+import sys, time
+
+from beit_data.stream import TrainStream
+from beit_data.stream_config import StreamConfig
+
+if __name__ == "__main__":
+    batches = TrainStream(StreamConfig(shards=sys.argv[1], tokens=sys.argv[2], batch_size=2, num_threads=1)).batches()
+    next(batches)
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
 
 
 @pytest.mark.parametrize("command", ["tokenize", "pretrain", "train-dvae"])

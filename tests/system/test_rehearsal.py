@@ -16,9 +16,10 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import REPO, descendants, tokenize_folder, write_shards
 
-from helpers import REPO, tokenize_folder, write_shards
-from helpers import descendants
+# torchrun and srun listen on fixed ports: these tests run one at a time, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("ports")
 
 SHARDS = 400
 ENV = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # the command sets what it needs itself
@@ -131,10 +132,10 @@ def stop_with_sigterm(command: list[str], out, at: int = 25) -> int:
 
 def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, straight, tmp_path):
     import torch
+    from helpers import evaluate_untrained
 
     from beit_data.order_walk import partition_windows
     from beit_data.replay import ReplaySource, StreamConfig
-    from helpers import evaluate_untrained
 
     data = pretrain_args(imagenet_shaped)
     stopped = tmp_path / "stopped"

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import run_cli
+from helpers.object_store import S3Server, serve_folder
 
 from beit_common import BeitDataError, Location, cache, storage, write_text_atomic
 from beit_common.files import upload
 from beit_data.shard_index import read_index, scan_index
 from beit_data.shards import expand_shards
 from beit_data.tokens import read_meta
-from helpers import run_cli
-from helpers.object_store import S3Server, serve_folder
 
 BUCKET = "beit-test"
 
@@ -132,8 +132,9 @@ def test_inspect_and_plan_read_a_remote_prefix_like_a_folder(s3, sample_shards, 
 
 
 def test_pretrain_from_s3_to_s3_resumes_exactly_like_a_local_run(s3, sample_shards, sample_tokens, tmp_path):
-    from pipelines.pretrain import PretrainConfig, run_pretrain
     from helpers import TINY
+
+    from pipelines.pretrain import PretrainConfig, run_pretrain
 
     shards, tokens = upload_folder(s3, sample_shards, "r/shards"), upload_folder(s3, sample_tokens, "r/tokens")
     run = f"s3://{BUCKET}/r/run"
@@ -157,9 +158,10 @@ def test_pretrain_from_s3_to_s3_resumes_exactly_like_a_local_run(s3, sample_shar
 
 
 def test_a_second_run_into_a_busy_prefix_leaves_the_first_ones_folder_alone(s3, sample_shards, sample_tokens):
+    from helpers import TINY
+
     from beit_common import folder_lock
     from pipelines.pretrain import PretrainConfig, run_pretrain
-    from helpers import TINY
 
     run = f"s3://{BUCKET}/busy/run"
     mirror = cache.cache_dir("runs", cache.cache_key(run), "rank0")
@@ -194,9 +196,10 @@ def test_http_and_pipe_shards_tokenize_to_the_local_rows(sample_shards, sample_t
 
 
 def test_pipe_shards_train_reading_each_shard_from_its_start(sample_shards, sample_tokens, tmp_path):
+    from helpers import TINY
+
     from beit_data.replay import ReplaySource, StreamConfig
     from pipelines.pretrain import PretrainConfig, run_pretrain
-    from helpers import TINY
 
     pipe = f"pipe:cat {sample_shards}/sample-{{000000..000001}}.tar"
     # One partition: its pieces are whole shards, each read in its own order.
@@ -334,9 +337,9 @@ def test_the_cli_says_one_line_for_a_missing_bucket(s3):
 def test_every_out_writes_where_it_names_or_refuses(s3, sample_shards, sample_tokens, tmp_path, monkeypatch):
     """tokenize and pretrain --out on S3 are tested above; export and inspect write there too, and
     the commands that write local files only refuse a URL in one line, leaving nothing behind."""
+    from helpers import TINY, invoke
+
     from pipelines.pretrain import PretrainConfig, run_pretrain
-    from helpers import invoke
-    from helpers import TINY
 
     monkeypatch.chdir(tmp_path)  # a URL taken for a path would land here, as ./s3:/...
     run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens),
@@ -377,7 +380,6 @@ def test_no_object_name_leaves_the_mirror_folder(s3, tmp_path, name):
 
 def test_credentials_in_urls_are_never_printed_or_stored(sample_shards, sample_tokens, tmp_path):
     import torch
-
     from helpers import invoke
 
     server = serve_folder(sample_shards)
@@ -405,10 +407,11 @@ def test_credentials_in_urls_are_never_printed_or_stored(sample_shards, sample_t
 def test_every_http_request_is_retried(sample_shards, sample_tokens, tmp_path):
     """Every first try fails (503 or a dropped connection): listings, sizes, indexes, a tar read
     through and a batch's range reads all succeed on the next, as the HTTP client retries them."""
+    from helpers.object_store import FlakyHandler
+
     from beit_data.replay import ReplaySource, StreamConfig
     from beit_data.shard_index import read_index
     from beit_data.shards import iter_samples
-    from helpers.object_store import FlakyHandler
 
     server = serve_folder(sample_shards, FlakyHandler)
     FlakyHandler.seen.clear()
@@ -433,14 +436,13 @@ def test_held_out_shards_render_and_probe_read_objects_and_commands(s3, sample_s
                                                                     labeled_val_tokens, tmp_path):
     import timm
     import torch
+    from helpers import TINY, evaluate_untrained, invoke
 
     import beit_model  # noqa: F401
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.export import timm_args
     from pipelines.pretrain import PretrainConfig, run_pretrain
     from pipelines.probe import ProbeConfig, run_probe
-    from helpers import invoke
-    from helpers import TINY, evaluate_untrained
 
     val = {"s3": upload_folder(s3, labeled_shards / "val", "held"),
            "pipe": f"pipe:cat {labeled_shards}/val/val-000000.tar"}
@@ -475,9 +477,10 @@ def test_held_out_shards_render_and_probe_read_objects_and_commands(s3, sample_s
 
 def test_shards_from_parquet_on_s3_read_row_groups_by_range(s3, tmp_path):
     """A Parquet image dataset under an S3 prefix is read as a local one is, a row group at a time."""
+    from helpers import hf_parquet
+
     from beit_data.shards import expand_shards, iter_samples
     from pipelines.shards import ShardsConfig, run_shards
-    from helpers import hf_parquet
 
     (tmp_path / "hf").mkdir()
     data = hf_parquet(tmp_path / "hf" / "train-00000.parquet", rows=7)

@@ -8,11 +8,11 @@ from itertools import islice
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import tokenize_folder, write_shards
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from beit_data.replay import OUTPUTS, ReplaySource, StreamConfig
-from helpers import tokenize_folder, write_shards
 
 # Shards 0-3 hold 20 images each, 4-27 two each; the rest are uneven, one of them (31) all
 # rejected by tokenize; some have a .idx and some do not.
@@ -137,7 +137,7 @@ def test_the_stream_reads_what_the_order_and_the_plan_say_at_any_shape(odd, shap
     total = sum(SIZES[s] for s in shape["which"] if s not in CORRUPT)
     world_size = shape["world_size"]
     if total < shape["batch_size"] * world_size:
-        return  # fewer images than one global batch: refused (tests/test_plan.py)
+        return  # fewer images than one global batch: refused (tests/cli/test_plan.py)
     cfg = StreamConfig(shards=spec(shards, shape["which"]), tokens=str(tokens), batch_size=shape["batch_size"],
                        partitions=shape["partitions"], mix_shards=shape["mix_shards"])
     rank = shape["rank"] % world_size

@@ -11,9 +11,12 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import REPO
 
 from pipelines.runtime import first_host, slurm_env
-from helpers import REPO
+
+# torchrun and srun listen on fixed ports: these tests run one at a time, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("ports")
 
 FAKE = REPO / "tests" / "fake_slurm"
 TINY_RUN = ("--model beit_mim_tiny_patch16_224 --steps 3 --batch-size 2 --warmup-steps 1 --device cpu "

@@ -2,15 +2,12 @@
 
 import errno
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from beit_common import BeitDataError, describe_file, folder_lock, save_atomic, write_atomic
-from helpers import REPO
+from beit_common import BeitDataError, describe_file, save_atomic, write_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -4,10 +4,10 @@ import io
 
 import numpy as np
 import pytest
+from helpers import jpeg_bytes
 from PIL import Image
 
 from beit_data.images import ImageError, jpeg_end, probe_image
-from helpers import jpeg_bytes
 
 
 def mp4_like(size: int, seed: int = 0) -> bytes:

@@ -4,7 +4,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 # What each part may import of the project.
@@ -49,19 +48,17 @@ def test_no_module_shadows_the_standard_library():
 CODE = ("beit_common", "beit_data", "beit_model", "pipelines", "cli", "benchmarks")
 
 
-def test_no_module_over_300_lines_and_no_function_over_60():
-    long_modules, long_functions = {}, {}
+def test_a_long_function_says_why_it_is_long():
+    """A module is as long as its idea, so modules have no limit; a function over 80 lines must
+    carry a docstring that gives its reason."""
+    unexplained = {}
     for part in CODE:
         for path in sorted((REPO / part).rglob("*.py")):
-            source = path.read_text()
-            name = str(path.relative_to(REPO))
-            if len(source.splitlines()) > 300:
-                long_modules[name] = len(source.splitlines())
-            for node in ast.walk(ast.parse(source)):
+            for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
-                        node.end_lineno - node.lineno + 1 > 60:
-                    long_functions[f"{name}:{node.name}"] = node.end_lineno - node.lineno + 1
-    assert long_modules == {} and long_functions == {}
+                        node.end_lineno - node.lineno + 1 > 80 and not ast.get_docstring(node):
+                    unexplained[f"{path.relative_to(REPO)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert unexplained == {}
 
 
 def test_every_module_says_what_it_is_for():

@@ -124,7 +124,7 @@ def test_export_loads_in_timm_and_gives_the_same_features(model, tmp_path):
 
 
 def test_flex_attention_keeps_the_weights_and_the_outputs():
-    """FlexAttention runs its forward on the CPU (its backward needs a GPU: tests/test_gpu.py)."""
+    """FlexAttention runs its forward on the CPU (its backward needs a GPU: tests/system/test_gpu.py)."""
     import copy
 
     from beit_model.flex_attention import FlexRelPosAttention, use_flex_attention

@@ -1,15 +1,15 @@
 """BEiT v2's VQ-KD tokenizer: the released checkpoint layout loads, and the ids follow the
 reference's path step by step (written out here from the paper's code, independently of timm)."""
 
-import argparse
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SMALL, save_released
 
 from beit_common import BeitDataError
 from beit_model.tokenizer import load_tokenizer
-from beit_model.vqkd import VQKDConfig, VQKDTokenizer, random_tokenizer, released_layout
+from beit_model.vqkd import VQKDTokenizer, random_tokenizer
 
 
 def reference_path(state: dict, x: torch.Tensor, heads: int) -> dict:
