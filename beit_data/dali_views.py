@@ -203,7 +203,7 @@ class DaliViews:
             # Pulled: one spawned worker process runs the source (fork is unsafe once CUDA is up).
             # It needs a pipelined executor, which runs ahead by two batches; with the dynamic one an
             # error comes with the run it belongs to (an undecodable image's "sample #N" is in the
-            # batch asked for: tests/test_online.py). Outputs are copied out before the next run.
+            # batch asked for: tests/cli/test_online.py). Outputs are copied out before the next run.
             pipe = view_pipeline(self.spec, "mixed" if gpu else "cpu", source, extra_dtypes, self.target,
                                  py_num_workers=1, py_start_method="spawn", prefetch_queue_depth=2,
                                  exec_dynamic=True, **common)

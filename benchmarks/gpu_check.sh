@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS COMMAND...
 step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
   python -c "import torch, timm, nvidia.dali as d; print(torch.__version__, torch.version.cuda, timm.__version__, d.__version__)";
   git log -1 --format=%H 2>/dev/null || true'
-step gpu_tests 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+step gpu_tests 150 python -m pytest -q -p no:cacheprovider -m gpu tests/system/test_gpu.py
 # Item 2: tokenize end to end with the compiled tokenizer, 10 views, against the compiled tokenizer alone.
 step tokenize_compiled 120 python -m benchmarks.tokenize_shards --device cuda --images 2048 --views 10 \
   --batch-size 32 --tokenizer-config dalle --num-threads 8 --compile --imagenet-like

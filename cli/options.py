@@ -66,7 +66,7 @@ class LocationType(click.Path):
 class Real(click.FloatRange):
     """A float in a range, and a number: click's ``FloatRange`` lets ``nan`` through (every
     comparison with it is false) and ``inf`` where there is no upper bound. Every float option
-    takes this type, so each has a range checked at parse time (``tests/test_integrity_settings.py``
+    takes this type, so each has a range checked at parse time (``tests/cli/test_integrity_settings.py``
     walks every command's options)."""
 
     name = "real"
