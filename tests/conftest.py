@@ -3,8 +3,8 @@
 A test's kind is its folder: ``unit/`` (pure functions and formats), ``cli/`` (commands and stages in
 this process) and ``system/`` (processes, servers, signals, torchrun, fake Slurm); each gets the
 marker of its name, so ``pytest -m "unit or cli"`` runs the fast kinds. The fixtures that cost
-seconds (a trained tokenizer, token folders) are built once per session and kept between runs
-under a key of everything they are made from (see ``cached``).
+seconds (a trained tokenizer, token folders) are built once and kept between runs under a key of
+everything they are made from (``helpers.cached``).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import hashlib  # noqa: E402
-import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from filelock import FileLock  # noqa: E402
-from helpers import REPO, class_image  # noqa: E402
+from helpers import cached, class_image  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from beit_data.sample import write_sample_list  # noqa: E402
@@ -59,45 +56,6 @@ def _same_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-# -- fixtures kept between runs -------------------------------------------------------------------
-
-SOURCES = ("beit_common", "beit_data", "beit_model", "pipelines")
-
-
-def _code_key() -> str:
-    """A digest of the package's code: a cached fixture is made again whenever any of it changes."""
-    digest = hashlib.sha256()
-    for package in SOURCES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            digest.update(str(path.relative_to(REPO)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-CODE_KEY = _code_key()
-
-
-def cached(name: str, build, *parts: object) -> Path:
-    """``build(folder)`` run once for (``name``, the package's code, ``parts``) and kept in
-    ``$BEIT_DATA_TEST_CACHE`` (default ``.pytest_cache/beit-data`` in the repository): later runs and
-    the other xdist workers copy nothing and build nothing, they read the same folder. A build
-    that fails leaves nothing behind; workers that race for it wait on one lock."""
-    root = Path(os.environ.get("BEIT_DATA_TEST_CACHE") or REPO / ".pytest_cache" / "beit-data")
-    root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(repr((name, CODE_KEY, parts)).encode()).hexdigest()[:16]
-    folder = root / f"{name}-{key}"
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / ".done").exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            work = root / f".{folder.name}.partial"
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir()
-            build(work)
-            (work / ".done").write_text("")
-            work.rename(folder)
-    return folder
 
 
 def _sample_shards(folder: Path) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -15,6 +18,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from beit_model.vqkd import VQKDConfig
@@ -24,6 +28,56 @@ REPO = Path(__file__).resolve().parents[2]
 # The settings of a tiny pretrain run on the CPU: what most pretrain tests start from.
 TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, lr=1e-3, log_every=1,
             device="cpu", progress=False, num_threads=1)
+
+
+# -- what tests build once ------------------------------------------------------------------------
+
+SOURCES = ("beit_common", "beit_data", "beit_model", "pipelines")
+
+
+def _code_key() -> str:
+    """A digest of the package's code: a cached fixture is made again whenever any of it changes."""
+    digest = hashlib.sha256()
+    for package in SOURCES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+CODE_KEY = _code_key()
+
+
+def cached(name: str, build, *parts: object) -> Path:
+    """``build(folder)`` run once for (``name``, the package's code, ``parts``) and kept in
+    ``$BEIT_DATA_TEST_CACHE`` (default ``$BEIT_DATA_CACHE/tests``, beside beit-data's own cache):
+    later runs, other clones and the other xdist workers build nothing, they read the same folder.
+    A build that fails leaves nothing behind; workers that race for it wait on one lock."""
+    root = Path(os.environ.get("BEIT_DATA_TEST_CACHE")
+                or Path(os.environ.get("BEIT_DATA_CACHE") or Path.home() / ".cache" / "beit-data") / "tests")
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(repr((name, CODE_KEY, parts)).encode()).hexdigest()[:16]
+    folder = root / f"{name}-{key}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            work = root / f".{folder.name}.partial"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            build(work)
+            (work / ".done").write_text("")
+            work.rename(folder)
+            _prune(root, name, keep=folder)
+    return folder
+
+
+def _prune(root: Path, name: str, keep: Path, days: float = 2) -> None:
+    """Drop the folders ``name`` was kept in for other code, once unused for ``days``."""
+    import time
+
+    for old in root.glob(f"{name}-*"):
+        if old.is_dir() and old != keep and time.time() - old.stat().st_mtime > days * 86400:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # -- running the command ------------------------------------------------------------------------
@@ -57,6 +111,13 @@ def run_process(*args: str, cwd: Path | None = None, env: dict | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> set[int]:

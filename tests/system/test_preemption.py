@@ -12,9 +12,6 @@ from pathlib import Path
 import pytest
 from helpers import REPO, descendants
 
-# torchrun and srun listen on fixed ports: these tests run one at a time, on one xdist worker.
-pytestmark = pytest.mark.xdist_group("ports")
-
 ARGS = ["--model", "beit_mim_tiny_patch16_224", "--steps", "16", "--batch-size", "2", "--warmup-steps", "2",
         "--log-every", "1", "--checkpoint-every", "1000", "--device", "cpu", "--num-threads", "1", "--quiet"]
 ENV = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # the command sets what it needs itself

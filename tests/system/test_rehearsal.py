@@ -1,4 +1,4 @@
-"""A run at the shape of a real one, as small as the shapes allow: 400 shards of 0 to 2 images
+"""A run at the shape of a real one, as small as the shapes allow: 200 shards of 0 to 2 images
 (some without an index, some all rejected), the default --mix-shards and --partitions, a batch
 that divides neither the shards nor the windows, 2 ranks under torchrun, two epochs, held-out
 shards, a SIGTERM inside a window and a --resume; and tokenize under torchrun killed part way.
@@ -16,33 +16,38 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, descendants, tokenize_folder, write_shards
+from helpers import REPO, cached, descendants, free_port, tokenize_folder, write_shards
 
-# torchrun and srun listen on fixed ports: these tests run one at a time, on one xdist worker.
-pytestmark = pytest.mark.xdist_group("ports")
-
-SHARDS = 400
+SHARDS = 200
 ENV = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # the command sets what it needs itself
 BEIT_DATA = os.path.join(os.path.dirname(sys.executable), "beit-data")  # the console script
 
 
 @pytest.fixture(scope="module")
-def imagenet_shaped(tmp_path_factory, tiny_tokenizer):
-    """Shards, their token files (one process, uninterrupted) and held-out shards with theirs."""
-    root = tmp_path_factory.mktemp("rehearsal")
+def imagenet_shaped(tiny_tokenizer):
+    """Shards, their token files (one process, uninterrupted) and held-out shards with theirs, built
+    once for the package's code (``cached``)."""
+    return _imagenet_shaped(cached("rehearsal", lambda root: _imagenet_shaped(root, tiny_tokenizer), tiny_tokenizer),
+                            tiny_tokenizer, build=False)
+
+
+def _imagenet_shaped(root, tiny_tokenizer, build: bool = True) -> dict:
     sizes = np.random.default_rng(5).integers(0, 3, SHARDS).tolist()
-    corrupt = (7, 150, 333)
-    shards = write_shards(root / "shards", sizes, indexed=range(0, SHARDS, 2), corrupt=corrupt)
-    val = write_shards(root / "val", [5, 4], seed=10**6)
-    return {"shards": shards, "tokens": tokenize_folder(shards, root / "tokens", tiny_tokenizer),
-            "val": val, "val_tokens": tokenize_folder(val, root / "val_tokens", tiny_tokenizer),
-            "images": sum(sizes) - sum(sizes[i] for i in corrupt)}
+    corrupt = (7, 100, 177)
+    if build:
+        write_shards(root / "shards", sizes, indexed=range(0, SHARDS, 2), corrupt=corrupt)
+        write_shards(root / "val", [5, 4], seed=10**6)
+        tokenize_folder(root / "shards", root / "tokens", tiny_tokenizer)
+        tokenize_folder(root / "val", root / "val_tokens", tiny_tokenizer)
+    return {"shards": root / "shards", "tokens": root / "tokens", "val": root / "val",
+            "val_tokens": root / "val_tokens", "images": sum(sizes) - sum(sizes[i] for i in corrupt)}
 
 
-def torchrun(port: int, *args: str) -> list[str]:
-    """torchrun on 2 ranks of the ``beit-data`` console script (``--no-python``), as the README runs it."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "--no-python", BEIT_DATA, *args]
+def torchrun(*args: str) -> list[str]:
+    """torchrun on 2 ranks of the ``beit-data`` console script (``--no-python``), as the docs run it,
+    its rendezvous on a free loopback port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "--no-python", BEIT_DATA, *args]
 
 
 def wait_for(condition, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -58,7 +63,7 @@ def test_tokenize_killed_part_way_then_rerun_writes_the_rows_of_an_uninterrupted
     out = tmp_path / "tokens"
     args = ["tokenize", "--shards", str(imagenet_shaped["shards"]), "--tokenizer", str(tiny_tokenizer), "--out",
             str(out), "--views", "2", "--batch-size", "32", "--min-size", "0", "--device", "cpu", "--quiet"]
-    proc = subprocess.Popen(torchrun(29611, *args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(torchrun(*args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(lambda: len(list(out.glob("*.parquet"))) >= 60, proc)
     # torchrun, both ranks (each in a process group of its own) and their loaders, at once, as a
@@ -68,7 +73,7 @@ def test_tokenize_killed_part_way_then_rerun_writes_the_rows_of_an_uninterrupted
     proc.wait()
     done = len(list(out.glob("*.parquet")))
     assert 60 <= done < SHARDS, "the run was not killed part way"
-    rerun = subprocess.run(torchrun(29612, *args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(torchrun(*args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count("skipped ") == 1 and f"skipped {done}" in rerun.stdout  # rank 0 says it, once
     expected = imagenet_shaped["tokens"]
@@ -105,14 +110,15 @@ def pretrain_args(imagenet_shaped) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(imagenet_shaped, tmp_path_factory):
-    """The run uninterrupted, on 2 ranks."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    done = subprocess.run(torchrun(29621, *pretrain_args(imagenet_shaped), "--out", str(out)), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("pretrain: steps") == 1  # the summary, from rank 0 only
-    return out
+def straight(imagenet_shaped):
+    """The run uninterrupted, on 2 ranks (run once for the package's code, ``cached``)."""
+    def run(folder):
+        done = subprocess.run(torchrun(*pretrain_args(imagenet_shaped), "--out", str(folder / "run")), cwd=REPO,
+                              env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("pretrain: steps") == 1  # the summary, from rank 0 only
+
+    return cached("rehearsal_straight", run, imagenet_shaped["shards"]) / "run"
 
 
 def stop_with_sigterm(command: list[str], out, at: int = 25) -> int:
@@ -139,7 +145,7 @@ def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, s
 
     data = pretrain_args(imagenet_shaped)
     stopped = tmp_path / "stopped"
-    stop_with_sigterm(torchrun(29622, *data, "--out", str(stopped)), stopped)
+    stop_with_sigterm(torchrun(*data, "--out", str(stopped)), stopped)
 
     ckpt = torch.load(stopped / "checkpoint.pt", weights_only=True)
     epoch, step = ckpt["stream"]["epoch"], ckpt["stream"]["step"]
@@ -152,7 +158,7 @@ def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, s
               if next(partition_windows(layout, spec, epoch, p, step * share)).start < step * share]
     assert inside, "the run stopped at a window boundary of every partition"
 
-    resumed = subprocess.run(torchrun(29623, *data, "--out", str(stopped), "--resume"), cwd=REPO, env=ENV,
+    resumed = subprocess.run(torchrun(*data, "--out", str(stopped), "--resume"), cwd=REPO, env=ENV,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = records(straight), records(stopped)
@@ -190,10 +196,10 @@ def test_a_run_resumed_on_another_number_of_ranks_trains_the_same_global_steps(i
     the views and masks, drawn from seed, epoch and key) of the uninterrupted 2-rank run, with
     its losses to float rounding (drop path 0: with drop path, each rank draws its own)."""
     data, out = pretrain_args(imagenet_shaped), tmp_path / "run"
-    start = {2: lambda: torchrun(29631, *data, "--out", str(out)),
+    start = {2: lambda: torchrun(*data, "--out", str(out)),
              1: lambda: [BEIT_DATA, *data, "--batch-size", "10", "--out", str(out)]}
     step = stop_with_sigterm(start[before](), out)
-    command = torchrun(29632, *data, "--out", str(out), "--resume") if after == 2 else \
+    command = torchrun(*data, "--out", str(out), "--resume") if after == 2 else \
         [BEIT_DATA, *data, "--out", str(out), "--resume"]
     resumed = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -15,8 +15,8 @@ from helpers import REPO
 
 from pipelines.runtime import first_host, slurm_env
 
-# torchrun and srun listen on fixed ports: these tests run one at a time, on one xdist worker.
-pytestmark = pytest.mark.xdist_group("ports")
+# The fake Slurm job's rendezvous port comes from its job id: its tests run one at a time, on one worker.
+pytestmark = pytest.mark.xdist_group("slurm")
 
 FAKE = REPO / "tests" / "fake_slurm"
 TINY_RUN = ("--model beit_mim_tiny_patch16_224 --steps 3 --batch-size 2 --warmup-steps 1 --device cpu "
