@@ -109,7 +109,7 @@ def test_a_held_out_shard_rewritten_since_it_was_tokenized_is_refused_before_ste
 
 
 def test_every_training_check_applies_to_the_held_out_set(held_out, tmp_path):
-    from pipelines.validation import check_held_out_shards
+    from pipelines.evaluation import check_held_out_shards
 
     val, val_tokens = val_copy(held_out, tmp_path)
     check_held_out_shards(str(val), str(val_tokens))  # as tokenized: sound
@@ -148,7 +148,7 @@ def test_every_training_check_applies_to_the_held_out_set(held_out, tmp_path):
 
 
 def test_a_held_out_token_row_outside_its_image_is_refused_naming_file_and_row(held_out, tmp_path):
-    from pipelines.validation import check_held_out_shards
+    from pipelines.evaluation import check_held_out_shards
 
     val, val_tokens = val_copy(held_out, tmp_path)
     path = val_tokens / "s-000001.parquet"

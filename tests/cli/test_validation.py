@@ -89,8 +89,9 @@ def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, 
 
     import beit_model  # noqa: F401
     from beit_model.beit_mim import encoder_state_dict
+    from pipelines.evaluation import knn, labeled_features
     from pipelines.export import timm_args
-    from pipelines.probe import ProbeConfig, format_probe, knn, labeled_features, run_probe
+    from pipelines.probe import ProbeConfig, format_probe, run_probe
 
     torch.manual_seed(0)
     model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()

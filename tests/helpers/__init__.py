@@ -311,8 +311,8 @@ def evaluate_untrained(tokens, val_shards, val_tokens, count: int) -> dict:
 
     from beit_data.holdout import load_holdout
     from beit_data.tokens import read_meta, token_files
+    from pipelines.evaluation import evaluate
     from pipelines.training import build_model
-    from pipelines.validation import evaluate
 
     meta = read_meta(token_files(tokens)[0])
     held = load_holdout(str(val_shards), val_tokens, count=count, seed=0, meta=meta, image_size=224, num_masked=75)
