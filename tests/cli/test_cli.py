@@ -9,7 +9,7 @@ import pytest
 from helpers import invoke
 
 import cli
-from cli.options import DISPLAY, DeviceType
+from cli import DISPLAY, DeviceType
 from pipelines.config import (
     ExportConfig,
     IndexConfig,

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import cli
 from beit_common import BeitDataError
-from cli.options import Real
+from cli import Real
 from pipelines.runtime import DistInfo, dist_info
 
 
@@ -64,7 +64,7 @@ def test_every_numeric_option_of_every_command_has_a_range():
                                              "plan", "sample"}
     unbounded = [f"{name} {param.opts[0]}" for name, param in options for kind in numeric_types(param)
                  if not isinstance(kind, (click.IntRange, Real)) or (kind.min, kind.max) == (None, None)]
-    assert not unbounded, f"numeric options without a range (use click.IntRange or cli.options.Real): {unbounded}"
+    assert not unbounded, f"numeric options without a range (use click.IntRange or cli.Real): {unbounded}"
 
 
 @pytest.mark.parametrize(("command", "option"), [(n, p) for n, p in numeric_options()],
@@ -113,8 +113,7 @@ def test_the_reported_bad_values_are_refused_in_one_line(args, flag, said):
 
 
 def test_the_edges_of_each_range_are_taken():
-    from cli.options import MAX_SEED, DeviceType
-    from cli.train import BETA
+    from cli import BETA, MAX_SEED, DeviceType
 
     assert Real(min=0).convert("0", None, None) == 0.0  # --clip-grad 0: no clipping
     assert BETA.convert("0", None, None) == 0.0 and BETA.convert("0.98", None, None) == 0.98
