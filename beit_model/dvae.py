@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from beit_common import BeitDataError, save_atomic
 from beit_model.dall_e import Decoder, Encoder, map_pixels
-from beit_model.tokenizer import Tokenizer, fingerprint
+from beit_model.tokenizer_base import Tokenizer, fingerprint
 from beit_model.weights import read_weights
 
 __all__ = ["DVAEConfig", "CONFIGS", "DVAETokenizer", "from_state", "reconstruct", "save_checkpoint",

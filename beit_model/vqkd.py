@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from beit_common import BeitDataError
-from beit_model.tokenizer import Tokenizer, fingerprint
+from beit_model.tokenizer_base import Tokenizer, fingerprint
 
 __all__ = ["VQKDConfig", "VQKDTokenizer", "is_vqkd", "from_state", "released_layout", "random_tokenizer", "HEAD_DIM"]
 
