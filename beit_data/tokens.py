@@ -33,7 +33,7 @@ __all__ = ["FORMAT_VERSION", "VIEW_COLUMNS", "WINDOW_COLUMNS", "schema", "token_
            "decoder_meta", "view_rows", "with_more_views", "grows_to", "row_view", "build_table", "write_tokens",
            "read_meta", "read_footer", "read_table", "check_schema", "check_footer", "check_rows",
            "parquet_file", "with_defaults", "recipe_signature", "recipe_mismatch", "check_recipe",
-           "read_consistent_meta", "read_consistent_footers"]
+           "read_consistent_footers"]
 
 FORMAT_VERSION = 2  # 2: the source shard's fingerprint (``shard``) is recorded
 META_PREFIX = "beit_data."
@@ -373,11 +373,6 @@ def check_recipe(meta: dict, reference: dict, what: str, hint: str = "") -> None
     diff = recipe_mismatch(meta, reference)
     if diff:
         raise BeitDataError(f"{what} come from different tokenizers or recipes: {diff}{hint}")
-
-
-def read_consistent_meta(paths: Sequence[str | os.PathLike]) -> list[dict]:
-    """The metadata of every file, after checking that they all share the first one's tokenizer and recipe."""
-    return [meta for meta, _ in read_consistent_footers(paths)]
 
 
 def read_consistent_footers(paths: Sequence[str | os.PathLike]) -> list[tuple[dict, int]]:

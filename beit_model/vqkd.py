@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from beit_common import BeitDataError
 from beit_model.tokenizer_base import Tokenizer, fingerprint
 
-__all__ = ["VQKDConfig", "VQKDTokenizer", "is_vqkd", "from_state", "released_layout", "random_tokenizer", "HEAD_DIM"]
+__all__ = ["VQKDConfig", "VQKDTokenizer", "is_vqkd", "from_state", "HEAD_DIM"]
 
 HEAD_DIM = 64  # the head count is not in the shapes; every released ViT (S, B, L) uses 64-wide heads
 _IGNORED = ("decoder.", "decode_task_layer.", "teacher", "scaling", "loss", "quantize.cluster_size",
@@ -176,34 +176,5 @@ def from_state(obj: dict, path: str | Path = "checkpoint") -> VQKDTokenizer:
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
         raise BeitDataError(f"{path}: not a VQ-KD checkpoint in the released layout: "
                             f"{'; '.join(lines[1:3] or lines)[:400]}") from None
-    tokenizer.refresh_fingerprint()
-    return tokenizer.eval()
-
-
-def released_layout(tokenizer: VQKDTokenizer, *, extra: bool = True) -> dict:
-    """A checkpoint dict in the released file's layout (``{"model": ...}``), for tests and
-    benchmarks: the tokenizer's weights, plus, with ``extra``, stand-ins for the decoder,
-    quantizer statistics, teacher and loss entries the loader must ignore."""
-    state = {k: v for k, v in tokenizer.state_dict().items() if k != "codebook"}
-    state["quantize.embedding.weight"] = tokenizer.codebook.clone()
-    if extra:
-        vocab, dim = tokenizer.codebook.shape
-        state.update({"quantize.cluster_size": torch.ones(vocab), "quantize.embedding.cluster_size": torch.ones(vocab),
-                      "quantize.embedding.embed_avg": torch.zeros(vocab, dim),
-                      "quantize.embedding.initted": torch.tensor([1.0]),
-                      "decoder.patch_embed.proj.weight": torch.zeros(tokenizer.cfg.embed_dim, dim, 1, 1),
-                      "decode_task_layer.0.weight": torch.zeros(4, 4), "teacher_model.proj": torch.zeros(4),
-                      "scaling_layer.shift": torch.zeros(1, 3, 1, 1), "loss_fn.weight": torch.zeros(1)})
-    return {"model": state, "epoch": 99, "args": None}
-
-
-def random_tokenizer(cfg: VQKDConfig = VQKDConfig(), seed: int = 0) -> VQKDTokenizer:
-    """A VQ-KD tokenizer with random weights and a unit-norm codebook, for tests and benchmarks."""
-    torch.manual_seed(seed)
-    tokenizer = VQKDTokenizer(cfg)
-    for name, p in tokenizer.encoder.named_parameters():
-        if name.endswith(("q_bias", "v_bias")) or "pos_embed" in name or "cls_token" in name:
-            nn.init.normal_(p, std=0.02)
-    tokenizer.codebook.copy_(F.normalize(torch.randn(cfg.vocab_size, cfg.code_dim), dim=-1))
     tokenizer.refresh_fingerprint()
     return tokenizer.eval()

@@ -56,7 +56,7 @@ def make_tokenizer(path: Path, config: str = "dalle") -> Path:
     """A tokenizer with random weights and the cost of the real one: ``dalle`` (OpenAI's
     architecture), ``vqkd`` (BEiT v2's ViT-B/16 VQ-KD, in the released file layout) or ``tiny``."""
     if config == "vqkd":
-        from beit_model.vqkd import random_tokenizer, released_layout
+        from benchmarks.random_vqkd import random_tokenizer, released_layout
 
         torch.save(released_layout(random_tokenizer()), path)
         return path

@@ -27,9 +27,9 @@ import torch
 from beit_data.masking import BlockMaskGenerator
 from beit_data.shards import expand_shards, iter_samples
 from beit_data.stream import TrainStream
-from beit_model.flex_attention import use_flex_attention
 from beit_model.tokenizer import load_tokenizer
 from benchmarks.common import device_name, emit, make_tokens
+from benchmarks.flex_attention import use_flex_attention
 from pipelines.pretrain import PretrainConfig
 from pipelines.recipes import view_recipe
 from pipelines.runtime import autocast

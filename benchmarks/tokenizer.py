@@ -62,7 +62,7 @@ def dalle_variants(args, device, batch):
 
 def vqkd_variants(args, device):
     """(name, encode, cudnn benchmark) for BEiT v2's ViT-B/16 VQ-KD."""
-    from beit_model.vqkd import random_tokenizer
+    from benchmarks.random_vqkd import random_tokenizer
 
     eager = random_tokenizer().to(device)
     variants = [("eager", eager.encode, False)]

@@ -10,7 +10,7 @@ import torch
 from helpers import SMALL, run_cli, save_released
 
 from beit_data.tokens import read_meta
-from beit_model.vqkd import random_tokenizer
+from benchmarks.random_vqkd import random_tokenizer
 from pipelines.pretrain import PretrainConfig, run_pretrain
 
 V2 = dict(recipe="beitv2", model="beitv2_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, log_every=1,

@@ -285,7 +285,7 @@ def save_released(path, tokenizer, *, key="model"):
     """``tokenizer`` saved in the layout of BEiT v2's released VQ-KD checkpoints."""
     import torch
 
-    from beit_model.vqkd import released_layout
+    from benchmarks.random_vqkd import released_layout
 
     ckpt = released_layout(tokenizer)
     ckpt["args"] = argparse.Namespace(model="vqkd_encoder_base_decoder_3x768x12_clip", codebook_n_emd=8192)

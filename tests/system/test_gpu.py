@@ -50,7 +50,8 @@ def test_tokenize_on_gpu_matches_cpu_rows(sample_shards, tiny_tokenizer, tmp_pat
 
 
 def test_vqkd_on_gpu_in_bf16_mostly_agrees_with_the_cpu_ids():
-    from beit_model.vqkd import VQKDConfig, random_tokenizer
+    from beit_model.vqkd import VQKDConfig
+    from benchmarks.random_vqkd import random_tokenizer
     from pipelines.runtime import autocast
 
     tok = random_tokenizer(VQKDConfig(embed_dim=128, depth=2, num_heads=2, vocab_size=512, code_dim=8), seed=1)
@@ -127,7 +128,7 @@ def test_flex_attention_trains_like_timms_attention_on_the_gpu():
     import timm
 
     import beit_model  # noqa: F401
-    from beit_model.flex_attention import use_flex_attention
+    from benchmarks.flex_attention import use_flex_attention
     from pipelines.training import build_optimizer, train_step
 
     device = torch.device("cuda")

@@ -127,7 +127,7 @@ def test_flex_attention_keeps_the_weights_and_the_outputs():
     """FlexAttention runs its forward on the CPU (its backward needs a GPU: tests/system/test_gpu.py)."""
     import copy
 
-    from beit_model.flex_attention import FlexRelPosAttention, use_flex_attention
+    from benchmarks.flex_attention import FlexRelPosAttention, use_flex_attention
 
     torch.manual_seed(0)
     sdpa = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64, drop_path_rate=0.0).eval()

@@ -19,10 +19,10 @@ def test_files_read_in_duckdb_and_polars(sample_tokens):
 
 def test_one_check_refuses_files_of_another_recipe(sample_tokens, tmp_path):
     from beit_common import BeitDataError
-    from beit_data.tokens import check_recipe, read_consistent_meta, read_meta, recipe_mismatch
+    from beit_data.tokens import check_recipe, read_consistent_footers, read_meta, recipe_mismatch
 
     files = sorted(sample_tokens.glob("*.parquet"))
-    meta = read_consistent_meta(files)[0]
+    meta = read_consistent_footers(files)[0][0]
     assert meta["format_version"] == 2 and meta["tokenizer"]["grid"] == 14 and meta["shard"]["bytes"] > 0
     other = {**meta, "views": {**meta["views"], "seed": 5}}
     assert recipe_mismatch(meta, meta) == ""

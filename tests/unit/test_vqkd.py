@@ -9,7 +9,8 @@ from helpers import SMALL, save_released
 
 from beit_common import BeitDataError
 from beit_model.tokenizer import load_tokenizer
-from beit_model.vqkd import VQKDTokenizer, random_tokenizer
+from beit_model.vqkd import VQKDTokenizer
+from benchmarks.random_vqkd import random_tokenizer
 
 
 def reference_path(state: dict, x: torch.Tensor, heads: int) -> dict:

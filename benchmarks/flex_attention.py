@@ -7,6 +7,9 @@ a kernel that ``torch.compile`` generates (``score_mod``), indexing the (heads, 
 directly. The module keeps timm's parameters and buffers, so state dicts and exports are
 unchanged; only ``forward`` differs. Without ``torch.compile`` FlexAttention runs a reference
 implementation, which is for correctness checks, not speed.
+
+It is a trial of ``benchmarks/pretrain.py --flex-attention``, not yet a choice a run can make,
+so it lives with the benchmarks.
 """
 
 from __future__ import annotations
