@@ -24,6 +24,9 @@ So a step holds the same samples on any number of ranks, and a run can resume on
 Resuming at ``(epoch, step)`` skips whole windows by their counts and permutes only the one
 it lands in, so it reads nothing of the samples before the position.
 
+The stream and the plan walk the order alike: ``partition_spans`` gives each partition's windows,
+epoch after epoch, and ``take_batches`` cuts a rank's batches from its partitions' samples.
+
 Runs started before partitions existed keep their order (``dealt``): the partitions are the
 ranks, shard ``i`` of the permutation goes whole to rank ``i % W``, each gives B samples a
 step, and the epoch has as many steps as the smallest rank can fill.
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -42,7 +45,8 @@ from beit_data.stream_config import MIX_SHARDS, PARTITIONS
 from beit_data.views import stable_rng
 
 __all__ = ["MIX_SHARDS", "PARTITIONS", "OrderSpec", "Piece", "Layout", "epoch_layout", "rank_slices", "check_steps",
-           "left_out_note"]
+           "left_out_note", "Window", "PlannedBatch", "partition_windows", "partition_spans", "take_batches",
+           "steps_from"]
 
 
 T = TypeVar("T")
@@ -204,3 +208,106 @@ def left_out_note(layout: Layout, spec: OrderSpec) -> str | None:
         why = "every rank takes as many steps as the rank with the fewest images can fill (shards dealt to ranks)"
     return (f"each epoch leaves out {layout.left_out:,} of {layout.samples:,} tokenized images "
             f"({100 * layout.left_out / layout.samples:.1f}%): {why}")
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """What one step of one rank sees: its keys and the stored view of each."""
+
+    epoch: int
+    rank: int
+    step: int
+    keys: list[str]
+    views: list[int]
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "rank": self.rank, "step": self.step, "keys": self.keys, "views": self.views}
+
+
+@dataclass(frozen=True)
+class Window:
+    """Pieces a partition reads together, and the order of their samples.
+
+    Attributes:
+        index: Position of the window in the partition's epoch.
+        shards: Shard index of each piece (a partition holds at most one piece of a shard).
+        start: Samples of the partition's epoch before this window.
+        shard_of: For each sample in reading order, its piece's position in ``shards``.
+        sample_of: For each sample in reading order, its index within its shard.
+    """
+
+    index: int
+    shards: tuple[int, ...]
+    start: int
+    shard_of: np.ndarray
+    sample_of: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+
+def _window(index: int, pieces: Sequence[Piece], start: int, rng: np.random.Generator | None) -> Window:
+    sizes = [p.hi - p.lo for p in pieces]
+    shard_of = np.repeat(np.arange(len(pieces), dtype=np.int32), sizes)
+    sample_of = np.concatenate([np.arange(p.lo, p.hi, dtype=np.int32) for p in pieces])
+    if rng is not None:
+        perm = rng.permutation(len(shard_of))
+        shard_of, sample_of = shard_of[perm], sample_of[perm]
+    return Window(index, tuple(p.shard for p in pieces), start, shard_of, sample_of)
+
+
+def partition_windows(layout: Layout, spec: OrderSpec, epoch: int, partition: int, skip: int = 0
+                      ) -> Iterator[Window]:
+    """The windows of ``partition`` in ``epoch``, from the one that holds its sample ``skip`` on.
+
+    Windows before ``skip`` are passed over by their counts alone; they are never permuted.
+    """
+    pieces, size = layout.pieces[partition], spec.window
+    start = 0
+    for w, first in enumerate(range(0, len(pieces), size)):
+        chosen = pieces[first:first + size]
+        count = sum(p.hi - p.lo for p in chosen)
+        if start + count > skip:
+            rng = None if spec.sequential else stable_rng(spec.seed, "mix", epoch, partition, w)
+            yield _window(w, chosen, start, rng)
+        start += count
+
+
+def partition_spans(counts: Sequence[int], spec: OrderSpec, partition: int, start: tuple[int, int]
+                    ) -> Iterator[tuple[int, Window, int, int]]:
+    """From global step ``start = (epoch, step)`` on, forever: each window of ``partition`` with
+    its epoch and the part of it (``lo .. hi``) that the epoch's steps read."""
+    epoch, step = start
+    share = spec.shares[partition]
+    while True:
+        layout = epoch_layout(counts, spec, epoch)
+        limit, skip = layout.steps * share, step * share
+        for window in partition_windows(layout, spec, epoch, partition, skip):
+            if window.start >= limit:
+                break
+            yield epoch, window, max(skip - window.start, 0), min(len(window), limit - window.start)
+        epoch, step = epoch + 1, 0
+
+
+def take_batches(streams: dict[int, Iterator[T]], slices: Sequence[tuple[int, int, int]],
+                 shares: Sequence[int]) -> Iterator[list[T]]:
+    """The batches of one rank, forever, from each partition's samples in order: of every step's
+    ``shares[p]`` samples of partition ``p`` it keeps ``lo .. hi`` and passes over the rest."""
+    while True:
+        batch: list[T] = []
+        for p, lo, hi in slices:
+            stream = streams[p]
+            for j in range(shares[p]):
+                item = next(stream)
+                if lo <= j < hi:
+                    batch.append(item)
+        yield batch
+
+
+def steps_from(start: tuple[int, int], steps_of: Callable[[int], int]) -> Iterator[tuple[int, int]]:
+    """``(epoch, step)`` of every global step from ``start`` on, forever; ``steps_of(epoch)``
+    must raise for an epoch without steps."""
+    epoch, step = start
+    while True:
+        yield from ((epoch, s) for s in range(step, steps_of(epoch)))
+        epoch, step = epoch + 1, 0

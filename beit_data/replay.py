@@ -28,8 +28,17 @@ from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile
 from beit_data.loader_signals import outlive_job_signals
 from beit_data.masking import BlockMaskGenerator, mask_rng
-from beit_data.order import Layout, OrderSpec, check_steps, epoch_layout, rank_slices
-from beit_data.order_walk import PlannedBatch, partition_spans, steps_from, take_batches
+from beit_data.order import (
+    Layout,
+    OrderSpec,
+    PlannedBatch,
+    check_steps,
+    epoch_layout,
+    partition_spans,
+    rank_slices,
+    steps_from,
+    take_batches,
+)
 from beit_data.prefetch import prefetch
 from beit_data.shard_index import check_fingerprint
 from beit_data.shard_rows import LoadedShard, SequentialReader, close_all, image_members, read_images_of, table_keys

@@ -22,8 +22,7 @@ import time
 
 import numpy as np
 
-from beit_data.order import MIX_SHARDS, PARTITIONS, OrderSpec, epoch_layout, rank_slices
-from beit_data.order_walk import partition_windows
+from beit_data.order import MIX_SHARDS, PARTITIONS, OrderSpec, epoch_layout, partition_windows, rank_slices
 from benchmarks.common import emit
 from pipelines.shards import write_order
 

@@ -140,7 +140,7 @@ def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, s
     import torch
     from helpers import evaluate_untrained
 
-    from beit_data.order_walk import partition_windows
+    from beit_data.order import partition_windows
     from beit_data.replay import ReplaySource, StreamConfig
 
     data = pretrain_args(imagenet_shaped)

@@ -131,7 +131,7 @@ def stream_shapes(draw):
 @example(dict(which=[0, 1], batch_size=7, world_size=2, partitions=3, mix_shards=1, rank=1, epoch=1, step=1))
 @example(dict(which=[30], batch_size=1, world_size=1, partitions=2, mix_shards=1, rank=0, epoch=0, step=6))
 def test_the_stream_reads_what_the_order_and_the_plan_say_at_any_shape(odd, shape):
-    from beit_data.order_walk import rank_batches
+    from helpers.order import rank_batches
 
     shards, tokens = odd
     total = sum(SIZES[s] for s in shape["which"] if s not in CORRUPT)

@@ -8,12 +8,12 @@ from itertools import islice
 
 import numpy as np
 import pytest
+from helpers.order import rank_batches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beit_common import BeitDataError
 from beit_data.order import OrderSpec, epoch_layout, rank_slices
-from beit_data.order_walk import rank_batches
 from beit_data.views import stable_rng
 
 SETTINGS = settings(max_examples=150, deadline=None)
