@@ -1,67 +1,81 @@
-"""The layers run one way: cli -> pipelines -> {beit_data, beit_model} -> beit_common."""
+"""The layers run one way: cli -> pipelines -> {beit_data, beit_model} -> beit_common; no modules
+import each other, and no stage imports another. The graph is ``benchmarks.layers``'s, the map
+``python -m benchmarks.layers`` prints."""
 
 import ast
-from pathlib import Path
+import sys
 
 import pytest
 from helpers import REPO
 
-# What each part may import of the project.
-ALLOWED = {
-    "beit_common": set(),
-    "beit_data": {"beit_common"},
-    "beit_model": {"beit_common"},
-    "pipelines": {"beit_common", "beit_data", "beit_model"},
-}
-PARTS = {"beit_common", "beit_data", "beit_model", "pipelines", "cli"}
+from benchmarks.layers import (
+    ALLOWED,
+    LONG_FUNCTION,
+    PARTS,
+    functions,
+    import_circles,
+    import_graph,
+    modules,
+    stage_imports,
+    stages,
+    upward_imports,
+)
+
+CODE = (*PARTS, "benchmarks")
 
 
-def project_imports(path: Path) -> set[str]:
-    """The project parts a module imports, at any depth of its code (lazy imports count too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
-    return found & PARTS
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph(REPO, CODE)
 
 
 @pytest.mark.parametrize("part", sorted(ALLOWED))
-def test_each_part_imports_only_the_layers_below_it(part):
-    offenders = {}
-    for path in sorted((REPO / part).rglob("*.py")):
-        wrong = project_imports(path) - ALLOWED[part] - {part}
-        if wrong:
-            offenders[str(path.relative_to(REPO))] = sorted(wrong)
-    assert offenders == {}
+def test_each_part_imports_only_the_layers_below_it(part, graph):
+    assert {m: wrong for m, wrong in upward_imports(graph).items() if m.split(".")[0] == part} == {}
+
+
+def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("from pkg import a\n")
+    (tmp_path / "pkg" / "a.py").write_text("def f():\n    from pkg.b import g\n")
+    (tmp_path / "pkg" / "b.py").write_text("from . import a\nfrom .a import f\nimport pkg.a as alias\ng = 1\n")
+    (tmp_path / "top.py").write_text("import pkg.b\nfrom pkg import name_of_init\n")
+    found = import_graph(tmp_path, ("pkg", "top"))
+    assert found == {"pkg": {"pkg.a"}, "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}, "top": {"pkg.b", "pkg"}}
+    assert import_circles(found) == [["pkg.a", "pkg.b"]]
+    assert upward_imports({"beit_data.x": {"beit_common", "beit_model.y"}, "cli": {"pipelines.z"},
+                           "benchmarks.x": {"cli"}}) == {"beit_data.x": ["beit_model.y"]}
+
+
+def test_no_modules_import_each_other(graph):
+    """A circle, even through a lazy import, is two modules cut where they should be one, or one
+    that calls up into its caller."""
+    assert import_circles(graph) == []
+
+
+def test_no_stage_imports_another(graph):
+    assert {"pipelines.pretrain", "pipelines.tokenize_shards", "pipelines.probe"} <= stages(REPO)
+    assert stage_imports(graph, REPO) == {}
+
+
+def test_the_command_line_is_one_module():
+    assert (REPO / "cli.py").is_file() and not (REPO / "cli").exists()
 
 
 def test_no_module_shadows_the_standard_library():
-    import sys
-
-    names = {p.stem for part in ("beit_common", "beit_data", "beit_model", "pipelines", "benchmarks")
-             for p in (REPO / part).glob("*.py")}
+    names = {name.split(".")[-1] for name in modules(REPO, CODE)}
     assert names & set(sys.stdlib_module_names) == set()
-
-
-CODE = ("beit_common", "beit_data", "beit_model", "pipelines", "cli", "benchmarks")
 
 
 def test_a_long_function_says_why_it_is_long():
     """A module is as long as its idea, so modules have no limit; a function over 80 lines must
     carry a docstring that gives its reason."""
-    unexplained = {}
-    for part in CODE:
-        for path in sorted((REPO / part).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
-                        node.end_lineno - node.lineno + 1 > 80 and not ast.get_docstring(node):
-                    unexplained[f"{path.relative_to(REPO)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    unexplained = {f["function"]: f["lines"] for f in functions(REPO, CODE)
+                   if f["lines"] > LONG_FUNCTION and not f["docstring"]}
     assert unexplained == {}
 
 
 def test_every_module_says_what_it_is_for():
-    missing = [str(p.relative_to(REPO)) for part in CODE for p in sorted((REPO / part).rglob("*.py"))
-               if p.read_text().strip() and ast.get_docstring(ast.parse(p.read_text())) is None]
+    missing = [name for name, path in modules(REPO, CODE).items()
+               if path.read_text().strip() and ast.get_docstring(ast.parse(path.read_text())) is None]
     assert missing == []
