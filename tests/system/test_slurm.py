@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, free_port
 
 from pipelines.runtime import first_host, slurm_env
 
@@ -23,13 +23,26 @@ TINY_RUN = ("--model beit_mim_tiny_patch16_224 --steps 3 --batch-size 2 --warmup
             "--num-threads 1 --quiet")
 
 
+def free_job_id() -> int:
+    """A job id whose rendezvous port (20000 + id mod 20000) is free now, so that jobs of runs side
+    by side on one machine do not meet."""
+    for _ in range(200):
+        port = free_port()
+        if 20000 <= port < 40000:
+            return port - 20000
+    raise RuntimeError("no free port between 20000 and 40000")
+
+
+JOB_ID = str(free_job_id())
+
+
 def job_env(tasks: int, **extra: str) -> dict:
     """A job's environment on this machine: the fake srun and scontrol first on PATH, then the
     venv's console scripts; no torchrun variables."""
     keep = {k: v for k, v in os.environ.items()
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MKL_CBWR")}
     return {**keep, "PATH": f"{FAKE}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-            "SLURM_JOB_ID": "4242", "SLURM_NTASKS": str(tasks), "SLURM_NNODES": "1",
+            "SLURM_JOB_ID": JOB_ID, "SLURM_NTASKS": str(tasks), "SLURM_NNODES": "1",
             "SLURM_JOB_NODELIST": "localhost", **extra}
 
 
@@ -143,6 +156,6 @@ def test_near_the_time_limit_the_pretrain_job_checkpoints_and_requeues_itself(sa
     _, err = job.communicate(timeout=300)
     assert job.returncode == 0, err[-3000:]
     assert err.count("stopped by SIGTERM after step") == 1
-    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 4242"]
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == [f"requeue {JOB_ID}"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert 2 <= ckpt["step"] < 500 and ckpt["world_size"] == 2
