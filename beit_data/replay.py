@@ -7,10 +7,17 @@ GIL. It imports only numpy and pyarrow, so a spawned worker starts without torch
 The order of the samples is ``beit_data.order``'s: each epoch a rank reads its shards in
 windows of ``mix_shards`` shards, each window's samples permuted as a whole, each sample
 read by its offset in its shard (from the ``.idx`` file, or the tar headers without one).
-A sample is the ``i``-th key of its shard's token file. Its stored view, its fresh jitter
-(tokens made with ``--no-target-jitter``) and its mask each have a generator of ``(seed,
-epoch, key)`` (one for all three in runs from before, ``shared_draws``). ``plan`` walks the
-same order without reading an image.
+A window holds each of its shards as a ``LoadedShard``, closed once the batch holding its last
+sample has been read. Seekable shards (local files, objects) are read by the images' offsets
+(``beit_common.ranges``); a ``pipe:`` shard is read once from its start (``SequentialReader``).
+
+The source walks that one order and hands each sample to its targets, composed with it rather
+than subclassed: ``StoredTargets`` (here: the ``i``-th key of its shard's token file, with its
+stored view and tokens) or ``beit_data.online.OnlineTargets`` (a fresh view each epoch,
+tokenized in the loop). A stored sample's view, its fresh jitter (tokens made with
+``--no-target-jitter``) and its mask each have a generator of ``(seed, epoch, key)``; runs from
+before keep their draws (``beit_data.old_orders``). ``plan`` walks the same order without
+reading an image.
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ import multiprocessing
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from beit_common import BeitDataError, Location, storage
-from beit_common.ranges import RangeFile
+from beit_common.ranges import RangeFile, read_batch
 from beit_data.loader_signals import outlive_job_signals
-from beit_data.masking import BlockMaskGenerator, mask_rng
+from beit_data.masking import BlockMaskGenerator
+from beit_data.old_orders import Draws, draws_for
 from beit_data.order import (
     Layout,
     OrderSpec,
@@ -40,9 +49,8 @@ from beit_data.order import (
     take_batches,
 )
 from beit_data.prefetch import prefetch
-from beit_data.shard_index import check_fingerprint
-from beit_data.shard_rows import LoadedShard, SequentialReader, close_all, image_members, read_images_of, table_keys
-from beit_data.shards import expand_shards
+from beit_data.shard_index import check_fingerprint, read_index
+from beit_data.shards import duplicate_keys, expand_shards, iter_samples
 from beit_data.stream_config import StreamConfig
 from beit_data.tokens import (
     VIEW_COLUMNS,
@@ -55,11 +63,127 @@ from beit_data.tokens import (
 )
 from beit_data.views import stable_rng
 
-__all__ = ["StreamConfig", "ReplaySource", "OUTPUTS", "PlannedBatch", "pair_token_files"]
+__all__ = ["StreamConfig", "ReplaySource", "Targets", "StoredTargets", "OUTPUTS", "PlannedBatch",
+           "pair_token_files", "LoadedShard", "SequentialReader", "close_all", "table_keys", "image_members",
+           "read_images_of"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
 _RAGGED = ("encoded", "key")
+
+
+# ---- a shard as a window holds it ---------------------------------------------------------------
+
+
+class SequentialReader:
+    """A shard read once from its start (a ``pipe:`` command): the images of its token file's
+    keys, in tar order; the shard's other samples (rejected when it was tokenized) are passed."""
+
+    def __init__(self, shard: Location, keys: list[str], token_file: Location):
+        self.shard, self.keys, self.token_file = shard, keys, token_file
+        self.samples = iter_samples(shard)
+
+    def read(self, i: int) -> bytes:
+        key = self.keys[i]
+        for sample in self.samples:
+            if sample.key == key:
+                return sample.image
+        raise BeitDataError(f"{self.shard} no longer holds key {key} that {Location(self.token_file).name} lists, in "
+                            "that order; was it rewritten?")
+
+    def close(self) -> None:
+        self.samples.close()
+
+
+@dataclass
+class LoadedShard:
+    """One shard of a loaded window: its keys in sample order, the view each key replays, and
+    (when the images are to be read) that view's row, the image offsets and the open file."""
+
+    keys: list[str]
+    views: np.ndarray  # (n,) picked view per key
+    rows: dict[str, np.ndarray] | None = None  # VIEW_COLUMNS and tokens (n, grid*grid) of the picked views
+    images: list | None = None  # (offset, size) of each key's image member
+    file: RangeFile | None = None  # a seekable shard, opened for range reads
+    reader: SequentialReader | None = None  # a pipe: shard, read from the start
+    rejected: int = 0  # keys of the shard without token rows
+    location: Location | None = None  # the shard, where messages name it
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.reader is not None:
+            self.reader.close()
+
+
+def close_all(shards: list[LoadedShard]) -> None:
+    """Close ``shards`` and empty the list."""
+    for shard in shards:
+        shard.close()
+    shards.clear()
+
+
+def table_keys(table: pa.Table, views: int, path: str) -> list[str]:
+    """A token file's keys in order; each must have exactly ``views`` rows, and appear once.
+
+    Raises:
+        BeitDataError: Naming the file, for any other layout.
+    """
+    if table.num_rows == 0:  # every image of the shard was rejected
+        return []
+    keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, views)))
+    repeated = pc.take(keys, pa.array(np.repeat(np.arange(len(keys)), views)))
+    if table.num_rows % views or not pc.all(pc.equal(table.column("key"), repeated)).as_py() \
+            or pc.count_distinct(keys).as_py() != len(keys):
+        raise BeitDataError(f"{path} does not hold {views} rows for each key, each key once; tokenize it again")
+    return keys.to_pylist()
+
+
+def image_members(shard: Location, keys: list[str], *, token_file: Location, fingerprint: dict,
+                  etag: str | None) -> dict:
+    """The image member of each sample of a shard, by key, after checking that the shard is still
+    the one its token file was made from and holds each of ``keys`` once.
+
+    A ``pipe:`` shard (read whole for its index) has no ETag or size to compare.
+
+    Raises:
+        BeitDataError: For an object replaced during the run (its ETag no longer ``etag``), a
+            shard rewritten since it was tokenized, or a key it lost or holds twice.
+    """
+    info = storage.stat(shard) if shard.seekable else {"etag": None, "size": None}
+    if etag is not None and info["etag"] != etag:
+        raise BeitDataError(f"{shard} changed during the run (ETag {info['etag']}, {etag} when it started); a shard "
+                            "must stay as it was tokenized")
+    entries = read_index(shard)
+    check_fingerprint(shard, fingerprint, token_file, index=entries, size=info["size"])
+    members = {s.key: s.members[s.image_ext] for s in entries if s.image_ext}
+    repeated = set(duplicate_keys(entries)).intersection(keys)
+    if repeated:
+        raise BeitDataError(f"{shard} holds {len(repeated)} keys that name several samples (first: {min(repeated)}), "
+                            f"which {token_file.name} lists; a key must name one image: tokenize it again")
+    lost = [k for k in keys if k not in members]
+    if lost:
+        raise BeitDataError(f"{shard} no longer holds {len(lost)} of the keys that {token_file.name} lists (first: "
+                            f"{lost[0]}); was it rewritten?")
+    return members
+
+
+def read_images_of(picked: list[tuple[int, LoadedShard, int]]) -> list[bytes]:
+    """The images of a batch's ``(epoch, shard, i)``: seekable shards by their offsets, all of the
+    batch's at once (local files by ``pread``, objects by concurrent range requests), ``pipe:``
+    shards from their streams."""
+    out: list[bytes | None] = [None] * len(picked)
+    ranged = [j for j, (_, shard, _) in enumerate(picked) if shard.reader is None]
+    for j, (_, shard, i) in enumerate(picked):
+        if shard.reader is not None:
+            out[j] = shard.reader.read(i)
+    requests = [(picked[j][1].file, *picked[j][1].images[picked[j][2]]) for j in ranged]
+    for j, data in zip(ranged, read_batch(requests)):
+        out[j] = data
+    return out
+
+
+# ---- stored targets ----------------------------------------------------------------------------
 
 
 def pair_token_files(spec: str, tokens: str, *, skip_missing: bool = False, held_out: bool = False
@@ -101,18 +225,122 @@ def pair_token_files(spec: str, tokens: str, *, skip_missing: bool = False, held
     return shards, paths, footers, missing
 
 
+
+class Targets(Protocol):
+    """What a source's samples are trained against: how a shard of a window is loaded, and the
+    row of ``OUTPUTS`` each of its samples gives. The source walks the order; its targets know
+    the files."""
+
+    OUTPUTS: tuple[str, ...]
+
+    def shard_keys(self, source: ReplaySource, index: int) -> list[str]: ...
+
+    def load(self, source: ReplaySource, index: int, epoch: int, *, read: bool) -> LoadedShard: ...
+
+    def item(self, source: ReplaySource, masker: BlockMaskGenerator, image: np.ndarray, epoch: int,
+             shard: LoadedShard, i: int) -> list[np.ndarray]: ...
+
+    def fresh(self) -> Targets: ...
+
+
+@dataclass(kw_only=True)
+class StoredTargets:
+    """The views and tokens of the token Parquet files, one per shard.
+
+    Attributes:
+        token_files: Each shard's token file, in the source's shard order.
+        views: Stored views per image.
+        target_jitter: Whether the stored jitter is replayed; otherwise it is drawn fresh.
+        jitter: Strength of fresh jitter: factors are uniform in [1 - jitter, 1 + jitter].
+        fingerprints: Of each shard, as its token file records it.
+    """
+
+    token_files: list[Location]
+    views: int
+    target_jitter: bool
+    jitter: float
+    fingerprints: list[dict] = field(default_factory=list)
+    _counted: set = field(default_factory=set, repr=False, compare=False)
+    _checked: set = field(default_factory=set, repr=False, compare=False)  # token files whose rows were checked
+    OUTPUTS: ClassVar[tuple[str, ...]] = OUTPUTS
+
+    def fresh(self) -> StoredTargets:
+        """A copy that has checked and counted nothing yet."""
+        return replace(self, _counted=set(), _checked=set())
+
+    def shard_keys(self, source: ReplaySource, index: int) -> list[str]:
+        return read_table(self.token_files[index], columns=["key"]).column("key").unique().to_pylist()
+
+    def load(self, source: ReplaySource, index: int, epoch: int, *, read: bool) -> LoadedShard:
+        """A shard's keys and picked views for ``epoch``; with ``read``, also their rows and
+        image offsets, and the shard opened for reading."""
+        path, cfg = self.token_files[index], source.cfg
+        table = read_table(path, columns=None if read else ["key"])
+        keys = table_keys(table, self.views, path)
+        if read and index not in self._checked:  # once per process: the windows, which need the rows
+            check_rows(table.select(WINDOW_COLUMNS), source.meta, path)
+            self._checked.add(index)
+        picks = np.array([source.draws.view_rng(epoch, k).integers(self.views) for k in keys], np.int64)
+        shard = LoadedShard(keys, picks)
+        if not read:
+            return shard
+        first = np.arange(len(keys)) * self.views
+        picked = pa.array(first + picks)
+        shard.rows = {name: table.column(name).take(picked).to_numpy() for name in VIEW_COLUMNS}
+        if cfg.shuffle_targets:  # every image keeps its view, with another image's tokens for it
+            first = first[stable_rng(cfg.seed, "shuffle-targets", index).permutation(len(keys))]
+        shard.rows["tokens"] = (table.column("tokens").take(pa.array(first + picks)).combine_chunks().flatten()
+                                .to_numpy().reshape(len(keys), source.grid ** 2))
+        location = source.shards[index]
+        if not location.seekable:
+            shard.reader = SequentialReader(location, keys, path)
+            return shard
+        shard.images, shard.rejected = self._offsets(source, index, keys)
+        shard.file = RangeFile.open(location, source.etags[index])  # closed when its window is done
+        return shard
+
+    def _offsets(self, source: ReplaySource, index: int, keys: list[str]) -> tuple[list, int]:
+        """Each key's image (offset, size) in the shard, and how many shard keys have no tokens."""
+        members = image_members(source.shards[index], keys, token_file=self.token_files[index],
+                                fingerprint=self.fingerprints[index], etag=source.etags[index])
+        rejected = 0
+        if index not in self._counted:  # once per process, not once per epoch
+            self._counted.add(index)
+            rejected = len(set(members) - set(keys))
+        return [members[k][:2] for k in keys], rejected
+
+    def item(self, source: ReplaySource, masker: BlockMaskGenerator, image: np.ndarray, epoch: int,
+             shard: LoadedShard, i: int) -> list[np.ndarray]:
+        """One row of ``OUTPUTS``: the picked view's window and tokens, fresh jitter where the
+        tokens have none, and the mask."""
+        key, rows, draws = shard.keys[i], shard.rows, source.draws
+        rng = draws.mask_rng(epoch, key, self.views)
+        if self.target_jitter:
+            jitter = np.array([[rows["brightness"][i], rows["contrast"][i], rows["saturation"][i]]], np.float32)
+        else:
+            fresh = draws.jitter_rng(epoch, key, rng)
+            jitter = fresh.uniform(1 - self.jitter, 1 + self.jitter, size=(1, 3)).astype(np.float32)
+        x, y, w, h = (int(rows[c][i]) for c in ("x", "y", "w", "h"))
+        rejected, shard.rejected = shard.rejected, 0
+        return [image, np.array([[x, y, x + w, y + h]], np.float32),
+                np.array([rows["flip"][i]], np.int32), jitter, rows["tokens"][i].astype(np.int64),
+                masker(rng).reshape(-1), np.frombuffer(key.encode(), np.uint8), np.array([rejected], np.int32)]
+
+
+# ---- the source: one order walk, with its targets -----------------------------------------------
+
+
 @dataclass(kw_only=True)
 class ReplaySource:
     """Batches of one rank from ``start = (epoch, step)`` on, forever; picklable.
 
     Attributes:
         cfg: The stream settings.
-        shards, token_files: The shards and their token Parquet files, in the same order.
-        images_per_shard: Tokenized images in each shard (rows / views).
-        views: Stored views per image.
+        shards: The shards, in the order of their targets' files.
+        images_per_shard: Images of each shard the order counts (tokenized images: rows / views).
         grid: Token grid side.
-        target_jitter: Whether the stored jitter is replayed; otherwise it is drawn fresh.
-        jitter: Strength of fresh jitter: factors are uniform in [1 - jitter, 1 + jitter].
+        targets: What the samples are trained against (``StoredTargets``, or online ones).
+        meta: The tokenizer and view recipe of the targets, as a token file's footer holds them.
         bytes_read: Image bytes this source has read (in the process that iterates it).
 
     Shards may be local files or objects (a batch's images read by range requests at once);
@@ -121,27 +349,21 @@ class ReplaySource:
 
     cfg: StreamConfig
     shards: list[Location]
-    token_files: list[Location]
     images_per_shard: list[int]
-    views: int
     grid: int
-    target_jitter: bool
-    jitter: float
+    targets: Targets
     rank: int = 0
     world_size: int = 1
     start: tuple[int, int] = (0, 0)
     missing: list[Location] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
-    fingerprints: list[dict] = field(default_factory=list)  # of each shard, as its token file records it
     etags: list[str | None] = field(default_factory=list)  # of each object when the run started
     bytes_read: int = field(default=0, compare=False)
-    _counted: set = field(default_factory=set, repr=False, compare=False)
-    _checked: set = field(default_factory=set, repr=False, compare=False)  # token files whose rows were checked
-    OUTPUTS: ClassVar[tuple[str, ...]] = OUTPUTS
 
     @classmethod
     def open(cls, cfg: StreamConfig, *, rank: int = 0, world_size: int = 1) -> ReplaySource:
-        """Pair each shard with its token file and check them (``pair_token_files``).
+        """The source of stored targets: each shard paired with its token file and checked
+        (``pair_token_files``).
 
         Raises:
             BeitDataError: A shard without a token file (unless ``skip_missing``), token files
@@ -151,12 +373,22 @@ class ReplaySource:
         shards, paths, footers, missing = pair_token_files(cfg.shards, cfg.tokens, skip_missing=cfg.skip_missing)
         metas = [m for m, _ in footers]
         meta, views = metas[0], metas[0]["views"]
-        return cls(cfg=cfg, shards=shards, token_files=paths, missing=missing, meta=meta,
-                   fingerprints=[m["shard"] for m in metas],
+        targets = StoredTargets(token_files=paths, views=views["views"], target_jitter=views["target_jitter"],
+                                jitter=views["jitter"], fingerprints=[m["shard"] for m in metas])
+        return cls(cfg=cfg, shards=shards, missing=missing, meta=meta, targets=targets,
                    etags=[storage.stat(s, fresh=False)["etag"] for s in shards],
                    images_per_shard=[rows // views["views"] for _, rows in footers],
-                   views=views["views"], grid=meta["tokenizer"]["grid"], target_jitter=views["target_jitter"],
-                   jitter=views["jitter"], rank=rank, world_size=world_size)
+                   grid=meta["tokenizer"]["grid"], rank=rank, world_size=world_size)
+
+    @property
+    def OUTPUTS(self) -> tuple[str, ...]:  # noqa: N802 (the targets' constant)
+        """What one iteration yields, in this order."""
+        return self.targets.OUTPUTS
+
+    @cached_property
+    def draws(self) -> Draws:
+        """Where each sample's view, fresh jitter and mask come from: the order version's."""
+        return draws_for(self.cfg)
 
     @cached_property
     def spec(self) -> OrderSpec:
@@ -200,7 +432,7 @@ class ReplaySource:
         when its last sample is handed out: they go to ``done``, and whoever reads the samples
         closes them once the batch is read (``__iter__``). Without ``done`` nothing is open.
         """
-        windows = ((epoch, window, [self._load(i, epoch, read=read) for i in window.shards], lo, hi)
+        windows = ((epoch, window, [self.targets.load(self, i, epoch, read=read) for i in window.shards], lo, hi)
                    for epoch, window, lo, hi in partition_spans(self.images_per_shard, self.spec, partition,
                                                                 self.start))
         if read:
@@ -236,72 +468,12 @@ class ReplaySource:
             yield PlannedBatch(epoch, self.rank, step, [s.keys[i] for _, s, i in picked],
                                [int(s.views[i]) for _, s, i in picked])
 
-    # ---- loading ------------------------------------------------------------------------
-
-    def _load(self, index: int, epoch: int, *, read: bool) -> LoadedShard:
-        """A shard's keys and picked views for ``epoch``; with ``read``, also their rows and
-        image offsets, and the shard opened for reading."""
-        path = self.token_files[index]
-        table = read_table(path, columns=None if read else ["key"])
-        keys = table_keys(table, self.views, path)
-        if read and index not in self._checked:  # once per process: the windows, which need the rows
-            check_rows(table.select(WINDOW_COLUMNS), self.meta, path)
-            self._checked.add(index)
-        seeds = (self.cfg.seed,) if self.cfg.shared_draws else (self.cfg.seed, "view")
-        picks = np.array([stable_rng(*seeds, epoch, k).integers(self.views) for k in keys], np.int64)
-        shard = LoadedShard(keys, picks)
-        if not read:
-            return shard
-        first = np.arange(len(keys)) * self.views
-        picked = pa.array(first + picks)
-        shard.rows = {name: table.column(name).take(picked).to_numpy() for name in VIEW_COLUMNS}
-        if self.cfg.shuffle_targets:  # every image keeps its view, with another image's tokens for it
-            first = first[stable_rng(self.cfg.seed, "shuffle-targets", index).permutation(len(keys))]
-        shard.rows["tokens"] = (table.column("tokens").take(pa.array(first + picks)).combine_chunks().flatten()
-                                .to_numpy().reshape(len(keys), self.grid ** 2))
-        location = self.shards[index]
-        if not location.seekable:
-            shard.reader = SequentialReader(location, keys, path)
-            return shard
-        shard.images, shard.rejected = self._offsets(index, keys)
-        shard.file = RangeFile.open(location, self.etags[index])  # closed when its window is done
-        return shard
-
-    def _offsets(self, index: int, keys: list[str]) -> tuple[list, int]:
-        """Each key's image (offset, size) in the shard, and how many shard keys have no tokens."""
-        members = image_members(self.shards[index], keys, token_file=self.token_files[index],
-                                fingerprint=self.fingerprints[index], etag=self.etags[index])
-        rejected = 0
-        if index not in self._counted:  # once per process, not once per epoch
-            self._counted.add(index)
-            rejected = len(set(members) - set(keys))
-        return [members[k][:2] for k in keys], rejected
+    # ---- batches ------------------------------------------------------------------------
 
     def _read(self, picked: list[tuple[int, LoadedShard, int]]) -> list[np.ndarray]:
         images = read_images_of(picked)
         self.bytes_read += sum(len(d) for d in images)
         return [np.frombuffer(d, np.uint8) for d in images]
-
-    # ---- batches ------------------------------------------------------------------------
-
-    def _item(self, masker: BlockMaskGenerator, image: np.ndarray, epoch: int, shard: LoadedShard, i: int
-              ) -> list[np.ndarray]:
-        """One row of ``OUTPUTS``: the picked view's window and tokens, fresh jitter where the
-        tokens have none, and the mask (``mask_rng``)."""
-        key, rows = shard.keys[i], shard.rows
-        rng = mask_rng(self.cfg.seed, epoch, key)
-        if self.cfg.shared_draws:  # the view was picked by the mask's generator, first
-            rng.integers(self.views)
-        if self.target_jitter:
-            jitter = np.array([[rows["brightness"][i], rows["contrast"][i], rows["saturation"][i]]], np.float32)
-        else:
-            fresh = rng if self.cfg.shared_draws else stable_rng(self.cfg.seed, "jitter", epoch, key)
-            jitter = fresh.uniform(1 - self.jitter, 1 + self.jitter, size=(1, 3)).astype(np.float32)
-        x, y, w, h = (int(rows[c][i]) for c in ("x", "y", "w", "h"))
-        rejected, shard.rejected = shard.rejected, 0
-        return [image, np.array([[x, y, x + w, y + h]], np.float32),
-                np.array([rows["flip"][i]], np.int32), jitter, rows["tokens"][i].astype(np.int64),
-                masker(rng).reshape(-1), np.frombuffer(key.encode(), np.uint8), np.array([rejected], np.int32)]
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray] | np.ndarray, ...]]:
         """One tuple per micro-batch with each of ``OUTPUTS``: a list of per-sample arrays for the
@@ -309,6 +481,7 @@ class ReplaySource:
         if multiprocessing.parent_process() is not None:
             outlive_job_signals()
         masker = BlockMaskGenerator((self.grid, self.grid), self.cfg.num_masked, self.cfg.min_block)
+        item = self.targets.item
         done: list[LoadedShard] = []
         size = self.cfg.batch_size
         try:
@@ -316,7 +489,7 @@ class ReplaySource:
                 for _, step in steps:
                     for i in range(0, len(step), size):  # the step's micro-batches
                         picked = step[i:i + size]
-                        rows = [self._item(masker, image, *p) for image, p in zip(self._read(picked), picked)]
+                        rows = [item(self, masker, image, *p) for image, p in zip(self._read(picked), picked)]
                         if i + size >= len(step):  # the windows this step finished: their last images are read
                             close_all(done)
                         # Same-shape outputs go as one dense array: DALI's per-sample hand-over costs Python time.
@@ -327,11 +500,15 @@ class ReplaySource:
 
     def shard_keys(self, index: int) -> list[str]:
         """The keys training reads of shard ``index``."""
-        return read_table(self.token_files[index], columns=["key"]).column("key").unique().to_pylist()
+        return self.targets.shard_keys(self, index)
 
     def for_rank(self, rank: int) -> ReplaySource:
         """The same source as another rank sees it."""
         return self._fresh(rank=rank)
+
+    def configured(self, cfg: StreamConfig, *, rank: int, world_size: int) -> ReplaySource:
+        """The same shards and token files under ``cfg`` (the settings completed once they were read)."""
+        return self._fresh(cfg=cfg, rank=rank, world_size=world_size)
 
     def at(self, epoch: int, step: int) -> ReplaySource:
         """The same source, starting at ``(epoch, step)``."""
@@ -339,4 +516,4 @@ class ReplaySource:
 
     def _fresh(self, **changes) -> ReplaySource:
         """A copy with ``changes`` that has read nothing yet."""
-        return replace(self, bytes_read=0, _counted=set(), _checked=set(), **changes)
+        return replace(self, bytes_read=0, targets=self.targets.fresh(), **changes)

@@ -67,25 +67,30 @@ class TrainStream:
         device: Where the batches go.
         tokenizer, recipe: For online targets (``cfg.targets``): the tokenizer run in the loop,
             and the recipe of its views.
+        source: Stored targets' source opened already (its token footers read, with settings
+            that ``cfg`` may complete); None opens it here.
     """
 
     def __init__(self, cfg: StreamConfig, *, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", tokenizer=None, recipe: ViewRecipe | None = None):
+                 device: torch.device | str = "cpu", tokenizer=None, recipe: ViewRecipe | None = None,
+                 source: ReplaySource | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
         self.tokenizer, self.target = None, None
         if cfg.online:
-            from beit_data.online import OnlineSource
+            from beit_data.online import open_online
 
             if tokenizer is None or recipe is None:
                 raise BeitDataError("online targets are tokenized in the loop: give TrainStream the tokenizer and "
                                     "the recipe of its views (pipelines.pretrain.online_tokenizer, "
                                     "pipelines.recipes.view_recipe)")
 
-            self.source = OnlineSource.open(cfg, recipe=recipe, tokenizer=tokenizer.describe(), rank=rank,
-                                            world_size=world_size)
+            self.source = open_online(cfg, recipe=recipe, tokenizer=tokenizer.describe(), rank=rank,
+                                      world_size=world_size)
             self.tokenizer = tokenizer.eval().to(self.device)
             self.target = ViewSpec(size=tokenizer.input_size, interp=recipe.interp, jitter=recipe.target_jitter)
+        elif source is not None:
+            self.source = source.configured(cfg, rank=rank, world_size=world_size)
         else:
             self.source = ReplaySource.open(cfg, rank=rank, world_size=world_size)
         self.meta, self.missing = self.source.meta, self.source.missing

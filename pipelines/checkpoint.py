@@ -2,8 +2,10 @@
 
 A run is made of parts that each give their state (``state_dict``) and take it back
 (``load_state_dict``): the model, the optimizer, the scheduler, the stream's position and every
-rank's random generators and CPU thread count (``RNGState``). Saving and restoring are a loop
-over them (``save_checkpoint``, ``restore_parts``), so a new piece of state is one more part.
+rank's random generators and CPU thread count (``RNGState``). The trainer is itself such a part
+(``pipelines.pretrain.Trainer``): its state is the whole file, its own record
+(``CheckpointMeta``) beside each part's state, so saving and restoring are one call each and a
+new piece of state is one more part.
 
 ``RUN/checkpoint.pt`` is one ``torch.save`` of a dict of plain tensors and Python values (it
 loads with ``weights_only=True``): each part's state under its name, and
@@ -22,19 +24,19 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
 
-from beit_common import BeitDataError, Location, describe_file, save_atomic, storage
+from beit_common import BeitDataError, Location, describe_file, storage
 from beit_data.tokens import with_defaults
 from pipelines.runtime import same_threads
 
-__all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "save_checkpoint", "load_checkpoint",
-           "restore_parts", "changed_settings", "check_resume", "model_from_checkpoint"]
+__all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "CheckpointMeta", "load_checkpoint",
+           "changed_settings", "check_resume", "model_from_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
-META = ("step", "config", "model_name", "vocab_size", "model_args", "world_size", "data")
 PARTS = ("model", "optimizer", "scheduler", "stream", "rng")
 
 
@@ -77,20 +79,52 @@ def checkpoint_path(run: str | os.PathLike) -> Location:
     return Location(run) / CHECKPOINT
 
 
-def save_checkpoint(path: str | os.PathLike, parts: dict[str, Stateful], meta: dict, *, write: bool = True) -> None:
-    """Each part's state and ``meta``, written atomically (a kill never leaves half a file).
-
-    Every rank calls it (a part's state may take a collective); only where ``write`` is the file
-    written."""
-    state = {name: part.state_dict() for name, part in parts.items()}
-    if write:
-        save_atomic({**meta, **state}, path)
+# Settings added since the first checkpoints, with the value a run that predates them had.
+ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False,
+                  "grad_accum": 1, "targets": "stored", "tokenizer": None, "shared_draws": True}
 
 
-def restore_parts(checkpoint: dict, parts: dict[str, Stateful]) -> None:
-    """Give each part its state back."""
-    for name, part in parts.items():
-        part.load_state_dict(checkpoint[name])
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint records beside its parts' states, under these names at its top level.
+
+    Attributes:
+        step: Optimizer steps taken.
+        config: The resolved settings, by their flat names.
+        model_name, vocab_size, model_args: What rebuilds the model without the config
+            (``model_args``: embed_dim, depth, num_heads).
+        world_size: The ranks that saved it.
+        data: What the run trains on (shard names, their tokenized images, the tokenizer and
+            view recipe), which a resumed run must match.
+    """
+
+    step: int
+    config: dict
+    model_name: str
+    vocab_size: int
+    model_args: dict
+    world_size: int
+    data: dict
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> CheckpointMeta:
+        """The record of a loaded checkpoint (``load_checkpoint``)."""
+        return cls(**{name: ckpt[name] for name in META})
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def settings(self) -> dict:
+        """The checkpoint's settings, completed for runs from before a setting existed: a run from
+        before partitions dealt its shards to its ranks."""
+        saved = {**ADDED_SETTINGS, **self.config}
+        if self.config.get("partitions") is None:
+            saved.update(partitions=self.world_size, dealt=True)
+        return saved
+
+
+META = tuple(f.name for f in fields(CheckpointMeta))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -114,20 +148,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if isinstance(ckpt["stream"], (tuple, list)):  # written before the stream gave its own state
         ckpt["stream"] = {"epoch": ckpt["stream"][0], "step": ckpt["stream"][1]}
     return ckpt
-
-
-# Settings added since the first checkpoints, with the value a run that predates them had.
-ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False,
-                  "grad_accum": 1, "targets": "stored", "tokenizer": None, "shared_draws": True}
-
-
-def saved_settings(ckpt: dict) -> dict:
-    """The checkpoint's settings, completed for runs from before a setting existed: a run from
-    before partitions dealt its shards to its ranks."""
-    saved = {**ADDED_SETTINGS, **ckpt["config"]}
-    if ckpt["config"].get("partitions") is None:
-        saved.update(partitions=ckpt["world_size"], dealt=True)
-    return saved
 
 
 def changed_settings(saved: dict, config: dict, resumable: tuple[str, ...], added: dict | None = None) -> dict:
@@ -154,10 +174,12 @@ def changed_settings(saved: dict, config: dict, resumable: tuple[str, ...], adde
     return changed
 
 
-def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_size: int, data: dict) -> dict:
+def check_resume(saved_run: CheckpointMeta, config: dict, resumable: tuple[str, ...], world_size: int,
+                 data: dict) -> dict:
     """Refuse to resume with settings or data that change what the run computes.
 
     Args:
+        saved_run: The record of the checkpoint being resumed.
         config: This invocation's settings, by their flat names.
         resumable: The settings that may change (they only change how the run goes).
         data: What this invocation would train on, as the checkpoint records it.
@@ -168,24 +190,24 @@ def check_resume(ckpt: dict, config: dict, resumable: tuple[str, ...], world_siz
     Raises:
         BeitDataError: Naming the setting, its value in the run and the new one.
     """
-    saved = saved_settings(ckpt)
+    saved, saved_world = saved_run.settings, saved_run.world_size
     changed = changed_settings(saved, config, resumable)
-    before, after = (c["batch_size"] * w * c.get("grad_accum", 1) for c, w in ((saved, ckpt["world_size"]),
+    before, after = (c["batch_size"] * w * c.get("grad_accum", 1) for c, w in ((saved, saved_world),
                                                                                 (config, world_size)))
     if before != after:
         raise BeitDataError(f"the global batch (`batch_size` x ranks x `grad_accum`) is {before} in the run being "
                             f"resumed, not {after}; a resumed run keeps it")
-    if ckpt["world_size"] != world_size:
+    if saved_world != world_size:
         if saved["dealt"]:
-            raise BeitDataError(f"the run being resumed has {ckpt['world_size']} ranks, not {world_size}; its order "
+            raise BeitDataError(f"the run being resumed has {saved_world} ranks, not {world_size}; its order "
                                 "deals shards to its ranks")
-        changed = {"ranks": (ckpt["world_size"], world_size), **changed}
-    with_defaults(ckpt["data"])  # runs saved before the BEiT v2 recipe
+        changed = {"ranks": (saved_world, world_size), **changed}
+    saved_data = with_defaults(saved_run.data)  # runs saved before the BEiT v2 recipe
     online = config.get("targets") == "online"  # the tokenizer gives the targets, the shards the images
     targets, what = ("tokenizer", "tokenizer") if online else ("tokens", "token files")
     for key, setting in (("tokenizer", targets), ("views", targets), ("shards", "shards"),
                          ("images_per_shard", "shards" if online else "tokens")):
-        if ckpt["data"][key] != data[key]:
+        if saved_data[key] != data[key]:
             raise BeitDataError(f"`{setting}` holds other data than the run being resumed ({key} differ); "
                                 f"resume with the same shards and {what}")
     return changed

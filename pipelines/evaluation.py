@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from beit_common import BeitDataError, Location, storage
 from beit_data.holdout import Holdout
 from beit_data.progress import progress_bar
-from beit_data.replay import pair_token_files
+from beit_data.replay import image_members, pair_token_files, table_keys
 from beit_data.shard_index import read_images, stale_index
-from beit_data.shard_rows import image_members, table_keys
 from beit_data.shards import expand_shards, iter_images
 from beit_data.tokens import WINDOW_COLUMNS, check_rows, read_table
 from beit_model.beit_mim import BeitMIM, masked_positions

@@ -6,70 +6,51 @@ lr 1.5e-3 with a per-step linear warmup over 10 epochs and cosine decay to 1e-5,
 0.1, LayerScale 0.1, gradient clipping at 3.0, 75 block-masked patches, 800 epochs.
 One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast, nccl) under torchrun.
 
-A run reads top to bottom: ``resolve`` (the config completed before anything is built),
-``build`` (stream, model, optimizer, and the run's parts restored from the checkpoint with
-``--resume``), then ``pipelines.train_loop.loop`` (steps, logs, checkpoints). SIGTERM, SIGINT
-and SIGHUP end the loop after the current step, with a checkpoint.
+The run reads top to bottom, as nanoGPT's ``train.py`` does:
+
+- ``run_pretrain``: the device, the process group and the run folder; the checkpoint of a
+  resumed run is read once, here;
+- ``resolve``: the config completed before anything is built, a pure function of the config,
+  the checkpoint's record (``CheckpointMeta``) and the token files' metadata (read once, by the
+  stream's source);
+- ``Trainer``: the stream, the model, its optimizer and schedule, the held-out checks. It is
+  itself the checkpoint's part: ``state_dict`` is the whole checkpoint (its record and every
+  part's state), ``load_state_dict`` takes it back, so saving and resuming are one call each;
+- ``Trainer.train``: steps, logs, held-out figures and checkpoints, until the end, ``stop_after``
+  steps of this invocation, or a signal (SIGTERM, SIGINT and SIGHUP end it after the current
+  step, with a checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
 
-from beit_common import BeitDataError, Location, redacted, write_text_atomic
+from beit_common import BeitDataError, Location, redacted, save_atomic, write_text_atomic
+from beit_data.old_orders import kept_order
 from beit_data.order import left_out_note
+from beit_data.progress import progress_bar
+from beit_data.replay import ReplaySource
 from beit_data.stream import TrainStream
-from beit_data.tokens import read_meta, token_files
-from pipelines.checkpoint import (
-    CHECKPOINT,
-    RNGState,
-    check_resume,
-    checkpoint_path,
-    load_checkpoint,
-    restore_parts,
-    save_checkpoint,
-    saved_settings,
-)
+from beit_data.stream_config import StreamConfig
+from pipelines.checkpoint import CHECKPOINT, CheckpointMeta, RNGState, check_resume, checkpoint_path, load_checkpoint
+from pipelines.logs import BatchRecorder, Logger, LossReader
+from pipelines.preemption import Preemption
 from pipelines.pretrain_config import PretrainConfig
 from pipelines.recipes import TOKENIZER_RECIPE, view_recipe
 from pipelines.run_folder import Mirror, run_folder
 from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
-from pipelines.training import build_model, build_optimizer
+from pipelines.training import accumulated_step, build_model, build_optimizer
 from pipelines.validation import QualityChecks
 
-__all__ = ["PretrainConfig", "PretrainResult", "Run", "run_pretrain", "resolve", "build", "save"]
-
-
-@dataclass
-class Run:
-    """Everything a training run holds while it goes; ``parts`` are what its checkpoint saves."""
-
-    cfg: PretrainConfig
-    device: torch.device
-    dist: DistInfo
-    out: Path
-    stream: TrainStream
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    total: int
-    warmup: int
-    data: dict
-    parts: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)  # the resolved settings, as config.json holds them
-    step: int = 0
-    resumed_at: int | None = None
-    checks: QualityChecks | None = None
-    mirror: Mirror | None = None  # uploads the run folder to an object-storage ``out``
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.rank == 0
+__all__ = ["PretrainConfig", "PretrainResult", "Trainer", "run_pretrain", "resolve"]
 
 
 @dataclass
@@ -103,8 +84,6 @@ class PretrainResult:
 
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Train (or resume) a BEiT MIM model."""
-    from pipelines.train_loop import loop
-
     device = resolve_device(cfg.runtime.device, local_rank=dist_info().local_rank)
     tokenizer = online_tokenizer(cfg)
     with deterministic_on_cpu(device):
@@ -112,8 +91,16 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         try:
             with run_folder(cfg.runtime, dist) as (out, mirror):
                 checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.runtime.resume else None
-                cfg = resolve(cfg, checkpoint, dist.world_size, tokenizer)
-                return loop(build(cfg, out, device, dist, mirror, checkpoint, tokenizer))
+                saved = CheckpointMeta.from_checkpoint(checkpoint) if checkpoint is not None else None
+                # The token files' footers, read once: their metadata completes the config.
+                source = None if cfg.data.online else ReplaySource.open(cfg.data, rank=dist.rank,
+                                                                        world_size=dist.world_size)
+                targets = {"tokenizer": tokenizer.describe()} if tokenizer is not None else source.meta
+                trainer = Trainer(resolve(cfg, saved, targets, dist.world_size), out=out, device=device, dist=dist,
+                                  mirror=mirror, saved=saved, source=source, tokenizer=tokenizer)
+                if checkpoint is not None:
+                    trainer.load_state_dict(checkpoint)
+                return trainer.train()
         finally:
             if dist.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
@@ -128,32 +115,40 @@ def online_tokenizer(cfg: PretrainConfig):
     return load_tokenizer(cfg.data.tokenizer)
 
 
-def resolve(cfg: PretrainConfig, checkpoint: dict | None, world_size: int = 1, tokenizer=None) -> PretrainConfig:
+# ---- the config, resolved once ------------------------------------------------------------------
+
+
+def resolve(cfg: PretrainConfig, saved: CheckpointMeta | None, targets: dict, world_size: int = 1) -> PretrainConfig:
     """The config complete, before anything is built: the order of a run from before partitions
-    (shards dealt to its ranks), the per-rank batch of a run resumed on another number of ranks,
-    and the recipe of the token files (or of the online tokenizer) where none was named."""
-    if checkpoint is not None:
-        saved = saved_settings(checkpoint)
-        if saved["dealt"]:
-            cfg = cfg.with_settings(dealt=True, partitions=saved["partitions"])
-        if saved["shared_draws"] and saved["targets"] == "stored":  # online runs never shared them
-            cfg = cfg.with_settings(shared_draws=True)
-        cfg = _same_global_batch(cfg, saved, checkpoint["world_size"], world_size)
-    if cfg.recipe is None and tokenizer is not None:
-        cfg = cfg.resolved(TOKENIZER_RECIPE[tokenizer.kind])
-    if cfg.recipe is None:  # (no token file at all is said by the stream, naming the shard)
-        files = token_files(cfg.data.tokens, allow_empty=True)
-        cfg = cfg.resolved(read_meta(files[0])["views"].get("recipe", "beit") if files else "beit")
-    return cfg
+    (shards dealt to its ranks) or from before masks had their own draws, the per-rank batch of a
+    run resumed on another number of ranks, and the recipe of the token files (or of the online
+    tokenizer) where none was named.
+
+    Args:
+        saved: The record of the checkpoint being resumed, if any.
+        targets: What the targets come from: the token files' metadata, or ``{"tokenizer":
+            ...}`` of the online tokenizer (``describe()``).
+    """
+    changes: dict = {}
+    if saved is not None:
+        settings = saved.settings
+        changes.update(kept_order(settings))  # the order version the run started with
+        batch_size = _same_global_batch(cfg.data, settings, saved.world_size, world_size)
+        if batch_size != cfg.data.batch_size:
+            changes["batch_size"] = batch_size
+    if cfg.recipe is None:
+        changes["recipe"] = (TOKENIZER_RECIPE[targets["tokenizer"]["kind"]] if cfg.data.online
+                             else targets["views"].get("recipe", "beit"))
+    return cfg.with_settings(**changes) if changes else cfg
 
 
-def _same_global_batch(cfg: PretrainConfig, saved: dict, saved_world: int, world_size: int) -> PretrainConfig:
-    """A run resumed on ``world_size`` ranks, or with another ``grad_accum``, keeps its global
-    batch: the per-rank batch follows. A changed ``batch_size`` on the same ranks and
-    accumulation is left for ``check_resume`` to refuse."""
-    data, before = cfg.data, saved["batch_size"] * saved_world * saved["grad_accum"]
+def _same_global_batch(data: StreamConfig, saved: dict, saved_world: int, world_size: int) -> int:
+    """The per-rank batch of a run resumed on ``world_size`` ranks, or with another ``grad_accum``:
+    it keeps its global batch. A changed ``batch_size`` on the same ranks and accumulation is left
+    for ``check_resume`` to refuse."""
+    before = saved["batch_size"] * saved_world * saved["grad_accum"]
     if data.global_batch(world_size) == before or (world_size, data.grad_accum) == (saved_world, saved["grad_accum"]):
-        return cfg
+        return data.batch_size
     per_rank, rest = divmod(before, world_size * data.grad_accum)
     if rest or (saved["dealt"] and world_size != saved_world):
         raise BeitDataError(f"the run being resumed trains global batches of {before} ({saved_world} ranks x "
@@ -161,19 +156,7 @@ def _same_global_batch(cfg: PretrainConfig, saved: dict, saved_world: int, world
                             + ("its order deals shards to its ranks, so it resumes on them only" if saved["dealt"]
                                else f"they do not split over {world_size} ranks x `grad_accum` {data.grad_accum}; "
                                     "choose a `grad_accum` that divides them"))
-    return cfg.with_settings(batch_size=per_rank)
-
-
-def _schedule(cfg: PretrainConfig, stream: TrainStream, dist: DistInfo) -> tuple[int, int]:
-    """Total and warmup steps."""
-    stream.source.check_epoch(0)
-    note = left_out_note(stream.source.layout(0), stream.source.spec)
-    if note and dist.rank == 0:
-        print(f"pretrain: {note}", file=sys.stderr)
-    steps_per_epoch, optim = stream.steps_per_epoch(0), cfg.optim
-    total = optim.steps or optim.epochs * steps_per_epoch
-    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_epochs * steps_per_epoch)
-    return total, min(total, warmup) or 1
+    return per_rank
 
 
 def run_data(stream: TrainStream) -> dict:
@@ -183,68 +166,263 @@ def run_data(stream: TrainStream) -> dict:
             "tokenizer": stream.meta["tokenizer"], "views": stream.meta["views"]}
 
 
-def _model(cfg: PretrainConfig, stream: TrainStream, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(cfg.data.seed)
-    model = build_model(cfg.arch.model, stream.vocab, drop_path=cfg.arch.drop_path, layer_scale=cfg.arch.layer_scale)
-    grid = tuple(model.grid)
-    if grid != (stream.grid, stream.grid):
-        raise BeitDataError(f"model grid {grid[0]}x{grid[1]} does not match the tokens' grid "
-                            f"{stream.grid}x{stream.grid} ({stream.cfg.tokens or stream.cfg.tokenizer})")
-    return model.to(device)
+# ---- the trainer --------------------------------------------------------------------------------
 
 
-def build(cfg: PretrainConfig, out: Path, device: torch.device, dist: DistInfo, mirror: Mirror | None = None,
-          checkpoint: dict | None = None, tokenizer=None) -> Run:
-    """The stream, the model and its optimizer, with the run's parts restored from ``checkpoint``.
-    Online targets draw one fresh view per image each epoch, with the recipe's crop, flip and jitter."""
-    recipe = view_recipe(cfg.recipe, views=1, seed=cfg.data.seed) if cfg.data.online else None
-    stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device, tokenizer=tokenizer,
-                         recipe=recipe)
-    if checkpoint is not None:
-        changed = check_resume(checkpoint, redacted(cfg.flat()), PretrainConfig.RESUMABLE, dist.world_size,
-                               run_data(stream))
-        if changed and dist.rank == 0:
-            print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
-                  file=sys.stderr)
-    model = _model(cfg, stream, device)
-    total, warmup = _schedule(cfg, stream, dist)
-    optim = cfg.optim
-    optimizer, scheduler = build_optimizer(model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-                                           betas=optim.betas, warmup=warmup, total=total)
-    run = Run(cfg=cfg, device=device, dist=dist, out=out, stream=stream, model=model, optimizer=optimizer,
-              scheduler=scheduler, total=total, warmup=warmup, data=run_data(stream),
-              checks=QualityChecks(cfg.eval, stream, dist, device, depth=len(model.blocks)), mirror=mirror)
-    run.parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "stream": stream,
-                 "rng": RNGState(device, dist.rank, dist.world_size)}
-    if checkpoint is not None:
-        restore_parts(checkpoint, run.parts)
-        run.step = run.resumed_at = checkpoint["step"]
-        if checkpoint["world_size"] != dist.world_size:  # no saved generator is this rank's own: a fresh one
-            torch.manual_seed(cfg.data.seed + 1000 * dist.rank + 1_000_003 * run.step)
-    else:
-        torch.manual_seed(cfg.data.seed + 1000 * dist.rank)  # drop path differs per rank
-    run.config = {**redacted(cfg.flat()), "ranks": dist.world_size,
-                  "global_batch": cfg.data.global_batch(dist.world_size), "total_steps": total,
-                  "warmup_steps": warmup, "steps_per_epoch": stream.steps_per_epoch(0),
-                  "torch_threads": torch.get_num_threads()}  # the checkpoint holds each rank's
-    if run.is_main:
-        write_text_atomic(out / "config.json", json.dumps(run.config, indent=1))
-    return run
+class Trainer:
+    """A pretrain run: its stream, model, optimizer and schedule, device and ranks; the
+    checkpoint's part (``state_dict`` / ``load_state_dict``).
+
+    Args:
+        cfg: The resolved config (``resolve``).
+        out: The local run folder (``run_folder``); ``mirror`` uploads it to an object-storage ``out``.
+        saved: The record of the checkpoint being resumed: this run must compute what it did
+            (``check_resume``); ``load_state_dict`` then takes its state.
+        source: The stored targets' source, already opened (its token footers read); None for
+            online targets.
+        tokenizer: The online tokenizer, or None.
+    """
+
+    def __init__(self, cfg: PretrainConfig, *, out: Path, device: torch.device, dist: DistInfo,
+                 mirror: Mirror | None = None, saved: CheckpointMeta | None = None,
+                 source: ReplaySource | None = None, tokenizer=None):
+        self.cfg, self.out, self.device, self.dist, self.mirror = cfg, out, device, dist, mirror
+        self.step, self.resumed_at = 0, None
+        # Online targets draw one fresh view per image each epoch, with the recipe's crop, flip and jitter.
+        recipe = view_recipe(cfg.recipe, views=1, seed=cfg.data.seed) if cfg.data.online else None
+        self.stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device,
+                                  tokenizer=tokenizer, recipe=recipe, source=source)
+        self.data = run_data(self.stream)
+        if saved is not None:
+            changed = check_resume(saved, redacted(cfg.flat()), PretrainConfig.RESUMABLE, dist.world_size, self.data)
+            if changed and self.is_main:
+                print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+                      file=sys.stderr)
+        self.model = self._model()
+        self.total, self.warmup = self._schedule()
+        optim = cfg.optim
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay, betas=optim.betas,
+            warmup=self.warmup, total=self.total)
+        self.checks = QualityChecks(cfg.eval, self.stream, dist, device, depth=len(self.model.blocks))
+        self.parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                      "stream": self.stream, "rng": RNGState(device, dist.rank, dist.world_size)}
+        if saved is None:
+            torch.manual_seed(cfg.data.seed + 1000 * dist.rank)  # drop path differs per rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+    def _model(self) -> torch.nn.Module:
+        cfg, stream = self.cfg, self.stream
+        torch.manual_seed(cfg.data.seed)
+        model = build_model(cfg.arch.model, stream.vocab, drop_path=cfg.arch.drop_path,
+                            layer_scale=cfg.arch.layer_scale)
+        grid = tuple(model.grid)
+        if grid != (stream.grid, stream.grid):
+            raise BeitDataError(f"model grid {grid[0]}x{grid[1]} does not match the tokens' grid "
+                                f"{stream.grid}x{stream.grid} ({stream.cfg.tokens or stream.cfg.tokenizer})")
+        return model.to(self.device)
+
+    def _schedule(self) -> tuple[int, int]:
+        """Total and warmup steps."""
+        source = self.stream.source
+        source.check_epoch(0)
+        note = left_out_note(source.layout(0), source.spec)
+        if note and self.is_main:
+            print(f"pretrain: {note}", file=sys.stderr)
+        steps_per_epoch, optim = self.stream.steps_per_epoch(0), self.cfg.optim
+        total = optim.steps or optim.epochs * steps_per_epoch
+        warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_epochs * steps_per_epoch)
+        return total, min(total, warmup) or 1
+
+    # ---- the checkpoint ----
+
+    def record(self) -> CheckpointMeta:
+        """What the checkpoint records beside the parts' states."""
+        model = self.model
+        return CheckpointMeta(step=self.step, config=redacted(self.cfg.flat()), model_name=self.cfg.arch.model,
+                              vocab_size=model.vocab_size, world_size=self.dist.world_size, data=self.data,
+                              model_args={"embed_dim": model.embed_dim, "depth": model.depth,
+                                          "num_heads": model.num_heads})
+
+    def state_dict(self) -> dict:
+        """The whole checkpoint: the record and each part's state. A collective (the generators
+        of every rank are gathered): every rank calls it."""
+        return {**self.record().as_dict(), **{name: part.state_dict() for name, part in self.parts.items()}}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Take back a checkpoint's state (``load_checkpoint``): each part's, and the step."""
+        for name, part in self.parts.items():
+            part.load_state_dict(checkpoint[name])
+        self.step = self.resumed_at = checkpoint["step"]
+        if checkpoint["world_size"] != self.dist.world_size:  # no saved generator is this rank's own: a fresh one
+            torch.manual_seed(self.cfg.data.seed + 1000 * self.dist.rank + 1_000_003 * self.step)
+
+    def save(self) -> None:
+        """Every rank gives its parts' state, rank 0 writes the checkpoint (atomically: a kill never
+        leaves half a file) and uploads the run folder of an object-storage ``out``."""
+        state = self.state_dict()
+        if self.is_main:
+            save_atomic(state, checkpoint_path(self.out))
+        self.push()
+
+    def push(self) -> None:
+        """Upload what changed in the run folder to an object-storage ``out`` (rank 0), the checkpoint
+        last: each object appears whole, and a resumed run drops log lines past the checkpoint."""
+        if self.mirror is not None and self.is_main:
+            self.mirror.push(last=(CHECKPOINT,))
+
+    # ---- the loop ----
+
+    def settings(self) -> dict:
+        """The resolved settings, as ``config.json`` holds them (the checkpoint holds each rank's threads)."""
+        return {**redacted(self.cfg.flat()), "ranks": self.dist.world_size,
+                "global_batch": self.cfg.data.global_batch(self.dist.world_size), "total_steps": self.total,
+                "warmup_steps": self.warmup, "steps_per_epoch": self.stream.steps_per_epoch(0),
+                "torch_threads": torch.get_num_threads()}
+
+    def train(self) -> PretrainResult:
+        """Train from ``step`` to the end, for ``stop_after`` steps, or until a signal."""
+        cfg, config = self.cfg, self.settings()
+        if self.is_main:
+            write_text_atomic(self.out / "config.json", json.dumps(config, indent=1))
+        forward, logs = self._forward_module(), Logs.open(self, config)
+        stop_at = min(self.total, self.step + cfg.runtime.stop_after if cfg.runtime.stop_after else self.total)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        stopped = 0
+        if self.step == 0:
+            self.checks(self.model, 0, self.total, logs.logger)  # the held-out figures before training
+        self.model.train()
+        accum = cfg.data.grad_accum
+        try:
+            with Preemption(self.dist.world_size) as preemption, closing(self.stream.batches(dtype=dtype)) as stream:
+                while self.step < stop_at:
+                    done = StepRecord()
+                    out = accumulated_step(self.model, self.optimizer, self.scheduler,
+                                           done.micro_batches(islice(stream, accum)), accum=accum,
+                                           max_masked=cfg.data.num_masked, clip_grad=cfg.optim.clip_grad,
+                                           device=self.device, forward=forward, world_size=self.dist.world_size)
+                    self.step += 1
+                    stopped = preemption.requested()
+                    self._after_step(logs, out, done, stop_at, stopped)
+                    if stopped:
+                        break
+        except BaseException:
+            logs.close()  # a failed run leaves no file open: a Python caller goes on
+            raise
+        return self._finish(logs, stopped)
+
+    def _forward_module(self) -> torch.nn.Module:
+        """The model as the step calls it: wrapped in DDP under torchrun, compiled with ``compile``."""
+        forward = self.model
+        if self.dist.world_size > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(forward) if self.cfg.runtime.compile else forward
+
+    def _after_step(self, logs: Logs, out, done: StepRecord, stop_at: int, stopped: int) -> None:
+        """Record, log, evaluate and save what is due after a step."""
+        runtime = self.cfg.runtime
+        logs.recorder.record(self.step, done.epoch, done.step, done.keys)
+        logs.losses.add(self.step - 1, out.loss)
+        logs.meter.seen += done.images * self.dist.world_size
+        log_now = self.step % runtime.log_every == 0 or self.step == self.total
+        save_now = self.step % runtime.checkpoint_every == 0 or self.step == stop_at or stopped
+        if log_now or save_now:
+            logs.losses.read()
+        if log_now:
+            self._log_step(logs, out, done.epoch)
+        logs.bar.update()
+        if not stopped:  # a preempted run saves first: the job may have seconds left
+            self.checks(self.model, self.step, self.total, logs.logger)
+        if save_now:
+            logs.recorder.flush()
+            self.save()
+
+    def _log_step(self, logs: Logs, out, epoch: int) -> None:
+        img_s, acc = logs.meter.rate(), out.accuracy()
+        record = {"step": self.step, "epoch": epoch, "loss": logs.losses.last, "acc": acc,
+                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s}
+        if self.device.type == "cuda":  # the peak so far: a leak shows as growth between logs
+            record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        logs.logger.log(record)
+        # Not refreshed here: the bar redraws at its own interval (every 30 s into a log file).
+        logs.bar.set_postfix(loss=f"{logs.losses.last:.3f}", acc=f"{acc:.3f}", img_s=f"{img_s:.0f}", refresh=False)
+
+    def _finish(self, logs: Logs, stopped: int) -> PretrainResult:
+        name = Preemption.name(stopped) if stopped else None
+        if stopped:
+            logs.logger.log({"step": self.step, "event": "stopped", "signal": name})
+            if self.is_main:
+                print(f"pretrain: stopped by {name} after step {self.step}; {checkpoint_path(self.cfg.runtime.out)} "
+                      "holds it, resume to continue", file=sys.stderr)
+        logs.close()
+        self.push()  # the logs written after the last checkpoint
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+        stream = self.stream
+        return PretrainResult(steps=self.step, first_loss=logs.losses.first, last_loss=logs.losses.last,
+                              checkpoint=str(checkpoint_path(self.cfg.runtime.out)),
+                              skipped_rejected=stream.skipped_rejected, skipped_missing_shards=len(stream.missing),
+                              stopped=name,
+                              holdout=[r for r in (self.checks.first, self.checks.last) if r is not None])
 
 
-def save(run: Run) -> None:
-    """Every rank gives its parts' state (the RNG states are gathered), rank 0 writes the checkpoint
-    and uploads the run folder of an object-storage ``out``."""
-    meta = {"step": run.step, "config": redacted(run.cfg.flat()), "model_name": run.cfg.arch.model,
-            "vocab_size": run.model.vocab_size, "world_size": run.dist.world_size, "data": run.data,
-            "model_args": {"embed_dim": run.model.embed_dim, "depth": run.model.depth,
-                           "num_heads": run.model.num_heads}}
-    save_checkpoint(checkpoint_path(run.out), run.parts, meta, write=run.is_main)
-    push(run)
+# ---- what the loop keeps while it goes ----------------------------------------------------------
 
 
-def push(run: Run) -> None:
-    """Upload what changed in the run folder to an object-storage ``out`` (rank 0), the checkpoint
-    last: each object appears whole, and a resumed run drops log lines past the checkpoint."""
-    if run.mirror is not None and run.is_main:
-        run.mirror.push(last=(CHECKPOINT,))
+class Meter:
+    """Images per second between two logs."""
+
+    def __init__(self):
+        self.tick, self.seen = time.perf_counter(), 0
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.tick
+        rate = self.seen / elapsed if elapsed > 0 else 0.0
+        self.tick, self.seen = time.perf_counter(), 0
+        return rate
+
+
+@dataclass
+class Logs:
+    """Where a run's figures go while it trains."""
+
+    logger: Logger
+    recorder: BatchRecorder
+    losses: LossReader
+    meter: Meter
+    bar: object
+
+    @classmethod
+    def open(cls, trainer: Trainer, config: dict) -> Logs:
+        runtime, resumed_at = trainer.cfg.runtime, trainer.resumed_at or 0
+        return cls(Logger(trainer.out, trainer.is_main, resumed_at=resumed_at, config=config),
+                   BatchRecorder(trainer.out, trainer.dist.rank, runtime.record_batches, resumed_at=resumed_at),
+                   LossReader(checkpoint_path(trainer.out)), Meter(),
+                   progress_bar(total=trainer.total, initial=trainer.step, desc="pretrain", unit="step",
+                                disable=not (runtime.progress and trainer.is_main)))
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+        self.recorder.close()
+
+
+@dataclass
+class StepRecord:
+    """Where a step's samples came from: its place in the order and the keys of its micro-batches."""
+
+    epoch: int = 0
+    step: int = 0
+    keys: list = field(default_factory=list)
+    images: int = 0
+
+    def micro_batches(self, stream):
+        """``(images, tokens, mask)`` of each micro-batch from ``stream``, noting where each came from."""
+        for batch in stream:
+            self.epoch, self.step, self.images = batch.epoch, batch.step, self.images + batch.images.shape[0]
+            self.keys.extend(batch.keys)
+            yield batch.images, batch.tokens, batch.mask
