@@ -10,7 +10,8 @@ A run's order is fixed by its version, which its checkpoint records through two 
 - version 3 (``ORDER_VERSION``, every new run): partitions, and each draw from a generator of
   its own (``Draws``), so that a mask never depends on the views or the jitter setting.
 
-The stream asks ``draws_for`` which draws to use; nothing else branches on the version.
+The stream asks ``draws_for`` which draws to use and ``partitions_for`` how many partitions its
+order has; the order itself deals version 1's shards (``OrderSpec.dealt``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from beit_data.masking import mask_rng
 from beit_data.stream_config import StreamConfig
 from beit_data.views import stable_rng
 
-__all__ = ["ORDER_VERSION", "Draws", "SharedDraws", "draws_for", "order_version", "kept_order"]
+__all__ = ["ORDER_VERSION", "Draws", "SharedDraws", "draws_for", "partitions_for", "order_version", "kept_order"]
 
 ORDER_VERSION = 3
 
@@ -64,6 +65,12 @@ class SharedDraws(Draws):
 def draws_for(cfg: StreamConfig) -> Draws:
     """The draws of a stream's order version."""
     return SharedDraws(cfg.seed) if cfg.shared_draws else Draws(cfg.seed)
+
+
+def partitions_for(cfg: StreamConfig, world_size: int) -> int:
+    """The partitions of a stream's order: version 1 deals its shards to its ranks, so they are
+    its partitions (``OrderSpec.dealt``)."""
+    return world_size if cfg.dealt else cfg.partitions
 
 
 def order_version(settings: dict) -> int:

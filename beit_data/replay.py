@@ -36,7 +36,7 @@ from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile, read_batch
 from beit_data.loader_signals import outlive_job_signals
 from beit_data.masking import BlockMaskGenerator
-from beit_data.old_orders import Draws, draws_for
+from beit_data.old_orders import Draws, draws_for, partitions_for
 from beit_data.order import (
     Layout,
     OrderSpec,
@@ -394,7 +394,7 @@ class ReplaySource:
     def spec(self) -> OrderSpec:
         """What fixes the order: the same on any number of ranks (but for ``dealt`` runs)."""
         return OrderSpec(seed=self.cfg.seed, global_batch=self.cfg.global_batch(self.world_size),
-                         partitions=self.world_size if self.cfg.dealt else self.cfg.partitions,
+                         partitions=partitions_for(self.cfg, self.world_size),
                          mix_shards=self.cfg.mix_shards, sequential=self.sequential, dealt=self.cfg.dealt)
 
     def layout(self, epoch: int) -> Layout:
