@@ -202,6 +202,10 @@ NUM_THREADS = setting(StreamConfig, "--num-threads", type=click.IntRange(min=1),
                    "image, jpg, png, webp, ...].")
 @click.option("--label-column", default=None,
               help="Parquet sources: the column of class ids [default: found by name: label, cls, ...].")
+@click.option("--image-root", default=None,
+              help="Parquet sources whose image column holds paths and no bytes (Hugging Face datasets cast from "
+                   "files): read a relative path from this folder or URL prefix [default: the Parquet file's "
+                   "folder].")
 @click.option("--holdout-per-class", type=Real(min=0, min_open=True), default=None,
               help="Also write a held-out set: this many images of each class (or this share, below 1), drawn "
                    "from --seed, disjoint from the training shards, with the same class map. A class gives at most "

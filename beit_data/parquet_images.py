@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from beit_common import BeitDataError, Location, storage
 from beit_common.listing import expand
+from beit_data.images import ImageError
 from beit_data.tokens import parquet_file
 from beit_data.views import stable_rng
 
@@ -95,6 +96,23 @@ class ParquetRow:
     data: bytes | None
     label: int | None
     error: str | None = None
+    path: str | None = None  # the image file of a row that holds a path only, read by ``read``
+
+    def read(self) -> bytes:
+        """The image bytes: the row's own, or those of the file it names.
+
+        Raises:
+            ImageError: With the reason: no bytes, or a file that cannot be read (naming it).
+        """
+        if self.error:
+            raise ImageError(self.error)
+        if self.path is None:
+            return self.data
+        try:
+            return storage.read_bytes(self.path)
+        except (BeitDataError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ImageError(f"image file {self.path}: {reason}") from None
 
 
 def _pick(names: Sequence[str], given: str | None, known: tuple[str, ...], what: str, file: Location,
@@ -132,6 +150,7 @@ class ParquetImages:
     names: list[str] | None
     row_groups: list[tuple[int, int]]  # (file, row group), in file order
     offsets: list[int]  # rows before each file
+    image_root: str | None = None  # where a row's relative image path is read from; None: its file's folder
 
     @property
     def count(self) -> int:
@@ -139,9 +158,11 @@ class ParquetImages:
 
     @classmethod
     def open(cls, sources: Sequence[str], image_column: str | None = None,
-             label_column: str | None = None) -> ParquetImages:
+             label_column: str | None = None, image_root: str | None = None) -> ParquetImages:
         """Every Parquet file of ``sources`` (files, folders, globs or prefixes; local or object
-        URLs), checked to share the image and label columns.
+        URLs), checked to share the image and label columns. A row whose image struct holds a
+        path and no bytes is read from that path, relative to ``image_root`` or else to the
+        Parquet file's folder.
 
         Raises:
             BeitDataError: For no Parquet file, a file without the columns, or files that differ.
@@ -168,7 +189,8 @@ class ParquetImages:
                     raise BeitDataError(f"{f} has no column {wanted!r}, which {files[0]} has")
             groups += [(i, g) for g in range(meta.num_row_groups)]
             offsets.append(offsets[-1] + meta.num_rows)
-        return cls(files, image, label, _class_names(schema, label), groups, offsets)
+        return cls(files, image, label, _class_names(schema, label), groups, offsets,
+                   None if image_root is None else str(image_root))
 
     def labels(self) -> np.ndarray:
         """Every row's label (the label column alone is read), -1 where it is null."""
@@ -203,16 +225,25 @@ class ParquetImages:
         images = table.column(self.image_column).to_pylist()
         labels = table.column(self.label_column).to_pylist() if self.label_column else [None] * len(images)
         name, first = self.files[file].name, self.offsets[file] + start
-        return [_row(f"{name}:{start + i}", first + i, image, label)
+        root = Location(self.image_root) if self.image_root is not None else self.files[file].parent
+        return [_row(f"{name}:{start + i}", first + i, image, label, root)
                 for i, (image, label) in enumerate(zip(images, labels))]
 
 
-def _row(source: str, index: int, image, label) -> ParquetRow:
-    """A row's image bytes: the ``bytes`` of a Hugging Face image struct, or a bytes column's value."""
+def _row(source: str, index: int, image, label, root: Location) -> ParquetRow:
+    """A row's image: the ``bytes`` of a Hugging Face image struct, or a bytes column's value; or,
+    for a struct with a path and no bytes (what ``datasets`` writes after ``cast_column('image',
+    Image())`` of files), that file: an absolute path or URL as it is, a relative one under ``root``."""
+    path = None
     if isinstance(image, dict):
+        path = image.get("path") if not image.get("bytes") else None
         image = image.get("bytes")
-    if not isinstance(image, (bytes, bytearray)) or not image:
+    path = path if isinstance(path, str) and path else None
+    if path is None and (not isinstance(image, (bytes, bytearray)) or not image):
         return ParquetRow(source, index, None, label, "no image bytes in the row")
     if label is not None and not isinstance(label, int):
         return ParquetRow(source, index, None, None, f"label {label!r} is not a class id")
+    if path is not None:
+        where = path if os.path.isabs(path) or not Location(path).is_local else str(root / path)
+        return ParquetRow(source, index, None, label, path=where)
     return ParquetRow(source, index, bytes(image), label)

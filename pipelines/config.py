@@ -42,6 +42,9 @@ class ShardsConfig:
         image_column, label_column: The columns of Parquet sources that hold the image bytes
             (a bytes column, or a struct with ``bytes``) and the class id; None finds them by
             name (``image``, ``jpg``, ...; ``label``, ``cls``, ...).
+        image_root: Parquet sources whose image struct holds a path and no bytes (Hugging Face
+            ``datasets`` after ``cast_column('image', Image())`` of files): the folder (or URL
+            prefix) a relative path is read from; None: the Parquet file's own folder.
         holdout_per_class: Set apart this many images of each class (or this share, below 1)
             as a held-out shard set, disjoint from the training shards, with the same class map.
         holdout_out: Where the held-out shards go; None: ``OUT-holdout`` beside ``out``.
@@ -60,6 +63,7 @@ class ShardsConfig:
     max_pixels: int | None = None  # None: beit_data.images.MAX_PIXELS
     image_column: str | None = None
     label_column: str | None = None
+    image_root: str | os.PathLike | None = None
     holdout_per_class: float | None = None
     holdout_out: str | os.PathLike | None = None
     overwrite: bool = False
@@ -197,9 +201,13 @@ class IndexConfig:
     progress: bool = True
 
 
+# The files of an export folder: timm's ``local-dir:`` layout, the config last (``probe`` reads it too).
+EXPORT_FOLDER_FILES = ("model.safetensors", "config.json")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExportConfig:
-    """``beit-data export``: a run's encoder, for timm."""
+    """``beit-data export``: a run's encoder, for timm (a folder of ``EXPORT_FOLDER_FILES``, or a file)."""
 
     run: str
     out: str

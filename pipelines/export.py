@@ -13,6 +13,9 @@ Two forms, by the name of ``out``:
 Both record the input the encoder was pretrained on (size, bicubic interpolation, ImageNet's
 mean and std), which timm's BEiT defaults (mean and std 0.5) would otherwise replace silently.
 Every file is written with the permissions of an ordinary file (``0666`` less the umask).
+``config.json`` names timm's model of the same size (timm has no tiny BEiT: its family's base
+builder, with the encoder's sizes in ``model_args``), none of the tag and licence of timm's own
+weights, and the model pretrained as ``beit_data_model``.
 """
 
 from __future__ import annotations
@@ -22,18 +25,28 @@ import json
 from beit_common import BeitDataError, Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
 from beit_common.files import ensure_writable_dir, output_location
 from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
-from pipelines.config import ExportConfig
+from pipelines.config import EXPORT_FOLDER_FILES, ExportConfig
 
-__all__ = ["ExportConfig", "run_export", "timm_args", "input_config", "FILE_SUFFIXES"]
+__all__ = ["ExportConfig", "run_export", "timm_architecture", "timm_args", "input_config", "FILE_SUFFIXES"]
 
 FILE_SUFFIXES = (".pth", ".safetensors")
-FOLDER_FILES = ("model.safetensors", "config.json")  # timm's local-dir layout, the config last
 
 
 def timm_args(model_args: dict, img_size: int = 224) -> dict:
     """The timm ``Beit`` arguments that rebuild this encoder."""
     return {"img_size": img_size, "embed_dim": model_args["embed_dim"], "depth": model_args["depth"],
             "num_heads": model_args["num_heads"], "use_abs_pos_emb": False, "use_rel_pos_bias": True}
+
+
+def timm_architecture(model_name: str) -> str:
+    """The timm model of the same size (``beit_mim_base_patch16_224``: ``beit_base_patch16_224``);
+    a size timm has none of (tiny) is built by its family's base entry point, with the encoder's
+    own sizes in the arguments (``timm_args``), since timm opens only a name it registers."""
+    from beit_model.beit_mim import TIMM_EQUIVALENT
+
+    if model_name in TIMM_EQUIVALENT:
+        return TIMM_EQUIVALENT[model_name]
+    return "beitv2_base_patch16_224" if model_name.startswith("beitv2") else "beit_base_patch16_224"
 
 
 def input_config(img_size: int) -> dict:
@@ -52,7 +65,7 @@ def run_export(cfg: ExportConfig) -> dict:
     Raises:
         BeitDataError: For an ``out`` that exists (without ``overwrite``) or cannot be written.
     """
-    from beit_model.beit_mim import TIMM_EQUIVALENT, encoder_state_dict
+    from beit_model.beit_mim import encoder_state_dict
 
     ckpt = load_checkpoint(checkpoint_path(cfg.run))
     suffix = "." + Location(cfg.out).name.rsplit(".", 1)[-1].lower() if "." in Location(cfg.out).name else ""
@@ -61,14 +74,14 @@ def run_export(cfg: ExportConfig) -> dict:
     folder = not suffix
     out = _folder(cfg.out, cfg.overwrite) if folder else output_file(cfg.out, "the encoder", overwrite=cfg.overwrite)
     model = model_from_checkpoint(ckpt)
-    name = TIMM_EQUIVALENT.get(ckpt["model_name"], "beit_base_patch16_224")
+    name = timm_architecture(ckpt["model_name"])
     img_size = model.patch_embed.img_size[0]
     args, data = timm_args(ckpt["model_args"], img_size), input_config(img_size)
     state = encoder_state_dict(model)
     info = {"timm_model": name, "timm_kwargs": {**args, "num_classes": 0}, "pretrained_cfg": data,
             "step": ckpt["step"]}
     if folder:
-        _write_folder(out, name, args, data, state)
+        _write_folder(out, name, args, data, state, ckpt["model_name"])
         return {**info, "folder": storage.redact(str(out))}
     info_path = output_file(Location(out).sibling(".json"), "the encoder's JSON", overwrite=cfg.overwrite)
     if suffix == ".safetensors":  # timm's create_model(checkpoint_path=...) reads either
@@ -89,7 +102,7 @@ def _folder(out: str, overwrite: bool):
     """The export folder, made and proven writable; one that holds files is refused without
     ``overwrite`` (and then only its export files are replaced)."""
     out = output_location(out, "the encoder folder")
-    existing = [n for n in FOLDER_FILES if storage.exists(Location(out) / n)]
+    existing = [n for n in EXPORT_FOLDER_FILES if storage.exists(Location(out) / n)]
     if Location(out).is_local and Location(out).path.is_file():
         raise BeitDataError(f"{out} is a file; give a folder, or a name ending in .pth or .safetensors")
     if existing and not overwrite:
@@ -97,14 +110,21 @@ def _folder(out: str, overwrite: bool):
     return ensure_writable_dir(out)
 
 
-def _write_folder(out, name: str, args: dict, data: dict, state: dict) -> None:
-    """timm's ``Beit`` with the encoder's weights and no classifier, saved by timm's own writer."""
+def _write_folder(out, name: str, args: dict, data: dict, state: dict, source: str) -> None:
+    """timm's ``Beit`` with the encoder's weights and no classifier, saved by timm's own writer.
+
+    The ``pretrained_cfg`` drops the tag and licence that timm's default configuration of ``name``
+    carries (``in22k_ft_in22k_in1k``, apache-2.0: Microsoft's fine-tuned weights, not these), and
+    ``beit_data_model`` names the model pretrained (``beit_mim_tiny_patch16_224``), which timm
+    leaves alone: ``architecture`` is only the timm entry point that builds it."""
     import timm
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf  # what timm's own push_to_hf_hub writes with
 
-    model = timm.create_model(name, pretrained=False, num_classes=0, pretrained_cfg_overlay=data, **args)
+    own = {**data, "tag": None, "license": None}  # None is left out of config.json
+    model = timm.create_model(name, pretrained=False, num_classes=0, pretrained_cfg_overlay=own, **args)
     model.load_state_dict(state)  # strict: every weight of timm's model comes from the encoder
-    weights, config = (Location(out) / n for n in FOLDER_FILES)
+    weights, config = (Location(out) / n for n in EXPORT_FOLDER_FILES)
     write_atomic(weights, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp)))
-    write_atomic(config, lambda tmp: save_config_for_hf(model, str(tmp), model_args=args))
+    write_atomic(config, lambda tmp: save_config_for_hf(model, str(tmp), model_args=args,
+                                                                 model_config={"beit_data_model": source}))

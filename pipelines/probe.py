@@ -17,7 +17,7 @@ import torch
 
 from beit_common import BeitDataError, Location, storage
 from pipelines.class_maps import check_class_maps
-from pipelines.config import ProbeConfig
+from pipelines.config import EXPORT_FOLDER_FILES, ProbeConfig
 from pipelines.evaluation import check_layers, knn, labeled_features, linear_probe
 from pipelines.runtime import dist_info, init_distributed, resolve_device
 
@@ -25,8 +25,9 @@ __all__ = ["ProbeConfig", "run_probe", "format_probe", "load_encoder"]
 
 
 def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str]:
-    """A pretrain run folder's model, or an exported encoder (``.pth`` / ``.safetensors`` with its
-    ``.json``), local or on object storage."""
+    """A pretrain run folder's model, an export folder (``config.json``, ``model.safetensors``), or
+    an exported encoder file (``.pth`` / ``.safetensors`` with its ``.json``), local or on object
+    storage."""
     from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 
     source = Location(source)
@@ -34,10 +35,13 @@ def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str]:
         raise BeitDataError(f"{source}: give a run folder or an exported encoder, not a pipe: command")
     if storage.exists(checkpoint_path(source)):
         return model_from_checkpoint(load_checkpoint(checkpoint_path(source))), "run"
+    if all(storage.exists(source / name) for name in EXPORT_FOLDER_FILES):
+        return _export_folder(source), "encoder"
     info_path = source.sibling(".json")
     if not storage.exists(source) or not storage.exists(info_path):
-        raise BeitDataError(f"{source} is neither a pretrain run folder nor an exported encoder with its "
-                            f"{info_path.name} beside it")
+        raise BeitDataError(f"{source} is neither a pretrain run folder, an export folder "
+                            f"({' and '.join(EXPORT_FOLDER_FILES)}) nor an exported encoder with its {info_path.name} "
+                            "beside it")
     import timm
 
     info = _export_info(info_path)
@@ -48,6 +52,25 @@ def load_encoder(source: str | Path) -> tuple[torch.nn.Module, str]:
             raise BeitDataError(f"{source}: not an encoder `beit-data export` wrote: "
                                 f"{str(exc).splitlines()[0]}") from None
     return model, "encoder"
+
+
+def _export_folder(source: Location) -> torch.nn.Module:
+    """The folder ``beit-data export`` writes, opened as timm opens it (``local-dir:``), without
+    a classifier; an object-storage folder is read through a local copy of its two files."""
+    import tempfile
+
+    import timm
+
+    with tempfile.TemporaryDirectory(prefix="beit-data-export-") as tmp:
+        folder = source.path if source.is_local else Path(tmp)
+        if not source.is_local:
+            for name in EXPORT_FOLDER_FILES:
+                storage.download(str(source / name), folder / name)
+        try:
+            return timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise BeitDataError(f"{source}: not a folder `beit-data export` wrote: "
+                                f"{str(exc).splitlines()[0]}") from None
 
 
 def _export_info(path: Location) -> dict:

@@ -36,11 +36,14 @@ class ListedImage(NamedTuple):
         cls: Its class (the ImageFolder sub-folder), or None.
         source: How the user names it: the path relative to the source folder, or the line
             of a text-file list as written. Stored in the sample's ``.json`` member.
+        base: The folder a list's relative line was resolved against (the list's own), which
+            a reject for a missing file names; None for every other file.
     """
 
     path: Path
     cls: str | None
     source: str
+    base: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,9 @@ def collect_images(source: str | os.PathLike) -> list[ListedImage]:
             lines = [ln.strip() for ln in src.read_text().splitlines()]
         except UnicodeDecodeError:
             raise BeitDataError(f"{src} is neither a text list of image paths nor a Parquet file") from None
-        return [ListedImage(Path(ln) if os.path.isabs(ln) else src.parent / ln, None, ln) for ln in lines if ln]
+        base = src.parent.absolute()  # relative lines are read from the list's folder, wherever it is run from
+        return [ListedImage(Path(ln), None, ln) if os.path.isabs(ln) else ListedImage(src.parent / ln, None, ln, base)
+                for ln in lines if ln]
     entries = sorted(src.iterdir())
     subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
     files = [f for f in entries if _is_listed_file(f)]
@@ -156,10 +161,17 @@ def read_image(data: bytes, max_pixels: int | None) -> tuple[bytes, str]:
     return data, FORMAT_EXT[probe_image(data, decode=True, max_pixels=max_pixels).format]
 
 
-def _file_bytes(path: Path) -> bytes:
+def _file_bytes(image: ListedImage) -> bytes:
+    path = image.path
     if path.is_symlink() and not path.exists():
         raise ImageError(f"broken symbolic link to {os.readlink(path)}")
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        if image.base is None:
+            raise
+        raise ImageError(f"{exc.strerror}: {image.source!r} in {image.base} (a list's relative paths are read "
+                         "from the list's own folder)") from None
 
 
 def load_class_map(path: str | os.PathLike) -> list[str]:
@@ -210,6 +222,9 @@ def open_source(config: ShardsConfig) -> Source:
     if any(parquet) and not all(parquet):
         raise BeitDataError("the sources mix Parquet with image files; write them in separate runs (with one class "
                             "map: `classes`)")
+    if config.image_root is not None and not all(parquet):
+        raise BeitDataError("`image_root` is for Parquet sources whose image column holds paths; a list file's "
+                            "relative paths are read from the list's own folder")
     return _parquet_source(config) if all(parquet) else _file_source(config)
 
 
@@ -220,7 +235,7 @@ def _file_source(config: ShardsConfig) -> Source:
     _refuse_overlap(found)
     listing = [item for _, item in found]
     classes = _class_map(sorted({item.cls for item in listing if item.cls is not None}), config.classes)
-    items = (Item(f.source, f.cls, i, lambda f=f: _file_bytes(f.path), str(f.path))
+    items = (Item(f.source, f.cls, i, lambda f=f: _file_bytes(f), str(f.path))
              for i, f in write_order(list(enumerate(listing)), shuffle=config.shuffle, seed=config.seed))
     return Source(items, classes, [f.cls for f in listing])
 
@@ -228,7 +243,8 @@ def _file_source(config: ShardsConfig) -> Source:
 def _parquet_source(config: ShardsConfig) -> Source:
     """Rows of Parquet files; a label becomes its ClassLabel name where the file's metadata has
     names, else the id itself (``"0"`` .. ``"N-1"``, so that the ids stay the dataset's)."""
-    images = ParquetImages.open([str(s) for s in config.sources], config.image_column, config.label_column)
+    images = ParquetImages.open([str(s) for s in config.sources], config.image_column, config.label_column,
+                                config.image_root)
     labels = images.labels() if images.label_column else None
     names = images.names
     if labels is not None and names is None:
@@ -241,12 +257,7 @@ def _parquet_source(config: ShardsConfig) -> Source:
     def name(label: int | None) -> str | None:
         return None if label is None or label < 0 else names[label]
 
-    def read(row) -> bytes:
-        if row.error:
-            raise ImageError(row.error)
-        return row.data
-
-    items = (Item(row.source, name(row.label), row.index, lambda row=row: read(row))
+    items = (Item(row.source, name(row.label), row.index, row.read)
              for row in images.rows(shuffle=config.shuffle, seed=config.seed))
     return Source(items, classes, [name(int(x)) for x in labels] if labels is not None else [None] * images.count)
 

@@ -98,6 +98,19 @@ def sample_tokens(sample_shards, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def two_step_run(sample_shards, sample_tokens, tmp_path_factory) -> Path:
+    """A tiny pretrain run of two steps on the sample: what export and probe tests read (never write)."""
+    from helpers import TINY
+
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+
+    out = tmp_path_factory.mktemp("two_step") / "run"
+    run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens), out=str(out),
+                                          steps=2, **TINY))
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_tokenizer(sample_shards) -> Path:
     """The tiny dVAE trained on the sample for 150 steps (half of `make demo`'s 300), enough for its
     tokens to carry the content (the learning test in tests/cli/test_pretrain.py)."""

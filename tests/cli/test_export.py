@@ -4,19 +4,15 @@ import json
 
 import pytest
 import torch
-from helpers import REPO, TINY, invoke, run_cli
+from helpers import REPO, invoke, run_cli
 
 from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.pretrain import PretrainConfig, run_pretrain
 
 
-@pytest.fixture(scope="module")
-def trained_run(sample_shards, sample_tokens, tmp_path_factory):
-    """A pretrain run of two steps, exported by the tests below."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens), out=str(out),
-                                          steps=2, **TINY))
-    return out
+@pytest.fixture
+def trained_run(two_step_run):
+    """A pretrain run of two steps (shared, read only), exported by the tests below."""
+    return two_step_run
 
 
 def test_cli_export_of_a_run_loads_in_timm(trained_run, tmp_path):
