@@ -489,3 +489,27 @@ def test_shards_from_parquet_on_s3_read_row_groups_by_range(s3, tmp_path):
     written = [s for shard in expand_shards(str(tmp_path / "out")) for s in iter_samples(shard)]
     assert result.images == 7 and [s.image for s in written] == [b for b, _ in data]
     assert [int(s.members["cls"]) for s in written] == [label for _, label in data]
+
+
+def test_probe_reads_an_export_folder_on_s3_as_the_local_one(s3, tmp_path):
+    """The folder ``export`` writes, under an S3 prefix: the same encoder as the local folder."""
+    import timm
+    import torch
+
+    import beit_model  # noqa: F401
+    from beit_model.beit_mim import MIM_VARIANTS, encoder_state_dict
+    from pipelines.export import _write_folder, input_config, timm_architecture, timm_args
+    from pipelines.probe import load_encoder
+
+    name = "beit_mim_tiny_patch16_224"
+    torch.manual_seed(0)
+    mim = timm.create_model(name, vocab_size=64)
+    (tmp_path / "enc").mkdir()
+    _write_folder(tmp_path / "enc", timm_architecture(name), timm_args(MIM_VARIANTS[name]), input_config(224),
+                  encoder_state_dict(mim), name)
+    for file in ("config.json", "model.safetensors"):
+        upload(tmp_path / "enc" / file, f"s3://{BUCKET}/encdir/{file}")
+    (here, kind), (there, remote_kind) = load_encoder(tmp_path / "enc"), load_encoder(f"s3://{BUCKET}/encdir")
+    assert kind == remote_kind == "encoder" and len(there.blocks) == 4
+    assert all(torch.equal(a, b) for a, b in zip(here.state_dict().values(), there.state_dict().values()))
+    assert torch.equal(there.patch_embed.proj.weight, mim.patch_embed.proj.weight)
