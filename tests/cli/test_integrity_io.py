@@ -256,7 +256,7 @@ def test_batches_end_before_the_pixel_budget_and_keep_every_item_in_order(costs,
     assert [item for batch in batches for item in batch] == list(enumerate(costs))
     for batch, after in zip(batches, batches[1:] + [None]):
         total = sum(c for _, c in batch)
-        assert 1 <= len(batch) <= size and (total <= budget or len(batch) == 1)
+        assert 0 < len(batch) <= size and (total <= budget or len(batch) == 1)
         if after is not None:  # it ended because it was full, or the next item would pass the budget
             assert len(batch) == size or total + after[0][1] > budget
     assert [len(b) for b in batched(range(7), 3)] == [3, 3, 1]  # without a budget, by count
