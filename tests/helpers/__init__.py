@@ -51,12 +51,14 @@ CODE_KEY = _code_key()
 def cached(name: str, build, *parts: object) -> Path:
     """``build(folder)`` run once for (``name``, the package's code, ``parts``) and kept in
     ``$BEIT_DATA_TEST_CACHE`` (default ``$BEIT_DATA_CACHE/tests``, beside beit-data's own cache):
-    later runs, other clones and the other xdist workers build nothing, they read the same folder.
+    later runs of this clone and the other xdist workers build nothing, they read the same folder.
     A build that fails leaves nothing behind; workers that race for it wait on one lock."""
     root = Path(os.environ.get("BEIT_DATA_TEST_CACHE")
                 or Path(os.environ.get("BEIT_DATA_CACHE") or Path.home() / ".cache" / "beit-data") / "tests")
     root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(repr((name, CODE_KEY, parts)).encode()).hexdigest()[:16]
+    # The clone's own path is part of the key: a fixture may hold paths into it (a list of the
+    # embedded sample's files), so another clone builds its own.
+    key = hashlib.sha256(repr((name, CODE_KEY, str(REPO), parts)).encode()).hexdigest()[:16]
     folder = root / f"{name}-{key}"
     with FileLock(str(folder) + ".lock"):
         if not (folder / ".done").exists():
