@@ -105,6 +105,7 @@ def test_bad_input_one_line_errors(tmp_path, known):
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.xdist_group("trained_tokenizer")  # one worker builds it while the other goes on
 def test_render_and_histogram_pngs_have_content(known, tmp_path, trained_tokenizer, sample_shards):
     tokens = tmp_path / "tokens"
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(trained_tokenizer), out=str(tokens),

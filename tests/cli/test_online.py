@@ -78,6 +78,7 @@ def test_an_online_stream_without_its_tokenizer_is_refused(sample_shards):
         TrainStream(cfg)
 
 
+@pytest.mark.xdist_group("trained_tokenizer")  # one worker builds it while the other goes on
 def test_pretrain_with_online_targets_resumes_bitwise_and_refuses_another_tokenizer(
         sample_shards, tiny_tokenizer, trained_tokenizer, tmp_path):
     common = dict(shards=str(sample_shards), targets="online", tokenizer=str(tiny_tokenizer), steps=6,

@@ -98,6 +98,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, sample
     assert len(losses(tmp_path / "r")) == failed_at
 
 
+@pytest.mark.xdist_group("trained_tokenizer")  # one worker builds it while the other goes on
 def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, trained_tokenizer, tmp_path):
     """Masked-token accuracy beats the most-frequent-token baseline, and shuffled targets learn less."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize

@@ -18,6 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import REPO, cached, descendants, free_port, tokenize_folder, write_shards
 
+# The tests share the shards and the uninterrupted run: one worker builds them while the other goes on.
+pytestmark = pytest.mark.xdist_group("rehearsal")
+
 SHARDS = 200
 ENV = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # the command sets what it needs itself
 BEIT_DATA = os.path.join(os.path.dirname(sys.executable), "beit-data")  # the console script
