@@ -25,9 +25,6 @@ import pytest  # noqa: E402
 from helpers import cached, class_image  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from beit_data.sample import write_sample_list  # noqa: E402
-from pipelines.shards import ShardsConfig, run_shards  # noqa: E402
-
 # Property tests explore new shapes on every local run; CI (.ci/run) replays a fixed set.
 settings.register_profile("ci", derandomize=True, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
@@ -59,6 +56,9 @@ def _same_torch_threads():
 
 
 def _sample_shards(folder: Path) -> None:
+    from beit_data.sample import write_sample_list
+    from pipelines.shards import ShardsConfig, run_shards
+
     listing = write_sample_list(folder / "list.txt")
     run_shards(ShardsConfig(sources=[listing], out=folder / "shards", maxcount=8, prefix="sample", progress=False))
 
@@ -98,22 +98,23 @@ def sample_tokens(sample_shards, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def two_step_run(sample_shards, sample_tokens, tmp_path_factory) -> Path:
+def two_step_run(sample_shards, sample_tokens) -> Path:
     """A tiny pretrain run of two steps on the sample: what export and probe tests read (never write)."""
     from helpers import TINY
 
     from pipelines.pretrain import PretrainConfig, run_pretrain
 
-    out = tmp_path_factory.mktemp("two_step") / "run"
-    run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens), out=str(out),
-                                          steps=2, **TINY))
-    return out
+    def build(folder: Path) -> None:
+        run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(sample_tokens),
+                                              out=str(folder / "run"), steps=2, **TINY))
+
+    return cached("two_step_run", build, sample_shards, sample_tokens) / "run"
 
 
 @pytest.fixture(scope="session")
 def trained_tokenizer(sample_shards) -> Path:
     """The tiny dVAE trained on the sample for 150 steps (half of `make demo`'s 300), enough for its
-    tokens to carry the content (the learning test in tests/cli/test_pretrain.py)."""
+    tokens to carry the content (the learning test in tests/system/test_learning.py)."""
     from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
 
     def build(folder: Path) -> None:
@@ -124,6 +125,8 @@ def trained_tokenizer(sample_shards) -> Path:
 
 
 def _labeled_shards(root: Path) -> None:
+    from pipelines.shards import ShardsConfig, run_shards
+
     for part, count, offset in (("train", 10, 0), ("val", 6, 1000)):
         for label, name in enumerate(("red_stripes", "green_dots", "blue_checks")):
             folder = root / "images" / part / name

@@ -1,10 +1,9 @@
 import json
+import math
 import re
 import subprocess
 import sys
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import TINY, losses, records, run_cli, write_tar
@@ -13,20 +12,32 @@ from beit_common import BeitDataError
 from pipelines.pretrain import PretrainConfig, run_pretrain
 
 
-def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_path):
-    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=8, checkpoint_every=100, **TINY)
+def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_path, capfd):
+    """A run stopped and resumed gives the losses and weights of a run made without a stop, bit for
+    bit, also when the resuming process starts with another torch thread count (as torchrun
+    launches it: the run's own count is set back and said)."""
+    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=8, checkpoint_every=100,
+                  **{**TINY, "warmup_steps": 1})
+    torch.set_num_threads(2)  # the fixture _same_torch_threads puts the count back after the test
     straight = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common))
     first = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), stop_after=4, **common))
     assert first.steps == 4 and len(losses(tmp_path / "resumed")) == 4
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["torch_threads"] == 2
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["rng"]["threads"] == [2]
     # What a SIGKILL during a checkpoint write leaves: the next start of the run removes it.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / "resumed" / f".checkpoint.pt.tmp-{gone.stdout.strip()}"
     stale.write_bytes(b"half a checkpoint")
     with pytest.raises(BeitDataError, match="`resume`"):
         run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), **common))
+    torch.set_num_threads(1)
+    capfd.readouterr()
     second = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), resume=True, **common))
+    assert "torch's CPU threads set to 2, as the run was saved with (this process had 1)" in capfd.readouterr().err
+    assert torch.get_num_threads() == 2
     assert straight.steps == second.steps == 8 and not stale.exists()
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # bitwise: exact float equality
+    assert all(math.isfinite(x) for x in losses(tmp_path / "resumed"))
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -96,30 +107,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, sample
     kept = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert kept["step"] == failed_at >= 1  # the checkpoint of the last step whose loss was finite
     assert len(losses(tmp_path / "r")) == failed_at
-
-
-@pytest.mark.xdist_group("trained_tokenizer")  # one worker builds it while the other goes on
-def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, trained_tokenizer, tmp_path):
-    """Masked-token accuracy beats the most-frequent-token baseline, and shuffled targets learn less."""
-    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
-
-    run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(trained_tokenizer), out=str(tmp_path / "t"),
-                                views=10, device="cpu", progress=False))
-    tokens = np.concatenate([np.stack(pq.read_table(p).column("tokens").to_numpy(zero_copy_only=False))
-                             for p in (tmp_path / "t").glob("*.parquet")])
-    baseline = np.bincount(tokens.ravel()).max() / tokens.size
-    accuracy = {}
-    for shuffle in (False, True):
-        out = tmp_path / f"run-{shuffle}"
-        run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(tmp_path / "t"), out=str(out),
-                                              steps=80,
-                                    drop_path=0.0, shuffle_targets=shuffle,
-                                    **{**TINY, "batch_size": 8, "warmup_steps": 20, "lr": 2e-3}))
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        accuracy[shuffle] = float(np.mean([r["acc"] for r in log[-50:] if "acc" in r]))
-    print(f"baseline {baseline:.3f}  aligned {accuracy[False]:.3f}  shuffled {accuracy[True]:.3f}")
-    assert accuracy[False] > baseline + 0.1
-    assert accuracy[False] > accuracy[True] + 0.05
 
 
 def test_resume_refuses_settings_that_change_the_run_and_logs_the_others(sample_shards, sample_tokens, tmp_path,
@@ -241,10 +228,10 @@ def test_a_checkpoint_from_before_partitions_and_parts_still_resumes(sample_shar
     """A checkpoint in the old layout (the stream as an (epoch, step) pair, settings without
     partitions or the mask's own generator) resumes in the order and with the draws it was made
     with: shards dealt to its ranks, one generator for each sample's view pick and mask."""
-    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=6, checkpoint_every=100, **TINY)
+    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=4, checkpoint_every=100, **TINY)
     old_order = dict(dealt=True, partitions=1, shared_draws=True)
     run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common, **old_order))
-    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), stop_after=3, **common, **old_order))
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), stop_after=2, **common, **old_order))
     ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
     ckpt["stream"] = (ckpt["stream"]["epoch"], ckpt["stream"]["step"])
     for name in ("partitions", "dealt", "image_size", "min_block", "record_batches", "grad_accum", "targets",
@@ -252,7 +239,7 @@ def test_a_checkpoint_from_before_partitions_and_parts_still_resumes(sample_shar
         ckpt["config"].pop(name)
     torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
     resumed = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), resume=True, **common))
-    assert resumed.steps == 6 and losses(tmp_path / "old") == losses(tmp_path / "straight")
+    assert resumed.steps == 4 and losses(tmp_path / "old") == losses(tmp_path / "straight")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     assert config["dealt"] is True and config["shared_draws"] is True
 

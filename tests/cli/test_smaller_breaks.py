@@ -59,8 +59,8 @@ def test_the_timm_architecture_is_the_one_of_the_same_size_where_timm_has_one(na
     assert (sizes == wanted) == ("tiny" not in name)
 
 
-@pytest.mark.parametrize("name", ["beit_mim_tiny_patch16_224", "beitv2_mim_tiny_patch16_224",
-                                  "beit_mim_base_patch16_224"])
+# The tiny models make the round trip; the other sizes' names are held by the test above.
+@pytest.mark.parametrize("name", ["beit_mim_tiny_patch16_224", "beitv2_mim_tiny_patch16_224"])
 def test_the_export_config_names_its_model_and_carries_no_borrowed_tag(name, tmp_path):
     import timm
 

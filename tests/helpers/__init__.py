@@ -21,8 +21,6 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image
 
-from beit_model.vqkd import VQKDConfig
-
 REPO = Path(__file__).resolve().parents[2]
 
 # The settings of a tiny pretrain run on the CPU: what most pretrain tests start from.
@@ -279,8 +277,14 @@ def tokenize_folder(shards: Path, out: Path, tokenizer: Path, views: int = 2) ->
     return out
 
 
-# A small VQ-KD tokenizer (2 blocks, 512 codes) for tests.
-SMALL = VQKDConfig(embed_dim=128, depth=2, num_heads=2, vocab_size=512, code_dim=8)
+def __getattr__(name: str):
+    """``SMALL``, a small VQ-KD tokenizer's config (2 blocks, 512 codes), made when first asked
+    for: importing the helpers (as every xdist worker and the controller do) loads no torch."""
+    if name == "SMALL":
+        from beit_model.vqkd import VQKDConfig
+
+        return VQKDConfig(embed_dim=128, depth=2, num_heads=2, vocab_size=512, code_dim=8)
+    raise AttributeError(name)
 
 
 def save_released(path, tokenizer, *, key="model"):
