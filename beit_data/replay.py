@@ -36,7 +36,7 @@ from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile, read_batch
 from beit_data.loader_signals import outlive_job_signals
 from beit_data.masking import BlockMaskGenerator
-from beit_data.old_orders import Draws, draws_for, partitions_for
+from beit_data.old_orders import Draws, draws_for, layout_for, partitions_for
 from beit_data.order import (
     Layout,
     OrderSpec,
@@ -392,10 +392,11 @@ class ReplaySource:
 
     @cached_property
     def spec(self) -> OrderSpec:
-        """What fixes the order: the same on any number of ranks (but for ``dealt`` runs)."""
+        """What fixes the order: the same on any number of ranks (but for runs of version 1), laid
+        out as the order version lays out its epochs."""
         return OrderSpec(seed=self.cfg.seed, global_batch=self.cfg.global_batch(self.world_size),
-                         partitions=partitions_for(self.cfg, self.world_size),
-                         mix_shards=self.cfg.mix_shards, sequential=self.sequential, dealt=self.cfg.dealt)
+                         partitions=partitions_for(self.cfg, self.world_size), mix_shards=self.cfg.mix_shards,
+                         sequential=self.sequential, layout=layout_for(self.cfg.order_version))
 
     def layout(self, epoch: int) -> Layout:
         """The steps and partitions of ``epoch``."""

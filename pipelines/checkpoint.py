@@ -11,13 +11,15 @@ new piece of state is one more part.
 loads with ``weights_only=True``): each part's state under its name, and
 
 - ``step``: optimizer steps taken;
-- ``config``: the resolved settings, by their flat names;
+- ``config``: the resolved settings, by their flat names; ``order_version`` among them says
+  which order the run reads (``beit_data.old_orders``);
 - ``model_name``, ``vocab_size`` and ``model_args`` (embed_dim, depth, num_heads): what
   rebuilds the model without the config;
 - ``world_size`` and ``data``: the ranks, and what the run trains on (shard names, their
   tokenized images, the tokenizer and view recipe), which a resumed run must match.
 
-Checkpoints written before keep loading: their stream state is an ``(epoch, step)`` pair.
+Checkpoints written before keep loading: their stream state is an ``(epoch, step)`` pair, and
+their order version is derived from the settings they record (``CheckpointMeta.settings``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Protocol
 import torch
 
 from beit_common import BeitDataError, Location, describe_file, storage
+from beit_data.old_orders import deals_to_ranks, order_version
 from beit_data.tokens import with_defaults
 from pipelines.runtime import same_threads
 
@@ -79,7 +82,8 @@ def checkpoint_path(run: str | os.PathLike) -> Location:
     return Location(run) / CHECKPOINT
 
 
-# Settings added since the first checkpoints, with the value a run that predates them had.
+# Settings added since the first checkpoints, with the value a run that predates them had
+# (``dealt`` and ``shared_draws`` said the order before ``order_version`` was recorded).
 ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False,
                   "grad_accum": 1, "targets": "stored", "tokenizer": None, "shared_draws": True}
 
@@ -117,11 +121,19 @@ class CheckpointMeta:
     @property
     def settings(self) -> dict:
         """The checkpoint's settings, completed for runs from before a setting existed: a run from
-        before partitions dealt its shards to its ranks."""
+        before partitions dealt its shards to its ranks, and one from before ``order_version`` has
+        the version its settings say (``beit_data.old_orders.order_version``)."""
         saved = {**ADDED_SETTINGS, **self.config}
         if self.config.get("partitions") is None:
             saved.update(partitions=self.world_size, dealt=True)
+        if "order_version" not in saved:
+            saved["order_version"] = order_version(saved)
         return saved
+
+    @property
+    def order_version(self) -> int:
+        """The version of the order the run reads: a resumed run keeps it."""
+        return self.settings["order_version"]
 
 
 META = tuple(f.name for f in fields(CheckpointMeta))
@@ -198,7 +210,7 @@ def check_resume(saved_run: CheckpointMeta, config: dict, resumable: tuple[str, 
         raise BeitDataError(f"the global batch (`batch_size` x ranks x `grad_accum`) is {before} in the run being "
                             f"resumed, not {after}; a resumed run keeps it")
     if saved_world != world_size:
-        if saved["dealt"]:
+        if deals_to_ranks(saved["order_version"]):
             raise BeitDataError(f"the run being resumed has {saved_world} ranks, not {world_size}; its order "
                                 "deals shards to its ranks")
         changed = {"ranks": (saved_world, world_size), **changed}

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from beit_common import BeitDataError, Location, redacted, save_atomic, write_text_atomic
-from beit_data.old_orders import kept_order
+from beit_data.old_orders import deals_to_ranks, kept_order, order_settings
 from beit_data.order import left_out_note
 from beit_data.progress import progress_bar
 from beit_data.replay import ReplaySource
@@ -119,10 +119,9 @@ def online_tokenizer(cfg: PretrainConfig):
 
 
 def resolve(cfg: PretrainConfig, saved: CheckpointMeta | None, targets: dict, world_size: int = 1) -> PretrainConfig:
-    """The config complete, before anything is built: the order of a run from before partitions
-    (shards dealt to its ranks) or from before masks had their own draws, the per-rank batch of a
-    run resumed on another number of ranks, and the recipe of the token files (or of the online
-    tokenizer) where none was named.
+    """The config complete, before anything is built: the order version of a resumed run (its
+    checkpoint's: ``beit_data.old_orders``), the per-rank batch of a run resumed on another number
+    of ranks, and the recipe of the token files (or of the online tokenizer) where none was named.
 
     Args:
         saved: The record of the checkpoint being resumed, if any.
@@ -150,10 +149,11 @@ def _same_global_batch(data: StreamConfig, saved: dict, saved_world: int, world_
     if data.global_batch(world_size) == before or (world_size, data.grad_accum) == (saved_world, saved["grad_accum"]):
         return data.batch_size
     per_rank, rest = divmod(before, world_size * data.grad_accum)
-    if rest or (saved["dealt"] and world_size != saved_world):
+    dealt = deals_to_ranks(saved["order_version"])
+    if rest or (dealt and world_size != saved_world):
         raise BeitDataError(f"the run being resumed trains global batches of {before} ({saved_world} ranks x "
                             f"`grad_accum` {saved['grad_accum']} x `batch_size` {saved['batch_size']}); "
-                            + ("its order deals shards to its ranks, so it resumes on them only" if saved["dealt"]
+                            + ("its order deals shards to its ranks, so it resumes on them only" if dealt
                                else f"they do not split over {world_size} ranks x `grad_accum` {data.grad_accum}; "
                                     "choose a `grad_accum` that divides them"))
     return per_rank
@@ -277,11 +277,13 @@ class Trainer:
     # ---- the loop ----
 
     def settings(self) -> dict:
-        """The resolved settings, as ``config.json`` holds them (the checkpoint holds each rank's threads)."""
-        return {**redacted(self.cfg.flat()), "ranks": self.dist.world_size,
-                "global_batch": self.cfg.data.global_batch(self.dist.world_size), "total_steps": self.total,
-                "warmup_steps": self.warmup, "steps_per_epoch": self.stream.steps_per_epoch(0),
-                "torch_threads": torch.get_num_threads()}
+        """The resolved settings, as ``config.json`` holds them (the checkpoint holds each rank's
+        threads), and the settings that said the order before its version (``order_settings``)."""
+        data = self.cfg.data
+        return {**redacted(self.cfg.flat()), **order_settings(data.order_version, data.targets),
+                "ranks": self.dist.world_size, "global_batch": data.global_batch(self.dist.world_size),
+                "total_steps": self.total, "warmup_steps": self.warmup,
+                "steps_per_epoch": self.stream.steps_per_epoch(0), "torch_threads": torch.get_num_threads()}
 
     def train(self) -> PretrainResult:
         """Train from ``step`` to the end, for ``stop_after`` steps, or until a signal."""
