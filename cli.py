@@ -24,6 +24,7 @@ import click
 from beit_common import BeitDataError, Location, __version__, os_error, redact
 from beit_data.stream_config import TARGETS, StreamConfig
 from pipelines.config import (
+    PRECISIONS,
     ExportConfig,
     IndexConfig,
     InspectConfig,
@@ -175,6 +176,10 @@ MAX_PIXELS = click.option(
     help="Reject images with more pixels, as likely decompression bombs [default: Pillow's limit, 178,956,970].")
 DEVICE = setting(RuntimeConfig, "--device", type=DeviceType(),
                  help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
+PRECISION = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help="bf16 or fp16 autocast, or fp32. auto: bf16 on a GPU that computes it natively (A100, H100, L4...), fp16 on "
+         "one that does not (V100, T4: bf16 would be emulated, slowly), fp32 on the CPU; the start says which.")
 NUM_THREADS = setting(StreamConfig, "--num-threads", type=click.IntRange(min=1), help="DALI CPU threads.")
 
 
@@ -305,6 +310,7 @@ def index(**options):
                    "is rejected, before any is decoded [default: 536,870,912, about 1.6 GB of 8-bit RGB].")
 @NUM_THREADS
 @DEVICE
+@PRECISION
 @QUIET
 def tokenize(**options):
     """Tokenize every image's views once and write one Parquet file per shard."""
@@ -501,7 +507,7 @@ def pretrain_options(command):
         *QUALITY_OPTIONS,
         click.option("--record-batches", is_flag=True,
                      help="Each rank writes the keys of every step it trains to RUN/batches-rankR.jsonl, for audits."),
-        PARTITIONS, MIX_SHARDS, NUM_THREADS, SEED, DEVICE, QUIET,
+        PARTITIONS, MIX_SHARDS, NUM_THREADS, SEED, DEVICE, PRECISION, QUIET,
     ]
     for option in reversed(options):
         command = option(command)

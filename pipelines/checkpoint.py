@@ -33,11 +33,13 @@ from beit_common import BeitDataError, Location, describe_file, storage
 from beit_data.tokens import with_defaults
 from pipelines.runtime import same_threads
 
-__all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "CheckpointMeta", "load_checkpoint",
-           "changed_settings", "check_resume", "model_from_checkpoint"]
+__all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "ScalerState", "LATER_PARTS", "CheckpointMeta",
+           "load_checkpoint", "changed_settings", "check_resume", "model_from_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 PARTS = ("model", "optimizer", "scheduler", "stream", "rng")
+# Parts a checkpoint gained later: one from before them loads, and the part starts afresh.
+LATER_PARTS = ("scaler",)
 
 
 class Stateful(Protocol):
@@ -73,6 +75,21 @@ class RNGState:
         note = same_threads(threads[self.rank % len(threads)] if threads else None, self.device)
         if note and self.rank == 0:
             print(f"pretrain: {note}", file=sys.stderr)
+
+
+class ScalerState:
+    """fp16's gradient scaler (its scale and growth tracker). A checkpoint of a bf16 or fp32 run,
+    or from before precisions, holds none: a resumed fp16 run starts from a fresh scale."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()  # empty when the scaler is off
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 
 def checkpoint_path(run: str | os.PathLike) -> Location:
