@@ -33,10 +33,12 @@ from beit_common import BeitDataError, Location, describe_file, storage
 from beit_data.tokens import with_defaults
 from pipelines.runtime import same_threads
 
-__all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "ScalerState", "LATER_PARTS", "CheckpointMeta",
-           "load_checkpoint", "changed_settings", "check_resume", "model_from_checkpoint"]
+__all__ = ["CHECKPOINT", "EXTENDABLE", "LATER_PARTS", "checkpoint_path", "Stateful", "RNGState", "ScalerState",
+           "CheckpointMeta", "load_checkpoint", "changed_settings", "check_resume", "model_from_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
+# The settings an extended run (``extend``) may raise: its length; the cosine's tail is recomputed.
+EXTENDABLE = ("steps", "epochs")
 PARTS = ("model", "optimizer", "scheduler", "stream", "rng")
 # Parts a checkpoint gained later: one from before them loads, and the part starts afresh.
 LATER_PARTS = ("scaler",)
@@ -185,8 +187,9 @@ def changed_settings(saved: dict, config: dict, resumable: tuple[str, ...], adde
         if old == new or name == "resume":
             continue
         if name not in resumable:
+            how = "pass `extend` to train it longer" if name in EXTENDABLE else "start a new run to change it"
             raise BeitDataError(f"`{name}` is {old!r} in the run being resumed, not {new!r}; a resumed run keeps "
-                                "it (start a new run to change it)")
+                                f"it ({how})")
         changed[name] = (old, new)
     return changed
 

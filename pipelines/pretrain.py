@@ -28,13 +28,13 @@ import json
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
 import torch
 
-from beit_common import BeitDataError, Location, redacted, save_atomic, write_text_atomic
+from beit_common import BeitDataError, Location, redacted, save_atomic, storage, write_text_atomic
 from beit_data.old_orders import kept_order
 from beit_data.order import left_out_note
 from beit_data.progress import progress_bar
@@ -43,6 +43,7 @@ from beit_data.stream import TrainStream
 from beit_data.stream_config import StreamConfig
 from pipelines.checkpoint import (
     CHECKPOINT,
+    EXTENDABLE,
     LATER_PARTS,
     CheckpointMeta,
     RNGState,
@@ -106,6 +107,9 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
         try:
+            if cfg.runtime.resume == "auto":  # resume where out holds a run, start one where not
+                found = storage.exists(checkpoint_path(cfg.runtime.out))
+                cfg = replace(cfg, runtime=replace(cfg.runtime, resume=found))
             with run_folder(cfg.runtime, dist) as (out, mirror):
                 checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.runtime.resume else None
                 saved = CheckpointMeta.from_checkpoint(checkpoint) if checkpoint is not None else None
@@ -204,14 +208,15 @@ class Trainer:
                  mirror: Mirror | None = None, saved: CheckpointMeta | None = None,
                  source: ReplaySource | None = None, tokenizer=None):
         self.cfg, self.out, self.device, self.dist, self.mirror = cfg, out, device, dist, mirror
-        self.step, self.resumed_at = 0, None
+        self.step, self.resumed_at, self._extended_from = 0, None, None
         # Online targets draw one fresh view per image each epoch, with the recipe's crop, flip and jitter.
         recipe = view_recipe(cfg.recipe, views=1, seed=cfg.data.seed) if cfg.data.online else None
         self.stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device,
                                   tokenizer=tokenizer, recipe=recipe, source=source)
         self.data = run_data(self.stream)
         if saved is not None:
-            changed = check_resume(saved, redacted(cfg.flat()), PretrainConfig.RESUMABLE, dist.world_size, self.data)
+            resumable = PretrainConfig.RESUMABLE + (EXTENDABLE if cfg.runtime.extend else ())
+            changed = check_resume(saved, redacted(cfg.flat()), resumable, dist.world_size, self.data)
             if changed and self.is_main:
                 print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
                       file=sys.stderr)
@@ -221,6 +226,11 @@ class Trainer:
         self.scaler = self.precision.scaler()
         self.model = self._model()
         self.total, self.warmup = self._schedule()
+        if cfg.runtime.extend and saved is not None:
+            self._extended_from = saved.step
+            if self.total <= saved.step:
+                raise BeitDataError(f"`extend`: the run has trained {saved.step} steps; give `steps` (or `epochs`) "
+                                    f"beyond them, not {self.total}")
         optim = cfg.optim
         self.optimizer, self.scheduler = build_optimizer(
             self.model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay, betas=optim.betas,
@@ -313,6 +323,11 @@ class Trainer:
         forward, logs = self._forward_module(), Logs.open(self, config)
         stop_at = min(self.total, self.step + cfg.runtime.stop_after if cfg.runtime.stop_after else self.total)
         stopped = 0
+        if self._extended_from is not None:
+            logs.logger.log({"step": self.step, "event": "extended", "total_steps": self.total})
+            if self.is_main:
+                print(f"pretrain: extending the run to {self.total} steps; it has trained {self.step}, and the "
+                      f"learning rate's cosine now ends at step {self.total}", file=sys.stderr)
         if self.step == 0:
             self.checks(self.model, 0, self.total, logs.logger)  # the held-out figures before training
         self.model.train()

@@ -78,7 +78,8 @@ class EvalConfig:
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     out: str
-    resume: bool = False
+    resume: bool | str = False  # True, False, or "auto": resume where out holds a run, start one where not
+    extend: bool = False  # a resumed run may train more steps (or epochs) than it was started with
     stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
     checkpoint_every: int = 1000
     log_every: int = 10
@@ -90,6 +91,8 @@ class RuntimeConfig:
 
     def __post_init__(self):
         check_precision(self.precision)
+        if self.resume not in (True, False, "auto"):
+            raise BeitDataError(f"`resume` must be true, false or auto, got {self.resume!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +118,7 @@ class PretrainConfig(Sectioned):
     RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "log_every", "resume",
                  "compile", "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
                  "probe_every", "probe_train", "probe_val", "probe_layers", "record_batches", "batch_size",
-                 "grad_accum", "precision")
+                 "grad_accum", "precision", "extend")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)
