@@ -22,8 +22,10 @@ import sys
 import click
 
 from beit_common import BeitDataError, Location, __version__, os_error, redact
+from beit_common.location import REDACTED
 from beit_data.stream_config import TARGETS, StreamConfig
 from pipelines.config import (
+    PRECISIONS,
     ExportConfig,
     IndexConfig,
     InspectConfig,
@@ -93,6 +95,34 @@ def config_of(config: type, params: dict):
     return config.from_flat(**settings) if issubclass(config, Sectioned) else config(**settings)
 
 
+RESUME = {"yes": True, "auto": "auto", "no": False}
+# What a resumed run never takes from its record: where it is, and what this invocation does.
+INVOCATION = ("out", "resume", "extend", "stop_after", "progress")
+
+
+def resumed_options(options: dict) -> dict:
+    """pretrain's options, where ``--resume`` finds a run in ``--out``: each setting not given on
+    the command line is the one the run's ``config.json`` records, so that ``--resume`` alone
+    continues it. One recorded without its credentials (a redacted ``pipe:`` command) must be
+    given again."""
+    from pipelines.run_folder import recorded_settings
+
+    options = {**options, "resume": RESUME[options["resume"]]}
+    recorded = recorded_settings(Location(options["out"])) if options["resume"] else {}
+    ctx = click.get_current_context()
+    for name, value in recorded.items():
+        if name not in options or name in INVOCATION:
+            continue
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            continue  # given again: the run checks that it agrees
+        if isinstance(value, str) and REDACTED in value:
+            raise BeitDataError(f"`{name}` is recorded without its credentials ({value}); give it again")
+        options[name] = value
+    if not options["shards"]:
+        raise click.UsageError("Missing option '--shards' (a run resumed from its config.json takes its own).")
+    return options
+
+
 def say(text: str, err: bool = False) -> None:
     """``click.echo`` with every URL's credentials redacted: nothing printed holds a secret."""
     click.echo(redact(text), err=err)
@@ -157,11 +187,9 @@ def layer_numbers(ctx, param, value: str | None) -> tuple[int, ...] | None:
     return layers
 
 
-SHARDS = click.option(
-    "--shards", "shards", required=True,
-    help="Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob; local, or s3://, "
-         "gs://, http(s):// URLs (a prefix is listed), or WebDataset pipe: commands.",
-)
+SHARDS_HELP = ("Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob; local, or s3://, "
+               "gs://, http(s):// URLs (a prefix is listed), or WebDataset pipe: commands.")
+SHARDS = click.option("--shards", "shards", required=True, help=SHARDS_HELP)
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes the seed plus a rank and step offset: a 64-bit sum
 SEED = setting(StreamConfig, "--seed", type=click.IntRange(0, MAX_SEED), help="Seed of every random choice.")
 MIX_SHARDS = setting(StreamConfig, "--mix-shards", type=click.IntRange(min=1),
@@ -175,6 +203,10 @@ MAX_PIXELS = click.option(
     help="Reject images with more pixels, as likely decompression bombs [default: Pillow's limit, 178,956,970].")
 DEVICE = setting(RuntimeConfig, "--device", type=DeviceType(),
                  help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
+PRECISION = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help="bf16 or fp16 autocast, or fp32. auto: bf16 on a GPU that computes it natively (A100, H100, L4...), fp16 on "
+         "one that does not (V100, T4: bf16 would be emulated, slowly), fp32 on the CPU; the start says which.")
 NUM_THREADS = setting(StreamConfig, "--num-threads", type=click.IntRange(min=1), help="DALI CPU threads.")
 
 
@@ -305,6 +337,7 @@ def index(**options):
                    "is rejected, before any is decoded [default: 536,870,912, about 1.6 GB of 8-bit RGB].")
 @NUM_THREADS
 @DEVICE
+@PRECISION
 @QUIET
 def tokenize(**options):
     """Tokenize every image's views once and write one Parquet file per shard."""
@@ -450,7 +483,7 @@ QUALITY_OPTIONS = [
 def pretrain_options(command):
     """pretrain's options, in the order ``--help`` lists them."""
     options = [
-        SHARDS,
+        click.option("--shards", default=None, help=SHARDS_HELP + " Required unless --resume finds them recorded."),
         click.option("--tokens", default=None, type=LocationType(exists=True, file_okay=False),
                      help="Folder of token Parquet files written by beit-data tokenize."),
         setting(PretrainConfig, "--targets", type=click.Choice(TARGETS),
@@ -493,7 +526,14 @@ def pretrain_options(command):
         setting(PretrainConfig, "--checkpoint-every", type=click.IntRange(min=1),
                 help="Save a checkpoint every N steps (and at the end)."),
         setting(PretrainConfig, "--log-every", type=click.IntRange(min=1), help="Log every N steps."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint, exactly."),
+        click.option("--resume", is_flag=False, flag_value="yes", default="no",
+                     type=click.Choice(["yes", "auto", "no"]),
+                     help="Continue the run in --out from its checkpoint, exactly, with the settings its config.json "
+                          "records (a flag given again must agree, but for how the run goes). --resume auto resumes "
+                          "where --out holds a run and starts one where not (for requeued jobs)."),
+        click.option("--extend", is_flag=True,
+                     help="With --resume: train the run to a larger --steps (or --epochs) than it was started with, "
+                          "finished or not; the learning rate's cosine is recomputed to end there."),
         click.option("--stop-after", type=click.IntRange(min=1), default=None,
                      help="Stop after N steps of this invocation, with a checkpoint (for time-limited jobs)."),
         click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, instead of failing."),
@@ -501,7 +541,7 @@ def pretrain_options(command):
         *QUALITY_OPTIONS,
         click.option("--record-batches", is_flag=True,
                      help="Each rank writes the keys of every step it trains to RUN/batches-rankR.jsonl, for audits."),
-        PARTITIONS, MIX_SHARDS, NUM_THREADS, SEED, DEVICE, QUIET,
+        PARTITIONS, MIX_SHARDS, NUM_THREADS, SEED, DEVICE, PRECISION, QUIET,
     ]
     for option in reversed(options):
         command = option(command)
@@ -514,7 +554,7 @@ def pretrain(**options):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import run_pretrain
 
-    result = run_pretrain(config_of(PretrainConfig, options))
+    result = run_pretrain(config_of(PretrainConfig, resumed_options(options)))
     if main_process():
         echo_summary("pretrain", result.summary())
         if result.holdout:

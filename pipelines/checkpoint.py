@@ -36,11 +36,15 @@ from beit_data.old_orders import deals_to_ranks, order_version
 from beit_data.tokens import with_defaults
 from pipelines.runtime import same_threads
 
-__all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "CheckpointMeta", "load_checkpoint",
-           "changed_settings", "check_resume", "model_from_checkpoint"]
+__all__ = ["CHECKPOINT", "EXTENDABLE", "LATER_PARTS", "checkpoint_path", "Stateful", "RNGState", "ScalerState",
+           "CheckpointMeta", "load_checkpoint", "changed_settings", "check_resume", "model_from_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
+# The settings an extended run (``extend``) may raise: its length; the cosine's tail is recomputed.
+EXTENDABLE = ("steps", "epochs")
 PARTS = ("model", "optimizer", "scheduler", "stream", "rng")
+# Parts a checkpoint gained later: one from before them loads, and the part starts afresh.
+LATER_PARTS = ("scaler",)
 
 
 class Stateful(Protocol):
@@ -76,6 +80,21 @@ class RNGState:
         note = same_threads(threads[self.rank % len(threads)] if threads else None, self.device)
         if note and self.rank == 0:
             print(f"pretrain: {note}", file=sys.stderr)
+
+
+class ScalerState:
+    """fp16's gradient scaler (its scale and growth tracker). A checkpoint of a bf16 or fp32 run,
+    or from before precisions, holds none: a resumed fp16 run starts from a fresh scale."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()  # empty when the scaler is off
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 
 def checkpoint_path(run: str | os.PathLike) -> Location:
@@ -180,8 +199,9 @@ def changed_settings(saved: dict, config: dict, resumable: tuple[str, ...], adde
         if old == new or name == "resume":
             continue
         if name not in resumable:
+            how = "pass `extend` to train it longer" if name in EXTENDABLE else "start a new run to change it"
             raise BeitDataError(f"`{name}` is {old!r} in the run being resumed, not {new!r}; a resumed run keeps "
-                                "it (start a new run to change it)")
+                                f"it ({how})")
         changed[name] = (old, new)
     return changed
 

@@ -19,7 +19,16 @@ from pipelines.recipes import DVAE_CONFIGS, TOKENIZER_RECIPE, check_recipe_name,
 from pipelines.sections import Sectioned
 
 __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "InspectConfig", "IndexConfig",
-           "ExportConfig", "PlanConfig"]
+           "ExportConfig", "PlanConfig", "PRECISIONS", "check_precision"]
+
+# How a stage computes on its device (``pipelines.runtime.resolve_precision``): auto is bf16 on a GPU
+# that computes it natively, fp16 on older GPUs, fp32 on the CPU.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def check_precision(name: str) -> None:
+    if name not in PRECISIONS:
+        raise BeitDataError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {name!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,12 +150,14 @@ class TokenizeConfig:
     overwrite: bool = False
     strict: bool = False  # a shard with any rejected sample is not written, and the run fails
     device: str = "auto"
+    precision: str = "auto"  # the tokenizer's forward pass: PRECISIONS
     num_threads: int = 4
     progress: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise BeitDataError(f"`batch_size` must be at least 1, got {self.batch_size}")
+        check_precision(self.precision)
         if self.min_size is not None and self.min_size < 0:
             raise BeitDataError(f"`min_size` must be 0 or more, got {self.min_size}")
         if self.batch_pixels is not None and self.batch_pixels < 1:

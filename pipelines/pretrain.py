@@ -4,7 +4,8 @@ The defaults are the paper's recipe for ViT-B/16: AdamW (0.9, 0.999), weight dec
 (none on biases, norms, LayerScale, the cls and mask tokens and the relative-position table),
 lr 1.5e-3 with a per-step linear warmup over 10 epochs and cosine decay to 1e-5, drop path
 0.1, LayerScale 0.1, gradient clipping at 3.0, 75 block-masked patches, 800 epochs.
-One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast, nccl) under torchrun.
+One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast where the GPU computes it
+natively, fp16 with a gradient scaler where it does not; nccl) under torchrun.
 
 The run reads top to bottom, as nanoGPT's ``train.py`` does:
 
@@ -27,26 +28,43 @@ import json
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
 import torch
 
-from beit_common import BeitDataError, Location, redacted, save_atomic, write_text_atomic
+from beit_common import BeitDataError, Location, redacted, save_atomic, storage, write_text_atomic
 from beit_data.old_orders import deals_to_ranks, kept_order, order_settings
 from beit_data.order import left_out_note
 from beit_data.progress import progress_bar
 from beit_data.replay import ReplaySource
 from beit_data.stream import TrainStream
 from beit_data.stream_config import StreamConfig
-from pipelines.checkpoint import CHECKPOINT, CheckpointMeta, RNGState, check_resume, checkpoint_path, load_checkpoint
+from pipelines.checkpoint import (
+    CHECKPOINT,
+    EXTENDABLE,
+    LATER_PARTS,
+    CheckpointMeta,
+    RNGState,
+    ScalerState,
+    check_resume,
+    checkpoint_path,
+    load_checkpoint,
+)
 from pipelines.logs import BatchRecorder, Logger, LossReader
 from pipelines.preemption import Preemption
 from pipelines.pretrain_config import PretrainConfig
 from pipelines.recipes import TOKENIZER_RECIPE, view_recipe
 from pipelines.run_folder import Mirror, run_folder
-from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
+from pipelines.runtime import (
+    DistInfo,
+    deterministic_on_cpu,
+    dist_info,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+)
 from pipelines.training import accumulated_step, build_model, build_optimizer
 from pipelines.validation import QualityChecks
 
@@ -89,6 +107,9 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
         try:
+            if cfg.runtime.resume == "auto":  # resume where out holds a run, start one where not
+                found = storage.exists(checkpoint_path(cfg.runtime.out))
+                cfg = replace(cfg, runtime=replace(cfg.runtime, resume=found))
             with run_folder(cfg.runtime, dist) as (out, mirror):
                 checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.runtime.resume else None
                 saved = CheckpointMeta.from_checkpoint(checkpoint) if checkpoint is not None else None
@@ -187,26 +208,37 @@ class Trainer:
                  mirror: Mirror | None = None, saved: CheckpointMeta | None = None,
                  source: ReplaySource | None = None, tokenizer=None):
         self.cfg, self.out, self.device, self.dist, self.mirror = cfg, out, device, dist, mirror
-        self.step, self.resumed_at = 0, None
+        self.step, self.resumed_at, self._extended_from = 0, None, None
         # Online targets draw one fresh view per image each epoch, with the recipe's crop, flip and jitter.
         recipe = view_recipe(cfg.recipe, views=1, seed=cfg.data.seed) if cfg.data.online else None
         self.stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device,
                                   tokenizer=tokenizer, recipe=recipe, source=source)
         self.data = run_data(self.stream)
         if saved is not None:
-            changed = check_resume(saved, redacted(cfg.flat()), PretrainConfig.RESUMABLE, dist.world_size, self.data)
+            resumable = PretrainConfig.RESUMABLE + (EXTENDABLE if cfg.runtime.extend else ())
+            changed = check_resume(saved, redacted(cfg.flat()), resumable, dist.world_size, self.data)
             if changed and self.is_main:
                 print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
                       file=sys.stderr)
+        self.precision, why = resolve_precision(cfg.runtime.precision, device)
+        if self.is_main:
+            print(f"pretrain: precision {why}", file=sys.stderr)
+        self.scaler = self.precision.scaler()
         self.model = self._model()
         self.total, self.warmup = self._schedule()
+        if cfg.runtime.extend and saved is not None:
+            self._extended_from = saved.step
+            if self.total <= saved.step:
+                raise BeitDataError(f"`extend`: the run has trained {saved.step} steps; give `steps` (or `epochs`) "
+                                    f"beyond them, not {self.total}")
         optim = cfg.optim
         self.optimizer, self.scheduler = build_optimizer(
             self.model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay, betas=optim.betas,
             warmup=self.warmup, total=self.total)
         self.checks = QualityChecks(cfg.eval, self.stream, dist, device, depth=len(self.model.blocks))
         self.parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                      "stream": self.stream, "rng": RNGState(device, dist.rank, dist.world_size)}
+                      "stream": self.stream, "rng": RNGState(device, dist.rank, dist.world_size),
+                      "scaler": ScalerState(self.scaler)}
         if saved is None:
             torch.manual_seed(cfg.data.seed + 1000 * dist.rank)  # drop path differs per rank
 
@@ -255,7 +287,7 @@ class Trainer:
     def load_state_dict(self, checkpoint: dict) -> None:
         """Take back a checkpoint's state (``load_checkpoint``): each part's, and the step."""
         for name, part in self.parts.items():
-            part.load_state_dict(checkpoint[name])
+            part.load_state_dict(checkpoint.get(name) if name in LATER_PARTS else checkpoint[name])
         self.step = self.resumed_at = checkpoint["step"]
         if checkpoint["world_size"] != self.dist.world_size:  # no saved generator is this rank's own: a fresh one
             torch.manual_seed(self.cfg.data.seed + 1000 * self.dist.rank + 1_000_003 * self.step)
@@ -292,20 +324,25 @@ class Trainer:
             write_text_atomic(self.out / "config.json", json.dumps(config, indent=1))
         forward, logs = self._forward_module(), Logs.open(self, config)
         stop_at = min(self.total, self.step + cfg.runtime.stop_after if cfg.runtime.stop_after else self.total)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         stopped = 0
+        if self._extended_from is not None:
+            logs.logger.log({"step": self.step, "event": "extended", "total_steps": self.total})
+            if self.is_main:
+                print(f"pretrain: extending the run to {self.total} steps; it has trained {self.step}, and the "
+                      f"learning rate's cosine now ends at step {self.total}", file=sys.stderr)
         if self.step == 0:
             self.checks(self.model, 0, self.total, logs.logger)  # the held-out figures before training
         self.model.train()
-        accum = cfg.data.grad_accum
+        accum, batches = cfg.data.grad_accum, self.stream.batches(dtype=self.precision.dtype)
         try:
-            with Preemption(self.dist.world_size) as preemption, closing(self.stream.batches(dtype=dtype)) as stream:
+            with Preemption(self.dist.world_size) as preemption, closing(batches) as stream:
                 while self.step < stop_at:
                     done = StepRecord()
                     out = accumulated_step(self.model, self.optimizer, self.scheduler,
                                            done.micro_batches(islice(stream, accum)), accum=accum,
                                            max_masked=cfg.data.num_masked, clip_grad=cfg.optim.clip_grad,
-                                           device=self.device, forward=forward, world_size=self.dist.world_size)
+                                           device=self.device, forward=forward, world_size=self.dist.world_size,
+                                           precision=self.precision, scaler=self.scaler)
                     self.step += 1
                     stopped = preemption.requested()
                     self._after_step(logs, out, done, stop_at, stopped)
@@ -347,6 +384,8 @@ class Trainer:
         img_s, acc = logs.meter.rate(), out.accuracy()
         record = {"step": self.step, "epoch": epoch, "loss": logs.losses.last, "acc": acc,
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s}
+        if self.scaler.is_enabled():  # fp16: a scale that keeps falling means the gradients overflow
+            record["loss_scale"] = self.scaler.get_scale()
         if self.device.type == "cuda":  # the peak so far: a leak shows as growth between logs
             record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         logs.logger.log(record)

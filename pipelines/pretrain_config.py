@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from beit_common import BeitDataError
 from beit_data.stream_config import StreamConfig
+from pipelines.config import check_precision
 from pipelines.recipes import RECIPES, check_recipe_name
 from pipelines.sections import Sectioned, setting_names
 
@@ -77,14 +78,21 @@ class EvalConfig:
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     out: str
-    resume: bool = False
+    resume: bool | str = False  # True, False, or "auto": resume where out holds a run, start one where not
+    extend: bool = False  # a resumed run may train more steps (or epochs) than it was started with
     stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
     checkpoint_every: int = 1000
     log_every: int = 10
     compile: bool = False
     device: str = "auto"
+    precision: str = "auto"  # PRECISIONS: bf16 where the GPU computes it natively, fp16 on older GPUs, fp32 on the CPU
     progress: bool = True
     record_batches: bool = False  # each rank writes the keys of its every step to RUN/batches-rank{R}.jsonl
+
+    def __post_init__(self):
+        check_precision(self.precision)
+        if self.resume not in (True, False, "auto"):
+            raise BeitDataError(f"`resume` must be true, false or auto, got {self.resume!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +118,7 @@ class PretrainConfig(Sectioned):
     RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "log_every", "resume",
                  "compile", "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
                  "probe_every", "probe_train", "probe_val", "probe_layers", "record_batches", "batch_size",
-                 "grad_accum")
+                 "grad_accum", "precision", "extend")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)

@@ -7,6 +7,7 @@ that folder mirrors the prefix (``Mirror``): a resumed run downloads the checkpo
 
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -29,7 +30,7 @@ from pipelines.checkpoint import CHECKPOINT, checkpoint_path
 from pipelines.pretrain_config import RuntimeConfig
 from pipelines.runtime import DistInfo
 
-__all__ = ["Mirror", "run_folder"]
+__all__ = ["Mirror", "run_folder", "recorded_settings"]
 
 
 class Mirror:
@@ -136,3 +137,17 @@ def run_folder(cfg: RuntimeConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirro
         if created and dist.rank == 0 and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def recorded_settings(out: Location) -> dict:
+    """The settings a run folder's ``config.json`` records (``{}`` where it holds none): what a
+    resumed run takes for every setting not given again. Lists read back as the tuples they were."""
+    text = storage.read_text_if_there(out / "config.json")
+    if text is None:
+        return {}
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError:
+        raise BeitDataError(f"{out / 'config.json'} is not JSON; give every setting again") from None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+

@@ -16,6 +16,7 @@ written, naming ``beit-data index --overwrite``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ from beit_data.tokens import (
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.tokenizer import Tokenizer, load_tokenizer
 from pipelines.config import TokenizeConfig
-from pipelines.runtime import dist_info, init_distributed, resolve_device
+from pipelines.runtime import dist_info, init_distributed, resolve_device, resolve_precision
 
 __all__ = ["TokenizeConfig", "TokenizeJob", "TokenizeResult", "run_tokenize"]
 
@@ -174,9 +175,10 @@ def _decoded_batches(prepared, shard: Location, views: DaliViews, rejects: list[
 
 
 def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, views: DaliViews, device,
-                   bar, first: int = 0) -> tuple[int, int, list[Reject]]:
+                   bar, first: int = 0, dtype: torch.dtype | None = None) -> tuple[int, int, list[Reject]]:
     """Tokenize one shard and write its Parquet file; from view ``first`` on, added to the file's
-    views ``0 .. first - 1``, which are kept as they are. Returns (images, views, rejects)."""
+    views ``0 .. first - 1``, which are kept as they are. ``dtype`` is the tokenizer's autocast
+    (``Tokenizer.ids``). Returns (images, views, rejects)."""
     rejects: list[Reject] = []
     all_rows, all_tokens = [], []
     # Three threads overlap: Python reads and prepares batches, DALI decodes, the dVAE encodes.
@@ -188,7 +190,7 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     cfg, per_image = job.cfg, job.cfg.views - first
     prepared = prefetch(_prepared_batches(shard, job, rejects, members, first))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects, first)):
-        ids = tokenizer.ids(pixels.to(device, non_blocking=True),
+        ids = tokenizer.ids(pixels.to(device, non_blocking=True), dtype=dtype,
                             pad_to=cfg.batch_size * per_image if cfg.compile else None)  # (N*V, grid, grid)
         all_rows += rows
         all_tokens.append(ids.to("cpu", torch.int16).numpy())
@@ -246,6 +248,9 @@ def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, ou
     mine = shards[dist.rank :: dist.world_size]
     todo, skipped, grow = _plan(mine, out, job.meta, cfg.overwrite)
     tokenizer = tokenizer.to(device)
+    precision, why = resolve_precision(cfg.precision, device)
+    if dist.rank == 0 and (precision.device_type == "cuda" or precision.name != "fp32"):
+        print(f"tokenize: precision {why}", file=sys.stderr)
     if cfg.compile:  # the fingerprint was taken from the weights before; compiling does not change them
         tokenizer.compile_encoder()
     pipelines: dict[int, DaliViews] = {}  # by the views each image gets: all of them, or those a file lacks
@@ -263,7 +268,8 @@ def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, ou
                        position=dist.rank)
     for shard in todo:
         first = grow.get(str(shard), 0)
-        images, n_views, rejects = tokenize_shard(shard, job, tokenizer, views_from(first), device, bar, first)
+        images, n_views, rejects = tokenize_shard(shard, job, tokenizer, views_from(first), device, bar, first,
+                                                  dtype=precision.dtype)
         summary.images += images
         summary.views += n_views
         summary.rejects += [r.as_dict() for r in rejects]
