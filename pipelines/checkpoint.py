@@ -1,9 +1,9 @@
-"""The pretrain checkpoint: the state of a run's parts, in one file read by ``--resume`` and ``export``.
+"""The training checkpoints: pretrain's and train-dvae's, each the state of a run in one file.
 
-A run is made of parts that each give their state (``state_dict``) and take it back
-(``load_state_dict``): the model, the optimizer, the scheduler, the stream's position and every
-rank's random generators and CPU thread count (``RNGState``). The trainer is itself such a part
-(``pipelines.pretrain.Trainer``): its state is the whole file, its own record
+**Pretrain.** A run is made of parts that each give their state (``state_dict``) and take it
+back (``load_state_dict``): the model, the optimizer, the scheduler, the stream's position and
+every rank's random generators and CPU thread count (``RNGState``). The trainer is itself such a
+part (``pipelines.pretrain.Trainer``): its state is the whole file, its own record
 (``CheckpointMeta``) beside each part's state, so saving and restoring are one call each and a
 new piece of state is one more part.
 
@@ -20,6 +20,13 @@ loads with ``weights_only=True``): each part's state under its name, and
 
 Checkpoints written before keep loading: their stream state is an ``(epoch, step)`` pair, and
 their order version is derived from the settings they record (``CheckpointMeta.settings``).
+
+**train-dvae.** Its ``--out`` file is a tokenizer file (``beit_model.dvae.tokenizer_state``:
+``format``, ``config``, ``encoder``, ``decoder``), so ``load_tokenizer`` reads it as it is, with
+the run's state beside the weights: its record (``DVAECheckpointMeta``: ``step``, ``train``, and
+``report`` in the last save), ``optimizer`` and ``rng`` (the CPU generator's state tensor).
+``save_dvae_checkpoint`` writes it and ``restore_dvae_checkpoint`` takes it back; the layout is
+the one train-dvae has always written.
 """
 
 from __future__ import annotations
@@ -31,13 +38,16 @@ from typing import Protocol
 
 import torch
 
-from beit_common import BeitDataError, Location, describe_file, storage
+from beit_common import BeitDataError, Location, describe_file, save_atomic, storage
 from beit_data.old_orders import deals_to_ranks, order_version
 from beit_data.tokens import with_defaults
+from beit_model.dall_e import Decoder, Encoder
+from beit_model.dvae import CHECKPOINT_FORMAT, DVAEConfig, tokenizer_state
 from pipelines.runtime import same_threads
 
 __all__ = ["CHECKPOINT", "EXTENDABLE", "LATER_PARTS", "checkpoint_path", "Stateful", "RNGState", "ScalerState",
-           "CheckpointMeta", "load_checkpoint", "changed_settings", "check_resume", "model_from_checkpoint"]
+           "CheckpointMeta", "load_checkpoint", "changed_settings", "check_resume", "model_from_checkpoint",
+           "DVAECheckpointMeta", "save_dvae_checkpoint", "restore_dvae_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 # The settings an extended run (``extend``) may raise: its length; the cosine's tail is recomputed.
@@ -158,21 +168,30 @@ class CheckpointMeta:
 META = tuple(f.name for f in fields(CheckpointMeta))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint at ``path`` (local or an object), on the CPU.
+def _read(path: str | os.PathLike) -> object:
+    """What ``torch.save`` wrote at ``path`` (local or an object), on the CPU, as plain data.
 
     Raises:
-        BeitDataError: If it is missing, unreadable or not a beit-data pretrain checkpoint.
+        BeitDataError: If it is missing or unreadable, in one line.
     """
     if not storage.exists(path):
         raise BeitDataError(f"no checkpoint at {path}")
     with storage.local_copy(path) as local:  # an object is downloaded whole, read, and removed
         try:
-            ckpt = torch.load(local, map_location="cpu", weights_only=True)
+            return torch.load(local, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds for a damaged file
             what = describe_file(local)
             detail = what if "zip" not in what else f"a damaged one ({str(exc).strip().splitlines()[0][:160]})"
             raise BeitDataError(f"{path} is not a readable checkpoint: it is {detail}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """The pretrain checkpoint at ``path`` (local or an object), on the CPU.
+
+    Raises:
+        BeitDataError: If it is missing, unreadable or not a beit-data pretrain checkpoint.
+    """
+    ckpt = _read(path)
     missing = [k for k in (*PARTS, *META) if k not in ckpt] if isinstance(ckpt, dict) else list(PARTS)
     if missing:
         raise BeitDataError(f"{path} is not a beit-data pretrain checkpoint (missing {', '.join(missing)})")
@@ -252,3 +271,75 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     model = build_model(ckpt["model_name"], ckpt["vocab_size"], layer_scale=ckpt["config"]["layer_scale"])
     model.load_state_dict(ckpt["model"])
     return model
+
+
+# ---- the train-dvae checkpoint ----
+
+
+@dataclass(frozen=True)
+class DVAECheckpointMeta:
+    """What a ``train-dvae`` checkpoint records beside the tokenizer's weights and the run's
+    optimizer and generator, under these names at its top level.
+
+    Attributes:
+        step: Optimizer steps taken.
+        train: The run's settings (``TrainDVAEConfig``'s fields, redacted); ``config`` names the
+            architecture.
+        report: The final report (held-out PSNR, its baseline, perplexity, ...): the last save's only.
+    """
+
+    step: int
+    train: dict
+    report: dict | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> DVAECheckpointMeta:
+        return cls(step=ckpt["step"], train=ckpt["train"], report=ckpt.get("report"))
+
+    def as_dict(self) -> dict:
+        """The record's entries; a save before the run's end has no ``report`` key, as always."""
+        return {"step": self.step, "train": self.train, **({} if self.report is None else {"report": self.report})}
+
+
+DVAE_KEYS = ("format", "config", "encoder", "decoder", "step", "train", "optimizer", "rng")
+
+
+def save_dvae_checkpoint(path: str | os.PathLike, record: DVAECheckpointMeta, architecture: DVAEConfig,
+                         encoder: Encoder, decoder: Decoder, optimizer: Stateful) -> None:
+    """Write a ``train-dvae`` checkpoint atomically: the tokenizer file of ``encoder`` and
+    ``decoder``, with the record, the optimizer's state and the CPU generator's beside it."""
+    save_atomic({**tokenizer_state(architecture, encoder, decoder), **record.as_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, path)
+
+
+def restore_dvae_checkpoint(path: str | os.PathLike, settings: dict, resumable: tuple[str, ...], encoder: Encoder,
+                            decoder: Decoder, optimizer: Stateful) -> tuple[DVAECheckpointMeta, dict]:
+    """Take a ``train-dvae`` checkpoint back into the run's models, optimizer and CPU generator.
+
+    The file is read on the CPU: each part moves its state to its own device.
+
+    Args:
+        settings: This invocation's settings, as the record keeps them; its ``config`` (the
+            architecture) must be the checkpoint's.
+        resumable: The settings that may change (``changed_settings``).
+
+    Returns:
+        The checkpoint's record, and the settings that changed, ``{name: (old, new)}``, for the log.
+
+    Raises:
+        BeitDataError: In one line, if the file is missing or unreadable, is not a training
+            checkpoint of this architecture (a tokenizer file alone has no training state), or a
+            setting changed that is not ``resumable``.
+    """
+    ckpt, name = _read(path), settings["config"]
+    missing = [k for k in DVAE_KEYS if k not in ckpt] if isinstance(ckpt, dict) else []
+    if (not isinstance(ckpt, dict) or missing or ckpt["format"] != CHECKPOINT_FORMAT
+            or not isinstance(ckpt["train"], dict) or ckpt["train"].get("config") != name):
+        detail = f" (missing {', '.join(missing)})" if missing else ""
+        raise BeitDataError(f"{path} is not a {name} dVAE training checkpoint{detail}")
+    record = DVAECheckpointMeta.from_checkpoint(ckpt)
+    changed = changed_settings(record.train, settings, resumable, added={})
+    encoder.load_state_dict(ckpt["encoder"]), decoder.load_state_dict(ckpt["decoder"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return record, changed

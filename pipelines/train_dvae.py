@@ -44,8 +44,8 @@ from beit_data.progress import progress_bar
 from beit_data.shards import expand_shards, iter_images
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.dall_e import Decoder, Encoder, map_pixels
-from beit_model.dvae import CHECKPOINT_FORMAT, CONFIGS, DVAEConfig, reconstruct, save_checkpoint
-from pipelines.checkpoint import changed_settings
+from beit_model.dvae import CONFIGS, DVAEConfig, reconstruct
+from pipelines.checkpoint import DVAECheckpointMeta, restore_dvae_checkpoint, save_dvae_checkpoint
 from pipelines.config import TrainDVAEConfig
 from pipelines.runtime import resolve_device
 
@@ -152,23 +152,14 @@ def _open_checkpoint(cfg: TrainDVAEConfig) -> Path:
     return out
 
 
-def _restore(out: Path, cfg: TrainDVAEConfig, encoder, decoder, optimizer, device) -> int:
-    """Load a training checkpoint into the models and optimizer; returns its step."""
-    try:
-        state = torch.load(out, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a damaged file
-        raise BeitDataError(f"{out} is not a readable checkpoint: {str(exc).splitlines()[0][:200]}") from None
-    trained = state.get("train", {}).get("config") if isinstance(state, dict) else None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or trained != cfg.config:
-        raise BeitDataError(f"{out} is not a {cfg.config} dVAE training checkpoint")
-    changed = changed_settings(state["train"], redacted(asdict(cfg)), TrainDVAEConfig.RESUMABLE, added={})
+def _resume(out: Path, settings: dict, encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimizer) -> int:
+    """Take the checkpoint at ``out`` back into the models, optimizer and generator, say which
+    resumable settings changed, and return its step."""
+    record, changed = restore_dvae_checkpoint(out, settings, TrainDVAEConfig.RESUMABLE, encoder, decoder, optimizer)
     if changed:
         print("train-dvae: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
               file=sys.stderr)
-    encoder.load_state_dict(state["encoder"]), decoder.load_state_dict(state["decoder"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return state["step"]
+    return record.step
 
 
 def _train_step(encoder, decoder, optimizer, x: torch.Tensor, cfg: TrainDVAEConfig, step: int) -> dict:
@@ -200,7 +191,8 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     encoder, decoder = (module.to(device) for module in arch.build())
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    step = _restore(out, cfg, encoder, decoder, optimizer, device) if cfg.resume else 0
+    settings = redacted(asdict(cfg))  # the checkpoint's `train`, which a resumed run checks against
+    step = _resume(out, settings, encoder, decoder, optimizer) if cfg.resume else 0
 
     views = DaliViews(ViewSpec(views=1, size=arch.input_size, interp="lanczos", jitter=False),
                       batch_size=max(cfg.batch_size, EVAL_VIEWS.views * cfg.holdout), device=device)
@@ -209,10 +201,8 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     held_images = held_images.to(device)  # (holdout * eval views, 3, S, S)
     holdout_keys = {h[0] for h in held}
 
-    def save(**extra):
-        save_checkpoint(out, arch, encoder, decoder, step=step, optimizer=optimizer.state_dict(),
-                        rng=torch.get_rng_state(), train={"config": cfg.config, **redacted(asdict(cfg))},
-                        **extra)
+    def save(report: dict | None = None) -> None:
+        save_dvae_checkpoint(out, DVAECheckpointMeta(step, settings, report), arch, encoder, decoder, optimizer)
 
     start = time.perf_counter()
     batches = prefetch(batched(_stream(shards, holdout_keys, skip=step * cfg.batch_size), cfg.batch_size))

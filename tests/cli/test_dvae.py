@@ -69,7 +69,7 @@ def test_state_dicts_and_checkpoints_load(tmp_path, openai_files):
     torch.save(both, tmp_path / "both.pt")
     assert load_tokenizer(tmp_path / "both.pt").decoder is not None
     cfg = CONFIGS["tiny"]
-    save_checkpoint(tmp_path / "tiny.pt", cfg, *cfg.build(), step=3)
+    save_checkpoint(tmp_path / "tiny.pt", cfg, *cfg.build())
     own = load_tokenizer(tmp_path / "tiny.pt")
     assert (own.name, own.vocab_size, own.input_size, own.encoder.n_hid) == ("dvae", 512, 112, cfg.n_hid)
     assert own.describe() == {"kind": "dvae", "name": "dvae", "fingerprint": own.fingerprint, "vocab": 512,
