@@ -97,18 +97,22 @@ def config_of(config: type, params: dict):
 
 RESUME = {"yes": True, "auto": "auto", "no": False}
 # What a resumed run never takes from its record: where it is, and what this invocation does.
-INVOCATION = ("out", "resume", "extend", "stop_after", "progress")
+INVOCATION = ("out", "resume", "extend", "overwrite", "stop_after", "progress")
 
 
 def resumed_options(options: dict) -> dict:
     """pretrain's options, where ``--resume`` finds a run in ``--out``: each setting not given on
-    the command line is the one the run's ``config.json`` records, so that ``--resume`` alone
-    continues it. One recorded without its credentials (a redacted ``pipe:`` command) must be
-    given again."""
+    the command line is the one the run's ``config.json`` records (``with_recorded``)."""
     from pipelines.run_folder import recorded_settings
 
     options = {**options, "resume": RESUME[options["resume"]]}
-    recorded = recorded_settings(Location(options["out"])) if options["resume"] else {}
+    return with_recorded(options, recorded_settings(Location(options["out"])) if options["resume"] else {})
+
+
+def with_recorded(options: dict, recorded: dict) -> dict:
+    """``options`` where each setting not given on the command line is the ``recorded`` one, so
+    that ``--resume`` alone continues a run. One recorded without its credentials (a redacted
+    ``pipe:`` command) must be given again; ``--shards`` must come from one or the other."""
     ctx = click.get_current_context()
     for name, value in recorded.items():
         if name not in options or name in INVOCATION:
@@ -433,7 +437,7 @@ def inspect(as_json, **options):
 
 
 @main.command("train-dvae", context_settings=CONTEXT)
-@SHARDS
+@click.option("--shards", default=None, help=SHARDS_HELP + " Required unless --resume finds them recorded.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
 @setting(TrainDVAEConfig, "--config", type=click.Choice(DVAE_CONFIGS),
          help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
@@ -441,16 +445,24 @@ def inspect(as_json, **options):
 @setting(TrainDVAEConfig, "--batch-size", type=click.IntRange(min=1), help="Images per step.")
 @setting(TrainDVAEConfig, "--lr", type=Real(min=0, min_open=True), help="Peak learning rate (cosine decay).")
 @setting(TrainDVAEConfig, "--checkpoint-every", type=click.IntRange(min=1), help="Save a checkpoint every N steps.")
-@click.option("--resume", is_flag=True, help="Continue training the checkpoint at --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue training the checkpoint at --out, with the settings it records (a flag given again "
+                   "must agree, but for how the run goes).")
+@click.option("--extend", is_flag=True,
+              help="With --resume: train to a larger --steps than the run was started with, finished or not; its "
+                   "schedules are recomputed to end there.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at --out.")
 @SEED
 @DEVICE
+@PRECISION
 @QUIET
 def train_dvae(**options):
     """Train a discrete VAE tokenizer on your own shards (DALL-E recipe, Gumbel-softmax)."""
+    from pipelines.checkpoint import recorded_dvae_settings
     from pipelines.train_dvae import run_train_dvae
 
-    report = run_train_dvae(config_of(TrainDVAEConfig, options))
+    recorded = recorded_dvae_settings(options["out"]) if options["resume"] else {}
+    report = run_train_dvae(config_of(TrainDVAEConfig, with_recorded(options, recorded)))
     echo_summary("held-out report", {k: report[k] for k in
                                      ("psnr", "psnr_mean_colour", "perplexity", "codes_used", "steps", "seconds")})
     say(f"wrote {options['out']}")

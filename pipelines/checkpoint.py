@@ -47,7 +47,7 @@ from pipelines.runtime import same_threads
 
 __all__ = ["CHECKPOINT", "EXTENDABLE", "LATER_PARTS", "checkpoint_path", "Stateful", "RNGState", "ScalerState",
            "CheckpointMeta", "load_checkpoint", "changed_settings", "check_resume", "model_from_checkpoint",
-           "DVAECheckpointMeta", "save_dvae_checkpoint", "restore_dvae_checkpoint"]
+           "DVAECheckpointMeta", "save_dvae_checkpoint", "restore_dvae_checkpoint", "recorded_dvae_settings"]
 
 CHECKPOINT = "checkpoint.pt"
 # The settings an extended run (``extend``) may raise: its length; the cosine's tail is recomputed.
@@ -305,15 +305,19 @@ DVAE_KEYS = ("format", "config", "encoder", "decoder", "step", "train", "optimiz
 
 
 def save_dvae_checkpoint(path: str | os.PathLike, record: DVAECheckpointMeta, architecture: DVAEConfig,
-                         encoder: Encoder, decoder: Decoder, optimizer: Stateful) -> None:
+                         encoder: Encoder, decoder: Decoder, optimizer: Stateful,
+                         scaler: torch.amp.GradScaler | None = None) -> None:
     """Write a ``train-dvae`` checkpoint atomically: the tokenizer file of ``encoder`` and
-    ``decoder``, with the record, the optimizer's state and the CPU generator's beside it."""
+    ``decoder``, with the record, the optimizer's state and the CPU generator's beside it, and
+    fp16's gradient scaler (``scaler``) where one is on."""
+    fp16 = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
     save_atomic({**tokenizer_state(architecture, encoder, decoder), **record.as_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, path)
+                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **fp16}, path)
 
 
 def restore_dvae_checkpoint(path: str | os.PathLike, settings: dict, resumable: tuple[str, ...], encoder: Encoder,
-                            decoder: Decoder, optimizer: Stateful) -> tuple[DVAECheckpointMeta, dict]:
+                            decoder: Decoder, optimizer: Stateful, scaler: torch.amp.GradScaler | None = None
+                            ) -> tuple[DVAECheckpointMeta, dict]:
     """Take a ``train-dvae`` checkpoint back into the run's models, optimizer and CPU generator.
 
     The file is read on the CPU: each part moves its state to its own device.
@@ -342,4 +346,16 @@ def restore_dvae_checkpoint(path: str | os.PathLike, settings: dict, resumable: 
     encoder.load_state_dict(ckpt["encoder"]), decoder.load_state_dict(ckpt["decoder"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
+    if scaler is not None:
+        ScalerState(scaler).load_state_dict(ckpt.get("scaler"))
     return record, changed
+
+
+def recorded_dvae_settings(path: str | os.PathLike) -> dict:
+    """The settings a ``train-dvae`` checkpoint records (``{}`` where there is no file, or it holds
+    none): what a resumed run takes for every setting not given again."""
+    if not storage.exists(path):
+        return {}
+    ckpt = _read(path)
+    train = ckpt.get("train") if isinstance(ckpt, dict) else None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in train.items()} if isinstance(train, dict) else {}

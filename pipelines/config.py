@@ -112,11 +112,14 @@ class TrainDVAEConfig:
     checkpoint_every: int = 200
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # PRECISIONS
     resume: bool = False
+    extend: bool = False  # a resumed run may train more `steps` than it was started with
     overwrite: bool = False
     progress: bool = True
 
-    RESUMABLE = ("shards", "out", "checkpoint_every", "device", "resume", "overwrite", "progress")
+    RESUMABLE = ("shards", "out", "checkpoint_every", "device", "resume", "overwrite", "progress", "precision",
+                 "extend")
 
     def __post_init__(self):
         if self.config not in DVAE_CONFIGS:
@@ -127,6 +130,7 @@ class TrainDVAEConfig:
             object.__setattr__(self, "gumbel_noise", 1.0 if self.config == "dalle" else 0.0)
         if self.resume and self.overwrite:
             raise BeitDataError("`resume` and `overwrite` exclude each other")
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True, kw_only=True)
