@@ -37,7 +37,7 @@ from pipelines.config import (
 )
 from pipelines.pretrain_config import PATCHES, PretrainConfig, RuntimeConfig
 from pipelines.recipes import DVAE_CONFIGS, RECIPES
-from pipelines.sections import Sectioned, default
+from pipelines.sections import INVOCATION, Sectioned, default, owners, setting_names
 
 # MKL picks kernels by memory alignment unless told not to, which moves the last bits of a
 # float32 sum between runs; exact resume on the CPU compares losses bit for bit. It must be
@@ -90,14 +90,66 @@ def setting(config: type, *decls: str, name: str | None = None, **kwargs):
 
 
 def config_of(config: type, params: dict):
-    """``config`` from a command's options, each passed to the setting of its name."""
-    settings = {k: v for k, v in params.items() if k not in DISPLAY}
+    """``config`` from a command's options, each passed to the setting of its name, and the
+    settings of a ``--config`` file that have no option (``load_config_file``)."""
+    settings = {k: v for k, v in params.items() if k not in DISPLAY and k != "config_file"}
+    ctx = click.get_current_context(silent=True)
+    settings = {**(ctx.meta.get(FILE_ONLY, {}) if ctx is not None else {}), **settings}
     return config.from_flat(**settings) if issubclass(config, Sectioned) else config(**settings)
 
 
+FILE_ONLY = "beit_data.config_file_only"  # ctx.meta: a config file's settings that no option takes
+
+
+def load_config_file(ctx: click.Context, param: click.Parameter, path: str | None):
+    """Read a YAML or JSON file of settings by their flat names (as a run's ``config.yaml`` and
+    ``config.json`` hold them) into the command's defaults: a flag on the command line overrides
+    it. Settings the command has no option for go to its config as they are; a name the command's
+    config does not know is refused in one line, as is a file that is not a mapping."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)  # JSON is YAML
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param=param) from None
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"{path} is not YAML or JSON: {str(exc).splitlines()[0]}", param=param) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} holds no mapping of setting names to values", param=param)
+    known = flat_names(CONFIG_OF_COMMAND[ctx.command.name])
+    options = {p.name for p in ctx.command.params} - {param.name}
+    unknown = sorted(k for k in data if k not in options and k not in known and k not in RECORDED_ONLY)
+    if unknown:
+        raise click.BadParameter(f"{path}: {ctx.command.name} has no setting {', '.join(unknown)}", param=param)
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in RECORDED_ONLY}
+    if isinstance(data.get("resume"), bool) and ctx.command.name == "pretrain":  # as config.json records it
+        data["resume"] = "yes" if data["resume"] else "no"
+    ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in data.items() if k in options}}
+    ctx.meta[FILE_ONLY] = {k: v for k, v in data.items() if k not in options}
+    return path
+
+
+def flat_names(config: type) -> set[str]:
+    """Every setting of a config by its flat name."""
+    return set(owners(config)) if issubclass(config, Sectioned) else setting_names(config)
+
+
+# What a run's config.json records beside its settings (derived figures), which a file may hold.
+RECORDED_ONLY = ("ranks", "global_batch", "total_steps", "steps_per_epoch", "torch_threads", "dealt", "shared_draws")
+
+
+def config_file_option(*decls: str):
+    return click.option(*decls, "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                        callback=load_config_file, is_eager=True, expose_value=True,
+                        help="A YAML or JSON file of settings by their names (batch_size: 64), such as the config.yaml "
+                             "a run writes; flags given on the command line override it.")
+
+
+CONFIG_OF_COMMAND = {"pretrain": PretrainConfig, "tokenize": TokenizeConfig, "train-dvae": TrainDVAEConfig}
 RESUME = {"yes": True, "auto": "auto", "no": False}
-# What a resumed run never takes from its record: where it is, and what this invocation does.
-INVOCATION = ("out", "resume", "extend", "overwrite", "stop_after", "progress")
 
 
 def resumed_options(options: dict) -> dict:
@@ -310,6 +362,7 @@ def index(**options):
 
 
 @main.command(context_settings=CONTEXT)
+@config_file_option("-c", "--config")
 @SHARDS
 @click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
               help="Tokenizer file: OpenAI's encoder.pkl, a dVAE state dict, a train-dvae checkpoint or a "
@@ -437,6 +490,7 @@ def inspect(as_json, **options):
 
 
 @main.command("train-dvae", context_settings=CONTEXT)
+@config_file_option("-c", "--config-file")
 @click.option("--shards", default=None, help=SHARDS_HELP + " Required unless --resume finds them recorded.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
 @setting(TrainDVAEConfig, "--config", type=click.Choice(DVAE_CONFIGS),
@@ -495,6 +549,7 @@ QUALITY_OPTIONS = [
 def pretrain_options(command):
     """pretrain's options, in the order ``--help`` lists them."""
     options = [
+        config_file_option("-c", "--config"),
         click.option("--shards", default=None, help=SHARDS_HELP + " Required unless --resume finds them recorded."),
         click.option("--tokens", default=None, type=LocationType(exists=True, file_okay=False),
                      help="Folder of token Parquet files written by beit-data tokenize."),

@@ -65,6 +65,7 @@ from pipelines.runtime import (
     resolve_device,
     resolve_precision,
 )
+from pipelines.sections import settings_yaml
 from pipelines.training import accumulated_step, build_model, build_optimizer
 from pipelines.validation import QualityChecks
 
@@ -322,6 +323,7 @@ class Trainer:
         cfg, config = self.cfg, self.settings()
         if self.is_main:
             write_text_atomic(self.out / "config.json", json.dumps(config, indent=1))
+            write_text_atomic(self.out / "config.yaml", settings_yaml(redacted(cfg.flat())))  # for --config
         forward, logs = self._forward_module(), Logs.open(self, config)
         stop_at = min(self.total, self.step + cfg.runtime.stop_after if cfg.runtime.stop_after else self.total)
         stopped = 0

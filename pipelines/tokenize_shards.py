@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ from beit_data.views import ViewRecipe, sample_views
 from beit_model.tokenizer import Tokenizer, load_tokenizer
 from pipelines.config import TokenizeConfig
 from pipelines.runtime import dist_info, init_distributed, resolve_device, resolve_precision
+from pipelines.sections import settings_yaml
 
 __all__ = ["TokenizeConfig", "TokenizeJob", "TokenizeResult", "run_tokenize"]
 
@@ -275,10 +276,10 @@ def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, ou
         summary.rejects += [r.as_dict() for r in rejects]
     bar.close()
     summary.seconds = time.perf_counter() - start
-    return _gather_and_write(summary, out, dist)
+    return _gather_and_write(summary, out, dist, settings_yaml(redacted(asdict(cfg))))
 
 
-def _gather_and_write(summary: TokenizeResult, out: Location, dist) -> TokenizeResult:
+def _gather_and_write(summary: TokenizeResult, out: Location, dist, settings: str) -> TokenizeResult:
     parts = [summary]
     if dist.world_size > 1:
         parts = [None] * dist.world_size
@@ -295,6 +296,7 @@ def _gather_and_write(summary: TokenizeResult, out: Location, dist) -> TokenizeR
     if dist.rank == 0 and (total.skipped < total.shards or not storage.exists(summary_file)):
         record = {**total.summary(), "reject_list": total.rejects}
         write_text_atomic(summary_file, json.dumps(redacted(record), indent=1))
+        write_text_atomic(Location(out) / "config.yaml", settings)  # what --config takes back
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

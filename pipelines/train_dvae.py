@@ -48,6 +48,7 @@ from beit_model.dvae import CONFIGS, DVAEConfig, reconstruct
 from pipelines.checkpoint import DVAECheckpointMeta, restore_dvae_checkpoint, save_dvae_checkpoint
 from pipelines.config import TrainDVAEConfig
 from pipelines.runtime import Precision, resolve_device, resolve_precision
+from pipelines.sections import settings_yaml
 
 __all__ = ["TrainDVAEConfig", "run_train_dvae", "evaluate"]
 
@@ -241,4 +242,5 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     report["warnings"] = report_warnings(report)
     save(report=report)
     write_text_atomic(Path(str(out) + ".report.json"), json.dumps(report, indent=1))
+    write_text_atomic(Path(str(out) + ".config.yaml"), settings_yaml(settings))  # what --config-file takes back
     return report
