@@ -114,7 +114,8 @@ def checkpoint_path(run: str | os.PathLike) -> Location:
 # Settings added since the first checkpoints, with the value a run that predates them had
 # (``dealt`` and ``shared_draws`` said the order before ``order_version`` was recorded).
 ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False,
-                  "grad_accum": 1, "targets": "stored", "tokenizer": None, "shared_draws": True}
+                  "grad_accum": 1, "targets": "stored", "tokenizer": None, "shared_draws": True,
+                  "keep_checkpoints": 0, "checkpoint_every_epochs": 0}
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,7 @@ class ProbeConfig:
 
     Attributes:
         model: A pretrain run folder, or an encoder ``beit-data export`` wrote.
+        step: A checkpoint the run folder keeps, instead of its latest.
         train_shards, val_shards: Labeled shards (``.cls`` members).
         k, temperature: The k-NN's neighbours and the temperature of its ``exp(cos / T)`` votes.
         layers: Blocks (1-based) whose mean patch tokens are averaged; None: the last.
@@ -192,6 +193,7 @@ class ProbeConfig:
     model: str
     train_shards: str
     val_shards: str
+    step: int | None = None
     k: int = 20
     temperature: float = 0.07
     layers: tuple[int, ...] | None = None
@@ -222,10 +224,12 @@ EXPORT_FOLDER_FILES = ("model.safetensors", "config.json")
 
 @dataclass(frozen=True, kw_only=True)
 class ExportConfig:
-    """``beit-data export``: a run's encoder, for timm (a folder of ``EXPORT_FOLDER_FILES``, or a file)."""
+    """``beit-data export``: a run's encoder, for timm (a folder of ``EXPORT_FOLDER_FILES``, or a file);
+    ``step`` picks a checkpoint the run keeps instead of its latest."""
 
     run: str
     out: str
+    step: int | None = None
     overwrite: bool = False
 
 

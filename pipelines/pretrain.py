@@ -17,13 +17,14 @@ The run reads top to bottom, as nanoGPT's ``train.py`` does:
 - ``Trainer``: the stream, the model, its optimizer and schedule, the held-out checks. It is
   itself the checkpoint's part: ``state_dict`` is the whole checkpoint (its record and every
   part's state), ``load_state_dict`` takes it back, so saving and resuming are one call each;
-- ``Trainer.train``: steps, logs, held-out figures and checkpoints, until the end, ``stop_after``
-  steps of this invocation, or a signal (SIGTERM, SIGINT and SIGHUP end it after the current
-  step, with a checkpoint).
+- ``Trainer.train``: steps, logs, held-out figures and checkpoints (the latest, and those the run
+  keeps: ``checkpoint_history``), until the end, ``stop_after`` steps of this invocation, or a
+  signal (SIGTERM, SIGINT and SIGHUP end it after the current step, with a checkpoint).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -52,6 +53,7 @@ from pipelines.checkpoint import (
     checkpoint_path,
     load_checkpoint,
 )
+from pipelines.checkpoint_history import History
 from pipelines.logs import BatchRecorder, Logger, LossReader
 from pipelines.preemption import Preemption
 from pipelines.pretrain_config import PretrainConfig
@@ -210,11 +212,14 @@ class Trainer:
                  source: ReplaySource | None = None, tokenizer=None):
         self.cfg, self.out, self.device, self.dist, self.mirror = cfg, out, device, dist, mirror
         self.step, self.resumed_at, self._extended_from = 0, None, None
+        self.history = History(Location(mirror.url if mirror is not None else out),
+                               newest=cfg.runtime.keep_checkpoints, every_epochs=cfg.runtime.checkpoint_every_epochs)
         # Online targets draw one fresh view per image each epoch, with the recipe's crop, flip and jitter.
         recipe = view_recipe(cfg.recipe, views=1, seed=cfg.data.seed) if cfg.data.online else None
         self.stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device,
                                   tokenizer=tokenizer, recipe=recipe, source=source)
         self.data = run_data(self.stream)
+        self._steps_in = functools.lru_cache(maxsize=2)(self.stream.steps_per_epoch)  # of an epoch, asked each step
         if saved is not None:
             resumable = PretrainConfig.RESUMABLE + (EXTENDABLE if cfg.runtime.extend else ())
             changed = check_resume(saved, redacted(cfg.flat()), resumable, dist.world_size, self.data)
@@ -293,13 +298,17 @@ class Trainer:
         if checkpoint["world_size"] != self.dist.world_size:  # no saved generator is this rank's own: a fresh one
             torch.manual_seed(self.cfg.data.seed + 1000 * self.dist.rank + 1_000_003 * self.step)
 
-    def save(self) -> None:
+    def save(self, epoch: int | None = None) -> None:
         """Every rank gives its parts' state, rank 0 writes the checkpoint (atomically: a kill never
-        leaves half a file) and uploads the run folder of an object-storage ``out``."""
+        leaves half a file), uploads the run folder of an object-storage ``out``, and then keeps
+        the checkpoint where due and deletes those no longer kept (``History.keep``; ``epoch``:
+        the epochs it ends, where it is kept for good)."""
         state = self.state_dict()
         if self.is_main:
             save_atomic(state, checkpoint_path(self.out))
         self.push()
+        if self.is_main:
+            self.history.keep(self.step, epoch)
 
     def push(self) -> None:
         """Upload what changed in the run folder to an object-storage ``out`` (rank 0), the checkpoint
@@ -370,7 +379,8 @@ class Trainer:
         logs.losses.add(self.step - 1, out.loss)
         logs.meter.seen += done.images * self.dist.world_size
         log_now = self.step % runtime.log_every == 0 or self.step == self.total
-        save_now = self.step % runtime.checkpoint_every == 0 or self.step == stop_at or stopped
+        kept_epoch = self._kept_epoch(done)
+        save_now = self.step % runtime.checkpoint_every == 0 or self.step == stop_at or stopped or kept_epoch
         if log_now or save_now:
             logs.losses.read()
         if log_now:
@@ -380,7 +390,14 @@ class Trainer:
             self.checks(self.model, self.step, self.total, logs.logger)
         if save_now:
             logs.recorder.flush()
-            self.save()
+            self.save(kept_epoch)
+
+    def _kept_epoch(self, done: StepRecord) -> int | None:
+        """The epochs done, where this step ends one whose checkpoint the run keeps for good."""
+        if not self.history.every_epochs:
+            return None
+        ended = done.step + 1 == self._steps_in(done.epoch)
+        return done.epoch + 1 if ended and self.history.keeps_epoch(done.epoch + 1) else None
 
     def _log_step(self, logs: Logs, out, epoch: int) -> None:
         img_s, acc = logs.meter.rate(), out.accuracy()

@@ -82,6 +82,8 @@ class RuntimeConfig:
     extend: bool = False  # a resumed run may train more steps (or epochs) than it was started with
     stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 0  # the newest N checkpoints kept as RUN/checkpoints/step-S.pt (0: the latest only)
+    checkpoint_every_epochs: int = 100  # the checkpoint ending every N-th epoch kept for good (0: none)
     log_every: int = 10
     compile: bool = False
     device: str = "auto"
@@ -93,6 +95,8 @@ class RuntimeConfig:
         check_precision(self.precision)
         if self.resume not in (True, False, "auto"):
             raise BeitDataError(f"`resume` must be true, false or auto, got {self.resume!r}")
+        if self.keep_checkpoints < 0 or self.checkpoint_every_epochs < 0:
+            raise BeitDataError("`keep_checkpoints` and `checkpoint_every_epochs` must be at least 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,10 +119,10 @@ class PretrainConfig(Sectioned):
     # they may change with the number of ranks, the global batch may not (``check_resume``).
     # Every other setting must equal the checkpoint's, the step count and epochs included: the
     # cosine schedule is a function of the total, so extending a run would change its past.
-    RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "log_every", "resume",
-                 "compile", "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
-                 "probe_every", "probe_train", "probe_val", "probe_layers", "record_batches", "batch_size",
-                 "grad_accum", "precision", "extend")
+    RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "keep_checkpoints",
+                 "checkpoint_every_epochs", "log_every", "resume", "compile", "device", "num_threads", "progress",
+                 "val_shards", "val_tokens", "val_every", "val_images", "probe_every", "probe_train", "probe_val",
+                 "probe_layers", "record_batches", "batch_size", "grad_accum", "precision", "extend")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)
