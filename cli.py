@@ -80,6 +80,8 @@ def main():
 
 # Options that only choose how a command prints, not what it does.
 DISPLAY = ("as_json",)
+# Options that are not settings of the command's config (DISPLAY, and the file of settings itself).
+NOT_SETTINGS = (*DISPLAY, "config_file")
 
 
 def setting(config: type, *decls: str, name: str | None = None, **kwargs):
@@ -92,7 +94,7 @@ def setting(config: type, *decls: str, name: str | None = None, **kwargs):
 def config_of(config: type, params: dict):
     """``config`` from a command's options, each passed to the setting of its name, and the
     settings of a ``--config`` file that have no option (``load_config_file``)."""
-    settings = {k: v for k, v in params.items() if k not in DISPLAY and k != "config_file"}
+    settings = {k: v for k, v in params.items() if k not in NOT_SETTINGS}
     ctx = click.get_current_context(silent=True)
     settings = {**(ctx.meta.get(FILE_ONLY, {}) if ctx is not None else {}), **settings}
     return config.from_flat(**settings) if issubclass(config, Sectioned) else config(**settings)
@@ -125,8 +127,6 @@ def load_config_file(ctx: click.Context, param: click.Parameter, path: str | Non
     if unknown:
         raise click.BadParameter(f"{path}: {ctx.command.name} has no setting {', '.join(unknown)}", param=param)
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in RECORDED_ONLY}
-    if isinstance(data.get("resume"), bool) and ctx.command.name == "pretrain":  # as config.json records it
-        data["resume"] = "yes" if data["resume"] else "no"
     ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in data.items() if k in options}}
     ctx.meta[FILE_ONLY] = {k: v for k, v in data.items() if k not in options}
     return path
@@ -149,7 +149,18 @@ def config_file_option(*decls: str):
 
 
 CONFIG_OF_COMMAND = {"pretrain": PretrainConfig, "tokenize": TokenizeConfig, "train-dvae": TrainDVAEConfig}
-RESUME = {"yes": True, "auto": "auto", "no": False}
+class ResumeType(click.Choice):
+    """``--resume`` (yes), ``--resume auto`` or none (no), as the config's True, "auto" or False."""
+
+    VALUES = {"yes": True, "auto": "auto", "no": False}
+
+    def __init__(self):
+        super().__init__(list(self.VALUES))
+
+    def convert(self, value, param, ctx):
+        if value in (True, False, "auto"):  # a config's value: the default, or a config file's
+            return value
+        return self.VALUES[super().convert(value, param, ctx)]
 
 
 def resumed_options(options: dict) -> dict:
@@ -157,7 +168,6 @@ def resumed_options(options: dict) -> dict:
     the command line is the one the run's ``config.json`` records (``with_recorded``)."""
     from pipelines.run_folder import recorded_settings
 
-    options = {**options, "resume": RESUME[options["resume"]]}
     return with_recorded(options, recorded_settings(Location(options["out"])) if options["resume"] else {})
 
 
@@ -605,8 +615,7 @@ def pretrain_options(command):
                      "800-epoch ViT-B run keeps 8 of about 1.1 GB (weights and AdamW's moments), among them the "
                      "300 epochs of BEiT's ablations; unilm's 20 would keep 40. 0: none."),
         setting(PretrainConfig, "--log-every", type=click.IntRange(min=1), help="Log every N steps."),
-        click.option("--resume", is_flag=False, flag_value="yes", default="no",
-                     type=click.Choice(["yes", "auto", "no"]),
+        click.option("--resume", is_flag=False, flag_value="yes", default=False, type=ResumeType(),
                      help="Continue the run in --out from its checkpoint, exactly, with the settings its config.json "
                           "records (a flag given again must agree, but for how the run goes). --resume auto resumes "
                           "where --out holds a run and starts one where not (for requeued jobs)."),

@@ -442,7 +442,8 @@ def test_tokenize_lists_a_latin1_name_as_a_reject_and_finishes(tmp_path, tiny_to
     result = invoke("tokenize", "--shards", tmp_path / "s", "--tokenizer", tiny_tokenizer, "--out", tmp_path / "t",
                     "--views", "2", "--min-size", "0", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".beit-data.lock", "s.parquet", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".beit-data.lock", "config.yaml", "s.parquet",
+                                                                  "summary.json"]
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert (summary["images"], summary["rejects"]) == (1, 1)
     assert summary["reject_list"][0]["key"] == "caf\\xe9" and "not UTF-8" in summary["reject_list"][0]["reason"]
