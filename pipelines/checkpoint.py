@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 
 from beit_common import BeitDataError, Location, describe_file, storage
-from beit_data.tokens import with_defaults
+from beit_data.tokens import TokenMeta
 from pipelines.runtime import same_threads
 
 __all__ = ["CHECKPOINT", "checkpoint_path", "Stateful", "RNGState", "CheckpointMeta", "load_checkpoint",
@@ -202,7 +202,7 @@ def check_resume(saved_run: CheckpointMeta, config: dict, resumable: tuple[str, 
             raise BeitDataError(f"the run being resumed has {saved_world} ranks, not {world_size}; its order "
                                 "deals shards to its ranks")
         changed = {"ranks": (saved_world, world_size), **changed}
-    saved_data = with_defaults(saved_run.data)  # runs saved before the BEiT v2 recipe
+    saved_data = {**saved_run.data, **TokenMeta.of_targets(saved_run.data).targets()}  # runs from before BEiT v2
     online = config.get("targets") == "online"  # the tokenizer gives the targets, the shards the images
     targets, what = ("tokenizer", "tokenizer") if online else ("tokens", "token files")
     for key, setting in (("tokenizer", targets), ("views", targets), ("shards", "shards"),
