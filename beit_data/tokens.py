@@ -69,6 +69,7 @@ class TokenizerMeta:
 
     @classmethod
     def from_dict(cls, d: dict) -> TokenizerMeta:
+        """From ``describe()``, or the ``tokenizer`` JSON of a footer or a checkpoint."""
         return cls(**d)
 
     def as_dict(self) -> dict:
@@ -148,7 +149,8 @@ class TokenMeta:
                                 f"{exc}); tokenize its shard again{_AGAIN}") from None
 
     def as_footer(self) -> dict:
-        """The footer's JSON values by key (``beit_data.`` left off), in the order they are written."""
+        """The footer's JSON value of each key (``beit_data.`` left off): what ``write_tokens``
+        writes and ``from_footer`` reads back."""
         return {"format_version": self.format_version, "tokenizer": self.tokenizer.as_dict(),
                 "views": dict(sorted(self.views.as_dict().items())),
                 "decoder": self.decoder.as_dict() if self.decoder is not None else None, "min_size": self.min_size,
