@@ -40,7 +40,7 @@ import torch
 
 from beit_common import BeitDataError, Location, describe_file, save_atomic, storage
 from beit_data.old_orders import deals_to_ranks, order_version
-from beit_data.tokens import with_defaults
+from beit_data.tokens import TokenMeta
 from beit_model.dall_e import Decoder, Encoder
 from beit_model.dvae import CHECKPOINT_FORMAT, DVAEConfig, tokenizer_state
 from pipelines.runtime import same_threads
@@ -254,7 +254,7 @@ def check_resume(saved_run: CheckpointMeta, config: dict, resumable: tuple[str, 
             raise BeitDataError(f"the run being resumed has {saved_world} ranks, not {world_size}; its order "
                                 "deals shards to its ranks")
         changed = {"ranks": (saved_world, world_size), **changed}
-    saved_data = with_defaults(saved_run.data)  # runs saved before the BEiT v2 recipe
+    saved_data = {**saved_run.data, **TokenMeta.of_targets(saved_run.data).targets()}  # runs from before BEiT v2
     online = config.get("targets") == "online"  # the tokenizer gives the targets, the shards the images
     targets, what = ("tokenizer", "tokenizer") if online else ("tokens", "token files")
     for key, setting in (("tokenizer", targets), ("views", targets), ("shards", "shards"),

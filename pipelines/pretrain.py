@@ -119,8 +119,9 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                 # The token files' footers, read once: their metadata completes the config.
                 source = None if cfg.data.online else ReplaySource.open(cfg.data, rank=dist.rank,
                                                                         world_size=dist.world_size)
-                targets = {"tokenizer": tokenizer.describe()} if tokenizer is not None else source.meta
-                trainer = Trainer(resolve(cfg, saved, targets, dist.world_size), out=out, device=device, dist=dist,
+                # The recipe the targets were made with: the online tokenizer's, or the token files'.
+                made_with = TOKENIZER_RECIPE[tokenizer.kind] if tokenizer is not None else source.meta.views.recipe
+                trainer = Trainer(resolve(cfg, saved, made_with, dist.world_size), out=out, device=device, dist=dist,
                                   mirror=mirror, saved=saved, source=source, tokenizer=tokenizer)
                 if checkpoint is not None:
                     trainer.load_state_dict(checkpoint)
@@ -142,15 +143,14 @@ def online_tokenizer(cfg: PretrainConfig):
 # ---- the config, resolved once ------------------------------------------------------------------
 
 
-def resolve(cfg: PretrainConfig, saved: CheckpointMeta | None, targets: dict, world_size: int = 1) -> PretrainConfig:
+def resolve(cfg: PretrainConfig, saved: CheckpointMeta | None, made_with: str, world_size: int = 1) -> PretrainConfig:
     """The config complete, before anything is built: the order version of a resumed run (its
     checkpoint's: ``beit_data.old_orders``), the per-rank batch of a run resumed on another number
     of ranks, and the recipe of the token files (or of the online tokenizer) where none was named.
 
     Args:
         saved: The record of the checkpoint being resumed, if any.
-        targets: What the targets come from: the token files' metadata, or ``{"tokenizer":
-            ...}`` of the online tokenizer (``describe()``).
+        made_with: The recipe of the targets: the token files', or the online tokenizer's kind's.
     """
     changes: dict = {}
     if saved is not None:
@@ -160,8 +160,7 @@ def resolve(cfg: PretrainConfig, saved: CheckpointMeta | None, targets: dict, wo
         if batch_size != cfg.data.batch_size:
             changes["batch_size"] = batch_size
     if cfg.recipe is None:
-        changes["recipe"] = (TOKENIZER_RECIPE[targets["tokenizer"]["kind"]] if cfg.data.online
-                             else targets["views"].get("recipe", "beit"))
+        changes["recipe"] = made_with
     return cfg.with_settings(**changes) if changes else cfg
 
 
@@ -187,7 +186,7 @@ def run_data(stream: TrainStream) -> dict:
     """What a run trains on, as its checkpoint records it: shard names (not paths, which may
     move), their tokenized images, and the tokenizer and view recipe."""
     return {"shards": [Location(s).name for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
-            "tokenizer": stream.meta["tokenizer"], "views": stream.meta["views"]}
+            **stream.meta.targets()}
 
 
 # ---- the trainer --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from beit_data.progress import progress_bar
 from beit_data.shard_index import StaleIndex, check_fingerprint, index_count, shard_fingerprint, stale_index
 from beit_data.shards import Reject, check_finished_folders, expand_shards, iter_images, without_duplicates
 from beit_data.tokens import (
+    TokenMeta,
     build_table,
     check_recipe,
     decoder_meta,
@@ -91,17 +92,17 @@ class TokenizeJob:
     cfg: TokenizeConfig
     recipe: ViewRecipe
     min_size: int
-    meta: dict
+    meta: TokenMeta
 
     @classmethod
     def resolve(cls, cfg: TokenizeConfig, tokenizer: Tokenizer) -> TokenizeJob:
         recipe = cfg.view_recipe_for(tokenizer.kind)
         min_size = tokenizer.input_size if cfg.min_size is None else cfg.min_size
-        meta = file_meta(tokenizer.describe(), recipe.as_dict(), decoder_meta(RESIZE_FILTER[recipe.interp]), min_size)
+        meta = file_meta(tokenizer.describe(), recipe, decoder_meta(RESIZE_FILTER[recipe.interp]), min_size)
         return cls(cfg, recipe, min_size, meta)
 
 
-def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool
+def _plan(shards: list[Location], out: Location, meta: TokenMeta, overwrite: bool
           ) -> tuple[list[Location], int, dict[str, int]]:
     """The shards still to tokenize, how many are done, and the views each file with fewer views
     of the same recipe holds (it gets the missing ones only). A finished file made from the same
@@ -124,13 +125,13 @@ def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool
         try:
             have = read_meta(target)
             if grows_to(have, meta) and not overwrite:  # views 0 .. V-1 are kept; V .. are added
-                check_fingerprint(shard, have.get("shard"), target, full=storage.scan_is_cheap(shard))
+                check_fingerprint(shard, have.shard, target, full=storage.scan_is_cheap(shard))
                 todo.append(shard)
                 grow[str(shard)] = grows_to(have, meta)
                 continue
             check_recipe(have, meta, f"{target} and this run", hint)
             # On object storage, the size (and the .idx where there is one): not a scan of the tar.
-            check_fingerprint(shard, have.get("shard"), target, full=storage.scan_is_cheap(shard))
+            check_fingerprint(shard, have.shard, target, full=storage.scan_is_cheap(shard))
         except StaleIndex:
             raise  # tokenizing again would not mend the index
         except BeitDataError as exc:
@@ -205,8 +206,8 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     fingerprint = shard_fingerprint(shard, members, size=size)
     if cfg.strict and rejects:  # nothing a rerun would take as finished
         return len(all_rows) // per_image, len(all_rows), rejects
-    meta = {**job.meta, "source": Location(shard).name, "shard": fingerprint,
-            "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
+    meta = replace(job.meta, source=Location(shard).name, shard=fingerprint,
+                   rejects=tuple((r.key, r.reason) for r in rejects))
     path, table = token_path(cfg.out, shard), build_table(all_rows, tokens, grid)
     if first:
         table = with_more_views(read_table(path), table, path)

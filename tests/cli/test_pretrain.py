@@ -274,7 +274,7 @@ def test_a_resumed_run_takes_the_order_version_its_checkpoint_records_or_its_set
     assert saved.order_version == version
     cfg = PretrainConfig.from_flat(shards="s", tokens="t", out="o", recipe="beit", batch_size=4)
     assert cfg.data.order_version == ORDER_VERSION  # a new run's
-    data = resolve(cfg, saved, targets={}, world_size=2).data
+    data = resolve(cfg, saved, made_with="beit", world_size=2).data
     assert (data.order_version, data.partitions) == (version, 2 if version == 1 else 8)
 
 
@@ -287,8 +287,8 @@ def test_a_run_of_order_version_1_resumes_on_its_own_ranks_only():
     saved = CheckpointMeta(step=2, config=ran.flat(), model_name="beit_mim_tiny_patch16_224", vocab_size=64,
                            model_args={}, world_size=2, data={})
     with pytest.raises(BeitDataError, match="its order deals shards to its ranks, so it resumes on them only"):
-        resolve(ran, saved, targets={}, world_size=1)
-    on_one = resolve(ran.with_settings(batch_size=8), saved, targets={}, world_size=1)  # the same global batch
+        resolve(ran, saved, made_with="beit", world_size=1)
+    on_one = resolve(ran.with_settings(batch_size=8), saved, made_with="beit", world_size=1)  # the same global batch
     with pytest.raises(BeitDataError, match="^the run being resumed has 2 ranks, not 1; its order deals shards to its "
                                             "ranks$"):
         check_resume(saved, on_one.flat(), PretrainConfig.RESUMABLE, 1, data={})

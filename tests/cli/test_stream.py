@@ -90,7 +90,7 @@ def test_no_target_jitter_tokens_get_fresh_jitter_each_epoch(sample_shards, tiny
 
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"),
                                 views=2, target_jitter=False, device="cpu", progress=False))
-    assert read_meta(tmp_path / "t" / "sample-000000.parquet")["views"]["target_jitter"] is False
+    assert read_meta(tmp_path / "t" / "sample-000000.parquet").views.target_jitter is False
     table = pq.read_table(tmp_path / "t" / "sample-000000.parquet")
     assert set(table.column("brightness").to_pylist()) == {1.0}
     stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(tmp_path / "t"), batch_size=14))

@@ -3,6 +3,7 @@ import each other, and no stage imports another. The graph is ``benchmarks.layer
 ``python -m benchmarks.layers`` prints."""
 
 import ast
+import re
 import sys
 
 import pytest
@@ -79,3 +80,38 @@ def test_every_module_says_what_it_is_for():
     missing = [name for name, path in modules(REPO, CODE).items()
                if path.read_text().strip() and ast.get_docstring(ast.parse(path.read_text())) is None]
     assert missing == []
+
+
+# The keys of a token file's metadata: ``beit_data.tokens`` reads them (``TokenMeta``), every other module
+# its attributes.
+META_KEYS = {"format_version", "tokenizer", "views", "decoder", "min_size", "source", "shard", "rejects",
+             "tool_version"}
+
+
+def meta_key_reads(source: str) -> list[str]:
+    """Where code reads a token-metadata key by name from something named as metadata or a
+    footer: ``meta["views"]``, ``self.meta.get("shard")``, ``metas[0]["tokenizer"]``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript):
+            base, key = node.value, node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" \
+                and node.args:
+            base, key = node.func.value, node.args[0]
+        else:
+            continue
+        if isinstance(key, ast.Constant) and key.value in META_KEYS and re.search("meta|footer", ast.unparse(base),
+                                                                                 re.IGNORECASE):
+            found.append((node.lineno, f"line {node.lineno}: {ast.unparse(base)} {key.value!r}"))
+    return [where for _, where in sorted(found)]
+
+
+def test_only_the_token_format_reads_its_metadata_by_key():
+    """``TokenMeta`` is the metadata's one reading: a module that picks its keys by name holds a
+    second copy of the format."""
+    assert meta_key_reads('g = stream.meta["tokenizer"]["grid"]\ns = meta.get("shard")\nv = metas[0]["views"]\n'
+                          'r = row["views"]\nc = meta["class"]\n') == [
+        "line 1: stream.meta 'tokenizer'", "line 2: meta 'shard'", "line 3: metas[0] 'views'"]
+    found = {name: reads for name, path in modules(REPO, CODE).items()
+             if name != "beit_data.tokens" and (reads := meta_key_reads(path.read_text()))}
+    assert found == {}
