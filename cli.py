@@ -310,6 +310,11 @@ NUM_THREADS = setting(StreamConfig, "--num-threads", type=click.IntRange(min=1),
                    "half its images (rounded down), with a warning where that is fewer than asked.")
 @click.option("--holdout-out", type=click.Path(file_okay=False), default=None,
               help="Folder for the held-out shards [default: OUT-holdout].")
+@setting(ShardsConfig, "--min-size", type=click.IntRange(min=0),
+         help="Reject images whose shorter side is under N pixels, which tokenize would set aside later (its "
+              "--min-size is the tokenizer's input size: 112 for DALL-E and train-dvae, 224 for VQ-KD: pass 224 "
+              "then), so that a held-out count per class holds; a held-out image rejected is replaced by the next "
+              "of its class. 0 keeps every image.")
 @MAX_PIXELS
 @QUIET
 def shards(**options):

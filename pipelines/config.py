@@ -48,6 +48,10 @@ class ShardsConfig:
             ``classes.json``), so that an id means the same class in every set; None numbers
             this tree's class folders in name order.
         max_pixels: Larger images are rejected (decompression bombs); None: Pillow's limit.
+        min_size: Images whose shorter side is under it are rejected, as tokenize would set them
+            aside later (its ``min_size`` is the tokenizer's input size: 112 for DALL-E's and
+            train-dvae's, 224 for VQ-KD's, which wants 224 here); so a held-out count per class
+            holds. 0 keeps every image.
         image_column, label_column: The columns of Parquet sources that hold the image bytes
             (a bytes column, or a struct with ``bytes``) and the class id; None finds them by
             name (``image``, ``jpg``, ...; ``label``, ``cls``, ...).
@@ -70,6 +74,7 @@ class ShardsConfig:
     seed: int = 0
     classes: str | os.PathLike | None = None
     max_pixels: int | None = None  # None: beit_data.images.MAX_PIXELS
+    min_size: int = 112  # the DALL-E tokenizer's input size, BEiT's
     image_column: str | None = None
     label_column: str | None = None
     image_root: str | os.PathLike | None = None

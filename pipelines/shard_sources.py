@@ -152,13 +152,18 @@ def write_order(listing: list, *, shuffle: bool, seed: int) -> list:
     return [listing[i] for i in stable_rng(seed, "shards").permutation(len(listing))]
 
 
-def read_image(data: bytes, max_pixels: int | None) -> tuple[bytes, str]:
+def read_image(data: bytes, max_pixels: int | None, min_size: int = 0) -> tuple[bytes, str]:
     """The bytes and the member extension of their real format.
 
     Raises:
-        ImageError: If they are not a decodable JPEG, PNG or WebP.
+        ImageError: If they are not a decodable JPEG, PNG or WebP, or the image's shorter side is
+            under ``min_size`` pixels.
     """
-    return data, FORMAT_EXT[probe_image(data, decode=True, max_pixels=max_pixels).format]
+    info = probe_image(data, decode=True, max_pixels=max_pixels)
+    side = min(info.width, info.height)
+    if side < min_size:
+        raise ImageError(f"its shorter side is {side} px, under --min-size {min_size} (tokenize would set it aside)")
+    return data, FORMAT_EXT[info.format]
 
 
 def _file_bytes(image: ListedImage) -> bytes:

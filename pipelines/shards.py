@@ -341,16 +341,22 @@ def _write_sets(config: ShardsConfig, source, chosen: set[int], outputs: list[_O
         sets.append(_ShardSet(outputs[1], config, "holdout", source.classes))
     class_index = {name: i for i, name in enumerate(source.classes)}
     digest, written = class_map_digest(source.classes), 0
+    owed: dict = {}  # per class, held-out images rejected: the next ones of the class take their place
     try:
         for item in progress_bar(source.items, total=len(source.labels), desc="shards", unit="img",
                                  disable=not config.progress):
-            target = sets[-1] if item.index in chosen else sets[0]
+            held = item.index in chosen or owed.get(item.cls, 0) > 0
+            target = sets[-1] if held else sets[0]
             try:
-                data, ext = read_image(item.read(), config.max_pixels)
+                data, ext = read_image(item.read(), config.max_pixels, config.min_size)
             except (OSError, ImageError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 target.result.rejects.append(Reject(key=item.where, reason=reason))
+                if item.index in chosen:
+                    owed[item.cls] = owed.get(item.cls, 0) + 1
                 continue
+            if held and item.index not in chosen:
+                owed[item.cls] -= 1
             target.write(_sample(f"{written:09d}", item, data, ext, class_index, digest))
             written += 1
         result, *rest = [s.close() for s in sets]

@@ -60,7 +60,8 @@ def _sample_shards(folder: Path) -> None:
     from pipelines.shards import ShardsConfig, run_shards
 
     listing = write_sample_list(folder / "list.txt")
-    run_shards(ShardsConfig(sources=[listing], out=folder / "shards", maxcount=8, prefix="sample", progress=False))
+    run_shards(ShardsConfig(min_size=0,
+                            sources=[listing], out=folder / "shards", maxcount=8, prefix="sample", progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +134,7 @@ def _labeled_shards(root: Path) -> None:
             folder.mkdir(parents=True)
             for i in range(count):
                 class_image(label, offset + 100 * label + i).save(folder / f"{i}.jpg", quality=90)
-        run_shards(ShardsConfig(sources=[root / "images" / part], out=root / part, maxcount=64, prefix=part,
+        run_shards(ShardsConfig(min_size=0, sources=[root / "images" / part], out=root / part, maxcount=64, prefix=part,
                                 progress=False))
 
 

@@ -138,7 +138,7 @@ def test_library_errors_name_settings_and_the_cli_names_flags(tmp_path):
     command = cli.main.commands["pretrain"]
     assert cli.as_flags("lower `batch_size`; pass `skip_missing` or `compile`, not `other`", command) == \
         "lower --batch-size; pass --skip-missing or --compile, not `other`"
-    result = invoke("shards", tmp_path, "--out", tmp_path / "o", "--prefix", "a/b")
+    result = invoke("shards", "--min-size", "0", tmp_path, "--out", tmp_path / "o", "--prefix", "a/b")
     assert result.exit_code == 1 and "Error: --prefix must be a plain file-name prefix" in result.stderr
     rendered = invoke("inspect", tmp_path, "--render", "k")
     assert rendered.exit_code == 1 and "Error: --render needs --out (a .png file)" in rendered.stderr

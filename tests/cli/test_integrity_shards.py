@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import hf_parquet, invoke, jpeg_bytes, make_tree, samples
@@ -37,7 +38,8 @@ def one_line_error(result) -> str:
 def earlier_run(tmp_path: Path, **options) -> tuple[Path, dict[str, bytes]]:
     """A complete earlier run in ``tmp_path/out`` (3 shards of a 3 x 4 tree) and what it holds."""
     out = tmp_path / "out"
-    run_shards(ShardsConfig(sources=[make_tree(tmp_path / "old", 3, 4)], out=out, maxcount=5, progress=False,
+    run_shards(ShardsConfig(min_size=0,
+                            sources=[make_tree(tmp_path / "old", 3, 4)], out=out, maxcount=5, progress=False,
                             **options))
     return out, snapshot(out)
 
@@ -73,7 +75,7 @@ def overlap_case(tmp_path: Path, kind: str) -> tuple[list[str], str]:
                                   "a hard link beside its file"])
 def test_sources_that_reach_one_file_twice_are_refused_in_one_line(tmp_path, kind):
     sources, named = overlap_case(tmp_path, kind)
-    result = invoke("shards", *sources, "--out", tmp_path / "out", "--holdout-per-class", "1")
+    result = invoke("shards", "--min-size", "0", *sources, "--out", tmp_path / "out", "--holdout-per-class", "1")
     error = one_line_error(result)
     assert " is listed twice: as " in error and "the sources overlap: give each image once" in error, error
     assert error.split(" is listed twice")[0].endswith(named), error
@@ -82,13 +84,13 @@ def test_sources_that_reach_one_file_twice_are_refused_in_one_line(tmp_path, kin
 
 def test_the_overlap_reproduction_counts_every_twice_listed_file(tmp_path):
     tree = make_tree(tmp_path / "cls", 3, 2)
-    error = one_line_error(invoke("shards", tree, f"{tree}/", "--out", tmp_path / "o"))
+    error = one_line_error(invoke("shards", "--min-size", "0", tree, f"{tree}/", "--out", tmp_path / "o"))
     assert error == (f"Error: {tree}/c0/0.jpg is listed twice: as c0/0.jpg of source {tree} and as c0/0.jpg of source "
                      f"{tree}/ (6 files are); the sources overlap: give each image once")
     # Sources that do not overlap are written whole. Two files that hold the same bytes are two
     # files (make_tree draws the same pixels for c0/0.jpg of both trees): the rule is about files.
     other = make_tree(tmp_path / "more", 1, 5)
-    result = run_shards(ShardsConfig(sources=[tree, other], out=tmp_path / "both", progress=False))
+    result = run_shards(ShardsConfig(min_size=0, sources=[tree, other], out=tmp_path / "both", progress=False))
     assert result.images == 11 and not result.rejects
     assert len({s.image for s in samples(tmp_path / "both")}) == 6
 
@@ -96,7 +98,8 @@ def test_the_overlap_reproduction_counts_every_twice_listed_file(tmp_path):
 def test_a_parquet_file_named_twice_is_refused(tmp_path):
     (tmp_path / "pq").mkdir()
     hf_parquet(tmp_path / "pq" / "a.parquet", rows=4)
-    error = one_line_error(invoke("shards", tmp_path / "pq", tmp_path / "pq" / "a.parquet", "--out", tmp_path / "o"))
+    error = one_line_error(invoke("shards", "--min-size", "0",
+                                  tmp_path / "pq", tmp_path / "pq" / "a.parquet", "--out", tmp_path / "o"))
     assert error.startswith(f"Error: {tmp_path / 'pq' / 'a.parquet'} is named twice by the sources ")
     assert error.endswith("the sources overlap: give each file once") and not (tmp_path / "o").exists()
 
@@ -104,7 +107,7 @@ def test_a_parquet_file_named_twice_is_refused(tmp_path):
 def test_a_held_out_request_larger_than_half_a_class_is_capped_with_a_warning(tmp_path):
     # The reproduction: 100 a class from classes of 10 held out 27 and trained on 3, in silence.
     tree = make_tree(tmp_path / "cls", 3, 10)
-    result = invoke("shards", tree, "--out", tmp_path / "t", "--holdout-per-class", "100", "--quiet")
+    result = invoke("shards", "--min-size", "0", tree, "--out", tmp_path / "t", "--holdout-per-class", "100", "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stderr.strip() == (
         "shards: warning: --holdout-per-class 100 would leave 3 of 3 classes with fewer training than held-out "
@@ -117,7 +120,7 @@ def test_a_held_out_request_larger_than_half_a_class_is_capped_with_a_warning(tm
         assert sum(m["class"] == c for m in train) == sum(m["class"] == c for m in held) == 5
     assert not {m["source"] for m in train} & {m["source"] for m in held}
     # A request every class can give is taken as it is, without a word.
-    quiet = invoke("shards", tree, "--out", tmp_path / "u", "--holdout-per-class", "5", "--quiet")
+    quiet = invoke("shards", "--min-size", "0", tree, "--out", tmp_path / "u", "--holdout-per-class", "5", "--quiet")
     assert quiet.exit_code == 0 and quiet.stderr == "" and "holdout_images 15" in quiet.stdout
 
 
@@ -149,7 +152,8 @@ def test_overwrite_with_a_bad_holdout_out_keeps_the_earlier_shards(tmp_path):
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "notes.txt").write_text("mine")
     tree = make_tree(tmp_path / "new", 2, 3)
-    error = one_line_error(invoke("shards", tree, "--out", out, "--overwrite", "--holdout-per-class", "1",
+    error = one_line_error(invoke("shards", "--min-size", "0",
+                                  tree, "--out", out, "--overwrite", "--holdout-per-class", "1",
                                   "--holdout-out", tmp_path / "val"))
     assert error == (f"Error: {tmp_path / 'val'} holds notes.txt, which no shards run wrote; --overwrite replaces "
                      "shards and their reports only: choose another folder")
@@ -157,12 +161,14 @@ def test_overwrite_with_a_bad_holdout_out_keeps_the_earlier_shards(tmp_path):
     assert snapshot(tmp_path / "val") == {"notes.txt": b"mine"}
     # A held-out folder that is a file: refused before the earlier run is touched.
     (tmp_path / "file").write_text("x")
-    result = invoke("shards", tree, "--out", out, "--overwrite", "--holdout-per-class", "1", "--holdout-out",
+    result = invoke("shards", "--min-size", "0",
+                    tree, "--out", out, "--overwrite", "--holdout-per-class", "1", "--holdout-out",
                     tmp_path / "file")
     assert result.exit_code == 2 and f"Directory '{tmp_path / 'file'}' is a file" in result.stderr
     assert snapshot(out) == before
     # A held-out folder inside the earlier run: refused, and the earlier run kept.
-    error = one_line_error(invoke("shards", tree, "--out", out, "--overwrite", "--holdout-per-class", "1",
+    error = one_line_error(invoke("shards", "--min-size", "0",
+                                  tree, "--out", out, "--overwrite", "--holdout-per-class", "1",
                                   "--holdout-out", out / "val"))
     assert "--holdout-out" in error and "is in --out" in error and snapshot(out) == before
 
@@ -172,7 +178,8 @@ def test_a_run_whose_every_file_is_rejected_keeps_the_earlier_run(tmp_path):
     (tmp_path / "bad").mkdir()
     for name in ("x.jpg", "y.png"):
         (tmp_path / "bad" / name).write_bytes(b"not an image")
-    error = one_line_error(invoke("shards", tmp_path / "bad", "--out", out, "--overwrite", "--no-shuffle", "--quiet"))
+    error = one_line_error(invoke("shards", "--min-size", "0",
+                                  tmp_path / "bad", "--out", out, "--overwrite", "--no-shuffle", "--quiet"))
     assert error == (f"Error: no image was written: all 2 files were rejected (first: {tmp_path / 'bad' / 'x.jpg'}: "
                      f"not a decodable image); the earlier shards in {out} are kept; write into an empty folder for "
                      "every reason in rejects.json")
@@ -189,18 +196,19 @@ def test_a_run_interrupted_while_writing_leaves_each_folder_as_it_was(tmp_path, 
     real = shards_module.read_image
     calls = []
 
-    def read_image(data, max_pixels):
+    def read_image(*args):
         calls.append(1)
         if len(calls) > fail_at_item:
             raise Interrupted
-        return real(data, max_pixels)
+        return real(*args)
 
     monkeypatch.setattr(shards_module, "read_image", read_image)
     tree = make_tree(tmp_path / "new", 3, 4)
     for target, overwrite in ((out, True), (tmp_path / "fresh" / "deep", False)):
         calls.clear()
         with pytest.raises(Interrupted):
-            run_shards(ShardsConfig(sources=[tree], out=target, maxcount=3, overwrite=overwrite, progress=False,
+            run_shards(ShardsConfig(min_size=0,
+                                    sources=[tree], out=target, maxcount=3, overwrite=overwrite, progress=False,
                                     holdout_per_class=1, holdout_out=tmp_path / "held"))
     assert snapshot(out) == before  # no work folder left either
     assert not (tmp_path / "fresh").exists() and not (tmp_path / "held").exists()
@@ -209,7 +217,8 @@ def test_a_run_interrupted_while_writing_leaves_each_folder_as_it_was(tmp_path, 
 def test_a_swap_that_fails_half_way_is_rolled_back(tmp_path, monkeypatch):
     out, before = earlier_run(tmp_path)
     (tmp_path / "held").mkdir()
-    run_shards(ShardsConfig(sources=[make_tree(tmp_path / "h", 2, 2)], out=tmp_path / "held", progress=False))
+    run_shards(ShardsConfig(min_size=0,
+                            sources=[make_tree(tmp_path / "h", 2, 2)], out=tmp_path / "held", progress=False))
     held_before = snapshot(tmp_path / "held")
     real, renames = os.rename, []
 
@@ -221,8 +230,8 @@ def test_a_swap_that_fails_half_way_is_rolled_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "rename", rename)
     error = pytest.raises(BeitDataError, run_shards, ShardsConfig(
-        sources=[make_tree(tmp_path / "new", 2, 6)], out=out, maxcount=4, overwrite=True, holdout_per_class=2,
-        holdout_out=tmp_path / "held", progress=False)).value
+        min_size=0, sources=[make_tree(tmp_path / "new", 2, 6)], out=out, maxcount=4, overwrite=True,
+        holdout_per_class=2, holdout_out=tmp_path / "held", progress=False)).value
     assert str(error) == (f"cannot move the new shards into {tmp_path / 'held'}: Input/output error; it holds what it "
                           "held before")
     assert snapshot(out) == before and snapshot(tmp_path / "held") == held_before
@@ -237,12 +246,12 @@ def test_a_killed_runs_work_folder_is_cleared_and_a_live_one_refused(tmp_path):
     with folder_lock(stale, "beit-data shards"):  # a run that is still writing into the folder
         with pytest.raises(BeitDataError, match=r"\.beit-data-shards-4242 is in use by another beit-data run "
                                                 r"\(beit-data shards, pid \d+ on "):
-            run_shards(ShardsConfig(sources=[tree], out=out, overwrite=True, progress=False))
+            run_shards(ShardsConfig(min_size=0, sources=[tree], out=out, overwrite=True, progress=False))
     assert {n: b for n, b in snapshot(out).items() if not n.startswith(".")} == before
     # Once that run is gone its folder is left-over work, not an earlier run: no --overwrite is needed.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".beit-data-shards-4243").mkdir()
-    result = run_shards(ShardsConfig(sources=[tree], out=tmp_path / "empty", progress=False))
+    result = run_shards(ShardsConfig(min_size=0, sources=[tree], out=tmp_path / "empty", progress=False))
     assert result.images == 2 and sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
         "classes.json", "rejects.json", "shard-000000.idx", "shard-000000.tar", "shards.json"]
 
@@ -265,7 +274,8 @@ def test_every_moment_of_the_swap_is_a_whole_set_or_refused_by_tokenize(tmp_path
         moments.append((tars, report, refused(tars)))
 
     monkeypatch.setattr(os, "rename", rename)
-    run_shards(ShardsConfig(sources=[make_tree(tmp_path / "new", 2, 5)], out=out, maxcount=4, overwrite=True,
+    run_shards(ShardsConfig(min_size=0,
+                            sources=[make_tree(tmp_path / "new", 2, 5)], out=out, maxcount=4, overwrite=True,
                             prefix="new", progress=False))
     assert len(moments) == 9 + 9  # the earlier run's 9 files aside, then the new run's 9 in
     for tars, report, was_refused in moments:
@@ -301,7 +311,8 @@ def test_damaged_parquet_is_one_line_naming_the_file_and_leaves_the_folder_as_it
                                                                                     earlier):
     source = damaged_parquet(tmp_path, how)
     out, before = earlier_run(tmp_path) if earlier else (tmp_path / "out", None)
-    error = one_line_error(invoke("shards", source, "--out", out, "--maxcount", "2", "--no-shuffle", "--quiet",
+    error = one_line_error(invoke("shards", "--min-size", "0",
+                                  source, "--out", out, "--maxcount", "2", "--no-shuffle", "--quiet",
                                   *(["--overwrite"] if earlier else [])))
     assert error.startswith(f"Error: {source} {message}"), error
     assert error.endswith("; the file is damaged or incomplete (a cut download?): fetch it again")
@@ -346,7 +357,8 @@ def test_a_full_disk_while_writing_a_shard_names_it_and_leaves_nothing_half_writ
 
     monkeypatch.setattr(shards_module, "_open_shard", opener)
     tree = make_tree(tmp_path / "new", 4, 10)  # 16x16 JPEGs, about 700 bytes each with their members
-    result = invoke("shards", tree, "--out", out, "--maxcount", "4", "--quiet", *(["--overwrite"] if earlier else []))
+    result = invoke("shards", "--min-size", "0",
+                    tree, "--out", out, "--maxcount", "4", "--quiet", *(["--overwrite"] if earlier else []))
     assert one_line_error(result) == f"Error: cannot write {out / f'shard-{shard:06d}.tar'}: No space left on device"
     assert len(opened) == shard + 1
     if earlier:
@@ -366,7 +378,8 @@ def test_a_full_disk_while_writing_an_index_or_a_report_names_it(tmp_path, monke
         return real(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", write_text)
-    result = invoke("shards", make_tree(tmp_path / "new", 2, 5), "--out", out, "--maxcount", "4", "--overwrite",
+    result = invoke("shards", "--min-size", "0",
+                    make_tree(tmp_path / "new", 2, 5), "--out", out, "--maxcount", "4", "--overwrite",
                     "--quiet")
     assert one_line_error(result) == f"Error: cannot write {out / file}: No space left on device"
     assert snapshot(out) == before
@@ -382,7 +395,8 @@ def test_tokenize_refuses_a_folder_an_interrupted_shards_run_left(tmp_path):
                      "--overwrite")
     assert not (tmp_path / "tokens").exists()
     # The fix the message names makes the folder whole again.
-    assert invoke("shards", tmp_path / "old", "--out", out, "--maxcount", "5", "--overwrite").exit_code == 0
+    assert invoke("shards", "--min-size", "0",
+                  tmp_path / "old", "--out", out, "--maxcount", "5", "--overwrite").exit_code == 0
     check_finished_folders(expand_shards(str(out)))
     # Shards no `shards` run wrote (no reports at all: img2dataset, hand-made tars) are read as they are.
     (out / "rejects.json").unlink()
@@ -406,7 +420,7 @@ def folder_layout(root: Path, files: list[str]) -> Path:
 ])
 def test_images_at_the_top_and_in_sub_folders_are_refused_in_one_line(tmp_path, files, nested):
     src = folder_layout(tmp_path / "src", files)
-    error = one_line_error(invoke("shards", src, "--out", tmp_path / "out"))
+    error = one_line_error(invoke("shards", "--min-size", "0", src, "--out", tmp_path / "out"))
     top = sorted(f for f in files if "/" not in f)[0]
     assert error == (f"Error: {src} holds images at its top (such as {top}) and in sub-folders (such as {nested}/): "
                      "class folders and images without a class cannot be mixed; move the top images into a class "
@@ -420,6 +434,31 @@ def test_images_at_the_top_and_in_sub_folders_are_refused_in_one_line(tmp_path, 
 ])
 def test_folders_of_one_layout_are_read_whole(tmp_path, files, classes, images):
     src = folder_layout(tmp_path / "src", files)
-    result = run_shards(ShardsConfig(sources=[src], out=tmp_path / "out", progress=False))
+    result = run_shards(ShardsConfig(min_size=0, sources=[src], out=tmp_path / "out", progress=False))
     assert result.classes == classes and result.images == images
     assert result.rejects == []  # what is not an image in a sub-folder, or beside class folders, is not listed
+
+
+def test_shards_rejects_images_under_min_size_and_the_held_out_count_still_holds(tmp_path):
+    """By default an image whose shorter side is under 112 pixels (what tokenize would set aside
+    with the DALL-E tokenizer) is a reject of `shards`, and a held-out image so rejected is
+    replaced by the next of its class: every class gives the held-out count asked for."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        for i in range(8):
+            side = 64 if i % 3 == 0 else 120  # a third of each class is too small
+            pixels = rng.integers(0, 255, (side, side + 10, 3), dtype=np.uint8)
+            (tmp_path / "tree" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(tmp_path / "tree" / f"c{c}" / f"{i}.jpg")
+    result = invoke("shards", tmp_path / "tree", "--out", tmp_path / "out", "--holdout-per-class", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    rejects = json.loads((tmp_path / "out" / "rejects.json").read_text()) + json.loads(
+        (tmp_path / "out-holdout" / "rejects.json").read_text())
+    assert len(rejects) == 6 and all("shorter side is 64 px, under --min-size 112" in r["reason"] for r in rejects)
+    held = json.loads((tmp_path / "out-holdout" / "shards.json").read_text())
+    written = json.loads((tmp_path / "out" / "shards.json").read_text())
+    assert held["images"] == 4 and written["images"] == 6  # of the 5 large images a class, 2 held out, 3 kept
+    kept_all = invoke("shards", "--min-size", "0", tmp_path / "tree", "--out", tmp_path / "all", "--quiet")
+    assert kept_all.exit_code == 0 and json.loads((tmp_path / "all" / "shards.json").read_text())["images"] == 16

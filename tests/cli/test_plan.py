@@ -27,7 +27,8 @@ def class_folders(tmp_path_factory, tiny_tokenizer):
             Image.fromarray(pixels).save(root / "tree" / f"class{c}" / f"{i}.jpg", quality=80)
     out = {}
     for name, shuffle in (("shuffled", True), ("sorted", False)):
-        run_shards(ShardsConfig(sources=[root / "tree"], out=root / name / "shards", maxcount=6, shuffle=shuffle,
+        run_shards(ShardsConfig(min_size=0,
+                                sources=[root / "tree"], out=root / name / "shards", maxcount=6, shuffle=shuffle,
                                 progress=False))
         run_tokenize(TokenizeConfig(shards=str(root / name / "shards"), tokenizer=str(tiny_tokenizer),
                                     out=str(root / name / "tokens"), views=2, batch_size=16, device="cpu",

@@ -81,7 +81,7 @@ def test_bad_files_become_rejects_and_the_rest_is_written(tmp_path):
     (src / "c_truncated.jpg").write_bytes(good[: len(good) // 2])
     (src / "d_good.png").write_bytes(jpeg_bytes(seed=2))  # a JPEG named .png keeps its JPEG type
     (src / "e_notes.txt").write_text("not an image")
-    result = run_shards(ShardsConfig(sources=[src], out=tmp_path / "out", shuffle=False, progress=False))
+    result = run_shards(ShardsConfig(min_size=0, sources=[src], out=tmp_path / "out", shuffle=False, progress=False))
     assert result.images == 2
     reasons = {Path(r.key).name: r.reason for r in result.rejects}
     assert set(reasons) == {"b_empty.jpg", "c_truncated.jpg", "e_notes.txt"}
@@ -100,7 +100,7 @@ def test_image_folder_tree_writes_cls_and_classes_json(tmp_path):
         (tmp_path / "tree" / cls).mkdir(parents=True)
         for s in seeds:
             (tmp_path / "tree" / cls / f"{s}.jpg").write_bytes(jpeg_bytes(seed=s))
-    result = run_shards(ShardsConfig(sources=[tmp_path / "tree"], out=tmp_path / "out", maxcount=2,
+    result = run_shards(ShardsConfig(min_size=0, sources=[tmp_path / "tree"], out=tmp_path / "out", maxcount=2,
                                      shuffle=False, progress=False))
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["cat", "dog"]
     samples = [s for shard in result.shards for s in iter_samples(shard)]
@@ -115,7 +115,7 @@ def test_default_order_is_a_seeded_permutation_not_class_sorted(tmp_path):
 
     def order(seed: int | None, out: str) -> list[str]:
         extra = {} if seed is None else {"seed": seed}
-        return sources_of(written(run_shards(ShardsConfig(sources=[tree], out=tmp_path / out, maxcount=7,
+        return sources_of(written(run_shards(ShardsConfig(min_size=0, sources=[tree], out=tmp_path / out, maxcount=7,
                                                           progress=False, **extra)).shards))
 
     default = order(None, "default")
@@ -129,7 +129,8 @@ def test_default_order_is_a_seeded_permutation_not_class_sorted(tmp_path):
 
 def test_no_shuffle_keeps_the_listing_order(tmp_path):
     tree = make_tree(tmp_path / "tree")
-    result = run_shards(ShardsConfig(sources=[tree], out=tmp_path / "out", shuffle=False, seed=5, progress=False))
+    result = run_shards(ShardsConfig(min_size=0,
+                                     sources=[tree], out=tmp_path / "out", shuffle=False, seed=5, progress=False))
     samples = written(result.shards)
     assert sources_of(samples) == [item.source for item in collect_images(tree)]
     assert classes_of(samples) == sorted(classes_of(samples))
@@ -137,7 +138,8 @@ def test_no_shuffle_keeps_the_listing_order(tmp_path):
 
 
 def test_keys_count_up_in_write_order_across_shards(tmp_path):
-    result = run_shards(ShardsConfig(sources=[make_tree(tmp_path / "tree")], out=tmp_path / "out", maxcount=5,
+    result = run_shards(ShardsConfig(min_size=0,
+                                     sources=[make_tree(tmp_path / "tree")], out=tmp_path / "out", maxcount=5,
                                      progress=False))
     per_shard = [[s.key for s in iter_samples(shard)] for shard in result.shards]
     assert [len(keys) for keys in per_shard] == [5, 5, 5, 5, 4]
@@ -146,7 +148,7 @@ def test_keys_count_up_in_write_order_across_shards(tmp_path):
 
 def test_json_member_traces_each_key_to_its_file_and_class(tmp_path):
     tree = make_tree(tmp_path / "tree", classes=3, per_class=2)
-    result = run_shards(ShardsConfig(sources=[tree], out=tmp_path / "out", progress=False))
+    result = run_shards(ShardsConfig(min_size=0, sources=[tree], out=tmp_path / "out", progress=False))
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
     for sample in written(result.shards):
         meta = json.loads(sample.members["json"])
@@ -164,7 +166,8 @@ def test_json_member_of_a_list_source_is_the_path_as_listed(tmp_path):
     absolute.write_bytes(jpeg_bytes(seed=2))
     listing = tmp_path / "list.txt"
     listing.write_text(f"imgs/a.jpg\n\n{absolute}\n")
-    result = run_shards(ShardsConfig(sources=[listing], out=tmp_path / "out", shuffle=False, progress=False))
+    result = run_shards(ShardsConfig(min_size=0,
+                                     sources=[listing], out=tmp_path / "out", shuffle=False, progress=False))
     samples = written(result.shards)
     assert [json.loads(s.members["json"]) for s in samples] == [{"source": "imgs/a.jpg"}, {"source": str(absolute)}]
     assert [s.image for s in samples] == [jpeg_bytes(seed=1), jpeg_bytes(seed=2)]
@@ -173,7 +176,7 @@ def test_json_member_of_a_list_source_is_the_path_as_listed(tmp_path):
 
 def test_shards_json_records_the_order_and_reports_are_atomic(tmp_path):
     out = tmp_path / "out"
-    result = run_shards(ShardsConfig(sources=[make_tree(tmp_path / "tree")], out=out, maxcount=10, seed=3,
+    result = run_shards(ShardsConfig(min_size=0, sources=[make_tree(tmp_path / "tree")], out=out, maxcount=10, seed=3,
                                      progress=False))
     assert json.loads((out / "shards.json").read_text()) == {
         "shuffle": True, "seed": 3, "images": 24,
@@ -189,19 +192,20 @@ def test_shards_json_records_the_order_and_reports_are_atomic(tmp_path):
 def test_cli_shards_shuffles_by_default_and_no_shuffle_keeps_order(tmp_path):
     tree = make_tree(tmp_path / "tree")
     listing = [item.source for item in collect_images(tree)]
-    plain = run_cli("shards", str(tree), "--out", str(tmp_path / "plain"), "--no-shuffle", "--quiet")
+    plain = run_cli("shards", "--min-size", "0", str(tree), "--out", str(tmp_path / "plain"), "--no-shuffle", "--quiet")
     assert plain.returncode == 0, plain.stderr
     assert "images 24, shards 1, rejects 0, shuffled False" in plain.stdout
     assert sources_of(written(expand_shards(str(tmp_path / "plain")))) == listing
-    default = run_cli("shards", str(tree), "--out", str(tmp_path / "default"), "--quiet")
+    default = run_cli("shards", "--min-size", "0", str(tree), "--out", str(tmp_path / "default"), "--quiet")
     assert default.returncode == 0, default.stderr
     assert "shuffled True" in default.stdout
     shuffled = sources_of(written(expand_shards(str(tmp_path / "default"))))
     assert shuffled == sources_of(written(run_shards(ShardsConfig(
-        sources=[tree], out=tmp_path / "api", progress=False)).shards))
+        sources=[tree], out=tmp_path / "api", min_size=0, progress=False)).shards))
     assert shuffled != listing
     assert json.loads((tmp_path / "default" / "shards.json").read_text())["seed"] == 0
-    seeded = run_cli("shards", str(tree), "--out", str(tmp_path / "seeded"), "--seed", "9", "--quiet")
+    seeded = run_cli("shards", "--min-size", "0",
+                     str(tree), "--out", str(tmp_path / "seeded"), "--seed", "9", "--quiet")
     assert seeded.returncode == 0, seeded.stderr
     assert json.loads((tmp_path / "seeded" / "shards.json").read_text())["seed"] == 9
 
@@ -241,7 +245,7 @@ def test_missing_image_member_and_cut_tar_are_rejects(tmp_path):
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
-    missing = run_cli("shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    missing = run_cli("shards", "--min-size", "0", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert missing.returncode != 0
     assert "image source not found" in missing.stderr
     assert "Traceback" not in missing.stderr
@@ -250,7 +254,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     blocker.write_text("x")
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes())
-    unwritable = run_cli("shards", str(tmp_path / "imgs"), "--out", str(blocker / "sub"))
+    unwritable = run_cli("shards", "--min-size", "0", str(tmp_path / "imgs"), "--out", str(blocker / "sub"))
     assert unwritable.returncode != 0
     assert "cannot write to output folder" in unwritable.stderr
     assert "Traceback" not in unwritable.stderr
@@ -332,48 +336,49 @@ def test_an_index_with_meta_members_follows_the_member_rule(tmp_path):
 
 
 def test_a_class_map_is_recorded_and_reused_so_ids_mean_the_same_classes(tmp_path):
-    train = run_shards(ShardsConfig(sources=[class_tree(tmp_path / "train", {"cat": 2, "dog": 2})],
+    train = run_shards(ShardsConfig(min_size=0, sources=[class_tree(tmp_path / "train", {"cat": 2, "dog": 2})],
                                     out=tmp_path / "train_shards", progress=False))
     recorded = json.loads((tmp_path / "train_shards" / "shards.json").read_text())
     assert recorded["classes"] == train.classes == ["cat", "dog"] and len(recorded["class_map"]) == 16
     # Alone, a set with a class the training set lacks numbers the classes its own way ...
-    alone = run_shards(ShardsConfig(sources=[class_tree(tmp_path / "val", {"ant": 1, "dog": 1})],
+    alone = run_shards(ShardsConfig(min_size=0, sources=[class_tree(tmp_path / "val", {"ant": 1, "dog": 1})],
                                     out=tmp_path / "val_alone", progress=False))
     assert alone.classes == ["ant", "dog"]
     # ... with the training set's map, an id means the same class, and a class it lacks is refused.
     (tmp_path / "val" / "ant").rename(tmp_path / "ant")
-    reused = run_shards(ShardsConfig(sources=[tmp_path / "val"], out=tmp_path / "val_shards",
+    reused = run_shards(ShardsConfig(min_size=0, sources=[tmp_path / "val"], out=tmp_path / "val_shards",
                                      classes=tmp_path / "train_shards" / "shards.json", progress=False))
     assert reused.classes == ["cat", "dog"]
     sample = written(reused.shards)[0]
     assert sample.members["cls"] == b"1" and json.loads(sample.members["json"])["class_map"] == recorded["class_map"]
     (tmp_path / "ant").rename(tmp_path / "val" / "ant")
     with pytest.raises(BeitDataError, match=r"class ant is not in the class map .*classes.json \(1 such\)"):
-        run_shards(ShardsConfig(sources=[tmp_path / "val"], out=tmp_path / "v2",
+        run_shards(ShardsConfig(min_size=0, sources=[tmp_path / "val"], out=tmp_path / "v2",
                                 classes=tmp_path / "train_shards" / "classes.json", progress=False))
     (tmp_path / "bad.json").write_text('{"seed": 0}')
     with pytest.raises(BeitDataError, match="bad.json holds no class map"):
-        run_shards(ShardsConfig(sources=[tmp_path / "val"], out=tmp_path / "v3", classes=tmp_path / "bad.json",
+        run_shards(ShardsConfig(min_size=0,
+                                sources=[tmp_path / "val"], out=tmp_path / "v3", classes=tmp_path / "bad.json",
                                 progress=False))
 
 
 def test_a_folder_holding_an_earlier_run_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "out"
-    run_shards(ShardsConfig(sources=[make_tree(tmp_path / "big")], out=out, maxcount=3, progress=False))
+    run_shards(ShardsConfig(min_size=0, sources=[make_tree(tmp_path / "big")], out=out, maxcount=3, progress=False))
     assert len(expand_shards(str(out))) == 8
     small = class_tree(tmp_path / "small", {"a": 2})
     with pytest.raises(BeitDataError, match=r"out is not empty \(19 files, such as classes.json\): every --shards "
                                             r".* would read what is there too; pass `overwrite`"):
-        run_shards(ShardsConfig(sources=[small], out=out, progress=False))
+        run_shards(ShardsConfig(min_size=0, sources=[small], out=out, progress=False))
     assert len(expand_shards(str(out))) == 8  # nothing was lost
-    run_shards(ShardsConfig(sources=[small], out=out, overwrite=True, progress=False))
+    run_shards(ShardsConfig(min_size=0, sources=[small], out=out, overwrite=True, progress=False))
     assert [p.name for p in expand_shards(str(out))] == json.loads((out / "shards.json").read_text())["shards"] \
         == ["shard-000000.tar"]
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", "rejects.json", "shard-000000.idx",
                                                      "shard-000000.tar", "shards.json"]
     (out / "notes.txt").write_text("mine")
     with pytest.raises(BeitDataError, match="holds notes.txt, which no shards run wrote"):
-        run_shards(ShardsConfig(sources=[small], out=out, overwrite=True, progress=False))
+        run_shards(ShardsConfig(min_size=0, sources=[small], out=out, overwrite=True, progress=False))
     assert (out / "notes.txt").read_text() == "mine" and (out / "shard-000000.tar").exists()
 
 
@@ -383,7 +388,7 @@ def test_a_source_whose_files_are_all_rejected_leaves_no_shard_and_writes_why(tm
     (tmp_path / "src" / "b.jpg").symlink_to(tmp_path / "gone.jpg")  # a link to nothing is listed, and rejected
     with pytest.raises(BeitDataError, match=r"no image was written: all 2 files were rejected \(first: .*a.jpg: "
                                             r"not a decodable image\); every reason is in .*rejects.json$"):
-        run_shards(ShardsConfig(sources=[tmp_path / "src"], out=tmp_path / "out", progress=False))
+        run_shards(ShardsConfig(min_size=0, sources=[tmp_path / "src"], out=tmp_path / "out", progress=False))
     assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*"))
     reasons = {Path(r["path"]).name: r["reason"] for r in json.loads((tmp_path / "out" / "rejects.json").read_text())}
     assert reasons == {"a.jpg": "not a decodable image", "b.jpg": f"broken symbolic link to {tmp_path / 'gone.jpg'}"}
@@ -395,11 +400,11 @@ def test_huge_images_are_rejected_as_decompression_bombs_unless_max_pixels_allow
     (tmp_path / "src").mkdir()
     Image.new("1", (14000, 14000)).save(tmp_path / "src" / "huge.png")
     (tmp_path / "src" / "small.jpg").write_bytes(jpeg_bytes((32, 32)))
-    result = run_shards(ShardsConfig(sources=[tmp_path / "src"], out=tmp_path / "a", progress=False))
+    result = run_shards(ShardsConfig(min_size=0, sources=[tmp_path / "src"], out=tmp_path / "a", progress=False))
     assert result.images == 1 and [r.reason for r in result.rejects] == [
         "14000x14000 is 196,000,000 pixels, over the limit of 178,956,970 that guards against decompression bombs; "
         "raise it with --max-pixels"]
-    assert run_shards(ShardsConfig(sources=[tmp_path / "src"], out=tmp_path / "b", max_pixels=200_000_000,
+    assert run_shards(ShardsConfig(min_size=0, sources=[tmp_path / "src"], out=tmp_path / "b", max_pixels=200_000_000,
                                    progress=False)).images == 2
 
 

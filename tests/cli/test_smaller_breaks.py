@@ -111,7 +111,8 @@ def test_parquet_paths_are_read_relative_to_the_file_or_the_image_root(layout, r
         names = [str(images / n) for n in names]
     _paths_parquet(tmp_path / "data" / "train.parquet", names)
     extra = ("--image-root", tmp_path / root) if root else ()
-    result = invoke("shards", tmp_path / "data" / "train.parquet", "--out", tmp_path / "out", "--no-shuffle",
+    result = invoke("shards", "--min-size", "0",
+                    tmp_path / "data" / "train.parquet", "--out", tmp_path / "out", "--no-shuffle",
                     "--quiet", *extra)
     assert result.exit_code == 0, result.output
     written = samples(tmp_path / "out")
@@ -128,7 +129,8 @@ def test_parquet_paths_are_read_relative_to_the_file_or_the_image_root(layout, r
 def test_image_root_is_refused_for_sources_that_are_not_parquet(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes())
-    result = invoke("shards", tmp_path / "imgs", "--out", tmp_path / "out", "--image-root", tmp_path, "--quiet")
+    result = invoke("shards", "--min-size", "0",
+                    tmp_path / "imgs", "--out", tmp_path / "out", "--image-root", tmp_path, "--quiet")
     assert result.exit_code == 1 and "--image-root is for Parquet sources whose image column holds paths" in \
         result.stderr
     assert not (tmp_path / "out").exists()
@@ -150,7 +152,7 @@ def test_a_list_files_relative_paths_are_read_from_its_folder(line, found, tmp_p
     (tmp_path / "c.jpg").write_bytes(jpeg_bytes(seed=3))
     (tmp_path / "lists" / "list.txt").write_text(f"{line}\n{tmp_path / 'c.jpg'}\n")  # an absolute path as it is
     monkeypatch.chdir(tmp_path)
-    result = invoke("shards", "lists/list.txt", "--out", tmp_path / "out", "--no-shuffle", "--quiet")
+    result = invoke("shards", "--min-size", "0", "lists/list.txt", "--out", tmp_path / "out", "--no-shuffle", "--quiet")
     assert result.exit_code == 0, result.output
     sources = [json.loads(s.members["json"])["source"] for s in samples(tmp_path / "out")]
     assert sources == ([line] if found else []) + [str(tmp_path / "c.jpg")]

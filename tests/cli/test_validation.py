@@ -133,10 +133,11 @@ def test_the_probe_refuses_sets_whose_class_ids_mean_other_classes(tmp_path):
     torch.save(encoder_state_dict(model), tmp_path / "enc.pth")
     (tmp_path / "enc.json").write_text(json.dumps({"timm_model": "beit_base_patch16_224", "timm_kwargs": {
         **timm_args({"embed_dim": 96, "depth": 4, "num_heads": 3}), "num_classes": 0}}))
-    run_shards(ShardsConfig(sources=[class_tree(tmp_path / "train", {"cat": 2, "dog": 2})], out=tmp_path / "t",
+    run_shards(ShardsConfig(min_size=0,
+                            sources=[class_tree(tmp_path / "train", {"cat": 2, "dog": 2})], out=tmp_path / "t",
                             progress=False))
     val = class_tree(tmp_path / "val", {"bird": 1, "dog": 1})  # dog is 1 in train, and 1 here only by chance
-    run_shards(ShardsConfig(sources=[val], out=tmp_path / "v", progress=False))
+    run_shards(ShardsConfig(min_size=0, sources=[val], out=tmp_path / "v", progress=False))
 
     def probe(val_shards):
         return run_probe(ProbeConfig(model=str(tmp_path / "enc.pth"), train_shards=str(tmp_path / "t"),
@@ -146,7 +147,7 @@ def test_the_probe_refuses_sets_whose_class_ids_mean_other_classes(tmp_path):
                                             r"different class maps .*; write both with one class map"):
         probe(tmp_path / "v")
     (val / "bird").rename(tmp_path / "bird")
-    run_shards(ShardsConfig(sources=[val], out=tmp_path / "v2", classes=tmp_path / "t" / "shards.json",
+    run_shards(ShardsConfig(min_size=0, sources=[val], out=tmp_path / "v2", classes=tmp_path / "t" / "shards.json",
                             progress=False))
     assert probe(tmp_path / "v2")["val_images"] == 1
 

@@ -514,7 +514,7 @@ def test_shards_from_parquet_on_s3_read_row_groups_by_range(s3, tmp_path):
     (tmp_path / "hf").mkdir()
     data = hf_parquet(tmp_path / "hf" / "train-00000.parquet", rows=7)
     prefix = upload_folder(s3, tmp_path / "hf", "hf")
-    result = run_shards(ShardsConfig(sources=[prefix], out=tmp_path / "out", shuffle=False, progress=False))
+    result = run_shards(ShardsConfig(min_size=0, sources=[prefix], out=tmp_path / "out", shuffle=False, progress=False))
     written = [s for shard in expand_shards(str(tmp_path / "out")) for s in iter_samples(shard)]
     assert result.images == 7 and [s.image for s in written] == [b for b, _ in data]
     assert [int(s.members["cls"]) for s in written] == [label for _, label in data]

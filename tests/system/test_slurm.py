@@ -117,7 +117,8 @@ def test_probe_with_srun_alone_shares_the_encoding_and_scores_once(labeled_shard
     from pipelines.shards import ShardsConfig, run_shards
 
     for part, count in (("train", 7), ("val", 4)):
-        run_shards(ShardsConfig(sources=[labeled_shards / "images" / part], out=tmp_path / part, maxcount=count,
+        run_shards(ShardsConfig(min_size=0,
+                                sources=[labeled_shards / "images" / part], out=tmp_path / part, maxcount=count,
                                 progress=False))
     torch.manual_seed(0)
     model = timm.create_model("beit_mim_tiny_patch16_224", vocab_size=64).eval()
