@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from beit_common import BeitDataError, storage, write_text_atomic
 
@@ -22,6 +24,17 @@ def open_log(path: Path, resumed_at: int):
         kept = [line for line in path.read_text().splitlines() if _step(line) <= resumed_at]
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return path.open("a")
+
+
+def said(record: dict) -> str:
+    """A ``val`` or ``probe`` record as the line printed when it is measured."""
+    step = record["step"]
+    if record["event"] == "val":
+        return (f"held-out at step {step}: top-1 {100 * record['val_top1']:.1f}%, "
+                f"top-5 {100 * record['val_top5']:.1f}%, loss {record['val_loss']:.3f} over {record['val_images']} "
+                f"images (always the most common code: top-1 {100 * record['val_majority']:.1f}%)")
+    return (f"k-NN probe at step {step}: top-1 {100 * record['probe_top1']:.1f}%, "
+            f"top-5 {100 * record['probe_top5']:.1f}% (k {record['probe_k']})")
 
 
 class Logger:
@@ -59,6 +72,8 @@ class Logger:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         group = record.get("event") if record.get("event") in ("val", "probe") else "train"
+        if group != "train":  # the quality figures are rare and read by people: a line each, above the bar
+            tqdm.write(f"pretrain: {said(record)}", file=sys.stderr)
         for k, v in record.items():
             if self.tb is not None and k not in ("step", "epoch") and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"{group}/{k.removeprefix(group + '_')}", v, record["step"])

@@ -177,6 +177,12 @@ def test_held_out_top1_is_printed_beside_the_most_common_code_and_warned_when_no
     assert result.exit_code == 0, result.output
     last = records(tmp_path / "run", "val")[-1]
     assert f"always predicting the most common code: top-1 {100 * last['val_majority']:.1f}%" in result.stdout
+    # Each measurement is also a line when it is made, at steps 0 and 2.
+    measured = [line for line in result.stderr.splitlines() if line.startswith("pretrain: held-out at step")]
+    assert [line.split(":")[1] for line in measured] == [" held-out at step 0", " held-out at step 2"]
+    assert measured[-1] == (f"pretrain: held-out at step 2: top-1 {100 * last['val_top1']:.1f}%, top-5 "
+                            f"{100 * last['val_top5']:.1f}%, loss {last['val_loss']:.3f} over 6 images (always the "
+                            f"most common code: top-1 {100 * last['val_majority']:.1f}%)")
     warning = [line for line in result.stderr.splitlines() if "warning" in line]
     if last["val_top1"] <= last["val_majority"]:
         assert warning == [f"pretrain: warning: held-out top-1 {100 * last['val_top1']:.1f}% at step 2 is no better "
