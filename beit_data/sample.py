@@ -20,5 +20,6 @@ def sample_images() -> list[Path]:
 def write_sample_list(path: str | os.PathLike, photos: list[Path] | None = None) -> Path:
     """Write a text file listing the embedded photographs (or ``photos``), for ``run_shards``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "".join(f"{p}\n" for p in (sample_images() if photos is None else photos)))
     return path
