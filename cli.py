@@ -115,7 +115,7 @@ class LocationType(click.Path):
 
     def convert(self, value, param, ctx):
         location = Location(value)
-        return location if not location.is_local else Location(super().convert(value, param, ctx))
+        return location if location.local_path() is None else Location(super().convert(value, param, ctx))
 
 
 class Real(click.FloatRange):
@@ -240,11 +240,11 @@ def shards(**options):
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the sample shards.")
+@click.option("--out", required=True, type=LocationType(file_okay=False), help="Folder for the sample shards.")
 @click.option("--maxcount", type=click.IntRange(min=1), default=8, show_default=True, help="Images per shard.")
 @click.option("--holdout", type=click.IntRange(min=0, max=13), default=0, show_default=True,
               help="Keep the last N photographs (by name) out of --out, for validation.")
-@click.option("--holdout-out", default=None, type=click.Path(file_okay=False),
+@click.option("--holdout-out", default=None, type=LocationType(file_okay=False),
               help="Folder for the held-out shard (needed with --holdout).")
 def sample(out, maxcount, holdout, holdout_out):
     """Write the embedded sample of real photographs as WebDataset shards."""

@@ -11,9 +11,7 @@ forward passes only. A share costs about 300 KB per image at 224 pixels.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,8 +36,8 @@ class Holdout:
     tokens: torch.Tensor  # (n, grid*grid) int64
     mask: torch.Tensor  # (n, grid*grid) bool
     keys: list[str]  # this rank's, in order
-    chosen: list[tuple[Path, str]]  # (shard, key) of the whole set, every rank's
-    shards: list[Path]
+    chosen: list[tuple[Location, str]]  # (shard, key) of the whole set, every rank's
+    shards: list[Location]
 
     @property
     def total(self) -> int:
@@ -47,7 +45,7 @@ class Holdout:
         return len(self.chosen)
 
 
-def _check_same_targets(meta: dict, reference: dict, path: Path) -> None:
+def _check_same_targets(meta: dict, reference: dict, path: Location) -> None:
     """Validation tokens must be the training tokens' kind: the same tokenizer, view filter and jitter rule."""
     if meta["tokenizer"] != reference["tokenizer"]:
         ours, theirs = meta["tokenizer"]["fingerprint"][:12], reference["tokenizer"]["fingerprint"][:12]
@@ -58,8 +56,8 @@ def _check_same_targets(meta: dict, reference: dict, path: Path) -> None:
                                 f"tokens with {reference['views'].get(key)!r}; tokenize it with the training recipe")
 
 
-def select_holdout(shards: list[Path], tokens_dir: str | os.PathLike, count: int, seed: int,
-                   reference: dict) -> list[tuple[Path, str, dict]]:
+def select_holdout(shards: list[Location], tokens_dir: Location, count: int, seed: int,
+                   reference: dict) -> list[tuple[Location, str, dict]]:
     """The whole held-out set, in evaluation order: ``(shard, key, row)`` with the picked view's row.
 
     Only the key columns are read whole; the rows of the chosen views are then taken.
@@ -81,7 +79,7 @@ def select_holdout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
             raise BeitDataError(f"{path} does not hold {views} rows for each key, each key once; tokenize it again")
         for key in sorted(by_key):
             rows = by_key[key]
-            pick = int(stable_rng(seed, "heldout", Location(shard).name, key).integers(len(rows)))
+            pick = int(stable_rng(seed, "heldout", shard.name, key).integers(len(rows)))
             candidates.append((shard, key, len(paths), rows[pick]))
         paths.append(path)
     if not candidates:
@@ -95,7 +93,7 @@ def select_holdout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
     return [(shard, key, rows[f, i]) for shard, key, f, i in chosen]
 
 
-def load_holdout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int, seed: int, meta: dict,
+def load_holdout(shards_spec: str, tokens_dir: Location, *, count: int, seed: int, meta: dict,
                  image_size: int, num_masked: int, min_block: int = 16, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> Holdout:
     """This rank's share of the held-out set, decoded.

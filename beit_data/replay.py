@@ -88,7 +88,7 @@ class SequentialReader:
         for sample in self.samples:
             if sample.key == key:
                 return sample.image
-        raise BeitDataError(f"{self.shard} no longer holds key {key} that {Location(self.token_file).name} lists, in "
+        raise BeitDataError(f"{self.shard} no longer holds key {key} that {self.token_file.name} lists, in "
                             "that order; was it rewritten?")
 
     def close(self) -> None:
@@ -123,7 +123,7 @@ def close_all(shards: list[LoadedShard]) -> None:
     shards.clear()
 
 
-def table_keys(table: pa.Table, views: int, path: str) -> list[str]:
+def table_keys(table: pa.Table, views: int, path: Location) -> list[str]:
     """A token file's keys in order; each must have exactly ``views`` rows, and appear once.
 
     Raises:
@@ -186,7 +186,7 @@ def read_images_of(picked: list[tuple[int, LoadedShard, int]]) -> list[bytes]:
 # ---- stored targets ----------------------------------------------------------------------------
 
 
-def pair_token_files(spec: str, tokens: str, *, skip_missing: bool = False, held_out: bool = False
+def pair_token_files(spec: str, tokens: Location, *, skip_missing: bool = False, held_out: bool = False
                      ) -> tuple[list[Location], list[Location], list[tuple[dict, int]], list[Location]]:
     """``(shards, token_files, footers, missing)``: each shard of ``spec`` paired with its token
     file in ``tokens``, checked as training checks them before its first step.

@@ -16,7 +16,6 @@ resize filters, the minimum image size, the source shard's name (``source``) and
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -56,12 +55,12 @@ def schema(grid: int) -> pa.Schema:
     ])
 
 
-def token_path(out_dir: str | os.PathLike, shard: str | os.PathLike) -> Location:
+def token_path(out_dir: Location, shard: Location) -> Location:
     """``train-000001.tar`` -> ``OUT/train-000001.parquet`` (``OUT`` may be an ``s3://`` or ``gs://`` prefix)."""
-    return Location(out_dir) / (Location(shard).stem + ".parquet")
+    return out_dir / (shard.stem + ".parquet")
 
 
-def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> list[Location]:
+def token_paths(out_dir: Location, shards: Sequence[Location]) -> list[Location]:
     """The token file of each shard; two shards that would share one are refused, naming both.
 
     Raises:
@@ -79,7 +78,7 @@ def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike])
     return paths
 
 
-def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list[Location]:
+def token_files(folder: Location, *, allow_empty: bool = False) -> list[Location]:
     """The token files of a folder or object-storage prefix, sorted by name (with ``allow_empty``,
     none is not an error)."""
     files = list_files(folder, ".parquet", what="token folder")
@@ -88,14 +87,14 @@ def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list
     return files
 
 
-def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None, filters=None) -> pa.Table:
+def read_table(path: Location, columns: Sequence[str] | None = None, filters=None) -> pa.Table:
     """A token file's table (or some of its columns), from a local path or an object URL."""
     where, fs = storage.arrow_source(path)
     with storage.remote_errors(path):
         return pq.read_table(where, columns=columns, filters=filters, filesystem=fs)
 
 
-def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
+def parquet_file(path: Location) -> pq.ParquetFile:
     """A token file opened for its metadata and row groups."""
     where, fs = storage.arrow_source(path)
     with storage.remote_errors(path):
@@ -171,7 +170,7 @@ def build_table(rows: list[dict], tokens: np.ndarray, grid: int) -> pa.Table:
                     schema=sch)
 
 
-def write_tokens(path: str | os.PathLike, table: pa.Table, meta: dict) -> Path:
+def write_tokens(path: Location, table: pa.Table, meta: dict) -> Path:
     """Write ``table`` with ``meta`` (JSON-encoded per key) atomically: a temporary file, then a rename."""
     full = {**meta, "tool_version": __version__}
     encoded = {f"{META_PREFIX}{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in full.items()}
@@ -179,7 +178,7 @@ def write_tokens(path: str | os.PathLike, table: pa.Table, meta: dict) -> Path:
     return write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=8192, compression="zstd"))
 
 
-def read_meta(path: str | os.PathLike) -> dict:
+def read_meta(path: Location) -> dict:
     """The ``beit_data.*`` metadata of a token file, decoded.
 
     Raises:
@@ -188,7 +187,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     return read_footer(path)[0]
 
 
-def read_footer(path: str | os.PathLike) -> tuple[dict, int]:
+def read_footer(path: Location) -> tuple[dict, int]:
     """``(metadata, rows)`` of a token file, from one read of its Parquet footer.
 
     Raises:
@@ -375,7 +374,7 @@ def check_recipe(meta: dict, reference: dict, what: str, hint: str = "") -> None
         raise BeitDataError(f"{what} come from different tokenizers or recipes: {diff}{hint}")
 
 
-def read_consistent_footers(paths: Sequence[str | os.PathLike]) -> list[tuple[dict, int]]:
+def read_consistent_footers(paths: Sequence[Location]) -> list[tuple[dict, int]]:
     """``(metadata, rows)`` of every file, after checking that they all share the first one's
     tokenizer and recipe. Files on object storage are read many at once."""
     footers = storage.map_concurrently(read_footer, paths)

@@ -22,7 +22,6 @@ Checkpoints written before keep loading: their stream state is an ``(epoch, step
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -75,8 +74,8 @@ class RNGState:
             print(f"pretrain: {note}", file=sys.stderr)
 
 
-def checkpoint_path(run: str | os.PathLike) -> Location:
-    return Location(run) / CHECKPOINT
+def checkpoint_path(run: Location) -> Location:
+    return run / CHECKPOINT
 
 
 # Settings added since the first checkpoints, with the value a run that predates them had.
@@ -127,7 +126,7 @@ class CheckpointMeta:
 META = tuple(f.name for f in fields(CheckpointMeta))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: Location) -> dict:
     """The checkpoint at ``path`` (local or an object), on the CPU.
 
     Raises:

@@ -8,16 +8,17 @@
   ``out``).
 
 Every setting has one name across the sections, so the command line (``from_flat``), the run's
-``config.json`` and its checkpoint (``flat``) use one flat mapping of names. ``recipe`` fills each
-of ``RECIPE_KEYS`` left at None; ``resolved`` does it before the stage builds anything (from
-the token files' own recipe when none is named). Light: no torch.
+``config.json`` and its checkpoint (``flat``) use one flat mapping of names. A setting that
+names a folder (``out``, ``val_tokens``, the stream's ``tokens``) is held as a ``Location``.
+``recipe`` fills each of ``RECIPE_KEYS`` left at None; ``resolved`` does it before the stage
+builds anything (from the token files' own recipe when none is named). Light: no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location, resolve_locations
 from beit_data.stream_config import StreamConfig
 from pipelines.recipes import RECIPES, check_recipe_name
 from pipelines.sections import Sectioned, setting_names
@@ -57,7 +58,7 @@ class OptimConfig:
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     val_shards: str | None = None  # held-out shards, tokenized into val_tokens
-    val_tokens: str | None = None
+    val_tokens: Location | None = None
     val_every: int = 1000  # evaluate at step 0, every N steps and at the end
     val_images: int = 1024  # the fixed held-out set, over all ranks
     probe_every: int | None = None  # a k-NN probe on rank 0 every N steps (and at 0 and the end); off by default
@@ -66,6 +67,7 @@ class EvalConfig:
     probe_layers: tuple[int, ...] | None = None  # blocks (1-based) whose features it averages; None: the last
 
     def __post_init__(self):
+        resolve_locations(self, "val_tokens")
         if (self.val_shards is None) != (self.val_tokens is None):
             raise BeitDataError("`val_shards` and `val_tokens` go together: the held-out shards and their tokens")
         if self.val_every < 1 or self.val_images < 1:
@@ -76,7 +78,7 @@ class EvalConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    out: str
+    out: Location
     resume: bool = False
     stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
     checkpoint_every: int = 1000
@@ -85,6 +87,9 @@ class RuntimeConfig:
     device: str = "auto"
     progress: bool = True
     record_batches: bool = False  # each rank writes the keys of its every step to RUN/batches-rank{R}.jsonl
+
+    def __post_init__(self):
+        resolve_locations(self, "out")
 
 
 @dataclass(frozen=True, kw_only=True)

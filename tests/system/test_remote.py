@@ -118,7 +118,7 @@ def test_inspect_and_plan_read_a_remote_prefix_like_a_folder(s3, sample_shards, 
     from pipelines.plan import PlanConfig, run_plan
 
     shards, tokens = upload_folder(s3, sample_shards, "p/shards"), upload_folder(s3, sample_tokens, "p/tokens")
-    remote, local = summarise(tokens, shards), summarise(str(sample_tokens), str(sample_shards))
+    remote, local = summarise(Location(tokens), shards), summarise(Location(sample_tokens), str(sample_shards))
     assert remote.pop("folder") == tokens and local.pop("folder") == str(sample_tokens)
     assert remote == local and remote["coverage"]["keys_missing_from_parquet"] == 0 and not remote["errors"]
     plan = {name: [b.as_dict() for b, _ in zip(run_plan(PlanConfig.from_flat(shards=s, tokens=t, batch_size=3,
@@ -180,7 +180,7 @@ def test_http_and_pipe_shards_tokenize_to_the_local_rows(sample_shards, sample_t
         url = f"http://127.0.0.1:{server.server_address[1]}/sample-{{000000..000001}}.tar"
         assert [Location(s).name for s in expand_shards(url)] == ["sample-000000.tar", "sample-000001.tar"]
         tokenize(url, str(tmp_path / "http"), tiny_tokenizer)
-        assert read_index(expand_shards(url)[1]) == read_index(sample_shards / "sample-000001.tar")
+        assert read_index(expand_shards(url)[1]) == read_index(Location(sample_shards / "sample-000001.tar"))
     finally:
         server.shutdown()
     pipe = f"pipe:cat {sample_shards}/sample-{{000000..000001}}.tar"
@@ -236,11 +236,11 @@ def test_a_shard_without_index_is_scanned_once_and_cached(s3, sample_shards):
     shards = upload_folder(s3, sample_shards, "noidx", suffixes=(".tar",))
     shard = expand_shards(shards)[0]
     before = s3.proxy.requests["GET"]
-    assert scan_index(shard) == scan_index(sample_shards / "sample-000000.tar")
+    assert scan_index(shard) == scan_index(Location(sample_shards / "sample-000000.tar"))
     scanned = s3.proxy.requests["GET"] - before
     assert 0 < scanned <= 3  # large read-ahead requests, not one per header
     before = s3.proxy.requests["GET"]
-    assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")  # from the cache now
+    assert read_index(shard) == read_index(Location(sample_shards / "sample-000000.tar"))  # from the cache now
     assert s3.proxy.requests["GET"] - before <= 1  # at most the listing that finds no .idx, no scan
     assert len(list((cache.cache_dir("tar-index")).glob("*.idx"))) == 1
 
@@ -367,7 +367,7 @@ def test_no_object_name_leaves_the_mirror_folder(s3, tmp_path, name):
     client = s3.client()
     client.put_object(Bucket=BUCKET, Key="runs/r5/checkpoint.pt", Body=b"ok")
     client.put_object(Bucket=BUCKET, Key=f"runs/r5/{name}", Body=b"hostile")
-    mirror = Mirror(f"s3://{BUCKET}/runs/r5", tmp_path / "deep" / "er" / "mirror")
+    mirror = Mirror(Location(f"s3://{BUCKET}/runs/r5"), tmp_path / "deep" / "er" / "mirror")
     try:
         with pytest.raises(BeitDataError, match=r"s3://beit-test/runs/r5: the name .* would be written outside .*"
                                                 r"mirror; refused"):
@@ -418,10 +418,10 @@ def test_every_http_request_is_retried(sample_shards, sample_tokens, tmp_path):
     FlakyHandler.failed.clear()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        shard = f"{base}/sample-000000.tar"
+        shard = Location(f"{base}/sample-000000.tar")
         assert storage.stat(shard)["size"] == (sample_shards / "sample-000000.tar").stat().st_size
-        assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")
-        here = sample_shards / "sample-000000.tar"
+        assert read_index(shard) == read_index(Location(sample_shards / "sample-000000.tar"))
+        here = Location(sample_shards / "sample-000000.tar")
         assert [s.key for s in iter_samples(shard)] == [s.key for s in iter_samples(here)]
         source = ReplaySource.open(StreamConfig(shards=f"{base}/sample-{{000000..000001}}.tar",
                                                 tokens=str(sample_tokens), batch_size=4))
@@ -505,11 +505,11 @@ def test_probe_reads_an_export_folder_on_s3_as_the_local_one(s3, tmp_path):
     torch.manual_seed(0)
     mim = timm.create_model(name, vocab_size=64)
     (tmp_path / "enc").mkdir()
-    _write_folder(tmp_path / "enc", timm_architecture(name), timm_args(MIM_VARIANTS[name]), input_config(224),
+    _write_folder(Location(tmp_path / "enc"), timm_architecture(name), timm_args(MIM_VARIANTS[name]), input_config(224),
                   encoder_state_dict(mim), name)
     for file in ("config.json", "model.safetensors"):
         upload(tmp_path / "enc" / file, f"s3://{BUCKET}/encdir/{file}")
-    (here, kind), (there, remote_kind) = load_encoder(tmp_path / "enc"), load_encoder(f"s3://{BUCKET}/encdir")
+    (here, kind), (there, remote_kind) = load_encoder(Location(tmp_path / "enc")), load_encoder(Location(f"s3://{BUCKET}/encdir"))
     assert kind == remote_kind == "encoder" and len(there.blocks) == 4
     assert all(torch.equal(a, b) for a, b in zip(here.state_dict().values(), there.state_dict().values()))
     assert torch.equal(there.patch_embed.proj.weight, mim.patch_embed.proj.weight)
