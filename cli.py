@@ -22,8 +22,10 @@ import sys
 import click
 
 from beit_common import BeitDataError, Location, __version__, os_error, redact
+from beit_common.location import REDACTED
 from beit_data.stream_config import TARGETS, StreamConfig
 from pipelines.config import (
+    PRECISIONS,
     ExportConfig,
     IndexConfig,
     InspectConfig,
@@ -35,7 +37,7 @@ from pipelines.config import (
 )
 from pipelines.pretrain_config import PATCHES, PretrainConfig, RuntimeConfig
 from pipelines.recipes import DVAE_CONFIGS, RECIPES
-from pipelines.sections import Sectioned, default
+from pipelines.sections import INVOCATION, Sectioned, default, owners, setting_names
 
 # MKL picks kernels by memory alignment unless told not to, which moves the last bits of a
 # float32 sum between runs; exact resume on the CPU compares losses bit for bit. It must be
@@ -78,6 +80,8 @@ def main():
 
 # Options that only choose how a command prints, not what it does.
 DISPLAY = ("as_json",)
+# Options that are not settings of the command's config (DISPLAY, and the file of settings itself).
+NOT_SETTINGS = (*DISPLAY, "config_file")
 
 
 def setting(config: type, *decls: str, name: str | None = None, **kwargs):
@@ -88,9 +92,101 @@ def setting(config: type, *decls: str, name: str | None = None, **kwargs):
 
 
 def config_of(config: type, params: dict):
-    """``config`` from a command's options, each passed to the setting of its name."""
-    settings = {k: v for k, v in params.items() if k not in DISPLAY}
+    """``config`` from a command's options, each passed to the setting of its name, and the
+    settings of a ``--config`` file that have no option (``load_config_file``)."""
+    settings = {k: v for k, v in params.items() if k not in NOT_SETTINGS}
+    ctx = click.get_current_context(silent=True)
+    settings = {**(ctx.meta.get(FILE_ONLY, {}) if ctx is not None else {}), **settings}
     return config.from_flat(**settings) if issubclass(config, Sectioned) else config(**settings)
+
+
+FILE_ONLY = "beit_data.config_file_only"  # ctx.meta: a config file's settings that no option takes
+
+
+def load_config_file(ctx: click.Context, param: click.Parameter, path: str | None):
+    """Read a YAML or JSON file of settings by their flat names (as a run's ``config.yaml`` and
+    ``config.json`` hold them) into the command's defaults: a flag on the command line overrides
+    it. Settings the command has no option for go to its config as they are; a name the command's
+    config does not know is refused in one line, as is a file that is not a mapping."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)  # JSON is YAML
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param=param) from None
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"{path} is not YAML or JSON: {str(exc).splitlines()[0]}", param=param) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} holds no mapping of setting names to values", param=param)
+    known = flat_names(CONFIG_OF_COMMAND[ctx.command.name])
+    options = {p.name for p in ctx.command.params} - {param.name}
+    unknown = sorted(k for k in data if k not in options and k not in known and k not in RECORDED_ONLY)
+    if unknown:
+        raise click.BadParameter(f"{path}: {ctx.command.name} has no setting {', '.join(unknown)}", param=param)
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in RECORDED_ONLY}
+    ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in data.items() if k in options}}
+    ctx.meta[FILE_ONLY] = {k: v for k, v in data.items() if k not in options}
+    return path
+
+
+def flat_names(config: type) -> set[str]:
+    """Every setting of a config by its flat name."""
+    return set(owners(config)) if issubclass(config, Sectioned) else setting_names(config)
+
+
+# What a run's config.json records beside its settings (derived figures), which a file may hold.
+RECORDED_ONLY = ("ranks", "global_batch", "total_steps", "steps_per_epoch", "torch_threads", "dealt", "shared_draws")
+
+
+def config_file_option(*decls: str):
+    return click.option(*decls, "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                        callback=load_config_file, is_eager=True, expose_value=True,
+                        help="A YAML or JSON file of settings by their names (batch_size: 64), such as the config.yaml "
+                             "a run writes; flags given on the command line override it.")
+
+
+CONFIG_OF_COMMAND = {"pretrain": PretrainConfig, "tokenize": TokenizeConfig, "train-dvae": TrainDVAEConfig}
+class ResumeType(click.Choice):
+    """``--resume`` (yes), ``--resume auto`` or none (no), as the config's True, "auto" or False."""
+
+    VALUES = {"yes": True, "auto": "auto", "no": False}
+
+    def __init__(self):
+        super().__init__(list(self.VALUES))
+
+    def convert(self, value, param, ctx):
+        if value in (True, False, "auto"):  # a config's value: the default, or a config file's
+            return value
+        return self.VALUES[super().convert(value, param, ctx)]
+
+
+def resumed_options(options: dict) -> dict:
+    """pretrain's options, where ``--resume`` finds a run in ``--out``: each setting not given on
+    the command line is the one the run's ``config.json`` records (``with_recorded``)."""
+    from pipelines.run_folder import recorded_settings
+
+    return with_recorded(options, recorded_settings(Location(options["out"])) if options["resume"] else {})
+
+
+def with_recorded(options: dict, recorded: dict) -> dict:
+    """``options`` where each setting not given on the command line is the ``recorded`` one, so
+    that ``--resume`` alone continues a run. One recorded without its credentials (a redacted
+    ``pipe:`` command) must be given again; ``--shards`` must come from one or the other."""
+    ctx = click.get_current_context()
+    for name, value in recorded.items():
+        if name not in options or name in INVOCATION:
+            continue
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            continue  # given again: the run checks that it agrees
+        if isinstance(value, str) and REDACTED in value:
+            raise BeitDataError(f"`{name}` is recorded without its credentials ({value}); give it again")
+        options[name] = value
+    if not options["shards"]:
+        raise click.UsageError("Missing option '--shards' (a run resumed from its config.json takes its own).")
+    return options
 
 
 def say(text: str, err: bool = False) -> None:
@@ -157,11 +253,9 @@ def layer_numbers(ctx, param, value: str | None) -> tuple[int, ...] | None:
     return layers
 
 
-SHARDS = click.option(
-    "--shards", "shards", required=True,
-    help="Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob; local, or s3://, "
-         "gs://, http(s):// URLs (a prefix is listed), or WebDataset pipe: commands.",
-)
+SHARDS_HELP = ("Shards: a brace pattern (data/train-{000000..000099}.tar), a directory or a glob; local, or s3://, "
+               "gs://, http(s):// URLs (a prefix is listed), or WebDataset pipe: commands.")
+SHARDS = click.option("--shards", "shards", required=True, help=SHARDS_HELP)
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes the seed plus a rank and step offset: a 64-bit sum
 SEED = setting(StreamConfig, "--seed", type=click.IntRange(0, MAX_SEED), help="Seed of every random choice.")
 MIX_SHARDS = setting(StreamConfig, "--mix-shards", type=click.IntRange(min=1),
@@ -175,6 +269,10 @@ MAX_PIXELS = click.option(
     help="Reject images with more pixels, as likely decompression bombs [default: Pillow's limit, 178,956,970].")
 DEVICE = setting(RuntimeConfig, "--device", type=DeviceType(),
                  help="cpu, cuda, cuda:N, or auto (this rank's GPU where CUDA is present).")
+PRECISION = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help="bf16 or fp16 autocast, or fp32. auto: bf16 on a GPU that computes it natively (A100, H100, L4...), fp16 on "
+         "one that does not (V100, T4: bf16 would be emulated, slowly), fp32 on the CPU; the start says which.")
 NUM_THREADS = setting(StreamConfig, "--num-threads", type=click.IntRange(min=1), help="DALI CPU threads.")
 
 
@@ -274,6 +372,7 @@ def index(**options):
 
 
 @main.command(context_settings=CONTEXT)
+@config_file_option("-c", "--config")
 @SHARDS
 @click.option("--tokenizer", required=True, type=click.Path(dir_okay=False),
               help="Tokenizer file: OpenAI's encoder.pkl, a dVAE state dict, a train-dvae checkpoint or a "
@@ -305,6 +404,7 @@ def index(**options):
                    "is rejected, before any is decoded [default: 536,870,912, about 1.6 GB of 8-bit RGB].")
 @NUM_THREADS
 @DEVICE
+@PRECISION
 @QUIET
 def tokenize(**options):
     """Tokenize every image's views once and write one Parquet file per shard."""
@@ -400,7 +500,8 @@ def inspect(as_json, **options):
 
 
 @main.command("train-dvae", context_settings=CONTEXT)
-@SHARDS
+@config_file_option("-c", "--config-file")
+@click.option("--shards", default=None, help=SHARDS_HELP + " Required unless --resume finds them recorded.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
 @setting(TrainDVAEConfig, "--config", type=click.Choice(DVAE_CONFIGS),
          help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
@@ -408,16 +509,24 @@ def inspect(as_json, **options):
 @setting(TrainDVAEConfig, "--batch-size", type=click.IntRange(min=1), help="Images per step.")
 @setting(TrainDVAEConfig, "--lr", type=Real(min=0, min_open=True), help="Peak learning rate (cosine decay).")
 @setting(TrainDVAEConfig, "--checkpoint-every", type=click.IntRange(min=1), help="Save a checkpoint every N steps.")
-@click.option("--resume", is_flag=True, help="Continue training the checkpoint at --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue training the checkpoint at --out, with the settings it records (a flag given again "
+                   "must agree, but for how the run goes).")
+@click.option("--extend", is_flag=True,
+              help="With --resume: train to a larger --steps than the run was started with, finished or not; its "
+                   "schedules are recomputed to end there.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at --out.")
 @SEED
 @DEVICE
+@PRECISION
 @QUIET
 def train_dvae(**options):
     """Train a discrete VAE tokenizer on your own shards (DALL-E recipe, Gumbel-softmax)."""
+    from pipelines.checkpoint import recorded_dvae_settings
     from pipelines.train_dvae import run_train_dvae
 
-    report = run_train_dvae(config_of(TrainDVAEConfig, options))
+    recorded = recorded_dvae_settings(Location(options["out"])) if options["resume"] else {}
+    report = run_train_dvae(config_of(TrainDVAEConfig, with_recorded(options, recorded)))
     echo_summary("held-out report", {k: report[k] for k in
                                      ("psnr", "psnr_mean_colour", "perplexity", "codes_used", "steps", "seconds")})
     say(f"wrote {options['out']}")
@@ -450,7 +559,8 @@ QUALITY_OPTIONS = [
 def pretrain_options(command):
     """pretrain's options, in the order ``--help`` lists them."""
     options = [
-        SHARDS,
+        config_file_option("-c", "--config"),
+        click.option("--shards", default=None, help=SHARDS_HELP + " Required unless --resume finds them recorded."),
         click.option("--tokens", default=None, type=LocationType(exists=True, file_okay=False),
                      help="Folder of token Parquet files written by beit-data tokenize."),
         setting(PretrainConfig, "--targets", type=click.Choice(TARGETS),
@@ -491,9 +601,27 @@ def pretrain_options(command):
         setting(PretrainConfig, "--num-masked", type=click.IntRange(1, PATCHES),
                 help=f"Patches masked per image, in blocks (BEiT: 75 of {PATCHES}; BEiT-3 masks 40%, 78)."),
         setting(PretrainConfig, "--checkpoint-every", type=click.IntRange(min=1),
-                help="Save a checkpoint every N steps (and at the end)."),
+                help="Save the latest checkpoint, RUN/checkpoint.pt (what --resume takes), every N steps, at the end "
+                     "and where an epoch's is kept; each replaces the one before."),
+        setting(PretrainConfig, "--keep-checkpoints", type=click.IntRange(min=0),
+                help="Also keep the N newest checkpoints, as RUN/checkpoints/step-SSSSSSSS.pt (timm's "
+                     "--checkpoint-hist), to export, probe or roll back to; older ones are deleted once a newer one is "
+                     "whole. 0: none (the latest and the epochs' of --checkpoint-every-epochs stay). A kept checkpoint "
+                     "costs no second write on a local disk (a hard link) and no second upload to object storage (a "
+                     "server-side copy)."),
+        setting(PretrainConfig, "--checkpoint-every-epochs", type=click.IntRange(min=0),
+                help="Keep the checkpoint that ends every N-th epoch for good, as "
+                     "RUN/checkpoints/step-SSSSSSSS-epoch-EEEE.pt (unilm's --save_ckpt_freq). 100 suits ImageNet: an "
+                     "800-epoch ViT-B run keeps 8 of about 1.1 GB (weights and AdamW's moments), among them the "
+                     "300 epochs of BEiT's ablations; unilm's 20 would keep 40. 0: none."),
         setting(PretrainConfig, "--log-every", type=click.IntRange(min=1), help="Log every N steps."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint, exactly."),
+        click.option("--resume", is_flag=False, flag_value="yes", default=False, type=ResumeType(),
+                     help="Continue the run in --out from its checkpoint, exactly, with the settings its config.json "
+                          "records (a flag given again must agree, but for how the run goes). --resume auto resumes "
+                          "where --out holds a run and starts one where not (for requeued jobs)."),
+        click.option("--extend", is_flag=True,
+                     help="With --resume: train the run to a larger --steps (or --epochs) than it was started with, "
+                          "finished or not; the learning rate's cosine is recomputed to end there."),
         click.option("--stop-after", type=click.IntRange(min=1), default=None,
                      help="Stop after N steps of this invocation, with a checkpoint (for time-limited jobs)."),
         click.option("--skip-missing", is_flag=True, help="Skip shards that have no token file, instead of failing."),
@@ -501,7 +629,7 @@ def pretrain_options(command):
         *QUALITY_OPTIONS,
         click.option("--record-batches", is_flag=True,
                      help="Each rank writes the keys of every step it trains to RUN/batches-rankR.jsonl, for audits."),
-        PARTITIONS, MIX_SHARDS, NUM_THREADS, SEED, DEVICE, QUIET,
+        PARTITIONS, MIX_SHARDS, NUM_THREADS, SEED, DEVICE, PRECISION, QUIET,
     ]
     for option in reversed(options):
         command = option(command)
@@ -514,7 +642,7 @@ def pretrain(**options):
     """Pretrain a BEiT MIM model on images and their precomputed visual tokens (torchrun-ready)."""
     from pipelines.pretrain import run_pretrain
 
-    result = run_pretrain(config_of(PretrainConfig, options))
+    result = run_pretrain(config_of(PretrainConfig, resumed_options(options)))
     if main_process():
         echo_summary("pretrain", result.summary())
         if result.holdout:
@@ -531,6 +659,9 @@ def pretrain(**options):
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=LocationType(exists=True))
+@click.option("--step", type=click.IntRange(min=0), default=None,
+              help="With a run folder: the checkpoint it keeps at this step (RUN/checkpoints/step-S*.pt) instead of "
+                   "its latest.")
 @click.option("--train-shards", required=True, help="Labeled shards (.cls members) the k-NN votes with.")
 @click.option("--val-shards", required=True, help="Labeled shards the probe is scored on.")
 @setting(ProbeConfig, "--k", type=click.IntRange(min=1), help="Neighbours of the k-NN.")
@@ -558,12 +689,16 @@ def probe(as_json, **options):
 
 @main.command(context_settings=CONTEXT)
 @click.argument("run", type=LocationType(exists=True, file_okay=False))
+@click.option("--step", type=click.IntRange(min=0), default=None,
+              help="The checkpoint the run keeps at this step (RUN/checkpoints/step-S*.pt; pretrain "
+                   "--keep-checkpoints, --checkpoint-every-epochs) instead of its latest, RUN/checkpoint.pt.")
 @click.option("--out", required=True, type=LocationType(),
               help="A folder timm opens as local-dir:OUT (config.json, model.safetensors), or one .pth or "
                    ".safetensors file with a JSON beside it; local, or an s3:// or gs:// URL.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export.")
 def export(**options):
-    """Write a pretrain run's encoder as weights that timm's Beit loads, with the mean and std it saw."""
+    """Write a pretrain run's encoder (its latest checkpoint, or a kept one: --step) as weights that timm's Beit
+    loads, with the mean and std it saw."""
     from pipelines.export import run_export
 
     cfg = config_of(ExportConfig, options)

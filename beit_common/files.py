@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -20,8 +21,9 @@ from beit_common import cache, storage
 from beit_common.errors import BeitDataError
 from beit_common.location import Location
 
-__all__ = ["upload", "probe_writable", "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir",
-           "output_location", "output_file", "remove_stale_temps", "describe_file", "folder_lock", "umask", "LOCK_NAME"]
+__all__ = ["upload", "probe_writable", "write_atomic", "write_text_atomic", "save_atomic", "copy_atomic",
+           "remove_file", "ensure_writable_dir", "output_location", "output_file", "remove_stale_temps",
+           "describe_file", "folder_lock", "umask", "LOCK_NAME"]
 
 
 def upload(local: str | os.PathLike, url: str, chunk_size: int | None = None) -> None:
@@ -117,6 +119,56 @@ def save_atomic(obj, path: str | os.PathLike) -> Path:
                 raise
 
     return write_atomic(path, save)
+
+
+def copy_atomic(source: str | os.PathLike, target: str | os.PathLike) -> Path | str:
+    """Make ``target`` a copy of the finished file ``source``, appearing whole, without writing
+    its bytes again where the storage allows.
+
+    A local ``target`` is a hard link to ``source`` made under a temporary name and renamed
+    (where the file system has no hard links, or not across those folders, a copy under that
+    name); an object is copied by the server in one call, so it appears whole or not at all.
+    A linked ``source`` must never be rewritten in place, only replaced by a rename, as
+    ``write_atomic`` does: the link keeps the bytes it was made of.
+
+    Raises:
+        BeitDataError: When it cannot be made, naming ``target``; ``target`` is left as it was.
+    """
+    source, target = Location(source), Location(target)
+    if target.is_local:
+        return write_atomic(target, lambda tmp: _link_or_copy(source.path, tmp))
+    if source.is_local:
+        upload(source, str(target))
+        return target
+    fs, path = storage.filesystem(target)
+    with storage.remote_errors(target, "copy"):
+        fs.copy(storage.filesystem(source)[1], path)
+        fs.invalidate_cache(path)
+    return target
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        raise
+    except OSError:  # no hard links on this file system (FAT, many FUSE mounts), across devices, or too many
+        shutil.copyfile(source, target)
+
+
+def remove_file(location: str | os.PathLike) -> None:
+    """Delete a file or an object, whole; one that is already gone is no error."""
+    location = Location(location)
+    if location.is_local:
+        location.path.unlink(missing_ok=True)
+        return
+    fs, path = storage.filesystem(location)
+    with storage.remote_errors(location, "deleting"):
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(path)
 
 
 def output_location(location: str | os.PathLike, what: str, *, remote: bool = True) -> Path | str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from beit_common import BeitDataError
-from beit_data.views import View
+from beit_data.views import View, roi
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -258,8 +258,7 @@ class DaliViews:
             self._pipe = self._build()
         pipe = self._pipe
         pipe.feed_input("encoded", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
-        pipe.feed_input("roi", [np.array([[v.x, v.y, v.x + v.w, v.y + v.h] for v in vs], np.float32)
-                                for vs in views])
+        pipe.feed_input("roi", [roi(vs) for vs in views])
         pipe.feed_input("flips", [np.array([v.flip for v in vs], np.int32) for vs in views])
         if self.spec.jitter:  # otherwise DALI prunes the unused input
             pipe.feed_input("jitter", [np.array([[v.brightness, v.contrast, v.saturation] for v in vs], np.float32)

@@ -20,8 +20,17 @@ from beit_common import BeitDataError, Location, storage
 from beit_data.masking import BlockMaskGenerator
 from beit_data.shard_index import read_images
 from beit_data.shards import expand_shards
-from beit_data.tokens import VIEW_COLUMNS, read_meta, read_table, row_view, token_paths
-from beit_data.views import stable_rng
+from beit_data.tokens import (
+    TARGET_KEYS,
+    VIEW_COLUMNS,
+    TokenMeta,
+    check_recipe,
+    file_keys,
+    read_meta,
+    read_table,
+    token_paths,
+)
+from beit_data.views import row_view, stable_rng
 
 __all__ = ["Holdout", "load_holdout", "select_holdout"]
 
@@ -45,42 +54,30 @@ class Holdout:
         return len(self.chosen)
 
 
-def _check_same_targets(meta: dict, reference: dict, path: Location) -> None:
-    """Validation tokens must be the training tokens' kind: the same tokenizer, view filter and jitter rule."""
-    if meta["tokenizer"] != reference["tokenizer"]:
-        ours, theirs = meta["tokenizer"]["fingerprint"][:12], reference["tokenizer"]["fingerprint"][:12]
-        raise BeitDataError(f"{path} was made by another tokenizer than the training tokens ({ours} != {theirs})")
-    for key in ("interp", "target_jitter"):
-        if meta["views"].get(key) != reference["views"].get(key):
-            raise BeitDataError(f"{path} was tokenized with views.{key} {meta['views'].get(key)!r}, the training "
-                                f"tokens with {reference['views'].get(key)!r}; tokenize it with the training recipe")
-
-
 def select_holdout(shards: list[Location], tokens_dir: Location, count: int, seed: int,
-                   reference: dict) -> list[tuple[Location, str, dict]]:
+                   reference: TokenMeta) -> list[tuple[Location, str, dict]]:
     """The whole held-out set, in evaluation order: ``(shard, key, row)`` with the picked view's row.
 
     Only the key columns are read whole; the rows of the chosen views are then taken.
 
     Raises:
         BeitDataError: For a shard without a token file, tokens unlike the training tokens
-            (``reference``'s metadata), or no tokenized image at all.
+            (``reference``'s metadata: the same tokenizer, view filter and jitter rule,
+            ``TARGET_KEYS``), or no tokenized image at all.
     """
     candidates, paths = [], []
     for shard, path in zip(shards, token_paths(tokens_dir, shards)):
         if not storage.exists(path):
             raise BeitDataError(f"validation shard {shard} has no token file {path}; tokenize it first")
-        _check_same_targets(read_meta(path), reference, path)
-        by_key: dict[str, list[int]] = {}
-        for i, key in enumerate(read_table(path, columns=["key"]).column("key").to_pylist()):
-            by_key.setdefault(key, []).append(i)
-        views = read_meta(path)["views"]["views"]
-        if any(len(rows) != views for rows in by_key.values()):
-            raise BeitDataError(f"{path} does not hold {views} rows for each key, each key once; tokenize it again")
-        for key in sorted(by_key):
-            rows = by_key[key]
-            pick = int(stable_rng(seed, "heldout", shard.name, key).integers(len(rows)))
-            candidates.append((shard, key, len(paths), rows[pick]))
+        meta = read_meta(path)
+        check_recipe(meta, reference, f"{path} and the training tokens", "; tokenize it with the training tokenizer "
+                     "and recipe", TARGET_KEYS)
+        views = meta.views.views
+        keys = file_keys(read_table(path, columns=["key"]).column("key"), views, path)
+        first = {key: k * views for k, key in enumerate(keys)}  # a key's views are rows first .. first + views - 1
+        for key in sorted(keys):
+            pick = int(stable_rng(seed, "heldout", shard.name, key).integers(views))
+            candidates.append((shard, key, len(paths), first[key] + pick))
         paths.append(path)
     if not candidates:
         raise BeitDataError(f"the validation shards hold no tokenized image ({shards[0]} ...)")
@@ -93,7 +90,7 @@ def select_holdout(shards: list[Location], tokens_dir: Location, count: int, see
     return [(shard, key, rows[f, i]) for shard, key, f, i in chosen]
 
 
-def load_holdout(shards_spec: str, tokens_dir: Location, *, count: int, seed: int, meta: dict,
+def load_holdout(shards_spec: str, tokens_dir: Location, *, count: int, seed: int, meta: TokenMeta,
                  image_size: int, num_masked: int, min_block: int = 16, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> Holdout:
     """This rank's share of the held-out set, decoded.
@@ -107,7 +104,7 @@ def load_holdout(shards_spec: str, tokens_dir: Location, *, count: int, seed: in
     shards = expand_shards(shards_spec)
     chosen = select_holdout(shards, tokens_dir, count, seed, meta)
     mine = chosen[rank::world_size]
-    grid = meta["tokenizer"]["grid"]
+    grid = meta.tokenizer.grid
     masker = BlockMaskGenerator((grid, grid), num_masked, min_block)
     masks = [masker(stable_rng(seed, "heldout-mask", s.name, k)).reshape(-1) for s, k, _ in mine]
     decode = DaliViews(model_view_spec(meta, image_size), batch_size=DECODE_BATCH, device=device, num_threads=2)

@@ -34,7 +34,8 @@ from beit_data.replay import LoadedShard, ReplaySource
 from beit_data.shard_index import read_index
 from beit_data.shards import duplicate_keys, expand_shards
 from beit_data.stream_config import StreamConfig
-from beit_data.views import ViewRecipe, sample_view
+from beit_data.tokens import TokenizerMeta, TokenMeta
+from beit_data.views import ViewRecipe, roi, sample_view
 
 __all__ = ["OnlineTargets", "open_online", "online_view", "NEEDS_DECODABLE"]
 
@@ -101,9 +102,9 @@ class OnlineTargets:
             raise BeitDataError(f"{shard.location}: sample {key}: {exc}; {NEEDS_DECODABLE}") from None
         view = online_view(self.recipe, epoch, key, info.width, info.height)
         jitter = np.array([[view.brightness, view.contrast, view.saturation]], np.float32)
-        return [image, np.array([[view.x, view.y, view.x + view.w, view.y + view.h]], np.float32),
-                np.array([view.flip], np.int32), jitter, masker(mask_rng(source.cfg.seed, epoch, key)).reshape(-1),
-                np.frombuffer(key.encode(), np.uint8), np.array([0], np.int32)]
+        return [image, roi([view]), np.array([view.flip], np.int32), jitter,
+                masker(mask_rng(source.cfg.seed, epoch, key)).reshape(-1), np.frombuffer(key.encode(), np.uint8),
+                np.array([0], np.int32)]
 
 
 def open_online(cfg: StreamConfig, *, recipe: ViewRecipe, tokenizer: dict, rank: int = 0,
@@ -112,7 +113,7 @@ def open_online(cfg: StreamConfig, *, recipe: ViewRecipe, tokenizer: dict, rank:
     from its index (a ``.idx`` beside it, else its tar headers).
 
     Args:
-        tokenizer: The tokenizer's description (``describe()``), which ``meta`` holds.
+        tokenizer: The tokenizer's description (``describe()``), which ``meta`` holds with ``recipe``.
 
     Raises:
         BeitDataError: For ``pipe:`` shards (the order reads samples by their offsets) or
@@ -126,7 +127,7 @@ def open_online(cfg: StreamConfig, *, recipe: ViewRecipe, tokenizer: dict, rank:
     counts = storage.map_concurrently(lambda s: len(_shard_images(s)[0]), shards)
     if not any(counts):
         raise BeitDataError(f"none of the shards {cfg.shards} holds an image")
-    return ReplaySource(cfg=cfg, shards=shards, images_per_shard=counts, grid=tokenizer["grid"],
-                        targets=OnlineTargets(recipe=recipe), rank=rank, world_size=world_size,
-                        meta={"tokenizer": tokenizer, "views": recipe.as_dict()},
+    meta = TokenMeta(tokenizer=TokenizerMeta.from_dict(tokenizer), views=recipe)
+    return ReplaySource(cfg=cfg, shards=shards, images_per_shard=counts, grid=meta.tokenizer.grid,
+                        targets=OnlineTargets(recipe=recipe), rank=rank, world_size=world_size, meta=meta,
                         etags=[storage.stat(s, fresh=False)["etag"] for s in shards])

@@ -27,9 +27,9 @@ it lands in, so it reads nothing of the samples before the position.
 The stream and the plan walk the order alike: ``partition_spans`` gives each partition's windows,
 epoch after epoch, and ``take_batches`` cuts a rank's batches from its partitions' samples.
 
-Runs started before partitions existed keep their order (``dealt``): the partitions are the
-ranks, shard ``i`` of the permutation goes whole to rank ``i % W``, each gives B samples a
-step, and the epoch has as many steps as the smallest rank can fill.
+Steps 1 and 2 are ``partition_layout``, the layout of every new run. A run started with an
+earlier order keeps it: its ``OrderSpec.layout`` is the one its version had
+(``beit_data.old_orders``), and the rest of the walk is the same.
 """
 
 from __future__ import annotations
@@ -44,50 +44,12 @@ from beit_common import BeitDataError
 from beit_data.stream_config import MIX_SHARDS, PARTITIONS
 from beit_data.views import stable_rng
 
-__all__ = ["MIX_SHARDS", "PARTITIONS", "OrderSpec", "Piece", "Layout", "epoch_layout", "rank_slices", "check_steps",
-           "left_out_note", "Window", "PlannedBatch", "partition_windows", "partition_spans", "take_batches",
-           "steps_from"]
+__all__ = ["MIX_SHARDS", "PARTITIONS", "OrderSpec", "Piece", "Layout", "LayoutFn", "partition_layout", "epoch_layout",
+           "rank_slices", "check_steps", "left_out_note", "Window", "PlannedBatch", "partition_windows",
+           "partition_spans", "take_batches", "steps_from"]
 
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, kw_only=True)
-class OrderSpec:
-    """What fixes the order of every epoch.
-
-    Attributes:
-        seed: Seed of the shard permutations and the windows' orders.
-        global_batch: Samples of one step, over all ranks (G).
-        partitions: Partitions of the epoch (P); at most G are used.
-        mix_shards: Pieces of shards a partition reads at once, their samples permuted together.
-        sequential: Shards that can only be read from their start (``pipe:`` commands): each
-            window is one piece, read in its own order; only the shard order mixes.
-        dealt: The order of runs from before partitions: ``partitions`` is their world size.
-    """
-
-    seed: int
-    global_batch: int
-    partitions: int = PARTITIONS
-    mix_shards: int = MIX_SHARDS
-    sequential: bool = False
-    dealt: bool = False
-
-    def __post_init__(self):
-        if min(self.global_batch, self.partitions, self.mix_shards) < 1:
-            raise BeitDataError("`batch_size`, `partitions` and `mix_shards` must be at least 1")
-        if self.dealt and self.global_batch % self.partitions:
-            raise BeitDataError(f"a global batch of {self.global_batch} does not split over {self.partitions} ranks")
-
-    @property
-    def shares(self) -> tuple[int, ...]:
-        """Samples each partition gives to every step."""
-        parts = min(self.partitions, self.global_batch)
-        return tuple(self.global_batch // parts + (p < self.global_batch % parts) for p in range(parts))
-
-    @property
-    def window(self) -> int:
-        return 1 if self.sequential else self.mix_shards
 
 
 @dataclass(frozen=True)
@@ -119,6 +81,16 @@ class Layout:
     def left_out(self) -> int:
         return self.samples - self.used
 
+    def too_few(self, spec: OrderSpec, epoch: int) -> str:
+        """Why ``epoch`` has no step though the shards hold images, and what would help."""
+        return (f"the shards hold {self.samples} tokenized images, fewer than one global batch of "
+                f"{spec.global_batch}; lower `batch_size` or tokenize more shards")
+
+    def why_left_out(self, spec: OrderSpec) -> str:
+        """Why some images are left out of each epoch."""
+        return (f"an epoch is {self.steps:,} global steps of {spec.global_batch:,} images, and the rest are fewer "
+                "than one more step (the next epoch leaves out others); a smaller batch leaves out fewer")
+
 
 def _cut(counts: Sequence[int], order: Sequence[int], bounds: Sequence[int]) -> list[tuple[Piece, ...]]:
     """The sequence of the shards' samples in ``order``, cut at ``bounds`` (sample positions)."""
@@ -138,36 +110,69 @@ def _cut(counts: Sequence[int], order: Sequence[int], bounds: Sequence[int]) -> 
 
 
 @lru_cache(maxsize=64)
-def _layout(counts: tuple[int, ...], spec: OrderSpec, epoch: int) -> Layout:
+def partition_layout(counts: tuple[int, ...], spec: OrderSpec, epoch: int) -> Layout:
+    """The steps and partitions of ``epoch`` (steps 1 and 2 above): ``S = N // G`` steps, and the
+    shards' samples in their permutation cut into partitions of ``S * g_p`` samples."""
     order = stable_rng(spec.seed, "shards", epoch).permutation(len(counts))
     samples = sum(counts)
-    if spec.dealt:  # shard i of the permutation goes whole to rank i % W
-        ranks = spec.partitions
-        # Empty shards stay in: they take a place in a window, as they always did.
-        dealt = [tuple(Piece(int(s), 0, counts[s]) for s in order[r::ranks]) for r in range(ranks)]
-        share = spec.global_batch // ranks
-        steps = min(sum(p.hi for p in part) for part in dealt) // share
-        return Layout(steps, tuple(dealt), samples, steps * spec.global_batch)
     steps = samples // spec.global_batch
     bounds = np.concatenate([[0], np.cumsum(spec.shares)]) * steps
     return Layout(steps, tuple(_cut(counts, order, [int(b) for b in bounds])), samples, steps * spec.global_batch)
 
 
+# An order's layout of one epoch: ``(counts, spec, epoch) -> Layout``, cached (its arguments hashable).
+LayoutFn = Callable[[tuple[int, ...], "OrderSpec", int], Layout]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrderSpec:
+    """What fixes the order of every epoch.
+
+    Attributes:
+        seed: Seed of the shard permutations and the windows' orders.
+        global_batch: Samples of one step, over all ranks (G).
+        partitions: Partitions of the epoch (P); at most G are used.
+        mix_shards: Pieces of shards a partition reads at once, their samples permuted together.
+        sequential: Shards that can only be read from their start (``pipe:`` commands): each
+            window is one piece, read in its own order; only the shard order mixes.
+        layout: How an epoch's shards are laid out in its steps and partitions
+            (``partition_layout``; runs from before keep theirs: ``beit_data.old_orders``).
+    """
+
+    seed: int
+    global_batch: int
+    partitions: int = PARTITIONS
+    mix_shards: int = MIX_SHARDS
+    sequential: bool = False
+    layout: LayoutFn = partition_layout
+
+    def __post_init__(self):
+        if min(self.global_batch, self.partitions, self.mix_shards) < 1:
+            raise BeitDataError("`batch_size`, `partitions` and `mix_shards` must be at least 1")
+
+    @property
+    def shares(self) -> tuple[int, ...]:
+        """Samples each partition gives to every step."""
+        parts = min(self.partitions, self.global_batch)
+        return tuple(self.global_batch // parts + (p < self.global_batch % parts) for p in range(parts))
+
+    @property
+    def window(self) -> int:
+        return 1 if self.sequential else self.mix_shards
+
+
 def epoch_layout(counts: Sequence[int], spec: OrderSpec, epoch: int) -> Layout:
-    """The steps and partitions of ``epoch``.
+    """The steps and partitions of ``epoch``, as ``spec.layout`` lays them out.
 
     Args:
         counts: Tokenized samples of each shard.
     """
-    return _layout(tuple(int(c) for c in counts), spec, epoch)
+    return spec.layout(tuple(int(c) for c in counts), spec, epoch)
 
 
 def rank_slices(spec: OrderSpec, world_size: int, rank: int) -> list[tuple[int, int, int]]:
     """What rank ``rank`` of ``world_size`` reads of each step: ``(partition, lo, hi)``, samples
     ``lo .. hi`` of what that partition gives the step, partition after partition."""
-    if spec.dealt and world_size != spec.partitions:
-        raise BeitDataError(f"this run's order deals shards to {spec.partitions} ranks; it resumes on "
-                            f"{spec.partitions} ranks only, not {world_size}")
     if spec.global_batch % world_size:
         raise BeitDataError(f"a global batch of {spec.global_batch} does not split over {world_size} ranks; "
                             "choose a `batch_size` it divides")
@@ -188,11 +193,7 @@ def check_steps(layout: Layout, spec: OrderSpec, epoch: int) -> int:
         return layout.steps
     if not layout.samples:
         raise BeitDataError("the shards hold no tokenized image (every sample was rejected); no batch size helps")
-    if spec.dealt:
-        raise BeitDataError(f"epoch {epoch} has fewer tokenized images on some rank than one batch "
-                            f"({layout.samples} in all over {spec.partitions} ranks); lower `batch_size`")
-    raise BeitDataError(f"the shards hold {layout.samples} tokenized images, fewer than one global batch of "
-                        f"{spec.global_batch}; lower `batch_size` or tokenize more shards")
+    raise BeitDataError(layout.too_few(spec, epoch))
 
 
 LEFT_OUT_NOTE = 0.02  # a share of the images left out of each epoch worth saying
@@ -202,12 +203,8 @@ def left_out_note(layout: Layout, spec: OrderSpec) -> str | None:
     """One line on the images each epoch leaves out, where they are more than ``LEFT_OUT_NOTE``."""
     if not layout.samples or layout.left_out <= LEFT_OUT_NOTE * layout.samples:
         return None
-    why = (f"an epoch is {layout.steps:,} global steps of {spec.global_batch:,} images, and the rest are fewer than "
-           "one more step (the next epoch leaves out others); a smaller batch leaves out fewer")
-    if spec.dealt:
-        why = "every rank takes as many steps as the rank with the fewest images can fill (shards dealt to ranks)"
     return (f"each epoch leaves out {layout.left_out:,} of {layout.samples:,} tokenized images "
-            f"({100 * layout.left_out / layout.samples:.1f}%): {why}")
+            f"({100 * layout.left_out / layout.samples:.1f}%): {layout.why_left_out(spec)}")
 
 
 @dataclass(frozen=True)

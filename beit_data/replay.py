@@ -30,13 +30,12 @@ from typing import ClassVar, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from beit_common import BeitDataError, Location, storage
 from beit_common.ranges import RangeFile, read_batch
 from beit_data.loader_signals import outlive_job_signals
 from beit_data.masking import BlockMaskGenerator
-from beit_data.old_orders import Draws, draws_for, partitions_for
+from beit_data.old_orders import Draws, draws_for, layout_for, partitions_for
 from beit_data.order import (
     Layout,
     OrderSpec,
@@ -55,17 +54,18 @@ from beit_data.stream_config import StreamConfig
 from beit_data.tokens import (
     VIEW_COLUMNS,
     WINDOW_COLUMNS,
+    TokenMeta,
     check_rows,
+    file_keys,
     read_consistent_footers,
     read_table,
     token_files,
     token_paths,
 )
-from beit_data.views import stable_rng
+from beit_data.views import roi, row_view, stable_rng
 
 __all__ = ["StreamConfig", "ReplaySource", "Targets", "StoredTargets", "OUTPUTS", "PlannedBatch",
-           "pair_token_files", "LoadedShard", "SequentialReader", "close_all", "table_keys", "image_members",
-           "read_images_of"]
+           "pair_token_files", "LoadedShard", "SequentialReader", "close_all", "image_members", "read_images_of"]
 
 # What one iteration yields, in this order.
 OUTPUTS = ("encoded", "roi", "flips", "jitter", "tokens", "mask", "key", "rejected")
@@ -123,22 +123,6 @@ def close_all(shards: list[LoadedShard]) -> None:
     shards.clear()
 
 
-def table_keys(table: pa.Table, views: int, path: Location) -> list[str]:
-    """A token file's keys in order; each must have exactly ``views`` rows, and appear once.
-
-    Raises:
-        BeitDataError: Naming the file, for any other layout.
-    """
-    if table.num_rows == 0:  # every image of the shard was rejected
-        return []
-    keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, views)))
-    repeated = pc.take(keys, pa.array(np.repeat(np.arange(len(keys)), views)))
-    if table.num_rows % views or not pc.all(pc.equal(table.column("key"), repeated)).as_py() \
-            or pc.count_distinct(keys).as_py() != len(keys):
-        raise BeitDataError(f"{path} does not hold {views} rows for each key, each key once; tokenize it again")
-    return keys.to_pylist()
-
-
 def image_members(shard: Location, keys: list[str], *, token_file: Location, fingerprint: dict,
                   etag: str | None) -> dict:
     """The image member of each sample of a shard, by key, after checking that the shard is still
@@ -187,7 +171,7 @@ def read_images_of(picked: list[tuple[int, LoadedShard, int]]) -> list[bytes]:
 
 
 def pair_token_files(spec: str, tokens: Location, *, skip_missing: bool = False, held_out: bool = False
-                     ) -> tuple[list[Location], list[Location], list[tuple[dict, int]], list[Location]]:
+                     ) -> tuple[list[Location], list[Location], list[tuple[TokenMeta, int]], list[Location]]:
     """``(shards, token_files, footers, missing)``: each shard of ``spec`` paired with its token
     file in ``tokens``, checked as training checks them before its first step.
 
@@ -220,7 +204,7 @@ def pair_token_files(spec: str, tokens: Location, *, skip_missing: bool = False,
         raise BeitDataError(f"none of the shards has a token file in {tokens}")
     footers = read_consistent_footers(paths)
     # Size, and the .idx if any (objects were listed when the spec was expanded; .idx read at once).
-    storage.map_concurrently(lambda s: check_fingerprint(s[0], s[1][0].get("shard"), s[2], full=False),
+    storage.map_concurrently(lambda s: check_fingerprint(s[0], s[1][0].shard, s[2], full=False),
                              list(zip(shards, footers, paths)))
     return shards, paths, footers, missing
 
@@ -276,9 +260,9 @@ class StoredTargets:
         image offsets, and the shard opened for reading."""
         path, cfg = self.token_files[index], source.cfg
         table = read_table(path, columns=None if read else ["key"])
-        keys = table_keys(table, self.views, path)
+        keys = file_keys(table.column("key"), self.views, path)
         if read and index not in self._checked:  # once per process: the windows, which need the rows
-            check_rows(table.select(WINDOW_COLUMNS), source.meta, path)
+            check_rows(table.select(WINDOW_COLUMNS), source.meta.tokenizer.vocab, path)
             self._checked.add(index)
         picks = np.array([source.draws.view_rng(epoch, k).integers(self.views) for k in keys], np.int64)
         shard = LoadedShard(keys, picks)
@@ -313,17 +297,16 @@ class StoredTargets:
              shard: LoadedShard, i: int) -> list[np.ndarray]:
         """One row of ``OUTPUTS``: the picked view's window and tokens, fresh jitter where the
         tokens have none, and the mask."""
-        key, rows, draws = shard.keys[i], shard.rows, source.draws
+        key, draws = shard.keys[i], source.draws
+        view = row_view({name: shard.rows[name][i] for name in VIEW_COLUMNS})
         rng = draws.mask_rng(epoch, key, self.views)
         if self.target_jitter:
-            jitter = np.array([[rows["brightness"][i], rows["contrast"][i], rows["saturation"][i]]], np.float32)
+            jitter = np.array([[view.brightness, view.contrast, view.saturation]], np.float32)
         else:
             fresh = draws.jitter_rng(epoch, key, rng)
             jitter = fresh.uniform(1 - self.jitter, 1 + self.jitter, size=(1, 3)).astype(np.float32)
-        x, y, w, h = (int(rows[c][i]) for c in ("x", "y", "w", "h"))
         rejected, shard.rejected = shard.rejected, 0
-        return [image, np.array([[x, y, x + w, y + h]], np.float32),
-                np.array([rows["flip"][i]], np.int32), jitter, rows["tokens"][i].astype(np.int64),
+        return [image, roi([view]), np.array([view.flip], np.int32), jitter, shard.rows["tokens"][i].astype(np.int64),
                 masker(rng).reshape(-1), np.frombuffer(key.encode(), np.uint8), np.array([rejected], np.int32)]
 
 
@@ -356,7 +339,7 @@ class ReplaySource:
     world_size: int = 1
     start: tuple[int, int] = (0, 0)
     missing: list[Location] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
+    meta: TokenMeta
     etags: list[str | None] = field(default_factory=list)  # of each object when the run started
     bytes_read: int = field(default=0, compare=False)
 
@@ -371,14 +354,14 @@ class ReplaySource:
                 has changed since it was tokenized.
         """
         shards, paths, footers, missing = pair_token_files(cfg.shards, cfg.tokens, skip_missing=cfg.skip_missing)
-        metas = [m for m, _ in footers]
-        meta, views = metas[0], metas[0]["views"]
-        targets = StoredTargets(token_files=paths, views=views["views"], target_jitter=views["target_jitter"],
-                                jitter=views["jitter"], fingerprints=[m["shard"] for m in metas])
+        meta = footers[0][0]
+        views = meta.views
+        targets = StoredTargets(token_files=paths, views=views.views, target_jitter=views.target_jitter,
+                                jitter=views.jitter, fingerprints=[m.shard for m, _ in footers])
         return cls(cfg=cfg, shards=shards, missing=missing, meta=meta, targets=targets,
                    etags=[storage.stat(s, fresh=False)["etag"] for s in shards],
-                   images_per_shard=[rows // views["views"] for _, rows in footers],
-                   grid=meta["tokenizer"]["grid"], rank=rank, world_size=world_size)
+                   images_per_shard=[rows // views.views for _, rows in footers],
+                   grid=meta.tokenizer.grid, rank=rank, world_size=world_size)
 
     @property
     def OUTPUTS(self) -> tuple[str, ...]:  # noqa: N802 (the targets' constant)
@@ -392,10 +375,11 @@ class ReplaySource:
 
     @cached_property
     def spec(self) -> OrderSpec:
-        """What fixes the order: the same on any number of ranks (but for ``dealt`` runs)."""
+        """What fixes the order: the same on any number of ranks (but for runs of version 1), laid
+        out as the order version lays out its epochs."""
         return OrderSpec(seed=self.cfg.seed, global_batch=self.cfg.global_batch(self.world_size),
-                         partitions=partitions_for(self.cfg, self.world_size),
-                         mix_shards=self.cfg.mix_shards, sequential=self.sequential, dealt=self.cfg.dealt)
+                         partitions=partitions_for(self.cfg, self.world_size), mix_shards=self.cfg.mix_shards,
+                         sequential=self.sequential, layout=layout_for(self.cfg.order_version))
 
     def layout(self, epoch: int) -> Layout:
         """The steps and partitions of ``epoch``."""

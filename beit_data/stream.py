@@ -23,6 +23,7 @@ from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, Undecod
 from beit_data.prefetch import prefetch
 from beit_data.replay import ReplaySource
 from beit_data.stream_config import StreamConfig
+from beit_data.tokens import TokenMeta
 from beit_data.views import ViewRecipe
 
 __all__ = ["StreamConfig", "TrainStream", "Batch", "model_view_spec"]
@@ -44,7 +45,7 @@ class Batch:
         return self.micro + 1 == self.accum
 
 
-def model_view_spec(meta: dict, image_size: int, *, online: bool = False) -> ViewSpec:
+def model_view_spec(meta: TokenMeta, image_size: int, *, online: bool = False) -> ViewSpec:
     """The model's view of a stored view: bicubic, ImageNet-normalised, float16.
 
     Where the tokenizer saw that same view (BEiT v2: a bicubic view at the model's size), the
@@ -53,7 +54,7 @@ def model_view_spec(meta: dict, image_size: int, *, online: bool = False) -> Vie
     cheaper and differs from a whole decode by a few levels in the last bits. Online targets
     decode the whole image once for both views.
     """
-    same = online or meta["views"].get("interp") == "bicubic" and meta["tokenizer"]["input_size"] == image_size
+    same = online or meta.views.interp == "bicubic" and meta.tokenizer.input_size == image_size
     return ViewSpec(views=1, size=image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     half=True, roi_decode=not same)
 
@@ -95,8 +96,8 @@ class TrainStream:
             self.source = ReplaySource.open(cfg, rank=rank, world_size=world_size)
         self.meta, self.missing = self.source.meta, self.source.missing
         self.shards = self.source.shards
-        self.grid = self.meta["tokenizer"]["grid"]
-        self.vocab = self.meta["tokenizer"]["vocab"]
+        self.grid = self.meta.tokenizer.grid
+        self.vocab = self.meta.tokenizer.vocab
         self.spec = model_view_spec(self.meta, cfg.image_size, online=cfg.online)
         self.skipped_rejected = 0  # keys without token rows, passed over by the batches delivered
         self.position = (0, 0)  # (epoch, step) of the next batch

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 from beit_common import BeitDataError, Location, resolve_locations
 
-__all__ = ["StreamConfig", "MIX_SHARDS", "PARTITIONS", "TARGETS"]
+__all__ = ["StreamConfig", "MIX_SHARDS", "PARTITIONS", "TARGETS", "ORDER_VERSION"]
 
+ORDER_VERSION = 3  # the order of every new run; runs from before keep theirs (``beit_data.old_orders``)
 MIX_SHARDS = 16  # pieces a partition reads at once, by default
 TARGETS = ("stored", "online")
 PARTITIONS = 8  # partitions of each epoch, by default; a rank reads whole ones on 1, 2, 4 or 8 ranks
@@ -33,9 +34,8 @@ class StreamConfig:
             Memory per partition read grows with it (one token row and one offset per sample
             of a window, up to three windows at a time: the one being read, the next one and
             the one loading); reads are random within those shards.
-        dealt: The order of runs started before partitions: shards dealt to ranks.
-        shared_draws: The draws of stored runs started before masks had their own generator:
-            one generator per (seed, epoch, key) picked the view, drew fresh jitter and the mask.
+        order_version: The order's version: ``ORDER_VERSION`` for a new run; a resumed run
+            keeps the one it started with, which its checkpoint records (``beit_data.old_orders``).
         targets: ``stored``: the views and tokens of ``tokens`` (the default). ``online``: a
             fresh view of every image each epoch, tokenized in the loop by ``tokenizer`` (the
             reference recipe, for comparison; see ``beit_data.online``).
@@ -53,8 +53,7 @@ class StreamConfig:
     min_block: int = 16
     partitions: int = PARTITIONS
     mix_shards: int = MIX_SHARDS
-    dealt: bool = False
-    shared_draws: bool = False
+    order_version: int = ORDER_VERSION
     skip_missing: bool = False
     num_threads: int = 4
     # Control experiment only: pair every image with another image's tokens.
@@ -64,15 +63,16 @@ class StreamConfig:
         resolve_locations(self, "tokens")
         if min(self.batch_size, self.grad_accum, self.mix_shards, self.partitions) < 1:
             raise BeitDataError("`batch_size`, `grad_accum`, `mix_shards` and `partitions` must be at least 1")
+        if not 1 <= self.order_version <= ORDER_VERSION:
+            raise BeitDataError(f"`order_version` must be 1 to {ORDER_VERSION}, got {self.order_version}")
         if self.targets not in TARGETS:
             raise BeitDataError(f"`targets` must be one of {', '.join(TARGETS)}, got {self.targets}")
         if self.online:
             if self.tokens is not None or self.tokenizer is None:
                 raise BeitDataError("`targets` online tokenizes fresh views in the loop: give `tokenizer` (the file "
                                     "tokenize would use) and no `tokens`")
-            if self.shuffle_targets or self.skip_missing or self.shared_draws:
-                raise BeitDataError("`shuffle_targets`, `skip_missing` and `shared_draws` are for stored tokens, not "
-                                    "`targets` online")
+            if self.shuffle_targets or self.skip_missing:
+                raise BeitDataError("`shuffle_targets` and `skip_missing` are for stored tokens, not `targets` online")
         elif self.tokens is None or self.tokenizer is not None:
             raise BeitDataError("training on stored targets needs `tokens` (the folder beit-data tokenize wrote); "
                                 "`tokenizer` is for `targets` online")

@@ -1,7 +1,7 @@
 """Reading token Parquet files for people: summaries, codebook usage, coverage and validation.
 
-Everything streams by row group, so memory stays bounded by the number of distinct keys and
-the codebook size, not by the number of rows.
+Everything streams by row group, so memory stays bounded by the keys (the distinct ones, and
+one file's key column) and the codebook size, not by the number of rows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ import pyarrow as pa
 from beit_common import BeitDataError, Location
 from beit_data.shard_index import check_fingerprint, read_index
 from beit_data.shards import expand_shards
-from beit_data.tokens import check_recipe, check_rows, parquet_file, read_meta, token_files, token_paths
+from beit_data.tokens import (
+    TokenMeta,
+    check_recipe,
+    check_rows,
+    file_keys,
+    parquet_file,
+    read_meta,
+    token_files,
+    token_paths,
+)
 
 __all__ = ["summarise", "codebook_warnings"]
 
@@ -43,7 +52,7 @@ class _Tally:
     """What the token files of a folder add up to, read one row group at a time."""
 
     errors: list[str] = field(default_factory=list)
-    reference: dict | None = None
+    reference: TokenMeta | None = None
     ref_file: str | None = None
     keys: dict[str, set[str]] = field(default_factory=dict)  # by token file
     rows: int = 0
@@ -63,13 +72,15 @@ class _Tally:
         except BeitDataError as exc:
             self.errors.append(str(exc))
             return
+        vocab = meta.tokenizer.vocab
         if self.counts is None:
-            self.counts = np.zeros(meta["tokenizer"]["vocab"], dtype=np.int64)
-        keys, rows = self.keys.setdefault(name, set()), 0
+            self.counts = np.zeros(vocab, dtype=np.int64)
+        keys, column, rows = self.keys.setdefault(name, set()), [], 0
         try:
             for batch in file.iter_batches(batch_size=batch_rows, columns=_CHECKED):
-                check_rows(batch, meta, name, start=rows)  # ids and windows, as pretrain checks them
+                check_rows(batch, vocab, name, start=rows)  # ids and windows, as pretrain checks them
                 keys.update(batch.column("key").to_pylist())
+                column.append(batch.column("key"))
                 flat = batch.column("tokens").flatten().to_numpy()
                 self.counts += np.bincount(flat, minlength=len(self.counts))[: len(self.counts)]
                 rows += batch.num_rows
@@ -80,12 +91,13 @@ class _Tally:
             self.errors.append(str(exc))
             return
         self.rows += rows
-        if rows != len(keys) * meta["views"]["views"]:
-            self.errors.append(f"{name}: {rows} rows for {len(keys)} keys, not {meta['views']['views']} rows for each "
-                               "key once; tokenize it again")
-        self.rejects += [{**r, "file": name} for r in meta.get("rejects", [])]
+        try:
+            file_keys(pa.chunked_array(column, pa.string()), meta.views.views, name)  # as pretrain lays them out
+        except BeitDataError as exc:
+            self.errors.append(str(exc))
+        self.rejects += [{"key": key, "reason": reason, "file": name} for key, reason in meta.rejects]
         self.readable += 1
-        self.fingerprints[name] = meta.get("shard")
+        self.fingerprints[name] = meta.shard
 
 
 def codebook_warnings(codebook: dict, max_share: float = 0.1, max_dead: float = 0.5) -> list[str]:
@@ -121,8 +133,7 @@ def summarise(folder: Location, shards: str | None = None, batch_rows: int = 819
     summary = {
         "folder": str(folder), "files": len(files), "readable_files": tally.readable, "rows": tally.rows,
         "images": images, "views_per_image": round(tally.rows / max(images, 1), 3),
-        "recipe_views": ref["views"]["views"], "tokenizer": ref["tokenizer"], "views": ref["views"],
-        "decoder": ref.get("decoder"),
+        "recipe_views": ref.views.views, **ref.described(),
         "codebook": _codebook(tally.counts if tally.counts is not None else np.zeros(1, np.int64)),
         "rejects": {"total": len(tally.rejects), "by_reason": _by_reason(tally.rejects)},
         "errors": tally.errors,

@@ -4,6 +4,10 @@ View ``v`` of the image with key ``k`` is a pure function of ``(seed, k, v, widt
 its generator is seeded from a stable hash of those values, so it never depends on world
 size, batch size, worker count or order. The window follows BEiT's RandomResizedCrop
 (torchvision's ``get_params``): scale and ratio drawn 10 times, then a centre-crop fallback.
+
+This module is also the one home of a view's geometry: a token row's window as a ``View``
+(``row_view``), a ``View`` as the ``roi`` row DALI's view graph takes (``roi``), which windows
+lie inside their image (``outside_image``) and a centred square window (``centre_view``).
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from beit_common import BeitDataError
 
-__all__ = ["JITTER_ORDER", "ViewRecipe", "View", "stable_rng", "sample_view", "sample_views"]
+__all__ = ["JITTER_ORDER", "ViewRecipe", "View", "stable_rng", "sample_view", "sample_views", "row_view", "roi",
+           "outside_image", "centre_view"]
 
 
 # How the jitter factors are applied (recorded in the token files; the DALI graph follows it).
@@ -76,6 +82,12 @@ class ViewRecipe:
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ViewRecipe:
+        """The recipe ``as_dict`` gives (a token file's ``views``); one without ``interp`` or
+        ``recipe`` (written before BEiT v2) gets BEiT's Lanczos recipe, their defaults."""
+        return cls(**{**d, "scale": tuple(d["scale"]), "ratio": tuple(d["ratio"])})
+
 
 @dataclass(frozen=True)
 class View:
@@ -131,3 +143,32 @@ def sample_view(recipe: ViewRecipe, key: str, view: int, width: int, height: int
 def sample_views(recipe: ViewRecipe, key: str, width: int, height: int) -> list[View]:
     """All ``recipe.views`` views of one image."""
     return [sample_view(recipe, key, v, width, height) for v in range(recipe.views)]
+
+
+# ---- a view's geometry --------------------------------------------------------------------------
+
+
+def row_view(row: Mapping) -> View:
+    """The view a token row stores (its window, flip and jitter columns): the inverse of
+    ``beit_data.tokens.view_rows``."""
+    return View(row["x"], row["y"], row["w"], row["h"], row["flip"], row["brightness"], row["contrast"],
+                row["saturation"])
+
+
+def roi(views: Sequence[View]) -> np.ndarray:
+    """DALI's ``roi`` input for one image's views: (V, 4) float32 rows of each window's corners
+    x0, y0, x1, y1 (the far edges excluded)."""
+    return np.array([[v.x, v.y, v.x + v.w, v.y + v.h] for v in views], np.float32)
+
+
+def outside_image(x, y, w, h, width, height):
+    """Which windows are not inside their image (ints or numpy arrays, element-wise): a negative
+    corner, an empty side, or a far edge past the image's."""
+    return (x < 0) | (y < 0) | (w < 1) | (h < 1) | (x + w > width) | (y + h > height)
+
+
+def centre_view(width: int, height: int, fraction: float) -> View:
+    """The centred square window whose side is ``fraction`` of the image's shorter side (at
+    least a pixel), unflipped and without jitter."""
+    side = max(1, round(min(width, height) * fraction))
+    return View((width - side) // 2, (height - side) // 2, side, side, False, 1.0, 1.0, 1.0)

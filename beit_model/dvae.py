@@ -20,8 +20,8 @@ from beit_model.dall_e import Decoder, Encoder, map_pixels
 from beit_model.tokenizer_base import Tokenizer, fingerprint
 from beit_model.weights import read_weights
 
-__all__ = ["DVAEConfig", "CONFIGS", "DVAETokenizer", "from_state", "reconstruct", "save_checkpoint",
-           "CHECKPOINT_FORMAT"]
+__all__ = ["DVAEConfig", "CONFIGS", "DVAETokenizer", "from_state", "reconstruct", "tokenizer_state",
+           "save_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "beit-data-dvae/1"
 
@@ -177,10 +177,14 @@ def from_state(obj, path: Path, *, input_size: int | None = None, decoder: str |
     return DVAETokenizer(enc, dec, name=name, input_size=input_size or 112).eval()
 
 
+def tokenizer_state(config: DVAEConfig, encoder: Encoder, decoder: Decoder) -> dict:
+    """What a project dVAE file holds for ``from_state``: its format, architecture and weights.
+    ``save_checkpoint`` writes it alone; a ``train-dvae`` checkpoint (``pipelines.checkpoint``)
+    holds the run's training state beside it, so it loads as a tokenizer too."""
+    return {"format": CHECKPOINT_FORMAT, "config": asdict(config), "encoder": encoder.state_dict(),
+            "decoder": decoder.state_dict()}
 
 
-def save_checkpoint(path: str | Path, tokenizer_config: DVAEConfig, encoder: Encoder, decoder: Decoder,
-                    **extra) -> None:
-    """Write a project dVAE checkpoint atomically; ``load_tokenizer`` needs nothing else."""
-    save_atomic({"format": CHECKPOINT_FORMAT, "config": asdict(tokenizer_config),
-                 "encoder": encoder.state_dict(), "decoder": decoder.state_dict(), **extra}, path)
+def save_checkpoint(path: str | Path, tokenizer_config: DVAEConfig, encoder: Encoder, decoder: Decoder) -> None:
+    """Write a project dVAE tokenizer file atomically; ``load_tokenizer`` needs nothing else."""
+    save_atomic(tokenizer_state(tokenizer_config, encoder, decoder), path)

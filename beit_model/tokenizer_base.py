@@ -77,8 +77,10 @@ class Tokenizer(nn.Module, ABC):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (B, grid, grid) for images in [0,1]."""
 
-    def ids(self, pixels: torch.Tensor, *, pad_to: int | None = None, trusted: bool = False) -> torch.Tensor:
-        """Token ids (N, grid, grid) of views in [0,1], without gradients, in bf16 on a GPU.
+    def ids(self, pixels: torch.Tensor, *, pad_to: int | None = None, trusted: bool = False,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Token ids (N, grid, grid) of views in [0,1], without gradients, under autocast to
+        ``dtype`` (None: bf16 on a GPU, float32 on the CPU; float32: no autocast).
 
         With ``pad_to``, a short batch is padded to that size, so that a compiled encoder sees
         one shape and never recompiles. ``trusted`` skips the check that the values lie in [0,1]
@@ -90,7 +92,9 @@ class Tokenizer(nn.Module, ABC):
             pixels = torch.cat([pixels, pixels.new_zeros((pad_to - n, *pixels.shape[1:]))])
         self._trusted = trusted
         try:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda):
+            dtype = dtype or (torch.bfloat16 if pixels.is_cuda else torch.float32)
+            with torch.inference_mode(), torch.autocast(pixels.device.type, dtype=dtype,
+                                                        enabled=dtype != torch.float32):
                 return self.encode(pixels.float())[:n]
         finally:
             self._trusted = False

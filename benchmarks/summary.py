@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,7 @@ def write_files(folder: Path, rows: int, files: int, views: int = 10, grid: int 
     rng = np.random.default_rng(0)
     per_file = rows // files
     tokenizer = {"name": "dall-e", "fingerprint": "0" * 64, "vocab": vocab, "input_size": 112, "grid": grid}
-    meta = {**file_meta(tokenizer, ViewRecipe(views=views).as_dict(), decoder_meta("lanczos3"), min_size=112),
-            "rejects": []}
+    meta = file_meta(tokenizer, ViewRecipe(views=views), decoder_meta("lanczos3"), min_size=112)
     for f in range(files):
         images = per_file // views
         keys = [f"{f * images + i:09d}" for i in range(images)]
@@ -52,7 +52,7 @@ def write_files(folder: Path, rows: int, files: int, views: int = 10, grid: int 
                   "contrast": 1.0, "saturation": 1.0, "width": 500, "height": 375} for k in keys for v in range(views)]
         tokens = rng.integers(0, vocab, (len(rows_), grid * grid), dtype=np.int16)
         write_tokens(Location(folder / f"shard-{f:06d}.parquet"), build_table(rows_, tokens, grid),
-                     {**meta, "source": f"shard-{f:06d}.tar"})
+                     replace(meta, source=f"shard-{f:06d}.tar"))
 
 
 def main():

@@ -23,7 +23,16 @@ from pipelines.recipes import DVAE_CONFIGS, TOKENIZER_RECIPE, check_recipe_name,
 from pipelines.sections import Sectioned
 
 __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "InspectConfig", "IndexConfig",
-           "ExportConfig", "PlanConfig"]
+           "ExportConfig", "PlanConfig", "PRECISIONS", "check_precision"]
+
+# How a stage computes on its device (``pipelines.runtime.resolve_precision``): auto is bf16 on a GPU
+# that computes it natively, fp16 on older GPUs, fp32 on the CPU.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def check_precision(name: str) -> None:
+    if name not in PRECISIONS:
+        raise BeitDataError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {name!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,11 +117,14 @@ class TrainDVAEConfig:
     checkpoint_every: int = 200
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # PRECISIONS
     resume: bool = False
+    extend: bool = False  # a resumed run may train more `steps` than it was started with
     overwrite: bool = False
     progress: bool = True
 
-    RESUMABLE = ("shards", "out", "checkpoint_every", "device", "resume", "overwrite", "progress")
+    RESUMABLE = ("shards", "out", "checkpoint_every", "device", "resume", "overwrite", "progress", "precision",
+                 "extend")
 
     def __post_init__(self):
         resolve_locations(self, "out")
@@ -124,6 +136,7 @@ class TrainDVAEConfig:
             object.__setattr__(self, "gumbel_noise", 1.0 if self.config == "dalle" else 0.0)
         if self.resume and self.overwrite:
             raise BeitDataError("`resume` and `overwrite` exclude each other")
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +160,7 @@ class TokenizeConfig:
     overwrite: bool = False
     strict: bool = False  # a shard with any rejected sample is not written, and the run fails
     device: str = "auto"
+    precision: str = "auto"  # the tokenizer's forward pass: PRECISIONS
     num_threads: int = 4
     progress: bool = True
 
@@ -154,6 +168,7 @@ class TokenizeConfig:
         resolve_locations(self, "out")
         if self.batch_size < 1:
             raise BeitDataError(f"`batch_size` must be at least 1, got {self.batch_size}")
+        check_precision(self.precision)
         if self.min_size is not None and self.min_size < 0:
             raise BeitDataError(f"`min_size` must be 0 or more, got {self.min_size}")
         if self.batch_pixels is not None and self.batch_pixels < 1:
@@ -175,6 +190,7 @@ class ProbeConfig:
 
     Attributes:
         model: A pretrain run folder, or an encoder ``beit-data export`` wrote.
+        step: A checkpoint the run folder keeps, instead of its latest.
         train_shards, val_shards: Labeled shards (``.cls`` members).
         k, temperature: The k-NN's neighbours and the temperature of its ``exp(cos / T)`` votes.
         layers: Blocks (1-based) whose mean patch tokens are averaged; None: the last.
@@ -184,6 +200,7 @@ class ProbeConfig:
     model: Location
     train_shards: str
     val_shards: str
+    step: int | None = None
     k: int = 20
     temperature: float = 0.07
     layers: tuple[int, ...] | None = None
@@ -215,10 +232,12 @@ EXPORT_FOLDER_FILES = ("model.safetensors", "config.json")
 
 @dataclass(frozen=True, kw_only=True)
 class ExportConfig:
-    """``beit-data export``: a run's encoder, for timm (a folder of ``EXPORT_FOLDER_FILES``, or a file)."""
+    """``beit-data export``: a run's encoder, for timm (a folder of ``EXPORT_FOLDER_FILES``, or a file);
+    ``step`` picks a checkpoint the run keeps instead of its latest."""
 
     run: Location
     out: Location
+    step: int | None = None
     overwrite: bool = False
 
     def __post_init__(self):

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from beit_common import BeitDataError, Location, storage
 from beit_data.holdout import Holdout
 from beit_data.progress import progress_bar
-from beit_data.replay import image_members, pair_token_files, table_keys
+from beit_data.replay import image_members, pair_token_files
 from beit_data.shard_index import read_images, stale_index
 from beit_data.shards import SHARDS_REPORT, expand_shards, iter_images
-from beit_data.tokens import WINDOW_COLUMNS, check_rows, read_table
+from beit_data.tokens import WINDOW_COLUMNS, TokenMeta, check_rows, file_keys, read_table
 from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.class_maps import ClassMaps, merged
 from pipelines.runtime import DistInfo, all_ranks_ok, autocast, gather_dealt
@@ -86,7 +86,7 @@ def check_held_out_shards(spec: str, tokens: Location) -> None:
     image is decoded: what it checks before its first step (``pair_token_files``: a token file
     for each shard, one recipe, sound footers, shard sizes) and what it checks as it loads a
     shard (each key once with its views, ids and windows sound, every member as the token file
-    recorded it: ``table_keys``, ``check_rows``, ``image_members``). The held-out set is small,
+    recorded it: ``file_keys``, ``check_rows``, ``image_members``). The held-out set is small,
     so each shard gets all of it at once, and its ``.idx`` is compared with every tar header
     (``stale_index``), where training compares a few.
 
@@ -95,14 +95,14 @@ def check_held_out_shards(spec: str, tokens: Location) -> None:
     """
     shards, paths, footers, _ = pair_token_files(spec, tokens, held_out=True)
 
-    def check(shard: Location, path: Location, meta: dict) -> None:
+    def check(shard: Location, path: Location, meta: TokenMeta) -> None:
         table = read_table(path, columns=list(WINDOW_COLUMNS))
-        keys = table_keys(table, meta["views"]["views"], path)
-        check_rows(table, meta, path)
+        keys = file_keys(table.column("key"), meta.views.views, path)
+        check_rows(table, meta.tokenizer.vocab, path)
         stale = stale_index(shard)  # every member against the tar headers, where training reads a few
         if stale is not None:
             raise stale
-        image_members(shard, keys, token_file=path, fingerprint=meta.get("shard"), etag=None)
+        image_members(shard, keys, token_file=path, fingerprint=meta.shard, etag=None)
 
     storage.map_concurrently(lambda s: check(s[0], s[1], s[2][0]), list(zip(shards, paths, footers)))
 
@@ -177,7 +177,7 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
     ``dist`` of several ranks, each encodes shards ``rank, rank + W, ...`` and rank 0 gets them
     all, in shard order (the others return their own part)."""
     from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
-    from beit_data.views import View
+    from beit_data.views import centre_view
 
     decode = DaliViews(ViewSpec(size=image_size, interp="bicubic", jitter=False, mean=IMAGENET_MEAN,
                                 std=IMAGENET_STD, half=True), batch_size=batch_size, device=device,
@@ -188,10 +188,7 @@ def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], devic
     bar = progress_bar(desc=desc, unit="img", disable=not progress)
 
     def flush():
-        views = []
-        for _, info in pending:
-            side = max(1, round(min(info.width, info.height) * CROP))
-            views.append([View((info.width - side) // 2, (info.height - side) // 2, side, side, False, 1.0, 1.0, 1.0)])
+        views = [[centre_view(info.width, info.height, CROP)] for _, info in pending]
         images = decode([s.image for s, _ in pending], views)[:, 0].to(device).float()
         with autocast(device):
             feats.append(encoder_features(model, images, layers).cpu())

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from beit_common import BeitDataError, Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
 from beit_common.files import ensure_writable_dir, output_location
-from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.checkpoint_history import run_checkpoint
 from pipelines.config import EXPORT_FOLDER_FILES, ExportConfig
 
 __all__ = ["ExportConfig", "run_export", "timm_architecture", "timm_args", "input_config", "FILE_SUFFIXES"]
@@ -60,15 +61,16 @@ def input_config(img_size: int) -> dict:
 
 
 def run_export(cfg: ExportConfig) -> dict:
-    """Write the encoder of ``RUN/checkpoint.pt`` to ``out`` (a folder or a file; local or an
-    object URL); returns how to load it in timm.
+    """Write the encoder of ``RUN/checkpoint.pt`` (or of the checkpoint the run keeps at ``step``)
+    to ``out`` (a folder or a file; local or an object URL); returns how to load it in timm.
 
     Raises:
-        BeitDataError: For an ``out`` that exists (without ``overwrite``) or cannot be written.
+        BeitDataError: For an ``out`` that exists (without ``overwrite``) or cannot be written, or
+            a ``step`` the run keeps no checkpoint of.
     """
     from beit_model.beit_mim import encoder_state_dict
 
-    ckpt = load_checkpoint(checkpoint_path(cfg.run))
+    ckpt = load_checkpoint(run_checkpoint(cfg.run, cfg.step))
     out = cfg.out
     suffix = "." + out.name.rsplit(".", 1)[-1].lower() if "." in out.name else ""
     if suffix and suffix not in FILE_SUFFIXES:

@@ -11,7 +11,8 @@ from beit_common import BeitDataError, Location, output_file, write_atomic
 from beit_data.shard_index import read_images
 from beit_data.shards import expand_shards
 from beit_data.summary import summarise
-from beit_data.tokens import read_meta, read_table, row_view, token_files
+from beit_data.tokens import TokenMeta, read_meta, read_table, token_files
+from beit_data.views import row_view
 from pipelines.config import InspectConfig
 
 __all__ = ["InspectConfig", "run_inspect", "format_summary", "render_view", "render_histogram"]
@@ -55,7 +56,7 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _find_row(files: list[Location], key: str, view: int) -> tuple[dict, dict]:
+def _find_row(files: list[Location], key: str, view: int) -> tuple[dict, TokenMeta]:
     for path in files:
         try:
             table = read_table(path, filters=[("key", "=", key)])
@@ -93,19 +94,18 @@ def render_view(cfg: InspectConfig) -> Path | str:
 
     files = token_files(cfg.tokens)
     row, meta = _find_row(files, cfg.render, cfg.view)
-    data = _image_bytes(cfg.shards, meta["source"], cfg.render)
-    size, grid = meta["tokenizer"]["input_size"], meta["tokenizer"]["grid"]
+    data = _image_bytes(cfg.shards, meta.source, cfg.render)
+    size, grid = meta.tokenizer.input_size, meta.tokenizer.grid
     view = row_view(row)
-    seen = DaliViews(ViewSpec(views=1, size=size, interp=meta["views"].get("interp", "lanczos"),
-                              jitter=meta["views"]["target_jitter"]),
+    seen = DaliViews(ViewSpec(views=1, size=size, interp=meta.views.interp, jitter=meta.views.target_jitter),
                      batch_size=1)([data], [[view]])[0, 0].permute(1, 2, 0).numpy()  # (S, S, 3) in [0,1]
     tokens = np.array(row["tokens"]).reshape(grid, grid)
     panels = 4 if cfg.tokenizer else 3
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4), dpi=100)
     image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     axes[0].imshow(image)
-    axes[0].add_patch(plt.Rectangle((row["x"], row["y"]), row["w"], row["h"], fill=False, color="red", lw=2))
-    axes[0].set_title(f"{cfg.render} view {cfg.view}" + (" (flipped)" if row["flip"] else ""), fontsize=9)
+    axes[0].add_patch(plt.Rectangle((view.x, view.y), view.w, view.h, fill=False, color="red", lw=2))
+    axes[0].set_title(f"{cfg.render} view {cfg.view}" + (" (flipped)" if view.flip else ""), fontsize=9)
     axes[1].imshow(seen)
     axes[1].set_title(f"tokenizer input {size}px", fontsize=9)
     axes[2].imshow(tokens, cmap="tab20", interpolation="nearest")
@@ -116,9 +116,9 @@ def render_view(cfg: InspectConfig) -> Path | str:
         from beit_model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(cfg.tokenizer)
-        if tok.fingerprint != meta["tokenizer"]["fingerprint"]:
+        if tok.fingerprint != meta.tokenizer.fingerprint:
             raise BeitDataError(f"{cfg.tokenizer} is not the tokenizer these tokens came from "
-                                f"(fingerprint {tok.fingerprint[:12]} != {meta['tokenizer']['fingerprint'][:12]})")
+                                f"(fingerprint {tok.fingerprint[:12]} != {meta.tokenizer.fingerprint[:12]})")
         recon = tok.decode(torch.from_numpy(tokens)[None])[0].permute(1, 2, 0).numpy()
         axes[3].imshow(recon)
         axes[3].set_title("dVAE reconstruction", fontsize=9)

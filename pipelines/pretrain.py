@@ -4,7 +4,8 @@ The defaults are the paper's recipe for ViT-B/16: AdamW (0.9, 0.999), weight dec
 (none on biases, norms, LayerScale, the cls and mask tokens and the relative-position table),
 lr 1.5e-3 with a per-step linear warmup over 10 epochs and cosine decay to 1e-5, drop path
 0.1, LayerScale 0.1, gradient clipping at 3.0, 75 block-masked patches, 800 epochs.
-One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast, nccl) under torchrun.
+One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast where the GPU computes it
+natively, fp16 with a gradient scaler where it does not; nccl) under torchrun.
 
 The run reads top to bottom, as nanoGPT's ``train.py`` does:
 
@@ -16,37 +17,57 @@ The run reads top to bottom, as nanoGPT's ``train.py`` does:
 - ``Trainer``: the stream, the model, its optimizer and schedule, the held-out checks. It is
   itself the checkpoint's part: ``state_dict`` is the whole checkpoint (its record and every
   part's state), ``load_state_dict`` takes it back, so saving and resuming are one call each;
-- ``Trainer.train``: steps, logs, held-out figures and checkpoints, until the end, ``stop_after``
-  steps of this invocation, or a signal (SIGTERM, SIGINT and SIGHUP end it after the current
-  step, with a checkpoint).
+- ``Trainer.train``: steps, logs, held-out figures and checkpoints (the latest, and those the run
+  keeps: ``checkpoint_history``), until the end, ``stop_after`` steps of this invocation, or a
+  signal (SIGTERM, SIGINT and SIGHUP end it after the current step, with a checkpoint).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
 import torch
 
-from beit_common import BeitDataError, Location, redacted, save_atomic, write_text_atomic
-from beit_data.old_orders import kept_order
+from beit_common import BeitDataError, Location, redacted, save_atomic, storage, write_text_atomic
+from beit_data.old_orders import deals_to_ranks, kept_order, order_settings
 from beit_data.order import left_out_note
 from beit_data.progress import progress_bar
 from beit_data.replay import ReplaySource
 from beit_data.stream import TrainStream
 from beit_data.stream_config import StreamConfig
-from pipelines.checkpoint import CHECKPOINT, CheckpointMeta, RNGState, check_resume, checkpoint_path, load_checkpoint
+from pipelines.checkpoint import (
+    CHECKPOINT,
+    EXTENDABLE,
+    LATER_PARTS,
+    CheckpointMeta,
+    RNGState,
+    ScalerState,
+    check_resume,
+    checkpoint_path,
+    load_checkpoint,
+)
+from pipelines.checkpoint_history import History
 from pipelines.logs import BatchRecorder, Logger, LossReader
 from pipelines.preemption import Preemption
 from pipelines.pretrain_config import PretrainConfig
 from pipelines.recipes import TOKENIZER_RECIPE, view_recipe
 from pipelines.run_folder import Mirror, run_folder
-from pipelines.runtime import DistInfo, deterministic_on_cpu, dist_info, init_distributed, resolve_device
+from pipelines.runtime import (
+    DistInfo,
+    deterministic_on_cpu,
+    dist_info,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+)
+from pipelines.sections import settings_yaml
 from pipelines.training import accumulated_step, build_model, build_optimizer
 from pipelines.validation import QualityChecks
 
@@ -89,14 +110,18 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
         try:
+            if cfg.runtime.resume == "auto":  # resume where out holds a run, start one where not
+                found = storage.exists(checkpoint_path(cfg.runtime.out))
+                cfg = replace(cfg, runtime=replace(cfg.runtime, resume=found))
             with run_folder(cfg.runtime, dist) as (out, mirror):
                 checkpoint = load_checkpoint(checkpoint_path(Location(out))) if cfg.runtime.resume else None
                 saved = CheckpointMeta.from_checkpoint(checkpoint) if checkpoint is not None else None
                 # The token files' footers, read once: their metadata completes the config.
                 source = None if cfg.data.online else ReplaySource.open(cfg.data, rank=dist.rank,
                                                                         world_size=dist.world_size)
-                targets = {"tokenizer": tokenizer.describe()} if tokenizer is not None else source.meta
-                trainer = Trainer(resolve(cfg, saved, targets, dist.world_size), out=out, device=device, dist=dist,
+                # The recipe the targets were made with: the online tokenizer's, or the token files'.
+                made_with = TOKENIZER_RECIPE[tokenizer.kind] if tokenizer is not None else source.meta.views.recipe
+                trainer = Trainer(resolve(cfg, saved, made_with, dist.world_size), out=out, device=device, dist=dist,
                                   mirror=mirror, saved=saved, source=source, tokenizer=tokenizer)
                 if checkpoint is not None:
                     trainer.load_state_dict(checkpoint)
@@ -118,16 +143,14 @@ def online_tokenizer(cfg: PretrainConfig):
 # ---- the config, resolved once ------------------------------------------------------------------
 
 
-def resolve(cfg: PretrainConfig, saved: CheckpointMeta | None, targets: dict, world_size: int = 1) -> PretrainConfig:
-    """The config complete, before anything is built: the order of a run from before partitions
-    (shards dealt to its ranks) or from before masks had their own draws, the per-rank batch of a
-    run resumed on another number of ranks, and the recipe of the token files (or of the online
-    tokenizer) where none was named.
+def resolve(cfg: PretrainConfig, saved: CheckpointMeta | None, made_with: str, world_size: int = 1) -> PretrainConfig:
+    """The config complete, before anything is built: the order version of a resumed run (its
+    checkpoint's: ``beit_data.old_orders``), the per-rank batch of a run resumed on another number
+    of ranks, and the recipe of the token files (or of the online tokenizer) where none was named.
 
     Args:
         saved: The record of the checkpoint being resumed, if any.
-        targets: What the targets come from: the token files' metadata, or ``{"tokenizer":
-            ...}`` of the online tokenizer (``describe()``).
+        made_with: The recipe of the targets: the token files', or the online tokenizer's kind's.
     """
     changes: dict = {}
     if saved is not None:
@@ -137,8 +160,7 @@ def resolve(cfg: PretrainConfig, saved: CheckpointMeta | None, targets: dict, wo
         if batch_size != cfg.data.batch_size:
             changes["batch_size"] = batch_size
     if cfg.recipe is None:
-        changes["recipe"] = (TOKENIZER_RECIPE[targets["tokenizer"]["kind"]] if cfg.data.online
-                             else targets["views"].get("recipe", "beit"))
+        changes["recipe"] = made_with
     return cfg.with_settings(**changes) if changes else cfg
 
 
@@ -150,10 +172,11 @@ def _same_global_batch(data: StreamConfig, saved: dict, saved_world: int, world_
     if data.global_batch(world_size) == before or (world_size, data.grad_accum) == (saved_world, saved["grad_accum"]):
         return data.batch_size
     per_rank, rest = divmod(before, world_size * data.grad_accum)
-    if rest or (saved["dealt"] and world_size != saved_world):
+    dealt = deals_to_ranks(saved["order_version"])
+    if rest or (dealt and world_size != saved_world):
         raise BeitDataError(f"the run being resumed trains global batches of {before} ({saved_world} ranks x "
                             f"`grad_accum` {saved['grad_accum']} x `batch_size` {saved['batch_size']}); "
-                            + ("its order deals shards to its ranks, so it resumes on them only" if saved["dealt"]
+                            + ("its order deals shards to its ranks, so it resumes on them only" if dealt
                                else f"they do not split over {world_size} ranks x `grad_accum` {data.grad_accum}; "
                                     "choose a `grad_accum` that divides them"))
     return per_rank
@@ -163,7 +186,7 @@ def run_data(stream: TrainStream) -> dict:
     """What a run trains on, as its checkpoint records it: shard names (not paths, which may
     move), their tokenized images, and the tokenizer and view recipe."""
     return {"shards": [s.name for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
-            "tokenizer": stream.meta["tokenizer"], "views": stream.meta["views"]}
+            **stream.meta.targets()}
 
 
 # ---- the trainer --------------------------------------------------------------------------------
@@ -187,26 +210,40 @@ class Trainer:
                  mirror: Mirror | None = None, saved: CheckpointMeta | None = None,
                  source: ReplaySource | None = None, tokenizer=None):
         self.cfg, self.out, self.device, self.dist, self.mirror = cfg, out, device, dist, mirror
-        self.step, self.resumed_at = 0, None
+        self.step, self.resumed_at, self._extended_from = 0, None, None
+        self.history = History(Location(mirror.url if mirror is not None else out),
+                               newest=cfg.runtime.keep_checkpoints, every_epochs=cfg.runtime.checkpoint_every_epochs)
         # Online targets draw one fresh view per image each epoch, with the recipe's crop, flip and jitter.
         recipe = view_recipe(cfg.recipe, views=1, seed=cfg.data.seed) if cfg.data.online else None
         self.stream = TrainStream(cfg.data, rank=dist.rank, world_size=dist.world_size, device=device,
                                   tokenizer=tokenizer, recipe=recipe, source=source)
         self.data = run_data(self.stream)
+        self._steps_in = functools.lru_cache(maxsize=2)(self.stream.steps_per_epoch)  # of an epoch, asked each step
         if saved is not None:
-            changed = check_resume(saved, redacted(cfg.flat()), PretrainConfig.RESUMABLE, dist.world_size, self.data)
+            resumable = PretrainConfig.RESUMABLE + (EXTENDABLE if cfg.runtime.extend else ())
+            changed = check_resume(saved, redacted(cfg.flat()), resumable, dist.world_size, self.data)
             if changed and self.is_main:
                 print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
                       file=sys.stderr)
+        self.precision, why = resolve_precision(cfg.runtime.precision, device)
+        if self.is_main and (self.precision.device_type == "cuda" or self.precision.name != "fp32"):
+            print(f"pretrain: precision {why}", file=sys.stderr)  # the CPU's fp32 goes without saying
+        self.scaler = self.precision.scaler()
         self.model = self._model()
         self.total, self.warmup = self._schedule()
+        if cfg.runtime.extend and saved is not None:
+            self._extended_from = saved.step
+            if self.total <= saved.step:
+                raise BeitDataError(f"`extend`: the run has trained {saved.step} steps; give `steps` (or `epochs`) "
+                                    f"beyond them, not {self.total}")
         optim = cfg.optim
         self.optimizer, self.scheduler = build_optimizer(
             self.model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay, betas=optim.betas,
             warmup=self.warmup, total=self.total)
         self.checks = QualityChecks(cfg.eval, self.stream, dist, device, depth=len(self.model.blocks))
         self.parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                      "stream": self.stream, "rng": RNGState(device, dist.rank, dist.world_size)}
+                      "stream": self.stream, "rng": RNGState(device, dist.rank, dist.world_size),
+                      "scaler": ScalerState(self.scaler)}
         if saved is None:
             torch.manual_seed(cfg.data.seed + 1000 * dist.rank)  # drop path differs per rank
 
@@ -255,18 +292,22 @@ class Trainer:
     def load_state_dict(self, checkpoint: dict) -> None:
         """Take back a checkpoint's state (``load_checkpoint``): each part's, and the step."""
         for name, part in self.parts.items():
-            part.load_state_dict(checkpoint[name])
+            part.load_state_dict(checkpoint.get(name) if name in LATER_PARTS else checkpoint[name])
         self.step = self.resumed_at = checkpoint["step"]
         if checkpoint["world_size"] != self.dist.world_size:  # no saved generator is this rank's own: a fresh one
             torch.manual_seed(self.cfg.data.seed + 1000 * self.dist.rank + 1_000_003 * self.step)
 
-    def save(self) -> None:
+    def save(self, epoch: int | None = None) -> None:
         """Every rank gives its parts' state, rank 0 writes the checkpoint (atomically: a kill never
-        leaves half a file) and uploads the run folder of an object-storage ``out``."""
+        leaves half a file), uploads the run folder of an object-storage ``out``, and then keeps
+        the checkpoint where due and deletes those no longer kept (``History.keep``; ``epoch``:
+        the epochs it ends, where it is kept for good)."""
         state = self.state_dict()
         if self.is_main:
             save_atomic(state, checkpoint_path(Location(self.out)))
         self.push()
+        if self.is_main:
+            self.history.keep(self.step, epoch)
 
     def push(self) -> None:
         """Upload what changed in the run folder to an object-storage ``out`` (rank 0), the checkpoint
@@ -277,33 +318,41 @@ class Trainer:
     # ---- the loop ----
 
     def settings(self) -> dict:
-        """The resolved settings, as ``config.json`` holds them (the checkpoint holds each rank's threads)."""
-        return {**redacted(self.cfg.flat()), "ranks": self.dist.world_size,
-                "global_batch": self.cfg.data.global_batch(self.dist.world_size), "total_steps": self.total,
-                "warmup_steps": self.warmup, "steps_per_epoch": self.stream.steps_per_epoch(0),
-                "torch_threads": torch.get_num_threads()}
+        """The resolved settings, as ``config.json`` holds them (the checkpoint holds each rank's
+        threads), and the settings that said the order before its version (``order_settings``)."""
+        data = self.cfg.data
+        return {**redacted(self.cfg.flat()), **order_settings(data.order_version, data.targets),
+                "ranks": self.dist.world_size, "global_batch": data.global_batch(self.dist.world_size),
+                "total_steps": self.total, "warmup_steps": self.warmup,
+                "steps_per_epoch": self.stream.steps_per_epoch(0), "torch_threads": torch.get_num_threads()}
 
     def train(self) -> PretrainResult:
         """Train from ``step`` to the end, for ``stop_after`` steps, or until a signal."""
         cfg, config = self.cfg, self.settings()
         if self.is_main:
             write_text_atomic(self.out / "config.json", json.dumps(config, indent=1))
+            write_text_atomic(self.out / "config.yaml", settings_yaml(redacted(cfg.flat())))  # for --config
         forward, logs = self._forward_module(), Logs.open(self, config)
         stop_at = min(self.total, self.step + cfg.runtime.stop_after if cfg.runtime.stop_after else self.total)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         stopped = 0
+        if self._extended_from is not None:
+            logs.logger.log({"step": self.step, "event": "extended", "total_steps": self.total})
+            if self.is_main:
+                print(f"pretrain: extending the run to {self.total} steps; it has trained {self.step}, and the "
+                      f"learning rate's cosine now ends at step {self.total}", file=sys.stderr)
         if self.step == 0:
             self.checks(self.model, 0, self.total, logs.logger)  # the held-out figures before training
         self.model.train()
-        accum = cfg.data.grad_accum
+        accum, batches = cfg.data.grad_accum, self.stream.batches(dtype=self.precision.dtype)
         try:
-            with Preemption(self.dist.world_size) as preemption, closing(self.stream.batches(dtype=dtype)) as stream:
+            with Preemption(self.dist.world_size) as preemption, closing(batches) as stream:
                 while self.step < stop_at:
                     done = StepRecord()
                     out = accumulated_step(self.model, self.optimizer, self.scheduler,
                                            done.micro_batches(islice(stream, accum)), accum=accum,
                                            max_masked=cfg.data.num_masked, clip_grad=cfg.optim.clip_grad,
-                                           device=self.device, forward=forward, world_size=self.dist.world_size)
+                                           device=self.device, forward=forward, world_size=self.dist.world_size,
+                                           precision=self.precision, scaler=self.scaler)
                     self.step += 1
                     stopped = preemption.requested()
                     self._after_step(logs, out, done, stop_at, stopped)
@@ -329,7 +378,8 @@ class Trainer:
         logs.losses.add(self.step - 1, out.loss)
         logs.meter.seen += done.images * self.dist.world_size
         log_now = self.step % runtime.log_every == 0 or self.step == self.total
-        save_now = self.step % runtime.checkpoint_every == 0 or self.step == stop_at or stopped
+        kept_epoch = self._kept_epoch(done)
+        save_now = self.step % runtime.checkpoint_every == 0 or self.step == stop_at or stopped or kept_epoch
         if log_now or save_now:
             logs.losses.read()
         if log_now:
@@ -339,12 +389,21 @@ class Trainer:
             self.checks(self.model, self.step, self.total, logs.logger)
         if save_now:
             logs.recorder.flush()
-            self.save()
+            self.save(kept_epoch)
+
+    def _kept_epoch(self, done: StepRecord) -> int | None:
+        """The epochs done, where this step ends one whose checkpoint the run keeps for good."""
+        if not self.history.every_epochs:
+            return None
+        ended = done.step + 1 == self._steps_in(done.epoch)
+        return done.epoch + 1 if ended and self.history.keeps_epoch(done.epoch + 1) else None
 
     def _log_step(self, logs: Logs, out, epoch: int) -> None:
         img_s, acc = logs.meter.rate(), out.accuracy()
         record = {"step": self.step, "epoch": epoch, "loss": logs.losses.last, "acc": acc,
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(out.grad_norm), "img_s": img_s}
+        if self.scaler.is_enabled():  # fp16: a scale that keeps falling means the gradients overflow
+            record["loss_scale"] = self.scaler.get_scale()
         if self.device.type == "cuda":  # the peak so far: a leak shows as growth between logs
             record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         logs.logger.log(record)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from beit_common import BeitDataError, Location, resolve_locations
 from beit_data.stream_config import StreamConfig
+from pipelines.config import check_precision
 from pipelines.recipes import RECIPES, check_recipe_name
 from pipelines.sections import Sectioned, setting_names
 
@@ -79,17 +80,26 @@ class EvalConfig:
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     out: Location
-    resume: bool = False
+    resume: bool | str = False  # True, False, or "auto": resume where out holds a run, start one where not
+    extend: bool = False  # a resumed run may train more steps (or epochs) than it was started with
     stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 0  # the newest N checkpoints kept as RUN/checkpoints/step-S.pt (0: the latest only)
+    checkpoint_every_epochs: int = 100  # the checkpoint ending every N-th epoch kept for good (0: none)
     log_every: int = 10
     compile: bool = False
     device: str = "auto"
+    precision: str = "auto"  # PRECISIONS: bf16 where the GPU computes it natively, fp16 on older GPUs, fp32 on the CPU
     progress: bool = True
     record_batches: bool = False  # each rank writes the keys of its every step to RUN/batches-rank{R}.jsonl
 
     def __post_init__(self):
         resolve_locations(self, "out")
+        check_precision(self.precision)
+        if self.resume not in (True, False, "auto"):
+            raise BeitDataError(f"`resume` must be true, false or auto, got {self.resume!r}")
+        if self.keep_checkpoints < 0 or self.checkpoint_every_epochs < 0:
+            raise BeitDataError("`keep_checkpoints` and `checkpoint_every_epochs` must be at least 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,10 +122,10 @@ class PretrainConfig(Sectioned):
     # they may change with the number of ranks, the global batch may not (``check_resume``).
     # Every other setting must equal the checkpoint's, the step count and epochs included: the
     # cosine schedule is a function of the total, so extending a run would change its past.
-    RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "log_every", "resume",
-                 "compile", "device", "num_threads", "progress", "val_shards", "val_tokens", "val_every", "val_images",
-                 "probe_every", "probe_train", "probe_val", "probe_layers", "record_batches", "batch_size",
-                 "grad_accum")
+    RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "keep_checkpoints",
+                 "checkpoint_every_epochs", "log_every", "resume", "compile", "device", "num_threads", "progress",
+                 "val_shards", "val_tokens", "val_every", "val_images", "probe_every", "probe_train", "probe_val",
+                 "probe_layers", "record_batches", "batch_size", "grad_accum", "precision", "extend")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)

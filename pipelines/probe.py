@@ -23,16 +23,19 @@ from pipelines.runtime import dist_info, init_distributed, resolve_device
 __all__ = ["ProbeConfig", "run_probe", "format_probe", "load_encoder"]
 
 
-def load_encoder(source: Location) -> tuple[torch.nn.Module, str]:
-    """A pretrain run folder's model, an export folder (``config.json``, ``model.safetensors``), or
-    an exported encoder file (``.pth`` / ``.safetensors`` with its ``.json``), local or on object
-    storage."""
+def load_encoder(source: Location, step: int | None = None) -> tuple[torch.nn.Module, str]:
+    """A pretrain run folder's model (its latest, or the checkpoint it keeps at ``step``), an
+    export folder (``config.json``, ``model.safetensors``), or an exported encoder file (``.pth`` /
+    ``.safetensors`` with its ``.json``), local or on object storage."""
     from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+    from pipelines.checkpoint_history import run_checkpoint
 
     if not source.seekable:  # a command's output, read from its start only: no folder, no file beside it
         raise BeitDataError(f"{source}: give a run folder or an exported encoder, not a pipe: command")
     if storage.exists(checkpoint_path(source)):
-        return model_from_checkpoint(load_checkpoint(checkpoint_path(source))), "run"
+        return model_from_checkpoint(load_checkpoint(run_checkpoint(source, step))), "run"
+    if step is not None:
+        raise BeitDataError(f"{source}: `step` picks a checkpoint of a pretrain run folder, and this is none")
     if all(storage.exists(source / name) for name in EXPORT_FOLDER_FILES):
         return _export_folder(source), "encoder"
     info_path = source.sibling(".json")
@@ -88,7 +91,7 @@ def run_probe(cfg: ProbeConfig) -> dict | None:
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     dist = init_distributed(device)
     try:
-        model, kind = load_encoder(cfg.model)
+        model, kind = load_encoder(cfg.model, cfg.step)
         model = model.to(device).eval()
         layers = check_layers(cfg.layers, len(model.blocks))
         (train, train_labels, train_maps), (val, val_labels, val_maps) = (
@@ -102,7 +105,8 @@ def run_probe(cfg: ProbeConfig) -> dict | None:
     if dist.rank:
         return None
     check_class_maps(train_maps, val_maps)
-    result = {"model": str(cfg.model), "kind": kind, "layers": layers, "train_images": len(train_labels),
+    result = {"model": str(cfg.model), **({"step": cfg.step} if cfg.step is not None else {}), "kind": kind,
+              "layers": layers, "train_images": len(train_labels),
               "val_images": len(val_labels), "classes": int(max(train_labels.max(), val_labels.max())) + 1,
               "knn": knn(train, train_labels, val, val_labels, k=cfg.k, temperature=cfg.temperature),
               "chance_top1": float(np.bincount(val_labels.numpy()).max() / len(val_labels))}
@@ -115,7 +119,8 @@ def format_probe(r: dict) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:5.1f}%"
 
-    lines = [f"encoder       {r['model']} ({r['kind']})  layers {','.join(map(str, r['layers']))}",
+    step = f", step {r['step']}" if "step" in r else ""
+    lines = [f"encoder       {r['model']} ({r['kind']}{step})  layers {','.join(map(str, r['layers']))}",
              f"images        train {r['train_images']:,}  val {r['val_images']:,}  classes {r['classes']}  "
              f"chance {pct(r['chance_top1']).strip()}",
              f"k-NN          top-1 {pct(r['knn']['top1'])}  top-5 {pct(r['knn']['top5'])}  "

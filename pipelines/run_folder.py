@@ -2,11 +2,14 @@
 
 A run writes its checkpoint and logs into a local folder. For an ``s3://`` or ``gs://`` ``out``,
 that folder mirrors the prefix (``Mirror``): a resumed run downloads the checkpoint first (rank
-0: the logs too), and rank 0 uploads what changed at every checkpoint, the checkpoint last.
+0: the logs too), and rank 0 uploads what changed at every checkpoint, the checkpoint last. The
+checkpoints a run keeps (``checkpoint_history``) stay on the prefix alone: the server copies
+them there from the uploaded checkpoint, and no node downloads them.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -26,10 +29,11 @@ from beit_common import (
 from beit_common.files import upload
 from beit_common.location import inside
 from pipelines.checkpoint import CHECKPOINT, checkpoint_path
+from pipelines.checkpoint_history import KEPT
 from pipelines.pretrain_config import RuntimeConfig
 from pipelines.runtime import DistInfo
 
-__all__ = ["Mirror", "run_folder"]
+__all__ = ["Mirror", "run_folder", "recorded_settings"]
 
 
 class Mirror:
@@ -41,17 +45,22 @@ class Mirror:
         url: The prefix.
         local: The folder that mirrors it.
         skip: Names never uploaded (locks, temporary files).
+        remote: Folders of the prefix that stay there alone, never downloaded nor uploaded.
     """
 
-    def __init__(self, url: Location, local: Path, skip: Sequence[str] = ()):
+    def __init__(self, url: Location, local: Path, skip: Sequence[str] = (), remote: Sequence[str] = ()):
         self.url = str(url).rstrip("/")
         self.local = local
         self.skip = set(skip)
+        self.remote = set(remote)
         self._pushed: dict[str, tuple[int, int]] = {}
 
     def _files(self) -> list[Path]:
         return sorted(p for p in self.local.rglob("*") if p.is_file() and p.name not in self.skip
-                      and not p.name.startswith("."))
+                      and not p.name.startswith(".") and not self._remote(self._name(p)))
+
+    def _remote(self, name: str) -> bool:
+        return name.split("/", 1)[0] in self.remote
 
     def reset(self) -> None:
         """Empty the local folder (left over from an earlier run of this prefix)."""
@@ -62,13 +71,15 @@ class Mirror:
         self._pushed.clear()
 
     def pull(self, names: Sequence[str] | None = None) -> None:
-        """Download the prefix's files (or just ``names``) into the empty local folder."""
+        """Download the prefix's files (or just ``names``), but its ``remote`` folders, into the
+        empty local folder."""
         self.reset()
         if names is None:
             fs, path = storage.filesystem(self.url)
             with storage.remote_errors(self.url, "listing"):
                 fs.invalidate_cache()
                 names = [n[len(path.rstrip("/")) + 1:] for n in fs.find(path)]
+            names = [n for n in names if not self._remote(n)]
         targets = [inside(self.local, name, self.url) for name in names]  # all checked before any is written
         for name, target in zip(names, targets):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +129,7 @@ def run_folder(cfg: RuntimeConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirro
     if out is None:
         ensure_writable_dir(target)
         mirror = Mirror(target, cache.cache_dir("runs", cache.cache_key(target), f"rank{dist.rank}"),
-                        skip=(LOCK_NAME,))
+                        skip=(LOCK_NAME,), remote=(KEPT,))
         out = mirror.local
     created = not out.exists()
     ensure_writable_dir(out)
@@ -127,6 +138,7 @@ def run_folder(cfg: RuntimeConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirro
         with folder_lock(cfg.out, "beit-data pretrain") if dist.rank == 0 else nullcontext():
             if dist.rank == 0:
                 remove_stale_temps(out)  # a checkpoint half-written when the last run was killed
+                remove_stale_temps(out / KEPT)  # or half-copied to be kept
             if mirror is not None and not cfg.resume:
                 mirror.reset()
             elif mirror is not None:
@@ -136,3 +148,17 @@ def run_folder(cfg: RuntimeConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirro
         if created and dist.rank == 0 and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def recorded_settings(out: Location) -> dict:
+    """The settings a run folder's ``config.json`` records (``{}`` where it holds none): what a
+    resumed run takes for every setting not given again. Lists read back as the tuples they were."""
+    text = storage.read_text_if_there(out / "config.json")
+    if text is None:
+        return {}
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError:
+        raise BeitDataError(f"{out / 'config.json'} is not JSON; give every setting again") from None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+

@@ -10,9 +10,10 @@ from typing import Mapping
 import torch
 
 from beit_common import BeitDataError
+from pipelines.config import check_precision
 
-__all__ = ["resolve_device", "autocast", "deterministic_on_cpu", "same_threads", "DistInfo", "dist_info",
-           "init_distributed", "slurm_env", "first_host", "gather_dealt", "all_ranks_ok"]
+__all__ = ["resolve_device", "autocast", "Precision", "resolve_precision", "deterministic_on_cpu", "same_threads",
+           "DistInfo", "dist_info", "init_distributed", "slurm_env", "first_host", "gather_dealt", "all_ranks_ok"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -30,10 +31,57 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on a GPU; a no-op context on the CPU (fp32 there)."""
+    """bf16 autocast on a GPU; a no-op context on the CPU (fp32 there). What evaluation and the
+    benchmarks use; training takes its ``Precision``."""
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a stage computes on its device: ``bf16`` or ``fp16`` autocast (fp16 with a gradient
+    scaler when training), or plain ``fp32``. The weights and the optimizer stay float32."""
+
+    name: str  # bf16 | fp16 | fp32
+    device_type: str  # cuda | cpu
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's inputs and of its autocast region."""
+        return _DTYPES[self.name]
+
+    def autocast(self):
+        """The forward pass's context: autocast to ``dtype``, or nothing for fp32."""
+        if self.name == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """The gradient scaler of a training step: enabled for fp16 only (bf16 has fp32's range);
+        a disabled one passes the loss and the step through unchanged."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[Precision, str]:
+    """The precision of ``name`` on ``device`` and the line that says why. ``auto`` is bf16 on a
+    GPU that computes it natively (Ampere and later), fp16 on one that would emulate it (V100,
+    T4: torch runs bf16 there, slowly), and fp32 on the CPU."""
+    check_precision(name)
+    gpu = device.type == "cuda"
+    if name == "auto":
+        if not gpu:
+            return Precision("fp32", device.type), "fp32 on the CPU"
+        gpu_name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return Precision("bf16", "cuda"), f"bf16 autocast: {gpu_name} computes bf16 natively"
+        return Precision("fp16", "cuda"), (f"fp16 autocast with a gradient scaler: {gpu_name} has no native bf16 "
+                                           "(--precision bf16 would be emulated, and slow)")
+    said = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with a gradient scaler", "fp32": "fp32"}[name]
+    return Precision(name, device.type), f"{said}, as asked"
 
 
 @contextmanager

@@ -8,7 +8,10 @@ from dataclasses import asdict, fields
 
 from beit_common import BeitDataError
 
-__all__ = ["Sectioned", "default", "owners", "setting_names"]
+__all__ = ["Sectioned", "default", "owners", "setting_names", "INVOCATION", "settings_yaml"]
+
+# What a run never takes from a record of settings: where it is, and what one invocation does.
+INVOCATION = ("out", "resume", "extend", "overwrite", "stop_after", "progress")
 
 
 def default(config: type, name: str):
@@ -66,3 +69,17 @@ class Sectioned:
     def with_settings(self, **settings):
         """A copy with some flat settings changed."""
         return type(self).from_flat(**{**self.flat(), **settings})
+
+
+def settings_yaml(settings: dict) -> str:
+    """A run's resolved settings as the YAML that ``--config`` takes back (``config.yaml``): what
+    it computes and how, without where it wrote or what one invocation did (``INVOCATION``)."""
+    import yaml
+
+    def plain(value):  # a location (or path) as its text, a tuple as a list
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+    return yaml.safe_dump({k: plain(v) for k, v in settings.items() if k not in INVOCATION}, sort_keys=True)
+

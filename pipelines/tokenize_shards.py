@@ -16,9 +16,10 @@ written, naming ``beit-data index --overwrite``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from beit_data.progress import progress_bar
 from beit_data.shard_index import StaleIndex, check_fingerprint, index_count, shard_fingerprint, stale_index
 from beit_data.shards import Reject, check_finished_folders, expand_shards, iter_images, without_duplicates
 from beit_data.tokens import (
+    TokenMeta,
     build_table,
     check_recipe,
     decoder_meta,
@@ -57,7 +59,8 @@ from beit_data.tokens import (
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.tokenizer import Tokenizer, load_tokenizer
 from pipelines.config import TokenizeConfig
-from pipelines.runtime import dist_info, init_distributed, resolve_device
+from pipelines.runtime import dist_info, init_distributed, resolve_device, resolve_precision
+from pipelines.sections import settings_yaml
 
 __all__ = ["TokenizeConfig", "TokenizeJob", "TokenizeResult", "run_tokenize"]
 
@@ -89,17 +92,17 @@ class TokenizeJob:
     cfg: TokenizeConfig
     recipe: ViewRecipe
     min_size: int
-    meta: dict
+    meta: TokenMeta
 
     @classmethod
     def resolve(cls, cfg: TokenizeConfig, tokenizer: Tokenizer) -> TokenizeJob:
         recipe = cfg.view_recipe_for(tokenizer.kind)
         min_size = tokenizer.input_size if cfg.min_size is None else cfg.min_size
-        meta = file_meta(tokenizer.describe(), recipe.as_dict(), decoder_meta(RESIZE_FILTER[recipe.interp]), min_size)
+        meta = file_meta(tokenizer.describe(), recipe, decoder_meta(RESIZE_FILTER[recipe.interp]), min_size)
         return cls(cfg, recipe, min_size, meta)
 
 
-def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool
+def _plan(shards: list[Location], out: Location, meta: TokenMeta, overwrite: bool
           ) -> tuple[list[Location], int, dict[str, int]]:
     """The shards still to tokenize, how many are done, and the views each file with fewer views
     of the same recipe holds (it gets the missing ones only). A finished file made from the same
@@ -122,13 +125,13 @@ def _plan(shards: list[Location], out: Location, meta: dict, overwrite: bool
         try:
             have = read_meta(target)
             if grows_to(have, meta) and not overwrite:  # views 0 .. V-1 are kept; V .. are added
-                check_fingerprint(shard, have.get("shard"), target, full=storage.scan_is_cheap(shard))
+                check_fingerprint(shard, have.shard, target, full=storage.scan_is_cheap(shard))
                 todo.append(shard)
                 grow[str(shard)] = grows_to(have, meta)
                 continue
             check_recipe(have, meta, f"{target} and this run", hint)
             # On object storage, the size (and the .idx where there is one): not a scan of the tar.
-            check_fingerprint(shard, have.get("shard"), target, full=storage.scan_is_cheap(shard))
+            check_fingerprint(shard, have.shard, target, full=storage.scan_is_cheap(shard))
         except StaleIndex:
             raise  # tokenizing again would not mend the index
         except BeitDataError as exc:
@@ -174,9 +177,10 @@ def _decoded_batches(prepared, shard: Location, views: DaliViews, rejects: list[
 
 
 def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, views: DaliViews, device,
-                   bar, first: int = 0) -> tuple[int, int, list[Reject]]:
+                   bar, first: int = 0, dtype: torch.dtype | None = None) -> tuple[int, int, list[Reject]]:
     """Tokenize one shard and write its Parquet file; from view ``first`` on, added to the file's
-    views ``0 .. first - 1``, which are kept as they are. Returns (images, views, rejects)."""
+    views ``0 .. first - 1``, which are kept as they are. ``dtype`` is the tokenizer's autocast
+    (``Tokenizer.ids``). Returns (images, views, rejects)."""
     rejects: list[Reject] = []
     all_rows, all_tokens = [], []
     # Three threads overlap: Python reads and prepares batches, DALI decodes, the dVAE encodes.
@@ -188,7 +192,7 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     cfg, per_image = job.cfg, job.cfg.views - first
     prepared = prefetch(_prepared_batches(shard, job, rejects, members, first))
     for rows, pixels in prefetch(_decoded_batches(prepared, shard, views, rejects, first)):
-        ids = tokenizer.ids(pixels.to(device, non_blocking=True),
+        ids = tokenizer.ids(pixels.to(device, non_blocking=True), dtype=dtype,
                             pad_to=cfg.batch_size * per_image if cfg.compile else None)  # (N*V, grid, grid)
         all_rows += rows
         all_tokens.append(ids.to("cpu", torch.int16).numpy())
@@ -202,8 +206,8 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     fingerprint = shard_fingerprint(shard, members, size=size)
     if cfg.strict and rejects:  # nothing a rerun would take as finished
         return len(all_rows) // per_image, len(all_rows), rejects
-    meta = {**job.meta, "source": shard.name, "shard": fingerprint,
-            "rejects": [{"key": r.key, "reason": r.reason} for r in rejects]}
+    meta = replace(job.meta, source=shard.name, shard=fingerprint,
+                   rejects=tuple((r.key, r.reason) for r in rejects))
     path, table = token_path(cfg.out, shard), build_table(all_rows, tokens, grid)
     if first:
         table = with_more_views(read_table(path), table, path)
@@ -246,6 +250,9 @@ def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, ou
     mine = shards[dist.rank :: dist.world_size]
     todo, skipped, grow = _plan(mine, out, job.meta, cfg.overwrite)
     tokenizer = tokenizer.to(device)
+    precision, why = resolve_precision(cfg.precision, device)
+    if dist.rank == 0 and (precision.device_type == "cuda" or precision.name != "fp32"):
+        print(f"tokenize: precision {why}", file=sys.stderr)
     if cfg.compile:  # the fingerprint was taken from the weights before; compiling does not change them
         tokenizer.compile_encoder()
     pipelines: dict[int, DaliViews] = {}  # by the views each image gets: all of them, or those a file lacks
@@ -263,16 +270,17 @@ def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, ou
                        position=dist.rank)
     for shard in todo:
         first = grow.get(str(shard), 0)
-        images, n_views, rejects = tokenize_shard(shard, job, tokenizer, views_from(first), device, bar, first)
+        images, n_views, rejects = tokenize_shard(shard, job, tokenizer, views_from(first), device, bar, first,
+                                                  dtype=precision.dtype)
         summary.images += images
         summary.views += n_views
         summary.rejects += [r.as_dict() for r in rejects]
     bar.close()
     summary.seconds = time.perf_counter() - start
-    return _gather_and_write(summary, out, dist)
+    return _gather_and_write(summary, out, dist, settings_yaml(redacted(asdict(cfg))))
 
 
-def _gather_and_write(summary: TokenizeResult, out: Location, dist) -> TokenizeResult:
+def _gather_and_write(summary: TokenizeResult, out: Location, dist, settings: str) -> TokenizeResult:
     parts = [summary]
     if dist.world_size > 1:
         parts = [None] * dist.world_size
@@ -289,6 +297,7 @@ def _gather_and_write(summary: TokenizeResult, out: Location, dist) -> TokenizeR
     if dist.rank == 0 and (total.skipped < total.shards or not storage.exists(summary_file)):
         record = {**total.summary(), "reject_list": total.rejects}
         write_text_atomic(summary_file, json.dumps(redacted(record), indent=1))
+        write_text_atomic(out / "config.yaml", settings)  # what --config takes back
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from beit_common import (
     BeitDataError,
+    Location,
     ensure_writable_dir,
     output_location,
     redacted,
@@ -44,10 +45,11 @@ from beit_data.progress import progress_bar
 from beit_data.shards import expand_shards, iter_images
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.dall_e import Decoder, Encoder, map_pixels
-from beit_model.dvae import CHECKPOINT_FORMAT, CONFIGS, DVAEConfig, reconstruct, save_checkpoint
-from pipelines.checkpoint import changed_settings
+from beit_model.dvae import CONFIGS, DVAEConfig, reconstruct
+from pipelines.checkpoint import DVAECheckpointMeta, restore_dvae_checkpoint, save_dvae_checkpoint
 from pipelines.config import TrainDVAEConfig
-from pipelines.runtime import resolve_device
+from pipelines.runtime import Precision, resolve_device, resolve_precision
+from pipelines.sections import settings_yaml
 
 __all__ = ["TrainDVAEConfig", "run_train_dvae", "evaluate"]
 
@@ -125,13 +127,14 @@ def _schedules(cfg: TrainDVAEConfig, step: int) -> tuple[float, float, float]:
 
 
 def _loss(encoder, decoder, x: torch.Tensor, tau: float, beta: float, cfg: TrainDVAEConfig):
-    """Reconstruction + beta * KL(q || uniform) + usage term, each normalised to about [0, 1]."""
-    logits = encoder(map_pixels(x))  # (B, vocab, h, w)
+    """Reconstruction + beta * KL(q || uniform) + usage term, each normalised to about [0, 1]. The
+    networks run in the autocast's precision, the loss in float32 (fp16 cannot hold the noise's 1e-9)."""
+    logits = encoder(map_pixels(x)).float()  # (B, vocab, h, w)
     noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))  # Gumbel(0, 1)
     soft = F.softmax((logits + cfg.gumbel_noise * noise) / tau, dim=1)
     hard = torch.zeros_like(soft).scatter_(1, soft.argmax(1, keepdim=True), 1.0)
     z = hard - soft.detach() + soft  # straight-through: one-hot forward, relaxed gradient
-    mean = torch.sigmoid(decoder(z)[:, :3])
+    mean = torch.sigmoid(decoder(z)[:, :3].float())
     rec = F.mse_loss(mean, map_pixels(x)) / (1 - 2 * 0.1) ** 2  # = MSE in [0,1] pixels
     log_q = F.log_softmax(logits, dim=1)
     log_v = math.log(encoder.vocab_size)
@@ -152,36 +155,39 @@ def _open_checkpoint(cfg: TrainDVAEConfig) -> Path:
     return out
 
 
-def _restore(out: Path, cfg: TrainDVAEConfig, encoder, decoder, optimizer, device) -> int:
-    """Load a training checkpoint into the models and optimizer; returns its step."""
-    try:
-        state = torch.load(out, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a damaged file
-        raise BeitDataError(f"{out} is not a readable checkpoint: {str(exc).splitlines()[0][:200]}") from None
-    trained = state.get("train", {}).get("config") if isinstance(state, dict) else None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or trained != cfg.config:
-        raise BeitDataError(f"{out} is not a {cfg.config} dVAE training checkpoint")
-    changed = changed_settings(state["train"], redacted(asdict(cfg)), TrainDVAEConfig.RESUMABLE, added={})
+def _resume(out: Path, cfg: TrainDVAEConfig, settings: dict, encoder: Encoder, decoder: Decoder,
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> int:
+    """Take the checkpoint at ``out`` back into the models, optimizer, scaler and generator, say
+    which resumable settings changed (and that the run is extended), and return its step."""
+    resumable = TrainDVAEConfig.RESUMABLE + (("steps",) if cfg.extend else ())
+    record, changed = restore_dvae_checkpoint(Location(out), settings, resumable, encoder, decoder, optimizer, scaler)
     if changed:
         print("train-dvae: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
               file=sys.stderr)
-    encoder.load_state_dict(state["encoder"]), decoder.load_state_dict(state["decoder"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return state["step"]
+    if cfg.extend:
+        if cfg.steps <= record.step:
+            raise BeitDataError(f"`extend`: the run has trained {record.step} steps; give `steps` beyond them, "
+                                f"not {cfg.steps}")
+        print(f"train-dvae: extending the run to {cfg.steps} steps; it has trained {record.step}, and its "
+              "schedules (learning rate, temperature, KL weight) now end at the new last step", file=sys.stderr)
+    return record.step
 
 
-def _train_step(encoder, decoder, optimizer, x: torch.Tensor, cfg: TrainDVAEConfig, step: int) -> dict:
-    """One optimizer step on the batch ``x`` (B, 3, S, S); returns what the progress bar shows."""
+def _train_step(encoder, decoder, optimizer, x: torch.Tensor, cfg: TrainDVAEConfig, step: int,
+                precision: Precision, scaler: torch.amp.GradScaler) -> dict:
+    """One optimizer step on the batch ``x`` (B, 3, S, S), the forward pass in ``precision`` (fp16's
+    ``scaler`` skips a step whose gradient overflowed); returns what the progress bar shows."""
     tau, beta, lr = _schedules(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, rec, kl = _loss(encoder, decoder, x, tau, beta, cfg)
+    with precision.autocast():
+        loss, rec, kl = _loss(encoder, decoder, x, tau, beta, cfg)
     if not torch.isfinite(loss):
         raise BeitDataError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
     return {"rec": f"{rec.item():.4f}", "kl": f"{kl.item():.3f}", "tau": f"{tau:.3f}"}
 
 
@@ -200,7 +206,12 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     encoder, decoder = (module.to(device) for module in arch.build())
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    step = _restore(out, cfg, encoder, decoder, optimizer, device) if cfg.resume else 0
+    settings = redacted(asdict(cfg))  # the checkpoint's `train`, which a resumed run checks against
+    precision, why = resolve_precision(cfg.precision, device)
+    if precision.device_type == "cuda" or precision.name != "fp32":
+        print(f"train-dvae: precision {why}", file=sys.stderr)
+    scaler = precision.scaler()
+    step = _resume(out, cfg, settings, encoder, decoder, optimizer, scaler) if cfg.resume else 0
 
     views = DaliViews(ViewSpec(views=1, size=arch.input_size, interp="lanczos", jitter=False),
                       batch_size=max(cfg.batch_size, EVAL_VIEWS.views * cfg.holdout), device=device)
@@ -209,10 +220,9 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     held_images = held_images.to(device)  # (holdout * eval views, 3, S, S)
     holdout_keys = {h[0] for h in held}
 
-    def save(**extra):
-        save_checkpoint(out, arch, encoder, decoder, step=step, optimizer=optimizer.state_dict(),
-                        rng=torch.get_rng_state(), train={"config": cfg.config, **redacted(asdict(cfg))},
-                        **extra)
+    def save(report: dict | None = None) -> None:
+        save_dvae_checkpoint(Location(out), DVAECheckpointMeta(step, settings, report), arch, encoder, decoder,
+                             optimizer, scaler)
 
     start = time.perf_counter()
     batches = prefetch(batched(_stream(shards, holdout_keys, skip=step * cfg.batch_size), cfg.batch_size))
@@ -222,7 +232,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
         if step >= cfg.steps:
             break
         x = views([b[0] for b in batch], [b[1] for b in batch])[:, 0].to(device)  # (B, 3, S, S)
-        bar.set_postfix(**_train_step(encoder, decoder, optimizer, x, cfg, step), refresh=False)
+        bar.set_postfix(**_train_step(encoder, decoder, optimizer, x, cfg, step, precision, scaler), refresh=False)
         step += 1
         bar.update()
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
@@ -233,4 +243,5 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     report["warnings"] = report_warnings(report)
     save(report=report)
     write_text_atomic(Path(str(out) + ".report.json"), json.dumps(report, indent=1))
+    write_text_atomic(Path(str(out) + ".config.yaml"), settings_yaml(settings))  # what --config-file takes back
     return report

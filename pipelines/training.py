@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from beit_common import BeitDataError
 from beit_model.beit_mim import masked_positions
-from pipelines.runtime import autocast
+from pipelines.runtime import Precision, autocast
 
 __all__ = ["IGNORE", "build_model", "param_groups", "lr_factor", "build_optimizer", "mim_loss", "StepOutput",
            "train_step", "accumulated_step"]
@@ -70,17 +71,19 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, min_lr: float, weight_
 
 
 def mim_loss(model, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, max_masked: int,
-             device: torch.device, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             device: torch.device, reduction: str = "mean", precision: Precision | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MIM cross-entropy over the masked patches, with fixed shapes and no host sync.
 
     Returns the loss, the logits (B, K, vocab) and the targets (B, K), where padding entries
     are ``IGNORE``; the loss is the mean over the masked patches, as with boolean indexing
     (their sum with ``reduction="sum"``). A model with more than one head (BEiT v2's) returns
     a tuple of logits: the loss is the sum of their cross-entropies, and the logits returned are
-    the first (the last block's).
+    the first (the last block's). The forward pass runs under ``precision``'s autocast (by
+    default bf16 on a GPU, fp32 on the CPU); the cross-entropy in float32.
     """
     positions, real = masked_positions(mask, max_masked)
-    with autocast(device):
+    with autocast(device) if precision is None else precision.autocast():
         outputs = model(images, mask, positions)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     targets = tokens.gather(1, positions).masked_fill(~real, IGNORE).flatten()
@@ -109,7 +112,8 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, images: torch.Tenso
 
 def accumulated_step(model: torch.nn.Module, optimizer, scheduler, batches: Iterable[tuple[torch.Tensor, ...]], *,
                      accum: int, max_masked: int, clip_grad: float, device: torch.device,
-                     forward: torch.nn.Module | None = None, world_size: int = 1) -> StepOutput:
+                     forward: torch.nn.Module | None = None, world_size: int = 1,
+                     precision: Precision | None = None, scaler: torch.amp.GradScaler | None = None) -> StepOutput:
     """One optimizer step of masked image modeling over ``accum`` micro-batches; never waits for
     the device.
 
@@ -127,6 +131,10 @@ def accumulated_step(model: torch.nn.Module, optimizer, scheduler, batches: Iter
         scheduler: Stepped after the optimizer; ``None`` keeps the learning rate.
         forward: What to call for the forward pass when it is not ``model`` itself: its DDP
             or ``torch.compile`` wrapper.
+        precision: The forward pass's autocast (``mim_loss``).
+        scaler: fp16's gradient scaler: the backward scales the loss, the gradient is unscaled
+            before it is divided and clipped, and a step whose gradient overflowed is skipped
+            (the scale then halves), as in timm and unilm. None: no scaling.
     """
     forward = model if forward is None else forward
     optimizer.zero_grad(set_to_none=True)
@@ -134,21 +142,30 @@ def accumulated_step(model: torch.nn.Module, optimizer, scheduler, batches: Iter
     for i, (images, tokens, mask) in enumerate(batches):
         sync = i + 1 == accum or not hasattr(forward, "no_sync")
         with contextlib.nullcontext() if sync else forward.no_sync():
-            loss, logits, targets = mim_loss(forward, images, tokens, mask, max_masked, device, reduction="sum")
-            loss.backward()
+            loss, logits, targets = mim_loss(forward, images, tokens, mask, max_masked, device, reduction="sum",
+                                             precision=precision)
+            (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.detach()
         masked += (targets != IGNORE).sum()
     sums = torch.stack([total, masked])
     if world_size > 1:  # one collective for the step's loss and its masked patches, over the ranks
         torch.distributed.all_reduce(sums)
     masked = sums[1].clamp(min=1)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     torch._foreach_mul_(grads, world_size / masked)
     if clip_grad > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     else:  # 0 is no clipping, as in DINO and iBOT; the norm is still measured, for the log
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else sums[1] * 0
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:  # skips the step where the gradient holds an inf or a nan, and updates the scale
+        scaler.step(optimizer)
+        scaler.update()
     if scheduler is not None:
-        scheduler.step()
+        with warnings.catch_warnings():  # after a skipped fp16 step too: the schedule follows the step count
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            scheduler.step()
     return StepOutput(sums[0] / masked, logits, targets, grad_norm)

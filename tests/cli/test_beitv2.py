@@ -31,16 +31,15 @@ def test_vqkd_tokens_record_the_recipe_and_are_the_ids_of_the_models_own_view(sa
     from beit_data.dali_views import UNIT_RANGE, DaliViews, ViewSpec
     from beit_data.shards import iter_samples
     from beit_data.stream import model_view_spec
-    from beit_data.tokens import row_view
+    from beit_data.views import row_view
     from beit_model.tokenizer import load_tokenizer
 
     tokenizer_path, tokens = v2_tokens
     meta = read_meta(tokens / "sample-000000.parquet")
     tok = load_tokenizer(tokenizer_path)
-    assert meta["tokenizer"] == tok.describe() and meta["tokenizer"]["kind"] == "vqkd"
-    assert (meta["views"]["recipe"], meta["views"]["scale"], meta["views"]["interp"]) == ("beitv2", [0.2, 1.0],
-                                                                                          "bicubic")
-    assert "bicubic" in meta["decoder"]["resize"] and meta["min_size"] == 224
+    assert meta.tokenizer.as_dict() == tok.describe() and meta.tokenizer.kind == "vqkd"
+    assert (meta.views.recipe, meta.views.scale, meta.views.interp) == ("beitv2", (0.2, 1.0), "bicubic")
+    assert "bicubic" in meta.decoder.resize and meta.min_size == 224
     # The view pretrain replays, before its normalisation, is the tokenized view pixel for pixel,
     # and the stored ids are the tokenizer's ids of it.
     spec = dataclasses.replace(model_view_spec(meta, 224), mean=UNIT_RANGE[0], std=UNIT_RANGE[1], half=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import click
@@ -9,7 +10,7 @@ import pytest
 from helpers import invoke
 
 import cli
-from cli import DISPLAY, DeviceType
+from cli import NOT_SETTINGS, DeviceType, ResumeType
 from pipelines.config import (
     ExportConfig,
     IndexConfig,
@@ -61,6 +62,8 @@ def value_for(param: click.Parameter, tmp_path) -> tuple[list[str], object]:
         words, expected = ["0.8", "0.95"], (0.8, 0.95)
     elif isinstance(kind, DeviceType):
         words, expected = ["cuda:1"], "cuda:1"
+    elif isinstance(kind, ResumeType):  # the config takes True, "auto" or False
+        words, expected = ["auto"], "auto"
     elif isinstance(kind, click.Choice):
         expected = next(c for c in kind.choices if c != param.default)
         words = [expected]
@@ -97,7 +100,7 @@ def test_every_option_reaches_its_config_setting(command, tmp_path, monkeypatch)
     monkeypatch.setattr(importlib.import_module(module), function, caught)
     words, expected = [], {}
     for param in cli.main.commands[command].params:
-        if param.name in DISPLAY or param.name == "help" or (command, param.name) in EXCLUSIVE:
+        if param.name in NOT_SETTINGS or param.name == "help" or (command, param.name) in EXCLUSIVE:
             continue
         given, expected[param.name] = value_for(param, tmp_path)
         words += given
@@ -113,8 +116,8 @@ def test_cli_defaults_are_the_configs(command):
     config = COMMANDS[command][0]
     checked = 0
     for param in cli.main.commands[command].params:
-        if isinstance(param, click.Option) and param.name not in DISPLAY and not param.required \
-                and param.name != "help":
+        if isinstance(param, click.Option) and param.name not in NOT_SETTINGS and not param.required \
+                and param.name != "help" and default(config, param.name) is not dataclasses.MISSING:
             given = param.default if not param.is_flag or isinstance(param.default, bool) else False
             assert given == default(config, param.name), (command, param.name)
             checked += 1

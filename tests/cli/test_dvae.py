@@ -69,7 +69,7 @@ def test_state_dicts_and_checkpoints_load(tmp_path, openai_files):
     torch.save(both, tmp_path / "both.pt")
     assert load_tokenizer(tmp_path / "both.pt").decoder is not None
     cfg = CONFIGS["tiny"]
-    save_checkpoint(tmp_path / "tiny.pt", cfg, *cfg.build(), step=3)
+    save_checkpoint(tmp_path / "tiny.pt", cfg, *cfg.build())
     own = load_tokenizer(tmp_path / "tiny.pt")
     assert (own.name, own.vocab_size, own.input_size, own.encoder.n_hid) == ("dvae", 512, 112, cfg.n_hid)
     assert own.describe() == {"kind": "dvae", "name": "dvae", "fingerprint": own.fingerprint, "vocab": 512,
@@ -238,3 +238,27 @@ def test_train_dvae_warns_below_the_mean_colour_psnr(sample_shards, tmp_path):
     printed = [line for line in result.stderr.splitlines() if "warning" in line]
     assert printed == [f"train-dvae: warning: {w}" for w in report_warnings(report)] and report["warnings"] == \
         report_warnings(report)
+
+
+def test_train_dvae_resumes_from_its_record_alone_extends_and_keeps_fp16s_scaler(sample_shards, tmp_path):
+    """``train-dvae --out F --resume`` takes the settings the checkpoint records; ``--extend`` trains
+    a finished run longer; an fp16 run keeps its gradient scaler in the checkpoint."""
+    from helpers import invoke
+
+    out = tmp_path / "d.pt"
+    first = invoke("train-dvae", "--shards", sample_shards, "--out", out, "--steps", "2", "--batch-size", "4",
+                   "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--precision", "fp16", "--quiet")
+    assert first.exit_code == 0, first.output
+    assert "train-dvae: precision fp16 autocast with a gradient scaler, as asked" in first.stderr
+    saved = torch.load(out, weights_only=True)
+    assert saved["scaler"]["scale"] > 0 and saved["train"]["lr"] == 1e-3
+    longer = invoke("train-dvae", "--out", out, "--resume", "--steps", "3", "--quiet")
+    assert longer.exit_code == 1 and "pass --extend to train it longer" in longer.stderr
+    done = invoke("train-dvae", "--out", out, "--resume", "--extend", "--steps", "3", "--quiet")
+    assert done.exit_code == 0, done.output
+    assert "train-dvae: extending the run to 3 steps; it has trained 2" in done.stderr
+    assert "train-dvae: resuming with steps 2 -> 3, extend False -> True" in done.stderr
+    after = torch.load(out, weights_only=True)
+    train = after["train"]
+    assert (after["step"], train["lr"], train["seed"], train["batch_size"]) == (3, 1e-3, 3, 4)
+    assert after["train"]["precision"] == "fp16" and after["scaler"]["scale"] > 0

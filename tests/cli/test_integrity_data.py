@@ -4,6 +4,7 @@ that are not UTF-8."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -129,7 +130,7 @@ def test_every_training_check_applies_to_the_held_out_set(held_out, tmp_path):
     table = pq.read_table(other / "s-000001.parquet")
     meta = read_footer(other / "s-000001.parquet")[0]
     write_tokens(other / "s-000001.parquet", table.replace_schema_metadata(None),
-                 {**meta, "views": {**meta["views"], "seed": 99}})
+                 dataclasses.replace(meta, views=dataclasses.replace(meta.views, seed=99)))
     with pytest.raises(BeitDataError, match=r"come from different tokenizers or recipes: views.seed: 99 != 0"):
         check_held_out_shards(str(val), Location(other))
     # A sample taken out of a held-out shard.
@@ -255,8 +256,8 @@ def token_file(path: Path, images: int = 4, views: int = 2, tokenizer: dict = TO
             tokens[3].flat[4] = value
         else:
             rows[3][name] = value
-    meta = file_meta(tokenizer, ViewRecipe(views=views).as_dict(), decoder_meta("lanczos3"), min_size=0)
-    return write_tokens(path, build_table(rows, tokens, grid), {**meta, "source": "s.tar", "shard": None})
+    meta = file_meta(tokenizer, ViewRecipe(views=views), decoder_meta("lanczos3"), min_size=0)
+    return write_tokens(path, build_table(rows, tokens, grid), dataclasses.replace(meta, source="s.tar"))
 
 
 @pytest.mark.parametrize("fields, problem", [
@@ -278,7 +279,7 @@ def test_a_bad_token_row_is_refused_naming_file_and_row(tmp_path, fields, proble
     else:
         read_footer(path)
     with pytest.raises(BeitDataError, match=row):
-        check_rows(pq.read_table(path), {"tokenizer": TOKENIZER}, path)
+        check_rows(pq.read_table(path), TOKENIZER["vocab"], path)
 
 
 def test_a_token_file_of_another_shape_is_refused_naming_the_column(tmp_path):
@@ -334,8 +335,7 @@ def test_check_rows_names_the_first_bad_row(grid, vocab, images, views, data):
                "width": width, "height": height,
                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(rng.integers(0, vocab, n * grid * grid),
                                                                     pa.int16()), grid * grid)}
-    meta = {"tokenizer": {"grid": grid, "vocab": vocab}}
-    check_rows(pa.table(columns), meta, "f.parquet")
+    check_rows(pa.table(columns), vocab, "f.parquet")
     bad = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=3), label="bad rows"))
     kind = data.draw(st.sampled_from(["high", "negative", "right", "below", "empty"]), label="fault")
     for row in bad:
@@ -350,7 +350,7 @@ def test_check_rows_names_the_first_bad_row(grid, vocab, images, views, data):
             columns[column] = values
     with pytest.raises(BeitDataError, match=rf"^f.parquet: row {bad[0]} \(key k{bad[0] // views}, view "
                                             rf"{bad[0] % views}\): "):
-        check_rows(pa.table(columns), meta, "f.parquet", start=0)
+        check_rows(pa.table(columns), vocab, "f.parquet", start=0)
 
 
 def replace_column(path: Path, name: str, change) -> None:
@@ -366,7 +366,7 @@ def replace_column(path: Path, name: str, change) -> None:
 
 
 def test_pretrain_and_inspect_refuse_bad_token_files(held_out, tmp_path):
-    vocab = read_footer(held_out / "train_tokens" / "s-000000.parquet")[0]["tokenizer"]["vocab"]
+    vocab = read_footer(held_out / "train_tokens" / "s-000000.parquet")[0].tokenizer.vocab
 
     def one_past_the_vocab(ids):
         ids[2, 1] = vocab
@@ -442,7 +442,8 @@ def test_tokenize_lists_a_latin1_name_as_a_reject_and_finishes(tmp_path, tiny_to
     result = invoke("tokenize", "--shards", tmp_path / "s", "--tokenizer", tiny_tokenizer, "--out", tmp_path / "t",
                     "--views", "2", "--min-size", "0", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".beit-data.lock", "s.parquet", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".beit-data.lock", "config.yaml", "s.parquet",
+                                                                  "summary.json"]
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert (summary["images"], summary["rejects"]) == (1, 1)
     assert summary["reject_list"][0]["key"] == "caf\\xe9" and "not UTF-8" in summary["reject_list"][0]["reason"]

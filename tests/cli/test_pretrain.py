@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 from helpers import TINY, losses, records, run_cli, write_tar
 
 from beit_common import BeitDataError
+from beit_data.old_orders import ORDER_VERSION
 from pipelines.pretrain import PretrainConfig, run_pretrain
 
 
@@ -22,8 +24,13 @@ def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_pat
     straight = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common))
     first = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), stop_after=4, **common))
     assert first.steps == 4 and len(losses(tmp_path / "resumed")) == 4
-    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["torch_threads"] == 2
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["rng"]["threads"] == [2]
+    config = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert config["torch_threads"] == 2
+    # A new run's order is the current version, which its checkpoint records; config.json says it as before too.
+    assert (config["order_version"], config["dealt"], config["shared_draws"]) == (ORDER_VERSION, False, False) \
+        and ORDER_VERSION == 3
+    saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert saved["rng"]["threads"] == [2] and saved["config"]["order_version"] == 3
     # What a SIGKILL during a checkpoint write leaves: the next start of the run removes it.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / "resumed" / f".checkpoint.pt.tmp-{gone.stdout.strip()}"
@@ -225,23 +232,66 @@ def test_progress_into_a_log_is_a_plain_line_at_most_every_30_seconds(sample_sha
 
 
 def test_a_checkpoint_from_before_partitions_and_parts_still_resumes(sample_shards, sample_tokens, tmp_path):
-    """A checkpoint in the old layout (the stream as an (epoch, step) pair, settings without
-    partitions or the mask's own generator) resumes in the order and with the draws it was made
-    with: shards dealt to its ranks, one generator for each sample's view pick and mask."""
+    """A run keeps its order version: resumed from its checkpoint, which records it, or from a
+    checkpoint in the old layout (the stream as an (epoch, step) pair, settings without the
+    version, partitions or the mask's own generator), it trains in the order and with the draws it
+    was made with: shards dealt to its ranks, one generator for each sample's view pick and mask."""
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=4, checkpoint_every=100, **TINY)
-    old_order = dict(dealt=True, partitions=1, shared_draws=True)
+    old_order = dict(order_version=1, partitions=1)
     run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common, **old_order))
     run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), stop_after=2, **common, **old_order))
+    shutil.copytree(tmp_path / "old", tmp_path / "recorded")
     ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["order_version"] == 1
     ckpt["stream"] = (ckpt["stream"]["epoch"], ckpt["stream"]["step"])
-    for name in ("partitions", "dealt", "image_size", "min_block", "record_batches", "grad_accum", "targets",
-                 "tokenizer", "shared_draws"):
+    for name in ("partitions", "order_version", "image_size", "min_block", "record_batches", "grad_accum", "targets",
+                 "tokenizer"):
         ckpt["config"].pop(name)
     torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
-    resumed = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "old"), resume=True, **common))
-    assert resumed.steps == 4 and losses(tmp_path / "old") == losses(tmp_path / "straight")
-    config = json.loads((tmp_path / "old" / "config.json").read_text())
-    assert config["dealt"] is True and config["shared_draws"] is True
+    for run in ("old", "recorded"):
+        resumed = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / run), resume=True, **common))
+        assert resumed.steps == 4 and losses(tmp_path / run) == losses(tmp_path / "straight")
+        config = json.loads((tmp_path / run / "config.json").read_text())
+        assert (config["order_version"], config["partitions"]) == (1, 1)
+        assert config["dealt"] is True and config["shared_draws"] is True
+
+
+@pytest.mark.parametrize("config, version", [
+    ({"order_version": 1, "partitions": 2}, 1),  # recorded: the version decides, not the settings
+    ({"order_version": 2, "partitions": 8, "dealt": False}, 2),
+    ({"order_version": 3, "partitions": 8, "shared_draws": True}, 3),
+    ({}, 1),  # from before partitions: shards dealt to its 2 ranks, shared draws
+    ({"partitions": 8}, 2),  # from before masks had their own generator
+    ({"partitions": 8, "dealt": False, "shared_draws": False}, 3),
+    ({"partitions": 8, "targets": "online", "tokenizer": "dvae.pt"}, 3),  # online runs never shared their draws
+])
+def test_a_resumed_run_takes_the_order_version_its_checkpoint_records_or_its_settings_say(config, version):
+    from pipelines.checkpoint import CheckpointMeta
+    from pipelines.pretrain import resolve
+
+    saved = CheckpointMeta(step=2, config={"batch_size": 4, **config}, model_name="beit_mim_tiny_patch16_224",
+                           vocab_size=64, model_args={}, world_size=2, data={})
+    assert saved.order_version == version
+    cfg = PretrainConfig.from_flat(shards="s", tokens="t", out="o", recipe="beit", batch_size=4)
+    assert cfg.data.order_version == ORDER_VERSION  # a new run's
+    data = resolve(cfg, saved, made_with="beit", world_size=2).data
+    assert (data.order_version, data.partitions) == (version, 2 if version == 1 else 8)
+
+
+def test_a_run_of_order_version_1_resumes_on_its_own_ranks_only():
+    from pipelines.checkpoint import CheckpointMeta, check_resume
+    from pipelines.pretrain import resolve
+
+    ran = PretrainConfig.from_flat(shards="s", tokens="t", out="o", recipe="beit", batch_size=4, order_version=1,
+                                   partitions=2)
+    saved = CheckpointMeta(step=2, config=ran.flat(), model_name="beit_mim_tiny_patch16_224", vocab_size=64,
+                           model_args={}, world_size=2, data={})
+    with pytest.raises(BeitDataError, match="its order deals shards to its ranks, so it resumes on them only"):
+        resolve(ran, saved, made_with="beit", world_size=1)
+    on_one = resolve(ran.with_settings(batch_size=8), saved, made_with="beit", world_size=1)  # the same global batch
+    with pytest.raises(BeitDataError, match="^the run being resumed has 2 ranks, not 1; its order deals shards to its "
+                                            "ranks$"):
+        check_resume(saved, on_one.flat(), PretrainConfig.RESUMABLE, 1, data={})
 
 
 def step_keys(run, rank: int = 0) -> list[list[str]]:

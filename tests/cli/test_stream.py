@@ -33,13 +33,13 @@ def test_stream_batches_are_the_same_after_a_restart(sample_shards, sample_token
 @pytest.mark.parametrize("shared", [False, True])
 def test_stream_replays_the_picked_views_tokens_with_the_masks_generator_draw(sample_shards, sample_tokens, shared):
     """The view pick and the mask each have their generator of (seed, epoch, key); a run from
-    before that (``shared_draws``, as its checkpoint says) draws both from one, the pick first."""
+    before that (order version 2, as its checkpoint says) draws both from one, the pick first."""
     from beit_data.masking import BlockMaskGenerator
     from beit_data.stream import StreamConfig, TrainStream
     from beit_data.views import stable_rng
 
     stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(sample_tokens), batch_size=2,
-                                      num_threads=1, shared_draws=shared))
+                                      num_threads=1, order_version=2 if shared else 3))
     b = next(stream.batches(1, 2))
     rows = {(r["key"], r["view"]): r["tokens"] for p in sample_tokens.glob("*.parquet")
             for r in pq.read_table(p).to_pylist()}
@@ -90,7 +90,7 @@ def test_no_target_jitter_tokens_get_fresh_jitter_each_epoch(sample_shards, tiny
 
     run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(tmp_path / "t"),
                                 views=2, target_jitter=False, device="cpu", progress=False))
-    assert read_meta(tmp_path / "t" / "sample-000000.parquet")["views"]["target_jitter"] is False
+    assert read_meta(tmp_path / "t" / "sample-000000.parquet").views.target_jitter is False
     table = pq.read_table(tmp_path / "t" / "sample-000000.parquet")
     assert set(table.column("brightness").to_pylist()) == {1.0}
     stream = TrainStream(StreamConfig(shards=str(sample_shards), tokens=str(tmp_path / "t"), batch_size=14))

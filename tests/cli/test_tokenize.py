@@ -36,7 +36,7 @@ def test_rows_sorted_with_geometry_metadata_and_summary(sample_tokens, sample_sh
         assert (r["x"], r["y"], r["w"], r["h"], r["flip"]) == (v.x, v.y, v.w, v.h, v.flip)
         assert r["brightness"] == pytest.approx(v.brightness, rel=1e-6)
         assert 0 <= min(r["tokens"]) and max(r["tokens"]) < 512
-    meta = read_meta(files[0])
+    meta = read_meta(files[0]).as_footer()  # the footer's JSON
     tok = load_tokenizer(tiny_tokenizer)
     assert meta["tokenizer"] == {"kind": "dvae", "name": "dvae", "fingerprint": tok.fingerprint, "vocab": 512,
                                  "input_size": 112, "grid": 14}
@@ -83,14 +83,14 @@ def test_rerun_skips_refuses_other_recipe_and_overwrites(sample_shards, tiny_tok
     assert "different tokenizers or recipes" in result.stderr and "views.seed: 0 != 5" in result.stderr
     assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
     over = run_tokenize(TokenizeConfig(**{**cfg, "seed": 5, "overwrite": True}))
-    assert over.images == 14 and read_meta(tmp_path / "sample-000000.parquet")["views"]["seed"] == 5
+    assert over.images == 14 and read_meta(tmp_path / "sample-000000.parquet").views.seed == 5
     # An --overwrite run killed after its first file, run again: what it rewrote is kept.
     (tmp_path / "sample-000001.parquet").write_bytes(seed_0)
     kept = (tmp_path / "sample-000000.parquet").stat().st_mtime_ns
     rerun = run_tokenize(TokenizeConfig(**{**cfg, "seed": 5, "overwrite": True}))
     assert (rerun.images, rerun.skipped) == (6, 1)
     assert (tmp_path / "sample-000000.parquet").stat().st_mtime_ns == kept
-    assert read_meta(tmp_path / "sample-000001.parquet")["views"]["seed"] == 5
+    assert read_meta(tmp_path / "sample-000001.parquet").views.seed == 5
 
 
 def test_bad_samples_become_rejects_and_good_ones_are_kept(tmp_path, tiny_tokenizer):
@@ -108,7 +108,7 @@ def test_bad_samples_become_rejects_and_good_ones_are_kept(tmp_path, tiny_tokeni
     assert result.returncode == 0, result.stderr
     table = pq.read_table(tmp_path / "tok" / "bad.parquet")
     assert sorted(set(table.column("key").to_pylist())) == ["a", "f"]
-    reasons = {r["key"]: r["reason"] for r in read_meta(tmp_path / "tok" / "bad.parquet")["rejects"]}
+    reasons = dict(read_meta(tmp_path / "tok" / "bad.parquet").rejects)
     assert set(reasons) == {"b", "c", "d", "e", "g"}
     assert "empty" in reasons["b"] and "truncated" in reasons["c"] and "no image member" in reasons["d"]
     assert "too small" in reasons["e"] and "cut off" in reasons["g"]
@@ -155,7 +155,8 @@ def test_every_sample_of_a_duplicate_key_is_rejected(tmp_path, tiny_tokenizer):
                                       num_threads=1)).batches())
     from beit_data.summary import summarise
 
-    assert any("dup.parquet: 6 rows for 2 keys" in e for e in summarise(Location(tmp_path / "t"))["errors"])
+    assert any("dup.parquet does not hold 2 rows for each key, each key once (6 rows for 2 keys)" in e
+               for e in summarise(Location(tmp_path / "t"))["errors"])
 
 
 def test_cli_errors(tmp_path, sample_shards, tiny_tokenizer):
@@ -227,8 +228,8 @@ def test_min_size_keeps_small_images_when_asked(tmp_path, tiny_tokenizer):
     table = pq.read_table(tmp_path / "k" / "a.parquet").to_pylist()
     small = [r for r in table if r["key"] == "small"]
     assert len(small) == 2 and all(r["w"] <= 64 and r["h"] <= 48 for r in small)
-    assert read_meta(tmp_path / "k" / "a.parquet")["min_size"] == 0
-    assert read_meta(tmp_path / "d" / "a.parquet")["min_size"] == 112
+    assert read_meta(tmp_path / "k" / "a.parquet").min_size == 0
+    assert read_meta(tmp_path / "d" / "a.parquet").min_size == 112
 
 
 def test_a_compiled_tokenizer_writes_the_same_tokens(sample_shards, tiny_tokenizer, tmp_path):

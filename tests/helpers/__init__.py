@@ -327,7 +327,7 @@ def evaluate_untrained(tokens, val_shards, val_tokens, count: int) -> dict:
     held = load_holdout(str(val_shards), Location(val_tokens), count=count, seed=0, meta=meta, image_size=224,
                         num_masked=75)
     torch.manual_seed(0)
-    model = build_model("beit_mim_tiny_patch16_224", meta["tokenizer"]["vocab"], drop_path=0.1, layer_scale=0.1)
+    model = build_model("beit_mim_tiny_patch16_224", meta.tokenizer.vocab, drop_path=0.1, layer_scale=0.1)
     return evaluate(model, held, max_masked=75, device=torch.device("cpu"))
 
 

@@ -233,3 +233,26 @@ def test_online_targets_on_the_gpu_match_the_cpu_stream(sample_shards, tiny_toke
         assert a.keys == b.keys and torch.equal(a.mask, b.mask.cpu())
         assert b.tokens.is_cuda and (a.tokens == b.tokens.cpu()).float().mean() > 0.9
         assert (a.images.float() - b.images.float().cpu()).abs().mean() < 0.01 / 0.225
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_each_precision_trains_on_the_gpu_and_fp16_resumes_with_its_scale(sample_shards, sample_tokens, tmp_path,
+                                                                          capfd, precision):
+    """The step in fp16 (scaler on) and bf16 on a real GPU: finite losses, the scale saved and
+    taken back, and ``auto`` names bf16 exactly where the GPU computes it natively."""
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+    from pipelines.runtime import resolve_precision
+
+    auto, _ = resolve_precision("auto", torch.device("cuda"))
+    assert auto.name == ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
+    cfg = dict(shards=str(sample_shards), tokens=str(sample_tokens), model="beit_mim_tiny_patch16_224",
+               batch_size=4, steps=8, warmup_steps=2, lr=1e-3, log_every=1, device="cuda", progress=False,
+               precision=precision)
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "r"), stop_after=4, **cfg))
+    saved = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["scaler"]
+    assert (saved != {}) == (precision == "fp16")
+    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "r"), resume=True, **cfg))
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and all(np.isfinite(r["loss"]) for r in log)
+    assert ("loss_scale" in log[-1]) == (precision == "fp16")
+    assert f"pretrain: precision {precision} autocast" in capfd.readouterr().err

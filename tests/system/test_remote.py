@@ -157,6 +157,35 @@ def test_pretrain_from_s3_to_s3_resumes_exactly_like_a_local_run(s3, sample_shar
     assert [r["loss"] for r in log if "loss" in r] == [r["loss"] for r in local if "loss" in r]  # bitwise
 
 
+def test_a_run_on_s3_keeps_and_prunes_its_checkpoints_there_and_never_downloads_them(s3, sample_shards,
+                                                                                      sample_tokens, tmp_path):
+    """The kept checkpoints are server-side copies of the uploaded latest, pruned on the prefix;
+    a resumed run on a fresh node downloads the latest alone, and export takes a kept one."""
+    from helpers import TINY, invoke
+
+    from pipelines.checkpoint_history import kept_checkpoints
+    from pipelines.pretrain import PretrainConfig, run_pretrain
+
+    run = f"s3://{BUCKET}/kept/run"
+    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=run, steps=6, checkpoint_every=2,
+                  keep_checkpoints=1, checkpoint_every_epochs=2, **TINY)  # 3 steps an epoch
+    run_pretrain(PretrainConfig.from_flat(stop_after=4, **common))
+    assert [k.location for k in kept_checkpoints(Location(run))] == [f"{run}/checkpoints/step-00000004.pt"]  # 2 pruned
+    shutil.rmtree(tmp_path / "cache")  # a fresh node
+    run_pretrain(PretrainConfig.from_flat(resume=True, **common))
+    assert [k.location.name for k in kept_checkpoints(Location(run))] == ["step-00000006-epoch-0002.pt"]
+    mirror = cache.cache_dir("runs", cache.cache_key(run), "rank0")
+    assert not (mirror / "checkpoints").exists() and (mirror / "checkpoint.pt").is_file()
+    assert storage.read_bytes(f"{run}/checkpoints/step-00000006-epoch-0002.pt") == \
+        (mirror / "checkpoint.pt").read_bytes()
+    done = invoke("export", run, "--step", "6", "--out", tmp_path / "enc.pth")
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "enc.json").read_text())["step"] == 6
+    refused = invoke("export", run, "--step", "4", "--out", tmp_path / "four.pth")
+    assert refused.exit_code == 1 and refused.stderr.strip() == (
+        f"Error: {run} keeps no checkpoint of step 4: it keeps steps 6; without --step, the latest (checkpoint.pt)")
+
+
 def test_a_second_run_into_a_busy_prefix_leaves_the_first_ones_folder_alone(s3, sample_shards, sample_tokens):
     from helpers import TINY
 

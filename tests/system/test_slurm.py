@@ -42,7 +42,7 @@ def job_env(tasks: int, **extra: str) -> dict:
     keep = {k: v for k, v in os.environ.items()
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MKL_CBWR")}
     return {**keep, "PATH": f"{FAKE}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-            "SLURM_JOB_ID": JOB_ID, "SLURM_NTASKS": str(tasks), "SLURM_NNODES": "1",
+            "SLURM_JOB_ID": JOB_ID, "SLURM_NTASKS": str(tasks), "SLURM_NNODES": "1", "SLURM_CPUS_PER_TASK": "1",
             "SLURM_JOB_NODELIST": "localhost", **extra}
 
 
@@ -159,3 +159,30 @@ def test_near_the_time_limit_the_pretrain_job_checkpoints_and_requeues_itself(sa
     assert (tmp_path / "scontrol.log").read_text().splitlines() == [f"requeue {JOB_ID}"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert 2 <= ckpt["step"] < 500 and ckpt["world_size"] == 2
+
+
+def test_a_requeued_job_resumes_its_run_on_object_storage_with_the_same_command(sample_shards, sample_tokens,
+                                                                                tmp_path):
+    """The sbatch script tests no file: ``--resume auto`` starts the run in an empty ``s3://`` prefix,
+    and the requeued job, word for word the same, resumes it there. srun is given the task's CPUs."""
+    from helpers.object_store import S3Server
+
+    server = S3Server()
+    try:
+        server.client().create_bucket(Bucket="runs")
+        out = "s3://runs/beit-tiny"
+        env = job_env(1, OUT=out, SHARDS=str(sample_shards), TOKENS=str(sample_tokens),
+                      EXTRA_ARGS=TINY_RUN.replace("--steps 3", "--steps 4 --stop-after 2 --log-every 1"),
+                      SRUN_LOG=str(tmp_path / "srun.log"), BEIT_DATA_CACHE=str(tmp_path / "cache"), **server.env)
+        first = sbatch("pretrain-srun.sbatch", env)
+        assert "pretrain: steps 2" in first.stdout
+        again = sbatch("pretrain-srun.sbatch", env)  # the requeued job: the same script, the same variables
+        assert "pretrain: steps 4" in again.stdout  # from step 2 on: a new run into the prefix would be refused
+        log = server.client().get_object(Bucket="runs", Key="beit-tiny/log.jsonl")["Body"].read().decode()
+        assert [json.loads(line)["step"] for line in log.splitlines()] == [1, 2, 3, 4]
+        body = server.client().get_object(Bucket="runs", Key="beit-tiny/checkpoint.pt")["Body"].read()
+        (tmp_path / "checkpoint.pt").write_bytes(body)
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
+        assert (tmp_path / "srun.log").read_text().splitlines() == ["--cpus-per-task=1"] * 2
+    finally:
+        server.close()

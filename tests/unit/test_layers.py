@@ -175,3 +175,36 @@ def test_the_parameter_scan_reads_every_annotation(tmp_path):
         "class SomeConfig:\n    def __init__(self, out: str | os.PathLike): ...\n")
     assert unresolved_parameters(tmp_path, ("beit_data",)) == [
         "beit_data.m.C.__init__(a)", "beit_data.m.f(a)", "beit_data.m.f(b)", "beit_data.m.g(p)"]
+# The keys of a token file's metadata: ``beit_data.tokens`` reads them (``TokenMeta``), every other module
+# its attributes.
+META_KEYS = {"format_version", "tokenizer", "views", "decoder", "min_size", "source", "shard", "rejects",
+             "tool_version"}
+
+
+def meta_key_reads(source: str) -> list[str]:
+    """Where code reads a token-metadata key by name from something named as metadata or a
+    footer: ``meta["views"]``, ``self.meta.get("shard")``, ``metas[0]["tokenizer"]``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript):
+            base, key = node.value, node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" \
+                and node.args:
+            base, key = node.func.value, node.args[0]
+        else:
+            continue
+        if isinstance(key, ast.Constant) and key.value in META_KEYS and re.search("meta|footer", ast.unparse(base),
+                                                                                 re.IGNORECASE):
+            found.append((node.lineno, f"line {node.lineno}: {ast.unparse(base)} {key.value!r}"))
+    return [where for _, where in sorted(found)]
+
+
+def test_only_the_token_format_reads_its_metadata_by_key():
+    """``TokenMeta`` is the metadata's one reading: a module that picks its keys by name holds a
+    second copy of the format."""
+    assert meta_key_reads('g = stream.meta["tokenizer"]["grid"]\ns = meta.get("shard")\nv = metas[0]["views"]\n'
+                          'r = row["views"]\nc = meta["class"]\n') == [
+        "line 1: stream.meta 'tokenizer'", "line 2: meta 'shard'", "line 3: metas[0] 'views'"]
+    found = {name: reads for name, path in modules(REPO, CODE).items()
+             if name != "beit_data.tokens" and (reads := meta_key_reads(path.read_text()))}
+    assert found == {}

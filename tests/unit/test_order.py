@@ -4,7 +4,10 @@ anywhere (on the same number of ranks or another), and the order of runs from be
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beit_common import BeitDataError
-from beit_data.order import OrderSpec, epoch_layout, rank_slices
+from beit_data import order
+from beit_data.old_orders import dealt_layout, partitions_for
+from beit_data.order import OrderSpec, check_steps, epoch_layout, left_out_note, rank_slices
+from beit_data.stream_config import StreamConfig
 from beit_data.views import stable_rng
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -28,7 +34,8 @@ def shapes(draw, *, dealt: bool = False):
     per_rank = draw(st.integers(1, 6))
     spec = OrderSpec(seed=draw(st.integers(0, 3)), global_batch=per_rank * world_size,
                      partitions=world_size if dealt else draw(st.integers(1, 12)),
-                     mix_shards=draw(st.integers(1, len(counts) + 2)), sequential=draw(st.booleans()), dealt=dealt)
+                     mix_shards=draw(st.integers(1, len(counts) + 2)), sequential=draw(st.booleans()),
+                     **({"layout": dealt_layout} if dealt else {}))
     return counts, spec, world_size
 
 
@@ -117,7 +124,7 @@ def test_a_resume_on_another_number_of_ranks_continues_the_same_global_steps(sha
 @SETTINGS
 @given(shapes(dealt=True), st.integers(0, 2), st.data())
 def test_runs_from_before_partitions_keep_their_order(shape, epoch, data):
-    """``dealt`` is the order every run had before partitions, sample for sample."""
+    """``dealt_layout`` (order version 1) is the order every run had before partitions, sample for sample."""
     counts, spec, world_size = shape
     per_rank = spec.global_batch // world_size
     steps = epoch_layout(counts, spec, epoch).steps
@@ -158,7 +165,7 @@ def test_ranks_read_whole_partitions_where_they_divide_them():
     with pytest.raises(BeitDataError, match="global batch of 64 does not split over 3 ranks"):
         rank_slices(spec, 3, 0)
     with pytest.raises(BeitDataError, match="resumes on 2 ranks only, not 4"):
-        rank_slices(OrderSpec(seed=0, global_batch=8, partitions=2, dealt=True), 4, 0)
+        partitions_for(StreamConfig(shards="s", tokens="t", batch_size=2, partitions=2, order_version=1), 4)
 
 
 def test_each_epoch_has_its_own_order_and_windows_interleave_their_shards():
@@ -195,11 +202,31 @@ def test_distinct_classes_per_batch_match_a_uniform_shuffle(world_size):
 
 
 def test_an_epoch_that_leaves_out_more_than_a_few_percent_says_why():
-    from beit_data.order import left_out_note
-
     spec = OrderSpec(seed=0, global_batch=2048)  # 256 a rank on 8 ranks
     note = left_out_note(epoch_layout([500] * 10, spec, 0), spec)
     assert note == ("each epoch leaves out 904 of 5,000 tokenized images (18.1%): an epoch is 2 global steps of "
                     "2,048 images, and the rest are fewer than one more step (the next epoch leaves out others); a "
                     "smaller batch leaves out fewer")
     assert left_out_note(epoch_layout([1000] * 1281, spec, 0), spec) is None  # 1,177 of 1,281,000: 0.09%
+
+
+def test_an_old_order_says_why_in_its_own_words():
+    """The messages of version 1's layout, where its ranks' shards decide the steps."""
+    spec = OrderSpec(seed=0, global_batch=4, partitions=2, layout=dealt_layout)
+    assert left_out_note(epoch_layout([9, 4, 5, 2], spec, 0), spec) == (  # ranks of 13 and 7: 3 steps
+        "each epoch leaves out 8 of 20 tokenized images (40.0%): every rank takes as many steps as the rank with the "
+        "fewest images can fill (shards dealt to ranks)")
+    assert left_out_note(epoch_layout([9, 4, 5, 2], OrderSpec(seed=0, global_batch=4), 0), spec) is None
+    spec = OrderSpec(seed=0, global_batch=8, partitions=2, layout=dealt_layout)
+    with pytest.raises(BeitDataError, match=r"^epoch 1 has fewer tokenized images on some rank than one batch \(7 in "
+                                            r"all over 2 ranks\); lower `batch_size`$"):
+        check_steps(epoch_layout([3, 4], spec, 1), spec, 1)
+    with pytest.raises(BeitDataError, match="a global batch of 8 does not split over 3 ranks"):
+        epoch_layout([10], OrderSpec(seed=0, global_batch=8, partitions=3, layout=dealt_layout), 0)
+
+
+def test_the_order_knows_no_order_version():
+    """Old orders live in ``beit_data.old_orders``, chosen by the version; the order has no branch for them."""
+    assert not re.search(r"dealt|shared_draws|order_version", Path(order.__file__).read_text())
+    assert [f.name for f in fields(OrderSpec)] == ["seed", "global_batch", "partitions", "mix_shards", "sequential",
+                                                   "layout"]

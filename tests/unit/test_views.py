@@ -60,3 +60,20 @@ def test_bad_recipes_are_refused():
     with pytest.raises(BeitDataError):
         sample_view(RECIPE, "k", 0, 0, 10)
     assert math.isclose(RECIPE.ratio[0], 0.75)
+
+
+def test_a_views_geometry_one_way_and_back():
+    """A token row's view, its roi row for DALI, whether it lies inside its image, a centred window."""
+    from beit_data.tokens import view_rows
+    from beit_data.views import View, centre_view, outside_image, roi, row_view
+
+    views = [View(3, 4, 20, 10, True, 1.25, 0.75, 1.0), View(0, 0, 40, 30, False, 1.0, 1.0, 1.0)]
+    assert [row_view(row) for row in view_rows("k", views, 40, 30)] == views
+    assert roi(views).dtype == np.float32 and roi(views).tolist() == [[3, 4, 23, 14], [0, 0, 40, 30]]
+    assert roi([]).shape == (0,)
+    x, y, w, h = (np.array(c) for c in zip(*[(0, 0, 40, 30), (1, 0, 40, 30), (-1, 0, 5, 5), (0, 0, 0, 5),
+                                             (35, 25, 5, 5), (0, 26, 5, 5)]))
+    assert outside_image(x, y, w, h, 40, 30).tolist() == [False, True, True, True, False, True]
+    assert not outside_image(3, 4, 20, 10, 40, 30)
+    assert centre_view(256, 100, 224 / 256) == View(84, 6, 88, 88, False, 1.0, 1.0, 1.0)
+    assert centre_view(1, 1, 0.1) == View(0, 0, 1, 1, False, 1.0, 1.0, 1.0)

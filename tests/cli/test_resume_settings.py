@@ -1,0 +1,85 @@
+"""Resume with no flags: ``--resume`` alone takes every setting the run recorded, ``--resume auto``
+starts or resumes, and ``--extend`` trains a run longer (issue 36, item 3)."""
+
+import json
+
+import pytest
+from helpers import invoke, losses, records
+
+from pipelines.training import lr_factor
+
+# A run's flags, none of them pretrain's defaults.
+FLAGS = ("--model", "beit_mim_tiny_patch16_224", "--batch-size", "2", "--grad-accum", "2", "--lr", "2e-3",
+         "--min-lr", "1e-4", "--warmup-steps", "1", "--drop-path", "0", "--num-masked", "50", "--seed", "5",
+         "--weight-decay", "0.01", "--clip-grad", "1", "--device", "cpu", "--num-threads", "1", "--log-every", "1",
+         "--checkpoint-every", "100", "--quiet")
+
+
+def pretrain(*args):
+    result = invoke("pretrain", *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_resume_alone_continues_the_run_with_its_recorded_settings(sample_shards, sample_tokens, tmp_path):
+    data = ("--shards", sample_shards, "--tokens", sample_tokens)
+    pretrain(*data, *FLAGS, "--steps", "4", "--out", tmp_path / "straight")
+    pretrain(*data, *FLAGS, "--steps", "4", "--stop-after", "2", "--out", tmp_path / "run")
+    resumed = pretrain("--out", tmp_path / "run", "--resume")  # nothing else: not even --quiet
+    # Every setting is the recorded one, but what only this invocation does.
+    assert "pretrain: resuming with stop_after 2 -> None, progress False -> True" in resumed.stderr.splitlines()
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")  # bit for bit
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["seed"], config["num_masked"], config["grad_accum"], config["lr"]) == (5, 50, 2, 2e-3)
+    # A flag given again must agree, as before, or be one that only changes how the run goes.
+    refused = invoke("pretrain", "--out", tmp_path / "run", "--resume", "--lr", "1e-3")
+    assert refused.exit_code == 1 and refused.stderr.strip() == (
+        "Error: --lr is 0.002 in the run being resumed, not 0.001; a resumed run keeps it (start a new run to change "
+        "it)")
+
+
+def test_a_setting_recorded_without_its_credentials_must_be_given_again(sample_shards, sample_tokens, tmp_path):
+    secret = f"pipe:env API_KEY=k3y-Secret cat {sample_shards}/sample-{{000000..000001}}.tar"
+    pretrain("--shards", secret, "--tokens", sample_tokens, *FLAGS, "--steps", "2", "--stop-after", "1", "--out",
+             tmp_path / "run")
+    assert "k3y-Secret" not in (tmp_path / "run" / "config.json").read_text()
+    refused = invoke("pretrain", "--out", tmp_path / "run", "--resume")
+    assert refused.exit_code == 1 and refused.stderr.strip() == (
+        "Error: --shards is recorded without its credentials (pipe:env API_KEY=REDACTED cat "
+        f"{sample_shards}/sample-{{000000..000001}}.tar); give it again")
+    pretrain("--out", tmp_path / "run", "--resume", "--shards", secret)
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+
+
+def test_resume_auto_starts_a_run_where_there_is_none_and_resumes_where_there_is(sample_shards, sample_tokens,
+                                                                                 tmp_path):
+    args = ("--shards", sample_shards, "--tokens", sample_tokens, *FLAGS, "--steps", "4", "--stop-after", "2",
+            "--out", tmp_path / "run", "--resume", "auto")
+    pretrain(*args)  # no run yet: one starts
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+    pretrain(*args)  # the requeued job, word for word
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3, 4]
+    missing = invoke("pretrain", "--out", tmp_path / "none", "--resume", "auto")
+    assert missing.exit_code == 2 and "Missing option '--shards'" in missing.stderr
+
+
+def test_extend_trains_a_finished_run_longer_with_the_cosine_recomputed(sample_shards, sample_tokens, tmp_path):
+    data = ("--shards", sample_shards, "--tokens", sample_tokens)
+    pretrain(*data, *FLAGS, "--steps", "3", "--out", tmp_path / "run")
+    refused = invoke("pretrain", "--out", tmp_path / "run", "--resume", "--steps", "6")
+    assert refused.exit_code == 1 and refused.stderr.strip() == (
+        "Error: --steps is 3 in the run being resumed, not 6; a resumed run keeps it (pass --extend to train it "
+        "longer)")
+    shorter = invoke("pretrain", "--out", tmp_path / "run", "--resume", "--extend", "--steps", "2")
+    assert shorter.exit_code == 1 and "--extend: the run has trained 3 steps; give --steps" in shorter.stderr
+    done = pretrain("--out", tmp_path / "run", "--resume", "--extend", "--steps", "6")
+    assert "pretrain: extending the run to 6 steps; it has trained 3" in done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows if r["event"] != "train"] == ["extended"]
+    train = [r for r in rows if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    # Steps 1-3 followed the 3-step cosine; from step 4 on (the lr logged after step S is step S's
+    # schedule value, index S), the 6-step one.
+    for r in train[3:]:
+        assert r["lr"] == pytest.approx(2e-3 * lr_factor(r["step"], 1, 6, 2e-3, 1e-4))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["total_steps"] == 6
