@@ -211,7 +211,7 @@ class LocationType(click.Path):
 
     def convert(self, value, param, ctx):
         location = Location(value)
-        return location if not location.is_local else Location(super().convert(value, param, ctx))
+        return location if location.local_path() is None else Location(super().convert(value, param, ctx))
 
 
 class Real(click.FloatRange):
@@ -343,11 +343,11 @@ def shards(**options):
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the sample shards.")
+@click.option("--out", required=True, type=LocationType(file_okay=False), help="Folder for the sample shards.")
 @click.option("--maxcount", type=click.IntRange(min=1), default=8, show_default=True, help="Images per shard.")
 @click.option("--holdout", type=click.IntRange(min=0, max=13), default=0, show_default=True,
               help="Keep the last N photographs (by name) out of --out, for validation.")
-@click.option("--holdout-out", default=None, type=click.Path(file_okay=False),
+@click.option("--holdout-out", default=None, type=LocationType(file_okay=False),
               help="Folder for the held-out shard (needed with --holdout).")
 def sample(out, maxcount, holdout, holdout_out):
     """Write the embedded sample of real photographs as WebDataset shards."""
@@ -530,7 +530,7 @@ def train_dvae(**options):
     from pipelines.checkpoint import recorded_dvae_settings
     from pipelines.train_dvae import run_train_dvae
 
-    recorded = recorded_dvae_settings(options["out"]) if options["resume"] else {}
+    recorded = recorded_dvae_settings(Location(options["out"])) if options["resume"] else {}
     report = run_train_dvae(config_of(TrainDVAEConfig, with_recorded(options, recorded)))
     echo_summary("held-out report", {k: report[k] for k in
                                      ("psnr", "psnr_mean_colour", "perplexity", "codes_used", "steps", "seconds")})

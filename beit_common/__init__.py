@@ -25,10 +25,10 @@ from beit_common.files import (
     write_atomic,
     write_text_atomic,
 )
-from beit_common.location import Location, redact, redacted
+from beit_common.location import Location, redact, redacted, resolve_locations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "BeitDataError", "os_error", "Location", "redact", "redacted", "write_atomic",
-           "write_text_atomic", "save_atomic", "ensure_writable_dir", "describe_file", "folder_lock", "LOCK_NAME",
-           "output_location", "output_file", "remove_stale_temps"]
+__all__ = ["__version__", "BeitDataError", "os_error", "Location", "resolve_locations", "redact", "redacted",
+           "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir", "describe_file", "folder_lock",
+           "LOCK_NAME", "output_location", "output_file", "remove_stale_temps"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from beit_common.errors import BeitDataError
 
-__all__ = ["Location", "URL_SCHEMES", "redact", "redacted", "inside"]
+__all__ = ["Location", "URL_SCHEMES", "resolve_locations", "redact", "redacted", "inside"]
 
 URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 
@@ -108,9 +108,48 @@ class Location(str):
             return Location(f"{head}/{name.rsplit('.', 1)[0] if '.' in name else name}{suffix}")
         return Location(Path(self).with_suffix(suffix))
 
+    def beside(self, name: str) -> Location | None:
+        """The file ``name`` in this one's folder; ``None`` for a ``pipe:`` command, which has no folder."""
+        return None if self.kind == "pipe" else self.parent / name
+
+    def locate(self, name: str) -> Location:
+        """Where ``name``, read in a file of this folder, points: an absolute path, a URL or a
+        command as it is, a relative path under this folder."""
+        if os.path.isabs(name) or Location(name).kind != "local":
+            return Location(name)
+        return self / name
+
+    def local_path(self) -> Path | None:
+        """The path on this machine, or ``None`` for a URL or a command, which have none."""
+        return Path(self) if self.kind == "local" else None
+
     def identity(self) -> str:
         """What makes two locations the same file: the resolved path, or the text of a URL."""
         return str(Path(self).resolve()) if self.kind == "local" else str(self)
+
+    def reference(self, *, beside: bool = False) -> str:
+        """How a file written elsewhere names this one: a local file by its resolved path, or by
+        its name alone with ``beside`` (for a file in the same folder: the two can move together);
+        an object by its URL, with its credentials redacted."""
+        if self.kind != "local":
+            return redact(self)
+        return self.name if beside else self.identity()
+
+
+def resolve_locations(config, *names: str) -> None:
+    """Turn the settings ``names`` of ``config`` (a frozen dataclass) into ``Location`` values:
+    a string or path, or each item of a list or tuple of them; ``None`` stays ``None``. The
+    configs call it as they are built: what a user typed becomes a location once, and the code
+    below them takes ``Location``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None or isinstance(value, Location):
+            continue
+        if isinstance(value, (str, os.PathLike)):
+            value = Location(value)
+        else:
+            value = (list if isinstance(value, list) else tuple)(map(Location, value))
+        object.__setattr__(config, name, value)
 
 
 _URL = re.compile(r"\b(?:https?|s3|gs|gcs)://[^\s'\"`]+", re.IGNORECASE)

@@ -26,7 +26,7 @@ from beit_common.errors import BeitDataError
 from beit_common.location import Location, redact
 
 __all__ = ["filesystem", "remote_errors", "stat", "size", "scan_is_cheap", "local_copy", "exists",
-           "read_bytes", "read_text_if_there", "download", "open_stream", "open_random",
+           "read_bytes", "read_text_if_there", "download", "local_folder", "open_stream", "open_random",
            "arrow_source", "map_concurrently", "EXTRAS"]
 
 # The pip extra that brings each scheme's file system.
@@ -233,6 +233,23 @@ def local_copy(location: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def local_folder(location: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
+    """A local folder holding the files ``names`` of the folder ``location`` while the block runs:
+    the folder itself, or a temporary one they are downloaded into and that is removed afterwards
+    (for readers that open a folder by its path)."""
+    location = Location(location)
+    if location.is_local:
+        yield location.path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="beit-data-folder-") as tmp:
+        for name in names:
+            download(location / name, Path(tmp) / name)
+        yield Path(tmp)
 
 
 def size(location: str | os.PathLike) -> int | None:

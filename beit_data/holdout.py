@@ -11,9 +11,7 @@ forward passes only. A share costs about 300 KB per image at 224 pixels.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,8 +45,8 @@ class Holdout:
     tokens: torch.Tensor  # (n, grid*grid) int64
     mask: torch.Tensor  # (n, grid*grid) bool
     keys: list[str]  # this rank's, in order
-    chosen: list[tuple[Path, str]]  # (shard, key) of the whole set, every rank's
-    shards: list[Path]
+    chosen: list[tuple[Location, str]]  # (shard, key) of the whole set, every rank's
+    shards: list[Location]
 
     @property
     def total(self) -> int:
@@ -56,8 +54,8 @@ class Holdout:
         return len(self.chosen)
 
 
-def select_holdout(shards: list[Path], tokens_dir: str | os.PathLike, count: int, seed: int,
-                   reference: TokenMeta) -> list[tuple[Path, str, dict]]:
+def select_holdout(shards: list[Location], tokens_dir: Location, count: int, seed: int,
+                   reference: TokenMeta) -> list[tuple[Location, str, dict]]:
     """The whole held-out set, in evaluation order: ``(shard, key, row)`` with the picked view's row.
 
     Only the key columns are read whole; the rows of the chosen views are then taken.
@@ -78,7 +76,7 @@ def select_holdout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
         keys = file_keys(read_table(path, columns=["key"]).column("key"), views, path)
         first = {key: k * views for k, key in enumerate(keys)}  # a key's views are rows first .. first + views - 1
         for key in sorted(keys):
-            pick = int(stable_rng(seed, "heldout", Location(shard).name, key).integers(views))
+            pick = int(stable_rng(seed, "heldout", shard.name, key).integers(views))
             candidates.append((shard, key, len(paths), first[key] + pick))
         paths.append(path)
     if not candidates:
@@ -92,7 +90,7 @@ def select_holdout(shards: list[Path], tokens_dir: str | os.PathLike, count: int
     return [(shard, key, rows[f, i]) for shard, key, f, i in chosen]
 
 
-def load_holdout(shards_spec: str, tokens_dir: str | os.PathLike, *, count: int, seed: int, meta: TokenMeta,
+def load_holdout(shards_spec: str, tokens_dir: Location, *, count: int, seed: int, meta: TokenMeta,
                  image_size: int, num_masked: int, min_block: int = 16, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> Holdout:
     """This rank's share of the held-out set, decoded.

@@ -34,13 +34,12 @@ LABEL_COLUMNS = ("label", "labels", "cls", "class", "class_id")
 WINDOW = 4  # row groups whose rows are permuted together
 
 
-def is_parquet_source(source: str) -> bool:
+def is_parquet_source(source: Location) -> bool:
     """Whether a ``shards`` source names Parquet: a ``.parquet`` file or pattern, a URL, or a
     folder that holds Parquet files and no images."""
-    text = str(source)
-    if text.endswith(".parquet") or not Location(text).is_local:
+    path = source.local_path()
+    if source.endswith(".parquet") or path is None:
         return True
-    path = Location(text).path
     if path.is_dir():
         names = [p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
         return bool(names) and all(n.endswith(".parquet") for n in names)
@@ -63,21 +62,21 @@ def _reading(file: Location, what: str) -> Iterator[None]:
                             "fetch it again") from None
 
 
-def file_identity(location: str | os.PathLike) -> tuple[int, int] | str:
+def file_identity(location: Location | Path) -> tuple[int, int] | str:
     """What makes two names one file: a local file's device and inode (through symbolic and hard
     links and any spelling of the path), the absolute path of one that is not there, or the URL."""
-    if not isinstance(location, Path):  # a listed image is a Path: a million of them are checked quickly
-        location = Location(location)
-        if not location.is_local:
-            return location.identity()
+    # A listed image is a Path: a million of them are checked quickly.
+    path = location if isinstance(location, Path) else location.local_path()
+    if path is None:
+        return location.identity()
     try:
-        st = os.stat(location)
+        st = os.stat(path)
     except OSError:
-        return os.path.abspath(location)
+        return os.path.abspath(path)
     return st.st_dev, st.st_ino
 
 
-def _refuse_overlap(files: Sequence[Location], sources: Sequence[str]) -> None:
+def _refuse_overlap(files: Sequence[Location], sources: Sequence[Location]) -> None:
     """A file that two sources (or a file and its folder) both name would give every row twice."""
     seen: dict = {}
     for f in files:
@@ -150,15 +149,15 @@ class ParquetImages:
     names: list[str] | None
     row_groups: list[tuple[int, int]]  # (file, row group), in file order
     offsets: list[int]  # rows before each file
-    image_root: str | None = None  # where a row's relative image path is read from; None: its file's folder
+    image_root: Location | None = None  # where a row's relative image path is read from; None: its file's folder
 
     @property
     def count(self) -> int:
         return self.offsets[-1]
 
     @classmethod
-    def open(cls, sources: Sequence[str], image_column: str | None = None,
-             label_column: str | None = None, image_root: str | None = None) -> ParquetImages:
+    def open(cls, sources: Sequence[Location], image_column: str | None = None,
+             label_column: str | None = None, image_root: Location | None = None) -> ParquetImages:
         """Every Parquet file of ``sources`` (files, folders, globs or prefixes; local or object
         URLs), checked to share the image and label columns. A row whose image struct holds a
         path and no bytes is read from that path, relative to ``image_root`` or else to the
@@ -167,7 +166,7 @@ class ParquetImages:
         Raises:
             BeitDataError: For no Parquet file, a file without the columns, or files that differ.
         """
-        files = [f for source in sources for f in expand(str(source), ".parquet", "Parquet source")]
+        files = [f for source in sources for f in expand(source, ".parquet", "Parquet source")]
         if not files:
             raise BeitDataError(f"no Parquet file in {', '.join(map(str, sources))}")
         _refuse_overlap(files, sources)
@@ -189,8 +188,7 @@ class ParquetImages:
                     raise BeitDataError(f"{f} has no column {wanted!r}, which {files[0]} has")
             groups += [(i, g) for g in range(meta.num_row_groups)]
             offsets.append(offsets[-1] + meta.num_rows)
-        return cls(files, image, label, _class_names(schema, label), groups, offsets,
-                   None if image_root is None else str(image_root))
+        return cls(files, image, label, _class_names(schema, label), groups, offsets, image_root)
 
     def labels(self) -> np.ndarray:
         """Every row's label (the label column alone is read), -1 where it is null."""
@@ -225,7 +223,7 @@ class ParquetImages:
         images = table.column(self.image_column).to_pylist()
         labels = table.column(self.label_column).to_pylist() if self.label_column else [None] * len(images)
         name, first = self.files[file].name, self.offsets[file] + start
-        root = Location(self.image_root) if self.image_root is not None else self.files[file].parent
+        root = self.image_root if self.image_root is not None else self.files[file].parent
         return [_row(f"{name}:{start + i}", first + i, image, label, root)
                 for i, (image, label) in enumerate(zip(images, labels))]
 
@@ -244,6 +242,5 @@ def _row(source: str, index: int, image, label, root: Location) -> ParquetRow:
     if label is not None and not isinstance(label, int):
         return ParquetRow(source, index, None, None, f"label {label!r} is not a class id")
     if path is not None:
-        where = path if os.path.isabs(path) or not Location(path).is_local else str(root / path)
-        return ParquetRow(source, index, None, label, path=where)
+        return ParquetRow(source, index, None, label, path=str(root.locate(path)))
     return ParquetRow(source, index, bytes(image), label)

@@ -88,7 +88,7 @@ class SequentialReader:
         for sample in self.samples:
             if sample.key == key:
                 return sample.image
-        raise BeitDataError(f"{self.shard} no longer holds key {key} that {Location(self.token_file).name} lists, in "
+        raise BeitDataError(f"{self.shard} no longer holds key {key} that {self.token_file.name} lists, in "
                             "that order; was it rewritten?")
 
     def close(self) -> None:
@@ -170,7 +170,7 @@ def read_images_of(picked: list[tuple[int, LoadedShard, int]]) -> list[bytes]:
 # ---- stored targets ----------------------------------------------------------------------------
 
 
-def pair_token_files(spec: str, tokens: str, *, skip_missing: bool = False, held_out: bool = False
+def pair_token_files(spec: str, tokens: Location, *, skip_missing: bool = False, held_out: bool = False
                      ) -> tuple[list[Location], list[Location], list[tuple[TokenMeta, int]], list[Location]]:
     """``(shards, token_files, footers, missing)``: each shard of ``spec`` paired with its token
     file in ``tokens``, checked as training checks them before its first step.

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from beit_common import write_text_atomic
+from beit_common import Location, write_text_atomic
 
 __all__ = ["SAMPLE_DIR", "sample_images"]
 
@@ -17,9 +16,9 @@ def sample_images() -> list[Path]:
     return sorted(p for p in SAMPLE_DIR.glob("*.jpg"))
 
 
-def write_sample_list(path: str | os.PathLike, photos: list[Path] | None = None) -> Path:
+def write_sample_list(path: Location, photos: list[Path] | None = None) -> Location:
     """Write a text file listing the embedded photographs (or ``photos``), for ``run_shards``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.local_path() is not None:
+        path.local_path().parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "".join(f"{p}\n" for p in (sample_images() if photos is None else photos)))
     return path

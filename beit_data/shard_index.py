@@ -11,7 +11,6 @@ its token file, tells a shard rewritten since it was tokenized.
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -41,7 +40,7 @@ class StaleIndex(BeitDataError):
     """A ``.idx`` that does not list the members of the tar beside it."""
 
 
-def scan_index(shard: str | os.PathLike, reject: Callable[[str, str], None] | None = None) -> list[IndexedSample]:
+def scan_index(shard: Location, reject: Callable[[str, str], None] | None = None) -> list[IndexedSample]:
     """The shard's samples from its tar headers; seeks past the member data, never reads it.
 
     A tar cut off mid-member gives the samples complete before the cut, as ``iter_samples``
@@ -53,7 +52,6 @@ def scan_index(shard: str | os.PathLike, reject: Callable[[str, str], None] | No
     Raises:
         BeitDataError: For a file that is not a tar (an empty one included), naming it.
     """
-    shard = Location(shard)
     if not shard.seekable:
         raise BeitDataError(f"{shard}: a pipe: command cannot be indexed (it is read from the start only)")
     info = storage.stat(shard)
@@ -119,9 +117,8 @@ def _parse_index(text: str, idx: Path) -> list[IndexedSample]:
     return samples
 
 
-def read_index(shard: str | os.PathLike) -> list[IndexedSample]:
+def read_index(shard: Location) -> list[IndexedSample]:
     """The shard's samples and member offsets, from its ``.idx`` where there is one, else its tar headers."""
-    shard = Location(shard)
     if not shard.seekable:  # no index beside a command: one read of the whole stream
         index: list[IndexedSample] = []
         for _ in iter_samples(shard, index=index):
@@ -177,7 +174,7 @@ def _stale(shard: Location) -> StaleIndex:
                       f"was indexed); rebuild it: beit-data index --overwrite --shards {shard}")
 
 
-def stale_index(shard: str | os.PathLike, members: list[IndexedSample] | None = None) -> StaleIndex | None:
+def stale_index(shard: Location, members: list[IndexedSample] | None = None) -> StaleIndex | None:
     """The error for a ``.idx`` that does not list the members of the tar beside it (a stale index
     beside a tar written again), or ``None``.
 
@@ -185,7 +182,6 @@ def stale_index(shard: str | os.PathLike, members: list[IndexedSample] | None = 
     after that, this never finds it stale, so its advice cannot loop. Where ``members`` (a read
     of the whole tar) agrees with the index, the headers are not scanned.
     """
-    shard = Location(shard)
     if not shard.seekable:
         return None
     listed = _listed_index(shard)
@@ -200,7 +196,7 @@ def read_images(samples: list[tuple[Location, str]]) -> dict[tuple[Location, str
     """The image of each ``(shard, key)`` that has one, read by its offset in its shard (one range
     request per image for an object, all of a shard's at once; a ``pipe:`` shard is read through)."""
     out: dict[tuple[Location, str], bytes] = {}
-    for shard in dict.fromkeys(Location(s) for s, _ in samples):
+    for shard in dict.fromkeys(s for s, _ in samples):
         wanted = {k for s, k in samples if s == shard}
         if not shard.seekable:  # no random access: the stream, read once
             out.update(((shard, s.key), s.image) for s in iter_samples(shard) if s.key in wanted and s.image)
@@ -218,7 +214,7 @@ def read_images(samples: list[tuple[Location, str]]) -> dict[tuple[Location, str
     return out
 
 
-def shard_fingerprint(shard: str | os.PathLike, index: list[IndexedSample] | None = None, *,
+def shard_fingerprint(shard: Location, index: list[IndexedSample] | None = None, *,
                       size: int | None = None) -> dict:
     """A cheap identity of a shard's contents, recorded in its token file.
 
@@ -228,7 +224,7 @@ def shard_fingerprint(shard: str | os.PathLike, index: list[IndexedSample] | Non
     ``pipe:`` shard passes the ``index`` and ``size`` its one sequential read found.
     """
     digest = _members_digest(read_index(shard) if index is None else index)
-    if size is None and Location(shard).seekable:  # a pipe: command's size is not known
+    if size is None and shard.seekable:  # a pipe: command's size is not known
         size = storage.stat(shard)["size"]
     return {"bytes": size, "members": digest}
 
@@ -241,7 +237,7 @@ def _members_digest(samples: list[IndexedSample]) -> str:
     return digest.hexdigest()
 
 
-def check_fingerprint(shard: str | os.PathLike, recorded: dict | None, token_file: str | os.PathLike, *,
+def check_fingerprint(shard: Location, recorded: dict | None, token_file: Location, *,
                       full: bool = True,
                       index: list[IndexedSample] | None = None, size: int | None = None) -> None:
     """Refuse a shard that is no longer the one its token file was made from.
@@ -258,8 +254,7 @@ def check_fingerprint(shard: str | os.PathLike, recorded: dict | None, token_fil
             ``beit-data index --overwrite``, not tokenizing again).
         BeitDataError: Naming the shard and the token file.
     """
-    shard = Location(shard)
-    hint = f"; tokenize it again (overwrite) so that {Location(token_file).name} matches it"
+    hint = f"; tokenize it again (overwrite) so that {token_file.name} matches it"
     if not recorded:
         raise BeitDataError(f"{token_file} records no fingerprint of its shard (made by an older beit-data){hint}")
     if not shard.seekable and index is None:
@@ -279,7 +274,7 @@ def check_fingerprint(shard: str | os.PathLike, recorded: dict | None, token_fil
                                                   f"differ){hint}")
 
 
-def index_count(shard: str | os.PathLike) -> int | None:
+def index_count(shard: Location) -> int | None:
     """The sample count in the shard's ``.idx`` header (its first bytes), or ``None`` without an index."""
     idx = index_path(shard)
     try:
@@ -290,9 +285,9 @@ def index_count(shard: str | os.PathLike) -> int | None:
     return int(header[1]) if len(header) == 2 and header[1].isdigit() else None
 
 
-def index_path(shard: str | os.PathLike) -> Location | None:
+def index_path(shard: Location) -> Location | None:
     """The DALI index that belongs beside a shard: ``x.tar`` -> ``x.idx`` (``None`` for ``pipe:``)."""
-    return Location(shard).sibling(".idx")
+    return shard.sibling(".idx")
 
 
 def _unindexable(samples: list[IndexedSample]) -> str | None:
@@ -307,7 +302,7 @@ def _index_text(samples: list[IndexedSample]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_index(shard: str | os.PathLike, reject: Callable[[str, str], None] | None = None) -> Location:
+def write_index(shard: Location, reject: Callable[[str, str], None] | None = None) -> Location:
     """Write the DALI ``wds2idx`` (format v1.2) index beside ``shard`` (a file or an object), atomically.
 
     Each line after the header lists, for one sample, ``ext offset size name`` per member,

@@ -94,7 +94,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[Location]:
     return list(dict.fromkeys(paths))
 
 
-def check_finished_folders(shards: Sequence[str | os.PathLike]) -> None:
+def check_finished_folders(shards: Sequence[Location]) -> None:
     """Refuse shards from a local folder that a ``beit-data shards`` run began and did not finish.
 
     That run moves its ``rejects.json`` in first and its ``shards.json`` last (and moves an
@@ -104,7 +104,7 @@ def check_finished_folders(shards: Sequence[str | os.PathLike]) -> None:
     Raises:
         BeitDataError: Naming the folder and the fix.
     """
-    for folder in sorted({Location(s).path.parent for s in shards if Location(s).is_local}):
+    for folder in sorted({path.parent for s in shards if (path := s.local_path()) is not None}):
         if (folder / REJECTS_REPORT).is_file() and not (folder / SHARDS_REPORT).is_file():
             raise BeitDataError(f"{folder} has the {REJECTS_REPORT} of a beit-data shards run but no {SHARDS_REPORT}: "
                                 "that run did not finish, and its shards may be part of the set; run beit-data "
@@ -179,7 +179,7 @@ def duplicate_reason(count: int) -> str:
     return f"duplicate key: {count} samples of the shard have it, and a key must name one image"
 
 
-def iter_samples(shard: str | os.PathLike, rejects: list[Reject] | None = None,
+def iter_samples(shard: Location, rejects: list[Reject] | None = None,
                  index: list[IndexedSample] | None = None) -> Iterator[Sample]:
     """Yield the samples of one shard, in tar order, in one sequential read.
 
@@ -230,7 +230,7 @@ def iter_samples(shard: str | os.PathLike, rejects: list[Reject] | None = None,
         yield from finish(current)
 
 
-def iter_images(shard: str | os.PathLike, rejects: list[Reject] | None = None, *, min_size: int = 1,
+def iter_images(shard: Location, rejects: list[Reject] | None = None, *, min_size: int = 1,
                 index: list[IndexedSample] | None = None, max_pixels: int | None = None,
                 batch_pixels: int | None = None):
     """Yield ``(sample, ImageInfo)`` for each sample of ``shard`` whose image passes the probe.

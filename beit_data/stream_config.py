@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location, resolve_locations
 
 __all__ = ["StreamConfig", "MIX_SHARDS", "PARTITIONS", "TARGETS", "ORDER_VERSION"]
 
@@ -42,7 +42,7 @@ class StreamConfig:
     """
 
     shards: str
-    tokens: str | None = None
+    tokens: Location | None = None  # a string is held as a Location (``resolve_locations``)
     targets: str = "stored"
     tokenizer: str | None = None
     batch_size: int = 256
@@ -60,6 +60,7 @@ class StreamConfig:
     shuffle_targets: bool = False
 
     def __post_init__(self):
+        resolve_locations(self, "tokens")
         if min(self.batch_size, self.grad_accum, self.mix_shards, self.partitions) < 1:
             raise BeitDataError("`batch_size`, `grad_accum`, `mix_shards` and `partitions` must be at least 1")
         if not 1 <= self.order_version <= ORDER_VERSION:

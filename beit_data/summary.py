@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -62,9 +61,9 @@ class _Tally:
     readable: int = 0
     fingerprints: dict[str, dict | None] = field(default_factory=dict)
 
-    def add(self, path, batch_rows: int) -> None:
+    def add(self, path: Location, batch_rows: int) -> None:
         """Read one token file into the tally; what is wrong with it becomes an error line."""
-        name = Location(path).name
+        name = path.name
         try:
             meta, file = read_meta(path), parquet_file(path)  # the schema and what the statistics show
             if self.reference is None:
@@ -118,7 +117,7 @@ def codebook_warnings(codebook: dict, max_share: float = 0.1, max_dead: float = 
     return warnings
 
 
-def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8192, max_share: float = 0.1,
+def summarise(folder: Location, shards: str | None = None, batch_rows: int = 8192, max_share: float = 0.1,
               max_dead: float = 0.5) -> dict:
     """The whole summary as one JSON-ready dict; ``errors`` lists what failed validation and
     ``warnings`` what says the targets will train poorly (see ``codebook_warnings``)."""
@@ -142,7 +141,7 @@ def summarise(folder: str | Path, shards: str | None = None, batch_rows: int = 8
     summary["warnings"] = codebook_warnings(summary["codebook"], max_share, max_dead)
     if shards is not None:
         summary["coverage"] = _coverage(folder, shards, tally.keys, tally.rejects, tally.fingerprints, tally.errors,
-                                        {Location(p).name for p in files})
+                                        {p.name for p in files})
     return summary
 
 
@@ -151,7 +150,7 @@ def _by_reason(rejects: list[dict]) -> dict[str, int]:
     return dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects).most_common())
 
 
-def _coverage(folder: Path | str, spec: str, keys: dict[str, set[str]], rejects: list[dict], fingerprints: dict,
+def _coverage(folder: Location, spec: str, keys: dict[str, set[str]], rejects: list[dict], fingerprints: dict,
               errors: list[str], present: set[str]) -> dict:
     """Keys of the shards against the token files' keys, by (token file, key). An unreadable
     shard, or one that has changed since it was tokenized, becomes an error line and is left
@@ -161,18 +160,18 @@ def _coverage(folder: Path | str, spec: str, keys: dict[str, set[str]], rejects:
     parquet_keys = {(name, k) for name, found in keys.items() for k in found}
     listed = expand_shards(spec)
     for shard, path in zip(listed, token_paths(folder, listed)):
-        name = Location(path).name
+        name = path.name
         try:
             index = read_index(shard)
             if name in fingerprints:
                 check_fingerprint(shard, fingerprints[name], path, index=index)
         except BeitDataError as exc:
             errors.append(str(exc))
-            unusable.append(Location(shard).name)
+            unusable.append(shard.name)
             parquet_keys -= {(name, k) for k in keys.get(name, set())}
             continue
         if name not in present:
-            no_file.append(Location(shard).name)
+            no_file.append(shard.name)
         tar_keys |= {(name, s.key) for s in index if s.image_ext is not None}
     rejected = {(r["file"], r["key"]) for r in rejects}
     missing = sorted(tar_keys - parquet_keys - rejected)

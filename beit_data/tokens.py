@@ -17,7 +17,6 @@ It is read and written as one ``TokenMeta``: no other module reads a key of it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -187,12 +186,12 @@ def schema(grid: int) -> pa.Schema:
     ])
 
 
-def token_path(out_dir: str | os.PathLike, shard: str | os.PathLike) -> Location:
+def token_path(out_dir: Location, shard: Location) -> Location:
     """``train-000001.tar`` -> ``OUT/train-000001.parquet`` (``OUT`` may be an ``s3://`` or ``gs://`` prefix)."""
-    return Location(out_dir) / (Location(shard).stem + ".parquet")
+    return out_dir / (shard.stem + ".parquet")
 
 
-def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> list[Location]:
+def token_paths(out_dir: Location, shards: Sequence[Location]) -> list[Location]:
     """The token file of each shard; two shards that would share one are refused, naming both.
 
     Raises:
@@ -210,7 +209,7 @@ def token_paths(out_dir: str | os.PathLike, shards: Sequence[str | os.PathLike])
     return paths
 
 
-def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list[Location]:
+def token_files(folder: Location, *, allow_empty: bool = False) -> list[Location]:
     """The token files of a folder or object-storage prefix, sorted by name (with ``allow_empty``,
     none is not an error)."""
     files = list_files(folder, ".parquet", what="token folder")
@@ -219,14 +218,14 @@ def token_files(folder: str | os.PathLike, *, allow_empty: bool = False) -> list
     return files
 
 
-def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None, filters=None) -> pa.Table:
+def read_table(path: Location, columns: Sequence[str] | None = None, filters=None) -> pa.Table:
     """A token file's table (or some of its columns), from a local path or an object URL."""
     where, fs = storage.arrow_source(path)
     with storage.remote_errors(path):
         return pq.read_table(where, columns=columns, filters=filters, filesystem=fs)
 
 
-def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
+def parquet_file(path: Location) -> pq.ParquetFile:
     """A token file opened for its metadata and row groups."""
     where, fs = storage.arrow_source(path)
     with storage.remote_errors(path):
@@ -297,7 +296,7 @@ def build_table(rows: list[dict], tokens: np.ndarray, grid: int) -> pa.Table:
                     schema=sch)
 
 
-def write_tokens(path: str | os.PathLike, table: pa.Table, meta: TokenMeta) -> Path:
+def write_tokens(path: Location, table: pa.Table, meta: TokenMeta) -> Path:
     """Write ``table`` with ``meta`` (JSON-encoded per key) atomically: a temporary file, then a rename."""
     encoded = {f"{META_PREFIX}{k}".encode(): json.dumps(v, sort_keys=True).encode()
                for k, v in meta.as_footer().items()}
@@ -305,7 +304,7 @@ def write_tokens(path: str | os.PathLike, table: pa.Table, meta: TokenMeta) -> P
     return write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=8192, compression="zstd"))
 
 
-def read_meta(path: str | os.PathLike) -> TokenMeta:
+def read_meta(path: Location) -> TokenMeta:
     """The ``beit_data.*`` metadata of a token file.
 
     Raises:
@@ -314,7 +313,7 @@ def read_meta(path: str | os.PathLike) -> TokenMeta:
     return read_footer(path)[0]
 
 
-def read_footer(path: str | os.PathLike) -> tuple[TokenMeta, int]:
+def read_footer(path: Location) -> tuple[TokenMeta, int]:
     """``(metadata, rows)`` of a token file, from one read of its Parquet footer.
 
     Raises:
@@ -498,7 +497,7 @@ def check_recipe(meta: TokenMeta, reference: TokenMeta, what: str, hint: str = "
         raise BeitDataError(f"{what} come from different tokenizers or recipes: {diff}{hint}")
 
 
-def read_consistent_footers(paths: Sequence[str | os.PathLike]) -> list[tuple[TokenMeta, int]]:
+def read_consistent_footers(paths: Sequence[Location]) -> list[tuple[TokenMeta, int]]:
     """``(metadata, rows)`` of every file, after checking that they all share the first one's
     tokenizer and recipe. Files on object storage are read many at once."""
     footers = storage.map_concurrently(read_footer, paths)

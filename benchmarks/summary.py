@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from beit_common import Location
 from beit_data.tokens import build_table, decoder_meta, file_meta, write_tokens
 from beit_data.views import ViewRecipe
 
@@ -27,12 +28,13 @@ from beit_data.views import ViewRecipe
 # started from a large parent would report the parent's peak).
 MEASURE = """
 import json, sys, time
+from beit_common import Location
 from beit_data.summary import summarise
 def hwm():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 before = hwm()
 start = time.perf_counter()
-s = summarise(sys.argv[1])
+s = summarise(Location(sys.argv[1]))
 print(json.dumps({"seconds": time.perf_counter() - start, "rows": s["rows"], "images": s["images"],
                   "peak_rss_mb": hwm(), "rss_after_imports_mb": before}))
 """
@@ -49,7 +51,7 @@ def write_files(folder: Path, rows: int, files: int, views: int = 10, grid: int 
         rows_ = [{"key": k, "view": v, "x": 0, "y": 0, "w": 100, "h": 100, "flip": False, "brightness": 1.0,
                   "contrast": 1.0, "saturation": 1.0, "width": 500, "height": 375} for k in keys for v in range(views)]
         tokens = rng.integers(0, vocab, (len(rows_), grid * grid), dtype=np.int16)
-        write_tokens(folder / f"shard-{f:06d}.parquet", build_table(rows_, tokens, grid),
+        write_tokens(Location(folder / f"shard-{f:06d}.parquet"), build_table(rows_, tokens, grid),
                      replace(meta, source=f"shard-{f:06d}.tar"))
 
 

@@ -115,6 +115,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    from beit_common import Location
     from pipelines.shards import write_sample
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
     from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
@@ -122,7 +123,8 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
-        for _ in write_sample(root / "shards", holdout=args.holdout, holdout_out=root / "holdout"):
+        for _ in write_sample(Location(root / "shards"), holdout=args.holdout,
+                              holdout_out=Location(root / "holdout")):
             pass
         probe_sets(root)
         dvae = run_train_dvae(TrainDVAEConfig(shards=str(root / "shards"), out=str(root / "dvae.pt"),

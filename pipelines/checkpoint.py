@@ -31,7 +31,6 @@ the one train-dvae has always written.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -107,8 +106,8 @@ class ScalerState:
             self.scaler.load_state_dict(state)
 
 
-def checkpoint_path(run: str | os.PathLike) -> Location:
-    return Location(run) / CHECKPOINT
+def checkpoint_path(run: Location) -> Location:
+    return run / CHECKPOINT
 
 
 # Settings added since the first checkpoints, with the value a run that predates them had
@@ -169,7 +168,7 @@ class CheckpointMeta:
 META = tuple(f.name for f in fields(CheckpointMeta))
 
 
-def _read(path: str | os.PathLike) -> object:
+def _read(path: Location) -> object:
     """What ``torch.save`` wrote at ``path`` (local or an object), on the CPU, as plain data.
 
     Raises:
@@ -186,7 +185,7 @@ def _read(path: str | os.PathLike) -> object:
             raise BeitDataError(f"{path} is not a readable checkpoint: it is {detail}") from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: Location) -> dict:
     """The pretrain checkpoint at ``path`` (local or an object), on the CPU.
 
     Raises:
@@ -305,7 +304,7 @@ class DVAECheckpointMeta:
 DVAE_KEYS = ("format", "config", "encoder", "decoder", "step", "train", "optimizer", "rng")
 
 
-def save_dvae_checkpoint(path: str | os.PathLike, record: DVAECheckpointMeta, architecture: DVAEConfig,
+def save_dvae_checkpoint(path: Location, record: DVAECheckpointMeta, architecture: DVAEConfig,
                          encoder: Encoder, decoder: Decoder, optimizer: Stateful,
                          scaler: torch.amp.GradScaler | None = None) -> None:
     """Write a ``train-dvae`` checkpoint atomically: the tokenizer file of ``encoder`` and
@@ -316,7 +315,7 @@ def save_dvae_checkpoint(path: str | os.PathLike, record: DVAECheckpointMeta, ar
                  "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **fp16}, path)
 
 
-def restore_dvae_checkpoint(path: str | os.PathLike, settings: dict, resumable: tuple[str, ...], encoder: Encoder,
+def restore_dvae_checkpoint(path: Location, settings: dict, resumable: tuple[str, ...], encoder: Encoder,
                             decoder: Decoder, optimizer: Stateful, scaler: torch.amp.GradScaler | None = None
                             ) -> tuple[DVAECheckpointMeta, dict]:
     """Take a ``train-dvae`` checkpoint back into the run's models, optimizer and CPU generator.
@@ -352,7 +351,7 @@ def restore_dvae_checkpoint(path: str | os.PathLike, settings: dict, resumable: 
     return record, changed
 
 
-def recorded_dvae_settings(path: str | os.PathLike) -> dict:
+def recorded_dvae_settings(path: Location) -> dict:
     """The settings a ``train-dvae`` checkpoint records (``{}`` where there is no file, or it holds
     none): what a resumed run takes for every setting not given again."""
     if not storage.exists(path):

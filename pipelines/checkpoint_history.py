@@ -20,7 +20,6 @@ whole (a temporary file is never listed, and the next start removes it).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -49,17 +48,17 @@ def kept_name(step: int, epoch: int | None = None) -> str:
     return f"step-{step:08d}" + (f"-epoch-{epoch:04d}" if epoch is not None else "") + ".pt"
 
 
-def kept_checkpoints(run: str | os.PathLike) -> list[Kept]:
+def kept_checkpoints(run: Location) -> list[Kept]:
     """The kept checkpoints of a run folder or prefix, by step; none for a run from before them."""
     found = []
-    for location in list_files(Location(run) / KEPT, ".pt"):
+    for location in list_files(run / KEPT, ".pt"):
         match = _NAME.fullmatch(location.name)
         if match:
             found.append(Kept(int(match[1]), int(match[2]) if match[2] else None, location))
     return sorted(found, key=lambda k: (k.step, k.epoch is None))
 
 
-def run_checkpoint(run: str | os.PathLike, step: int | None = None) -> Location:
+def run_checkpoint(run: Location, step: int | None = None) -> Location:
     """The checkpoint of a run: its latest (``RUN/checkpoint.pt``), or the one kept at ``step``.
 
     Raises:
@@ -112,8 +111,9 @@ class History:
         no longer kept. Returns them."""
         if epoch is not None or self.newest:
             target = self.run / KEPT / kept_name(step, epoch)
-            if self.run.is_local:
-                target.path.parent.mkdir(exist_ok=True)
+            local = target.local_path()
+            if local is not None:  # an object-storage prefix needs no folder
+                local.parent.mkdir(exist_ok=True)
             copy_atomic(checkpoint_path(self.run), target)
         gone = to_prune(kept_checkpoints(self.run), self.newest, step)
         for k in gone:  # oldest first, each whole

@@ -4,15 +4,19 @@
 They live apart from the stages so that the command line can take its defaults from them
 without importing torch or DALI (``beit-data --help`` stays instant). Each stage module
 re-exports its own config beside its ``run_*()`` function.
+
+With the command line they are the boundary where what a user typed becomes a ``Location``: a
+setting that names a file or folder is given as a string (or a path) and held as a
+``Location`` from ``__post_init__`` on (``resolve_locations``); shard specs (patterns, lists)
+stay strings until ``expand_shards`` resolves them.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location, resolve_locations
 from beit_data.stream_config import StreamConfig
 from beit_data.views import ViewRecipe
 from pipelines.recipes import DVAE_CONFIGS, TOKENIZER_RECIPE, check_recipe_name, view_recipe
@@ -66,24 +70,25 @@ class ShardsConfig:
         progress: Show a progress bar.
     """
 
-    sources: Sequence[str | os.PathLike]
-    out: str | os.PathLike
+    sources: Sequence[Location]
+    out: Location
     maxcount: int = 10000
     prefix: str = "shard"
     shuffle: bool = True
     seed: int = 0
-    classes: str | os.PathLike | None = None
+    classes: Location | None = None
     max_pixels: int | None = None  # None: beit_data.images.MAX_PIXELS
     min_size: int = 112  # the DALL-E tokenizer's input size, BEiT's
     image_column: str | None = None
     label_column: str | None = None
-    image_root: str | os.PathLike | None = None
+    image_root: Location | None = None
     holdout_per_class: float | None = None
-    holdout_out: str | os.PathLike | None = None
+    holdout_out: Location | None = None
     overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self):
+        resolve_locations(self, "sources", "out", "classes", "image_root", "holdout_out")
         if not self.sources:
             raise BeitDataError("give at least one image source")
         if self.maxcount < 1:
@@ -102,7 +107,7 @@ class TrainDVAEConfig:
     decides what the run computes."""
 
     shards: str
-    out: str
+    out: Location
     config: str = "tiny"
     steps: int = 300
     batch_size: int = 16
@@ -127,6 +132,7 @@ class TrainDVAEConfig:
                  "extend")
 
     def __post_init__(self):
+        resolve_locations(self, "out")
         if self.config not in DVAE_CONFIGS:
             raise BeitDataError(f"`config` must be one of {list(DVAE_CONFIGS)}, got {self.config}")
         if self.steps < 1 or self.batch_size < 1 or self.holdout < 1:
@@ -145,7 +151,7 @@ class TokenizeConfig:
 
     shards: str
     tokenizer: str
-    out: str
+    out: Location
     recipe: str | None = None
     views: int = 10
     seed: int = 0
@@ -164,6 +170,7 @@ class TokenizeConfig:
     progress: bool = True
 
     def __post_init__(self):
+        resolve_locations(self, "out")
         if self.batch_size < 1:
             raise BeitDataError(f"`batch_size` must be at least 1, got {self.batch_size}")
         check_precision(self.precision)
@@ -195,7 +202,7 @@ class ProbeConfig:
         linear: Also fit a logistic regression on the features.
     """
 
-    model: str
+    model: Location
     train_shards: str
     val_shards: str
     step: int | None = None
@@ -210,6 +217,7 @@ class ProbeConfig:
     progress: bool = True
 
     def __post_init__(self):
+        resolve_locations(self, "model")
         if self.k < 1 or self.temperature <= 0 or self.batch_size < 1:
             raise BeitDataError("`k` and `batch_size` must be at least 1 and `temperature` positive")
 
@@ -232,25 +240,29 @@ class ExportConfig:
     """``beit-data export``: a run's encoder, for timm (a folder of ``EXPORT_FOLDER_FILES``, or a file);
     ``step`` picks a checkpoint the run keeps instead of its latest."""
 
-    run: str
-    out: str
+    run: Location
+    out: Location
     step: int | None = None
     overwrite: bool = False
+
+    def __post_init__(self):
+        resolve_locations(self, "run", "out")
 
 
 @dataclass(frozen=True, kw_only=True)
 class InspectConfig:
-    tokens: str
+    tokens: Location
     shards: str | None = None
     render: str | None = None
     view: int = 0
     tokenizer: str | None = None
-    out: str | None = None
-    histogram: str | None = None
+    out: Location | None = None
+    histogram: Location | None = None
     max_code_share: float = 0.1  # warn when one code holds more of the tokens
     max_dead_codes: float = 0.5  # warn when more of the codebook never occurs
 
     def __post_init__(self):
+        resolve_locations(self, "tokens", "out", "histogram")
         if self.render is not None and self.out is None:
             raise BeitDataError("`render` needs `out` (a .png file)")
         if not (0 < self.max_code_share <= 1 and 0 <= self.max_dead_codes <= 1):

@@ -35,7 +35,7 @@ from beit_data.holdout import Holdout
 from beit_data.progress import progress_bar
 from beit_data.replay import image_members, pair_token_files
 from beit_data.shard_index import read_images, stale_index
-from beit_data.shards import expand_shards, iter_images
+from beit_data.shards import SHARDS_REPORT, expand_shards, iter_images
 from beit_data.tokens import WINDOW_COLUMNS, TokenMeta, check_rows, file_keys, read_table
 from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.class_maps import ClassMaps, merged
@@ -81,7 +81,7 @@ def evaluate(model: torch.nn.Module, holdout: Holdout, *, max_masked: int, devic
             "val_majority": codes.max().item() / max(count, 1)}
 
 
-def check_held_out_shards(spec: str, tokens: str) -> None:
+def check_held_out_shards(spec: str, tokens: Location) -> None:
     """Refuse held-out shards and token files as the training stream refuses its own, before an
     image is decoded: what it checks before its first step (``pair_token_files``: a token file
     for each shard, one recipe, sound footers, shard sizes) and what it checks as it loads a
@@ -118,9 +118,9 @@ def check_holdout(holdout: Holdout, source) -> None:
     Raises:
         BeitDataError: Naming the first shard or key that training also reads.
     """
-    train = {Location(p).identity() for p in source.shards}
+    train = {p.identity() for p in source.shards}
     for shard in holdout.shards:
-        if Location(shard).identity() in train:
+        if shard.identity() in train:
             raise BeitDataError(f"validation shard {shard} is also a training shard: the figures would not be "
                                 "held out; give `val_shards` that training does not read")
     wanted = {k for _, k in holdout.chosen}
@@ -132,7 +132,7 @@ def check_holdout(holdout: Holdout, source) -> None:
         theirs = read_images([(s, k) for s, k in holdout.chosen if k in shared])
         for (s, key), data in theirs.items():
             if mine.get((shard, key)) == data:
-                raise BeitDataError(f"validation sample {Location(s).name}:{key} is also a training sample "
+                raise BeitDataError(f"validation sample {s.name}:{key} is also a training sample "
                                     f"(in {shard}): hold the validation images out of the training shards")
 
 
@@ -153,11 +153,12 @@ def _label(sample, shard, classes: tuple[int, Location] | None) -> int:
     return label
 
 
-def class_map_size(shard: str) -> tuple[int, Location] | None:
+def class_map_size(shard: Location) -> tuple[int, Location] | None:
     """The number of classes of the class map recorded beside ``shard`` (the ``shards.json`` that
-    ``beit-data shards`` writes), and that file; None where there is none (img2dataset's shards)."""
-    shard = Location(shard)
-    if shard.kind == "pipe" or not storage.exists(path := shard.parent / "shards.json"):
+    ``beit-data shards`` writes), and that file; None where there is none (img2dataset's shards,
+    a ``pipe:`` command's)."""
+    path = shard.beside(SHARDS_REPORT)
+    if path is None or not storage.exists(path):
         return None
     try:
         classes = json.loads(storage.read_bytes(path)).get("classes")

@@ -21,6 +21,7 @@ weights, and the model pretrained as ``beit_data_model``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from beit_common import BeitDataError, Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
 from beit_common.files import ensure_writable_dir, output_location
@@ -70,11 +71,12 @@ def run_export(cfg: ExportConfig) -> dict:
     from beit_model.beit_mim import encoder_state_dict
 
     ckpt = load_checkpoint(run_checkpoint(cfg.run, cfg.step))
-    suffix = "." + Location(cfg.out).name.rsplit(".", 1)[-1].lower() if "." in Location(cfg.out).name else ""
+    out = cfg.out
+    suffix = "." + out.name.rsplit(".", 1)[-1].lower() if "." in out.name else ""
     if suffix and suffix not in FILE_SUFFIXES:
-        raise BeitDataError(f"`out` {cfg.out}: name a folder (no suffix), or a .pth or .safetensors file")
+        raise BeitDataError(f"`out` {out}: name a folder (no suffix), or a .pth or .safetensors file")
     folder = not suffix
-    out = _folder(cfg.out, cfg.overwrite) if folder else output_file(cfg.out, "the encoder", overwrite=cfg.overwrite)
+    written = _folder(out, cfg.overwrite) if folder else output_file(out, "the encoder", overwrite=cfg.overwrite)
     model = model_from_checkpoint(ckpt)
     name = timm_architecture(ckpt["model_name"])
     img_size = model.patch_embed.img_size[0]
@@ -84,8 +86,8 @@ def run_export(cfg: ExportConfig) -> dict:
             "step": ckpt["step"]}
     if folder:
         _write_folder(out, name, args, data, state, ckpt["model_name"])
-        return {**info, "folder": storage.redact(str(out))}
-    info_path = output_file(Location(out).sibling(".json"), "the encoder's JSON", overwrite=cfg.overwrite)
+        return {**info, "folder": storage.redact(str(written))}
+    info_path = output_file(out.sibling(".json"), "the encoder's JSON", overwrite=cfg.overwrite)
     if suffix == ".safetensors":  # timm's create_model(checkpoint_path=...) reads either
         from safetensors.torch import save_file
 
@@ -94,25 +96,25 @@ def run_export(cfg: ExportConfig) -> dict:
         save_atomic(state, out)
     # The JSON names its weights as a path that holds wherever it is read from: the file beside
     # it by name (relative to the JSON itself), an object by its URL; the caller gets an absolute path.
-    beside = Location(out).name if Location(out).is_local else storage.redact(str(out))
-    write_text_atomic(info_path, json.dumps({**info, "checkpoint_path": beside}, indent=1))
-    info["checkpoint_path"] = str(Location(out).path.resolve()) if Location(out).is_local else beside
+    write_text_atomic(info_path, json.dumps({**info, "checkpoint_path": out.reference(beside=True)}, indent=1))
+    info["checkpoint_path"] = out.reference()
     return info
 
 
-def _folder(out: str, overwrite: bool):
+def _folder(out: Location, overwrite: bool) -> Path | str:
     """The export folder, made and proven writable; one that holds files is refused without
     ``overwrite`` (and then only its export files are replaced)."""
-    out = output_location(out, "the encoder folder")
-    existing = [n for n in EXPORT_FOLDER_FILES if storage.exists(Location(out) / n)]
-    if Location(out).is_local and Location(out).path.is_file():
-        raise BeitDataError(f"{out} is a file; give a folder, or a name ending in .pth or .safetensors")
+    folder = output_location(out, "the encoder folder")
+    existing = [n for n in EXPORT_FOLDER_FILES if storage.exists(out / n)]
+    local = out.local_path()
+    if local is not None and local.is_file():
+        raise BeitDataError(f"{local} is a file; give a folder, or a name ending in .pth or .safetensors")
     if existing and not overwrite:
-        raise BeitDataError(f"{Location(out) / existing[0]} exists; pass `overwrite` to replace it")
-    return ensure_writable_dir(out)
+        raise BeitDataError(f"{out / existing[0]} exists; pass `overwrite` to replace it")
+    return ensure_writable_dir(folder)
 
 
-def _write_folder(out, name: str, args: dict, data: dict, state: dict, source: str) -> None:
+def _write_folder(out: Location, name: str, args: dict, data: dict, state: dict, source: str) -> None:
     """timm's ``Beit`` with the encoder's weights and no classifier, saved by timm's own writer.
 
     The ``pretrained_cfg`` drops the tag and licence that timm's default configuration of ``name``
@@ -126,7 +128,7 @@ def _write_folder(out, name: str, args: dict, data: dict, state: dict, source: s
     own = {**data, "tag": None, "license": None}  # None is left out of config.json
     model = timm.create_model(name, pretrained=False, num_classes=0, pretrained_cfg_overlay=own, **args)
     model.load_state_dict(state)  # strict: every weight of timm's model comes from the encoder
-    weights, config = (Location(out) / n for n in EXPORT_FOLDER_FILES)
+    weights, config = (out / n for n in EXPORT_FOLDER_FILES)
     write_atomic(weights, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp)))
     write_atomic(config, lambda tmp: save_config_for_hf(model, str(tmp), model_args=args,
                                                                  model_config={"beit_data_model": source}))

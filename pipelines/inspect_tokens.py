@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beit_common import BeitDataError, output_file, write_atomic
+from beit_common import BeitDataError, Location, output_file, write_atomic
 from beit_data.shard_index import read_images
 from beit_data.shards import expand_shards
 from beit_data.summary import summarise
@@ -56,7 +56,7 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _find_row(files: list[Path], key: str, view: int) -> tuple[dict, TokenMeta]:
+def _find_row(files: list[Location], key: str, view: int) -> tuple[dict, TokenMeta]:
     for path in files:
         try:
             table = read_table(path, filters=[("key", "=", key)])
@@ -82,7 +82,7 @@ def _image_bytes(shards: str | None, source: str, key: str) -> bytes:
     raise BeitDataError(f"key {key} was not found in the shards")
 
 
-def render_view(cfg: InspectConfig) -> Path:
+def render_view(cfg: InspectConfig) -> Path | str:
     """A four-panel PNG: the image with the crop box, the tokenizer's view, the tokens, the reconstruction."""
     import matplotlib
 
@@ -131,7 +131,7 @@ def render_view(cfg: InspectConfig) -> Path:
     return out
 
 
-def render_histogram(summary: dict, path: str | Path) -> Path:
+def render_histogram(summary: dict, path: Location) -> Path | str:
     """Token frequencies from ``summary``, sorted by rank: as shares on a linear scale (where a
     dominant code shows as it is), then counts on a log scale; the dead codes, which never
     occur, are marked in red at the tail of both."""

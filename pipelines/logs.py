@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from beit_common import BeitDataError, storage, write_text_atomic
+from beit_common import BeitDataError, Location, storage, write_text_atomic
 
 __all__ = ["Logger", "BatchRecorder", "LossReader"]
 
@@ -116,7 +116,7 @@ def _step(line: str) -> float:
 class LossReader:
     """Losses kept on the device until a log or a checkpoint needs them: one sync for many steps."""
 
-    def __init__(self, ckpt: Path):
+    def __init__(self, ckpt: Location):
         self.ckpt, self.pending = ckpt, []
         self.first: float | None = None
         self.last: float | None = None

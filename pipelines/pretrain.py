@@ -114,7 +114,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                 found = storage.exists(checkpoint_path(cfg.runtime.out))
                 cfg = replace(cfg, runtime=replace(cfg.runtime, resume=found))
             with run_folder(cfg.runtime, dist) as (out, mirror):
-                checkpoint = load_checkpoint(checkpoint_path(out)) if cfg.runtime.resume else None
+                checkpoint = load_checkpoint(checkpoint_path(Location(out))) if cfg.runtime.resume else None
                 saved = CheckpointMeta.from_checkpoint(checkpoint) if checkpoint is not None else None
                 # The token files' footers, read once: their metadata completes the config.
                 source = None if cfg.data.online else ReplaySource.open(cfg.data, rank=dist.rank,
@@ -185,7 +185,7 @@ def _same_global_batch(data: StreamConfig, saved: dict, saved_world: int, world_
 def run_data(stream: TrainStream) -> dict:
     """What a run trains on, as its checkpoint records it: shard names (not paths, which may
     move), their tokenized images, and the tokenizer and view recipe."""
-    return {"shards": [Location(s).name for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
+    return {"shards": [s.name for s in stream.shards], "images_per_shard": stream.source.images_per_shard,
             **stream.meta.targets()}
 
 
@@ -304,7 +304,7 @@ class Trainer:
         the epochs it ends, where it is kept for good)."""
         state = self.state_dict()
         if self.is_main:
-            save_atomic(state, checkpoint_path(self.out))
+            save_atomic(state, checkpoint_path(Location(self.out)))
         self.push()
         if self.is_main:
             self.history.keep(self.step, epoch)
@@ -460,7 +460,7 @@ class Logs:
         runtime, resumed_at = trainer.cfg.runtime, trainer.resumed_at or 0
         return cls(Logger(trainer.out, trainer.is_main, resumed_at=resumed_at, config=config),
                    BatchRecorder(trainer.out, trainer.dist.rank, runtime.record_batches, resumed_at=resumed_at),
-                   LossReader(checkpoint_path(trainer.out)), Meter(),
+                   LossReader(checkpoint_path(Location(trainer.out))), Meter(),
                    progress_bar(total=trainer.total, initial=trainer.step, desc="pretrain", unit="step",
                                 disable=not (runtime.progress and trainer.is_main)))
 

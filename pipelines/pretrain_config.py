@@ -8,16 +8,17 @@
   ``out``).
 
 Every setting has one name across the sections, so the command line (``from_flat``), the run's
-``config.json`` and its checkpoint (``flat``) use one flat mapping of names. ``recipe`` fills each
-of ``RECIPE_KEYS`` left at None; ``resolved`` does it before the stage builds anything (from
-the token files' own recipe when none is named). Light: no torch.
+``config.json`` and its checkpoint (``flat``) use one flat mapping of names. A setting that
+names a folder (``out``, ``val_tokens``, the stream's ``tokens``) is held as a ``Location``.
+``recipe`` fills each of ``RECIPE_KEYS`` left at None; ``resolved`` does it before the stage
+builds anything (from the token files' own recipe when none is named). Light: no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location, resolve_locations
 from beit_data.stream_config import StreamConfig
 from pipelines.config import check_precision
 from pipelines.recipes import RECIPES, check_recipe_name
@@ -58,7 +59,7 @@ class OptimConfig:
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     val_shards: str | None = None  # held-out shards, tokenized into val_tokens
-    val_tokens: str | None = None
+    val_tokens: Location | None = None
     val_every: int = 1000  # evaluate at step 0, every N steps and at the end
     val_images: int = 1024  # the fixed held-out set, over all ranks
     probe_every: int | None = None  # a k-NN probe on rank 0 every N steps (and at 0 and the end); off by default
@@ -67,6 +68,7 @@ class EvalConfig:
     probe_layers: tuple[int, ...] | None = None  # blocks (1-based) whose features it averages; None: the last
 
     def __post_init__(self):
+        resolve_locations(self, "val_tokens")
         if (self.val_shards is None) != (self.val_tokens is None):
             raise BeitDataError("`val_shards` and `val_tokens` go together: the held-out shards and their tokens")
         if self.val_every < 1 or self.val_images < 1:
@@ -77,7 +79,7 @@ class EvalConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    out: str
+    out: Location
     resume: bool | str = False  # True, False, or "auto": resume where out holds a run, start one where not
     extend: bool = False  # a resumed run may train more steps (or epochs) than it was started with
     stop_after: int | None = None  # stop this invocation after N more steps, with a checkpoint
@@ -92,6 +94,7 @@ class RuntimeConfig:
     record_batches: bool = False  # each rank writes the keys of its every step to RUN/batches-rank{R}.jsonl
 
     def __post_init__(self):
+        resolve_locations(self, "out")
         check_precision(self.precision)
         if self.resume not in (True, False, "auto"):
             raise BeitDataError(f"`resume` must be true, false or auto, got {self.resume!r}")

@@ -10,7 +10,6 @@ same code a pretrain run's own probe uses.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,15 +23,14 @@ from pipelines.runtime import dist_info, init_distributed, resolve_device
 __all__ = ["ProbeConfig", "run_probe", "format_probe", "load_encoder"]
 
 
-def load_encoder(source: str | Path, step: int | None = None) -> tuple[torch.nn.Module, str]:
+def load_encoder(source: Location, step: int | None = None) -> tuple[torch.nn.Module, str]:
     """A pretrain run folder's model (its latest, or the checkpoint it keeps at ``step``), an
     export folder (``config.json``, ``model.safetensors``), or an exported encoder file (``.pth`` /
     ``.safetensors`` with its ``.json``), local or on object storage."""
     from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
     from pipelines.checkpoint_history import run_checkpoint
 
-    source = Location(source)
-    if source.kind == "pipe":
+    if not source.seekable:  # a command's output, read from its start only: no folder, no file beside it
         raise BeitDataError(f"{source}: give a run folder or an exported encoder, not a pipe: command")
     if storage.exists(checkpoint_path(source)):
         return model_from_checkpoint(load_checkpoint(run_checkpoint(source, step))), "run"
@@ -60,15 +58,9 @@ def load_encoder(source: str | Path, step: int | None = None) -> tuple[torch.nn.
 def _export_folder(source: Location) -> torch.nn.Module:
     """The folder ``beit-data export`` writes, opened as timm opens it (``local-dir:``), without
     a classifier; an object-storage folder is read through a local copy of its two files."""
-    import tempfile
-
     import timm
 
-    with tempfile.TemporaryDirectory(prefix="beit-data-export-") as tmp:
-        folder = source.path if source.is_local else Path(tmp)
-        if not source.is_local:
-            for name in EXPORT_FOLDER_FILES:
-                storage.download(str(source / name), folder / name)
+    with storage.local_folder(source, EXPORT_FOLDER_FILES) as folder:
         try:
             return timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:

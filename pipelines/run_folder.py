@@ -48,7 +48,7 @@ class Mirror:
         remote: Folders of the prefix that stay there alone, never downloaded nor uploaded.
     """
 
-    def __init__(self, url: str, local: Path, skip: Sequence[str] = (), remote: Sequence[str] = ()):
+    def __init__(self, url: Location, local: Path, skip: Sequence[str] = (), remote: Sequence[str] = ()):
         self.url = str(url).rstrip("/")
         self.local = local
         self.skip = set(skip)
@@ -118,19 +118,19 @@ def run_folder(cfg: RuntimeConfig, dist: DistInfo) -> Iterator[tuple[Path, Mirro
     (``Mirror``): a resumed run downloads the checkpoint first (rank 0: the logs too), and rank
     0 uploads what changed at every checkpoint, the checkpoint last.
     """
-    target = Location(cfg.out)
+    target = cfg.out
     ckpt = checkpoint_path(target)
     has_checkpoint = storage.exists(ckpt)
     if has_checkpoint and not cfg.resume:
         raise BeitDataError(f"{cfg.out} already holds a run; pass `resume` to continue it or choose another `out`")
     if cfg.resume and not has_checkpoint:
         raise BeitDataError(f"`resume`: no checkpoint at {ckpt}")
-    mirror = None
-    if not target.is_local:
+    mirror, out = None, target.local_path()
+    if out is None:
         ensure_writable_dir(target)
         mirror = Mirror(target, cache.cache_dir("runs", cache.cache_key(target), f"rank{dist.rank}"),
                         skip=(LOCK_NAME,), remote=(KEPT,))
-    out = mirror.local if mirror is not None else target.path
+        out = mirror.local
     created = not out.exists()
     ensure_writable_dir(out)
     try:

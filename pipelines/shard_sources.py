@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location
 from beit_data.images import FORMAT_EXT, ImageError, probe_image
 from beit_data.parquet_images import ParquetImages, file_identity, is_parquet_source
 from beit_data.shards import IMAGE_EXTS
@@ -85,7 +85,7 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.rglob("*") if _is_listed_file(f))
 
 
-def collect_images(source: str | os.PathLike) -> list[ListedImage]:
+def collect_images(source: Location) -> list[ListedImage]:
     """List the images of one source, in a stable order (by class, then by name).
 
     A folder is an ImageFolder tree when its images are all in sub-folders (one per class;
@@ -96,7 +96,7 @@ def collect_images(source: str | os.PathLike) -> list[ListedImage]:
     Raises:
         BeitDataError: If the source does not exist, or mixes the two layouts.
     """
-    src = Path(source)
+    src = source.path  # image files are listed on this machine: a URL source is Parquet
     if not src.exists():
         raise BeitDataError(f"image source not found: {src}")
     if src.is_file():
@@ -179,7 +179,7 @@ def _file_bytes(image: ListedImage) -> bytes:
                          "from the list's own folder)") from None
 
 
-def load_class_map(path: str | os.PathLike) -> list[str]:
+def load_class_map(path: Location) -> list[str]:
     """The class names, in id order, from a ``shards.json`` or ``classes.json`` a ``shards`` run
     wrote (or any JSON list of names).
 
@@ -205,7 +205,7 @@ def class_map_digest(classes: list[str]) -> str:
     return hashlib.sha256(json.dumps(classes).encode()).hexdigest()[:16]
 
 
-def _class_map(found: list[str], classes_file: str | os.PathLike | None) -> list[str]:
+def _class_map(found: list[str], classes_file: Location | None) -> list[str]:
     """The class names in id order: the file's, or ``found`` (already in id order)."""
     if classes_file is None:
         return found
@@ -223,7 +223,7 @@ def open_source(config: ShardsConfig) -> Source:
     Raises:
         BeitDataError: For a missing source, sources of both kinds, or no item at all.
     """
-    parquet = [is_parquet_source(str(s)) for s in config.sources]
+    parquet = [is_parquet_source(s) for s in config.sources]
     if any(parquet) and not all(parquet):
         raise BeitDataError("the sources mix Parquet with image files; write them in separate runs (with one class "
                             "map: `classes`)")
@@ -248,8 +248,7 @@ def _file_source(config: ShardsConfig) -> Source:
 def _parquet_source(config: ShardsConfig) -> Source:
     """Rows of Parquet files; a label becomes its ClassLabel name where the file's metadata has
     names, else the id itself (``"0"`` .. ``"N-1"``, so that the ids stay the dataset's)."""
-    images = ParquetImages.open([str(s) for s in config.sources], config.image_column, config.label_column,
-                                config.image_root)
+    images = ParquetImages.open(config.sources, config.image_column, config.label_column, config.image_root)
     labels = images.labels() if images.label_column else None
     names = images.names
     if labels is not None and names is None:

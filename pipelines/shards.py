@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterator
 
 import webdataset as wds
 
-from beit_common import BeitDataError, ensure_writable_dir, folder_lock, output_location, write_text_atomic
+from beit_common import BeitDataError, Location, ensure_writable_dir, folder_lock, output_location, write_text_atomic
 from beit_data.images import ImageError
 from beit_data.progress import progress_bar
 from beit_data.shard_index import write_index
@@ -223,7 +223,7 @@ class _ShardSet:
         if not self.in_shard:
             os.remove(path)
             return
-        write_index(path)
+        write_index(Location(path))
         self.result.shards.append(self.output.folder / Path(path).name)
         self.in_shard = 0
 
@@ -376,8 +376,8 @@ def _all_rejected(result: ShardsResult, out: _Output, kept: bool) -> BeitDataErr
                          f"{first.reason}); {where}")
 
 
-def write_sample(out: str | os.PathLike, *, maxcount: int = 8, holdout: int = 0,
-                 holdout_out: str | os.PathLike | None = None) -> Iterator[tuple[str, Path, ShardsResult]]:
+def write_sample(out: Location, *, maxcount: int = 8, holdout: int = 0,
+                 holdout_out: Location | None = None) -> Iterator[tuple[str, Path, ShardsResult]]:
     """The embedded photographs as shards in ``out``, the last ``holdout`` (by name) in
     ``holdout_out``: ``(prefix, folder, result)`` of each part as it is written."""
     import tempfile
@@ -390,6 +390,6 @@ def write_sample(out: str | os.PathLike, *, maxcount: int = 8, holdout: int = 0,
         parts.append((holdout_out, photos[len(photos) - holdout:], "holdout"))
     with tempfile.TemporaryDirectory() as tmp:
         for folder, chosen, prefix in parts:
-            listing = write_sample_list(f"{tmp}/{prefix}.txt", chosen)
+            listing = write_sample_list(Location(f"{tmp}/{prefix}.txt"), chosen)
             yield prefix, Path(folder), run_shards(ShardsConfig(sources=[listing], out=folder, maxcount=maxcount,
                                                                 prefix=prefix, progress=False))

@@ -119,7 +119,7 @@ def _plan(shards: list[Location], out: Location, meta: TokenMeta, overwrite: boo
     done = _finished(out)
     for shard in shards:
         target = token_path(out, shard)
-        if Location(target).name not in done:
+        if target.name not in done:
             todo.append(shard)
             continue
         try:
@@ -143,9 +143,9 @@ def _plan(shards: list[Location], out: Location, meta: TokenMeta, overwrite: boo
     return todo, skipped, grow
 
 
-def _finished(out) -> set[str]:
+def _finished(out: Location) -> set[str]:
     """Names of the token files already in ``out``: one listing (a local folder or a prefix)."""
-    return {Location(p).name for p in token_files(out, allow_empty=True)}
+    return {p.name for p in token_files(out, allow_empty=True)}
 
 
 def _expected_images(shards: list[Location]) -> int | None:
@@ -206,7 +206,7 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     fingerprint = shard_fingerprint(shard, members, size=size)
     if cfg.strict and rejects:  # nothing a rerun would take as finished
         return len(all_rows) // per_image, len(all_rows), rejects
-    meta = replace(job.meta, source=Location(shard).name, shard=fingerprint,
+    meta = replace(job.meta, source=shard.name, shard=fingerprint,
                    rejects=tuple((r.key, r.reason) for r in rejects))
     path, table = token_path(cfg.out, shard), build_table(all_rows, tokens, grid)
     if first:
@@ -215,11 +215,11 @@ def tokenize_shard(shard: Location, job: TokenizeJob, tokenizer: Tokenizer, view
     return len(all_rows) // per_image, len(all_rows), rejects
 
 
-def _check_out_beside_shards(shards: list[Location], out) -> None:
+def _check_out_beside_shards(shards: list[Location], out: Location) -> None:
     """Refuse token files written beside their shards: img2dataset keeps ``00000.parquet`` (its
     metadata) beside ``00000.tar``, the very name the token file would get."""
-    folder = Location(str(out).rstrip("/")).identity()
-    for shard in map(Location, shards):
+    folder = Location(out.rstrip("/")).identity()
+    for shard in shards:
         if shard.seekable and shard.parent.identity() == folder:
             raise BeitDataError(f"`out` {out} is the folder of the shards: give the token files a folder of "
                                 f"their own (img2dataset keeps {shard.stem}.parquet beside {shard})")
@@ -234,14 +234,14 @@ def run_tokenize(cfg: TokenizeConfig) -> TokenizeResult:
     _check_out_beside_shards(shards, cfg.out)
     tokenizer = load_tokenizer(cfg.tokenizer)
     job = TokenizeJob.resolve(cfg, tokenizer)
-    out = ensure_writable_dir(cfg.out)
+    folder = ensure_writable_dir(cfg.out)
     device = resolve_device(cfg.device, local_rank=dist_info().local_rank)
     dist = init_distributed(device)
     # Rank 0 holds the folder for the whole run; a second run into it is refused at once.
-    with folder_lock(out, "beit-data tokenize") if dist.rank == 0 else nullcontext():
+    with folder_lock(folder, "beit-data tokenize") if dist.rank == 0 else nullcontext():
         if dist.rank == 0:
-            remove_stale_temps(out)  # token files half-written when the last run was killed
-        return _tokenize(job, shards, tokenizer, out, device, dist, start)
+            remove_stale_temps(folder)  # token files half-written when the last run was killed
+        return _tokenize(job, shards, tokenizer, cfg.out, device, dist, start)
 
 
 def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, out: Location, device, dist,
@@ -293,11 +293,11 @@ def _gather_and_write(summary: TokenizeResult, out: Location, dist, settings: st
         total.views += p.views
         total.rejects += p.rejects
     # A rerun that finds every shard done keeps the summary of the run that did the work.
-    summary_file = Location(out) / "summary.json"
+    summary_file = out / "summary.json"
     if dist.rank == 0 and (total.skipped < total.shards or not storage.exists(summary_file)):
         record = {**total.summary(), "reject_list": total.rejects}
         write_text_atomic(summary_file, json.dumps(redacted(record), indent=1))
-        write_text_atomic(Location(out) / "config.yaml", settings)  # what --config takes back
+        write_text_atomic(out / "config.yaml", settings)  # what --config takes back
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

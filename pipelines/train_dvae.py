@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from beit_common import (
     BeitDataError,
+    Location,
     ensure_writable_dir,
     output_location,
     redacted,
@@ -159,7 +160,7 @@ def _resume(out: Path, cfg: TrainDVAEConfig, settings: dict, encoder: Encoder, d
     """Take the checkpoint at ``out`` back into the models, optimizer, scaler and generator, say
     which resumable settings changed (and that the run is extended), and return its step."""
     resumable = TrainDVAEConfig.RESUMABLE + (("steps",) if cfg.extend else ())
-    record, changed = restore_dvae_checkpoint(out, settings, resumable, encoder, decoder, optimizer, scaler)
+    record, changed = restore_dvae_checkpoint(Location(out), settings, resumable, encoder, decoder, optimizer, scaler)
     if changed:
         print("train-dvae: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
               file=sys.stderr)
@@ -220,8 +221,8 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     holdout_keys = {h[0] for h in held}
 
     def save(report: dict | None = None) -> None:
-        save_dvae_checkpoint(out, DVAECheckpointMeta(step, settings, report), arch, encoder, decoder, optimizer,
-                             scaler)
+        save_dvae_checkpoint(Location(out), DVAECheckpointMeta(step, settings, report), arch, encoder, decoder,
+                             optimizer, scaler)
 
     start = time.perf_counter()
     batches = prefetch(batched(_stream(shards, holdout_keys, skip=step * cfg.batch_size), cfg.batch_size))

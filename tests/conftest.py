@@ -56,10 +56,11 @@ def _same_torch_threads():
 
 
 def _sample_shards(folder: Path) -> None:
+    from beit_common import Location
     from beit_data.sample import write_sample_list
     from pipelines.shards import ShardsConfig, run_shards
 
-    listing = write_sample_list(folder / "list.txt")
+    listing = write_sample_list(Location(folder / "list.txt"))
     run_shards(ShardsConfig(min_size=0,
                             sources=[listing], out=folder / "shards", maxcount=8, prefix="sample", progress=False))
 

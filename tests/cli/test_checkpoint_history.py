@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import REPO, TINY, cached, invoke, records
 
+from beit_common import Location
 from pipelines.checkpoint import load_checkpoint
 from pipelines.checkpoint_history import KEPT, kept_checkpoints
 from pipelines.pretrain import PretrainConfig, run_pretrain
@@ -31,7 +32,8 @@ def kept_run(sample_shards, sample_tokens) -> Path:
         common = dict(shards=str(sample_shards), tokens=str(sample_tokens), out=str(folder / "run"), steps=6,
                       checkpoint_every=1, **TINY)
         run_pretrain(PretrainConfig.from_flat(stop_after=4, keep_checkpoints=2, checkpoint_every_epochs=2, **common))
-        (folder / "stopped.json").write_text(json.dumps([k.location.name for k in kept_checkpoints(folder / "run")]))
+        stopped = [k.location.name for k in kept_checkpoints(Location(folder / "run"))]
+        (folder / "stopped.json").write_text(json.dumps(stopped))
         run_pretrain(PretrainConfig.from_flat(resume=True, keep_checkpoints=3, checkpoint_every_epochs=1, **common))
 
     return cached("kept_run", build, sample_shards, sample_tokens) / "run"
@@ -48,7 +50,7 @@ def test_a_run_keeps_the_newest_and_every_epochs_checkpoint_and_resumes_from_the
     assert json.loads((kept_run.parent / "stopped.json").read_text()) == ["step-00000003.pt", "step-00000004.pt"]
     assert names(kept_run) == ["step-00000004.pt", "step-00000005.pt", "step-00000006-epoch-0002.pt"]
     assert [r["step"] for r in records(kept_run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    for k in kept_checkpoints(kept_run):
+    for k in kept_checkpoints(Location(kept_run)):
         assert load_checkpoint(k.location)["step"] == k.step
     # The newest kept one is the latest itself: a hard link, not a second torch.save.
     assert os.path.samefile(kept_run / "checkpoint.pt", kept_run / KEPT / "step-00000006-epoch-0002.pt")
@@ -76,8 +78,8 @@ def test_export_and_probe_take_the_checkpoint_of_a_step(kept_run, labeled_shards
 
     assert torch.equal(load_file(tmp_path / "enc.safetensors")[WEIGHT], kept)
     assert json.loads((tmp_path / "enc.json").read_text())["step"] == 5
-    assert torch.equal(load_encoder(kept_run, 5)[0].patch_embed.proj.weight, kept)
-    assert torch.equal(load_encoder(kept_run)[0].patch_embed.proj.weight, latest)
+    assert torch.equal(load_encoder(Location(kept_run), 5)[0].patch_embed.proj.weight, kept)
+    assert torch.equal(load_encoder(Location(kept_run))[0].patch_embed.proj.weight, latest)
     missing = invoke("export", kept_run, "--step", "3", "--out", tmp_path / "three.pth")
     assert missing.exit_code == 1 and missing.stderr.strip() == (
         f"Error: {kept_run} keeps no checkpoint of step 3: it keeps steps 4, 5, 6; without --step, the latest "
@@ -135,8 +137,8 @@ def test_a_run_killed_while_it_keeps_or_prunes_leaves_every_listed_checkpoint_wh
     done = subprocess.run([sys.executable, "-c", KILLED, str(run), point], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    assert [k.step for k in kept_checkpoints(run)] == listed
-    for k in kept_checkpoints(run):
+    assert [k.step for k in kept_checkpoints(Location(run))] == listed
+    for k in kept_checkpoints(Location(run)):
         assert load_checkpoint(k.location)["step"] == k.step
     temps = [p.name for p in (run / KEPT).iterdir() if p.name.startswith(".")]
     assert temps == ([f".step-00000007.pt.tmp-{temps[0].rsplit('-', 1)[1]}"] if point == "copy" else [])

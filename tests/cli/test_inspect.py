@@ -7,6 +7,7 @@ import pytest
 from helpers import jpeg_bytes, run_cli, write_tar
 from PIL import Image
 
+from beit_common import Location
 from beit_data.summary import summarise
 from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
@@ -128,8 +129,8 @@ def test_render_and_histogram_pngs_have_content(known, tmp_path, trained_tokeniz
 
 
 def test_summary_streams_by_row_group(sample_tokens):
-    small = summarise(sample_tokens, batch_rows=5)
-    assert small["rows"] == summarise(sample_tokens)["rows"] == 56
+    small = summarise(Location(sample_tokens), batch_rows=5)
+    assert small["rows"] == summarise(Location(sample_tokens))["rows"] == 56
 
 
 def test_images_are_counted_by_shard_and_key(known, tmp_path):
@@ -140,7 +141,7 @@ def test_images_are_counted_by_shard_and_key(known, tmp_path):
     shutil.copytree(known / "t", tmp_path / "t")
     shutil.copy(known / "s" / "a.tar", tmp_path / "s" / "copy.tar")
     shutil.copy(known / "t" / "a.parquet", tmp_path / "t" / "copy.parquet")
-    s = summarise(tmp_path / "t", str(tmp_path / "s"))
+    s = summarise(Location(tmp_path / "t"), str(tmp_path / "s"))
     assert (s["images"], s["rows"], s["views_per_image"]) == (8, 24, 3.0)
     assert s["coverage"]["shard_keys"] == 11 and s["coverage"]["keys_missing_from_parquet"] == 1  # c0, untokenized
     assert s["coverage"]["rejected_keys"] == 2 and s["errors"] == []  # the empty a3.jpg of a.tar and of copy.tar
@@ -168,10 +169,10 @@ def test_the_histogram_reads_on_a_linear_scale_and_marks_the_dead_codes(known, t
     from beit_data.summary import summarise
     from pipelines.inspect_tokens import render_histogram
 
-    summary = summarise(known / "t")
+    summary = summarise(Location(known / "t"))
     dead = summary["codebook"]["dead_codes"]
     assert dead > 0
-    render_histogram(summary, tmp_path / "hist.png")
+    render_histogram(summary, Location(tmp_path / "hist.png"))
     h = np.asarray(Image.open(tmp_path / "hist.png").convert("RGB")).astype(int)
     assert h.shape == (550, 800, 3)
     # The dead codes' band: light red (tab:red at a quarter over white), across both panels.
@@ -180,6 +181,6 @@ def test_the_histogram_reads_on_a_linear_scale_and_marks_the_dead_codes(known, t
     assert len(columns) > 0 and red.sum() > 0
     summary["codebook"]["counts"] = [1] * 512  # every code used: no band
     summary["codebook"].update(dead_codes=0, codes_used=512)
-    render_histogram(summary, tmp_path / "full.png")
+    render_histogram(summary, Location(tmp_path / "full.png"))
     full = np.asarray(Image.open(tmp_path / "full.png").convert("RGB")).astype(int)
     assert (np.abs(full - [245, 201, 202]).max(-1) <= 6).sum() == 0

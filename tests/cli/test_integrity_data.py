@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location
 from beit_data.replay import ReplaySource, pair_token_files
 from beit_data.shard_index import StaleIndex, index_path, scan_index, shard_fingerprint, stale_index, write_index
 from beit_data.shards import iter_samples
@@ -102,7 +102,7 @@ def test_a_held_out_shard_rewritten_since_it_was_tokenized_is_refused_before_ste
     rewrite_images(val / "s-000001.tar", change)
     (val / "s-000001.idx").unlink()
     if with_index:
-        write_index(val / "s-000001.tar")
+        write_index(Location(val / "s-000001.tar"))
     result = pretrain_held_out(held_out, val, val_tokens, tmp_path / "run")
     line = one_line(result)
     assert f"{val / 's-000001.tar'} has changed since it was tokenized" in line
@@ -113,7 +113,7 @@ def test_every_training_check_applies_to_the_held_out_set(held_out, tmp_path):
     from pipelines.evaluation import check_held_out_shards
 
     val, val_tokens = val_copy(held_out, tmp_path)
-    check_held_out_shards(str(val), str(val_tokens))  # as tokenized: sound
+    check_held_out_shards(str(val), Location(val_tokens))  # as tokenized: sound
     # A stale .idx beside a held-out tar written again: the index is named, with its fix.
     old_index = (val / "s-000000.idx").read_bytes()
     rewrite_images(val / "s-000000.tar", lambda im: im.rotate(90))
@@ -121,7 +121,7 @@ def test_every_training_check_applies_to_the_held_out_set(held_out, tmp_path):
     with pytest.raises(StaleIndex, match=r"s-000000.idx does not list the members of .*s-000000.tar \(the tar was "
                                          r"written again after it was indexed\); rebuild it: beit-data index "
                                          r"--overwrite --shards .*s-000000.tar$"):
-        check_held_out_shards(str(val), str(val_tokens))
+        check_held_out_shards(str(val), Location(val_tokens))
     (val / "s-000000.idx").write_bytes(old_index)
     shutil.copy(held_out / "val" / "s-000000.tar", val / "s-000000.tar")
     # A token file of another recipe among the held-out ones (training refuses mixed recipes too).
@@ -132,20 +132,20 @@ def test_every_training_check_applies_to_the_held_out_set(held_out, tmp_path):
     write_tokens(other / "s-000001.parquet", table.replace_schema_metadata(None),
                  dataclasses.replace(meta, views=dataclasses.replace(meta.views, seed=99)))
     with pytest.raises(BeitDataError, match=r"come from different tokenizers or recipes: views.seed: 99 != 0"):
-        check_held_out_shards(str(val), str(other))
+        check_held_out_shards(str(val), Location(other))
     # A sample taken out of a held-out shard.
     with tarfile.open(val / "s-000001.tar") as tar:
         kept = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.startswith("k0001000")]
     write_tar(val / "s-000001.tar", kept)
     (val / "s-000001.idx").unlink()
     with pytest.raises(BeitDataError, match=r"s-000001.tar has changed since it was tokenized"):
-        check_held_out_shards(str(val), str(val_tokens))
+        check_held_out_shards(str(val), Location(val_tokens))
     # A held-out shard without a token file.
     (tmp_path / "one").mkdir()
     shutil.copy(val_tokens / "s-000000.parquet", tmp_path / "one")
     with pytest.raises(BeitDataError, match=r"validation shard .*s-000001.tar has no token file .*one/s-000001"
                                             r".parquet; tokenize it into `val_tokens`"):
-        check_held_out_shards(str(val), str(tmp_path / "one"))
+        check_held_out_shards(str(val), Location(tmp_path / "one"))
 
 
 def test_a_held_out_token_row_outside_its_image_is_refused_naming_file_and_row(held_out, tmp_path):
@@ -161,7 +161,7 @@ def test_a_held_out_token_row_outside_its_image_is_refused_naming_file_and_row(h
     key = table.column("key")[5].as_py()
     with pytest.raises(BeitDataError, match=rf"s-000001.parquet: row 5 \(key {key}, view 1\): crop window x 40 .* "
                                             r"is not inside its 40x40 image"):
-        check_held_out_shards(str(val), str(val_tokens))
+        check_held_out_shards(str(val), Location(val_tokens))
 
 
 # ---- 4. a stale .idx ---------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_a_stale_index_is_named_with_its_fix_by_tokenize_index_and_pretrain(tmp_
     write_shards(tmp_path / "s", [6], image_size=24, seed=40)  # the tar written again; its .idx replaced...
     (shards / "s-000000.idx").write_bytes(stale)  # ...by the old one, as a copy of the old folder would leave it
     fix = f"beit-data index --overwrite --shards {shards / 's-000000.tar'}"
-    assert str(stale_index(shards / "s-000000.tar")).endswith(f"rebuild it: {fix}")
+    assert str(stale_index(Location(shards / "s-000000.tar"))).endswith(f"rebuild it: {fix}")
     # tokenize: refused before the shard's file is written
     result = invoke("tokenize", "--shards", shards, "--tokenizer", tiny_tokenizer, "--out", tmp_path / "t",
                     "--views", "2", "--min-size", "0", "--device", "cpu", "--quiet")
@@ -210,7 +210,7 @@ def test_a_changed_shard_with_a_stale_index_names_the_index_first(tmp_path, tiny
     result = invoke("tokenize", "--shards", shards, "--tokenizer", tiny_tokenizer, "--out", tmp_path / "t",
                     "--views", "2", "--min-size", "0", "--device", "cpu", "--quiet", "--overwrite")
     assert "beit-data index --overwrite" in one_line(result)
-    write_index(shards / "s-000000.tar")
+    write_index(Location(shards / "s-000000.tar"))
     with pytest.raises(BeitDataError, match=r"has changed since it was tokenized .*tokenize it again") as refused:
         source(shards, tmp_path / "t")
     assert not isinstance(refused.value, StaleIndex)
@@ -225,8 +225,8 @@ def test_a_cut_tar_is_read_alike_by_its_index_and_a_sequential_read(tmp_path, da
     members = [(f"m{i}.{ext}", bytes([i + 1]) * n) for i, n in enumerate(sizes) for ext in ("jpg", "cls")[: 1 + i % 2]]
     whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
     cut = data.draw(st.integers(1, len(whole)), label="cut at")
-    shard = tmp_path / "cut.tar"
-    shard.write_bytes(whole[:cut])
+    shard = Location(tmp_path / "cut.tar")
+    shard.path.write_bytes(whole[:cut])
     try:
         scanned = scan_index(shard)
     except BeitDataError:
@@ -426,12 +426,12 @@ def test_member_names_that_are_not_utf8_are_rejects_for_every_reader(tmp_path, f
     assert [s.key for s in iter_samples(shard, rejects)] == ["a", "z"]
     assert [(r.key, r.reason) for r in rejects] == [(escaped, f"member name {escaped}.jpg is not UTF-8 (other bytes "
                                                               r"shown as \xNN); rename it in UTF-8")]
-    assert [s.key for s in scan_index(shard)] == ["a", "z"]
+    assert [s.key for s in scan_index(Location(shard))] == ["a", "z"]
     result = invoke("index", "--shards", shard, "--quiet")
     assert result.exit_code == 0, result.output
     assert "left out samples whose member names are not UTF-8: 1 (first: s.tar: member name" in result.stderr
     assert escaped in result.stderr
-    text = Path(index_path(shard)).read_bytes().decode("utf-8")
+    text = Path(index_path(Location(shard))).read_bytes().decode("utf-8")
     assert text.splitlines()[0] == "v1.2 2" and "a.jpg" in text and "z.jpg" in text
 
 
@@ -463,6 +463,6 @@ def test_index_of_a_file_that_is_no_tar_is_one_line(tmp_path, content, reason):
 
 
 def test_pair_token_files_is_the_one_check_of_both_paths(held_out):
-    shards, paths, footers, missing = pair_token_files(str(held_out / "val"), str(held_out / "val_tokens"))
+    shards, paths, footers, missing = pair_token_files(str(held_out / "val"), Location(held_out / "val_tokens"))
     assert [p.name for p in paths] == ["s-000000.parquet", "s-000001.parquet"] and missing == []
     assert [rows for _, rows in footers] == [6, 8]

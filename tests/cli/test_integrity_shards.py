@@ -17,7 +17,7 @@ from helpers import hf_parquet, invoke, jpeg_bytes, make_tree, samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beit_common import BeitDataError, folder_lock
+from beit_common import BeitDataError, Location, folder_lock
 from beit_data.shards import check_finished_folders, expand_shards
 from pipelines import shards as shards_module
 from pipelines.shard_sources import held_out
@@ -262,7 +262,7 @@ def test_every_moment_of_the_swap_is_a_whole_set_or_refused_by_tokenize(tmp_path
 
     def refused(tars: list[str]) -> bool:
         try:
-            check_finished_folders([out / t for t in tars])
+            check_finished_folders([Location(out / t) for t in tars])
         except BeitDataError as exc:
             return "did not finish" in str(exc)
         return False

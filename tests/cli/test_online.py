@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TINY, invoke, losses, online_stream, write_shards
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location
 from pipelines.pretrain import PretrainConfig, run_pretrain
 
 
@@ -178,7 +178,7 @@ def test_online_targets_name_an_image_they_cannot_use_in_one_line(tiny_tokenizer
     for s in range(3):
         members = [(f"k{s}{i}.png", image) if (s, i) == (1, 2)
                    else (f"k{s}{i}.jpg", jpeg_bytes((32, 32), seed=10 * s + i)) for i in range(5)]
-        write_index(write_tar(tmp_path / "shards" / f"s-{s}.tar", members))
+        write_index(Location(write_tar(tmp_path / "shards" / f"s-{s}.tar", members)))
     common = dict(shards=str(tmp_path / "shards"), targets="online", tokenizer=str(tiny_tokenizer), steps=7, **{
         **TINY, "batch_size": 2})
     with pytest.raises(BeitDataError, match=message) as info:

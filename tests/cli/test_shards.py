@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from helpers import class_tree, jpeg_bytes, make_tree, run_cli, write_tar
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location
 from beit_data.sample import sample_images
 from beit_data.shard_index import read_index
 from beit_data.shards import expand_shards, iter_samples, split_key
@@ -111,7 +111,7 @@ def test_image_folder_tree_writes_cls_and_classes_json(tmp_path):
 
 def test_default_order_is_a_seeded_permutation_not_class_sorted(tmp_path):
     tree = make_tree(tmp_path / "tree")
-    listing = [item.source for item in collect_images(tree)]
+    listing = [item.source for item in collect_images(Location(tree))]
 
     def order(seed: int | None, out: str) -> list[str]:
         extra = {} if seed is None else {"seed": seed}
@@ -132,7 +132,7 @@ def test_no_shuffle_keeps_the_listing_order(tmp_path):
     result = run_shards(ShardsConfig(min_size=0,
                                      sources=[tree], out=tmp_path / "out", shuffle=False, seed=5, progress=False))
     samples = written(result.shards)
-    assert sources_of(samples) == [item.source for item in collect_images(tree)]
+    assert sources_of(samples) == [item.source for item in collect_images(Location(tree))]
     assert classes_of(samples) == sorted(classes_of(samples))
     assert result.summary()["shuffled"] is False
 
@@ -191,8 +191,9 @@ def test_shards_json_records_the_order_and_reports_are_atomic(tmp_path):
 
 def test_cli_shards_shuffles_by_default_and_no_shuffle_keeps_order(tmp_path):
     tree = make_tree(tmp_path / "tree")
-    listing = [item.source for item in collect_images(tree)]
-    plain = run_cli("shards", "--min-size", "0", str(tree), "--out", str(tmp_path / "plain"), "--no-shuffle", "--quiet")
+    listing = [item.source for item in collect_images(Location(tree))]
+    plain = run_cli("shards", "--min-size", "0", str(tree), "--out", str(tmp_path / "plain"), "--no-shuffle",
+                    "--quiet")
     assert plain.returncode == 0, plain.stderr
     assert "images 24, shards 1, rejects 0, shuffled False" in plain.stdout
     assert sources_of(written(expand_shards(str(tmp_path / "plain")))) == listing
@@ -280,29 +281,29 @@ def test_cli_sample_writes_shards(tmp_path):
 def test_one_index_from_idx_files_or_tar_headers(sample_shards, tmp_path):
     from beit_data.shard_index import index_count, index_path, read_index, scan_index
 
-    for shard in sorted(sample_shards.glob("*.tar")):
+    for shard in sorted(map(Location, sample_shards.glob("*.tar"))):
         from_idx = read_index(shard)
         assert from_idx == scan_index(shard)  # the .idx says what the headers say
         assert index_count(shard) == len(from_idx)
-        data = shard.read_bytes()
+        data = shard.path.read_bytes()
         for sample, read in zip(from_idx, iter_samples(shard)):
             offset, size, name = sample.members[sample.image_ext]
             assert sample.key == read.key and data[offset:offset + size] == read.image
             assert name == f"{sample.key}.{sample.image_ext}"
     bare = tmp_path / sample_shards.name
     bare.mkdir()
-    shard = bare / "x.tar"
-    shard.write_bytes((sample_shards / "sample-000000.tar").read_bytes())
+    shard = Location(bare / "x.tar")
+    shard.path.write_bytes((sample_shards / "sample-000000.tar").read_bytes())
     assert not Path(index_path(shard)).exists() and index_count(shard) is None
-    assert read_index(shard) == read_index(sample_shards / "sample-000000.tar")
+    assert read_index(shard) == read_index(Location(sample_shards / "sample-000000.tar"))
 
 
 def test_every_reader_counts_the_same_members(tmp_path):
     from beit_data.shard_index import read_index, write_index
 
     image = jpeg_bytes(seed=1)
-    shard = write_tar(tmp_path / "m.tar", [("__meta__.json", b"{}"), (".hidden.jpg", image), ("a.jpg", image),
-                                           ("a.cls", b"3"), ("dir/b.JPG", image), ("dir/.c.jpg", image)])
+    shard = Location(write_tar(tmp_path / "m.tar", [("__meta__.json", b"{}"), (".hidden.jpg", image), ("a.jpg", image),
+                                                    ("a.cls", b"3"), ("dir/b.JPG", image), ("dir/.c.jpg", image)]))
     read = [(s.key, sorted(s.members)) for s in iter_samples(shard)]
     assert read == [("a", ["cls", "jpg"]), ("dir/b", ["jpg"])]
     assert [(s.key, sorted(s.members)) for s in read_index(shard)] == read  # tar headers
@@ -314,8 +315,8 @@ def test_every_reader_counts_the_same_members(tmp_path):
 def test_a_damaged_index_is_a_clear_error(sample_shards, tmp_path):
     from beit_data.shard_index import read_index
 
-    shard = tmp_path / "x.tar"
-    shard.write_bytes((sample_shards / "sample-000000.tar").read_bytes())
+    shard = Location(tmp_path / "x.tar")
+    shard.path.write_bytes((sample_shards / "sample-000000.tar").read_bytes())
     (tmp_path / "x.idx").write_text("v1.2 9\njpg 512 10\n")
     with pytest.raises(BeitDataError, match=r"x.idx is not a DALI index"):
         read_index(shard)
@@ -326,7 +327,7 @@ def test_an_index_with_meta_members_follows_the_member_rule(tmp_path):
 
     from beit_data.shard_index import read_index, scan_index
 
-    shard = write_tar(tmp_path / "m.tar", [("__meta__.json", b"{}"), ("a.jpg", jpeg_bytes(seed=1))])
+    shard = Location(write_tar(tmp_path / "m.tar", [("__meta__.json", b"{}"), ("a.jpg", jpeg_bytes(seed=1))]))
     with tarfile.open(shard) as tar:
         meta, a = tar.getmembers()
     # As an indexer that lists every member writes it.
@@ -430,4 +431,4 @@ def test_index_refuses_member_names_an_index_cannot_hold(tmp_path):
     assert result.stderr.strip() == (f"Error: {shard}: member 'my photo.jpg' has white space in its name, which a DALI "
                                      "index cannot hold; rename the members (beit-data reads the shard from its tar "
                                      "headers meanwhile)")
-    assert [s.key for s in read_index(shard)] == ["my photo", "b"]
+    assert [s.key for s in read_index(Location(shard))] == ["my photo", "b"]

@@ -10,7 +10,7 @@ import torch
 from helpers import jpeg_bytes, run_cli, write_tar
 from PIL import Image
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location
 from beit_data.shards import iter_samples
 from beit_data.tokens import read_meta
 from beit_data.views import ViewRecipe, sample_view
@@ -156,7 +156,7 @@ def test_every_sample_of_a_duplicate_key_is_rejected(tmp_path, tiny_tokenizer):
     from beit_data.summary import summarise
 
     assert any("dup.parquet does not hold 2 rows for each key, each key once (6 rows for 2 keys)" in e
-               for e in summarise(tmp_path / "t")["errors"])
+               for e in summarise(Location(tmp_path / "t"))["errors"])
 
 
 def test_cli_errors(tmp_path, sample_shards, tiny_tokenizer):

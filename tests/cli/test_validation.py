@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import run_cli
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location
 from pipelines.pretrain import PretrainConfig, run_pretrain
 
 TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, lr=1e-3, log_every=1, device="cpu",
@@ -164,7 +164,8 @@ def test_held_out_top1_is_printed_beside_the_most_common_code_and_warned_when_no
 
     val = sample_shards / "sample-000001.tar"
     figures = evaluate_untrained(sample_tokens, val, sample_tokens, count=6)
-    held = load_holdout(str(val), sample_tokens, count=6, seed=0, meta=read_meta(token_files(sample_tokens)[0]),
+    held = load_holdout(str(val), Location(sample_tokens), count=6, seed=0,
+                        meta=read_meta(token_files(Location(sample_tokens))[0]),
                         image_size=224, num_masked=75)
     positions, real = masked_positions(held.mask, 75)
     targets = held.tokens.gather(1, positions)[real].numpy()

@@ -231,6 +231,7 @@ def write_shards(folder: Path, sizes: list[int], *, indexed=True, image_size: in
             whose index is in the collection.
         corrupt: Shards whose images are all undecodable (tokenize rejects them: empty token files).
     """
+    from beit_common import Location
     from beit_data.shard_index import write_index
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,12 +242,13 @@ def write_shards(folder: Path, sizes: list[int], *, indexed=True, image_size: in
             members += [(f"k{s:04d}{i:03d}.jpg", image), (f"k{s:04d}{i:03d}.cls", str(i % 3).encode())]
         shard = write_tar(folder / f"s-{s:06d}.tar", members)
         if size and (indexed is True or (indexed is not False and s in indexed)):
-            write_index(shard)
+            write_index(Location(shard))
     return folder
 
 
 def reordered_copy(shard, out, *, index: bool):
     """The same samples in reverse order, with the same tar headers: the same size, other offsets."""
+    from beit_common import Location
     from beit_data.shard_index import write_index
 
     with tarfile.open(shard) as tar:
@@ -262,7 +264,7 @@ def reordered_copy(shard, out, *, index: bool):
         f.write(b"\0" * (shard.stat().st_size - out.stat().st_size))
     assert out.stat().st_size == shard.stat().st_size
     if index:
-        write_index(out)
+        write_index(Location(out))
     return out
 
 
@@ -315,13 +317,15 @@ def evaluate_untrained(tokens, val_shards, val_tokens, count: int) -> dict:
     """The held-out figures of the model a run with seed 0 starts from, in this one process."""
     import torch
 
+    from beit_common import Location
     from beit_data.holdout import load_holdout
     from beit_data.tokens import read_meta, token_files
     from pipelines.evaluation import evaluate
     from pipelines.training import build_model
 
-    meta = read_meta(token_files(tokens)[0])
-    held = load_holdout(str(val_shards), val_tokens, count=count, seed=0, meta=meta, image_size=224, num_masked=75)
+    meta = read_meta(token_files(Location(tokens))[0])
+    held = load_holdout(str(val_shards), Location(val_tokens), count=count, seed=0, meta=meta, image_size=224,
+                        num_masked=75)
     torch.manual_seed(0)
     model = build_model("beit_mim_tiny_patch16_224", meta.tokenizer.vocab, drop_path=0.1, layer_scale=0.1)
     return evaluate(model, held, max_masked=75, device=torch.device("cpu"))

@@ -108,9 +108,10 @@ def test_the_trainer_stream_crosses_window_boundaries(odd):
 
 def token_keys(tokens, shards: list[str]) -> list[list[str]]:
     """Each shard's keys in its token file's order: sample ``i`` of a shard is its ``i``-th key."""
+    from beit_common import Location
     from beit_data.tokens import token_path
 
-    return [sorted(set(pq.read_table(token_path(tokens, s), columns=["key"]).column("key").to_pylist()))
+    return [sorted(set(pq.read_table(token_path(Location(tokens), s), columns=["key"]).column("key").to_pylist()))
             for s in shards]
 
 

@@ -25,18 +25,18 @@ def test_names_sort_by_step_and_say_the_epochs_of_one_kept_for_good(tmp_path):
     folder.mkdir()
     for name in (kept_name(30), kept_name(4), kept_name(9, 3), "notes.pt", "step-7.pt.bak", ".step-00000005.pt.tmp-1"):
         (folder / name).write_bytes(b"")
-    found = kept_checkpoints(tmp_path)
+    found = kept_checkpoints(Location(tmp_path))
     assert [(k.step, k.epoch, k.location.name) for k in found] == [
         (4, None, "step-00000004.pt"), (9, 3, "step-00000009-epoch-0003.pt"), (30, None, "step-00000030.pt")]
-    assert kept_checkpoints(tmp_path / "a run from before") == []
-    assert run_checkpoint(tmp_path) == Location(tmp_path / "checkpoint.pt")
-    assert run_checkpoint(tmp_path, 9) == Location(folder / "step-00000009-epoch-0003.pt")
+    assert kept_checkpoints(Location(tmp_path / "a run from before")) == []
+    assert run_checkpoint(Location(tmp_path)) == Location(tmp_path / "checkpoint.pt")
+    assert run_checkpoint(Location(tmp_path), 9) == Location(folder / "step-00000009-epoch-0003.pt")
     with pytest.raises(BeitDataError, match=r"keeps no checkpoint of step 5: it keeps steps 4, 9, 30; without `step`, "
                                             r"the latest \(checkpoint.pt\)$"):
-        run_checkpoint(tmp_path, 5)
+        run_checkpoint(Location(tmp_path), 5)
     with pytest.raises(BeitDataError, match=r"it keeps none \(pretrain --keep-checkpoints, "
                                             r"--checkpoint-every-epochs\)"):
-        run_checkpoint(tmp_path / "old", 5)
+        run_checkpoint(Location(tmp_path / "old"), 5)
 
 
 def test_the_newest_are_kept_with_every_epoch_checkpoint_and_a_rolled_back_future():

@@ -1,4 +1,5 @@
-"""The ground module: atomic writes that fail in one line, folder locks, file descriptions."""
+"""The ground module: atomic writes that fail in one line, folder locks, file descriptions, and what a
+location answers for the code above it."""
 
 import errno
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from beit_common import BeitDataError, describe_file, save_atomic, write_atomic
+from beit_common import BeitDataError, Location, describe_file, resolve_locations, save_atomic, storage, write_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -67,3 +68,55 @@ def test_files_are_described_by_what_they_hold(tmp_path):
     assert describe_file(tmp_path / "p.parquet") == "a Parquet file"
     assert describe_file(tmp_path / "j.jpg") == "a JPEG image"
     assert describe_file(tmp_path / "b.bin").startswith("binary data starting 01feff9c")
+
+
+PIPE = "pipe:curl -s -H 'Authorization: Bearer s3cret' https://h/train-000001.tar"
+
+
+def test_a_location_says_what_its_callers_need_of_its_kind(tmp_path):
+    local, url, pipe = Location(tmp_path / "a.tar"), Location("s3://b/p/a.tar?X-Amz-Signature=s3cret"), Location(PIPE)
+    assert local.local_path() == tmp_path / "a.tar" and url.local_path() is None and pipe.local_path() is None
+    assert local.beside("shards.json") == Location(tmp_path / "shards.json")
+    assert Location("s3://b/p/a.tar").beside("shards.json") == "s3://b/p/shards.json" and pipe.beside("x") is None
+    folder = Location(tmp_path)
+    assert folder.locate("img/1.jpg") == Location(tmp_path / "img" / "1.jpg")
+    assert folder.locate("/abs/1.jpg") == "/abs/1.jpg" and folder.locate("gs://b/1.jpg") == "gs://b/1.jpg"
+    assert Location("s3://b/root/").locate("img/1.jpg") == "s3://b/root/img/1.jpg"
+    (tmp_path / "link").symlink_to(tmp_path)
+    linked = Location(tmp_path / "link" / "a.tar")
+    assert linked.reference() == str((tmp_path / "a.tar").resolve()) and linked.reference(beside=True) == "a.tar"
+    assert "s3cret" not in url.reference() and url.reference(beside=True) == url.reference()
+    assert url.reference().startswith("s3://b/p/a.tar?") and "s3cret" not in pipe.reference()
+
+
+def test_a_local_folder_is_itself_or_a_copy_of_the_files_asked_for(tmp_path, monkeypatch):
+    with storage.local_folder(Location(tmp_path), ["x"]) as folder:
+        assert folder == tmp_path
+    fetched = []
+    monkeypatch.setattr(storage, "download", lambda url, local: (fetched.append(url), Path(local).write_text(url)))
+    with storage.local_folder(Location("s3://b/run/"), ["model.safetensors", "config.json"]) as folder:
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        assert (folder / "config.json").read_text() == "s3://b/run/config.json"
+    assert fetched == ["s3://b/run/model.safetensors", "s3://b/run/config.json"] and not folder.exists()
+
+
+def test_a_config_turns_its_locations_into_location_values_once(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Config:
+        out: object
+        sources: object = ()
+        classes: object = None
+        name: str = "x"
+
+        def __post_init__(self):
+            resolve_locations(self, "out", "sources", "classes")
+
+    cfg = Config(out=tmp_path, sources=["s3://b/a.parquet", tmp_path / "b"])
+    assert type(cfg.out) is Location and cfg.out == str(tmp_path) and cfg.classes is None and cfg.name == "x"
+    assert type(cfg.sources) is list and [type(s) for s in cfg.sources] == [Location, Location]
+    assert cfg.sources == ["s3://b/a.parquet", str(tmp_path / "b")]
+    assert type(Config(out="o", sources=("a",)).sources) is tuple
+    same = Location("s3://b/run")
+    assert Config(out=same).out is same

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from beit_common import BeitDataError
+from beit_common import BeitDataError, Location, redacted
 from beit_model.dvae import CONFIGS
 from beit_model.tokenizer import load_tokenizer
 from beit_model.tokenizer_base import fingerprint
@@ -15,7 +15,8 @@ from pipelines.checkpoint import DVAECheckpointMeta, restore_dvae_checkpoint, sa
 from pipelines.config import TrainDVAEConfig
 
 ARCH = CONFIGS["tiny"]
-SETTINGS = asdict(TrainDVAEConfig(shards="s/{0..1}.tar", out="d.pt", config="tiny", steps=9))
+# As run_train_dvae records them: plain strings (a Location is no weights-only data).
+SETTINGS = redacted(asdict(TrainDVAEConfig(shards="s/{0..1}.tar", out="d.pt", config="tiny", steps=9)))
 # The keys of a file written by train-dvae before its checkpoint moved to pipelines.checkpoint.
 OLD_KEYS = {"format", "config", "encoder", "decoder", "step", "optimizer", "rng", "train"}
 
@@ -46,7 +47,7 @@ def assert_same_run(a, b):
 
 
 def test_a_checkpoint_round_trips_and_stays_a_tokenizer_file(tmp_path):
-    run, path = trained_run(), tmp_path / "d.pt"
+    run, path = trained_run(), Location(tmp_path / "d.pt")
     torch.manual_seed(7)
     save_dvae_checkpoint(path, DVAECheckpointMeta(step=2, train=SETTINGS), ARCH, *run)
     after_save = torch.rand(4)
@@ -69,7 +70,7 @@ def test_a_checkpoint_round_trips_and_stays_a_tokenizer_file(tmp_path):
 
 def test_a_checkpoint_written_before_restores(tmp_path):
     """The dict train-dvae wrote before its checkpoint had a record, spelled out."""
-    run, path = trained_run(), tmp_path / "old.pt"
+    run, path = trained_run(), Location(tmp_path / "old.pt")
     encoder, decoder, optimizer = run
     torch.manual_seed(3)
     torch.save({"format": "beit-data-dvae/1", "config": asdict(ARCH), "encoder": encoder.state_dict(),
@@ -91,15 +92,15 @@ def test_files_that_cannot_resume_are_refused_in_one_line(tmp_path):
     assert load_tokenizer(old_tokenizer).vocab_size == ARCH.vocab_size  # a tokenizer file, with no training state
     with pytest.raises(BeitDataError, match=r"tokenizer.pt is not a tiny dVAE training checkpoint "
                                             r"\(missing step, train, optimizer, rng\)$"):
-        restore_dvae_checkpoint(old_tokenizer, SETTINGS, (), *fresh_run())
-    save_dvae_checkpoint(tmp_path / "d.pt", DVAECheckpointMeta(step=2, train=SETTINGS), ARCH, *trained_run())
+        restore_dvae_checkpoint(Location(old_tokenizer), SETTINGS, (), *fresh_run())
+    save_dvae_checkpoint(Location(tmp_path / "d.pt"), DVAECheckpointMeta(step=2, train=SETTINGS), ARCH, *trained_run())
     with pytest.raises(BeitDataError, match=r"d.pt is not a dalle dVAE training checkpoint$"):
-        restore_dvae_checkpoint(tmp_path / "d.pt", {**SETTINGS, "config": "dalle"}, (), *fresh_run())
+        restore_dvae_checkpoint(Location(tmp_path / "d.pt"), {**SETTINGS, "config": "dalle"}, (), *fresh_run())
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(BeitDataError, match=r"tensor.pt is not a tiny dVAE training checkpoint$"):
-        restore_dvae_checkpoint(tmp_path / "tensor.pt", SETTINGS, (), *fresh_run())
+        restore_dvae_checkpoint(Location(tmp_path / "tensor.pt"), SETTINGS, (), *fresh_run())
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(BeitDataError, match=r"junk.pt is not a readable checkpoint: it is a text file"):
-        restore_dvae_checkpoint(tmp_path / "junk.pt", SETTINGS, (), *fresh_run())
+        restore_dvae_checkpoint(Location(tmp_path / "junk.pt"), SETTINGS, (), *fresh_run())
     with pytest.raises(BeitDataError, match=r"^no checkpoint at .*gone.pt$"):
-        restore_dvae_checkpoint(tmp_path / "gone.pt", SETTINGS, (), *fresh_run())
+        restore_dvae_checkpoint(Location(tmp_path / "gone.pt"), SETTINGS, (), *fresh_run())

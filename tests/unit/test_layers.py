@@ -1,10 +1,12 @@
 """The layers run one way: cli -> pipelines -> {beit_data, beit_model} -> beit_common; no modules
 import each other, and no stage imports another. The graph is ``benchmarks.layers``'s, the map
-``python -m benchmarks.layers`` prints."""
+``python -m benchmarks.layers`` prints. Locations are one kind of value: ``beit_common`` alone
+knows their kinds, and the code below the command line and the configs takes ``Location``."""
 
 import ast
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import REPO
@@ -82,6 +84,97 @@ def test_every_module_says_what_it_is_for():
     assert missing == []
 
 
+SCHEME_WORDS = ("s3", "gs", "gcs", "http", "https", "file", "pipe")
+KIND_WORDS = {"local", "url", "pipe"}
+
+
+def _names_a_kind(node: ast.AST) -> bool:
+    """A string constant that names a location's kind or scheme: ``"pipe"``, ``"s3://"``, ``"pipe:"``."""
+    values = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return any(isinstance(v, ast.Constant) and isinstance(v.value, str) and (
+        v.value in KIND_WORDS or v.value.rstrip(":/") in SCHEME_WORDS or "://" in v.value) for v in values)
+
+
+def kind_questions(root: Path = REPO, parts: tuple[str, ...] = CODE) -> list[str]:
+    """``module:line`` of each place outside ``beit_common`` that asks which kind a location is:
+    ``.is_local`` or ``.scheme``, ``.kind`` compared with a kind, or a string tested for a scheme
+    (``x.startswith("s3")``, ``x.partition("://")``)."""
+    found = []
+    for name, path in modules(root, parts).items():
+        if name.split(".")[0] == "beit_common":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            asks = isinstance(node, ast.Attribute) and node.attr in ("is_local", "scheme") or \
+                isinstance(node, ast.Compare) and any(
+                    isinstance(x, ast.Attribute) and x.attr == "kind" for x in (node.left, *node.comparators)) and \
+                any(_names_a_kind(x) for x in (node.left, *node.comparators)) or \
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in ("startswith", "partition", "split", "rpartition") and \
+                any(_names_a_kind(a) for a in node.args)
+            if asks:
+                found.append(f"{name}:{node.lineno}")
+    return sorted(set(found))
+
+
+def test_only_beit_common_asks_which_kind_a_location_is():
+    """What differs between a local path, a URL and a ``pipe:`` command is answered in
+    ``beit_common`` (``local_path``, ``seekable``, ``sibling``...): elsewhere a new kind would
+    be a hunt for every place that asks."""
+    assert kind_questions() == []
+
+
+def test_the_kind_scan_finds_each_way_of_asking(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    lines = ["a.is_local", "a.kind == 'pipe'", "'url' != b.kind", "a.kind in ('local', 'url')", "a.scheme",
+             "str(a).startswith('s3://')", "a.partition('://')", "a.startswith('pipe:')", "t.kind == 'vqkd'",
+             "k.startswith('beit')", "x.kind"]
+    (tmp_path / "pkg" / "__init__.py").write_text("\n".join(lines) + "\n")
+    (tmp_path / "beit_common").mkdir()
+    (tmp_path / "beit_common" / "__init__.py").write_text("a.is_local\n")
+    assert kind_questions(tmp_path, ("pkg", "beit_common")) == [f"pkg:{i}" for i in range(1, 9)]
+
+
+# An annotation that takes a path as a plain string or ``os.PathLike``: a location not yet resolved.
+UNRESOLVED = re.compile(r"PathLike|\bstr \| Path\b|\bPath \| str\b")
+
+
+def unresolved_parameters(root: Path = REPO, parts: tuple[str, ...] = ("beit_data", "pipelines")) -> list[str]:
+    """``module.function(parameter)`` of each public function or method (of a class that is not a
+    ``*Config``, which are the boundary) whose parameter is annotated as a string or a path."""
+    found = []
+    for name, path in modules(root, parts).items():
+        tree = ast.parse(path.read_text(), str(path))
+        scopes = [("", tree)] + [(f"{c.name}.", c) for c in tree.body
+                                 if isinstance(c, ast.ClassDef) and not c.name.startswith("_")
+                                 and not c.name.endswith("Config")]
+        for prefix, scope in scopes:
+            for f in scope.body:
+                if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) or \
+                        f.name.startswith("_") and f.name != "__init__":
+                    continue
+                args = f.args
+                for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg):
+                    if a is not None and a.annotation is not None and UNRESOLVED.search(ast.unparse(a.annotation)):
+                        found.append(f"{name}.{prefix}{f.name}({a.arg})")
+    return sorted(found)
+
+
+def test_functions_below_the_boundary_take_locations():
+    """The command line and the configs turn what a user typed into ``Location`` once; every
+    public function below them takes one, and none wraps a string again."""
+    assert unresolved_parameters() == []
+
+
+def test_the_parameter_scan_reads_every_annotation(tmp_path):
+    (tmp_path / "beit_data").mkdir()
+    (tmp_path / "beit_data" / "m.py").write_text(
+        "def f(a: str | os.PathLike, *, b: Sequence[str | os.PathLike] = (), c: Location = None): ...\n"
+        "def g(p: str | Path | None): ...\n"
+        "def _private(a: str | os.PathLike): ...\n"
+        "class C:\n    def __init__(self, a: os.PathLike): ...\n    def m(self, a: Location): ...\n"
+        "class SomeConfig:\n    def __init__(self, out: str | os.PathLike): ...\n")
+    assert unresolved_parameters(tmp_path, ("beit_data",)) == [
+        "beit_data.m.C.__init__(a)", "beit_data.m.f(a)", "beit_data.m.f(b)", "beit_data.m.g(p)"]
 # The keys of a token file's metadata: ``beit_data.tokens`` reads them (``TokenMeta``), every other module
 # its attributes.
 META_KEYS = {"format_version", "tokenizer", "views", "decoder", "min_size", "source", "shard", "rejects",
