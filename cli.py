@@ -25,19 +25,25 @@ from beit_common import BeitDataError, Location, __version__, os_error, redact
 from beit_common.location import REDACTED
 from beit_data.stream_config import TARGETS, StreamConfig
 from pipelines.config import (
+    INVOCATION,
+    PATCHES,
     PRECISIONS,
     ExportConfig,
     IndexConfig,
     InspectConfig,
     PlanConfig,
+    PretrainConfig,
     ProbeConfig,
+    RuntimeConfig,
+    Sectioned,
     ShardsConfig,
     TokenizeConfig,
     TrainDVAEConfig,
+    default,
+    owners,
+    setting_names,
 )
-from pipelines.pretrain_config import PATCHES, PretrainConfig, RuntimeConfig
 from pipelines.recipes import DVAE_CONFIGS, RECIPES
-from pipelines.sections import INVOCATION, Sectioned, default, owners, setting_names
 
 # MKL picks kernels by memory alignment unless told not to, which moves the last bits of a
 # float32 sum between runs; exact resume on the CPU compares losses bit for bit. It must be

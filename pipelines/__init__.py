@@ -17,7 +17,7 @@ _API = {
     "TrainDVAEConfig": "pipelines.config", "run_train_dvae": "pipelines.train_dvae",
     "TokenizeConfig": "pipelines.config", "run_tokenize": "pipelines.tokenize_shards",
     "TokenizeResult": "pipelines.tokenize_shards",
-    "PretrainConfig": "pipelines.pretrain_config", "run_pretrain": "pipelines.pretrain",
+    "PretrainConfig": "pipelines.config", "run_pretrain": "pipelines.pretrain",
     "PretrainResult": "pipelines.pretrain",
     "ExportConfig": "pipelines.config", "run_export": "pipelines.export",
     "ProbeConfig": "pipelines.config", "run_probe": "pipelines.probe",

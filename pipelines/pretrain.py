@@ -54,9 +54,9 @@ from pipelines.checkpoint import (
     load_checkpoint,
 )
 from pipelines.checkpoint_history import History
+from pipelines.config import PretrainConfig, settings_yaml
 from pipelines.logs import BatchRecorder, Logger, LossReader
 from pipelines.preemption import Preemption
-from pipelines.pretrain_config import PretrainConfig
 from pipelines.recipes import TOKENIZER_RECIPE, view_recipe
 from pipelines.run_folder import Mirror, run_folder
 from pipelines.runtime import (
@@ -67,7 +67,6 @@ from pipelines.runtime import (
     resolve_device,
     resolve_precision,
 )
-from pipelines.sections import settings_yaml
 from pipelines.training import accumulated_step, build_model, build_optimizer
 from pipelines.validation import QualityChecks
 

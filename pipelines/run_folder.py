@@ -30,7 +30,7 @@ from beit_common.files import upload
 from beit_common.location import inside
 from pipelines.checkpoint import CHECKPOINT, checkpoint_path
 from pipelines.checkpoint_history import KEPT
-from pipelines.pretrain_config import RuntimeConfig
+from pipelines.config import RuntimeConfig
 from pipelines.runtime import DistInfo
 
 __all__ = ["Mirror", "run_folder", "recorded_settings"]

@@ -58,9 +58,8 @@ from beit_data.tokens import (
 )
 from beit_data.views import ViewRecipe, sample_views
 from beit_model.tokenizer import Tokenizer, load_tokenizer
-from pipelines.config import TokenizeConfig
+from pipelines.config import TokenizeConfig, settings_yaml
 from pipelines.runtime import dist_info, init_distributed, resolve_device, resolve_precision
-from pipelines.sections import settings_yaml
 
 __all__ = ["TokenizeConfig", "TokenizeJob", "TokenizeResult", "run_tokenize"]
 

@@ -47,9 +47,8 @@ from beit_data.views import ViewRecipe, sample_views
 from beit_model.dall_e import Decoder, Encoder, map_pixels
 from beit_model.dvae import CONFIGS, DVAEConfig, reconstruct
 from pipelines.checkpoint import DVAECheckpointMeta, restore_dvae_checkpoint, save_dvae_checkpoint
-from pipelines.config import TrainDVAEConfig
+from pipelines.config import TrainDVAEConfig, settings_yaml
 from pipelines.runtime import Precision, resolve_device, resolve_precision
-from pipelines.sections import settings_yaml
 
 __all__ = ["TrainDVAEConfig", "run_train_dvae", "evaluate"]
 

@@ -16,14 +16,15 @@ from pipelines.config import (
     IndexConfig,
     InspectConfig,
     PlanConfig,
+    PretrainConfig,
     ProbeConfig,
+    Sectioned,
     ShardsConfig,
     TokenizeConfig,
     TrainDVAEConfig,
+    default,
 )
-from pipelines.pretrain_config import PretrainConfig
 from pipelines.recipes import DVAE_CONFIGS
-from pipelines.sections import Sectioned, default
 
 # Each command's config, and the stage function its command calls (where the config is caught).
 COMMANDS = {"shards": (ShardsConfig, "pipelines.shards", "run_shards"),
