@@ -25,7 +25,7 @@ from pathlib import Path
 
 from beit_common import BeitDataError, Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
 from beit_common.files import ensure_writable_dir, output_location
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from pipelines.checkpoint_history import run_checkpoint
 from pipelines.config import EXPORT_FOLDER_FILES, ExportConfig
 
@@ -77,15 +77,15 @@ def run_export(cfg: ExportConfig) -> dict:
         raise BeitDataError(f"`out` {out}: name a folder (no suffix), or a .pth or .safetensors file")
     folder = not suffix
     written = _folder(out, cfg.overwrite) if folder else output_file(out, "the encoder", overwrite=cfg.overwrite)
-    model = model_from_checkpoint(ckpt)
-    name = timm_architecture(ckpt["model_name"])
+    model, record = model_from_checkpoint(ckpt), CheckpointMeta.from_checkpoint(ckpt)
+    name = timm_architecture(record.model_name)
     img_size = model.patch_embed.img_size[0]
-    args, data = timm_args(ckpt["model_args"], img_size), input_config(img_size)
+    args, data = timm_args(record.model_args, img_size), input_config(img_size)
     state = encoder_state_dict(model)
     info = {"timm_model": name, "timm_kwargs": {**args, "num_classes": 0}, "pretrained_cfg": data,
-            "step": ckpt["step"]}
+            "step": record.step}
     if folder:
-        _write_folder(out, name, args, data, state, ckpt["model_name"])
+        _write_folder(out, name, args, data, state, record.model_name)
         return {**info, "folder": storage.redact(str(written))}
     info_path = output_file(out.sibling(".json"), "the encoder's JSON", overwrite=cfg.overwrite)
     if suffix == ".safetensors":  # timm's create_model(checkpoint_path=...) reads either

@@ -292,8 +292,9 @@ class Trainer:
         """Take back a checkpoint's state (``load_checkpoint``): each part's, and the step."""
         for name, part in self.parts.items():
             part.load_state_dict(checkpoint.get(name) if name in LATER_PARTS else checkpoint[name])
-        self.step = self.resumed_at = checkpoint["step"]
-        if checkpoint["world_size"] != self.dist.world_size:  # no saved generator is this rank's own: a fresh one
+        record = CheckpointMeta.from_checkpoint(checkpoint)
+        self.step = self.resumed_at = record.step
+        if record.world_size != self.dist.world_size:  # no saved generator is this rank's own: a fresh one
             torch.manual_seed(self.cfg.data.seed + 1000 * self.dist.rank + 1_000_003 * self.step)
 
     def save(self, epoch: int | None = None) -> None:
