@@ -225,8 +225,8 @@ class Trainer:
                 print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
                       file=sys.stderr)
         self.precision, why = resolve_precision(cfg.runtime.precision, device)
-        if self.is_main and (self.precision.device_type == "cuda" or self.precision.name != "fp32"):
-            print(f"pretrain: precision {why}", file=sys.stderr)  # the CPU's fp32 goes without saying
+        if self.is_main and self.precision.worth_saying:
+            print(f"pretrain: precision {why}", file=sys.stderr)
         self.scaler = self.precision.scaler()
         self.model = self._model()
         self.total, self.warmup = self._schedule()

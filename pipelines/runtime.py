@@ -60,6 +60,12 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    @property
+    def worth_saying(self) -> bool:
+        """Whether a run's start names it: on a GPU, or where it was asked for; the CPU's fp32 goes
+        without saying (and a one-line error stays one line)."""
+        return self.device_type == "cuda" or self.name != "fp32"
+
     def scaler(self) -> torch.amp.GradScaler:
         """The gradient scaler of a training step: enabled for fp16 only (bf16 has fp32's range);
         a disabled one passes the loss and the step through unchanged."""

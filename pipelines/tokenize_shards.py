@@ -250,7 +250,7 @@ def _tokenize(job: TokenizeJob, shards: list[Location], tokenizer: Tokenizer, ou
     todo, skipped, grow = _plan(mine, out, job.meta, cfg.overwrite)
     tokenizer = tokenizer.to(device)
     precision, why = resolve_precision(cfg.precision, device)
-    if dist.rank == 0 and (precision.device_type == "cuda" or precision.name != "fp32"):
+    if dist.rank == 0 and precision.worth_saying:
         print(f"tokenize: precision {why}", file=sys.stderr)
     if cfg.compile:  # the fingerprint was taken from the weights before; compiling does not change them
         tokenizer.compile_encoder()

@@ -207,7 +207,7 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     settings = redacted(asdict(cfg))  # the checkpoint's `train`, which a resumed run checks against
     precision, why = resolve_precision(cfg.precision, device)
-    if precision.device_type == "cuda" or precision.name != "fp32":
+    if precision.worth_saying:
         print(f"train-dvae: precision {why}", file=sys.stderr)
     scaler = precision.scaler()
     step = _resume(out, cfg, settings, encoder, decoder, optimizer, scaler) if cfg.resume else 0
