@@ -21,6 +21,7 @@ from beit_common.files import (
     output_file,
     output_location,
     remove_stale_temps,
+    remove_stale_uploads,
     save_atomic,
     write_atomic,
     write_text_atomic,
@@ -31,4 +32,4 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "BeitDataError", "os_error", "Location", "resolve_locations", "redact", "redacted",
            "write_atomic", "write_text_atomic", "save_atomic", "ensure_writable_dir", "describe_file", "folder_lock",
-           "LOCK_NAME", "output_location", "output_file", "remove_stale_temps"]
+           "LOCK_NAME", "output_location", "output_file", "remove_stale_temps", "remove_stale_uploads"]

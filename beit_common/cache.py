@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def cache_file(location: Location, info: dict, kind: str, suffix: str) -> Path |
 
 
 def temp_file(like: str | os.PathLike) -> Path:
-    """A fresh local temporary file for an object on its way up."""
-    fd, name = tempfile.mkstemp(prefix=f".{Location(like).name}.", suffix=".part", dir=cache_dir("uploads"))
+    """A fresh local temporary file for an object on its way up (or down), named for its writer as
+    ``files.temp_name`` names one (``.NAME.tmp-HOST-PID-RANDOM.part``), so that what a killed process
+    leaves is found and removed (``files.remove_stale_uploads``)."""
+    prefix = f".{Location(like).name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=cache_dir("uploads"))
     os.close(fd)
     return Path(name)

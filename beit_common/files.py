@@ -2,7 +2,9 @@
 
 Every file is written under a temporary name and renamed (a local file) or uploaded in one
 call (an object): a killed process leaves the old file or none, never half of one, and its
-temporary file is removed at the next start of the same run. ``output_location`` refuses
+temporary file is removed at the next start of the same run. A temporary name carries the
+host and the pid of its writer (``temp_name``), so that on a file system several nodes share,
+each node removes only what its own dead processes left. ``output_location`` refuses
 what cannot be written to (a ``pipe:`` command, a URL where only a local path will do).
 """
 
@@ -22,8 +24,8 @@ from beit_common.errors import BeitDataError
 from beit_common.location import Location
 
 __all__ = ["upload", "probe_writable", "write_atomic", "write_text_atomic", "save_atomic", "copy_atomic",
-           "remove_file", "ensure_writable_dir", "output_location", "output_file", "remove_stale_temps",
-           "describe_file", "folder_lock", "umask", "LOCK_NAME"]
+           "remove_file", "ensure_writable_dir", "output_location", "output_file", "temp_name", "temp_writer",
+           "remove_stale_temps", "remove_stale_uploads", "describe_file", "folder_lock", "umask", "LOCK_NAME"]
 
 
 def upload(local: str | os.PathLike, url: str, chunk_size: int | None = None) -> None:
@@ -66,7 +68,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         tmp = cache.temp_file(path)
     else:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(temp_name(path.name))
     try:
         write(tmp)
         if remote:
@@ -205,20 +207,48 @@ def output_file(location: str | os.PathLike, what: str, *, remote: bool = True,
     return location
 
 
+def temp_name(name: str) -> str:
+    """``.NAME.tmp-HOST-PID``: the name ``write_atomic`` writes ``name`` under until it is whole.
+    Whose it is goes in the name: a later start removes it once that process is gone, which only
+    its own host can tell."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def temp_writer(name: str) -> tuple[str | None, int] | None:
+    """The host and pid that wrote the temporary file ``name``: ``.X.tmp-HOST-PID`` (``temp_name``),
+    ``.X.tmp-HOST-PID-RANDOM.part`` (an upload on its way, ``cache.temp_file``) or the older
+    ``.X.tmp-PID`` (host None: written on this one); None for a name of neither form. Host names
+    may hold ``-`` and ``.``: the fields are read from the right."""
+    if ".tmp-" not in name:
+        return None
+    tag = name.rsplit(".tmp-", 1)[1]
+    if tag.endswith(".part"):
+        tag = tag[: -len(".part")].rpartition("-")[0]
+    host, _, pid = tag.rpartition("-")
+    return (host or None, int(pid)) if pid.isdigit() else None
+
+
 def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[Path]:
-    """Remove the temporary files that killed processes left in ``folder`` (``.NAME.tmp-PID``,
-    written by ``write_atomic``, whose process is gone), of ``name`` only where given; returns
-    what was removed."""
+    """Remove the temporary files that killed processes of this host left in ``folder`` (``temp_name``:
+    written by ``write_atomic``, or an upload's ``cache.temp_file``), of ``name`` only where given;
+    returns what was removed. Another host's are left to it: on a file system nodes share, only the
+    writer's host can tell whether its process is gone."""
     removed = []
     if not Location(folder).is_local:
         return removed  # an object is uploaded whole from a local file: none is left half-written
-    folder = Path(folder)
+    folder, host = Path(folder), socket.gethostname()
     for tmp in folder.glob(f".{name}.tmp-*") if folder.is_dir() else ():
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        writer = temp_writer(tmp.name)
+        if writer is not None and writer[0] in (None, host) and not _alive(writer[1]):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def remove_stale_uploads() -> list[Path]:
+    """Remove the local copies of objects on their way up (``$BEIT_DATA_CACHE/uploads``) that killed
+    processes of this host left: each is a whole file's size."""
+    return remove_stale_temps(cache.cache_dir("uploads"))
 
 
 def _alive(pid: int) -> bool:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -141,6 +142,8 @@ def test_a_run_killed_while_it_keeps_or_prunes_leaves_every_listed_checkpoint_wh
     for k in kept_checkpoints(Location(run)):
         assert load_checkpoint(k.location)["step"] == k.step
     temps = [p.name for p in (run / KEPT).iterdir() if p.name.startswith(".")]
-    assert temps == ([f".step-00000007.pt.tmp-{temps[0].rsplit('-', 1)[1]}"] if point == "copy" else [])
+    # The copy's temporary file, named for the host and the pid that wrote it.
+    assert temps == ([f".step-00000007.pt.tmp-{socket.gethostname()}-{temps[0].rsplit('-', 1)[1]}"]
+                     if point == "copy" else [])
     remove_stale_temps(run / KEPT)  # as the next start does (run_folder)
     assert [p.name for p in (run / KEPT).iterdir() if p.name.startswith(".")] == []

@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from beit_common import BeitDataError, Location, describe_file, resolve_locations, save_atomic, storage, write_atomic
 
@@ -22,6 +24,39 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(BeitDataError, match=rf"^cannot write {target}: No space left on device$"):
         write_atomic(target, full_disk)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+@given(host=st.from_regex(r"[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?", fullmatch=True),
+       pid=st.integers(1, 2**22), name=st.from_regex(r"[a-z0-9_.-]{1,20}", fullmatch=True))
+def test_a_temporary_name_says_which_host_and_process_wrote_it(host, pid, name):
+    from beit_common.files import temp_writer
+
+    assert temp_writer(f".{name}.tmp-{host}-{pid}") == (host, pid)  # write_atomic's, beside its target
+    assert temp_writer(f".{name}.tmp-{host}-{pid}-x1_9abcd.part") == (host, pid)  # an upload's, in the cache
+    assert temp_writer(f".{name}.tmp-{pid}") == (None, pid)  # before names carried the host: this one's
+    assert temp_writer(f".{name}.tmp-{host}-") is None and temp_writer(name.replace(".tmp-", "")) is None
+
+
+def test_stale_temporaries_go_only_where_this_host_knows_their_writer_is_gone(tmp_path):
+    import socket
+
+    from beit_common.files import remove_stale_temps, temp_name
+
+    gone = _a_dead_pid()
+    host = socket.gethostname()
+    names = {"mine-dead": f".a.parquet.tmp-{host}-{gone}", "mine-alive": temp_name("b.parquet"),
+             "old-dead": f".c.parquet.tmp-{gone}", "other-host": f".d.parquet.tmp-not-{host}-{gone}",
+             "upload-dead": f".e.parquet.tmp-{host}-{gone}-abc123.part"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"half")
+    removed = {p.name for p in remove_stale_temps(tmp_path)}
+    assert removed == {names["mine-dead"], names["old-dead"], names["upload-dead"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["mine-alive"], names["other-host"]])
+
+
+def _a_dead_pid() -> int:
+    done = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True)
+    return int(done.stdout)
 
 
 @pytest.fixture
