@@ -13,7 +13,7 @@ export NO_MKDOCS_2_WARNING := 1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(DALI_EXTRA),dev]'
+	$(PY) -m pip install -q -e '.[$(DALI_EXTRA),dev,ray]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -25,6 +25,7 @@ from beit_common import BeitDataError, Location, __version__, os_error, redact
 from beit_common.location import REDACTED
 from beit_data.stream_config import TARGETS, StreamConfig
 from pipelines.config import (
+    ENGINES,
     INVOCATION,
     PATCHES,
     PRECISIONS,
@@ -416,6 +417,23 @@ def index(**options):
 @NUM_THREADS
 @DEVICE
 @PRECISION
+@setting(TokenizeConfig, "--engine", type=click.Choice(ENGINES),
+         help="plain: this process (or each torchrun or srun task, taking every N-th shard). ray: a pool of Ray "
+              "workers, one per GPU, each holding a tokenizer and a DALI pipeline and taking one shard at a time; the "
+              "shard of a worker that died is started again. Both write the same rows.")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: the cluster to join, auto (the one this machine belongs to, or RAY_ADDRESS) or "
+                   "HOST:PORT; there the shards, --tokenizer and --out must be where every node reads them [default: "
+                   "a private Ray on this machine, on 127.0.0.1 only, stopped when the command ends].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --engine ray: how many workers [default: one per GPU of the cluster (--gpus-per-worker "
+                   "each), or 1 where it has none].")
+@click.option("--gpus-per-worker", type=Real(min=0), default=None,
+              help="With --engine ray: GPUs each worker reserves [default: 1 where the cluster has GPUs, else 0].")
+@setting(TokenizeConfig, "--cpus-per-worker", type=Real(min=0), help="With --engine ray: CPUs each worker reserves.")
+@setting(TokenizeConfig, "--max-retries", type=click.IntRange(min=0),
+         help="With --engine ray: how many times a shard is started again after its worker died; then it is named "
+              "as failed, the other shards finish, the command exits non-zero, and a rerun does the rest.")
 @QUIET
 def tokenize(**options):
     """Tokenize every image's views once and write one Parquet file per shard."""
@@ -429,7 +447,16 @@ def tokenize(**options):
             say(f"  rejected {r['shard']}:{r['key']}: {r['reason']}", err=True)
         if len(result.rejects) > 20:
             say(f"  ... {len(result.rejects) - 20} more in {cfg.out}/summary.json", err=True)
-        say(f"wrote {cfg.out}")
+        for failed in result.failed:
+            say(f"  failed {failed}", err=True)
+        if cfg.engine == "ray":
+            done = result.shards - result.skipped - len(result.failed)
+            say(f"tokenize: ray: {done} shards done, {result.retried} retried, {len(result.failed)} failed")
+        if not result.failed:
+            say(f"wrote {cfg.out}")
+    if result.failed:
+        raise click.ClickException(f"{len(result.failed)} shard{'s' if len(result.failed) > 1 else ''} failed (a "
+                                   "worker died on each start); run the same command again to finish")
     if cfg.strict and result.rejects:
         held = len({r["shard"] for r in result.rejects})
         raise click.ClickException(f"{len(result.rejects)} samples were rejected (--strict); the {held} shards that "

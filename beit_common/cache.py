@@ -11,13 +11,17 @@ from pathlib import Path
 
 from beit_common.location import Location
 
-__all__ = ["cache_dir", "cache_key", "cache_file", "temp_file"]
+__all__ = ["cache_root", "cache_dir", "cache_key", "cache_file", "temp_file"]
+
+
+def cache_root() -> Path:
+    """``$BEIT_DATA_CACHE`` (default ``~/.cache/beit-data``), made or not."""
+    return Path(os.environ.get("BEIT_DATA_CACHE") or Path.home() / ".cache" / "beit-data")
 
 
 def cache_dir(*parts: str) -> Path:
     """``$BEIT_DATA_CACHE`` (default ``~/.cache/beit-data``)/parts, created."""
-    root = Path(os.environ.get("BEIT_DATA_CACHE") or Path.home() / ".cache" / "beit-data")
-    folder = root.joinpath(*parts)
+    folder = cache_root().joinpath(*parts)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

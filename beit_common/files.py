@@ -25,7 +25,8 @@ from beit_common.location import Location
 
 __all__ = ["upload", "probe_writable", "write_atomic", "write_text_atomic", "save_atomic", "copy_atomic",
            "remove_file", "ensure_writable_dir", "output_location", "output_file", "temp_name", "temp_writer",
-           "remove_stale_temps", "remove_stale_uploads", "describe_file", "folder_lock", "umask", "LOCK_NAME"]
+           "remove_stale_temps", "remove_stale_uploads", "shared_file_system", "describe_file", "folder_lock", "umask",
+           "LOCK_NAME"]
 
 
 def upload(local: str | os.PathLike, url: str, chunk_size: int | None = None) -> None:
@@ -248,7 +249,7 @@ def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[Path]
 def remove_stale_uploads() -> list[Path]:
     """Remove the local copies of objects on their way up (``$BEIT_DATA_CACHE/uploads``) that killed
     processes of this host left: each is a whole file's size."""
-    return remove_stale_temps(cache.cache_dir("uploads"))
+    return remove_stale_temps(cache.cache_root() / "uploads")  # where there is none, none is made
 
 
 def _alive(pid: int) -> bool:
@@ -259,6 +260,35 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# File systems that several machines mount: what one node writes there, the others read.
+SHARED_FILE_SYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph",
+                                 "glusterfs", "fuse.glusterfs", "cephfs", "fuse.ceph-fuse", "wekafs", "fuse.juicefs",
+                                 "fuse.gcsfuse", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.rclone", "pvfs2",
+                                 "orangefs", "panfs", "afs", "quobyte"})
+
+
+def shared_file_system(path: str | os.PathLike, mounts: str | None = None) -> str | None:
+    """The type of the file system under ``path`` where other machines mount it too (``nfs4``,
+    ``lustre``...), or None for one of this machine's own (a disk, a tmpfs), from the mount table
+    (``/proc/self/mounts``, or ``mounts``: its text). ``path`` need not exist yet."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.abspath(path)
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind if kind in SHARED_FILE_SYSTEMS else None
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path | str:

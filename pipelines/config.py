@@ -24,7 +24,7 @@ from pipelines.recipes import DVAE_CONFIGS, RECIPES, TOKENIZER_RECIPE, check_rec
 __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "InspectConfig", "IndexConfig",
            "ExportConfig", "PlanConfig", "PRECISIONS", "check_precision", "Sectioned", "default", "owners",
            "setting_names", "INVOCATION", "settings_yaml", "PretrainConfig", "ArchConfig", "OptimConfig", "EvalConfig",
-           "RuntimeConfig", "RECIPE_KEYS", "PATCHES"]
+           "RuntimeConfig", "RECIPE_KEYS", "PATCHES", "ENGINES"]
 
 
 # ---- configs in sections: one flat name a setting ----
@@ -33,8 +33,10 @@ __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "
 # ``config.json`` and its checkpoint speak of settings by one flat name, while the stages take
 # their section whole.
 
-# What a run never takes from a record of settings: where it is, and what one invocation does.
-INVOCATION = ("out", "resume", "extend", "overwrite", "stop_after", "progress")
+# What a run never takes from a record of settings: where it is, and what one invocation does
+# (for tokenize, also where it ran: its engine and the engine's workers, which change no row).
+INVOCATION = ("out", "resume", "extend", "overwrite", "stop_after", "progress", "engine", "ray_address", "workers",
+              "gpus_per_worker", "cpus_per_worker", "max_retries")
 
 
 def default(config: type, name: str):
@@ -115,6 +117,10 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 def check_precision(name: str) -> None:
     if name not in PRECISIONS:
         raise BeitDataError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {name!r}")
+
+
+# How tokenize runs its shards (``TokenizeConfig.engine``).
+ENGINES = ("plain", "ray")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,7 +235,12 @@ class TrainDVAEConfig:
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
     """``recipe`` (None: the tokenizer kind's, see ``TOKENIZER_RECIPE``) sets ``min_scale`` where it
-    is None and the filter of the tokenizer's view (``view_recipe_for``)."""
+    is None and the filter of the tokenizer's view (``view_recipe_for``).
+
+    ``engine`` runs the shards in this process (``plain``: or the ranks torchrun or srun start,
+    each taking every N-th shard) or on a pool of Ray workers (``ray``, ``pipelines.tokenize_ray``),
+    which the settings after it shape; either writes the same rows.
+    """
 
     shards: str
     tokenizer: str
@@ -250,9 +261,16 @@ class TokenizeConfig:
     precision: str = "auto"  # the tokenizer's forward pass: PRECISIONS
     num_threads: int = 4
     progress: bool = True
+    engine: str = "plain"  # ENGINES
+    ray_address: str | None = None  # None: a private Ray on this machine; auto or HOST:PORT: join that cluster
+    workers: int | None = None  # None: one per GPU of the cluster (gpus_per_worker each), or 1 where it has none
+    gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+    max_retries: int = 3  # starts of a shard after the first, each after its worker died
 
     def __post_init__(self):
         resolve_locations(self, "out")
+        self._check_engine()
         if self.batch_size < 1:
             raise BeitDataError(f"`batch_size` must be at least 1, got {self.batch_size}")
         check_precision(self.precision)
@@ -263,6 +281,18 @@ class TokenizeConfig:
         check_recipe_name(self.recipe)
         if self.min_scale is not None and not 0 < self.min_scale <= 1:
             raise BeitDataError(f"`min_scale` must be in (0, 1], got {self.min_scale}")
+
+    def _check_engine(self) -> None:
+        if self.engine not in ENGINES:
+            raise BeitDataError(f"`engine` must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        given = [name for name in ("ray_address", "workers", "gpus_per_worker") if getattr(self, name) is not None]
+        if self.engine != "ray" and given:
+            raise BeitDataError(f"`{given[0]}` is a setting of the Ray engine; add `engine` ray")
+        if self.workers is not None and self.workers < 1 or self.max_retries < 0:
+            raise BeitDataError(f"`workers` must be at least 1 and `max_retries` 0 or more, got {self.workers} and "
+                                f"{self.max_retries}")
+        if (self.gpus_per_worker or 0) < 0 or self.cpus_per_worker < 0:
+            raise BeitDataError("`gpus_per_worker` and `cpus_per_worker` must be 0 or more")
 
     def view_recipe_for(self, kind: str) -> ViewRecipe:
         """The views drawn for a tokenizer of ``kind``: this config's recipe, or the one that kind of
