@@ -254,17 +254,24 @@ def _reread_authentication() -> None:
 def _sigterm_exits() -> Iterator[None]:
     """SIGTERM (a preemption, ``scancel``, ``kill``) raises ``SystemExit(143)`` in this process while
     the block runs, so the block's way out stops what it started; ``ray.init`` put its own handler
-    in, which is replaced, and the one before it is put back."""
+    in, which is replaced, and the one before it is put back. Ray turns an exception a handler
+    raises inside ``ray.wait`` into ``SystemExit(1)``: the status is given back its number."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def stop(signum, frame):
+        received.append(signum)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except SystemExit:
+        if received:
+            raise SystemExit(128 + received[0]) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
