@@ -1,11 +1,13 @@
 """``tokenize --engine ray`` (issue 37) on a Ray of 2 CPUs, on loopback only.
 
-The runs in this process join one Ray head for the whole module (``ray start --head`` on
-127.0.0.1, token authentication, its folder made here, the crash hook of
-``pipelines.tokenize_shards`` in its environment); the tests of the private Ray a command starts
-for itself run the command in a process of its own and watch its processes from outside. The
-rows are compared with the plain engine's, which ``sample_tokens`` (4 views) and ``plain_v2``
-(2 views) hold. One xdist group: they share the head, and the machine's cores.
+The runs in this process join one Ray head for the module (``ray start --head`` on 127.0.0.1,
+token authentication, its folder made here, the crash hook of ``pipelines.tokenize_shards`` in
+its environment): worker deaths, retries, a shard given up on, a rerun that grows the views, and
+what Ray keeps. The private Ray a command starts for itself is tested with the command in a
+process of its own, watched from outside: S3 in and out, loopback only, nothing left, SIGTERM.
+Last, the Slurm script of examples/ray as a job runs it. The rows are compared with the plain
+engine's (``sample_tokens``: 4 views; ``plain_v2``: 2). One xdist group: they share the head,
+and the machine's cores.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, cached, descendants, free_port, run_cli
 
 from beit_common import Location
@@ -111,39 +114,17 @@ def joined(head, monkeypatch, tmp_path):
     head.crash.unlink(missing_ok=True)
 
 
-def test_ray_grows_views_to_the_plain_engines_rows_and_skips_finished_shards(joined, sample_shards, tiny_tokenizer,
-                                                                            sample_tokens, plain_v2, tmp_path):
-    out = tmp_path / "tokens"
-    shutil.copytree(plain_v2, out)  # 2 views a file, from the plain engine
-    args = ("tokenize", "--shards", sample_shards, "--tokenizer", tiny_tokenizer, "--out", out, *COMMON,
-            "--views", "4", "--ray-address", joined.address, "--workers", "2", "--quiet")
-    done = run_cli(*args)
-    assert done.returncode == 0, done.stderr
-    assert "tokenize: ray: 2 shards done, 0 retried, 0 failed" in done.stdout
-    mine, plain = tables(out), tables(sample_tokens)  # views 2 and 3 added: a fresh 4-view run's rows
-    assert mine.keys() == plain.keys() == {"sample-000000.parquet", "sample-000001.parquet"}
-    for name, (rows, meta) in plain.items():
-        assert mine[name][0].equals(rows), name
-        assert mine[name][1] == meta, name
-    assert (out / "config.yaml").read_text() == (sample_tokens / "config.yaml").read_text()
-    summary = json.loads((out / "summary.json").read_text())
-    assert (summary["shards"], summary["skipped"], summary["images"], summary["views"]) == (2, 0, 14, 28)
-    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
-    again = run_cli(*args)  # every shard is done: nothing to run, and no Ray to start
-    assert again.returncode == 0, again.stderr
-    assert "skipped 2" in again.stdout and "tokenize: ray: 0 shards done, 0 retried, 0 failed" in again.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == written
-    assert json.loads((out / "summary.json").read_text()) == summary
-
-
-def test_a_dead_workers_shard_is_redone_and_one_that_kills_every_worker_fails_alone(joined, sample_shards,
-                                                                                   tiny_tokenizer, plain_v2,
-                                                                                   tmp_path, monkeypatch):
+def test_worker_deaths_cost_a_shard_a_start_and_a_rerun_finishes_with_more_views(joined, sample_shards, sample_tokens,
+                                                                               tiny_tokenizer, plain_v2, tmp_path,
+                                                                               monkeypatch):
     """Shard 0 kills its first worker (os._exit in the middle of the shard, from the crash hook):
-    it is started again and written. Shard 1 kills every worker: after --max-retries 1 it is named
-    as failed and the command exits 1; the rerun, with the cause gone, finishes it, and the folder
-    is a clean run's. The shards are read over HTTP with a password in their URL, which appears in
-    no output, no file the run or Ray writes, and nothing Ray records of the job or its actors."""
+    a new worker starts it again and writes it, as the plain engine does. Shard 1 kills every
+    worker: after --max-retries 1 it is named as failed and the command exits 1. The rerun, with
+    the cause gone and --views 4, adds views 2 and 3 to shard 0 and writes shard 1: the folder is a
+    fresh 4-view plain run's, and the run after it has nothing to do (and starts no Ray). No
+    temporary file is left on the node, also those a killed writer left before (one of them only a
+    worker can see). The shards are read over HTTP with a password in their URL, which appears in
+    no output, no file the runs or Ray write, and nothing Ray keeps of its jobs and actors."""
     from helpers.object_store import serve_folder
 
     from beit_common import redact
@@ -155,13 +136,13 @@ def test_a_dead_workers_shard_is_redone_and_one_that_kills_every_worker_fails_al
     gone = int(subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout)
     host = socket.gethostname()
     stale = [out / f".sample-000001.parquet.tmp-{host}-{gone}",  # a killed writer's, as the plan finds it
-             joined.cache / "uploads" / f".x.parquet.tmp-{host}-{gone}-abc123.part"]  # one only a worker sweeps
+             joined.cache / "uploads" / f".x.parquet.tmp-{host}-{gone}-abc123.part"]  # only the workers' cache
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
     joined.crash.write_text("sample-000000.tar once\nsample-000001.tar always\n")
-    args = ("tokenize", "--shards", shards, "--tokenizer", tiny_tokenizer, "--out", out, *COMMON,
-            "--ray-address", joined.address, "--workers", "2", "--max-retries", "1", "--quiet")
+    args = ["tokenize", "--shards", shards, "--tokenizer", tiny_tokenizer, "--out", out, *COMMON,
+            "--ray-address", joined.address, "--workers", "2", "--max-retries", "1", "--quiet"]
     monkeypatch.setattr(sys, "argv", ["beit-data", *map(str, args)])  # the command line Ray would record
     try:
         first = run_cli(*args)
@@ -170,26 +151,33 @@ def test_a_dead_workers_shard_is_redone_and_one_that_kills_every_worker_fails_al
         assert "tokenize: ray: 1 shards done, 2 retried, 1 failed" in first.stdout
         assert "Error: 1 shard failed (a worker died on each start); run the same command again to finish" in \
             first.stderr.splitlines()
-        assert sorted(p.name for p in out.glob("*.parquet")) == ["sample-000000.parquet"]
+        assert tables(out) == {"sample-000000.parquet": tables(plain_v2)["sample-000000.parquet"]}
         assert not (out / "summary.json").exists()  # written by the run that finishes
         assert not any(path.exists() for path in stale) and temporaries(out, joined.cache / "uploads") == []
         assert joined.crash.read_text() == "sample-000001.tar always\n"  # the once line fired
         joined.crash.unlink()
-        second = run_cli(*args)
+        second = run_cli(*args, "--views", "4")
         assert second.returncode == 0, second.stderr
-        assert "tokenize: ray: 1 shards done, 0 retried, 0 failed" in second.stdout
+        assert "tokenize: ray: 2 shards done, 0 retried, 0 failed" in second.stdout
         recorded = _recorded(joined.address)
+        written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+        third = run_cli(*args, "--views", "4")
     finally:
         server.shutdown()
-    mine, plain = tables(out), tables(plain_v2)
-    assert mine.keys() == plain.keys()
+    mine, plain = tables(out), tables(sample_tokens)
+    assert mine.keys() == plain.keys() == {"sample-000000.parquet", "sample-000001.parquet"}
     for name, (rows, meta) in plain.items():
         assert mine[name][0].equals(rows) and mine[name][1] == meta, name
+    assert json.loads((out / "summary.json").read_text())["images"] == 14
+    settings, plain_settings = (yaml.safe_load((folder / "config.yaml").read_text()) for folder in (out, sample_tokens))
+    assert settings == {**plain_settings, "shards": redact(shards)}  # the engine and its workers are not settings
+    assert third.returncode == 0 and "skipped 2" in third.stdout and "ray: 0 shards done" in third.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == written
     assert temporaries(out, joined.cache / "uploads") == []
     # What Ray keeps: the job's entrypoint is the command line, redacted; no credential anywhere.
     assert redact(shlex.join(sys.argv)) in recorded["entrypoints"]
-    texts = [first.stdout, first.stderr, second.stdout, second.stderr, (out / "summary.json").read_text(),
-             (out / "config.yaml").read_text(), *recorded["entrypoints"]]
+    texts = [run.stdout + run.stderr for run in (first, second, third)]
+    texts += [(out / "summary.json").read_text(), (out / "config.yaml").read_text(), *recorded["entrypoints"]]
     assert all("s3cret" not in text for text in texts)
     assert all(b"s3cret" not in raw for raw in recorded["raw"])
     assert [p for p in joined.folder.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()] == []
@@ -256,17 +244,38 @@ class Watched:
     addresses: set  # what they listened on
 
 
-def start_watched(args: list, tmp_path: Path, **env: str) -> Watched:
-    """``beit-data ARGS`` in a process of its own, with a home and a temporary folder of its own
-    (short: Ray's sockets go under it), the workers' output in its log."""
-    home, temp = tmp_path / "home", Path(tempfile.mkdtemp(prefix="t-"))
-    home.mkdir()
-    full = {**os.environ, "HOME": str(home), "TMPDIR": str(temp), "PYTHONPATH": str(REPO), **env}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
-        full.pop(name, None)
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, env=full, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return Watched(proc, home, temp, set(), set())
+@pytest.fixture
+def short_temp():
+    """A temporary folder with a short path (Ray's socket paths under it must stay under 107 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="t-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def launch(tmp_path, short_temp):
+    """Start ``beit-data ARGS`` in a process of its own, with a home and a (short) temporary folder of
+    its own; whatever a failed test left of it is killed at the end."""
+    started: list[Watched] = []
+
+    def start(args: list, **env: str) -> Watched:
+        home = tmp_path / "home"
+        home.mkdir()
+        full = {**os.environ, "HOME": str(home), "TMPDIR": str(short_temp), "PYTHONPATH": str(REPO), **env}
+        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+            full.pop(name, None)
+        proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, env=full, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started.append(Watched(proc, home, short_temp, set(), set()))
+        return started[-1]
+
+    yield start
+    for run in started:
+        for pid in [run.proc.pid, *run.seen] if run.proc.poll() is None else run.seen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def watch(run: Watched, until=lambda run: False, timeout: float = 300) -> None:
@@ -289,7 +298,6 @@ def assert_nothing_left(run: Watched) -> None:
     assert alive == []
     assert sorted(run.home.rglob("*")) == []
     assert [p for p in run.temp.rglob("*") if "ray" in p.name or p.name.startswith("session_")] == []
-    shutil.rmtree(run.temp)
 
 
 def _alive(pid: int) -> bool:
@@ -300,7 +308,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_private_ray_tokenizes_s3_on_loopback_only_and_leaves_nothing(sample_shards, sample_tokens,
-                                                                        tiny_tokenizer, tmp_path, monkeypatch):
+                                                                        tiny_tokenizer, tmp_path, launch,
+                                                                        monkeypatch):
     """Shards and --out on S3 (the loopback S3 server): the rows of the plain engine on local files.
     Every process of the private Ray listens on 127.0.0.1 only, and when the command ends none is
     left, nor its folder, nor any file in the home folder. The workers find the S3 credentials in
@@ -319,9 +328,9 @@ def test_a_private_ray_tokenizes_s3_on_loopback_only_and_leaves_nothing(sample_s
         for path in sorted(sample_shards.iterdir()):
             if path.suffix in (".tar", ".idx"):
                 client.put_object(Bucket="ray", Key=f"shards/{path.name}", Body=path.read_bytes())
-        run = start_watched(["tokenize", "--shards", "s3://ray/shards/", "--tokenizer", tiny_tokenizer,
-                             "--out", "s3://ray/tokens", *COMMON, "--views", "4", "--quiet"], tmp_path,
-                            BEIT_DATA_CACHE=str(tmp_path / "cache"), **server.env)
+        run = launch(["tokenize", "--shards", "s3://ray/shards/", "--tokenizer", tiny_tokenizer, "--out",
+                      "s3://ray/tokens", *COMMON, "--views", "4", "--quiet"], BEIT_DATA_CACHE=str(tmp_path / "cache"),
+                     **server.env)
         watch(run)
         stdout, stderr = run.proc.communicate()
         assert run.proc.returncode == 0, stderr[-3000:]
@@ -336,14 +345,14 @@ def test_a_private_ray_tokenizes_s3_on_loopback_only_and_leaves_nothing(sample_s
     assert_nothing_left(run)
 
 
-def test_sigterm_stops_the_private_ray_and_its_workers(sample_shards, tiny_tokenizer, tmp_path):
+def test_sigterm_stops_the_private_ray_and_its_workers(sample_shards, tiny_tokenizer, tmp_path, launch):
     """SIGTERM once a worker runs (every start of shard 0 kills its worker, so the run cannot end
     first): the command exits 143 and leaves no process, folder or file behind."""
     crash = tmp_path / "crash"
     crash.write_text("sample-000000.tar always\n")
-    run = start_watched(["tokenize", "--shards", sample_shards, "--tokenizer", tiny_tokenizer, "--out",
-                         tmp_path / "tokens", *COMMON, "--workers", "1", "--max-retries", "1000", "--quiet"],
-                        tmp_path, BEIT_DATA_TEST_CRASH=str(crash), BEIT_DATA_CACHE=str(tmp_path / "cache"))
+    run = launch(["tokenize", "--shards", sample_shards, "--tokenizer", tiny_tokenizer, "--out", tmp_path / "tokens",
+                  *COMMON, "--workers", "1", "--max-retries", "1000", "--quiet"], BEIT_DATA_TEST_CRASH=str(crash),
+                 BEIT_DATA_CACHE=str(tmp_path / "cache"))
 
     def a_worker_runs(run: Watched) -> bool:
         return any(b"_Worker" in _cmdline(pid) for pid in run.seen)
@@ -364,3 +373,58 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+# ---- examples/ray/tokenize.sbatch ----
+
+
+def test_the_slurm_script_makes_a_ray_of_the_jobs_nodes_and_tokenizes_on_it(sample_shards, tiny_tokenizer, plain_v2,
+                                                                              tmp_path, short_temp):
+    """The batch script as a one-node job runs it, with the stand-in srun and scontrol of
+    tests/fake_slurm: a head on the node (on loopback, HEAD_IP), the command joined to it, and the
+    head stopped with the job. Its rows are the plain engine's."""
+    fake = REPO / "tests" / "fake_slurm"
+    ray_tmp = short_temp
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS",
+                                                             "RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env.update(PATH=f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
+               HOME=str(tmp_path / "home"), SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_NNODES="1",
+               SLURM_CPUS_PER_TASK="2", SLURM_JOB_NODELIST="localhost", HEAD_IP="127.0.0.1",
+               RAY_PORT=str(free_port()), RAY_TMPDIR=str(ray_tmp),
+               # This machine is the whole cluster: Ray keeps 127.0.0.1 rather than take its outward address.
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", BEIT_DATA_CACHE=str(tmp_path / "cache"),
+               SHARDS=str(sample_shards), TOKENIZER=str(tiny_tokenizer), TOKENS=str(tmp_path / "tokens"), VIEWS="2",
+               EXTRA_ARGS="--batch-size 8 --device cpu --quiet")
+    (tmp_path / "home").mkdir()
+    job = subprocess.Popen(["bash", str(REPO / "examples" / "ray" / "tokenize.sbatch")], cwd=tmp_path, env=env,
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    marker = f"RAY_TMPDIR={ray_tmp}".encode()  # in the environment of every process the job started
+    try:
+        stdout, stderr = job.communicate(timeout=400)
+        deadline = time.monotonic() + 30
+        while (left := _with_environment(marker)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        for pid in _with_environment(marker):  # nothing, when the job ends as it should
+            os.kill(pid, signal.SIGKILL)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "tokenize: ray: 2 shards done, 0 retried, 0 failed" in stdout
+    mine, plain = tables(tmp_path / "tokens"), tables(plain_v2)
+    assert mine.keys() == plain.keys()
+    for name, (rows, meta) in plain.items():
+        assert mine[name][0].equals(rows) and mine[name][1] == meta, name
+    assert left == []  # the job's Ray ended with it
+    assert sorted((tmp_path / "home").rglob("*")) == []
+
+
+def _with_environment(marker: bytes) -> list[int]:
+    """The live processes whose environment holds ``marker`` (``NAME=VALUE``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
