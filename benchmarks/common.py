@@ -40,10 +40,20 @@ def imagenet_like(out: Path) -> list[Path]:
 
 
 def make_shards(out: Path, images: int, per_shard: int = 512, *, imagenet_like_images: bool = False) -> Path:
-    """``images`` samples cycling through the embedded photographs, ``per_shard`` per shard."""
+    """``images`` samples cycling through the embedded photographs, ``per_shard`` per shard. Each is a
+    copy of its own: ``shards`` refuses a file listed twice."""
+    import shutil
+
     photos = imagenet_like(out / "imagenet_like") if imagenet_like_images else sample_images()
+    copies = out / "copies"
+    copies.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(images):
+        photo = Path(photos[i % len(photos)])
+        names.append(copies / f"{i:07d}{photo.suffix}")
+        shutil.copyfile(photo, names[-1])
     listing = out / "list.txt"
-    listing.write_text("".join(f"{photos[i % len(photos)]}\n" for i in range(images)))
+    listing.write_text("".join(f"{name}\n" for name in names))
     run_shards(ShardsConfig(sources=[listing], out=out / "shards", maxcount=per_shard, prefix="bench",
                             progress=False))
     return out / "shards"

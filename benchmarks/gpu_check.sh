@@ -8,7 +8,7 @@ out=${OUT:-gpu_out}
 mkdir -p "$out"
 : > "$out/summary.txt"
 # The default steps' limits add up to 12 minutes; pretrain (eager, with the reference), pretrain_512,
-# pretrain_flex_fused, vqkd, tokenize_vqkd and views are named in STEPS for a second call.
+# pretrain_flex_fused, vqkd, tokenize_vqkd, views and tokenize_engines are named in STEPS for a second call.
 steps=${STEPS:-env gpu_tests tokenize_compiled pretrain_compiled profile memory}
 B="--device cuda --model beit_mim_base_patch16_224 --batch-size 256 --tokenizer-config dalle --num-threads 8"
 step() {  # step NAME SECONDS COMMAND...
@@ -47,6 +47,10 @@ step pretrain_flex_fused 120 python -m benchmarks.pretrain $B --images 1024 --st
 step vqkd 150 python -m benchmarks.tokenizer --tokenizer vqkd --device cuda --batch-size 256 --compile
 step tokenize_vqkd 150 python -m benchmarks.tokenize_shards --device cuda --images 1024 --views 10 \
   --batch-size 32 --tokenizer-config vqkd --num-threads 8 --compile
+# Issue 37 (not in the default steps): views/s of the plain engine against one Ray actor on one GPU,
+# on the same 16 shards of 128 photographs each, with Ray's fixed cost and cost a shard (needs the ray extra).
+step tokenize_engines 240 python -m benchmarks.tokenize_engines --device cuda --images 2048 --shards 16 --views 10 \
+  --batch-size 32 --tokenizer-config dalle --num-threads 8 --workers 1
 # Issue 25 (not in the default steps): the views ablation on the GPU, twice the CPU run's steps:
 # V in 1, 2, 5, 10, 20 and online targets, the tiny model on the embedded photographs.
 step views 420 python -m benchmarks.views --device cuda --steps 4000 --val-every 250

@@ -97,8 +97,9 @@ class ShardResult:
 @dataclass
 class TokenizeResult:
     """What a tokenize run did, over all ranks or workers; ``rejects`` names each sample left out and
-    why. The Ray engine also counts the starts of a shard after its worker died (``retried``) and
-    names the shards it gave up on (``failed``, redacted): a rerun does those."""
+    why. The Ray engine also counts the starts of a shard after its worker died (``retried``),
+    names the shards it gave up on (``failed``, redacted: a rerun does those) and says where its
+    time went (``phases``: starting Ray, starting the workers, the shards, stopping Ray)."""
 
     shards: int = 0
     skipped: int = 0
@@ -108,6 +109,7 @@ class TokenizeResult:
     seconds: float = 0.0
     retried: int = 0
     failed: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
 
     def add(self, done: ShardResult) -> None:
         self.images += done.images
@@ -452,8 +454,11 @@ def _execute_on_ray(cfg: TokenizeConfig, plan: TokenizePlan, build, result: Toke
     try:
         with ray_engine.ray_cluster(cfg.ray_address) as cluster:
             outcome = ray_engine.run_pool(plan.todo, build, settings, cluster, finished)
+            leaving = time.perf_counter()
     finally:
         bar.close()
+    result.phases = {"ray_start": cluster.start_s, "workers": outcome.seconds["workers"],
+                     "shards": outcome.seconds["tasks"], "ray_stop": time.perf_counter() - leaving}
     for note in outcome.notes:
         print(note, file=sys.stderr)
     for index in sorted(done):  # in the shards' order, as the plain engine gives them
