@@ -174,6 +174,10 @@ def ray_cluster(address: str | None) -> Iterator[Cluster]:
         if address is None:
             folder = stack.enter_context(_temporary_folder())
             stack.enter_context(_private_environment())
+        # For a private Ray, ray.shutdown also stops the processes ray.init started, and no other
+        # (also those of an init cut short); it does nothing before an init.
+        stack.callback(ray.shutdown)
+        if address is None:
             _init(ray, private=True, address="local", include_dashboard=False, _temp_dir=folder,
                   object_store_memory=OBJECT_STORE_BYTES)
         else:
@@ -182,12 +186,10 @@ def ray_cluster(address: str | None) -> Iterator[Cluster]:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise BeitDataError(f"cannot join the Ray cluster at `ray_address` {address}: "
                                     f"{redact(str(exc).splitlines()[0])}") from None
-        stack.callback(ray.shutdown)  # for a private Ray, it also stops the processes ray.init started, and no other
         stack.enter_context(_sigterm_exits())
         gcs = ray.get_runtime_context().gcs_address
-        if address is None and not gcs.startswith(f"{LOOPBACK}:"):
-            raise BeitDataError(f"the private Ray started at {gcs}, not on {LOOPBACK}: refused (Ray was imported "
-                                "before beit-data could keep it on loopback)")
+        if address is None and not gcs.startswith(f"{LOOPBACK}:"):  # what _init makes sure of, checked
+            raise BeitDataError(f"the private Ray started at {gcs}, not on {LOOPBACK} only: refused")
         resources = ray.cluster_resources()
         yield Cluster(gcs, address is None, resources.get("CPU", 0.0), resources.get("GPU", 0.0),
                       time.perf_counter() - started)

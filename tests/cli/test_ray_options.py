@@ -101,3 +101,21 @@ def test_the_rayjob_manifest_runs_a_command_the_cli_takes():
         for container in pod["template"]["spec"]["containers"]:
             assert {"secretRef": {"name": "beit-data-s3"}} in container["envFrom"]
     assert spec["rayVersion"].startswith("2.60.")
+
+
+def test_only_the_ray_engine_imports_ray_and_only_when_it_runs():
+    """Ray is an extra: the plain engine, the command line and every other module run without it."""
+    import ast
+
+    from benchmarks.layers import modules
+
+    found = {}
+    for name, path in modules(REPO, ("cli", "pipelines", "beit_data", "beit_model", "beit_common")).items():
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                found.setdefault(name, []).append("module level" if id(node) in top else "in a function")
+    assert set(found) == {"pipelines.ray_engine"} and "module level" not in found["pipelines.ray_engine"]

@@ -232,9 +232,9 @@ def test_cli_does_not_import_torch_or_dali_for_help():
     import sys
 
     code = "import sys, cli; cli.main(['--help'], standalone_mode=False); " \
-           "print('torch' in sys.modules, 'nvidia.dali' in sys.modules)"
+           "print('torch' in sys.modules, 'nvidia.dali' in sys.modules, 'ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "False False"
+    assert out.stdout.strip().splitlines()[-1] == "False False False"
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_error(sample_shards, sample_tokens, tmp_path):
