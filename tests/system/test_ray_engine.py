@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import REPO, cached, descendants, free_port, run_cli
 
@@ -181,6 +182,18 @@ def test_worker_deaths_cost_a_shard_a_start_and_a_rerun_finishes_with_more_views
     assert all("s3cret" not in text for text in texts)
     assert all(b"s3cret" not in raw for raw in recorded["raw"])
     assert [p for p in joined.folder.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()] == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_worker_that_cannot_start_is_one_line_and_no_retry(joined, sample_shards, tiny_tokenizer, tmp_path):
+    """--device cuda where there is none: the workers' start fails with the user's error, once, and
+    the command says so in one line; no shard is written."""
+    done = run_cli("tokenize", "--shards", sample_shards, "--tokenizer", tiny_tokenizer, "--out", tmp_path / "t",
+                   *COMMON, "--device", "cuda", "--ray-address", joined.address, "--quiet")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == \
+        "Error: a Ray worker could not start: --device is cuda, but CUDA is not available"
+    assert not list((tmp_path / "t").glob("*.parquet"))
 
 
 def _recorded(address: str) -> dict:
