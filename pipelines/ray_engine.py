@@ -149,13 +149,11 @@ class Cluster:
 @dataclass
 class PoolOutcome:
     """What the pool did: the tasks started again after their worker died (``retried``), those
-    given up on with why (``failed``), the lines the workers had to say once (``notes``: the
-    precision they compute in), and where its time went (``seconds``: ``workers``, until the
+    given up on with why (``failed``), and where its time went (``seconds``: ``workers``, until the
     first workers were all ready; ``tasks``, from then until the last task was done)."""
 
     retried: int = 0
     failed: list[tuple[object, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -320,9 +318,10 @@ def _said(exc: BaseException) -> str:
 
 
 def run_pool(tasks: Sequence, build: Callable[[], Callable], settings: PoolSettings, cluster: Cluster,
-             on_done: Callable[[object, object], None]) -> PoolOutcome:
+             on_done: Callable[[object, object], None], on_note: Callable[[str], None] = print) -> PoolOutcome:
     """Run each of ``tasks`` (each with a ``name``) on a pool of workers, each of which calls
-    ``build()`` once and then runs one task a call; ``on_done(task, result)`` as each finishes.
+    ``build()`` once and then runs one task a call; ``on_done(task, result)`` as each finishes, and
+    ``on_note(line)`` for each line the workers have to say (the built object's ``note``), once.
 
     A worker that dies charges its task one start: the task is queued again, up to
     ``settings.max_retries`` times, then given up on (``failed``) while the rest finish, and a
@@ -337,12 +336,11 @@ def run_pool(tasks: Sequence, build: Callable[[], Callable], settings: PoolSetti
     ray = require_ray()
     outcome, started = PoolOutcome(), time.perf_counter()
     workers, gpus = settings.resolved(cluster)
-    workers = min(workers, len(tasks))
-    _check_fits(workers, gpus, settings.cpus_per_worker, cluster)
+    workers = _fitting(min(workers, len(tasks)), gpus, settings.cpus_per_worker, cluster)
     actor = ray.remote(_Worker).options(num_cpus=settings.cpus_per_worker, num_gpus=gpus, max_restarts=0,
                                         max_task_retries=0)
     recipe = [ray.put(build)]  # in the object store: an ObjectRef inside a list is neither inlined nor recorded
-    pool = _Pool(ray, lambda: actor.remote(recipe), settings.max_retries)
+    pool = _Pool(ray, lambda: actor.remote(recipe), settings.max_retries, on_note)
     try:
         for _ in range(workers):
             pool.start()
@@ -351,31 +349,34 @@ def run_pool(tasks: Sequence, build: Callable[[], Callable], settings: PoolSetti
         outcome.seconds = {"workers": ready - started, "tasks": time.perf_counter() - ready}
         if error is not None:
             raise error
-        ray.get([worker.sweep.remote() for worker in pool.idle], timeout=60)
+        sweeps = [worker.sweep.remote() for worker in pool.idle]
+        ray.wait(sweeps, num_returns=len(sweeps), timeout=60)  # at its best: a worker lost now changes no file
     finally:
         pool.stop()
-    outcome.notes = sorted(pool.notes)
     return outcome
 
 
-def _check_fits(workers: int, gpus: float, cpus: float, cluster: Cluster) -> None:
-    """Refuse, for a private Ray, workers none of which would ever start (they would wait for a
-    node that never comes); say so when a joined cluster holds fewer now (its autoscaler may add nodes)."""
+def _fitting(workers: int, gpus: float, cpus: float, cluster: Cluster) -> int:
+    """How many of ``workers`` to start: on a private Ray, those its resources hold (none is
+    refused: they would wait for a node that never comes); on a joined cluster all, saying so
+    when it holds fewer now (its autoscaler may add nodes)."""
     fit = min(int(cluster.cpus // cpus) if cpus else workers, int(cluster.gpus // gpus) if gpus else workers)
     if fit >= workers:
-        return
-    said = (f"{workers} Ray workers of {cpus:g} CPUs and {gpus:g} GPUs each asked, but the cluster holds "
+        return workers
+    said = (f"{workers} Ray workers of {cpus:g} CPUs and {gpus:g} GPUs each, but the cluster holds "
             f"{cluster.cpus:g} CPUs and {cluster.gpus:g} GPUs")
     if cluster.private and fit == 0:
         raise BeitDataError(f"{said}: none would start; lower `cpus_per_worker` or `gpus_per_worker`")
-    print(f"tokenize: {said}, {fit} of them now; the others wait for room", file=sys.stderr)
+    print(f"tokenize: {said}: " + (f"starting {fit}" if cluster.private else f"{fit} start now, the others wait "
+                                   "for room"), file=sys.stderr)
+    return fit if cluster.private else workers
 
 
 class _Pool:
     """The workers and the tasks they hold, for ``run_pool``."""
 
-    def __init__(self, ray, new_worker: Callable, max_retries: int):
-        self.ray, self.new_worker, self.max_retries = ray, new_worker, max_retries
+    def __init__(self, ray, new_worker: Callable, max_retries: int, on_note: Callable[[str], None]):
+        self.ray, self.new_worker, self.max_retries, self.on_note = ray, new_worker, max_retries, on_note
         self.idle: list = []
         self.starting: dict = {}  # ready() reference -> worker
         self.running: dict = {}  # run() reference -> (worker, task)
@@ -387,7 +388,7 @@ class _Pool:
         worker = self.new_worker()
         self.starting[worker.ready.remote()] = worker
 
-    def run(self, queue: deque, outcome: PoolOutcome, on_done) -> BeitDataError | None:
+    def run(self, queue: deque, outcome: PoolOutcome, on_done) -> Exception | None:
         """Hand out ``queue`` until every task is done or given up on; the first task's error is
         returned once the running tasks are done (each writes its own file: none is cut short)."""
         starts, error = Counter(), None
@@ -443,8 +444,9 @@ class _Pool:
         if error is not None:
             raise BeitDataError(f"a Ray worker could not start: {error}")
         self.start_deaths = 0
-        if note:
+        if note and note not in self.notes:
             self.notes.add(note)
+            self.on_note(note)
         self.idle.append(worker)
         if not self.starting and self.ready_at is None:
             self.ready_at = time.perf_counter()

@@ -453,14 +453,13 @@ def _execute_on_ray(cfg: TokenizeConfig, plan: TokenizePlan, build, result: Toke
                                        cpus_per_worker=cfg.cpus_per_worker, max_retries=cfg.max_retries)
     try:
         with ray_engine.ray_cluster(cfg.ray_address) as cluster:
-            outcome = ray_engine.run_pool(plan.todo, build, settings, cluster, finished)
+            outcome = ray_engine.run_pool(plan.todo, build, settings, cluster, finished,
+                                          on_note=lambda line: bar.write(line, file=sys.stderr))
             leaving = time.perf_counter()
     finally:
         bar.close()
     result.phases = {"ray_start": cluster.start_s, "workers": outcome.seconds["workers"],
                      "shards": outcome.seconds["tasks"], "ray_stop": time.perf_counter() - leaving}
-    for note in outcome.notes:
-        print(note, file=sys.stderr)
     for index in sorted(done):  # in the shards' order, as the plain engine gives them
         result.add(done[index])
     result.retried = outcome.retried
