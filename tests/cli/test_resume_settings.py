@@ -21,13 +21,21 @@ def pretrain(*args):
     return result
 
 
-def test_resume_alone_continues_the_run_with_its_recorded_settings(sample_shards, sample_tokens, tmp_path):
+def test_resume_auto_starts_or_resumes_and_resume_alone_continues_with_the_recorded_settings(sample_shards,
+                                                                                              sample_tokens, tmp_path):
     data = ("--shards", sample_shards, "--tokens", sample_tokens)
     pretrain(*data, *FLAGS, "--steps", "4", "--out", tmp_path / "straight")
-    pretrain(*data, *FLAGS, "--steps", "4", "--stop-after", "2", "--out", tmp_path / "run")
+    # The requeued job's command, word for word: no run yet, one starts; then it resumes.
+    requeued = (*data, *FLAGS, "--steps", "4", "--stop-after", "1", "--out", tmp_path / "run", "--resume", "auto")
+    pretrain(*requeued)
+    assert [r["step"] for r in records(tmp_path / "run")] == [1]
+    pretrain(*requeued)
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+    missing = invoke("pretrain", "--out", tmp_path / "none", "--resume", "auto")
+    assert missing.exit_code == 2 and "Missing option '--shards'" in missing.stderr
     resumed = pretrain("--out", tmp_path / "run", "--resume")  # nothing else: not even --quiet
     # Every setting is the recorded one, but what only this invocation does.
-    assert "pretrain: resuming with stop_after 2 -> None, progress False -> True" in resumed.stderr.splitlines()
+    assert "pretrain: resuming with stop_after 1 -> None, progress False -> True" in resumed.stderr.splitlines()
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")  # bit for bit
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["seed"], config["num_masked"], config["grad_accum"], config["lr"]) == (5, 50, 2, 2e-3)
@@ -49,18 +57,6 @@ def test_a_setting_recorded_without_its_credentials_must_be_given_again(sample_s
         f"{sample_shards}/sample-{{000000..000001}}.tar); give it again")
     pretrain("--out", tmp_path / "run", "--resume", "--shards", secret)
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
-
-
-def test_resume_auto_starts_a_run_where_there_is_none_and_resumes_where_there_is(sample_shards, sample_tokens,
-                                                                                 tmp_path):
-    args = ("--shards", sample_shards, "--tokens", sample_tokens, *FLAGS, "--steps", "4", "--stop-after", "2",
-            "--out", tmp_path / "run", "--resume", "auto")
-    pretrain(*args)  # no run yet: one starts
-    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
-    pretrain(*args)  # the requeued job, word for word
-    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3, 4]
-    missing = invoke("pretrain", "--out", tmp_path / "none", "--resume", "auto")
-    assert missing.exit_code == 2 and "Missing option '--shards'" in missing.stderr
 
 
 def test_extend_trains_a_finished_run_longer_with_the_cosine_recomputed(sample_shards, sample_tokens, tmp_path):
