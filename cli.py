@@ -42,6 +42,7 @@ from pipelines.config import (
     default,
     owners,
     setting_names,
+    tracker_names,
 )
 from pipelines.recipes import DVAE_CONFIGS, RECIPES
 
@@ -233,6 +234,19 @@ class Real(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value} is not a finite number", param, ctx)
         return number
+
+
+class TrackersType(click.ParamType):
+    """A comma list of trackers (``tensorboard,csv``; ``none``), as the config's tuple of names; a
+    config file's list is taken as it is."""
+
+    name = "trackers"
+
+    def convert(self, value, param, ctx):
+        try:
+            return tracker_names(value)
+        except BeitDataError as exc:
+            self.fail(str(exc).removeprefix("`log_to`: "), param, ctx)
 
 
 class DeviceType(click.ParamType):
@@ -626,6 +640,12 @@ def pretrain_options(command):
                      "800-epoch ViT-B run keeps 8 of about 1.1 GB (weights and AdamW's moments), among them the "
                      "300 epochs of BEiT's ablations; unilm's 20 would keep 40. 0: none."),
         setting(PretrainConfig, "--log-every", type=click.IntRange(min=1), help="Log every N steps."),
+        setting(PretrainConfig, "--log-to", type=TrackersType(),
+                help="Where the figures go besides RUN/log.jsonl (always written), a comma list of: tensorboard "
+                     "(RUN/tb), csv (RUN/summary.csv, a row a logged step, as timm's), wandb, mlflow (the extras "
+                     "beit-data[wandb] and beit-data[mlflow], set up by their own environment: WANDB_MODE, "
+                     "WANDB_PROJECT, MLFLOW_TRACKING_URI, ...); none for log.jsonl alone. May change on --resume; "
+                     "a resumed run logs on into the same W&B and MLflow runs (RUN/trackers.json)."),
         click.option("--resume", is_flag=False, flag_value="yes", default=False, type=ResumeType(),
                      help="Continue the run in --out from its checkpoint, exactly, with the settings its config.json "
                           "records (a flag given again must agree, but for how the run goes). --resume auto resumes "

@@ -114,7 +114,7 @@ def checkpoint_path(run: Location) -> Location:
 # (``dealt`` and ``shared_draws`` said the order before ``order_version`` was recorded).
 ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False,
                   "grad_accum": 1, "targets": "stored", "tokenizer": None, "shared_draws": True,
-                  "keep_checkpoints": 0, "checkpoint_every_epochs": 0}
+                  "keep_checkpoints": 0, "checkpoint_every_epochs": 0, "log_to": ("tensorboard",)}
 
 
 @dataclass(frozen=True)

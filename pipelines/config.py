@@ -22,9 +22,9 @@ from beit_data.views import ViewRecipe
 from pipelines.recipes import DVAE_CONFIGS, RECIPES, TOKENIZER_RECIPE, check_recipe_name, view_recipe
 
 __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "InspectConfig", "IndexConfig",
-           "ExportConfig", "PlanConfig", "PRECISIONS", "check_precision", "Sectioned", "default", "owners",
-           "setting_names", "INVOCATION", "settings_yaml", "PretrainConfig", "ArchConfig", "OptimConfig", "EvalConfig",
-           "RuntimeConfig", "RECIPE_KEYS", "PATCHES"]
+           "ExportConfig", "PlanConfig", "PRECISIONS", "check_precision", "TRACKERS", "tracker_names", "Sectioned",
+           "default", "owners", "setting_names", "INVOCATION", "settings_yaml", "PretrainConfig", "ArchConfig",
+           "OptimConfig", "EvalConfig", "RuntimeConfig", "RECIPE_KEYS", "PATCHES"]
 
 
 # ---- configs in sections: one flat name a setting ----
@@ -115,6 +115,27 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 def check_precision(name: str) -> None:
     if name not in PRECISIONS:
         raise BeitDataError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {name!r}")
+
+
+# Where a run's figures go besides ``log.jsonl`` (``pipelines.trackers``); wandb and mlflow are extras.
+TRACKERS = ("tensorboard", "csv", "wandb", "mlflow")
+
+
+def tracker_names(value) -> tuple[str, ...]:
+    """``log_to`` as a tuple of tracker names, from a comma list (``"tensorboard,csv"``; ``"none"``
+    or ``""``: none) or a sequence of names.
+
+    Raises:
+        BeitDataError: For a name that is no tracker, or one given twice.
+    """
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else [str(n) for n in value]
+    names = [n for n in names if n and n != "none"]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise BeitDataError(f"`log_to`: no tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} (or none)")
+    if len(set(names)) != len(names):
+        raise BeitDataError(f"`log_to`: a tracker named twice in {','.join(names)}")
+    return tuple(names)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -470,9 +491,11 @@ class RuntimeConfig:
     precision: str = "auto"  # PRECISIONS: bf16 where the GPU computes it natively, fp16 on older GPUs, fp32 on the CPU
     progress: bool = True
     record_batches: bool = False  # each rank writes the keys of its every step to RUN/batches-rank{R}.jsonl
+    log_to: tuple[str, ...] = ("tensorboard",)  # TRACKERS besides log.jsonl; a comma list is taken too
 
     def __post_init__(self):
         resolve_locations(self, "out")
+        object.__setattr__(self, "log_to", tracker_names(self.log_to))
         check_precision(self.precision)
         if self.resume not in (True, False, "auto"):
             raise BeitDataError(f"`resume` must be true, false or auto, got {self.resume!r}")
@@ -503,7 +526,7 @@ class PretrainConfig(Sectioned):
     RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "keep_checkpoints",
                  "checkpoint_every_epochs", "log_every", "resume", "compile", "device", "num_threads", "progress",
                  "val_shards", "val_tokens", "val_every", "val_images", "probe_every", "probe_train", "probe_val",
-                 "probe_layers", "record_batches", "batch_size", "grad_accum", "precision", "extend")
+                 "probe_layers", "record_batches", "batch_size", "grad_accum", "precision", "extend", "log_to")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)

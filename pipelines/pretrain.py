@@ -67,6 +67,7 @@ from pipelines.runtime import (
     resolve_device,
     resolve_precision,
 )
+from pipelines.trackers import require
 from pipelines.training import accumulated_step, build_model, build_optimizer
 from pipelines.validation import QualityChecks
 
@@ -105,6 +106,7 @@ class PretrainResult:
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Train (or resume) a BEiT MIM model."""
     device = resolve_device(cfg.runtime.device, local_rank=dist_info().local_rank)
+    require(cfg.runtime.log_to)  # a tracker's missing package, in one line before anything is built
     tokenizer = online_tokenizer(cfg)
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
@@ -335,16 +337,16 @@ class Trainer:
         forward, logs = self._forward_module(), Logs.open(self, config)
         stop_at = min(self.total, self.step + cfg.runtime.stop_after if cfg.runtime.stop_after else self.total)
         stopped = 0
-        if self._extended_from is not None:
-            logs.logger.log({"step": self.step, "event": "extended", "total_steps": self.total})
-            if self.is_main:
-                print(f"pretrain: extending the run to {self.total} steps; it has trained {self.step}, and the "
-                      f"learning rate's cosine now ends at step {self.total}", file=sys.stderr)
-        if self.step == 0:
-            self.checks(self.model, 0, self.total, logs.logger)  # the held-out figures before training
-        self.model.train()
-        accum, batches = cfg.data.grad_accum, self.stream.batches(dtype=self.precision.dtype)
         try:
+            if self._extended_from is not None:
+                logs.logger.log({"step": self.step, "event": "extended", "total_steps": self.total})
+                if self.is_main:
+                    print(f"pretrain: extending the run to {self.total} steps; it has trained {self.step}, and the "
+                          f"learning rate's cosine now ends at step {self.total}", file=sys.stderr)
+            if self.step == 0:
+                self.checks(self.model, 0, self.total, logs.logger)  # the held-out figures before training
+            self.model.train()
+            accum, batches = cfg.data.grad_accum, self.stream.batches(dtype=self.precision.dtype)
             with Preemption(self.dist.world_size) as preemption, closing(batches) as stream:
                 while self.step < stop_at:
                     done = StepRecord()
@@ -359,7 +361,7 @@ class Trainer:
                     if stopped:
                         break
         except BaseException:
-            logs.close()  # a failed run leaves no file open: a Python caller goes on
+            logs.close(failed=True)  # a failed run leaves no file open, no tracker's run on: a Python caller goes on
             raise
         return self._finish(logs, stopped)
 
@@ -458,15 +460,15 @@ class Logs:
     @classmethod
     def open(cls, trainer: Trainer, config: dict) -> Logs:
         runtime, resumed_at = trainer.cfg.runtime, trainer.resumed_at or 0
-        return cls(Logger(trainer.out, trainer.is_main, resumed_at=resumed_at, config=config),
+        return cls(Logger(trainer.out, trainer.is_main, resumed_at=resumed_at, config=config, log_to=runtime.log_to),
                    BatchRecorder(trainer.out, trainer.dist.rank, runtime.record_batches, resumed_at=resumed_at),
                    LossReader(checkpoint_path(Location(trainer.out))), Meter(),
                    progress_bar(total=trainer.total, initial=trainer.step, desc="pretrain", unit="step",
                                 disable=not (runtime.progress and trainer.is_main)))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.bar.close()
-        self.logger.close()
+        self.logger.close(failed)
         self.recorder.close()
 
 

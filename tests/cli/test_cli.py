@@ -10,7 +10,7 @@ import pytest
 from helpers import invoke
 
 import cli
-from cli import NOT_SETTINGS, DeviceType, ResumeType
+from cli import NOT_SETTINGS, DeviceType, ResumeType, TrackersType
 from pipelines.config import (
     ExportConfig,
     IndexConfig,
@@ -65,6 +65,8 @@ def value_for(param: click.Parameter, tmp_path) -> tuple[list[str], object]:
         words, expected = ["cuda:1"], "cuda:1"
     elif isinstance(kind, ResumeType):  # the config takes True, "auto" or False
         words, expected = ["auto"], "auto"
+    elif isinstance(kind, TrackersType):  # a comma list, as a tuple of names
+        words, expected = ["csv,mlflow"], ("csv", "mlflow")
     elif isinstance(kind, click.Choice):
         expected = next(c for c in kind.choices if c != param.default)
         words = [expected]
