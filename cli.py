@@ -144,7 +144,8 @@ def flat_names(config: type) -> set[str]:
 
 
 # What a run's config.json records beside its settings (derived figures), which a file may hold.
-RECORDED_ONLY = ("ranks", "global_batch", "total_steps", "steps_per_epoch", "torch_threads", "dealt", "shared_draws")
+RECORDED_ONLY = ("ranks", "global_batch", "total_steps", "total_warmup_steps", "steps_per_epoch", "torch_threads",
+                 "dealt", "shared_draws")
 
 
 def config_file_option(*decls: str):

@@ -319,11 +319,13 @@ class Trainer:
 
     def settings(self) -> dict:
         """The resolved settings, as ``config.json`` holds them (the checkpoint holds each rank's
-        threads), and the settings that said the order before its version (``order_settings``)."""
+        threads), and the settings that said the order before its version (``order_settings``);
+        what they come to beside them (``total_steps``, ``total_warmup_steps``...), under names of
+        their own, so that a resumed run takes each setting back as it was given."""
         data = self.cfg.data
         return {**redacted(self.cfg.flat()), **order_settings(data.order_version, data.targets),
                 "ranks": self.dist.world_size, "global_batch": data.global_batch(self.dist.world_size),
-                "total_steps": self.total, "warmup_steps": self.warmup,
+                "total_steps": self.total, "total_warmup_steps": self.warmup,
                 "steps_per_epoch": self.stream.steps_per_epoch(0), "torch_threads": torch.get_num_threads()}
 
     def train(self) -> PretrainResult:
