@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from beit_common import BeitDataError
+from beit_data.stream_config import IMAGENET_MEAN, IMAGENET_STD
 from beit_data.views import View, roi
 
 try:
@@ -40,8 +41,6 @@ except ImportError as exc:
 
 __all__ = ["ViewSpec", "DaliViews", "UndecodableImage", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 UNIT_RANGE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std giving [0,1] pixels
 INTERP = {"lanczos": types.INTERP_LANCZOS3, "bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale

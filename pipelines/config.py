@@ -24,7 +24,7 @@ from pipelines.recipes import DVAE_CONFIGS, RECIPES, TOKENIZER_RECIPE, check_rec
 __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "InspectConfig", "IndexConfig",
            "ExportConfig", "PlanConfig", "PRECISIONS", "check_precision", "TRACKERS", "tracker_names", "Sectioned",
            "default", "owners", "setting_names", "INVOCATION", "settings_yaml", "PretrainConfig", "ArchConfig",
-           "OptimConfig", "EvalConfig", "RuntimeConfig", "RECIPE_KEYS", "PATCHES"]
+           "OptimConfig", "EvalConfig", "RuntimeConfig", "RECIPE_KEYS", "SCHEDULES", "PATCHES"]
 
 
 # ---- configs in sections: one flat name a setting ----
@@ -426,6 +426,10 @@ class PlanConfig(Sectioned):
 # builds anything (from the token files' own recipe when none is named). Light: no torch.
 
 RECIPE_KEYS = ("model", "epochs", "lr", "warmup_epochs", "layer_scale", "drop_path")
+# The learning-rate schedules ``sched`` names: cosine is BEiT's (``pipelines.training.WarmupCosine``,
+# the default), the others timm's, stepped per optimizer step. timm's multistep, plateau, wsd and
+# rsqrt are left out: they need milestones, a metric or a decay phase this command does not take.
+SCHEDULES = ("cosine", "step", "tanh", "poly", "constant", "none")
 PATCHES = (224 // 16) ** 2  # patches of every beit_mim_* model (16-pixel patches at 224): the most a mask holds
 
 
@@ -445,7 +449,13 @@ class OptimConfig:
     warmup_epochs: float | None = None  # [recipe]
     warmup_steps: int | None = None  # overrides warmup_epochs
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    opt: str = "adamw"  # a name timm.optim.create_optimizer_v2 takes (checked when the run starts)
+    opt_eps: float = 1e-8  # for the optimizers that take an eps
+    betas: tuple[float, float] = (0.9, 0.999)  # for the optimizers that take betas
+    momentum: float = 0.9  # for the optimizers that take a momentum (sgd, ...)
+    sched: str = "cosine"  # SCHEDULES
+    decay_epochs: float = 90.0  # step: the interval between decays
+    decay_rate: float = 0.1  # step: the factor of each decay; poly: the power
     clip_grad: float = 3.0  # the gradient's largest norm; 0: no clipping
 
     def __post_init__(self):
@@ -453,6 +463,12 @@ class OptimConfig:
             raise BeitDataError("`steps` and `epochs` must be at least 1")
         if self.lr is not None and self.lr <= 0:
             raise BeitDataError("`lr` must be positive")
+        if self.sched not in SCHEDULES:
+            raise BeitDataError(f"`sched` must be one of {', '.join(SCHEDULES)}, got {self.sched!r}")
+        if not isinstance(self.opt, str) or not self.opt:
+            raise BeitDataError(f"`opt` must name one of timm's optimizers (adamw, sgd, lamb, ...), got {self.opt!r}")
+        if not (self.opt_eps > 0 and self.decay_epochs > 0 and self.decay_rate > 0 and 0 <= self.momentum < 1):
+            raise BeitDataError("`opt_eps`, `decay_epochs` and `decay_rate` must be positive, `momentum` in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
