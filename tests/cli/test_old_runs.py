@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from helpers import REPO, invoke, losses, records
 from PIL import Image
 
@@ -54,6 +55,8 @@ def test_a_run_started_today_with_the_old_settings_trains_as_the_old_code_did(tm
     expected = old_copy(tmp_path, monkeypatch)
     checks = ("val_shards", "val_tokens", "val_every", "val_images", "probe_every", "probe_train", "probe_val")
     settings = {k: v for k, v in expected["settings"].items() if k not in checks}
+    # The old run's thread count (a gradient norm's last bits follow it): a fresh run takes this process's.
+    torch.set_num_threads(json.loads(Path("run/config.json").read_text())["torch_threads"])
     run_pretrain(PretrainConfig.from_flat(out="fresh", **settings))
     train = [{k: v for k, v in r.items() if k not in CLOCK} for r in records(Path("fresh"))]
     assert losses(Path("fresh")) == expected["losses"]  # bitwise
