@@ -29,6 +29,7 @@ from pipelines.config import (
     INVOCATION,
     PATCHES,
     PRECISIONS,
+    SCHEDULES,
     ExportConfig,
     IndexConfig,
     InspectConfig,
@@ -43,6 +44,7 @@ from pipelines.config import (
     default,
     owners,
     setting_names,
+    tracker_names,
 )
 from pipelines.recipes import DVAE_CONFIGS, RECIPES
 
@@ -145,7 +147,8 @@ def flat_names(config: type) -> set[str]:
 
 
 # What a run's config.json records beside its settings (derived figures), which a file may hold.
-RECORDED_ONLY = ("ranks", "global_batch", "total_steps", "steps_per_epoch", "torch_threads", "dealt", "shared_draws")
+RECORDED_ONLY = ("ranks", "global_batch", "total_steps", "total_warmup_steps", "steps_per_epoch", "torch_threads",
+                 "dealt", "shared_draws")
 
 
 def config_file_option(*decls: str):
@@ -234,6 +237,19 @@ class Real(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value} is not a finite number", param, ctx)
         return number
+
+
+class TrackersType(click.ParamType):
+    """A comma list of trackers (``tensorboard,csv``; ``none``), as the config's tuple of names; a
+    config file's list is taken as it is."""
+
+    name = "trackers"
+
+    def convert(self, value, param, ctx):
+        try:
+            return tracker_names(value)
+        except BeitDataError as exc:
+            self.fail(str(exc).removeprefix("`log_to`: "), param, ctx)
 
 
 class DeviceType(click.ParamType):
@@ -573,6 +589,38 @@ def train_dvae(**options):
 
 
 BETA = Real(0, 1, max_open=True)  # each of AdamW's betas
+CHANNEL = Real(0, 1)  # a channel's mean, in [0,1] pixel units
+
+# pretrain's optimizer and schedule (timm's factories), in the order --help lists them.
+OPTIMIZER_OPTIONS = [
+    setting(PretrainConfig, "--opt",
+            help="The optimizer, by its name in timm's factory (timm.optim.create_optimizer_v2: adamw, adam, sgd, "
+                 "momentum, lamb, lion, ...; lookahead_adamw wraps it), over the same parameter groups (no weight "
+                 "decay on biases, norms, LayerScale and the model's no_weight_decay()). An unknown name is refused "
+                 "before the run starts."),
+    setting(PretrainConfig, "--opt-eps", type=Real(min=0, min_open=True),
+            help="The optimizer's epsilon, for those that take one."),
+    setting(PretrainConfig, "--opt-betas", "--adam-betas", name="betas", type=(BETA, BETA),
+            help="The optimizer's beta1 and beta2, for those that take them (BEiT v2's 1600-epoch recipe lowers "
+                 "beta2 to 0.98); --adam-betas is its older name."),
+    setting(PretrainConfig, "--momentum", type=Real(0, 1, max_open=True),
+            help="The momentum of the optimizers that take one (sgd, momentum, ...)."),
+    setting(PretrainConfig, "--weight-decay", type=Real(min=0), help="Weight decay."),
+    setting(PretrainConfig, "--sched", type=click.Choice(SCHEDULES),
+            help="The learning-rate schedule, stepped per optimizer step. cosine: BEiT's (linear warmup per step, "
+                 "then a cosine to --min-lr), as every run before; step, tanh, poly and constant: timm's "
+                 "(timm.scheduler.create_scheduler_v2), warming up linearly from 0; none: --lr throughout, no warmup."),
+    click.option("--lr", type=Real(min=0, min_open=True), default=None,
+                 help="Peak learning rate, not rescaled [recipe]."),
+    setting(PretrainConfig, "--min-lr", type=Real(min=0), help="Learning rate at the end of the cosine (tanh, poly)."),
+    click.option("--warmup-epochs", type=Real(min=0), default=None, help="Linear warmup, per step [recipe]."),
+    click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+                 help="Warmup steps; when given, it wins over --warmup-epochs (for short and test runs)."),
+    setting(PretrainConfig, "--decay-epochs", type=Real(min=0, min_open=True),
+            help="--sched step: epochs between two decays of the learning rate (rounded to whole steps)."),
+    setting(PretrainConfig, "--decay-rate", type=Real(min=0, min_open=True),
+            help="--sched step: the factor of each decay; --sched poly: the power."),
+]
 
 # pretrain's held-out figures and k-NN probe, in the order --help lists them.
 QUALITY_OPTIONS = [
@@ -621,15 +669,7 @@ def pretrain_options(command):
         setting(PretrainConfig, "--grad-accum", type=click.IntRange(min=1),
                 help="Micro-batches per optimizer step (timm's --grad-accum-steps, unilm's --update_freq): "
                      "the paper's 2048 on one GPU is --batch-size 256 --grad-accum 8."),
-        click.option("--lr", type=Real(min=0, min_open=True), default=None,
-                     help="Peak learning rate, not rescaled [recipe]."),
-        setting(PretrainConfig, "--min-lr", type=Real(min=0), help="Learning rate at the end of the cosine."),
-        click.option("--warmup-epochs", type=Real(min=0), default=None, help="Linear warmup, per step [recipe]."),
-        click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
-                     help="Warmup steps (overrides --warmup-epochs)."),
-        setting(PretrainConfig, "--weight-decay", type=Real(min=0), help="AdamW weight decay."),
-        setting(PretrainConfig, "--adam-betas", name="betas", type=(BETA, BETA),
-                help="AdamW's beta1 and beta2 (BEiT v2's 1600-epoch recipe lowers beta2 to 0.98)."),
+        *OPTIMIZER_OPTIONS,
         click.option("--drop-path", type=Real(0, 1, max_open=True), default=None,
                      help="Stochastic depth rate [recipe]."),
         click.option("--layer-scale", type=Real(min=0), default=None,
@@ -638,6 +678,13 @@ def pretrain_options(command):
                 help="Clip the gradient's norm to this; 0 turns clipping off (as in DINO and iBOT)."),
         setting(PretrainConfig, "--num-masked", type=click.IntRange(1, PATCHES),
                 help=f"Patches masked per image, in blocks (BEiT: 75 of {PATCHES}; BEiT-3 masks 40%, 78)."),
+        setting(PretrainConfig, "--mean", type=(CHANNEL,) * 3,
+                help="The per-channel mean (R G B, in [0,1] pixel units) that normalises the model's input: the "
+                     "training views, the held-out set and the probe. The export records it in its pretrained_cfg, "
+                     "so timm fine-tunes with it (unilm's default without --imagenet_default_mean_and_std is "
+                     "0.5 0.5 0.5). The tokenizer is not affected: it normalises [0,1] pixels itself."),
+        setting(PretrainConfig, "--std", type=(Real(min=0, min_open=True),) * 3,
+                help="The per-channel standard deviation (R G B) that normalises the model's input, as --mean."),
         setting(PretrainConfig, "--checkpoint-every", type=click.IntRange(min=1),
                 help="Save the latest checkpoint, RUN/checkpoint.pt (what --resume takes), every N steps, at the end "
                      "and where an epoch's is kept; each replaces the one before."),
@@ -653,6 +700,12 @@ def pretrain_options(command):
                      "800-epoch ViT-B run keeps 8 of about 1.1 GB (weights and AdamW's moments), among them the "
                      "300 epochs of BEiT's ablations; unilm's 20 would keep 40. 0: none."),
         setting(PretrainConfig, "--log-every", type=click.IntRange(min=1), help="Log every N steps."),
+        setting(PretrainConfig, "--log-to", type=TrackersType(),
+                help="Where the figures go besides RUN/log.jsonl (always written), a comma list of: tensorboard "
+                     "(RUN/tb), csv (RUN/summary.csv, a row a logged step, as timm's), wandb, mlflow (the extras "
+                     "beit-data[wandb] and beit-data[mlflow], set up by their own environment: WANDB_MODE, "
+                     "WANDB_PROJECT, MLFLOW_TRACKING_URI, ...); none for log.jsonl alone. May change on --resume; "
+                     "a resumed run logs on into the same W&B and MLflow runs (RUN/trackers.json)."),
         click.option("--resume", is_flag=False, flag_value="yes", default=False, type=ResumeType(),
                      help="Continue the run in --out from its checkpoint, exactly, with the settings its config.json "
                           "records (a flag given again must agree, but for how the run goes). --resume auto resumes "

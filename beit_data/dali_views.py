@@ -11,10 +11,15 @@ depends on the key and the decoded size, which are known in Python before the ba
 and a damaged sample must become a reject rather than fail the batch. The inputs are either
 fed batch by batch (``DaliViews.__call__``) or pulled from a Python iterable that DALI runs in
 a worker process of its own (``DaliViews.stream``), off the calling process's GIL.
+
+That process is forked on the CPU, where it starts in milliseconds, and spawned on the GPU,
+where a fork after CUDA is up is unsafe; ``BEIT_DATA_LOADER_START=spawn`` (or ``fork``) picks
+one. A spawned loader imports the main module again, so a script must guard its entry point.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 from beit_common import BeitDataError
+from beit_data.stream_config import IMAGENET_MEAN, IMAGENET_STD
 from beit_data.views import View, roi
 
 try:
@@ -35,8 +41,6 @@ except ImportError as exc:
 
 __all__ = ["ViewSpec", "DaliViews", "UndecodableImage", "IMAGENET_MEAN", "IMAGENET_STD", "UNIT_RANGE"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 UNIT_RANGE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std giving [0,1] pixels
 INTERP = {"lanczos": types.INTERP_LANCZOS3, "bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
@@ -171,6 +175,18 @@ def _dali_reason(exc: Exception) -> str:
     return (useful[-1] if useful else lines[-1] if lines else type(exc).__name__)[:200]
 
 
+def loader_start(gpu: bool) -> str:
+    """How DALI starts the loader process: ``$BEIT_DATA_LOADER_START``, else spawn on the GPU
+    and fork on the CPU (where the spawned process's imports cost a second each run)."""
+    method = os.environ.get("BEIT_DATA_LOADER_START") or ("spawn" if gpu else "fork")
+    if method not in ("fork", "spawn"):
+        raise BeitDataError(f"BEIT_DATA_LOADER_START={method!r}: use fork or spawn")
+    if gpu and method == "fork":
+        raise BeitDataError("BEIT_DATA_LOADER_START=fork: a loader on the GPU must be spawned (CUDA does not "
+                            "survive a fork)")
+    return method
+
+
 class DaliViews:
     """Runs the view graph on batches of encoded images and their views.
 
@@ -200,12 +216,12 @@ class DaliViews:
             pipe = view_pipeline(self.spec, "mixed" if gpu else "cpu", prefetch_queue_depth=1, exec_async=False,
                                  exec_pipelined=False, **common)
         else:
-            # Pulled: one spawned worker process runs the source (fork is unsafe once CUDA is up).
+            # Pulled: one worker process runs the source (forked on the CPU, spawned on the GPU).
             # It needs a pipelined executor, which runs ahead by two batches; with the dynamic one an
             # error comes with the run it belongs to (an undecodable image's "sample #N" is in the
             # batch asked for: tests/cli/test_online.py). Outputs are copied out before the next run.
             pipe = view_pipeline(self.spec, "mixed" if gpu else "cpu", source, extra_dtypes, self.target,
-                                 py_num_workers=1, py_start_method="spawn", prefetch_queue_depth=2,
+                                 py_num_workers=1, py_start_method=loader_start(gpu), prefetch_queue_depth=2,
                                  exec_dynamic=True, **common)
         try:
             pipe.build()

@@ -12,6 +12,7 @@ forward passes only. A share costs about 300 KB per image at 224 pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from beit_common import BeitDataError, Location, storage
 from beit_data.masking import BlockMaskGenerator
 from beit_data.shard_index import read_images
 from beit_data.shards import expand_shards
+from beit_data.stream_config import IMAGENET_MEAN, IMAGENET_STD
 from beit_data.tokens import (
     TARGET_KEYS,
     VIEW_COLUMNS,
@@ -92,11 +94,13 @@ def select_holdout(shards: list[Location], tokens_dir: Location, count: int, see
 
 def load_holdout(shards_spec: str, tokens_dir: Location, *, count: int, seed: int, meta: TokenMeta,
                  image_size: int, num_masked: int, min_block: int = 16, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu") -> Holdout:
+                 device: torch.device | str = "cpu", mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> Holdout:
     """This rank's share of the held-out set, decoded.
 
     Args:
         meta: The training tokens' metadata: the validation tokens must share its tokenizer.
+        mean, std: The model input's normalisation: the training stream's.
     """
     from beit_data.dali_views import DaliViews
     from beit_data.stream import model_view_spec
@@ -107,7 +111,8 @@ def load_holdout(shards_spec: str, tokens_dir: Location, *, count: int, seed: in
     grid = meta.tokenizer.grid
     masker = BlockMaskGenerator((grid, grid), num_masked, min_block)
     masks = [masker(stable_rng(seed, "heldout-mask", s.name, k)).reshape(-1) for s, k, _ in mine]
-    decode = DaliViews(model_view_spec(meta, image_size), batch_size=DECODE_BATCH, device=device, num_threads=2)
+    decode = DaliViews(model_view_spec(meta, image_size, mean=mean, std=std), batch_size=DECODE_BATCH, device=device,
+                       num_threads=2)
     images = []
     found = read_images([(s, k) for s, k, _ in mine])
     missing = [f"{s.name}:{k}" for s, k, _ in mine if (s, k) not in found]

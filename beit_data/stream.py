@@ -7,22 +7,23 @@ Which samples, views, tokens and masks make each batch is decided by ``ReplaySou
 ``beit_data.replay``), which DALI runs in a worker process of its own. DALI then decodes
 exactly each stored crop (see ``model_view_spec``), resizes it to the model's input with bicubic, replays
 the stored jitter (or draws fresh jitter for tokens made with ``--no-target-jitter``), flips
-it and normalises it with the ImageNet mean and std. The stream's state is ``(epoch, step)``,
-so a resumed run sees exactly the batches it would have seen.
+it and normalises it with the run's mean and std (ImageNet's by default). The stream's state
+is ``(epoch, step)``, so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from beit_common import BeitDataError
-from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, UndecodableImage, ViewSpec, types
+from beit_data.dali_views import DaliViews, UndecodableImage, ViewSpec, types
 from beit_data.prefetch import prefetch
 from beit_data.replay import ReplaySource
-from beit_data.stream_config import StreamConfig
+from beit_data.stream_config import IMAGENET_MEAN, IMAGENET_STD, StreamConfig
 from beit_data.tokens import TokenMeta
 from beit_data.views import ViewRecipe
 
@@ -45,8 +46,10 @@ class Batch:
         return self.micro + 1 == self.accum
 
 
-def model_view_spec(meta: TokenMeta, image_size: int, *, online: bool = False) -> ViewSpec:
-    """The model's view of a stored view: bicubic, ImageNet-normalised, float16.
+def model_view_spec(meta: TokenMeta, image_size: int, *, online: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> ViewSpec:
+    """The model's view of a stored view: bicubic, normalised by ``mean`` and ``std`` (the run's
+    ``StreamConfig``'s), float16.
 
     Where the tokenizer saw that same view (BEiT v2: a bicubic view at the model's size), the
     image is decoded whole and the window resized exactly as tokenize did, so the model's
@@ -55,7 +58,7 @@ def model_view_spec(meta: TokenMeta, image_size: int, *, online: bool = False) -
     decode the whole image once for both views.
     """
     same = online or meta.views.interp == "bicubic" and meta.tokenizer.input_size == image_size
-    return ViewSpec(views=1, size=image_size, interp="bicubic", jitter=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    return ViewSpec(views=1, size=image_size, interp="bicubic", jitter=True, mean=tuple(mean), std=tuple(std),
                     half=True, roi_decode=not same)
 
 
@@ -98,7 +101,7 @@ class TrainStream:
         self.shards = self.source.shards
         self.grid = self.meta.tokenizer.grid
         self.vocab = self.meta.tokenizer.vocab
-        self.spec = model_view_spec(self.meta, cfg.image_size, online=cfg.online)
+        self.spec = model_view_spec(self.meta, cfg.image_size, online=cfg.online, mean=cfg.mean, std=cfg.std)
         self.skipped_rejected = 0  # keys without token rows, passed over by the batches delivered
         self.position = (0, 0)  # (epoch, step) of the next batch
 

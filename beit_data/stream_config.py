@@ -6,16 +6,42 @@ the command line can hold one without importing what the stream needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from beit_common import BeitDataError, Location, resolve_locations
 
-__all__ = ["StreamConfig", "MIX_SHARDS", "PARTITIONS", "TARGETS", "ORDER_VERSION"]
+__all__ = ["StreamConfig", "MIX_SHARDS", "PARTITIONS", "TARGETS", "ORDER_VERSION", "IMAGENET_MEAN", "IMAGENET_STD",
+           "check_normalisation"]
 
 ORDER_VERSION = 3  # the order of every new run; runs from before keep theirs (``beit_data.old_orders``)
 MIX_SHARDS = 16  # pieces a partition reads at once, by default
 TARGETS = ("stored", "online")
 PARTITIONS = 8  # partitions of each epoch, by default; a rank reads whole ones on 1, 2, 4 or 8 ranks
+# The model input's per-channel normalisation by default, in [0,1] pixel units: ImageNet's, as
+# timm's IMAGENET_DEFAULT_MEAN/STD (unilm's --imagenet_default_mean_and_std); every run before
+# --mean/--std used them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean`` and ``std`` as tuples of 3 floats (a config file or ``config.json`` gives lists).
+
+    Raises:
+        BeitDataError: Unless the means are 3 numbers in [0, 1] and the stds 3 positive ones.
+    """
+    def three(name: str, given, ok, what: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in given)
+        except (TypeError, ValueError):
+            values = ()
+        if len(values) != 3 or not all(ok(v) for v in values):
+            raise BeitDataError(f"`{name}` must be 3 {what}, one per RGB channel, got {given!r}")
+        return values
+
+    return (three("mean", mean, lambda v: 0 <= v <= 1, "numbers in [0, 1]"),
+            three("std", std, lambda v: 0 < v < math.inf, "positive numbers"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +65,8 @@ class StreamConfig:
         targets: ``stored``: the views and tokens of ``tokens`` (the default). ``online``: a
             fresh view of every image each epoch, tokenized in the loop by ``tokenizer`` (the
             reference recipe, for comparison; see ``beit_data.online``).
+        mean, std: The per-channel normalisation of the model's input, in [0,1] pixel units
+            (the tokenizer's own input is not normalised by them: it takes [0,1] pixels).
     """
 
     shards: str
@@ -49,6 +77,8 @@ class StreamConfig:
     grad_accum: int = 1
     seed: int = 0
     image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     num_masked: int = 75
     min_block: int = 16
     partitions: int = PARTITIONS
@@ -61,6 +91,9 @@ class StreamConfig:
 
     def __post_init__(self):
         resolve_locations(self, "tokens")
+        mean, std = check_normalisation(self.mean, self.std)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
         if min(self.batch_size, self.grad_accum, self.mix_shards, self.partitions) < 1:
             raise BeitDataError("`batch_size`, `grad_accum`, `mix_shards` and `partitions` must be at least 1")
         if not 1 <= self.order_version <= ORDER_VERSION:

@@ -42,8 +42,10 @@ def make_step(model, cfg: PretrainConfig, device, args):
     if args.flex_attention:
         use_flex_attention(model)
     optim = cfg.optim
-    optimizer, scheduler = build_optimizer(model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-                                           betas=optim.betas, warmup=10, total=1000, fused=args.fused_adamw)
+    optimizer, scheduler = build_optimizer(model, opt=optim.opt, lr=optim.lr, min_lr=optim.min_lr,
+                                           weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.opt_eps,
+                                           momentum=optim.momentum, sched=optim.sched, warmup=10, total=1000,
+                                           fused=args.fused_adamw)
     forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     def step(images, tokens, mask):

@@ -39,6 +39,7 @@ import torch
 
 from beit_common import BeitDataError, Location, describe_file, save_atomic, storage
 from beit_data.old_orders import deals_to_ranks, order_version
+from beit_data.stream_config import IMAGENET_MEAN, IMAGENET_STD
 from beit_data.tokens import TokenMeta
 from beit_model.dall_e import Decoder, Encoder
 from beit_model.dvae import CHECKPOINT_FORMAT, DVAEConfig, tokenizer_state
@@ -114,7 +115,9 @@ def checkpoint_path(run: Location) -> Location:
 # (``dealt`` and ``shared_draws`` said the order before ``order_version`` was recorded).
 ADDED_SETTINGS = {"recipe": "beit", "record_batches": False, "image_size": 224, "min_block": 16, "dealt": False,
                   "grad_accum": 1, "targets": "stored", "tokenizer": None, "shared_draws": True,
-                  "keep_checkpoints": 0, "checkpoint_every_epochs": 0}
+                  "keep_checkpoints": 0, "checkpoint_every_epochs": 0, "opt": "adamw", "opt_eps": 1e-8,
+                  "momentum": 0.9, "sched": "cosine", "decay_epochs": 90.0, "decay_rate": 0.1,
+                  "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "log_to": ("tensorboard",)}
 
 
 @dataclass(frozen=True)
@@ -265,11 +268,15 @@ def check_resume(saved_run: CheckpointMeta, config: dict, resumable: tuple[str, 
 
 
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    """The trained model of a checkpoint, on the CPU, with its weights loaded."""
+    """The trained model of a checkpoint, on the CPU, with its weights loaded, and the
+    normalisation of the input it trained on as its ``pretrained_cfg`` (``mean``, ``std``: timm's
+    convention, which ``timm.data.resolve_data_config(model=model)`` reads)."""
     from pipelines.training import build_model
 
     model = build_model(ckpt["model_name"], ckpt["vocab_size"], layer_scale=ckpt["config"]["layer_scale"])
     model.load_state_dict(ckpt["model"])
+    settings = CheckpointMeta.from_checkpoint(ckpt).settings
+    model.pretrained_cfg = {"mean": tuple(settings["mean"]), "std": tuple(settings["std"])}
     return model
 
 

@@ -22,9 +22,9 @@ from beit_data.views import ViewRecipe
 from pipelines.recipes import DVAE_CONFIGS, RECIPES, TOKENIZER_RECIPE, check_recipe_name, view_recipe
 
 __all__ = ["ShardsConfig", "TrainDVAEConfig", "TokenizeConfig", "ProbeConfig", "InspectConfig", "IndexConfig",
-           "ExportConfig", "PlanConfig", "PRECISIONS", "check_precision", "Sectioned", "default", "owners",
-           "setting_names", "INVOCATION", "settings_yaml", "PretrainConfig", "ArchConfig", "OptimConfig", "EvalConfig",
-           "RuntimeConfig", "RECIPE_KEYS", "PATCHES", "ENGINES"]
+           "ExportConfig", "PlanConfig", "PRECISIONS", "check_precision", "TRACKERS", "tracker_names", "Sectioned",
+           "default", "owners", "setting_names", "INVOCATION", "settings_yaml", "PretrainConfig", "ArchConfig",
+           "OptimConfig", "EvalConfig", "RuntimeConfig", "RECIPE_KEYS", "SCHEDULES", "PATCHES", "ENGINES"]
 
 
 # ---- configs in sections: one flat name a setting ----
@@ -121,6 +121,27 @@ def check_precision(name: str) -> None:
 
 # How tokenize runs its shards (``TokenizeConfig.engine``).
 ENGINES = ("plain", "ray")
+
+
+# Where a run's figures go besides ``log.jsonl`` (``pipelines.trackers``); wandb and mlflow are extras.
+TRACKERS = ("tensorboard", "csv", "wandb", "mlflow")
+
+
+def tracker_names(value) -> tuple[str, ...]:
+    """``log_to`` as a tuple of tracker names, from a comma list (``"tensorboard,csv"``; ``"none"``
+    or ``""``: none) or a sequence of names.
+
+    Raises:
+        BeitDataError: For a name that is no tracker, or one given twice.
+    """
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else [str(n) for n in value]
+    names = [n for n in names if n and n != "none"]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise BeitDataError(f"`log_to`: no tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} (or none)")
+    if len(set(names)) != len(names):
+        raise BeitDataError(f"`log_to`: a tracker named twice in {','.join(names)}")
+    return tuple(names)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -435,6 +456,10 @@ class PlanConfig(Sectioned):
 # builds anything (from the token files' own recipe when none is named). Light: no torch.
 
 RECIPE_KEYS = ("model", "epochs", "lr", "warmup_epochs", "layer_scale", "drop_path")
+# The learning-rate schedules ``sched`` names: cosine is BEiT's (``pipelines.training.WarmupCosine``,
+# the default), the others timm's, stepped per optimizer step. timm's multistep, plateau, wsd and
+# rsqrt are left out: they need milestones, a metric or a decay phase this command does not take.
+SCHEDULES = ("cosine", "step", "tanh", "poly", "constant", "none")
 PATCHES = (224 // 16) ** 2  # patches of every beit_mim_* model (16-pixel patches at 224): the most a mask holds
 
 
@@ -454,7 +479,13 @@ class OptimConfig:
     warmup_epochs: float | None = None  # [recipe]
     warmup_steps: int | None = None  # overrides warmup_epochs
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    opt: str = "adamw"  # a name timm.optim.create_optimizer_v2 takes (checked when the run starts)
+    opt_eps: float = 1e-8  # for the optimizers that take an eps
+    betas: tuple[float, float] = (0.9, 0.999)  # for the optimizers that take betas
+    momentum: float = 0.9  # for the optimizers that take a momentum (sgd, ...)
+    sched: str = "cosine"  # SCHEDULES
+    decay_epochs: float = 90.0  # step: the interval between decays
+    decay_rate: float = 0.1  # step: the factor of each decay; poly: the power
     clip_grad: float = 3.0  # the gradient's largest norm; 0: no clipping
 
     def __post_init__(self):
@@ -462,6 +493,12 @@ class OptimConfig:
             raise BeitDataError("`steps` and `epochs` must be at least 1")
         if self.lr is not None and self.lr <= 0:
             raise BeitDataError("`lr` must be positive")
+        if self.sched not in SCHEDULES:
+            raise BeitDataError(f"`sched` must be one of {', '.join(SCHEDULES)}, got {self.sched!r}")
+        if not isinstance(self.opt, str) or not self.opt:
+            raise BeitDataError(f"`opt` must name one of timm's optimizers (adamw, sgd, lamb, ...), got {self.opt!r}")
+        if not (self.opt_eps > 0 and self.decay_epochs > 0 and self.decay_rate > 0 and 0 <= self.momentum < 1):
+            raise BeitDataError("`opt_eps`, `decay_epochs` and `decay_rate` must be positive, `momentum` in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -500,9 +537,11 @@ class RuntimeConfig:
     precision: str = "auto"  # PRECISIONS: bf16 where the GPU computes it natively, fp16 on older GPUs, fp32 on the CPU
     progress: bool = True
     record_batches: bool = False  # each rank writes the keys of its every step to RUN/batches-rank{R}.jsonl
+    log_to: tuple[str, ...] = ("tensorboard",)  # TRACKERS besides log.jsonl; a comma list is taken too
 
     def __post_init__(self):
         resolve_locations(self, "out")
+        object.__setattr__(self, "log_to", tracker_names(self.log_to))
         check_precision(self.precision)
         if self.resume not in (True, False, "auto"):
             raise BeitDataError(f"`resume` must be true, false or auto, got {self.resume!r}")
@@ -533,7 +572,7 @@ class PretrainConfig(Sectioned):
     RESUMABLE = ("shards", "tokens", "tokenizer", "out", "stop_after", "checkpoint_every", "keep_checkpoints",
                  "checkpoint_every_epochs", "log_every", "resume", "compile", "device", "num_threads", "progress",
                  "val_shards", "val_tokens", "val_every", "val_images", "probe_every", "probe_train", "probe_val",
-                 "probe_layers", "record_batches", "batch_size", "grad_accum", "precision", "extend")
+                 "probe_layers", "record_batches", "batch_size", "grad_accum", "precision", "extend", "log_to")
 
     def __post_init__(self):
         check_recipe_name(self.recipe)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from beit_data.progress import progress_bar
 from beit_data.replay import image_members, pair_token_files
 from beit_data.shard_index import read_images, stale_index
 from beit_data.shards import SHARDS_REPORT, expand_shards, iter_images
+from beit_data.stream_config import IMAGENET_MEAN, IMAGENET_STD
 from beit_data.tokens import WINDOW_COLUMNS, TokenMeta, check_rows, file_keys, read_table
 from beit_model.beit_mim import BeitMIM, masked_positions
 from pipelines.class_maps import ClassMaps, merged
@@ -169,18 +171,19 @@ def class_map_size(shard: Location) -> tuple[int, Location] | None:
 
 def labeled_features(model: torch.nn.Module, spec: str, layers: list[int], device: torch.device, *,
                      batch_size: int = 64, image_size: int = 224, num_threads: int = 4, progress: bool = False,
-                     desc: str = "features", dist: DistInfo | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, ClassMaps]:
+                     desc: str = "features", dist: DistInfo | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor, ClassMaps]:
     """Features (n, D) float32 on the CPU, labels (n,) of every decodable, labeled image of the
     shards, and what the samples say of their class map. Each batch is decoded by DALI,
     encoded, and dropped: only the features stay. The model is in eval mode meanwhile. With
     ``dist`` of several ranks, each encodes shards ``rank, rank + W, ...`` and rank 0 gets them
-    all, in shard order (the others return their own part)."""
-    from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD, DaliViews, ViewSpec
+    all, in shard order (the others return their own part). ``mean`` and ``std`` normalise the
+    images as the encoder's pretraining did."""
+    from beit_data.dali_views import DaliViews, ViewSpec
     from beit_data.views import centre_view
 
-    decode = DaliViews(ViewSpec(size=image_size, interp="bicubic", jitter=False, mean=IMAGENET_MEAN,
-                                std=IMAGENET_STD, half=True), batch_size=batch_size, device=device,
+    decode = DaliViews(ViewSpec(size=image_size, interp="bicubic", jitter=False, mean=tuple(mean),
+                                std=tuple(std), half=True), batch_size=batch_size, device=device,
                        num_threads=num_threads)
     was_training = model.training
     model.eval()

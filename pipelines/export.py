@@ -10,8 +10,9 @@ Two forms, by the name of ``out``:
   same size and the arguments that rebuild it, and the weights (``checkpoint_path``) by a path
   relative to the JSON itself (an object by its URL), so the pair can be moved together.
 
-Both record the input the encoder was pretrained on (size, bicubic interpolation, ImageNet's
-mean and std), which timm's BEiT defaults (mean and std 0.5) would otherwise replace silently.
+Both record the input the encoder was pretrained on (size, bicubic interpolation, and the run's
+``mean`` and ``std``: ImageNet's by default), which timm's BEiT defaults (mean and std 0.5) would
+otherwise replace silently.
 Every file is written with the permissions of an ordinary file (``0666`` less the umask).
 ``config.json`` names timm's model of the same size (timm has no tiny BEiT: its family's base
 builder, with the encoder's sizes in ``model_args``), none of the tag and licence of timm's own
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 from beit_common import BeitDataError, Location, output_file, save_atomic, storage, write_atomic, write_text_atomic
 from beit_common.files import ensure_writable_dir, output_location
+from beit_data.stream_config import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from pipelines.checkpoint_history import run_checkpoint
 from pipelines.config import EXPORT_FOLDER_FILES, ExportConfig
@@ -51,13 +54,10 @@ def timm_architecture(model_name: str) -> str:
     return "beitv2_base_patch16_224" if model_name.startswith("beitv2") else "beit_base_patch16_224"
 
 
-def input_config(img_size: int) -> dict:
+def input_config(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> dict:
     """What the encoder saw in pretraining, in timm's ``pretrained_cfg`` terms (the training
-    stream's view: bicubic, ImageNet-normalised)."""
-    from beit_data.dali_views import IMAGENET_MEAN, IMAGENET_STD
-
-    return {"input_size": [3, img_size, img_size], "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD)}
+    stream's view: bicubic, normalised with the run's ``mean`` and ``std``)."""
+    return {"input_size": [3, img_size, img_size], "interpolation": "bicubic", "mean": list(mean), "std": list(std)}
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -80,7 +80,8 @@ def run_export(cfg: ExportConfig) -> dict:
     model, record = model_from_checkpoint(ckpt), CheckpointMeta.from_checkpoint(ckpt)
     name = timm_architecture(record.model_name)
     img_size = model.patch_embed.img_size[0]
-    args, data = timm_args(record.model_args, img_size), input_config(img_size)
+    args = timm_args(record.model_args, img_size)
+    data = input_config(img_size, model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
     state = encoder_state_dict(model)
     info = {"timm_model": name, "timm_kwargs": {**args, "num_classes": 0}, "pretrained_cfg": data,
             "step": record.step}

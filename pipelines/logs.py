@@ -1,4 +1,5 @@
-"""What a training run writes as it goes: JSONL and TensorBoard logs, and its losses read back."""
+"""What a training run writes as it goes: ``log.jsonl`` and its trackers (``pipelines.trackers``),
+the keys of its batches, and its losses read back."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from beit_common import BeitDataError, Location, storage, write_text_atomic
+from pipelines.trackers import open_trackers
 
 __all__ = ["Logger", "BatchRecorder", "LossReader"]
+
+FIGURES = ("train", "val", "probe")  # the events whose numbers are figures, for the trackers
 
 
 def open_log(path: Path, resumed_at: int):
@@ -38,51 +41,55 @@ def said(record: dict) -> str:
 
 
 class Logger:
-    """``RUN/log.jsonl`` and TensorBoard (``RUN/tb``), written by rank 0 only.
+    """``RUN/log.jsonl`` and the trackers of ``log_to`` (``pipelines.trackers``: TensorBoard,
+    ``summary.csv``, W&B, MLflow), written by rank 0 only.
 
     Args:
         resumed_at: The checkpoint's step when a run resumes, 0 for a new run. Records of
             later steps, which an interrupted run logged after its last checkpoint (or a run
-            that died before its first one logged), are dropped from both logs, so that no
-            step appears twice.
+            that died before its first one logged), are dropped from ``log.jsonl``, TensorBoard
+            and ``summary.csv``, so that no step appears twice.
+        config: The resolved settings, which each tracker records once.
+        log_to: The trackers' names.
     """
 
-    def __init__(self, out: Path, enabled: bool, resumed_at: int = 0, config: dict | None = None):
-        self.enabled, self.tb = enabled, None
+    def __init__(self, out: Path, enabled: bool, resumed_at: int = 0, config: dict | None = None,
+                 log_to: tuple[str, ...] = ("tensorboard",)):
+        self.enabled, self.trackers = enabled, []
         if not enabled:
             return
         self.jsonl = open_log(out / "log.jsonl", resumed_at)
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it
-            warnings.warn("tensorboard is not installed; logging to log.jsonl only", stacklevel=2)
-        else:
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=resumed_at + 1)
-            if config is not None:  # the resolved settings, beside the curves they made
-                self.tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", resumed_at)
+            self.trackers = open_trackers(log_to, out, config or {}, resumed_at)
+        except BaseException:
+            self.jsonl.close()
+            raise
 
     def log(self, record: dict) -> None:
         """One record: a step's figures (event ``train``), or an event (``{"step": N, "event":
-        ...}``), each with its wall-clock ``time`` (Unix seconds); the ``val`` and ``probe``
-        events go to TensorBoard as ``val/*`` and ``probe/*``."""
+        ...}``), each with its wall-clock ``time`` (Unix seconds). The figures of the ``train``,
+        ``val`` and ``probe`` records go to every tracker; the ``val`` and ``probe`` figures are
+        also printed, a line each."""
         if not self.enabled:
             return
-        row = {"step": record["step"], "event": record.get("event", "train"), "time": round(time.time(), 3),
-               **record}
+        event = record.get("event", "train")
+        row = {"step": record["step"], "event": event, "time": round(time.time(), 3), **record}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        group = record.get("event") if record.get("event") in ("val", "probe") else "train"
-        if group != "train":  # the quality figures are rare and read by people: a line each, above the bar
+        if event not in FIGURES:
+            return
+        if event != "train":  # the quality figures are rare and read by people: a line each, above the bar
             tqdm.write(f"pretrain: {said(record)}", file=sys.stderr)
-        for k, v in record.items():
-            if self.tb is not None and k not in ("step", "epoch") and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{group}/{k.removeprefix(group + '_')}", v, record["step"])
+        figures = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.log(record["step"], figures)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close ``log.jsonl`` and the trackers; ``failed``: the run ends with an error."""
         if self.enabled:
             self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close(failed)
 
 
 class BatchRecorder:

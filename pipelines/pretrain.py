@@ -3,7 +3,9 @@
 The defaults are the paper's recipe for ViT-B/16: AdamW (0.9, 0.999), weight decay 0.05
 (none on biases, norms, LayerScale, the cls and mask tokens and the relative-position table),
 lr 1.5e-3 with a per-step linear warmup over 10 epochs and cosine decay to 1e-5, drop path
-0.1, LayerScale 0.1, gradient clipping at 3.0, 75 block-masked patches, 800 epochs.
+0.1, LayerScale 0.1, gradient clipping at 3.0, 75 block-masked patches, 800 epochs, and the
+model's input normalised with ImageNet's mean and std. timm's factories make other optimizers and
+schedules (``opt``, ``sched``: ``pipelines.training.build_optimizer``).
 One code path serves the CPU (fp32, gloo) and GPUs (bf16 autocast where the GPU computes it
 natively, fp16 with a gradient scaler where it does not; nccl) under torchrun.
 
@@ -57,7 +59,7 @@ from pipelines.checkpoint_history import History
 from pipelines.config import PretrainConfig, settings_yaml
 from pipelines.logs import BatchRecorder, Logger, LossReader
 from pipelines.preemption import Preemption
-from pipelines.recipes import TOKENIZER_RECIPE, view_recipe
+from pipelines.recipes import TOKENIZER_RECIPE, normalisation_note, view_recipe
 from pipelines.run_folder import Mirror, run_folder
 from pipelines.runtime import (
     DistInfo,
@@ -67,7 +69,8 @@ from pipelines.runtime import (
     resolve_device,
     resolve_precision,
 )
-from pipelines.training import accumulated_step, build_model, build_optimizer
+from pipelines.trackers import require
+from pipelines.training import accumulated_step, build_model, build_optimizer, check_optimizer
 from pipelines.validation import QualityChecks
 
 __all__ = ["PretrainConfig", "PretrainResult", "Trainer", "run_pretrain", "resolve"]
@@ -105,6 +108,8 @@ class PretrainResult:
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Train (or resume) a BEiT MIM model."""
     device = resolve_device(cfg.runtime.device, local_rank=dist_info().local_rank)
+    require(cfg.runtime.log_to)  # a tracker's missing package, in one line before anything is built
+    check_optimizer(cfg.optim.opt)  # timm's names, refused before a run folder is made
     tokenizer = online_tokenizer(cfg)
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
@@ -224,12 +229,15 @@ class Trainer:
             if changed and self.is_main:
                 print("pretrain: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
                       file=sys.stderr)
+        note = normalisation_note(self.stream.meta.views.recipe, cfg.data.mean, cfg.data.std)
+        if note and self.is_main:
+            print(f"pretrain: warning: {note}", file=sys.stderr)
         self.precision, why = resolve_precision(cfg.runtime.precision, device)
         if self.is_main and self.precision.worth_saying:
             print(f"pretrain: precision {why}", file=sys.stderr)
         self.scaler = self.precision.scaler()
         self.model = self._model()
-        self.total, self.warmup = self._schedule()
+        self.total, self.warmup, self.decay = self._schedule()
         if cfg.runtime.extend and saved is not None:
             self._extended_from = saved.step
             if self.total <= saved.step:
@@ -237,8 +245,9 @@ class Trainer:
                                     f"beyond them, not {self.total}")
         optim = cfg.optim
         self.optimizer, self.scheduler = build_optimizer(
-            self.model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay, betas=optim.betas,
-            warmup=self.warmup, total=self.total)
+            self.model, opt=optim.opt, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            betas=optim.betas, eps=optim.opt_eps, momentum=optim.momentum, sched=optim.sched, warmup=self.warmup,
+            total=self.total, decay_steps=self.decay, decay_rate=optim.decay_rate)
         self.checks = QualityChecks(cfg.eval, self.stream, dist, device, depth=len(self.model.blocks))
         self.parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
                       "stream": self.stream, "rng": RNGState(device, dist.rank, dist.world_size),
@@ -261,8 +270,9 @@ class Trainer:
                                 f"{stream.grid}x{stream.grid} ({stream.cfg.tokens or stream.cfg.tokenizer})")
         return model.to(self.device)
 
-    def _schedule(self) -> tuple[int, int]:
-        """Total and warmup steps."""
+    def _schedule(self) -> tuple[int, int, int]:
+        """Total, warmup and decay (``sched`` step) steps; ``warmup_steps`` wins over ``warmup_epochs``,
+        as ``steps`` over ``epochs``."""
         source = self.stream.source
         source.check_epoch(0)
         note = left_out_note(source.layout(0), source.spec)
@@ -271,7 +281,10 @@ class Trainer:
         steps_per_epoch, optim = self.stream.steps_per_epoch(0), self.cfg.optim
         total = optim.steps or optim.epochs * steps_per_epoch
         warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_epochs * steps_per_epoch)
-        return total, min(total, warmup) or 1
+        warmup = min(total, warmup)
+        if optim.sched == "cosine":  # BEiT's warms up for a step at least, as it always has
+            warmup = warmup or 1
+        return total, warmup, max(1, round(optim.decay_epochs * steps_per_epoch))
 
     # ---- the checkpoint ----
 
@@ -319,11 +332,13 @@ class Trainer:
 
     def settings(self) -> dict:
         """The resolved settings, as ``config.json`` holds them (the checkpoint holds each rank's
-        threads), and the settings that said the order before its version (``order_settings``)."""
+        threads), and the settings that said the order before its version (``order_settings``);
+        what they come to beside them (``total_steps``, ``total_warmup_steps``...), under names of
+        their own, so that a resumed run takes each setting back as it was given."""
         data = self.cfg.data
         return {**redacted(self.cfg.flat()), **order_settings(data.order_version, data.targets),
                 "ranks": self.dist.world_size, "global_batch": data.global_batch(self.dist.world_size),
-                "total_steps": self.total, "warmup_steps": self.warmup,
+                "total_steps": self.total, "total_warmup_steps": self.warmup,
                 "steps_per_epoch": self.stream.steps_per_epoch(0), "torch_threads": torch.get_num_threads()}
 
     def train(self) -> PretrainResult:
@@ -335,16 +350,16 @@ class Trainer:
         forward, logs = self._forward_module(), Logs.open(self, config)
         stop_at = min(self.total, self.step + cfg.runtime.stop_after if cfg.runtime.stop_after else self.total)
         stopped = 0
-        if self._extended_from is not None:
-            logs.logger.log({"step": self.step, "event": "extended", "total_steps": self.total})
-            if self.is_main:
-                print(f"pretrain: extending the run to {self.total} steps; it has trained {self.step}, and the "
-                      f"learning rate's cosine now ends at step {self.total}", file=sys.stderr)
-        if self.step == 0:
-            self.checks(self.model, 0, self.total, logs.logger)  # the held-out figures before training
-        self.model.train()
-        accum, batches = cfg.data.grad_accum, self.stream.batches(dtype=self.precision.dtype)
         try:
+            if self._extended_from is not None:
+                logs.logger.log({"step": self.step, "event": "extended", "total_steps": self.total})
+                if self.is_main:
+                    print(f"pretrain: extending the run to {self.total} steps; it has trained {self.step}, and the "
+                          f"learning rate's cosine now ends at step {self.total}", file=sys.stderr)
+            if self.step == 0:
+                self.checks(self.model, 0, self.total, logs.logger)  # the held-out figures before training
+            self.model.train()
+            accum, batches = cfg.data.grad_accum, self.stream.batches(dtype=self.precision.dtype)
             with Preemption(self.dist.world_size) as preemption, closing(batches) as stream:
                 while self.step < stop_at:
                     done = StepRecord()
@@ -359,7 +374,7 @@ class Trainer:
                     if stopped:
                         break
         except BaseException:
-            logs.close()  # a failed run leaves no file open: a Python caller goes on
+            logs.close(failed=True)  # a failed run leaves no file open, no tracker's run on: a Python caller goes on
             raise
         return self._finish(logs, stopped)
 
@@ -458,15 +473,15 @@ class Logs:
     @classmethod
     def open(cls, trainer: Trainer, config: dict) -> Logs:
         runtime, resumed_at = trainer.cfg.runtime, trainer.resumed_at or 0
-        return cls(Logger(trainer.out, trainer.is_main, resumed_at=resumed_at, config=config),
+        return cls(Logger(trainer.out, trainer.is_main, resumed_at=resumed_at, config=config, log_to=runtime.log_to),
                    BatchRecorder(trainer.out, trainer.dist.rank, runtime.record_batches, resumed_at=resumed_at),
                    LossReader(checkpoint_path(Location(trainer.out))), Meter(),
                    progress_bar(total=trainer.total, initial=trainer.step, desc="pretrain", unit="step",
                                 disable=not (runtime.progress and trainer.is_main)))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.bar.close()
-        self.logger.close()
+        self.logger.close(failed)
         self.recorder.close()
 
 

@@ -2,9 +2,9 @@
 
 A cheap downstream check of a pretrained encoder, as self-supervised learning reports it
 (DINO's weighted k-NN): this stage loads the encoder (a run folder or an export), encodes two
-labeled shard sets (``.cls`` members) and scores the validation set against the training set.
-The centre-cropped features, the k-NN and the linear probe are ``pipelines.evaluation``'s, the
-same code a pretrain run's own probe uses.
+labeled shard sets (``.cls`` members), normalised with the mean and std of its pretraining, and
+scores the validation set against the training set. The centre-cropped features, the k-NN and
+the linear probe are ``pipelines.evaluation``'s, the same code a pretrain run's own probe uses.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ __all__ = ["ProbeConfig", "run_probe", "format_probe", "load_encoder"]
 def load_encoder(source: Location, step: int | None = None) -> tuple[torch.nn.Module, str]:
     """A pretrain run folder's model (its latest, or the checkpoint it keeps at ``step``), an
     export folder (``config.json``, ``model.safetensors``), or an exported encoder file (``.pth`` /
-    ``.safetensors`` with its ``.json``), local or on object storage."""
+    ``.safetensors`` with its ``.json``), local or on object storage; each with the ``mean`` and
+    ``std`` of its pretraining in its ``pretrained_cfg``."""
     from pipelines.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
     from pipelines.checkpoint_history import run_checkpoint
 
@@ -48,7 +49,8 @@ def load_encoder(source: Location, step: int | None = None) -> tuple[torch.nn.Mo
     info = _export_info(info_path)
     with storage.local_copy(source) as local:
         try:
-            model = timm.create_model(info["timm_model"], checkpoint_path=str(local), **info["timm_kwargs"])
+            model = timm.create_model(info["timm_model"], checkpoint_path=str(local),
+                                      pretrained_cfg_overlay=info.get("pretrained_cfg"), **info["timm_kwargs"])
         except (KeyError, RuntimeError, TypeError) as exc:
             raise BeitDataError(f"{source}: not an encoder `beit-data export` wrote: "
                                 f"{str(exc).splitlines()[0]}") from None
@@ -94,10 +96,11 @@ def run_probe(cfg: ProbeConfig) -> dict | None:
         model, kind = load_encoder(cfg.model, cfg.step)
         model = model.to(device).eval()
         layers = check_layers(cfg.layers, len(model.blocks))
+        pretrained = model.pretrained_cfg  # the normalisation it was pretrained with (an export records it)
         (train, train_labels, train_maps), (val, val_labels, val_maps) = (
             labeled_features(model, spec, layers, device, batch_size=cfg.batch_size, image_size=cfg.image_size,
                              num_threads=cfg.num_threads, progress=cfg.progress and dist.rank == 0,
-                             desc=f"features {name}", dist=dist)
+                             desc=f"features {name}", dist=dist, mean=pretrained["mean"], std=pretrained["std"])
             for name, spec in (("train", cfg.train_shards), ("val", cfg.val_shards)))
     finally:
         if dist.world_size > 1 and torch.distributed.is_initialized():

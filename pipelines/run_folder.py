@@ -160,5 +160,7 @@ def recorded_settings(out: Location) -> dict:
         settings = json.loads(text)
     except json.JSONDecodeError:
         raise BeitDataError(f"{out / 'config.json'} is not JSON; give every setting again") from None
+    if "total_warmup_steps" not in settings:  # written before it: `warmup_steps` holds the steps it came to
+        settings.pop("warmup_steps", None)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
 

@@ -1,27 +1,28 @@
 """The pieces of BEiT pretraining that the trainer, the benchmarks and the GPU tests share.
 
-The model, the AdamW parameter groups, the learning-rate schedule, the MIM loss and the one
-training step (forward, loss, backward, clip, optimizer and scheduler) live here, so that a
-benchmark measures exactly the step that ``beit-data pretrain`` runs.
+The model, the optimizer (timm's factory, over our parameter groups) and its learning-rate
+schedule, the MIM loss and the one training step (forward, loss, backward, clip, optimizer and
+scheduler) live here, so that a benchmark measures exactly the step that ``beit-data pretrain``
+runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.scheduler.scheduler import Scheduler
 
 from beit_common import BeitDataError
 from beit_model.beit_mim import masked_positions
 from pipelines.runtime import Precision, autocast
 
-__all__ = ["IGNORE", "build_model", "param_groups", "lr_factor", "build_optimizer", "mim_loss", "StepOutput",
-           "train_step", "accumulated_step"]
+__all__ = ["IGNORE", "build_model", "param_groups", "lr_factor", "WarmupCosine", "Schedule", "check_optimizer",
+           "build_optimizer", "build_scheduler", "mim_loss", "StepOutput", "train_step", "accumulated_step"]
 
 IGNORE = -100  # target of the padding entries of the fixed-shape masked positions
 
@@ -58,16 +59,117 @@ def lr_factor(step: int, warmup: int, total: int, lr: float, min_lr: float) -> f
     return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))) / lr
 
 
+class WarmupCosine(Scheduler):
+    """BEiT's schedule (``sched`` cosine, the default): ``lr_factor`` of each step, as every run
+    before timm's schedulers had it (a ``LambdaLR`` of it): a warmup from ``lr / warmup`` to
+    ``lr`` at step ``warmup - 1``, then the cosine over the remaining steps from ``lr`` at step
+    ``warmup`` to ``min_lr`` (unilm's ``cosine_scheduler``, but for its warmup from 0). timm's
+    ``CosineLRScheduler`` warms up from ``warmup_lr``, and either counts its decay from step 0 or
+    starts it a step after the warmup, so no setting of it gives these learning rates; this one
+    keeps every step's bit for bit."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, warmup: int, total: int, lr: float, min_lr: float):
+        super().__init__(optimizer, param_group_field="lr", t_in_epochs=False)
+        self.warmup, self.total, self.lr, self.min_lr = warmup, total, lr, min_lr
+
+    def _get_lr(self, t: int) -> list[float]:
+        return [base * lr_factor(t, self.warmup, self.total, self.lr, self.min_lr) for base in self.base_values]
+
+
+class Schedule:
+    """A timm scheduler (or none: ``sched`` none keeps ``lr``) stepped per optimizer step, as the
+    training step calls torch's schedulers: ``step()`` after each, which sets the learning rate of
+    the next. Its state is the number of steps taken: a schedule is a function of the settings,
+    which a resumed run keeps (``check_resume``), so an extended run's schedule ends at its new
+    total. A checkpoint from before timm's schedulers holds a ``LambdaLR``'s state, whose
+    ``last_epoch`` is that count."""
+
+    def __init__(self, scheduler: Scheduler | None):
+        self.scheduler, self.steps = scheduler, 0
+        self._update()
+
+    def _update(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.steps)
+
+    def step(self) -> None:
+        self.steps += 1
+        self._update()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"] if "steps" in state else state["last_epoch"]
+        self._update()
+
+
+def check_optimizer(name: str) -> None:
+    """Refuse an ``opt`` that timm's factory does not make, before a run starts.
+
+    Raises:
+        BeitDataError: Naming it, with the closest of timm's names.
+    """
+    import difflib
+
+    import timm.optim
+
+    try:
+        timm.optim.create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], opt=name, lr=1e-3)
+    except (ValueError, TypeError, ImportError) as exc:
+        known = timm.optim.list_optimizers() if hasattr(timm.optim, "list_optimizers") else []
+        close = difflib.get_close_matches(name.lower(), known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else " (timm.optim.list_optimizers() names them)"
+        reason = str(exc).splitlines()[0]
+        raise BeitDataError(f"`opt` {name!r} is not an optimizer timm makes: {reason}{hint}") from None
+
+
 def build_optimizer(model: torch.nn.Module, *, lr: float, min_lr: float, weight_decay: float,
-                    betas: tuple[float, float], warmup: int, total: int, fused: bool = False):
-    """AdamW over ``param_groups`` and its per-step warmup-then-cosine scheduler.
+                    betas: tuple[float, float], warmup: int, total: int, fused: bool = False, opt: str = "adamw",
+                    eps: float = 1e-8, momentum: float = 0.9, sched: str = "cosine", decay_steps: int | None = None,
+                    decay_rate: float = 0.1):
+    """timm's optimizer ``opt`` over ``param_groups``, and its ``Schedule`` of ``sched`` per step.
+
+    The defaults are BEiT's: AdamW (0.9, 0.999, eps 1e-8) and ``WarmupCosine``; any other
+    ``sched`` is timm's (``create_scheduler_v2``), in steps, warming up linearly from 0 over
+    ``warmup`` steps within the ``total``.
 
     Args:
-        fused: One fused kernel for the whole update instead of per-tensor loops.
+        fused: One fused kernel for the whole update instead of per-tensor loops (torch's
+            AdamW, Adam and SGD have one).
+        eps, betas, momentum: For the optimizers that take them (timm passes each only to those).
+        decay_steps, decay_rate: ``step``'s decay interval and factor (``poly``: the power);
+            None leaves timm's interval.
     """
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, lr, min_lr))
-    return optimizer, scheduler
+    import timm.optim
+
+    extra = {"fused": True} if fused else {}
+    try:
+        optimizer = timm.optim.create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                                   eps=eps, betas=betas, param_group_fn=lambda m: param_groups(
+                                                       m, weight_decay), **extra)
+    except (ValueError, TypeError, RuntimeError, ImportError) as exc:
+        raise BeitDataError(f"`opt` {opt}: {str(exc).splitlines()[0]}") from None
+    return optimizer, Schedule(build_scheduler(optimizer, sched, lr=lr, min_lr=min_lr, warmup=warmup, total=total,
+                                               decay_steps=decay_steps, decay_rate=decay_rate))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched: str, *, lr: float, min_lr: float, warmup: int, total: int,
+                    decay_steps: int | None = None, decay_rate: float = 0.1) -> Scheduler | None:
+    """The scheduler ``sched`` names, counted in optimizer steps: ``WarmupCosine`` for cosine,
+    timm's ``create_scheduler_v2`` for the others (None for none)."""
+    from timm.scheduler import create_scheduler_v2
+
+    if sched == "cosine":
+        return WarmupCosine(optimizer, warmup=warmup, total=total, lr=lr, min_lr=min_lr)
+    decay = {} if decay_steps is None else {"decay_epochs": decay_steps}  # epochs of one step each
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=sched, num_epochs=total, warmup_epochs=warmup,
+                                           warmup_lr=0.0, min_lr=min_lr, decay_rate=decay_rate, step_on_epochs=False,
+                                           updates_per_epoch=1, **decay)
+    except ValueError as exc:  # a name an older timm does not know
+        raise BeitDataError(f"`sched` {sched}: {exc}") from None
+    return scheduler
 
 
 def mim_loss(model, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, max_masked: int,
@@ -164,8 +266,6 @@ def accumulated_step(model: torch.nn.Module, optimizer, scheduler, batches: Iter
     else:  # skips the step where the gradient holds an inf or a nan, and updates the scale
         scaler.step(optimizer)
         scaler.update()
-    if scheduler is not None:
-        with warnings.catch_warnings():  # after a skipped fp16 step too: the schedule follows the step count
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
-            scheduler.step()
+    if scheduler is not None:  # after a skipped fp16 step too: the schedule follows the step count
+        scheduler.step()
     return StepOutput(sums[0] / masked, logits, targets, grad_norm)

@@ -39,7 +39,8 @@ class QualityChecks:
             self.holdout = load_holdout(cfg.val_shards, cfg.val_tokens, count=cfg.val_images, seed=stream.cfg.seed,
                                         meta=stream.meta, image_size=stream.cfg.image_size,
                                         num_masked=stream.cfg.num_masked, min_block=stream.cfg.min_block,
-                                        rank=dist.rank, world_size=dist.world_size, device=device)
+                                        rank=dist.rank, world_size=dist.world_size, device=device,
+                                        mean=stream.cfg.mean, std=stream.cfg.std)
             check_holdout(self.holdout, stream.source)
         self.group = None
         if cfg.probe_every and dist.world_size > 1:  # the others wait on the CPU, without a GPU timeout
@@ -65,7 +66,8 @@ class QualityChecks:
         """The k-NN probe at ``probe_layers``; both sets are decoded again each time, batch by batch."""
         layers = self.probe_layers
         (train, train_labels, train_maps), (val, val_labels, val_maps) = (
-            labeled_features(model, spec, layers, self.device, num_threads=self.stream_cfg.num_threads)
+            labeled_features(model, spec, layers, self.device, num_threads=self.stream_cfg.num_threads,
+                             mean=self.stream_cfg.mean, std=self.stream_cfg.std)
             for spec in (self.cfg.probe_train, self.cfg.probe_val))
         check_class_maps(train_maps, val_maps)  # the first probe runs at step 0
         result = knn(train, train_labels, val, val_labels)

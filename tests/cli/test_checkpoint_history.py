@@ -3,18 +3,16 @@ which ones, across a resume that changes the settings; export and probe pick one
 and a run killed while it keeps or prunes them leaves every listed one whole."""
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, cached, invoke, records
+from helpers import TINY, cached, invoke, records
 
 from beit_common import Location
 from pipelines.checkpoint import load_checkpoint
@@ -94,16 +92,14 @@ def test_export_and_probe_take_the_checkpoint_of_a_step(kept_run, labeled_shards
         f"Error: {tmp_path / 'enc.safetensors'}: --step picks a checkpoint of a pretrain run folder, and this is none")
 
 
-# A fresh interpreter keeps the latest (made step 7) with the 1 newest, and is killed by SIGKILL
-# at one moment of it: before the copy is renamed to its name, or before the Nth deletion.
-KILLED = textwrap.dedent("""
-    import os, signal, sys
+def keep_and_die(run: Path, point: str) -> None:
+    """In a forked process: keep the latest (made step 7) with the 1 newest, and SIGKILL this
+    process at one moment of it: before the copy is renamed to its name, or before the Nth deletion."""
     from beit_common import files
     from pipelines import checkpoint_history
     from pipelines.checkpoint_history import History
-    from beit_common import Location
 
-    point, calls = sys.argv[2], []
+    calls = []
 
     def killed(real):
         def call(*args):
@@ -117,8 +113,7 @@ KILLED = textwrap.dedent("""
         files.os.replace = killed(os.replace)
     else:
         checkpoint_history.remove_file = killed(checkpoint_history.remove_file)
-    History(Location(sys.argv[1]), newest=1).keep(7)
-""")
+    History(Location(run), newest=1).keep(7)
 
 
 @pytest.mark.parametrize("point, listed", [
@@ -135,9 +130,10 @@ def test_a_run_killed_while_it_keeps_or_prunes_leaves_every_listed_checkpoint_wh
     latest = torch.load(run / "checkpoint.pt", weights_only=True)
     (run / "checkpoint.pt").unlink()
     torch.save({**latest, "step": 7}, run / "checkpoint.pt")
-    done = subprocess.run([sys.executable, "-c", KILLED, str(run), point], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    process = multiprocessing.get_context("fork").Process(target=keep_and_die, args=(run, point))
+    process.start()
+    process.join(timeout=300)
+    assert process.exitcode == -signal.SIGKILL
     assert [k.step for k in kept_checkpoints(Location(run))] == listed
     for k in kept_checkpoints(Location(run)):
         assert load_checkpoint(k.location)["step"] == k.step

@@ -10,7 +10,7 @@ import pytest
 from helpers import invoke
 
 import cli
-from cli import NOT_SETTINGS, DeviceType, ResumeType
+from cli import NOT_SETTINGS, DeviceType, ResumeType, TrackersType
 from pipelines.config import (
     ExportConfig,
     IndexConfig,
@@ -59,12 +59,15 @@ def value_for(param: click.Parameter, tmp_path) -> tuple[list[str], object]:
     if param.callback is not None:  # block numbers
         words = ["2,3"]
         expected = (2, 3)
-    elif isinstance(kind, click.Tuple):  # two floats (--adam-betas)
-        words, expected = ["0.8", "0.95"], (0.8, 0.95)
+    elif isinstance(kind, click.Tuple):  # floats (--opt-betas, --mean, --std)
+        expected = (0.8, 0.95, 0.3)[:len(kind.types)]
+        words = [str(x) for x in expected]
     elif isinstance(kind, DeviceType):
         words, expected = ["cuda:1"], "cuda:1"
     elif isinstance(kind, ResumeType):  # the config takes True, "auto" or False
         words, expected = ["auto"], "auto"
+    elif isinstance(kind, TrackersType):  # a comma list, as a tuple of names
+        words, expected = ["csv,mlflow"], ("csv", "mlflow")
     elif isinstance(kind, click.Choice):
         expected = next(c for c in kind.choices if c != param.default)
         words = [expected]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, cached
 
 from beit_common import BeitDataError
 from beit_model.dvae import CONFIGS, DVAEConfig, save_checkpoint
@@ -37,11 +37,14 @@ with torch.no_grad():
 
 
 @pytest.fixture(scope="module")
-def openai_files(tmp_path_factory):
-    out = tmp_path_factory.mktemp("openai")
-    subprocess.run([sys.executable, "-c", MAKE_PICKLES, str(out)], check=True,
-                   env={**os.environ, "PYTHONPATH": str(FAKE)})  # the same threads and MKL mode as this process
-    return out
+def openai_files():
+    """OpenAI-style pickles made where ``dall_e`` imports (the fake package), kept for its code."""
+    def build(out):
+        subprocess.run([sys.executable, "-c", MAKE_PICKLES, str(out)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(FAKE)})  # the same threads and MKL mode as this process
+
+    fake = sorted((p.name, p.read_bytes()) for p in FAKE.rglob("*.py"))
+    return cached("openai_pickles", build, MAKE_PICKLES, fake)
 
 
 def test_openai_pickles_load_without_dall_e_and_give_same_logits(openai_files):

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from helpers import REPO, invoke, losses, records
 from PIL import Image
 
@@ -45,3 +46,18 @@ def test_an_old_token_folder_and_tokenizer_read_as_they_did(tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     pixels = np.asarray(Image.open("view.png").convert("RGB")).tobytes()  # the view and its reconstruction
     assert hashlib.sha256(pixels).hexdigest() == expected["render"]["pixels_sha256"]
+
+
+def test_a_run_started_today_with_the_old_settings_trains_as_the_old_code_did(tmp_path, monkeypatch):
+    """The optimizer and schedule come from timm's factories now; by default they are the old
+    AdamW and cosine: a fresh run of the old settings has the old run's losses and learning rates,
+    bit for bit (without the held-out figures and the probe, which never change the trajectory)."""
+    expected = old_copy(tmp_path, monkeypatch)
+    checks = ("val_shards", "val_tokens", "val_every", "val_images", "probe_every", "probe_train", "probe_val")
+    settings = {k: v for k, v in expected["settings"].items() if k not in checks}
+    # The old run's thread count (a gradient norm's last bits follow it): a fresh run takes this process's.
+    torch.set_num_threads(json.loads(Path("run/config.json").read_text())["torch_threads"])
+    run_pretrain(PretrainConfig.from_flat(out="fresh", **settings))
+    train = [{k: v for k, v in r.items() if k not in CLOCK} for r in records(Path("fresh"))]
+    assert losses(Path("fresh")) == expected["losses"]  # bitwise
+    assert train == [r for r in expected["log"] if r["event"] == "train"]  # the lr and gradient norm of each step

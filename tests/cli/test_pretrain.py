@@ -319,6 +319,7 @@ def test_grad_accum_trains_the_steps_of_the_whole_batch_and_resumes_at_any_step(
 
     first = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "stopped"), stop_after=2, **micro))
     assert first.steps == 2
+    shutil.copytree(tmp_path / "stopped", tmp_path / "switched")  # resumed below without accumulation
     with pytest.raises(BeitDataError, match=r"the global batch .* is 4 in the run being resumed, not 6"):
         run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "stopped"), resume=True,
                                               **{**micro, "batch_size": 3}))
@@ -327,7 +328,6 @@ def test_grad_accum_trains_the_steps_of_the_whole_batch_and_resumes_at_any_step(
     assert step_keys(tmp_path / "stopped") == step_keys(tmp_path / "micro")
 
     # The same run resumed without accumulation: batch 4 in one pass, the same steps.
-    run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "switched"), stop_after=2, **micro))
     result = run_cli("pretrain", "--shards", str(sample_shards), "--tokens", str(sample_tokens), "--out",
                      str(tmp_path / "switched"), "--resume", "--model", TINY["model"], "--batch-size", "2",
                      "--grad-accum", "1", "--steps", "5", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1",

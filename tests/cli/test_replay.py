@@ -16,7 +16,7 @@ def test_the_sample_work_runs_in_a_dali_worker_process(sample_shards, sample_tok
     before = set(multiprocessing.active_children())
     it = stream.batches()
     b = next(it)
-    assert len(set(multiprocessing.active_children()) - before) == 1  # DALI's spawned loader process
+    assert len(set(multiprocessing.active_children()) - before) == 1  # DALI's loader process
     # The source is a plain picklable iterable: in this process it yields the same first batch.
     direct = dict(zip(OUTPUTS, next(iter(pickle.loads(pickle.dumps(stream.source))))))
     assert [k.tobytes().decode() for k in direct["key"]] == b.keys

@@ -21,13 +21,21 @@ def pretrain(*args):
     return result
 
 
-def test_resume_alone_continues_the_run_with_its_recorded_settings(sample_shards, sample_tokens, tmp_path):
+def test_resume_auto_starts_or_resumes_and_resume_alone_continues_with_the_recorded_settings(sample_shards,
+                                                                                              sample_tokens, tmp_path):
     data = ("--shards", sample_shards, "--tokens", sample_tokens)
     pretrain(*data, *FLAGS, "--steps", "4", "--out", tmp_path / "straight")
-    pretrain(*data, *FLAGS, "--steps", "4", "--stop-after", "2", "--out", tmp_path / "run")
+    # The requeued job's command, word for word: no run yet, one starts; then it resumes.
+    requeued = (*data, *FLAGS, "--steps", "4", "--stop-after", "1", "--out", tmp_path / "run", "--resume", "auto")
+    pretrain(*requeued)
+    assert [r["step"] for r in records(tmp_path / "run")] == [1]
+    pretrain(*requeued)
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+    missing = invoke("pretrain", "--out", tmp_path / "none", "--resume", "auto")
+    assert missing.exit_code == 2 and "Missing option '--shards'" in missing.stderr
     resumed = pretrain("--out", tmp_path / "run", "--resume")  # nothing else: not even --quiet
     # Every setting is the recorded one, but what only this invocation does.
-    assert "pretrain: resuming with stop_after 2 -> None, progress False -> True" in resumed.stderr.splitlines()
+    assert "pretrain: resuming with stop_after 1 -> None, progress False -> True" in resumed.stderr.splitlines()
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")  # bit for bit
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["seed"], config["num_masked"], config["grad_accum"], config["lr"]) == (5, 50, 2, 2e-3)
@@ -51,18 +59,6 @@ def test_a_setting_recorded_without_its_credentials_must_be_given_again(sample_s
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
 
 
-def test_resume_auto_starts_a_run_where_there_is_none_and_resumes_where_there_is(sample_shards, sample_tokens,
-                                                                                 tmp_path):
-    args = ("--shards", sample_shards, "--tokens", sample_tokens, *FLAGS, "--steps", "4", "--stop-after", "2",
-            "--out", tmp_path / "run", "--resume", "auto")
-    pretrain(*args)  # no run yet: one starts
-    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
-    pretrain(*args)  # the requeued job, word for word
-    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3, 4]
-    missing = invoke("pretrain", "--out", tmp_path / "none", "--resume", "auto")
-    assert missing.exit_code == 2 and "Missing option '--shards'" in missing.stderr
-
-
 def test_extend_trains_a_finished_run_longer_with_the_cosine_recomputed(sample_shards, sample_tokens, tmp_path):
     data = ("--shards", sample_shards, "--tokens", sample_tokens)
     pretrain(*data, *FLAGS, "--steps", "3", "--out", tmp_path / "run")
@@ -83,3 +79,29 @@ def test_extend_trains_a_finished_run_longer_with_the_cosine_recomputed(sample_s
     for r in train[3:]:
         assert r["lr"] == pytest.approx(2e-3 * lr_factor(r["step"], 1, 6, 2e-3, 1e-4))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["total_steps"] == 6
+
+
+def test_resume_alone_keeps_a_warmup_given_in_epochs(sample_shards, sample_tokens, tmp_path):
+    """``config.json`` records the warmup steps a run came to as ``total_warmup_steps``, beside the
+    settings as given, so that ``--resume`` alone takes ``warmup_steps`` back unset."""
+    at = FLAGS.index("--warmup-steps")
+    flags = FLAGS[:at] + FLAGS[at + 2:]
+    pretrain("--shards", sample_shards, "--tokens", sample_tokens, *flags, "--warmup-epochs", "0.5", "--steps", "3",
+             "--stop-after", "1", "--out", tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["warmup_steps"], config["warmup_epochs"], config["total_warmup_steps"]) == (None, 0.5, 1)
+    pretrain("--out", tmp_path / "run", "--resume")
+    assert [r["step"] for r in records(tmp_path / "run") if r["event"] == "train"] == [1, 2, 3]
+
+
+def test_a_config_json_from_before_total_warmup_steps_leaves_its_warmup_steps_out(tmp_path):
+    """Before ``total_warmup_steps``, ``config.json`` held the steps the warmup came to under
+    ``warmup_steps`` itself, which a resumed run leaves out: unset, as the checkpoint of a run
+    warmed up by epochs holds it (a run given ``--warmup-steps`` is told to give it again)."""
+    from beit_common import Location
+    from pipelines.run_folder import recorded_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"warmup_epochs": 10.0, "warmup_steps": 25, "betas": [0.9, 0.98]}))
+    assert recorded_settings(Location(tmp_path)) == {"warmup_epochs": 10.0, "betas": (0.9, 0.98)}
+    (tmp_path / "config.json").write_text(json.dumps({"warmup_steps": None, "total_warmup_steps": 25}))
+    assert recorded_settings(Location(tmp_path)) == {"warmup_steps": None, "total_warmup_steps": 25}

@@ -158,19 +158,22 @@ def test_the_loader_process_exits_when_its_parent_is_killed(tmp_path, mode):
             os.kill(child, signal.SIGKILL)
 
 
-def test_dalis_loader_process_exits_when_its_trainer_is_killed(sample_shards, sample_tokens, tmp_path):
-    """The reproduction: a trainer SIGKILLed with its DALI loader running (DALI's own spawned
-    worker, which reads the shards); the loader used to live on, with no parent."""
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_dalis_loader_process_exits_when_its_trainer_is_killed(sample_shards, sample_tokens, tmp_path, start):
+    """The reproduction: a trainer SIGKILLed with its DALI loader running (DALI's own worker
+    process, which reads the shards); the loader used to live on, with no parent. Spawned, as on
+    the GPU, and forked, as on the CPU by default."""
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     trainer = subprocess.Popen([sys.executable, str(script), str(sample_shards), str(sample_tokens)], cwd=REPO,
-                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                               stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO), "BEIT_DATA_LOADER_START": start})
     children: list[int] = []
     try:
         assert trainer.stdout.readline().strip() == "ready"
         children = _children(trainer.pid)
-        loaders = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
-        assert loaders, "no spawned loader process"
+        spawned = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert children and len(spawned) == (start == "spawn"), "no loader process, or not started as asked"
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(timeout=10)
         deadline = time.monotonic() + 5
@@ -238,16 +241,21 @@ def test_cli_does_not_import_torch_or_dali_for_help():
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_error(sample_shards, sample_tokens, tmp_path):
+    """A spawned loader (always on the GPU) imports the main module again; forked, it needs no guard."""
     script = tmp_path / "train.py"
     script.write_text(f"""
 from beit_data.stream import StreamConfig, TrainStream
 stream = TrainStream(StreamConfig(shards={str(sample_shards)!r}, tokens={str(sample_tokens)!r}, batch_size=3))
 next(stream.batches())
 """)
-    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode != 0
-    assert 'guard its entry point with `if __name__ == "__main__":`' in done.stderr
+    runs = {start: subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "PYTHONPATH": str(REPO), "BEIT_DATA_LOADER_START": start})
+            for start in ("spawn", "fork", "thread")}
+    assert runs["spawn"].returncode != 0
+    assert 'guard its entry point with `if __name__ == "__main__":`' in runs["spawn"].stderr
+    assert runs["fork"].returncode == 0, runs["fork"].stderr
+    assert runs["thread"].returncode != 0 and runs["thread"].stderr.strip().splitlines()[-1].endswith(
+        "BEIT_DATA_LOADER_START='thread': use fork or spawn")
 
 
 def test_same_views_in_another_process():

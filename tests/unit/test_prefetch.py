@@ -37,15 +37,13 @@ def test_closing_early_stops_every_loader_thread():
 
 def test_closing_early_after_the_producer_finished_stops_its_thread():
     """The producer is done and the queue full: handing over its end marker must not outlive the consumer."""
+    before = set(threading.enumerate())  # another test's loader thread may still be ending
     gen = prefetch(iter(range(2)), depth=1)
     assert next(gen) == 0
-    deadline = time.time() + 5
-    while not any(t.name == "beit-data-prefetch" and t.is_alive() for t in threading.enumerate()) \
-            and time.time() < deadline:
-        time.sleep(0.01)
+    (producer,) = [t for t in threading.enumerate() if t not in before and t.name == "beit-data-prefetch"]
     time.sleep(0.3)  # the producer has queued item 1 and now waits to hand over its end marker
     gen.close()  # joins the thread (for up to 60 s)
-    assert not any(t.name == "beit-data-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert not producer.is_alive()
 
 
 def test_batched():
