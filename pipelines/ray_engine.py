@@ -349,6 +349,7 @@ def run_pool(tasks: Sequence, build: Callable[[], Callable], settings: PoolSetti
         outcome.seconds = {"workers": ready - started, "tasks": time.perf_counter() - ready}
         if error is not None:
             raise error
+        pool.finish_starting()
         sweeps = [worker.sweep.remote() for worker in pool.idle]
         ray.wait(sweeps, num_returns=len(sweeps), timeout=60)  # at its best: a worker lost now changes no file
     finally:
@@ -450,6 +451,14 @@ class _Pool:
         self.idle.append(worker)
         if not self.starting and self.ready_at is None:
             self.ready_at = time.perf_counter()
+
+    def finish_starting(self) -> None:
+        """Wait for the workers still starting (a death may have started one that no task needed
+        since), and start one where none is left: every worker that is up sweeps its host."""
+        if not (self.idle or self.starting):
+            self.start()
+        for ref in list(self.starting):
+            self._started(ref, wanted=False)
 
     def _lost(self, worker) -> None:
         self.ray.kill(worker, no_restart=True)
