@@ -298,7 +298,7 @@ def _crash_for_test(shard: Location) -> None:
         name, _, when = line.partition(" ")
         if name == shard.name:
             if when == "once":
-                Path(marker).write_text("".join(f"{other}\n" for other in lines if other != line))
+                write_text_atomic(marker, "".join(f"{other}\n" for other in lines if other != line))
             os._exit(70)
 
 
