@@ -22,7 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from helpers import cached, class_image  # noqa: E402
+from helpers import cached, cached_tokens, class_image  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # Property tests explore new shapes on every local run; CI (.ci/run) replays a fixed set.
@@ -90,13 +90,7 @@ def tiny_tokenizer() -> Path:
 @pytest.fixture(scope="session")
 def sample_tokens(sample_shards, tiny_tokenizer) -> Path:
     """The sample shards tokenized with the tiny tokenizer, 4 views per image."""
-    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
-
-    def build(folder: Path) -> None:
-        run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(folder / "t"),
-                                    views=4, batch_size=8, device="cpu", progress=False))
-
-    return cached("sample_tokens", build, sample_shards, tiny_tokenizer) / "t"
+    return cached_tokens("sample_tokens", sample_shards, tiny_tokenizer, views=4)
 
 
 @pytest.fixture(scope="session")

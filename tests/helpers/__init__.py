@@ -270,6 +270,17 @@ def reordered_copy(shard, out, *, index: bool):
 
 # -- tokenizers, token folders and runs ---------------------------------------------------------
 
+def cached_tokens(name: str, shards: Path, tokenizer: Path, views: int) -> Path:
+    """``shards`` tokenized by ``tokenizer``, ``views`` views an image, built once (``cached``)."""
+    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
+
+    def build(folder: Path) -> None:
+        run_tokenize(TokenizeConfig(shards=str(shards), tokenizer=str(tokenizer), out=str(folder / "t"), views=views,
+                                    batch_size=8, device="cpu", progress=False))
+
+    return cached(name, build, shards, tokenizer) / "t"
+
+
 def tokenize_folder(shards: Path, out: Path, tokenizer: Path, views: int = 2) -> Path:
     """Token files for ``shards``: the tiny tokenizer, every image kept however small."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, cached, descendants, free_port, run_cli
+from helpers import REPO, cached_tokens, descendants, free_port, run_cli
 
 from beit_common import Location
 from beit_data.tokens import read_meta, read_table, token_files
@@ -55,13 +55,7 @@ def temporaries(*folders: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def plain_v2(sample_shards, tiny_tokenizer) -> Path:
     """The sample shards through the plain engine, 2 views per image."""
-    from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
-
-    def build(folder: Path) -> None:
-        run_tokenize(TokenizeConfig(shards=str(sample_shards), tokenizer=str(tiny_tokenizer), out=str(folder / "t"),
-                                    views=2, batch_size=8, device="cpu", progress=False))
-
-    return cached("sample_tokens_v2", build, sample_shards, tiny_tokenizer) / "t"
+    return cached_tokens("sample_tokens_v2", sample_shards, tiny_tokenizer, views=2)
 
 
 @dataclass
