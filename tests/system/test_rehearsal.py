@@ -1,7 +1,8 @@
 """A run at the shape of a real one, as small as the shapes allow: 200 shards of 0 to 2 images
 (some without an index, some all rejected), the default --mix-shards and --partitions, a batch
 that divides neither the shards nor the windows, 2 ranks under torchrun, two epochs, held-out
-shards, a SIGTERM inside a window and a --resume; and tokenize under torchrun killed part way.
+shards, a SIGTERM inside a window and a --resume, then a --resume on 1 rank and on 2 again; and
+tokenize under torchrun killed part way.
 """
 
 from __future__ import annotations
@@ -97,15 +98,6 @@ def records(run) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def trained_keys(run) -> list[list[str]]:
-    """``[step] -> keys`` of both ranks, from each rank's record of its batches."""
-    ranks = [[json.loads(line) for line in (run / f"batches-rank{r}.jsonl").read_text().splitlines()]
-             for r in range(2)]
-    for rows in ranks:
-        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # every step once
-    return [[r0["epoch"], *r0["keys"], *r1["keys"]] for r0, r1 in zip(*ranks)]
-
-
 def pretrain_args(imagenet_shaped) -> list[str]:
     return ["pretrain", "--shards", str(imagenet_shaped["shards"]), "--tokens", str(imagenet_shaped["tokens"]),
             "--val-shards", str(imagenet_shaped["val"]), "--val-tokens", str(imagenet_shaped["val_tokens"]),
@@ -124,7 +116,7 @@ def straight(imagenet_shaped):
     return cached("rehearsal_straight", run, imagenet_shaped["shards"]) / "run"
 
 
-def stop_with_sigterm(command: list[str], out, at: int = 25) -> int:
+def stop_with_sigterm(command: list[str], out, at: int) -> int:
     """Run ``command``, SIGTERM it (torchrun passes it on to the ranks) once ``at`` steps are logged;
     returns the checkpoint's step."""
     import torch
@@ -139,76 +131,89 @@ def stop_with_sigterm(command: list[str], out, at: int = 25) -> int:
     return torch.load(out / "checkpoint.pt", weights_only=True)["step"]
 
 
-def test_two_ranks_stopped_inside_a_window_resume_bit_for_bit(imagenet_shaped, straight, tmp_path):
+def resume(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def global_steps(run, ranks: int, after: int = 0, upto: float = float("inf")) -> list[list[str]]:
+    """``[epoch, keys...]`` of each global step in ``(after, upto]`` that ``ranks`` ranks trained,
+    from their records in rank order (rank ``r`` reads positions ``r * G / W ..`` of each step)."""
+    rows = [[json.loads(line) for line in (run / f"batches-rank{r}.jsonl").read_text().splitlines()]
+            for r in range(ranks)]
+    chosen = [[row for row in rank if after < row["step"] <= upto] for rank in rows]
+    for rank in chosen:  # every step once, the same on each rank
+        steps = [r["step"] for r in rank]
+        assert steps == [r["step"] for r in chosen[0]] == list(range(after + 1, after + 1 + len(rank)))
+    return [[parts[0]["epoch"], *(k for p in parts for k in p["keys"])] for parts in zip(*chosen)]
+
+
+def test_a_run_stopped_inside_a_window_resumes_bit_for_bit_then_on_1_rank_and_on_2_again(imagenet_shaped, straight,
+                                                                                         tmp_path):
+    """One run through every kind of restart, against the uninterrupted 2-rank run: SIGTERM inside a
+    window and ``--resume`` on 2 ranks (the losses and held-out figures bit for bit), then
+    ``--resume`` on 1 rank and on 2 again, each with the same command (the per-rank batch follows
+    the global batch of 10): every global step holds exactly the keys of the uninterrupted run (so
+    the views and masks, drawn from seed, epoch and key), and its losses to float rounding (drop
+    path 0: with drop path, each rank draws its own)."""
     import torch
     from helpers import evaluate_untrained
 
     from beit_data.order import partition_windows
     from beit_data.replay import ReplaySource, StreamConfig
 
-    data = pretrain_args(imagenet_shaped)
-    stopped = tmp_path / "stopped"
-    stop_with_sigterm(torchrun(*data, "--out", str(stopped)), stopped)
+    data, run = pretrain_args(imagenet_shaped), tmp_path / "run"
+    on_two, on_one = torchrun(*data, "--out", str(run)), [BEIT_DATA, *data, "--out", str(run)]
 
-    ckpt = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    # 1. SIGTERM inside a window, on 2 ranks.
+    stopped = stop_with_sigterm(on_two, run, at=12)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     epoch, step = ckpt["stream"]["epoch"], ckpt["stream"]["step"]
     source = ReplaySource.open(StreamConfig(shards=str(imagenet_shaped["shards"]),
                                             tokens=str(imagenet_shaped["tokens"]), batch_size=5), world_size=2)
+    total = 2 * source.steps_per_epoch(0)
     assert source.steps_per_epoch(0) == imagenet_shaped["images"] // 10
-    assert ckpt["step"] < 2 * source.steps_per_epoch(0)
+    assert stopped + 12 < total
     layout, spec = source.layout(epoch), source.spec
     inside = [p for p, share in enumerate(spec.shares)
               if next(partition_windows(layout, spec, epoch, p, step * share)).start < step * share]
     assert inside, "the run stopped at a window boundary of every partition"
 
-    resumed = subprocess.run(torchrun(*data, "--out", str(stopped), "--resume"), cwd=REPO, env=ENV,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = records(straight), records(stopped)
-    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (a, b)]
-    assert losses[0] == losses[1] and len(losses[0]) == 2 * source.steps_per_epoch(0)  # bit for bit
-    val = [[{k: v for k, v in r.items() if k != "time"} for r in rows if r.get("event") == "val"] for rows in (a, b)]
-    assert val[0] == val[1] and [r["step"] for r in val[0]] == [*range(0, len(losses[0]), 20), len(losses[0])]
-    # The ranks' shares of the held-out set reduce to one process's figures.
-    one = evaluate_untrained(imagenet_shaped["tokens"], imagenet_shaped["val"], imagenet_shaped["val_tokens"],
-                             count=8)
-    for key in ("val_loss", "val_top1", "val_top5"):
-        assert val[0][0][key] == pytest.approx(one[key], rel=1e-6, abs=1e-9)
+    # 2. --resume on 2 ranks, for 5 steps: bit for bit.
+    resume(on_two + ["--resume", "--stop-after", "5"])
+    # 3. --resume on 1 rank, for 5 steps.
+    one = resume(on_one + ["--resume", "--stop-after", "5"])
+    assert "pretrain: resuming with ranks 2 -> 1, batch_size 5 -> 10" in one.stderr
+    # 4. --resume on 2 ranks, to the end.
+    two = resume(on_two + ["--resume"])
+    assert "pretrain: resuming with ranks 1 -> 2, batch_size 10 -> 5" in two.stderr
 
-    steps = trained_keys(stopped)
-    assert steps == trained_keys(straight)
+    on_one_from, on_two_from = stopped + 5, stopped + 10
+    expected = global_steps(straight, 2)
+    assert len(expected) == total
+    assert global_steps(run, 2, upto=on_one_from) == expected[:on_one_from]
+    assert global_steps(run, 1, after=on_one_from, upto=on_two_from) == expected[on_one_from:on_two_from]
+    assert global_steps(run, 2, after=on_two_from) == expected[on_two_from:]
     for e in (0, 1):
-        keys = [k for s in steps if s[0] == e for k in s[1:]]
+        keys = [k for s in expected if s[0] == e for k in s[1:]]
         assert len(keys) == len(set(keys)) == source.steps_per_epoch(e) * 10  # each key at most once an epoch
 
-
-def global_steps(run, ranks: int, after: int = 0) -> list[list[str]]:
-    """``[epoch, keys...]`` of each global step past ``after``, from the ranks' records in rank order
-    (rank ``r`` reads positions ``r * G / W ..`` of each step)."""
-    rows = [[json.loads(line) for line in (run / f"batches-rank{r}.jsonl").read_text().splitlines()]
-            for r in range(ranks)]
-    steps = zip(*[[row for row in rank if row["step"] > after] for rank in rows])
-    return [[parts[0]["epoch"], *(k for p in parts for k in p["keys"])] for parts in steps]
-
-
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_a_run_resumed_on_another_number_of_ranks_trains_the_same_global_steps(imagenet_shaped, straight, tmp_path,
-                                                                               before, after):
-    """SIGTERM on ``before`` ranks, resume on ``after``: the same command (the per-rank batch
-    follows the global batch of 10), and the remaining global steps hold exactly the keys (so
-    the views and masks, drawn from seed, epoch and key) of the uninterrupted 2-rank run, with
-    its losses to float rounding (drop path 0: with drop path, each rank draws its own)."""
-    data, out = pretrain_args(imagenet_shaped), tmp_path / "run"
-    start = {2: lambda: torchrun(*data, "--out", str(out)),
-             1: lambda: [BEIT_DATA, *data, "--batch-size", "10", "--out", str(out)]}
-    step = stop_with_sigterm(start[before](), out)
-    command = torchrun(*data, "--out", str(out), "--resume") if after == 2 else \
-        [BEIT_DATA, *data, "--out", str(out), "--resume"]
-    resumed = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    per_rank = (5, 10) if before == 2 else (10, 5)
-    assert f"pretrain: resuming with ranks {before} -> {after}, batch_size {per_rank[0]} -> {per_rank[1]}" in \
-        resumed.stderr
-    assert global_steps(out, after, after=step) == global_steps(straight, 2, after=step)
-    a, b = ([r["loss"] for r in records(run) if "loss" in r] for run in (straight, out))
-    assert len(a) == len(b) and b[step:] == pytest.approx(a[step:], rel=1e-3)
+    a, b = records(straight), records(run)
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (a, b)]
+    assert len(losses[0]) == len(losses[1]) == total
+    assert losses[1][:on_one_from] == losses[0][:on_one_from]  # bit for bit while on 2 ranks
+    assert losses[1][on_one_from:] == pytest.approx(losses[0][on_one_from:], rel=1e-3)
+    val = [[{k: v for k, v in r.items() if k != "time"} for r in rows if r.get("event") == "val"] for rows in (a, b)]
+    assert [r["step"] for r in val[0]] == [r["step"] for r in val[1]] == [*range(0, total, 20), total]
+    for x, y in zip(*val):
+        if x["step"] <= on_one_from:
+            assert x == y
+        else:
+            assert {k: v for k, v in y.items() if k.startswith("val_")} == \
+                pytest.approx({k: v for k, v in x.items() if k.startswith("val_")}, rel=1e-3)
+    # The ranks' shares of the held-out set reduce to one process's figures.
+    untrained = evaluate_untrained(imagenet_shaped["tokens"], imagenet_shaped["val"], imagenet_shaped["val_tokens"],
+                                   count=8)
+    for key in ("val_loss", "val_top1", "val_top5"):
+        assert val[0][0][key] == pytest.approx(untrained[key], rel=1e-6, abs=1e-9)
