@@ -12,6 +12,8 @@ train and use models (``train-dvae``, ``pretrain``, ``probe``, ``export``).
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import math
 import os
@@ -52,6 +54,12 @@ from pipelines.recipes import DVAE_CONFIGS, RECIPES
 # float32 sum between runs; exact resume on the CPU compares losses bit for bit. It must be
 # set before torch loads, which the commands do later (nothing imported above loads torch).
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+
+# The last thing the interpreter does at exit is a garbage collection over every object torch,
+# timm and DALI made, about a second a process (each torchrun rank, each Slurm task). By then every
+# file and process of the command is closed: what is frozen out of that collection is freed with
+# the process.
+atexit.register(gc.freeze)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
