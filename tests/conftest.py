@@ -109,13 +109,13 @@ def two_step_run(sample_shards, sample_tokens) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_tokenizer(sample_shards) -> Path:
-    """The tiny dVAE trained on the sample for 150 steps (half of `make demo`'s 300), enough for its
-    tokens to carry the content (the learning test in tests/system/test_learning.py)."""
+    """The tiny dVAE trained on the sample for 150 steps of 8 images (`make demo` trains 300 of 16),
+    enough for its tokens to carry the content (the learning test in tests/system/test_learning.py)."""
     from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
 
     def build(folder: Path) -> None:
         run_train_dvae(TrainDVAEConfig(shards=str(sample_shards), out=str(folder / "dvae.pt"), steps=150,
-                                       batch_size=16, device="cpu", progress=False))
+                                       batch_size=8, device="cpu", progress=False))
 
     return cached("trained_tokenizer", build, sample_shards) / "dvae.pt"
 

@@ -37,6 +37,9 @@ def test_resume_auto_starts_or_resumes_and_resume_alone_continues_with_the_recor
     # Every setting is the recorded one, but what only this invocation does.
     assert "pretrain: resuming with stop_after 1 -> None, progress False -> True" in resumed.stderr.splitlines()
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")  # bit for bit
+    # The job requeued once more, after the run ended: nothing is left to do, and that is no error.
+    again = pretrain(*requeued)
+    assert "pretrain: steps 4" in again.stdout and losses(tmp_path / "run") == losses(tmp_path / "straight")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["seed"], config["num_masked"], config["grad_accum"], config["lr"]) == (5, 50, 2, 2e-3)
     # A flag given again must agree, as before, or be one that only changes how the run goes.

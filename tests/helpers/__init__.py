@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -30,11 +31,12 @@ TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, lr=
 
 # -- what tests build once ------------------------------------------------------------------------
 
-SOURCES = ("beit_common", "beit_data", "beit_model", "pipelines")
+SOURCES = ("beit_common", "beit_data", "beit_model", "pipelines", "tests/helpers")
 
 
 def _code_key() -> str:
-    """A digest of the package's code: a cached fixture is made again whenever any of it changes."""
+    """A digest of the package's code and these helpers: a cached fixture is made again whenever
+    any of it changes."""
     digest = hashlib.sha256()
     for package in SOURCES:
         for path in sorted((REPO / package).rglob("*.py")):
@@ -47,7 +49,8 @@ CODE_KEY = _code_key()
 
 
 def cached(name: str, build, *parts: object) -> Path:
-    """``build(folder)`` run once for (``name``, the package's code, ``parts``) and kept in
+    """``build(folder)`` run once for (``name``, the package's code, the file ``build`` is written
+    in, ``parts``) and kept in
     ``$BEIT_DATA_TEST_CACHE`` (default ``$BEIT_DATA_CACHE/tests``, beside beit-data's own cache):
     later runs of this clone and the other xdist workers build nothing, they read the same folder.
     A build that fails leaves nothing behind; workers that race for it wait on one lock."""
@@ -56,7 +59,9 @@ def cached(name: str, build, *parts: object) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     # The clone's own path is part of the key: a fixture may hold paths into it (a list of the
     # embedded sample's files), so another clone builds its own.
-    key = hashlib.sha256(repr((name, CODE_KEY, str(REPO), parts)).encode()).hexdigest()[:16]
+    # So is the file that says how to build it (a fixture's steps, a test module's shapes).
+    recipe = hashlib.sha256(Path(inspect.getsourcefile(build)).read_bytes()).hexdigest()
+    key = hashlib.sha256(repr((name, CODE_KEY, recipe, str(REPO), parts)).encode()).hexdigest()[:16]
     folder = root / f"{name}-{key}"
     with FileLock(str(folder) + ".lock"):
         if not (folder / ".done").exists():

@@ -27,11 +27,11 @@ def test_learning_proves_the_replayed_crops_match_their_tokens(sample_shards, tr
     for shuffle in (False, True):
         out = tmp_path / f"run-{shuffle}"
         run_pretrain(PretrainConfig.from_flat(shards=str(sample_shards), tokens=str(tmp_path / "t"), out=str(out),
-                                              steps=80,
+                                              steps=60,
                                     drop_path=0.0, shuffle_targets=shuffle,
                                     **{**TINY, "batch_size": 8, "warmup_steps": 20, "lr": 2e-3}))
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        accuracy[shuffle] = float(np.mean([r["acc"] for r in log[-50:] if "acc" in r]))
+        accuracy[shuffle] = float(np.mean([r["acc"] for r in log[-40:] if "acc" in r]))
     print(f"baseline {baseline:.3f}  aligned {accuracy[False]:.3f}  shuffled {accuracy[True]:.3f}")
     assert accuracy[False] > baseline + 0.1
     assert accuracy[False] > accuracy[True] + 0.05
