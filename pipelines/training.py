@@ -32,7 +32,7 @@ def build_model(name: str, vocab_size: int, *, drop_path: float = 0.0, layer_sca
     visual tokens."""
     import timm
 
-    import beit_model  # noqa: F401  (registers the beit_mim_* variants)
+    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
 
     if not name.startswith(("beit_mim_", "beitv2_mim_")):
         raise BeitDataError(f"model must be a beit_mim_* or beitv2_mim_* variant, got {name}")

@@ -127,7 +127,7 @@ def test_flex_attention_trains_like_timms_attention_on_the_gpu():
 
     import timm
 
-    import beit_model  # noqa: F401
+    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
     from benchmarks.flex_attention import use_flex_attention
     from pipelines.training import build_optimizer, train_step
 

@@ -188,9 +188,11 @@ def test_dalis_loader_process_exits_when_its_trainer_is_killed(sample_shards, sa
                 os.kill(child, signal.SIGKILL)
 
 
-def test_importing_the_package_registers_the_timm_variants():
-    done = subprocess.run([sys.executable, "-c", "import timm, beit_model; print(timm.list_models('beit_mim_*'))"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_tokenize_loads_no_timm_and_importing_beit_mim_registers_the_timm_variants():
+    code = ("import sys, pipelines.tokenize_shards, beit_model.tokenizer; print('timm' in sys.modules); "
+            "import timm, beit_model.beit_mim; print(timm.list_models('beit_mim_*'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[0] == "False", done.stderr
     assert "beit_mim_base_patch16_224" in done.stdout and "beit_mim_tiny_patch16_224" in done.stdout, done.stderr
 
 

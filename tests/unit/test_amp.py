@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-import beit_model  # noqa: F401  (registers the beit_mim_* models)
+import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
 from beit_common import BeitDataError
 from pipelines.runtime import Precision, resolve_precision
 from pipelines.training import build_optimizer, train_step
