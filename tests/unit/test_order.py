@@ -176,6 +176,8 @@ def test_each_epoch_has_its_own_order_and_windows_interleave_their_shards():
     assert check_epoch(counts, spec, 1, 0) == first  # and it is the same every time
     assert len({s for s, _ in first[0]}) >= 3  # several shards in one batch, not one after another
     assert len({s for b in first[:7] for s, _ in b}) == 4  # the first window holds 4 shards (120 samples)
+    # The shards themselves come in another order: the first window of the next epoch holds others.
+    assert {s for b in first[:7] for s, _ in b} != {s for b in second[:7] for s, _ in b}
 
 
 def class_of(counts, classes, shuffled):
