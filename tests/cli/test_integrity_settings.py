@@ -248,7 +248,6 @@ def tiny_encoder(folder) -> str:
     """A tiny encoder as ``beit-data export`` writes it (``enc.pth`` and ``enc.json``)."""
     import timm
 
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.export import timm_args
 

@@ -64,7 +64,6 @@ def test_the_timm_architecture_is_the_one_of_the_same_size_where_timm_has_one(na
 def test_the_export_config_names_its_model_and_carries_no_borrowed_tag(name, tmp_path):
     import timm
 
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
     from beit_model.beit_mim import MIM_VARIANTS, encoder_state_dict
     from pipelines.export import _write_folder, input_config, timm_architecture, timm_args
 

@@ -87,7 +87,6 @@ def test_held_out_images_that_training_reads_are_refused(sample_shards, sample_t
 def test_the_probe_sees_visible_classes_and_not_shuffled_labels(labeled_shards, sample_shards, tmp_path):
     import timm
 
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.evaluation import knn, labeled_features
     from pipelines.export import timm_args
@@ -122,7 +121,6 @@ def test_the_probe_refuses_sets_whose_class_ids_mean_other_classes(tmp_path):
     import timm
     from helpers import class_tree
 
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.export import timm_args
     from pipelines.probe import ProbeConfig, run_probe

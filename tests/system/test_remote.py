@@ -469,7 +469,6 @@ def test_held_out_shards_render_and_probe_read_objects_and_commands(s3, sample_s
     import torch
     from helpers import TINY, evaluate_untrained, invoke
 
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.export import timm_args
     from pipelines.pretrain import PretrainConfig, run_pretrain
@@ -527,7 +526,6 @@ def test_probe_reads_an_export_folder_on_s3_as_the_local_one(s3, tmp_path):
     import timm
     import torch
 
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
     from beit_model.beit_mim import MIM_VARIANTS, encoder_state_dict
     from pipelines.export import _write_folder, input_config, timm_architecture, timm_args
     from pipelines.probe import load_encoder

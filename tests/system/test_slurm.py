@@ -108,7 +108,6 @@ def test_probe_with_srun_alone_shares_the_encoding_and_scores_once(labeled_shard
     scores: the same figures as one process."""
     import timm
 
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
     from beit_model.beit_mim import encoder_state_dict
     from pipelines.export import timm_args
     from pipelines.shards import ShardsConfig, run_shards
