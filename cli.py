@@ -29,6 +29,7 @@ from beit_data.stream_config import TARGETS, StreamConfig
 from pipelines.config import (
     ENGINES,
     INVOCATION,
+    MAX_VOCAB,
     PATCHES,
     PRECISIONS,
     SCHEDULES,
@@ -567,6 +568,9 @@ def inspect(as_json, **options):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
 @setting(TrainDVAEConfig, "--config", type=click.Choice(DVAE_CONFIGS),
          help="Architecture: tiny (n_hid 16, vocab 512) or dalle (OpenAI's sizes).")
+@setting(TrainDVAEConfig, "--vocab-size", type=click.IntRange(min=2, max=MAX_VOCAB),
+         help="Codebook size, in place of the --config's (512 for tiny, 8192 for dalle): a few photographs "
+              "use a few codes (make demo: 16), a large set thousands.")
 @setting(TrainDVAEConfig, "--steps", type=click.IntRange(min=1), help="Training steps.")
 @setting(TrainDVAEConfig, "--batch-size", type=click.IntRange(min=1), help="Images per step.")
 @setting(TrainDVAEConfig, "--lr", type=Real(min=0, min_open=True), help="Peak learning rate (cosine decay).")

@@ -210,6 +210,9 @@ class ShardsConfig:
                                 f"{self.holdout_per_class}")
 
 
+MAX_VOCAB = 32768  # token ids are stored as int16 (beit_data.tokens)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainDVAEConfig:
     """``beit-data train-dvae``. A resumed run may change only ``RESUMABLE``: every other setting
@@ -218,6 +221,7 @@ class TrainDVAEConfig:
     shards: str
     out: Location
     config: str = "tiny"
+    vocab_size: int | None = None  # None: the config's (tiny 512, dalle 8192)
     steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
@@ -246,6 +250,8 @@ class TrainDVAEConfig:
             raise BeitDataError(f"`config` must be one of {list(DVAE_CONFIGS)}, got {self.config}")
         if self.steps < 1 or self.batch_size < 1 or self.holdout < 1:
             raise BeitDataError("`steps`, `batch_size` and the held-out count must be at least 1")
+        if self.vocab_size is not None and not 2 <= self.vocab_size <= MAX_VOCAB:
+            raise BeitDataError(f"`vocab_size` must be between 2 and {MAX_VOCAB}, got {self.vocab_size}")
         if self.gumbel_noise is None:
             object.__setattr__(self, "gumbel_noise", 1.0 if self.config == "dalle" else 0.0)
         if self.resume and self.overwrite:

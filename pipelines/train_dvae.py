@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -201,6 +201,8 @@ def run_train_dvae(cfg: TrainDVAEConfig) -> dict:
     shards = expand_shards(cfg.shards)
     device = resolve_device(cfg.device)
     arch: DVAEConfig = CONFIGS[cfg.config]
+    if cfg.vocab_size is not None:
+        arch = replace(arch, vocab_size=cfg.vocab_size)
     torch.manual_seed(cfg.seed)
     encoder, decoder = (module.to(device) for module in arch.build())
     params = list(encoder.parameters()) + list(decoder.parameters())

@@ -244,17 +244,26 @@ def test_train_dvae_warns_below_the_mean_colour_psnr(sample_shards, tmp_path):
 
 
 def test_train_dvae_resumes_from_its_record_alone_extends_and_keeps_fp16s_scaler(sample_shards, tmp_path):
-    """``train-dvae --out F --resume`` takes the settings the checkpoint records; ``--extend`` trains
-    a finished run longer; an fp16 run keeps its gradient scaler in the checkpoint."""
+    """``train-dvae --out F --resume`` takes the settings the checkpoint records (a codebook of
+    ``--vocab-size`` codes too); ``--extend`` trains a finished run longer; an fp16 run keeps its
+    gradient scaler in the checkpoint."""
     from helpers import invoke
 
     out = tmp_path / "d.pt"
     first = invoke("train-dvae", "--shards", sample_shards, "--out", out, "--steps", "2", "--batch-size", "4",
-                   "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--precision", "fp16", "--quiet")
+                   "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--precision", "fp16", "--vocab-size", "16",
+                   "--quiet")
     assert first.exit_code == 0, first.output
     assert "train-dvae: precision fp16 autocast with a gradient scaler, as asked" in first.stderr
     saved = torch.load(out, weights_only=True)
     assert saved["scaler"]["scale"] > 0 and saved["train"]["lr"] == 1e-3
+    assert load_tokenizer(out).vocab_size == 16 and saved["train"]["vocab_size"] == 16
+    other = invoke("train-dvae", "--out", out, "--resume", "--vocab-size", "32", "--quiet")
+    assert other.exit_code == 1 and other.stderr.strip().splitlines()[-1] == (
+        "Error: --vocab-size is 16 in the run being resumed, not 32; a resumed run keeps it (start a new run to "
+        "change it)")
+    too_small = invoke("train-dvae", "--shards", sample_shards, "--out", tmp_path / "e.pt", "--vocab-size", "1")
+    assert too_small.exit_code == 2 and "Invalid value for '--vocab-size'" in too_small.stderr
     longer = invoke("train-dvae", "--out", out, "--resume", "--steps", "3", "--quiet")
     assert longer.exit_code == 1 and "pass --extend to train it longer" in longer.stderr
     done = invoke("train-dvae", "--out", out, "--resume", "--extend", "--steps", "3", "--quiet")
@@ -265,3 +274,4 @@ def test_train_dvae_resumes_from_its_record_alone_extends_and_keeps_fp16s_scaler
     train = after["train"]
     assert (after["step"], train["lr"], train["seed"], train["batch_size"]) == (3, 1e-3, 3, 4)
     assert after["train"]["precision"] == "fp16" and after["scaler"]["scale"] > 0
+    assert load_tokenizer(out).vocab_size == 16
