@@ -108,16 +108,20 @@ def two_step_run(sample_shards, sample_tokens) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_tokenizer(sample_shards) -> Path:
-    """The tiny dVAE trained on the sample for 150 steps of 8 images (`make demo` trains 300 of 16),
-    enough for its tokens to carry the content (the learning test in tests/system/test_learning.py)."""
-    from pipelines.train_dvae import TrainDVAEConfig, run_train_dvae
+def demo_tokenizer() -> Path:
+    """The folder of `make demo`'s first two steps, run as scripts/demo.sh writes them (``sample``:
+    12 photographs to train on, 2 held out; ``train-dvae``: the tiny dVAE of 16 codes)."""
+    from helpers import DEMO, demo_commands, run_commands
 
-    def build(folder: Path) -> None:
-        run_train_dvae(TrainDVAEConfig(shards=str(sample_shards), out=str(folder / "dvae.pt"), steps=150,
-                                       batch_size=8, device="cpu", progress=False))
+    return cached("demo_tokenizer", lambda folder: run_commands(demo_commands(folder, "sample", "train-dvae")),
+                  DEMO.read_text())
 
-    return cached("trained_tokenizer", build, sample_shards) / "dvae.pt"
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(demo_tokenizer) -> Path:
+    """`make demo`'s trained dVAE: enough for its tokens to carry the content (the learning test in
+    tests/system/test_learning.py) and its reconstructions to show it (tests/cli/test_inspect.py)."""
+    return demo_tokenizer / "dvae_tiny.pt"
 
 
 def _labeled_shards(root: Path) -> None:

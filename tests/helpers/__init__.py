@@ -275,6 +275,30 @@ def reordered_copy(shard, out, *, index: bool):
 
 # -- tokenizers, token folders and runs ---------------------------------------------------------
 
+DEMO = REPO / "scripts" / "demo.sh"
+
+
+def demo_commands(out: Path, *names: str) -> list[list[str]]:
+    """The ``beit-data`` commands of ``scripts/demo.sh`` named ``names`` (``sample``, ``train-dvae``...),
+    as written there (continued lines joined), with its output folder ``$out`` the folder ``out``."""
+    import shlex
+
+    commands = []
+    for line in DEMO.read_text().replace("\\\n", " ").splitlines():
+        if line.startswith("beit-data "):
+            words = shlex.split(line.replace('"$out', f'"{out}'), comments=True)[1:]
+            if words[0] in names:
+                commands.append(words)
+    return commands
+
+
+def run_commands(commands: list[list[str]]) -> None:
+    """Each of ``commands`` through ``invoke``; the first that fails stops the rest, with its output."""
+    for args in commands:
+        done = invoke(*args)
+        assert done.exit_code == 0, (args, done.output)
+
+
 def cached_tokens(name: str, shards: Path, tokenizer: Path, views: int) -> Path:
     """``shards`` tokenized by ``tokenizer``, ``views`` views an image, built once (``cached``)."""
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
