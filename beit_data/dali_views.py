@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -177,14 +178,22 @@ def _dali_reason(exc: Exception) -> str:
 
 def loader_start(gpu: bool) -> str:
     """How DALI starts the loader process: ``$BEIT_DATA_LOADER_START``, else spawn on the GPU
-    and fork on the CPU (where the spawned process's imports cost a second each run)."""
-    method = os.environ.get("BEIT_DATA_LOADER_START") or ("spawn" if gpu else "fork")
+    and fork on the CPU (where the spawned process's imports cost a second each run), unless this
+    process already talks to object storage or HTTP: a forked loader would share its open
+    connections and the event loop that drives them (``remote_io_running``)."""
+    method = os.environ.get("BEIT_DATA_LOADER_START") or ("spawn" if gpu or remote_io_running() else "fork")
     if method not in ("fork", "spawn"):
         raise BeitDataError(f"BEIT_DATA_LOADER_START={method!r}: use fork or spawn")
     if gpu and method == "fork":
         raise BeitDataError("BEIT_DATA_LOADER_START=fork: a loader on the GPU must be spawned (CUDA does not "
                             "survive a fork)")
     return method
+
+
+def remote_io_running() -> bool:
+    """Whether fsspec's event loop (s3fs, gcsfs, HTTP) runs in this process, with its connections."""
+    asyn = sys.modules.get("fsspec.asyn")
+    return asyn is not None and asyn.loop[0] is not None
 
 
 class DaliViews:

@@ -43,3 +43,19 @@ def test_flip_and_jitter_factors_are_applied():
                                           View(0, 0, 200, 100, False, 0.5, 1, 1)]])[0]
     assert torch.allclose(flipped, plain.flip(-1), atol=1e-5)
     assert torch.allclose(dark, plain * 0.5, atol=1e-5)
+
+
+def test_the_loader_is_forked_on_the_cpu_only_while_no_remote_io_runs(monkeypatch):
+    """A fork would share this process's object-storage connections and their event loop with the
+    loader: with fsspec's loop running, the loader is spawned; on the GPU always; the variable wins."""
+    import fsspec.asyn
+
+    from beit_data.dali_views import loader_start
+
+    monkeypatch.delenv("BEIT_DATA_LOADER_START", raising=False)
+    monkeypatch.setattr(fsspec.asyn, "loop", [None])
+    assert (loader_start(gpu=False), loader_start(gpu=True)) == ("fork", "spawn")
+    monkeypatch.setattr(fsspec.asyn, "loop", [object()])
+    assert (loader_start(gpu=False), loader_start(gpu=True)) == ("spawn", "spawn")
+    monkeypatch.setenv("BEIT_DATA_LOADER_START", "fork")
+    assert loader_start(gpu=False) == "fork"
