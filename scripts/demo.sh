@@ -52,8 +52,8 @@ PY
 
 echo "== 7/7 inspect the token files"
 beit-data inspect "$out/tokens" --shards "$out/shards" --histogram "$out/token_histogram.png"
-beit-data inspect "$out/tokens" --shards "$out/shards" --render 000000000 --view 0 \
-    --tokenizer "$out/dvae_tiny.pt" --out "$out/view_000000000.png"
+beit-data inspect "$out/tokens" --shards "$out/shards" --render 000000002 --view 0 \
+    --tokenizer "$out/dvae_tiny.pt" --out "$out/view_000000002.png"  # the cat: the grass of 000000000 is grey
 
 echo
 echo "demo outputs in $out/:"
@@ -62,5 +62,5 @@ echo "  dvae_tiny.pt       the trained tokenizer (report: dvae_tiny.pt.report.js
 echo "  tokens/            one token Parquet per shard + summary.json (holdout_tokens/: the held-out shard's)"
 echo "  run/               pretrain checkpoint.pt, log.jsonl, tb/ (TensorBoard)"
 echo "  encoder/           the encoder for timm: timm.create_model('local-dir:$out/encoder', pretrained=True, num_classes=N)"
-echo "  view_000000000.png image, crop, tokens and reconstruction of one view"
+echo "  view_000000002.png image, crop, tokens and reconstruction of one view"
 echo "  token_histogram.png"
