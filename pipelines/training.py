@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.scheduler.scheduler import Scheduler
 
 from beit_common import BeitDataError
-from beit_model.beit_mim import masked_positions
+from beit_model.beit_mim import masked_positions  # and registers the beit_mim_* variants
 from pipelines.runtime import Precision, autocast
 
 __all__ = ["IGNORE", "build_model", "param_groups", "lr_factor", "WarmupCosine", "Schedule", "check_optimizer",
@@ -31,8 +31,6 @@ def build_model(name: str, vocab_size: int, *, drop_path: float = 0.0, layer_sca
     """A registered ``beit_mim_*`` or ``beitv2_mim_*`` variant with an LM head over ``vocab_size``
     visual tokens."""
     import timm
-
-    import beit_model.beit_mim  # noqa: F401  (registers the beit_mim_* variants)
 
     if not name.startswith(("beit_mim_", "beitv2_mim_")):
         raise BeitDataError(f"model must be a beit_mim_* or beitv2_mim_* variant, got {name}")
