@@ -51,10 +51,12 @@ from pipelines.config import (
 )
 from pipelines.recipes import DVAE_CONFIGS, RECIPES
 
-# MKL picks kernels by memory alignment unless told not to, which moves the last bits of a
-# float32 sum between runs; exact resume on the CPU compares losses bit for bit. It must be
-# set before torch loads, which the commands do later (nothing imported above loads torch).
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+# MKL picks kernels by memory alignment and splits work by load unless told not to, which moves
+# the last bits of a float32 sum between runs; exact resume on the CPU compares losses bit for
+# bit. AUTO is MKL's reproducible mode on the kernels of this CPU (COMPATIBLE, reproducible
+# across CPU kinds, runs matrix products 2-3 times slower). It must be set before torch loads,
+# which the commands do later (nothing imported above loads torch).
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 # The last thing the interpreter does at exit is a garbage collection over every object torch,
 # timm and DALI made, about a second a process (each torchrun rank, each Slurm task). By then every

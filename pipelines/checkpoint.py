@@ -31,6 +31,7 @@ the one train-dvae has always written.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -43,7 +44,7 @@ from beit_data.stream_config import IMAGENET_MEAN, IMAGENET_STD
 from beit_data.tokens import TokenMeta
 from beit_model.dall_e import Decoder, Encoder
 from beit_model.dvae import CHECKPOINT_FORMAT, DVAEConfig, tokenizer_state
-from pipelines.runtime import same_threads
+from pipelines.runtime import same_mkl_mode, same_threads
 
 __all__ = ["CHECKPOINT", "EXTENDABLE", "LATER_PARTS", "checkpoint_path", "Stateful", "RNGState", "ScalerState",
            "CheckpointMeta", "load_checkpoint", "changed_settings", "check_resume", "model_from_checkpoint",
@@ -65,9 +66,10 @@ class Stateful(Protocol):
 
 class RNGState:
     """The torch generators of every rank (drop path differs per rank) and its CPU thread count
-    (on the CPU, the last bits of a sum depend on it: ``runtime.same_threads``), saved together by
-    rank 0 and given back to each rank; gathering them is a collective: every rank saves.
-    Checkpoints from before the thread count load as they are (a line says so on the CPU)."""
+    and MKL mode (on the CPU, the last bits of a sum depend on both: ``runtime.same_threads``,
+    ``runtime.same_mkl_mode``), saved together by rank 0 and given back to each rank; gathering
+    them is a collective: every rank saves. Checkpoints from before the thread count load as they
+    are (a line says so on the CPU)."""
 
     def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1):
         self.device, self.rank, self.world_size = device, rank, world_size
@@ -80,6 +82,7 @@ class RNGState:
             ranks = [None] * self.world_size
             torch.distributed.all_gather_object(ranks, mine)
         return {"cpu": [r["cpu"] for r in ranks], "threads": [r["threads"] for r in ranks],
+                "mkl_cbwr": os.environ.get("MKL_CBWR"),
                 "cuda": [r["cuda"] for r in ranks] if self.device.type == "cuda" else []}
 
     def load_state_dict(self, state: dict) -> None:
@@ -87,9 +90,11 @@ class RNGState:
         if self.device.type == "cuda" and state.get("cuda"):
             torch.cuda.set_rng_state(state["cuda"][self.rank % len(state["cuda"])], self.device)
         threads = state.get("threads")
-        note = same_threads(threads[self.rank % len(threads)] if threads else None, self.device)
-        if note and self.rank == 0:
-            print(f"pretrain: {note}", file=sys.stderr)
+        notes = (same_threads(threads[self.rank % len(threads)] if threads else None, self.device),
+                 same_mkl_mode(state.get("mkl_cbwr"), self.device))
+        for note in notes:
+            if note and self.rank == 0:
+                print(f"pretrain: {note}", file=sys.stderr)
 
 
 class ScalerState:

@@ -12,7 +12,7 @@ import torch
 from beit_common import BeitDataError
 from pipelines.config import check_precision
 
-__all__ = ["resolve_device", "autocast", "Precision", "resolve_precision", "deterministic_on_cpu", "same_threads",
+__all__ = ["resolve_device", "autocast", "Precision", "resolve_precision", "deterministic_on_cpu", "same_threads", "same_mkl_mode",
            "DistInfo", "dist_info", "init_distributed", "slurm_env", "first_host", "gather_dealt", "all_ranks_ok"]
 
 
@@ -106,6 +106,17 @@ def deterministic_on_cpu(device: torch.device):
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def same_mkl_mode(saved: str | None, device: torch.device) -> str | None:
+    """A line for a CPU resume whose MKL reproducible mode (``MKL_CBWR``, read by MKL once, when
+    torch loads) is not the one the run was saved with: the kernels differ, so do the last bits.
+    None when they agree, on a GPU, or for a checkpoint that predates the record."""
+    now = os.environ.get("MKL_CBWR")
+    if device.type != "cpu" or saved is None or saved == now:
+        return None
+    return (f"the run was saved with MKL_CBWR={saved} and this process has MKL_CBWR={now}: the losses will differ "
+            f"bitwise from an uninterrupted run's; export MKL_CBWR={saved} before the command to resume bitwise")
 
 
 def same_threads(saved: int | None, device: torch.device) -> str | None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-# MKL picks code paths by memory alignment unless told not to, which moves the last bits of a
-# float32 result between otherwise identical runs. Exact-resume tests compare losses bitwise.
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+# MKL's reproducible mode, as the command sets it (cli.py): exact-resume tests compare losses
+# bitwise between this process and the commands'.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 # Under pytest-xdist each worker takes one core: torch's own threads on top of the workers would
 # ask the cores for twice what they have. Set before torch loads, which reads it once.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -9,6 +9,7 @@ gets back the thread count its run was saved with.
 from __future__ import annotations
 
 import json
+import os
 
 import click
 import pytest
@@ -321,3 +322,21 @@ def test_a_resume_on_the_cpu_takes_the_thread_count_the_run_was_saved_with(capsy
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_resume_in_another_mkl_mode_says_its_losses_differ_and_how_to_match(capsys):
+    from pipelines.checkpoint import RNGState
+
+    part = RNGState(torch.device("cpu"))
+    state = part.state_dict()
+    assert state["mkl_cbwr"] == os.environ["MKL_CBWR"] == "AUTO"  # the command's default (cli.py)
+    part.load_state_dict(state)
+    assert capsys.readouterr().err == ""
+    part.load_state_dict({**state, "mkl_cbwr": "COMPATIBLE"})
+    assert capsys.readouterr().err.splitlines() == [
+        "pretrain: the run was saved with MKL_CBWR=COMPATIBLE and this process has MKL_CBWR=AUTO: the losses will "
+        "differ bitwise from an uninterrupted run's; export MKL_CBWR=COMPATIBLE before the command to resume bitwise"]
+    # A checkpoint from before the record, and a GPU run (its arithmetic is not MKL's), say nothing.
+    part.load_state_dict({k: v for k, v in state.items() if k != "mkl_cbwr"})
+    RNGState(torch.device("meta")).load_state_dict({**state, "mkl_cbwr": "COMPATIBLE"})
+    assert capsys.readouterr().err == ""

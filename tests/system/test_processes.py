@@ -109,7 +109,7 @@ def test_the_command_sets_mkl_reproducible_mode_before_torch_loads():
     code = "import sys, os, cli; print(os.environ['MKL_CBWR'], 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
-    assert done.stdout.split() == ["COMPATIBLE", "False"], done.stderr
+    assert done.stdout.split() == ["AUTO", "False"], done.stderr
 
 
 def test_a_folder_lock_is_exclusive_and_dies_with_its_process(tmp_path):

@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # as tests/conftest.py: the same float32 sums in every process
+os.environ.setdefault("MKL_CBWR", "AUTO")  # as tests/conftest.py: the same float32 sums in every process
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -74,7 +74,7 @@ def main(root: Path) -> None:
         Path("images", name).mkdir(parents=True)
         for i in range(12):
             picture(label, 100 * label + i).save(Path("images", name, f"{i}.jpg"), quality=85)
-    run_shards(ShardsConfig(min_size=0, sources=[Path("images")], out=Path("shards"), maxcount=8, prefix="train",
+    run_shards(ShardsConfig(sources=[Path("images")], out=Path("shards"), maxcount=8, prefix="train",
                             holdout_per_class=4, holdout_out=Path("val"), progress=False))
     shutil.rmtree("images")
     cfg = CONFIGS["tiny"]
