@@ -190,6 +190,15 @@ def loader_start(gpu: bool) -> str:
     return method
 
 
+def ready_to_fork() -> None:
+    """Load in this process what a forked loader would load on its first batch, once for all of
+    them: pyarrow imports pandas the first time it converts an array (a quarter of a second of
+    CPU), which each forked loader (each run, each held-out evaluation) would do again."""
+    import pyarrow as pa
+
+    pa.array(np.zeros(1, np.int64))
+
+
 def remote_io_running() -> bool:
     """Whether fsspec's event loop (s3fs, gcsfs, HTTP) runs in this process, with its connections."""
     asyn = sys.modules.get("fsspec.asyn")
@@ -229,8 +238,11 @@ class DaliViews:
             # It needs a pipelined executor, which runs ahead by two batches; with the dynamic one an
             # error comes with the run it belongs to (an undecodable image's "sample #N" is in the
             # batch asked for: tests/cli/test_online.py). Outputs are copied out before the next run.
+            start = loader_start(gpu)
+            if start == "fork":
+                ready_to_fork()
             pipe = view_pipeline(self.spec, "mixed" if gpu else "cpu", source, extra_dtypes, self.target,
-                                 py_num_workers=1, py_start_method=loader_start(gpu), prefetch_queue_depth=2,
+                                 py_num_workers=1, py_start_method=start, prefetch_queue_depth=2,
                                  exec_dynamic=True, **common)
         try:
             pipe.build()

@@ -12,8 +12,9 @@ import torch
 from beit_common import BeitDataError
 from pipelines.config import check_precision
 
-__all__ = ["resolve_device", "autocast", "Precision", "resolve_precision", "deterministic_on_cpu", "same_threads", "same_mkl_mode",
-           "DistInfo", "dist_info", "init_distributed", "slurm_env", "first_host", "gather_dealt", "all_ranks_ok"]
+__all__ = ["resolve_device", "autocast", "Precision", "resolve_precision", "deterministic_on_cpu", "same_threads",
+           "same_mkl_mode", "DistInfo", "dist_info", "init_distributed", "slurm_env", "first_host", "gather_dealt",
+           "all_ranks_ok"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:

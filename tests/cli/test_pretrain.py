@@ -16,32 +16,32 @@ from pipelines.pretrain import PretrainConfig, run_pretrain
 
 def test_resume_gives_bitwise_equal_losses(sample_shards, sample_tokens, tmp_path, capfd):
     """A run stopped and resumed gives the losses and weights of a run made without a stop, bit for
-    bit, also when the resuming process starts with another torch thread count (as torchrun
-    launches it: the run's own count is set back and said)."""
+    bit, also when the resuming process starts with another torch thread count (as a shell
+    launches it after torchrun made the run: the run's own count is set back and said)."""
     common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=8, checkpoint_every=100,
                   **{**TINY, "warmup_steps": 1})
-    torch.set_num_threads(2)  # the fixture _same_torch_threads puts the count back after the test
+    torch.set_num_threads(1)  # the fixture _same_torch_threads puts the count back after the test
     straight = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "straight"), **common))
     first = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), stop_after=4, **common))
     assert first.steps == 4 and len(losses(tmp_path / "resumed")) == 4
     config = json.loads((tmp_path / "resumed" / "config.json").read_text())
-    assert config["torch_threads"] == 2
+    assert config["torch_threads"] == 1
     # A new run's order is the current version, which its checkpoint records; config.json says it as before too.
     assert (config["order_version"], config["dealt"], config["shared_draws"]) == (ORDER_VERSION, False, False) \
         and ORDER_VERSION == 3
     saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert saved["rng"]["threads"] == [2] and saved["config"]["order_version"] == 3
+    assert saved["rng"]["threads"] == [1] and saved["config"]["order_version"] == 3
     # What a SIGKILL during a checkpoint write leaves: the next start of the run removes it.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / "resumed" / f".checkpoint.pt.tmp-{gone.stdout.strip()}"
     stale.write_bytes(b"half a checkpoint")
     with pytest.raises(BeitDataError, match="`resume`"):
         run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), **common))
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     capfd.readouterr()
     second = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "resumed"), resume=True, **common))
-    assert "torch's CPU threads set to 2, as the run was saved with (this process had 1)" in capfd.readouterr().err
-    assert torch.get_num_threads() == 2
+    assert "torch's CPU threads set to 1, as the run was saved with (this process had 2)" in capfd.readouterr().err
+    assert torch.get_num_threads() == 1
     assert straight.steps == second.steps == 8 and not stale.exists()
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # bitwise: exact float equality
     assert all(math.isfinite(x) for x in losses(tmp_path / "resumed"))
@@ -308,14 +308,14 @@ def test_grad_accum_trains_the_steps_of_the_whole_batch_and_resumes_at_any_step(
     rounding, resume bit for bit, and resume with the accumulation changed (the per-rank batch
     follows the global batch); a changed global batch is refused."""
     tiny = {**TINY, "drop_path": 0.0, "record_batches": True}
-    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=5, checkpoint_every=100, **tiny)
+    common = dict(shards=str(sample_shards), tokens=str(sample_tokens), steps=4, checkpoint_every=100, **tiny)
     run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "whole"), **common))
     micro = {**common, "batch_size": 2, "grad_accum": 2}
     run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "micro"), **micro))
-    assert step_keys(tmp_path / "micro") == step_keys(tmp_path / "whole") and len(step_keys(tmp_path / "whole")) == 5
+    assert step_keys(tmp_path / "micro") == step_keys(tmp_path / "whole") and len(step_keys(tmp_path / "whole")) == 4
     assert losses(tmp_path / "micro") == pytest.approx(losses(tmp_path / "whole"), rel=1e-4)
     config = json.loads((tmp_path / "micro" / "config.json").read_text())
-    assert (config["global_batch"], config["steps_per_epoch"], config["total_steps"]) == (4, 3, 5)
+    assert (config["global_batch"], config["steps_per_epoch"], config["total_steps"]) == (4, 3, 4)
 
     first = run_pretrain(PretrainConfig.from_flat(out=str(tmp_path / "stopped"), stop_after=2, **micro))
     assert first.steps == 2
@@ -330,7 +330,7 @@ def test_grad_accum_trains_the_steps_of_the_whole_batch_and_resumes_at_any_step(
     # The same run resumed without accumulation: batch 4 in one pass, the same steps.
     result = run_cli("pretrain", "--shards", str(sample_shards), "--tokens", str(sample_tokens), "--out",
                      str(tmp_path / "switched"), "--resume", "--model", TINY["model"], "--batch-size", "2",
-                     "--grad-accum", "1", "--steps", "5", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1",
+                     "--grad-accum", "1", "--steps", "4", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1",
                      "--checkpoint-every", "100", "--drop-path", "0", "--record-batches", "--device", "cpu",
                      "--num-threads", "1", "--quiet")
     assert result.returncode == 0, result.stderr
