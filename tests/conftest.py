@@ -44,6 +44,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_configure(config):
+    """Tests that share a costly fixture run in one worker (``xdist_group`` under ``--dist
+    loadgroup``). pytest 9.2 names tests in a field pytest-xdist 3.8 does not set, so every group
+    would be ignored without a word and each worker would build those fixtures again."""
+    if config.getoption("dist", "no") == "loadgroup" and tuple(map(int, pytest.__version__.split(".")[:2])) >= (9, 2):
+        raise pytest.UsageError(f"pytest {pytest.__version__} runs the tests of an xdist_group on any worker: "
+                                "install the pytest of pyproject.toml (pip install -e '.[dev]')")
+
+
 @pytest.fixture(autouse=True)
 def _same_torch_threads():
     """A test that resumes a run may set torch's thread count to the run's; the next test in this
