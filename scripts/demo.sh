@@ -31,8 +31,8 @@ beit-data plan --shards "$out/shards" --tokens "$out/tokens" --batch-size 8 --ep
 
 echo "== 5/7 pretrain the tiny BEiT on the stored tokens, evaluated on the 2 held-out photographs"
 beit-data pretrain --shards "$out/shards" --tokens "$out/tokens" --out "$out/run" \
-    --model beit_mim_tiny_patch16_224 --steps 200 --batch-size 8 --warmup-steps 20 --lr 2e-3 --drop-path 0 \
-    --log-every 10 --checkpoint-every 100 --val-shards "$out/holdout" --val-tokens "$out/holdout_tokens" --val-every 50
+    --model beit_mim_tiny_patch16_224 --steps 100 --batch-size 8 --warmup-steps 20 --lr 2e-3 --drop-path 0 \
+    --log-every 10 --checkpoint-every 50 --val-shards "$out/holdout" --val-tokens "$out/holdout_tokens" --val-every 25
 python - "$out/run/log.jsonl" <<'PY'
 import json, sys
 log = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]

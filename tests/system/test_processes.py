@@ -252,12 +252,10 @@ next(stream.batches())
 """)
     runs = {start: subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
                                   env={**os.environ, "PYTHONPATH": str(REPO), "BEIT_DATA_LOADER_START": start})
-            for start in ("spawn", "fork", "thread")}
+            for start in ("spawn", "fork")}  # any other value: tests/unit/test_dali_views.py
     assert runs["spawn"].returncode != 0
     assert 'guard its entry point with `if __name__ == "__main__":`' in runs["spawn"].stderr
     assert runs["fork"].returncode == 0, runs["fork"].stderr
-    assert runs["thread"].returncode != 0 and runs["thread"].stderr.strip().splitlines()[-1].endswith(
-        "BEIT_DATA_LOADER_START='thread': use fork or spawn")
 
 
 def test_same_views_in_another_process():

@@ -1,9 +1,11 @@
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageOps
 
+from beit_common import BeitDataError
 from beit_data.dali_views import DaliViews, ViewSpec
 from beit_data.images import probe_image
 from beit_data.views import View
@@ -59,3 +61,8 @@ def test_the_loader_is_forked_on_the_cpu_only_while_no_remote_io_runs(monkeypatc
     assert (loader_start(gpu=False), loader_start(gpu=True)) == ("spawn", "spawn")
     monkeypatch.setenv("BEIT_DATA_LOADER_START", "fork")
     assert loader_start(gpu=False) == "fork"
+    with pytest.raises(BeitDataError, match="^BEIT_DATA_LOADER_START=fork: a loader on the GPU must be spawned"):
+        loader_start(gpu=True)
+    monkeypatch.setenv("BEIT_DATA_LOADER_START", "thread")
+    with pytest.raises(BeitDataError, match=r"^BEIT_DATA_LOADER_START='thread': use fork or spawn$"):
+        loader_start(gpu=False)
