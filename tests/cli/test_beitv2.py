@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import SMALL, run_cli, save_released
+from helpers import SMALL, cached, run_cli, save_released
 
 from beit_data.tokens import read_meta
 from benchmarks.random_vqkd import random_tokenizer
@@ -18,13 +18,16 @@ V2 = dict(recipe="beitv2", model="beitv2_mim_tiny_patch16_224", batch_size=4, wa
 
 
 @pytest.fixture(scope="module")
-def v2_tokens(sample_shards, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("beitv2")
-    tokenizer = save_released(tmp / "vqkd.pth", random_tokenizer(SMALL, seed=1))
-    done = run_cli("tokenize", "--shards", str(sample_shards), "--tokenizer", str(tokenizer), "--out",
-                   str(tmp / "tokens"), "--views", "2", "--batch-size", "8", "--device", "cpu", "--quiet")
-    assert done.returncode == 0, done.stderr
-    return tokenizer, tmp / "tokens"
+def v2_tokens(sample_shards):
+    """A random VQ-KD in the released layout and the sample tokenized with it (built once, ``cached``)."""
+    def build(tmp):
+        tokenizer = save_released(tmp / "vqkd.pth", random_tokenizer(SMALL, seed=1))
+        done = run_cli("tokenize", "--shards", str(sample_shards), "--tokenizer", str(tokenizer), "--out",
+                       str(tmp / "tokens"), "--views", "2", "--batch-size", "8", "--device", "cpu", "--quiet")
+        assert done.returncode == 0, done.stderr
+
+    tmp = cached("v2_tokens", build, sample_shards)
+    return tmp / "vqkd.pth", tmp / "tokens"
 
 
 def test_vqkd_tokens_record_the_recipe_and_are_the_ids_of_the_models_own_view(sample_shards, v2_tokens):

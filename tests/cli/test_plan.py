@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import invoke, run_cli
+from helpers import cached, invoke, run_cli
 from PIL import Image
 
 from pipelines.plan import PlanConfig, run_plan
@@ -13,28 +13,28 @@ CLASSES, PER_CLASS = 4, 12
 
 
 @pytest.fixture(scope="module")
-def class_folders(tmp_path_factory, tiny_tokenizer):
-    """4 classes x 12 images written as shards of 6, shuffled and class-sorted, both tokenized."""
+def class_folders(tiny_tokenizer):
+    """4 classes x 12 images written as shards of 6, shuffled and class-sorted, both tokenized
+    (built once, ``cached``)."""
     from pipelines.shards import ShardsConfig, run_shards
     from pipelines.tokenize_shards import TokenizeConfig, run_tokenize
 
-    root = tmp_path_factory.mktemp("classes")
-    rng = np.random.default_rng(0)
-    for c in range(CLASSES):
-        (root / "tree" / f"class{c}").mkdir(parents=True)
-        for i in range(PER_CLASS):
-            pixels = rng.integers(0, 256, (120, 128, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "tree" / f"class{c}" / f"{i}.jpg", quality=80)
-    out = {}
-    for name, shuffle in (("shuffled", True), ("sorted", False)):
-        run_shards(ShardsConfig(min_size=0,
-                                sources=[root / "tree"], out=root / name / "shards", maxcount=6, shuffle=shuffle,
-                                progress=False))
-        run_tokenize(TokenizeConfig(shards=str(root / name / "shards"), tokenizer=str(tiny_tokenizer),
-                                    out=str(root / name / "tokens"), views=2, batch_size=16, device="cpu",
-                                    progress=False))
-        out[name] = root / name
-    return out
+    def build(root):
+        rng = np.random.default_rng(0)
+        for c in range(CLASSES):
+            (root / "tree" / f"class{c}").mkdir(parents=True)
+            for i in range(PER_CLASS):
+                pixels = rng.integers(0, 256, (120, 128, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "tree" / f"class{c}" / f"{i}.jpg", quality=80)
+        for name, shuffle in (("shuffled", True), ("sorted", False)):
+            run_shards(ShardsConfig(min_size=0, sources=[root / "tree"], out=root / name / "shards", maxcount=6,
+                                    shuffle=shuffle, progress=False))
+            run_tokenize(TokenizeConfig(shards=str(root / name / "shards"), tokenizer=str(tiny_tokenizer),
+                                        out=str(root / name / "tokens"), views=2, batch_size=16, device="cpu",
+                                        progress=False))
+
+    root = cached("class_folders", build, tiny_tokenizer)
+    return {name: root / name for name in ("shuffled", "sorted")}
 
 
 def labels(shards) -> dict[str, int]:

@@ -31,7 +31,8 @@ TINY = dict(model="beit_mim_tiny_patch16_224", batch_size=4, warmup_steps=2, lr=
 
 # -- what tests build once ------------------------------------------------------------------------
 
-SOURCES = ("beit_common", "beit_data", "beit_model", "pipelines", "tests/helpers")
+# What a cached fixture is made from (benchmarks: the random VQ-KD tokenizer of the tests).
+SOURCES = ("beit_common", "beit_data", "beit_model", "pipelines", "benchmarks", "tests/helpers")
 
 
 def _code_key() -> str:
