@@ -106,7 +106,7 @@ def test_bad_input_one_line_errors(tmp_path, known):
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_render_and_histogram_pngs_have_content(known, tmp_path, tiny_tokenizer, sample_shards):
+def test_render_and_histogram_pngs_have_content(tmp_path, tiny_tokenizer, sample_shards):
     """The four panels of a render: the image, the view, its tokens and the tokenizer's
     reconstruction, each drawn and none a copy of another. This tokenizer is untrained (its
     reconstruction a flat grey); the demo's trained one draws the cat back (tests/system/test_demo.py)."""
