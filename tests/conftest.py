@@ -129,7 +129,7 @@ def demo_tokenizer() -> Path:
 @pytest.fixture(scope="session")
 def trained_tokenizer(demo_tokenizer) -> Path:
     """`make demo`'s trained dVAE: enough for its tokens to carry the content (the learning test in
-    tests/system/test_learning.py) and its reconstructions to show it (tests/cli/test_inspect.py)."""
+    tests/system/test_learning.py) and its reconstructions to show it (tests/system/test_demo.py)."""
     return demo_tokenizer / "dvae_tiny.pt"
 
 
